@@ -1,0 +1,208 @@
+"""Typed, validated configs: the target model (read from a Hugging Face config.json) and the build.
+
+A `ModelConfig` is what the model code needs and nothing else; a `BuildConfig` fixes every shape of
+every traced graph (batch, cache length, prefill buckets, dtype, backend). Both serialise to JSON so
+they can be saved next to compiled artifacts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neuron_peagle.errors import ConfigError, ModelDirError, UnsupportedModelError
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BACKENDS = ("eager", "xla", "neuron")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters; `rope_type` is "default" or "llama3"."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "RopeConfig":
+        # transformers 4.x writes rope_theta + rope_scaling; 5.x writes one rope_parameters dict.
+        params = dict(hf.get("rope_parameters") or {})
+        scaling = dict(hf.get("rope_scaling") or {})
+        params = {**scaling, **params}
+        theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+        if rope_type not in ("default", "llama3"):
+            raise UnsupportedModelError(
+                f"rope type {rope_type!r} is not supported (supported: 'default', 'llama3')"
+            )
+        if rope_type == "default":
+            return cls(theta=theta)
+        return cls(
+            theta=theta,
+            rope_type="llama3",
+            factor=float(params["factor"]),
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The decoder-only target model: Llama or Qwen2 family."""
+
+    architecture: str  # "llama" | "qwen2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES.values():
+            raise UnsupportedModelError(f"architecture {self.architecture!r} is not supported")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"model config: num_attention_heads ({self.num_attention_heads}) is not a multiple "
+                f"of num_key_value_heads ({self.num_key_value_heads})"
+            )
+
+    @property
+    def num_query_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        archs = hf.get("architectures") or []
+        known = [a for a in archs if a in SUPPORTED_ARCHITECTURES]
+        if not known:
+            raise UnsupportedModelError(
+                f"{source}: architectures {archs or '(none)'} / model_type "
+                f"{hf.get('model_type')!r} are not supported; this library serves "
+                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        arch = SUPPORTED_ARCHITECTURES[known[0]]
+        try:
+            hidden = int(hf["hidden_size"])
+            heads = int(hf["num_attention_heads"])
+            eos = hf.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+            return cls(
+                architecture=arch,
+                vocab_size=int(hf["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(hf["intermediate_size"]),
+                num_hidden_layers=int(hf["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+                head_dim=int(hf.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope=RopeConfig.from_hf(hf),
+                max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
+                o_bias=arch != "qwen2" and bool(hf.get("attention_bias", False)),
+                mlp_bias=bool(hf.get("mlp_bias", False)),
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+            )
+        except KeyError as err:
+            raise ConfigError(f"{source}: required field {err.args[0]!r} is missing") from None
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+        path = Path(model_dir)
+        if not path.is_dir():
+            raise ModelDirError(f"model directory {str(path)!r} does not exist")
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise ModelDirError(f"model directory {str(path)!r} has no config.json")
+        try:
+            hf = json.loads(config_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{config_path}: not valid JSON ({err})") from None
+        return cls.from_hf_dict(hf, source=str(config_path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Every shape the traced graphs are built for."""
+
+    batch_size: int = 1
+    max_length: int = 1024
+    prefill_buckets: tuple[int, ...] = (128, 512)
+    dtype: str = "float32"
+    backend: str = "eager"
+
+    def __post_init__(self) -> None:
+        buckets = tuple(int(b) for b in self.prefill_buckets)
+        object.__setattr__(self, "prefill_buckets", buckets)
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
+        if not buckets:
+            raise ConfigError("prefill_buckets must name at least one bucket")
+        if list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
+            raise ConfigError(f"prefill_buckets must be positive and strictly increasing, got {buckets}")
+        if buckets[-1] > self.max_length:
+            raise ConfigError(
+                f"the largest prefill bucket ({buckets[-1]}) exceeds max_length ({self.max_length})"
+            )
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def bucket_for(self, length: int) -> int:
+        """The smallest prefill bucket that holds `length` tokens."""
+        for bucket in self.prefill_buckets:
+            if length <= bucket:
+                return bucket
+        raise ConfigError(f"no bucket holds {length} tokens")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BuildConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"unknown build config fields: {sorted(unknown)}")
+        return cls(**data)

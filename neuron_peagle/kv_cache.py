@@ -1,0 +1,42 @@
+"""Fixed-shape KV cache buffers.
+
+Layout: one key and one value buffer per layer, each `[batch, kv_heads, max_length, head_dim]`.
+Entries are written by scatter at their position ids (see `models.layers.Attention`); attention
+reads every slot and masks by position, so a slot past a sequence's committed length is never read
+and needs no clearing. On a device backend the buffers are the graphs' aliased state: they stay
+resident and are updated in place.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class KVCache(nn.Module):
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_length: int,
+                 head_dim: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.num_layers = num_layers
+        self.shape = (batch_size, num_kv_heads, max_length, head_dim)
+        for i in range(num_layers):
+            self.register_buffer(f"key_{i}", torch.zeros(self.shape, dtype=dtype), persistent=False)
+            self.register_buffer(f"value_{i}", torch.zeros(self.shape, dtype=dtype), persistent=False)
+
+    @property
+    def max_length(self) -> int:
+        return self.shape[2]
+
+    def layer(self, i: int) -> tuple[Tensor, Tensor]:
+        return getattr(self, f"key_{i}"), getattr(self, f"value_{i}")
+
+    def buffers_in_order(self) -> list[Tensor]:
+        """key_0, value_0, key_1, ...: the order in which graphs alias them."""
+        out = []
+        for i in range(self.num_layers):
+            out.extend(self.layer(i))
+        return out
+
+    def reset(self) -> None:
+        for buf in self.buffers_in_order():
+            buf.zero_()

@@ -1,0 +1,187 @@
+"""Building blocks of Llama-style decoders, written for fixed-shape tracing.
+
+Linear and embedding layers are created only through `make_linear` / `make_embedding`, so that tensor
+parallelism can later swap in neuronx-distributed's parallel layers here without touching model code.
+
+Linear weights are stored [in_features, out_features] and applied as `x @ weight`: on CPU a matmul
+over that layout streams the weights about twice as fast at one token as `F.linear` over the usual
+[out, in] layout. Loaders transpose Hugging Face tensors once (see `weights.py`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from neuron_peagle.config import RopeConfig
+
+
+class Linear(nn.Module):
+    """y = x @ weight (+ bias); weight: [in_features, out_features]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(in_features, out_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
+        y = torch.matmul(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
+class Embedding(nn.Module):
+    """Token embedding table; weight: [vocab_size, hidden_size]."""
+
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+
+    def forward(self, ids: Tensor) -> Tensor:  # [...] -> [..., hidden]
+        return self.weight[ids]
+
+
+def make_linear(in_features: int, out_features: int, bias: bool = False) -> Linear:
+    return Linear(in_features, out_features, bias)
+
+
+def make_embedding(vocab_size: int, hidden_size: int) -> Embedding:
+    return Embedding(vocab_size, hidden_size)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., hidden]
+        # Statistics in float32 whatever the model dtype, as the reference implementation does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:  # [head_dim // 2] float32
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.rope_type == "default":
+        return inv_freq
+    # Llama 3 scaling: long wavelengths are slowed by `factor`, short ones kept, the band between
+    # interpolated smoothly.
+    old_len = rope.original_max_position_embeddings
+    low_wavelen = old_len / rope.low_freq_factor
+    high_wavelen = old_len / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryTable(nn.Module):
+    """cos/sin for every position up to max_length, looked up by position id inside the graph."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_length: int) -> None:
+        super().__init__()
+        inv_freq = rope_inv_freq(rope, head_dim)
+        freqs = torch.outer(torch.arange(max_length, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)  # [max_length, head_dim]
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:  # [B, T] -> 2 x [B, 1, T, hd]
+        return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # x: [B, heads, T, hd]
+    return (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over a fixed-length KV cache, masked by position.
+
+    The new keys/values are scattered into the cache at their position ids first; then every query
+    attends to all cache slots whose position is <= its own. Slots beyond a sequence's length hold
+    stale or padding entries and are never read, so rejected speculative entries need no cleanup.
+    """
+
+    def __init__(self, hidden_in: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 hidden_out: int, qkv_bias: bool, o_bias: bool) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.qkv_proj = make_linear(hidden_in, (num_heads + 2 * num_kv_heads) * head_dim, qkv_bias)
+        self.o_proj = make_linear(num_heads * head_dim, hidden_out, o_bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor,
+                key_cache: Tensor, value_cache: Tensor) -> Tensor:
+        # x: [B, T, hidden_in]; position_ids: [B, T]; caches: [B, kv_heads, max_length, hd]
+        batch, seq, _ = x.shape
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(batch, seq, nh, hd).transpose(1, 2)  # [B, nh, T, hd]
+        k = k.view(batch, seq, nkv, hd).transpose(1, 2)  # [B, nkv, T, hd]
+        v = v.view(batch, seq, nkv, hd).transpose(1, 2)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+
+        index = position_ids.view(batch, 1, seq, 1).expand(batch, nkv, seq, hd)
+        key_cache.scatter_(2, index, k.to(key_cache.dtype))
+        value_cache.scatter_(2, index, v.to(value_cache.dtype))
+
+        max_length = key_cache.shape[2]
+        groups = nh // nkv
+        q = q.reshape(batch, nkv, groups * seq, hd)  # query heads of one kv head side by side
+        scores = torch.matmul(q, key_cache.transpose(-1, -2)).float() / math.sqrt(hd)
+        scores = scores.view(batch, nkv, groups, seq, max_length)
+        slot = torch.arange(max_length, device=x.device)
+        visible = slot.view(1, 1, max_length) <= position_ids.unsqueeze(-1)  # [B, T, max_length]
+        scores = scores.masked_fill(~visible.view(batch, 1, 1, seq, max_length), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(value_cache.dtype)
+        out = torch.matmul(probs.view(batch, nkv, groups * seq, max_length), value_cache)
+        out = out.view(batch, nh, seq, hd).transpose(1, 2).reshape(batch, seq, nh * hd)
+        return self.o_proj(out.to(x.dtype))
+
+
+class MLP(nn.Module):
+    """SwiGLU with gate and up projections fused into one matmul."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool) -> None:
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = make_linear(hidden_size, 2 * intermediate_size, bias)
+        self.down_proj = make_linear(intermediate_size, hidden_size, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm Llama block."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_heads: int, num_kv_heads: int,
+                 head_dim: int, eps: float, qkv_bias: bool = False, o_bias: bool = False,
+                 mlp_bias: bool = False) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, hidden_size,
+                                   qkv_bias, o_bias)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+        self.mlp = MLP(hidden_size, intermediate_size, mlp_bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor,
+                key_cache: Tensor, value_cache: Tensor) -> Tensor:  # [B, T, H] -> [B, T, H]
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, key_cache, value_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))

@@ -1,0 +1,160 @@
+"""The target model (Llama and Qwen2 families), written for fixed-shape tracing.
+
+Besides logits, a forward can return the P-EAGLE drafter's features: the hidden states entering
+three chosen decoder layers (Hugging Face's `hidden_states[i]` for those i), concatenated.
+Logits are computed only at the requested positions, so a prefill over a 512-token bucket runs the
+LM head once per sequence, not 512 times.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from neuron_peagle.config import ModelConfig
+from neuron_peagle.errors import ConfigError
+from neuron_peagle.kv_cache import KVCache
+from neuron_peagle.models.layers import DecoderLayer, RMSNorm, RotaryTable, make_embedding, make_linear
+from neuron_peagle.models.weights import check_names_and_shapes, read_safetensors_dir, to_in_out
+
+
+def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
+    """EAGLE-3's choice: early, middle and late layers."""
+    return (2, num_layers // 2, num_layers - 3) if num_layers >= 4 else (0, num_layers // 2, num_layers - 1)
+
+
+class TargetOutput(NamedTuple):
+    logits: Tensor  # [B, R, vocab] at the requested rows
+    features: Tensor | None  # [B, T, 3 * hidden], or None when not asked for
+
+
+class TargetModel(nn.Module):
+    def __init__(self, config: ModelConfig, max_length: int,
+                 feature_layers: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.max_length = max_length
+        self.feature_layers = tuple(feature_layers or default_feature_layers(config.num_hidden_layers))
+        if any(not 0 <= i < config.num_hidden_layers for i in self.feature_layers):
+            raise ConfigError(
+                f"feature layers {self.feature_layers} must lie in [0, {config.num_hidden_layers})"
+            )
+        c = config
+        self.embed_tokens = make_embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(c.hidden_size, c.intermediate_size, c.num_attention_heads,
+                         c.num_key_value_heads, c.head_dim, c.rms_norm_eps, c.qkv_bias, c.o_bias,
+                         c.mlp_bias)
+            for _ in range(c.num_hidden_layers)
+        )
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        # Even when tied to the embedding, the head keeps its own [hidden, vocab] copy: the layout
+        # that streams fast (see layers.py), at the price of one more vocab x hidden matrix.
+        self.lm_head = make_linear(c.hidden_size, c.vocab_size)
+        self.rotary = RotaryTable(c.rope, c.head_dim, max_length)
+
+    def new_cache(self, batch_size: int) -> KVCache:
+        c = self.config
+        dtype = self.embed_tokens.weight.dtype
+        return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, self.max_length,
+                       c.head_dim, dtype).to(self.embed_tokens.weight.device)
+
+    def embed(self, input_ids: Tensor) -> Tensor:  # [B, T] -> [B, T, H]
+        return self.embed_tokens(input_ids)
+
+    def head(self, hidden: Tensor) -> Tensor:  # [B, R, H] (pre-norm) -> [B, R, vocab]
+        return self.lm_head(self.norm(hidden))
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache,
+                logit_index: Tensor, return_features: bool = False) -> TargetOutput:
+        # input_ids, position_ids: [B, T]; logit_index: [B, R] rows of T whose logits are wanted
+        h = self.embed(input_ids)
+        cos, sin = self.rotary(position_ids)
+        features = []
+        for i, layer in enumerate(self.layers):
+            if return_features and i in self.feature_layers:
+                features.append(h)
+            h = layer(h, cos, sin, position_ids, *cache.layer(i))
+        picked = h.gather(1, logit_index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        logits = self.head(picked).float()
+        return TargetOutput(logits, torch.cat(features, dim=-1) if return_features else None)
+
+    # ---- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, max_length: int, dtype: torch.dtype = torch.float32,
+                        feature_layers: tuple[int, ...] | None = None) -> "TargetModel":
+        config = ModelConfig.from_dir(model_dir)
+        if max_length > config.max_position_embeddings:
+            raise ConfigError(
+                f"max_length {max_length} exceeds the model's max_position_embeddings "
+                f"({config.max_position_embeddings})"
+            )
+        model = cls(config, max_length, feature_layers)
+        model.load_hf_state(read_safetensors_dir(model_dir), source=str(model_dir))
+        model.to(dtype)
+        model.rotary.float()  # positions' angles stay float32 in every dtype
+        return model
+
+    def expected_hf_shapes(self) -> dict[str, tuple[int, ...]]:
+        c = self.config
+        q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        shapes: dict[str, tuple[int, ...]] = {
+            "model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
+            "model.norm.weight": (c.hidden_size,),
+        }
+        if not c.tie_word_embeddings:
+            shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}."
+            shapes.update({
+                p + "input_layernorm.weight": (c.hidden_size,),
+                p + "post_attention_layernorm.weight": (c.hidden_size,),
+                p + "self_attn.q_proj.weight": (q_out, c.hidden_size),
+                p + "self_attn.k_proj.weight": (kv_out, c.hidden_size),
+                p + "self_attn.v_proj.weight": (kv_out, c.hidden_size),
+                p + "self_attn.o_proj.weight": (c.hidden_size, q_out),
+                p + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+                p + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+                p + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+            })
+            if c.qkv_bias:
+                shapes.update({p + "self_attn.q_proj.bias": (q_out,), p + "self_attn.k_proj.bias": (kv_out,),
+                               p + "self_attn.v_proj.bias": (kv_out,)})
+            if c.o_bias:
+                shapes[p + "self_attn.o_proj.bias"] = (c.hidden_size,)
+            if c.mlp_bias:
+                shapes.update({p + "mlp.gate_proj.bias": (c.intermediate_size,),
+                               p + "mlp.up_proj.bias": (c.intermediate_size,),
+                               p + "mlp.down_proj.bias": (c.hidden_size,)})
+        return shapes
+
+    @torch.no_grad()
+    def load_hf_state(self, tensors: dict[str, Tensor], source: str) -> None:
+        """Fill the model from Hugging Face tensor names (checked first, all problems at once)."""
+        optional = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
+        check_names_and_shapes(tensors, self.expected_hf_shapes(), optional, source)
+        t = {name: value.float() for name, value in tensors.items()}
+        self.embed_tokens.weight.copy_(t["model.embed_tokens.weight"])
+        self.norm.weight.copy_(t["model.norm.weight"])
+        head = t["model.embed_tokens.weight"] if self.config.tie_word_embeddings else t["lm_head.weight"]
+        self.lm_head.weight.copy_(to_in_out(head))
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            attn, mlp = layer.self_attn, layer.mlp
+            layer.input_layernorm.weight.copy_(t[p + "input_layernorm.weight"])
+            layer.post_attention_layernorm.weight.copy_(t[p + "post_attention_layernorm.weight"])
+            attn.qkv_proj.weight.copy_(to_in_out(*(t[p + f"self_attn.{n}_proj.weight"] for n in "qkv")))
+            attn.o_proj.weight.copy_(to_in_out(t[p + "self_attn.o_proj.weight"]))
+            mlp.gate_up_proj.weight.copy_(to_in_out(t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]))
+            mlp.down_proj.weight.copy_(to_in_out(t[p + "mlp.down_proj.weight"]))
+            if attn.qkv_proj.bias is not None:
+                attn.qkv_proj.bias.copy_(torch.cat([t[p + f"self_attn.{n}_proj.bias"] for n in "qkv"]))
+            if attn.o_proj.bias is not None:
+                attn.o_proj.bias.copy_(t[p + "self_attn.o_proj.bias"])
+            if mlp.gate_up_proj.bias is not None:
+                mlp.gate_up_proj.bias.copy_(torch.cat([t[p + "mlp.gate_proj.bias"], t[p + "mlp.up_proj.bias"]]))
+                mlp.down_proj.bias.copy_(t[p + "mlp.down_proj.bias"])

@@ -1,0 +1,97 @@
+"""The host loop: commits the tokens each graph step produces, row by row, and decides when to stop.
+
+It knows nothing of tokenisation or of how a step makes its tokens: a `Decoder` prefills a batch and
+then, each step, returns the tokens it committed per row (`[batch, max_tokens_per_step]`, padded with
+-1) and their count. Rows accept different numbers of tokens per step; a finished row (or a padding
+row of an incomplete batch) keeps its place in the fixed-shape batch but is frozen by the decoder.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from neuron_peagle.runtime.stats import RequestStats
+
+
+class Decoder(Protocol):
+    batch_size: int
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> Tensor:
+        """Fill the caches for up to batch_size prompts; returns the first new token per row, [B]."""
+
+    def step(self, active: Tensor) -> tuple[Tensor, Tensor]:
+        """One step for the rows where active [B] is True: (tokens [B, M] padded -1, counts [B])."""
+
+
+@dataclass
+class RowState:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    output_ids: list[int] = field(default_factory=list)
+    stats: RequestStats = field(default_factory=RequestStats)
+    done: bool = False
+
+
+# Called with (row index in the batch, newly committed tokens); returns True to stop that row.
+CommitCallback = Callable[[int, list[int]], bool]
+
+
+def run_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
+              stop_token_ids: set[int], on_commit: CommitCallback | None = None) -> list[RowState]:
+    """Generate for one batch of at most `decoder.batch_size` prompts (already validated)."""
+    rows = [RowState(list(p), n) for p, n in zip(prompts, max_new_tokens)]
+    for row in rows:
+        row.stats.num_prompt_tokens = len(row.prompt_ids)
+
+    start = time.perf_counter()
+    first = decoder.prefill([r.prompt_ids for r in rows])
+    prefill_time = time.perf_counter() - start
+    for i, row in enumerate(rows):
+        row.stats.prefill_time_s = prefill_time
+        _commit(row, i, [int(first[i])], stop_token_ids, on_commit)
+
+    active = torch.zeros(decoder.batch_size, dtype=torch.bool)
+    while True:
+        for i, row in enumerate(rows):
+            active[i] = not row.done
+        if not bool(active.any()):
+            break
+        start = time.perf_counter()
+        tokens, counts = decoder.step(active.clone())
+        elapsed = time.perf_counter() - start
+        for i, row in enumerate(rows):
+            if row.done:
+                continue
+            row.stats.decode_time_s += elapsed
+            row.stats.num_steps += 1
+            committed = tokens[i, : int(counts[i])].tolist()
+            row.stats.num_decoded_tokens += _commit(row, i, committed, stop_token_ids, on_commit)
+    return rows
+
+
+def _commit(row: RowState, index: int, tokens: list[int], stop_token_ids: set[int],
+            on_commit: CommitCallback | None) -> int:
+    """Append tokens up to a stop token or the length limit; returns how many were kept."""
+    kept = []
+    for token in tokens:
+        kept.append(token)
+        if token in stop_token_ids:
+            row.stats.finish_reason = "stop"
+            break
+        if len(row.output_ids) + len(kept) >= row.max_new_tokens:
+            row.stats.finish_reason = "length"
+            break
+    row.output_ids.extend(kept)
+    if row.stats.finish_reason:
+        row.done = True
+    if on_commit is not None and kept and on_commit(index, kept) and not row.done:
+        row.stats.finish_reason = "stop"
+        row.done = True
+    row.stats.num_new_tokens = len(row.output_ids)
+    return len(kept)
