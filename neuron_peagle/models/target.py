@@ -23,7 +23,9 @@ from neuron_peagle.models.weights import check_names_and_shapes, read_safetensor
 
 def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
     """EAGLE-3's choice: early, middle and late layers."""
-    return (2, num_layers // 2, num_layers - 3) if num_layers >= 4 else (0, num_layers // 2, num_layers - 1)
+    if num_layers >= 6:
+        return (2, num_layers // 2, num_layers - 3)
+    return (0, num_layers // 2, num_layers - 1)
 
 
 class TargetOutput(NamedTuple):
@@ -73,14 +75,16 @@ class TargetModel(nn.Module):
         # input_ids, position_ids: [B, T]; logit_index: [B, R] rows of T whose logits are wanted
         h = self.embed(input_ids)
         cos, sin = self.rotary(position_ids)
-        features = []
+        entering: dict[int, Tensor] = {}
         for i, layer in enumerate(self.layers):
             if return_features and i in self.feature_layers:
-                features.append(h)
+                entering[i] = h
             h = layer(h, cos, sin, position_ids, *cache.layer(i))
         picked = h.gather(1, logit_index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         logits = self.head(picked).float()
-        return TargetOutput(logits, torch.cat(features, dim=-1) if return_features else None)
+        if not return_features:
+            return TargetOutput(logits, None)
+        return TargetOutput(logits, torch.cat([entering[i] for i in self.feature_layers], dim=-1))
 
     # ---- loading -------------------------------------------------------------------------------
 

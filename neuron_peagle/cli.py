@@ -1,0 +1,104 @@
+"""`neuron-peagle` command line: a thin layer over `Engine`.
+
+    neuron-peagle generate "prompt" [--json] [--model DIR] [--max-new-tokens N] ...
+    neuron-peagle generate --prompts-file prompts.jsonl --batch-size 4 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from neuron_peagle.errors import NeuronPeagleError
+
+
+def _buckets(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"buckets must be comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neuron-peagle", description="P-EAGLE speculative decoding")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text for one prompt or a file of prompts")
+    gen.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file)")
+    gen.add_argument("--prompts-file", type=Path, help='JSONL file, one {"prompt": ...} per line')
+    gen.add_argument("--model", type=Path, default=None, help="Hugging Face model directory "
+                     "(default: the embedded SmolLM2-135M-Instruct)")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--batch-size", type=int, default=1)
+    gen.add_argument("--max-length", type=int, default=1024, help="KV cache length (prompt + output)")
+    gen.add_argument("--buckets", type=_buckets, default=(128, 512), help="prefill buckets, e.g. 128,512")
+    gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    gen.add_argument("--backend", default="eager", choices=("eager", "xla", "neuron"))
+    gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt text as it is")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt per line")
+    return parser
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompts_file is None:
+        if args.prompt is None:
+            raise NeuronPeagleError("give a prompt or --prompts-file")
+        return [args.prompt]
+    if args.prompt is not None:
+        raise NeuronPeagleError("give either a prompt or --prompts-file, not both")
+    if not args.prompts_file.is_file():
+        raise NeuronPeagleError(f"prompts file {str(args.prompts_file)!r} does not exist")
+    prompts = []
+    for number, line in enumerate(args.prompts_file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            prompts.append(str(record["prompt"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise NeuronPeagleError(
+                f'{args.prompts_file}:{number}: expected a JSON object with a "prompt" field'
+            ) from None
+    if not prompts:
+        raise NeuronPeagleError(f"prompts file {str(args.prompts_file)!r} holds no prompt")
+    return prompts
+
+
+def generate(args: argparse.Namespace) -> None:
+    from neuron_peagle.runtime.engine import Engine, SamplingParams
+
+    prompts = _read_prompts(args)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    engine = Engine.from_pretrained(args.model, batch_size=args.batch_size, max_length=args.max_length,
+                                    prefill_buckets=args.buckets, dtype=args.dtype, backend=args.backend)
+    # Everything is checked before the first prompt runs, so an error never discards finished work.
+    ids = [engine.encode(p, not args.no_chat_template) if p else [] for p in prompts]
+    for i, prompt_ids in enumerate(ids):
+        engine.validate(prompt_ids, params, i)
+    outputs = engine.generate(ids, params)
+    for prompt, out in zip(prompts, outputs):
+        if args.json:
+            record = {"prompt": prompt, "prompt_ids": out.prompt_ids, "output_ids": out.output_ids,
+                      "text": out.text, "model_dir": str(engine.model_dir), "backend": args.backend,
+                      **out.stats.to_dict()}
+            print(json.dumps(record), flush=True)
+        else:
+            print(out.text)
+            print(f"[{out.stats.num_new_tokens} tokens, {out.stats.tokens_per_s:.1f} tokens/s decode, "
+                  f"{args.backend}, finish: {out.stats.finish_reason}]", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            generate(args)
+    except NeuronPeagleError as err:
+        print(f"neuron-peagle: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random-weight Hugging Face model directories and the default model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("PJRT_DEVICE", "CPU")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def save_tiny_model(path: Path, family: str = "llama", tie: bool = True, seed: int = 0,
+                    rope_scaling: dict | None = None, vocab_size: int = 49152) -> Path:
+    """A small random model saved the way users bring theirs: config.json + model.safetensors.
+
+    It borrows the default model's tokenizer (same vocabulary size) so the whole engine runs on it.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    if family == "llama":
+        config = LlamaConfig(**common, rope_theta=10000.0, rope_scaling=rope_scaling)
+        model = LlamaForCausalLM(config)
+    else:
+        config = Qwen2Config(**common, rope_theta=10000.0)
+        model = Qwen2ForCausalLM(config)
+    # Random init is small around zero; widen it so logits are well separated and argmax is stable.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.15)
+            elif "bias" not in str(p.shape):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    from neuron_peagle.default_model import require_default_model
+
+    source = require_default_model()
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"), "llama", tie=True)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    from neuron_peagle.default_model import require_default_model
+
+    return require_default_model()
+
+
+@pytest.fixture(scope="session")
+def hf_default_model(default_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()

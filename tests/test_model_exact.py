@@ -1,0 +1,72 @@
+"""Our target model against transformers' own, on the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import save_tiny_model
+from neuron_peagle.models.target import TargetModel
+
+
+def _compare(model_dir, seq_len: int = 24, batch: int = 2, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ours = TargetModel.from_pretrained(model_dir, max_length=128)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, ours.config.vocab_size, (batch, seq_len), generator=generator)
+    positions = torch.arange(seq_len).expand(batch, seq_len)
+    with torch.no_grad():
+        ref = hf(ids, output_hidden_states=True)
+        out = ours(ids, positions, ours.new_cache(batch), positions, return_features=True)
+    features = torch.cat([ref.hidden_states[i] for i in ours.feature_layers], dim=-1)
+    return out, ref, features
+
+
+@pytest.mark.parametrize("family,tie,rope_scaling", [
+    ("llama", True, None),
+    ("llama", False, None),
+    ("llama", False, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    ("qwen2", True, None),
+    ("qwen2", False, None),
+])
+def test_tiny_models_match_transformers(tmp_path, family, tie, rope_scaling):
+    model_dir = save_tiny_model(tmp_path, family, tie=tie, rope_scaling=rope_scaling, seed=3)
+    out, ref, features = _compare(model_dir, seq_len=40)
+    assert (out.logits - ref.logits).abs().max() <= 1e-3
+    assert torch.equal(out.logits.argmax(-1), ref.logits.argmax(-1))
+    assert torch.allclose(out.features, features, atol=1e-4, rtol=1e-4)
+
+
+def test_qwen2_biases_are_loaded(tmp_path):
+    model_dir = save_tiny_model(tmp_path, "qwen2", tie=False, seed=4)
+    model = TargetModel.from_pretrained(model_dir, max_length=64)
+    assert model.layers[0].self_attn.qkv_proj.bias is not None
+    assert model.layers[0].self_attn.qkv_proj.bias.abs().sum() > 0
+    assert model.layers[0].self_attn.o_proj.bias is None
+
+
+@pytest.mark.slow
+def test_default_model_matches_transformers(default_model_dir):
+    out, ref, features = _compare(default_model_dir, seq_len=48)
+    assert (out.logits - ref.logits).abs().max() <= 1e-3
+    assert torch.equal(out.logits.argmax(-1), ref.logits.argmax(-1))
+    # Hidden states grow large in late layers; compare them relative to their size.
+    assert ((out.features - features).abs().max() / features.abs().max()) <= 1e-4
+
+
+def test_incremental_decode_equals_full_forward(tiny_llama_dir):
+    """Prefill part of a sequence, decode the rest one token at a time: same logits as one pass."""
+    model = TargetModel.from_pretrained(tiny_llama_dir, max_length=64)
+    ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(20).expand(2, 20)
+    with torch.no_grad():
+        full = model(ids, positions, model.new_cache(2), positions).logits
+        cache = model.new_cache(2)
+        head = model(ids[:, :12], positions[:, :12], cache, positions[:, :12]).logits
+        steps = [model(ids[:, t:t + 1], positions[:, t:t + 1], cache, torch.zeros(2, 1, dtype=torch.long)).logits
+                 for t in range(12, 20)]
+    incremental = torch.cat([head] + steps, dim=1)
+    assert torch.allclose(incremental, full, atol=1e-4)
