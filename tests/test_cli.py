@@ -1,0 +1,55 @@
+"""The command line is scriptable: JSON lines, prompt files, clear errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+from neuron_peagle.cli import main
+
+TINY_ARGS = ["--max-length", "64", "--buckets", "16,32", "--max-new-tokens", "5"]
+
+
+def test_generate_json_lines_from_a_prompts_file(tmp_path, tiny_llama_dir, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["hello", "two words", "x"]) + "\n")
+    code = main(["generate", "--prompts-file", str(prompts), "--model", str(tiny_llama_dir), "--json",
+                 "--batch-size", "2", "--no-chat-template", *TINY_ARGS])
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in lines] == ["hello", "two words", "x"]
+    for record in lines:
+        assert record["model_dir"] == str(tiny_llama_dir)
+        assert 1 <= len(record["output_ids"]) <= 5
+        assert record["prompt_ids"] and record["tokens_per_s"] >= 0
+        assert isinstance(record["text"], str)
+
+
+def test_cli_tokens_equal_api_tokens(tiny_llama_dir, capsys):
+    from neuron_peagle.runtime.engine import Engine, SamplingParams
+
+    main(["generate", "hello there", "--model", str(tiny_llama_dir), "--json", *TINY_ARGS])
+    record = json.loads(capsys.readouterr().out)
+    engine = Engine.from_pretrained(tiny_llama_dir, max_length=64, prefill_buckets=(16, 32))
+    expected = engine.generate(["hello there"], SamplingParams(max_new_tokens=5))[0]
+    assert record["output_ids"] == expected.output_ids
+    assert record["prompt_ids"] == expected.prompt_ids
+
+
+def test_prompt_too_long_is_a_clear_error(tiny_llama_dir, capsys):
+    code = main(["generate", "word " * 100, "--model", str(tiny_llama_dir), *TINY_ARGS])
+    assert code == 2
+    assert "largest prefill bucket (32)" in capsys.readouterr().err
+
+
+def test_bad_prompts_file_line_is_named(tmp_path, tiny_llama_dir, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
+    code = main(["generate", "--prompts-file", str(prompts), "--model", str(tiny_llama_dir), *TINY_ARGS])
+    assert code == 2
+    assert "p.jsonl:2" in capsys.readouterr().err
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path, capsys):
+    code = main(["generate", "hi", "--model", str(tmp_path / "absent"), *TINY_ARGS])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err

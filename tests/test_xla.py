@@ -1,0 +1,53 @@
+"""The xla backend: a fixed set of graphs (one per used prefill bucket + one decode), no recompiles
+during decode, and the same tokens as eager."""
+
+from __future__ import annotations
+
+import pytest
+
+from neuron_peagle.runtime.engine import Engine, SamplingParams
+
+PARAMS = SamplingParams(max_new_tokens=12, ignore_eos=True)
+SHORT = [[5, 6, 7], [8, 9, 10, 11, 12]]  # bucket 16
+LONG = [list(range(20, 45)), list(range(50, 80))]  # bucket 32
+
+
+@pytest.fixture(scope="module")
+def xla_engine(tiny_llama_dir):
+    return Engine.from_pretrained(tiny_llama_dir, batch_size=2, max_length=64, prefill_buckets=(16, 32),
+                                  backend="xla")
+
+
+def test_compiles_one_graph_per_bucket_plus_decode_and_none_while_decoding(xla_engine):
+    backend = xla_engine.backend
+    start = backend.compile_count()
+    xla_engine.generate(SHORT, PARAMS)
+    assert backend.compile_count() - start == 2  # prefill@16 + decode
+
+    xla_engine.generate(LONG, PARAMS)
+    assert backend.compile_count() - start == 3  # + prefill@32, decode reused
+
+    # Longer generations and new prompts in known buckets compile nothing at all.
+    xla_engine.generate(SHORT + LONG, SamplingParams(max_new_tokens=30, ignore_eos=True))
+    xla_engine.generate([[3] * 9, [4] * 30], PARAMS)
+    assert backend.compile_count() - start == 3
+
+
+def test_xla_tokens_equal_eager(xla_engine, tiny_llama_dir):
+    eager = Engine.from_pretrained(tiny_llama_dir, batch_size=2, max_length=64, prefill_buckets=(16, 32))
+    prompts = SHORT + LONG + [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+    got = [o.output_ids for o in xla_engine.generate(prompts, PARAMS)]
+    want = [o.output_ids for o in eager.generate(prompts, PARAMS)]
+    assert got == want
+
+
+@pytest.mark.slow
+def test_default_model_xla_equals_eager(default_model_dir):
+    prompts = ["What is the capital of France?", "Write a haiku about the sea, please, in English."]
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    xla = Engine.from_pretrained(batch_size=2, max_length=128, prefill_buckets=(32, 64), backend="xla")
+    eager = Engine.from_pretrained(batch_size=2, max_length=128, prefill_buckets=(32, 64))
+    start = xla.backend.compile_count()
+    got = [o.output_ids for o in xla.generate(prompts, params)]
+    assert xla.backend.compile_count() - start == 2
+    assert got == [o.output_ids for o in eager.generate(prompts, params)]
