@@ -29,6 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompts-file", type=Path, help='JSONL file, one {"prompt": ...} per line')
     gen.add_argument("--model", type=Path, default=None, help="Hugging Face model directory "
                      "(default: the embedded SmolLM2-135M-Instruct)")
+    gen.add_argument("--drafter", type=Path, default=None, help="speculators-format P-EAGLE drafter "
+                     "directory (default: the project's drafter for the default model)")
+    gen.add_argument("--mode", default="parallel", choices=("plain", "sequential", "parallel"),
+                     help="parallel = P-EAGLE (one drafter pass), sequential = EAGLE-style (K passes)")
+    gen.add_argument("--num-speculative-tokens", "-k", type=int, default=7, help="K, drafts per step")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--batch-size", type=int, default=1)
     gen.add_argument("--max-length", type=int, default=1024, help="KV cache length (prompt + output)")
@@ -69,9 +78,15 @@ def generate(args: argparse.Namespace) -> None:
     from neuron_peagle.runtime.engine import Engine, SamplingParams
 
     prompts = _read_prompts(args)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens)
-    engine = Engine.from_pretrained(args.model, batch_size=args.batch_size, max_length=args.max_length,
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
+    engine = Engine.from_pretrained(args.model, args.drafter, mode=args.mode,
+                                    num_speculative_tokens=args.num_speculative_tokens,
+                                    batch_size=args.batch_size, max_length=args.max_length,
                                     prefill_buckets=args.buckets, dtype=args.dtype, backend=args.backend)
+    if engine.drafter is not None and not args.json:
+        print(f"[{args.mode} speculative decoding, K={args.num_speculative_tokens}, "
+              f"{engine.drafter.describe()}]", flush=True)
     # Everything is checked before the first prompt runs, so an error never discards finished work.
     ids = [engine.encode(p, not args.no_chat_template) if p else [] for p in prompts]
     for i, prompt_ids in enumerate(ids):
@@ -81,11 +96,15 @@ def generate(args: argparse.Namespace) -> None:
         if args.json:
             record = {"prompt": prompt, "prompt_ids": out.prompt_ids, "output_ids": out.output_ids,
                       "text": out.text, "model_dir": str(engine.model_dir), "backend": args.backend,
+                      "mode": args.mode,
+                      "drafter": engine.drafter.describe() if engine.drafter is not None else None,
                       **out.stats.to_dict()}
             print(json.dumps(record), flush=True)
         else:
             print(out.text)
-            print(f"[{out.stats.num_new_tokens} tokens, {out.stats.tokens_per_s:.1f} tokens/s decode, "
+            accept = (f", acceptance length {out.stats.acceptance_length:.2f}"
+                      if out.stats.num_draft_tokens else "")
+            print(f"[{out.stats.num_new_tokens} tokens, {out.stats.tokens_per_s:.1f} tokens/s decode{accept}, "
                   f"{args.backend}, finish: {out.stats.finish_reason}]", flush=True)
 
 

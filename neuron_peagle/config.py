@@ -206,3 +206,94 @@ class BuildConfig:
         if unknown:
             raise ConfigError(f"unknown build config fields: {sorted(unknown)}")
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    """A P-EAGLE (or EAGLE-3) drafter: `fc` over three target feature layers, `num_layers` Llama
+    layers (layer 0 with a 2H input), final norm and LM head over a (possibly reduced) draft vocabulary.
+
+    Saved as a speculators-format config (`speculators_model_type: "peagle"`); the fields below are
+    read from / written to that layout by `drafter_io.py`.
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    vocab_size: int  # the target's vocabulary
+    draft_vocab_size: int  # == vocab_size when no reduced draft vocabulary is used
+    target_hidden_size: int
+    feature_layers: tuple[int, ...]  # target layers whose input hidden states are the features
+    mask_token_id: int
+    norm_before_residual: bool = False
+    shares_target_embedding: bool = True  # embed_tokens comes from the target, not the checkpoint
+    trained_with: str = "peagle"  # "peagle" (parallel) or "eagle3" (sequential)
+    num_speculative_tokens: int = 7  # what it was trained for; a hint, not a limit
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "feature_layers", tuple(int(i) for i in self.feature_layers))
+        if len(self.feature_layers) != 3:
+            raise ConfigError(f"a drafter takes exactly 3 feature layers, got {self.feature_layers}")
+        if not 0 < self.draft_vocab_size <= self.vocab_size:
+            raise ConfigError(
+                f"draft_vocab_size {self.draft_vocab_size} must be in (0, vocab_size={self.vocab_size}]"
+            )
+        if self.num_layers < 1:
+            raise ConfigError(f"a drafter needs at least one layer, got {self.num_layers}")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ConfigError(f"mask_token_id {self.mask_token_id} is outside the vocabulary")
+        if self.trained_with not in ("peagle", "eagle3"):
+            raise ConfigError(f"trained_with must be 'peagle' or 'eagle3', got {self.trained_with!r}")
+
+    @property
+    def reduced_vocab(self) -> bool:
+        return self.draft_vocab_size < self.vocab_size
+
+    @classmethod
+    def for_target(cls, target: ModelConfig, feature_layers: tuple[int, ...], num_layers: int = 1,
+                   draft_vocab_size: int | None = None, mask_token_id: int | None = None,
+                   intermediate_size: int | None = None, **kwargs: Any) -> "DrafterConfig":
+        """A drafter shaped like its target's layers (the usual EAGLE-3 / P-EAGLE choice)."""
+        return cls(
+            hidden_size=target.hidden_size,
+            intermediate_size=intermediate_size or target.intermediate_size,
+            num_layers=num_layers,
+            num_attention_heads=target.num_attention_heads,
+            num_key_value_heads=target.num_key_value_heads,
+            head_dim=target.head_dim,
+            rms_norm_eps=target.rms_norm_eps,
+            rope=target.rope,
+            vocab_size=target.vocab_size,
+            draft_vocab_size=draft_vocab_size or target.vocab_size,
+            target_hidden_size=target.hidden_size,
+            feature_layers=feature_layers,
+            mask_token_id=target.vocab_size - 1 if mask_token_id is None else mask_token_id,
+            **kwargs,
+        )
+
+    def check_fits(self, target: ModelConfig) -> None:
+        """Raise DrafterMismatchError naming every way this drafter does not fit `target`."""
+        from neuron_peagle.errors import DrafterMismatchError
+
+        problems = []
+        if self.target_hidden_size != target.hidden_size:
+            problems.append(f"it expects target hidden size {self.target_hidden_size}, the target has "
+                            f"{target.hidden_size}")
+        if self.vocab_size != target.vocab_size:
+            problems.append(f"its vocabulary has {self.vocab_size} tokens, the target's {target.vocab_size}")
+        if any(not 0 <= i < target.num_hidden_layers for i in self.feature_layers):
+            problems.append(f"its feature layers {list(self.feature_layers)} are not all layers of a "
+                            f"{target.num_hidden_layers}-layer target")
+        if self.shares_target_embedding and self.hidden_size != target.hidden_size:
+            problems.append(f"it shares the target's embedding but its hidden size {self.hidden_size} "
+                            f"differs from {target.hidden_size}")
+        if problems:
+            raise DrafterMismatchError("the drafter does not fit the target: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -68,3 +68,37 @@ def hf_default_model(default_model_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+
+
+NEW_TOKENS = 64  # continuation length of the exactness tests
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(default_model_dir):
+    """The twenty test prompts, chat template applied, as the engine encodes them."""
+    from prompts import PROMPTS
+    from neuron_peagle.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(default_model_dir)
+    out = []
+    for prompt in PROMPTS:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_greedy(hf_default_model, prompt_ids):
+    """transformers' greedy continuation of each prompt, one at a time (no padding involved)."""
+    outputs = []
+    with torch.no_grad():
+        for ids in prompt_ids:
+            # The prompt contains token 2 (<|im_end|>), which is also the pad id: give the mask
+            # explicitly or transformers infers one that hides those tokens.
+            ids_t = torch.tensor([ids])
+            out = hf_default_model.generate(ids_t, attention_mask=torch.ones_like(ids_t),
+                                            max_new_tokens=NEW_TOKENS, do_sample=False,
+                                            eos_token_id=None, pad_token_id=2)
+            outputs.append(out[0, len(ids):].tolist())
+    return outputs

@@ -18,7 +18,8 @@ from neuron_peagle.config import ModelConfig
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.kv_cache import KVCache
 from neuron_peagle.models.layers import DecoderLayer, RMSNorm, RotaryTable, make_embedding, make_linear
-from neuron_peagle.models.weights import check_names_and_shapes, read_safetensors_dir, to_in_out
+from neuron_peagle.models.weights import (check_names_and_shapes, decoder_layer_shapes, load_decoder_layer,
+                                          read_safetensors_dir, to_in_out)
 
 
 def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
@@ -105,7 +106,6 @@ class TargetModel(nn.Module):
 
     def expected_hf_shapes(self) -> dict[str, tuple[int, ...]]:
         c = self.config
-        q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         shapes: dict[str, tuple[int, ...]] = {
             "model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
             "model.norm.weight": (c.hidden_size,),
@@ -113,27 +113,9 @@ class TargetModel(nn.Module):
         if not c.tie_word_embeddings:
             shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
         for i in range(c.num_hidden_layers):
-            p = f"model.layers.{i}."
-            shapes.update({
-                p + "input_layernorm.weight": (c.hidden_size,),
-                p + "post_attention_layernorm.weight": (c.hidden_size,),
-                p + "self_attn.q_proj.weight": (q_out, c.hidden_size),
-                p + "self_attn.k_proj.weight": (kv_out, c.hidden_size),
-                p + "self_attn.v_proj.weight": (kv_out, c.hidden_size),
-                p + "self_attn.o_proj.weight": (c.hidden_size, q_out),
-                p + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
-                p + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
-                p + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
-            })
-            if c.qkv_bias:
-                shapes.update({p + "self_attn.q_proj.bias": (q_out,), p + "self_attn.k_proj.bias": (kv_out,),
-                               p + "self_attn.v_proj.bias": (kv_out,)})
-            if c.o_bias:
-                shapes[p + "self_attn.o_proj.bias"] = (c.hidden_size,)
-            if c.mlp_bias:
-                shapes.update({p + "mlp.gate_proj.bias": (c.intermediate_size,),
-                               p + "mlp.up_proj.bias": (c.intermediate_size,),
-                               p + "mlp.down_proj.bias": (c.hidden_size,)})
+            shapes.update(decoder_layer_shapes(
+                f"model.layers.{i}.", c.hidden_size, c.hidden_size, c.num_attention_heads,
+                c.num_key_value_heads, c.head_dim, c.intermediate_size, c.qkv_bias, c.o_bias, c.mlp_bias))
         return shapes
 
     @torch.no_grad()
@@ -147,18 +129,4 @@ class TargetModel(nn.Module):
         head = t["model.embed_tokens.weight"] if self.config.tie_word_embeddings else t["lm_head.weight"]
         self.lm_head.weight.copy_(to_in_out(head))
         for i, layer in enumerate(self.layers):
-            p = f"model.layers.{i}."
-            attn, mlp = layer.self_attn, layer.mlp
-            layer.input_layernorm.weight.copy_(t[p + "input_layernorm.weight"])
-            layer.post_attention_layernorm.weight.copy_(t[p + "post_attention_layernorm.weight"])
-            attn.qkv_proj.weight.copy_(to_in_out(*(t[p + f"self_attn.{n}_proj.weight"] for n in "qkv")))
-            attn.o_proj.weight.copy_(to_in_out(t[p + "self_attn.o_proj.weight"]))
-            mlp.gate_up_proj.weight.copy_(to_in_out(t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]))
-            mlp.down_proj.weight.copy_(to_in_out(t[p + "mlp.down_proj.weight"]))
-            if attn.qkv_proj.bias is not None:
-                attn.qkv_proj.bias.copy_(torch.cat([t[p + f"self_attn.{n}_proj.bias"] for n in "qkv"]))
-            if attn.o_proj.bias is not None:
-                attn.o_proj.bias.copy_(t[p + "self_attn.o_proj.bias"])
-            if mlp.gate_up_proj.bias is not None:
-                mlp.gate_up_proj.bias.copy_(torch.cat([t[p + "mlp.gate_proj.bias"], t[p + "mlp.up_proj.bias"]]))
-                mlp.down_proj.bias.copy_(t[p + "mlp.down_proj.bias"])
+            load_decoder_layer(layer, t, f"model.layers.{i}.")

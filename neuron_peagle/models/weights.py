@@ -65,3 +65,67 @@ def _short(names: list[str], limit: int = 8) -> str:
 def to_in_out(*weights: Tensor) -> Tensor:
     """Hugging Face [out, in] matrices -> one [in, sum(out)] matrix for `x @ w`."""
     return torch.cat(weights, dim=0).t().contiguous()
+
+
+def decoder_layer_shapes(prefix: str, hidden_in: int, hidden: int, num_heads: int, num_kv_heads: int,
+                         head_dim: int, intermediate: int, qkv_bias: bool = False, o_bias: bool = False,
+                         mlp_bias: bool = False) -> dict[str, tuple[int, ...]]:
+    """Hugging Face names and shapes of one Llama-style decoder layer's tensors."""
+    q_out, kv_out = num_heads * head_dim, num_kv_heads * head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        prefix + "input_layernorm.weight": (hidden,),
+        prefix + "post_attention_layernorm.weight": (hidden,),
+        prefix + "self_attn.q_proj.weight": (q_out, hidden_in),
+        prefix + "self_attn.k_proj.weight": (kv_out, hidden_in),
+        prefix + "self_attn.v_proj.weight": (kv_out, hidden_in),
+        prefix + "self_attn.o_proj.weight": (hidden, q_out),
+        prefix + "mlp.gate_proj.weight": (intermediate, hidden),
+        prefix + "mlp.up_proj.weight": (intermediate, hidden),
+        prefix + "mlp.down_proj.weight": (hidden, intermediate),
+    }
+    if qkv_bias:
+        shapes.update({prefix + "self_attn.q_proj.bias": (q_out,), prefix + "self_attn.k_proj.bias": (kv_out,),
+                       prefix + "self_attn.v_proj.bias": (kv_out,)})
+    if o_bias:
+        shapes[prefix + "self_attn.o_proj.bias"] = (hidden,)
+    if mlp_bias:
+        shapes.update({prefix + "mlp.gate_proj.bias": (intermediate,), prefix + "mlp.up_proj.bias": (intermediate,),
+                       prefix + "mlp.down_proj.bias": (hidden,)})
+    return shapes
+
+
+@torch.no_grad()
+def load_decoder_layer(layer, t: dict[str, Tensor], prefix: str) -> None:
+    """Copy one layer's Hugging Face tensors (checked beforehand) into our fused [in, out] layout."""
+    attn, mlp = layer.self_attn, layer.mlp
+    layer.input_layernorm.weight.copy_(t[prefix + "input_layernorm.weight"])
+    layer.post_attention_layernorm.weight.copy_(t[prefix + "post_attention_layernorm.weight"])
+    attn.qkv_proj.weight.copy_(to_in_out(*(t[prefix + f"self_attn.{n}_proj.weight"] for n in "qkv")))
+    attn.o_proj.weight.copy_(to_in_out(t[prefix + "self_attn.o_proj.weight"]))
+    mlp.gate_up_proj.weight.copy_(to_in_out(t[prefix + "mlp.gate_proj.weight"], t[prefix + "mlp.up_proj.weight"]))
+    mlp.down_proj.weight.copy_(to_in_out(t[prefix + "mlp.down_proj.weight"]))
+    if attn.qkv_proj.bias is not None:
+        attn.qkv_proj.bias.copy_(torch.cat([t[prefix + f"self_attn.{n}_proj.bias"] for n in "qkv"]))
+    if attn.o_proj.bias is not None:
+        attn.o_proj.bias.copy_(t[prefix + "self_attn.o_proj.bias"])
+    if mlp.gate_up_proj.bias is not None:
+        mlp.gate_up_proj.bias.copy_(torch.cat([t[prefix + "mlp.gate_proj.bias"], t[prefix + "mlp.up_proj.bias"]]))
+        mlp.down_proj.bias.copy_(t[prefix + "mlp.down_proj.bias"])
+
+
+def export_decoder_layer(layer, prefix: str) -> dict[str, Tensor]:
+    """The inverse of `load_decoder_layer`: Hugging Face names, [out, in] matrices."""
+    attn, mlp = layer.self_attn, layer.mlp
+    nh, nkv, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    q, k, v = attn.qkv_proj.weight.t().split([nh * hd, nkv * hd, nkv * hd], dim=0)
+    gate, up = mlp.gate_up_proj.weight.t().split(mlp.intermediate_size, dim=0)
+    out = {
+        prefix + "input_layernorm.weight": layer.input_layernorm.weight,
+        prefix + "post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
+        prefix + "self_attn.q_proj.weight": q, prefix + "self_attn.k_proj.weight": k,
+        prefix + "self_attn.v_proj.weight": v,
+        prefix + "self_attn.o_proj.weight": attn.o_proj.weight.t(),
+        prefix + "mlp.gate_proj.weight": gate, prefix + "mlp.up_proj.weight": up,
+        prefix + "mlp.down_proj.weight": mlp.down_proj.weight.t(),
+    }
+    return {name: value.detach().contiguous() for name, value in out.items()}

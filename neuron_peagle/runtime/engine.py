@@ -16,10 +16,15 @@ from neuron_peagle.config import BuildConfig
 from neuron_peagle.default_model import require_default_model
 from neuron_peagle.errors import ConfigError, PromptError
 from neuron_peagle.models.target import TargetModel
-from neuron_peagle.runtime.host_loop import run_batch
+from neuron_peagle.runtime.batch import BatchSampling
+from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter
+from neuron_peagle.runtime.host_loop import Decoder, run_batch
 from neuron_peagle.runtime.plain_decoder import PlainDecoder
+from neuron_peagle.runtime.spec_decoder import SpecDecoder
 from neuron_peagle.runtime.stats import RequestStats
 from neuron_peagle.tokenizer import load_tokenizer
+
+MODES = ("plain", "sequential", "parallel")
 
 
 @dataclass(frozen=True)
@@ -58,24 +63,58 @@ TokenCallback = Callable[[int, list[int]], None]
 
 
 class Engine:
-    def __init__(self, model_dir: Path, target: TargetModel, tokenizer, build: BuildConfig) -> None:
+    """Generation with one target model and, in the speculative modes, one drafter.
+
+    Modes: "parallel" (P-EAGLE: all K drafts from one drafter pass), "sequential" (EAGLE-style:
+    K drafter passes), "plain" (no drafter; the reference). Output is the same in every mode for
+    greedy decoding, and identically distributed when sampling.
+    """
+
+    def __init__(self, model_dir: Path, target: TargetModel, tokenizer, build: BuildConfig, decoder: Decoder,
+                 mode: str = "plain", num_speculative_tokens: int = 0, drafter: DrafterChoice | None = None) -> None:
         self.model_dir = model_dir
         self.target = target
         self.tokenizer = tokenizer
         self.build = build
-        self.backend = get_backend(build.backend)
-        self.decoder = PlainDecoder(target, build, self.backend)
+        self.decoder = decoder
+        self.backend = decoder.backend
+        self.mode = mode
+        self.num_speculative_tokens = num_speculative_tokens
+        self.drafter = drafter
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path | None = None, *, batch_size: int = 1,
-                        max_length: int = 1024, prefill_buckets: Sequence[int] = (128, 512),
-                        dtype: str = "float32", backend: str = "eager") -> "Engine":
-        """Load a Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)."""
+    def from_pretrained(cls, model_dir: str | Path | None = None, drafter_dir: str | Path | None = None, *,
+                        mode: str = "parallel", num_speculative_tokens: int = 7,
+                        parallel_drafting: bool | None = None, batch_size: int = 1, max_length: int = 1024,
+                        prefill_buckets: Sequence[int] = (128, 512), dtype: str = "float32",
+                        backend: str = "eager") -> "Engine":
+        """Load a Hugging Face target directory (default: the embedded SmolLM2-135M-Instruct) and a
+        speculators-format drafter (default: the project's drafter for the default model).
+
+        `parallel_drafting=False` is the vLLM-style spelling of mode="sequential"."""
+        if parallel_drafting is not None and mode != "plain":
+            mode = "parallel" if parallel_drafting else "sequential"
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode != "plain" and num_speculative_tokens < 1:
+            raise ConfigError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
         build = BuildConfig(batch_size=batch_size, max_length=max_length,
                             prefill_buckets=tuple(prefill_buckets), dtype=dtype, backend=backend)
         path = Path(model_dir) if model_dir is not None else require_default_model()
-        target = TargetModel.from_pretrained(path, build.max_length, build.torch_dtype)
-        return cls(path, target, load_tokenizer(path), build)
+        runner = get_backend(build.backend)
+        if mode == "plain":
+            target = TargetModel.from_pretrained(path, build.max_length, build.torch_dtype)
+            return cls(path, target, load_tokenizer(path), build, PlainDecoder(target, build, runner))
+        choice = choose_drafter(path, drafter_dir, is_default_target=model_dir is None)
+        target = TargetModel.from_pretrained(path, build.max_length, build.torch_dtype,
+                                             feature_layers=choice.config.feature_layers)
+        drafter = choice.load(target, build)
+        from neuron_peagle.graphs.proposers import DrafterProposer
+
+        proposer = DrafterProposer(drafter, target, build.batch_size, num_speculative_tokens,
+                                   parallel=mode == "parallel")
+        decoder = SpecDecoder(target, proposer, build, runner, num_speculative_tokens)
+        return cls(path, target, load_tokenizer(path), build, decoder, mode, num_speculative_tokens, choice)
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -97,10 +136,15 @@ class Engine:
                 f"prompt {index} has {len(prompt_ids)} tokens, more than the largest prefill bucket "
                 f"({largest}); build with a larger bucket or shorten the prompt"
             )
-        if len(prompt_ids) + params.max_new_tokens > self.build.max_length:
+        # A speculative step writes K+1 cache entries past the last committed token, and the
+        # drafter keeps one trash slot at the end of its cache.
+        room = self.build.max_length - (self.num_speculative_tokens + 1 if self.num_speculative_tokens else 0)
+        if len(prompt_ids) + params.max_new_tokens > room:
+            extra = (f" (less {self.num_speculative_tokens + 1} slots that speculative steps need)"
+                     if self.num_speculative_tokens else "")
             raise PromptError(
                 f"prompt {index}: {len(prompt_ids)} prompt tokens + max_new_tokens "
-                f"{params.max_new_tokens} exceed max_length {self.build.max_length}"
+                f"{params.max_new_tokens} exceed max_length {self.build.max_length}{extra}"
             )
         vocab = self.target.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
@@ -140,7 +184,8 @@ class Engine:
         batch = self.build.batch_size
         for first in range(0, len(all_ids), batch):
             group = all_ids[first:first + batch]
-            rows = run_batch(self.decoder, group, [params.max_new_tokens] * len(group), stop_ids,
+            sampling = BatchSampling.from_params([params] * len(group), batch)
+            rows = run_batch(self.decoder, group, [params.max_new_tokens] * len(group), stop_ids, sampling,
                              self._commit_callback(first, params, on_tokens))
             for offset, row in enumerate(rows):
                 text = self._final_text(row.output_ids, params)

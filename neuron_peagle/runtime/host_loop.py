@@ -13,20 +13,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
 from torch import Tensor
 
+from neuron_peagle.runtime.batch import BatchSampling
 from neuron_peagle.runtime.stats import RequestStats
 
 
 class Decoder(Protocol):
     batch_size: int
+    tokens_per_step: int  # M: 1 for plain decoding, K+1 for speculative
+    timings: dict[str, float]  # seconds per step part ("draft", "verify", "accept"), this batch
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> Tensor:
+    def prefill(self, prompts: Sequence[Sequence[int]], sampling: BatchSampling) -> Tensor:
         """Fill the caches for up to batch_size prompts; returns the first new token per row, [B]."""
 
-    def step(self, active: Tensor) -> tuple[Tensor, Tensor]:
-        """One step for the rows where active [B] is True: (tokens [B, M] padded -1, counts [B])."""
+    def step(self) -> tuple[Tensor, Tensor]:
+        """One step for every row: (tokens [B, M] padded with -1, counts [B] in 1..M)."""
 
 
 @dataclass
@@ -43,35 +45,38 @@ CommitCallback = Callable[[int, list[int]], bool]
 
 
 def run_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
-              stop_token_ids: set[int], on_commit: CommitCallback | None = None) -> list[RowState]:
+              stop_token_ids: set[int], sampling: BatchSampling,
+              on_commit: CommitCallback | None = None) -> list[RowState]:
     """Generate for one batch of at most `decoder.batch_size` prompts (already validated)."""
     rows = [RowState(list(p), n) for p, n in zip(prompts, max_new_tokens)]
     for row in rows:
         row.stats.num_prompt_tokens = len(row.prompt_ids)
+        row.stats.num_draft_tokens = decoder.tokens_per_step - 1
 
     start = time.perf_counter()
-    first = decoder.prefill([r.prompt_ids for r in rows])
+    first = decoder.prefill([r.prompt_ids for r in rows], sampling)
     prefill_time = time.perf_counter() - start
     for i, row in enumerate(rows):
         row.stats.prefill_time_s = prefill_time
         _commit(row, i, [int(first[i])], stop_token_ids, on_commit)
 
-    active = torch.zeros(decoder.batch_size, dtype=torch.bool)
-    while True:
-        for i, row in enumerate(rows):
-            active[i] = not row.done
-        if not bool(active.any()):
-            break
+    while not all(row.done for row in rows):
+        before = dict(decoder.timings)
         start = time.perf_counter()
-        tokens, counts = decoder.step(active.clone())
+        tokens, counts = decoder.step()
         elapsed = time.perf_counter() - start
+        spent = {name: decoder.timings.get(name, 0.0) - before.get(name, 0.0) for name in decoder.timings}
         for i, row in enumerate(rows):
             if row.done:
                 continue
-            row.stats.decode_time_s += elapsed
-            row.stats.num_steps += 1
+            stats = row.stats
+            stats.decode_time_s += elapsed
+            stats.draft_time_s += spent.get("draft", 0.0)
+            stats.verify_time_s += spent.get("verify", 0.0)
+            stats.accept_time_s += spent.get("accept", 0.0)
+            stats.record_step(int(counts[i]))
             committed = tokens[i, : int(counts[i])].tolist()
-            row.stats.num_decoded_tokens += _commit(row, i, committed, stop_token_ids, on_commit)
+            stats.num_decoded_tokens += _commit(row, i, committed, stop_token_ids, on_commit)
     return rows
 
 

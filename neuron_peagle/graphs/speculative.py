@@ -1,0 +1,143 @@
+"""Speculative decoding as two fixed-shape graphs: prefill (per bucket) and ONE step graph.
+
+One step = draft (the proposer: one P-EAGLE drafter pass, or K sequential passes) + verify (one
+target pass over [y, d_1..d_K]) + accept (greedy prefix rule or lossless rejection sampling), with
+the target KV cache, the drafter KV cache and the pending-feature state all updated in place.
+Outputs are the committed tokens `[B, K+1]` padded with -1 and their count (1..K+1 per row).
+
+Terms (as in the rejection-sampling literature): the draft tokens d_1..d_K are *accepted* while they
+pass the test; at the first rejection the target supplies a *recovered* token; if all K pass it
+supplies a *bonus* token from the position after d_K. Either way a step commits n + 1 tokens.
+
+A graph is greedy or sampling by construction (`greedy=True` traces no softmax and ignores the
+sampling inputs); the engine keeps one of each and uses the one a batch needs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from neuron_peagle.graphs.proposers import SpecState
+from neuron_peagle.kv_cache import KVCache
+from neuron_peagle.models.target import TargetModel
+from neuron_peagle.sampling import (SamplingTensors, greedy_accept, rejection_accept, sample_tokens,
+                                    target_probs)
+
+
+class SpecPrefillInputs(NamedTuple):
+    input_ids: Tensor  # [B, bucket] int64, right-padded
+    lengths: Tensor  # [B] int64
+    temperature: Tensor  # [B] float32 (0 = greedy)
+    top_k: Tensor  # [B] int64
+    top_p: Tensor  # [B] float32
+    sample_uniform: Tensor  # [B, 1] float32, for the first token
+
+
+class SpecStepInputs(NamedTuple):
+    temperature: Tensor  # [B] float32
+    top_k: Tensor  # [B] int64
+    top_p: Tensor  # [B] float32
+    accept_uniform: Tensor  # [B, K] float32
+    sample_uniform: Tensor  # [B, K+1] float32
+
+
+class SpecPrefillOutputs(NamedTuple):
+    first_tokens: Tensor  # [B] int64
+
+
+class SpecStepOutputs(NamedTuple):
+    tokens: Tensor  # [B, K+1] int64, committed tokens padded with -1
+    counts: Tensor  # [B] int64, 1..K+1
+    drafts: Tensor  # [B, K] int64, what the proposer guessed (for per-position statistics)
+
+
+class SpecPrefillGraph(nn.Module):
+    Inputs = SpecPrefillInputs
+    Outputs = SpecPrefillOutputs
+
+    def __init__(self, target: TargetModel, proposer: nn.Module, cache: KVCache, state: SpecState,
+                 greedy: bool) -> None:
+        super().__init__()
+        self.target, self.proposer, self.cache, self.state = target, proposer, cache, state
+        self.greedy = greedy
+
+    def forward(self, input_ids: Tensor, lengths: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+                sample_uniform: Tensor) -> SpecPrefillOutputs:
+        batch, bucket = input_ids.shape
+        positions = torch.arange(bucket, device=input_ids.device).expand(batch, bucket)
+        out = self.target(input_ids, positions, self.cache, (lengths - 1).unsqueeze(-1), return_features=True)
+        if self.greedy:
+            first = out.logits[:, 0].argmax(-1)
+        else:
+            first = sample_tokens(out.logits, SamplingTensors(temperature, top_k, top_p), sample_uniform)[:, 0]
+        self.proposer.prefill(out.features, input_ids, lengths)
+        last = (lengths - 1).view(batch, 1, 1).expand(batch, 1, out.features.shape[-1])
+        state = self.state
+        state.pending_features.zero_()
+        state.pending_features[:, -1:].copy_(out.features.gather(1, last))
+        state.pending_tokens.zero_()
+        state.pending_tokens[:, -1].copy_(first)
+        state.pending_count.fill_(1)
+        state.last_position.copy_(lengths)
+        return SpecPrefillOutputs(first)
+
+
+class SpecStepGraph(nn.Module):
+    Inputs = SpecStepInputs
+    Outputs = SpecStepOutputs
+
+    def __init__(self, target: TargetModel, proposer: nn.Module, cache: KVCache, state: SpecState,
+                 num_draft_tokens: int, greedy: bool) -> None:
+        super().__init__()
+        self.target, self.proposer, self.cache, self.state = target, proposer, cache, state
+        self.num_draft_tokens = num_draft_tokens
+        self.greedy = greedy
+        # Set to a dict by the eager engine to time the parts of a step (meaningless when traced).
+        self.timings: dict[str, float] | None = None
+
+    def _tick(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[name] = self.timings.get(name, 0.0) + now - since
+        return now
+
+    def forward(self, temperature: Tensor, top_k: Tensor, top_p: Tensor, accept_uniform: Tensor,
+                sample_uniform: Tensor) -> SpecStepOutputs:
+        k, state = self.num_draft_tokens, self.state
+        batch = state.pending_tokens.shape[0]
+        device = state.pending_tokens.device
+        # Rows past their end (finished, or padding of a short batch) must keep writes in range.
+        state.last_position.clamp_(max=self.cache.max_length - k - 2)
+        start = time.perf_counter()
+
+        drafts = self.proposer.propose(state)  # [B, K]
+        start = self._tick("draft", start)
+
+        y = state.pending_tokens[:, -1:]
+        verify_tokens = torch.cat([y, drafts], dim=1)  # [B, K+1]
+        offsets = torch.arange(k + 1, device=device)
+        verify_positions = state.last_position.unsqueeze(-1) + offsets
+        out = self.target(verify_tokens, verify_positions, self.cache, offsets.expand(batch, k + 1),
+                          return_features=True)
+        start = self._tick("verify", start)
+
+        if self.greedy:
+            tokens, counts = greedy_accept(drafts, out.logits.argmax(-1))
+        else:
+            probs = target_probs(out.logits, SamplingTensors(temperature, top_k, top_p))
+            tokens, counts = rejection_accept(drafts, probs, accept_uniform, sample_uniform)
+
+        # The verified positions 0..n (y and the accepted drafts) have exact target features; pair
+        # each with the token committed after it, right-aligned, for the next step's drafter pass.
+        source = (offsets - (k + 1 - counts).unsqueeze(-1)).clamp(min=0)  # [B, K+1]
+        state.pending_features.copy_(out.features.gather(
+            1, source.unsqueeze(-1).expand(-1, -1, out.features.shape[-1])))
+        state.pending_tokens.copy_(tokens.gather(1, source))
+        state.pending_count.copy_(counts)
+        state.last_position.add_(counts)
+        self._tick("accept", start)
+        return SpecStepOutputs(tokens, counts, drafts)

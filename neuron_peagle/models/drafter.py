@@ -1,0 +1,96 @@
+"""The P-EAGLE drafter (an EAGLE-3 drafter with two learned placeholders for parallel drafting).
+
+A drafter slot at position i takes the pair (target feature f_i, token t_{i+1}) and predicts t_{i+2}.
+Its input is concat[norm(embed(token)), norm(h)] where h = fc(f) for a real slot. P-EAGLE's mask
+slots, which stand for positions whose token and feature are not known yet, take the learned mask
+token embedding and h = fc(mask_hidden) instead; so one forward over [real slots + K-1 mask slots]
+proposes K tokens. Sequential (EAGLE-style) drafting instead feeds the drafter's own output hidden
+state back as h, one slot per pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from neuron_peagle.config import DrafterConfig
+from neuron_peagle.kv_cache import KVCache
+from neuron_peagle.models.layers import (MLP, Attention, DecoderLayer, RMSNorm, RotaryTable, make_embedding,
+                                         make_linear)
+
+
+class DrafterFirstLayer(nn.Module):
+    """Layer 0: attention over the 2H-wide [norm(embedding), norm(hidden)], residual on the hidden."""
+
+    def __init__(self, config: DrafterConfig) -> None:
+        super().__init__()
+        c = config
+        self.norm_before_residual = c.norm_before_residual
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(2 * c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+                                   c.head_dim, c.hidden_size, qkv_bias=False, o_bias=False)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c.hidden_size, c.intermediate_size, bias=False)
+
+    def forward(self, embeds: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor,
+                key_cache: Tensor, value_cache: Tensor) -> Tensor:  # [B, S, H] x2 -> [B, S, H]
+        normed_hidden = self.hidden_norm(hidden)
+        residual = normed_hidden if self.norm_before_residual else hidden
+        x = torch.cat([self.input_layernorm(embeds), normed_hidden], dim=-1)
+        h = residual + self.self_attn(x, cos, sin, position_ids, key_cache, value_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Drafter(nn.Module):
+    def __init__(self, config: DrafterConfig, max_length: int) -> None:
+        super().__init__()
+        c = config
+        self.config = config
+        self.max_length = max_length
+        self.fc = make_linear(3 * c.target_hidden_size, c.hidden_size)
+        self.mask_hidden = nn.Parameter(torch.zeros(3 * c.target_hidden_size), requires_grad=False)
+        self.mask_embedding = nn.Parameter(torch.zeros(c.hidden_size), requires_grad=False)
+        self.embed_tokens = None if c.shares_target_embedding else make_embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(
+            [DrafterFirstLayer(c)]
+            + [DecoderLayer(c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
+                            c.head_dim, c.rms_norm_eps) for _ in range(c.num_layers - 1)]
+        )
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = make_linear(c.hidden_size, c.draft_vocab_size)
+        # target_id = draft_id + d2t[draft_id]; all zeros when the draft vocabulary is the full one.
+        self.register_buffer("d2t", torch.zeros(c.draft_vocab_size, dtype=torch.int64))
+        self.rotary = RotaryTable(c.rope, c.head_dim, max_length)
+
+    def new_cache(self, batch_size: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, batch_size, c.num_key_value_heads, self.max_length, c.head_dim,
+                       self.fc.weight.dtype).to(self.fc.weight.device)
+
+    def embed(self, token_ids: Tensor, is_mask: Tensor, target_embedding: nn.Module) -> Tensor:
+        # token_ids, is_mask: [B, S] -> [B, S, H]
+        table = self.embed_tokens if self.embed_tokens is not None else target_embedding
+        embeds = table(token_ids)
+        return torch.where(is_mask.unsqueeze(-1), self.mask_embedding.to(embeds.dtype), embeds)
+
+    def project(self, features: Tensor, is_mask: Tensor) -> Tensor:
+        # features [B, S, 3H_target], is_mask [B, S] -> fc input for real slots, fc(mask_hidden) else
+        hidden = self.fc(features)
+        return torch.where(is_mask.unsqueeze(-1), self.fc(self.mask_hidden.to(hidden.dtype)), hidden)
+
+    def forward(self, embeds: Tensor, hidden: Tensor, position_ids: Tensor, cache: KVCache,
+                logit_rows: Tensor | None) -> tuple[Tensor | None, Tensor]:
+        # embeds, hidden: [B, S, H]; position_ids: [B, S]; logit_rows: [B, R], or None to only fill
+        # the cache -> draft-vocabulary logits [B, R, draft_vocab] (float32), hidden [B, R, H] (pre-norm)
+        cos, sin = self.rotary(position_ids)
+        h = self.layers[0](embeds, hidden, cos, sin, position_ids, *cache.layer(0))
+        for i, layer in enumerate(self.layers[1:], start=1):
+            h = layer(h, cos, sin, position_ids, *cache.layer(i))
+        if logit_rows is None:
+            return None, h
+        picked = h.gather(1, logit_rows.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        return self.lm_head(self.norm(picked)).float(), picked
+
+    def to_target_ids(self, draft_ids: Tensor) -> Tensor:
+        return draft_ids + self.d2t[draft_ids]

@@ -1,0 +1,74 @@
+"""Which drafter an engine uses: one the user names, the project's own for the default model, or,
+where no trained drafter exists yet, a random-init one (every draft then is nearly always rejected:
+correct output, no speedup; the engine says so)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from neuron_peagle.config import BuildConfig, DrafterConfig, ModelConfig
+from neuron_peagle.errors import ConfigError, ModelDirError
+from neuron_peagle.models.drafter import Drafter
+from neuron_peagle.models.drafter_io import config_from_speculators, load_drafter
+from neuron_peagle.models.target import TargetModel, default_feature_layers
+
+# The project's trained drafter for the embedded default model ships inside the package.
+DEFAULT_DRAFTER_DIR = Path(__file__).resolve().parent.parent / "drafters" / "smollm2-135m-instruct-peagle"
+
+
+@dataclass
+class DrafterChoice:
+    config: DrafterConfig
+    path: Path | None  # None: random init
+    seed: int = 0
+
+    @property
+    def is_random(self) -> bool:
+        return self.path is None
+
+    def describe(self) -> str:
+        if self.path is None:
+            return "random-init drafter (untrained: drafts are almost never accepted)"
+        return f"drafter {self.path}"
+
+    def load(self, target: TargetModel, build: BuildConfig) -> Drafter:
+        if self.path is not None:
+            return load_drafter(self.path, target.config, build.max_length, build.torch_dtype)
+        return random_drafter(self.config, build.max_length, self.seed).to(build.torch_dtype)
+
+
+def random_drafter(config: DrafterConfig, max_length: int, seed: int = 0) -> Drafter:
+    """A drafter with small random weights (norms at one), as training starts from."""
+    drafter = Drafter(config, max_length)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in drafter.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    drafter.rotary.float()
+    return drafter
+
+
+def choose_drafter(target_dir: Path, drafter_dir: str | Path | None, is_default_target: bool) -> DrafterChoice:
+    if drafter_dir is not None:
+        path = Path(drafter_dir)
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise ModelDirError(f"drafter directory {str(path)!r} has no config.json"
+                                if path.is_dir() else f"drafter directory {str(path)!r} does not exist")
+        try:
+            data = json.loads(config_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{config_path}: not valid JSON ({err})") from None
+        return DrafterChoice(config_from_speculators(data, str(config_path)), path)
+    if is_default_target and (DEFAULT_DRAFTER_DIR / "config.json").is_file():
+        return choose_drafter(target_dir, DEFAULT_DRAFTER_DIR, False)
+    target_config = ModelConfig.from_dir(target_dir)
+    config = DrafterConfig.for_target(target_config, default_feature_layers(target_config.num_hidden_layers))
+    return DrafterChoice(config, None)

@@ -1,0 +1,64 @@
+"""Speculative decoding on the prefill graphs and the single fused step graph.
+
+The host only prepares inputs (sampling settings, seeded uniforms) and reads back the committed
+tokens; caches and the pending-feature state stay inside the graphs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from neuron_peagle.backends import Backend
+from neuron_peagle.config import BuildConfig
+from neuron_peagle.graphs.proposers import SpecState
+from neuron_peagle.graphs.speculative import SpecPrefillGraph, SpecPrefillInputs, SpecStepGraph, SpecStepInputs
+from neuron_peagle.models.target import TargetModel
+from neuron_peagle.runtime.batch import BatchSampling, pad_prompts
+
+
+class SpecDecoder:
+    def __init__(self, target: TargetModel, proposer: nn.Module, build: BuildConfig, backend: Backend,
+                 num_draft_tokens: int) -> None:
+        self.build = build
+        self.batch_size = build.batch_size
+        self.backend = backend
+        self.num_draft_tokens = num_draft_tokens
+        self.tokens_per_step = num_draft_tokens + 1
+        feature_size = 3 * target.config.hidden_size
+        self.target = backend.prepare(target)
+        self.cache = backend.prepare(target.new_cache(build.batch_size))
+        self.state = backend.prepare(SpecState(build.batch_size, num_draft_tokens, feature_size,
+                                               target.embed_tokens.weight.dtype))
+        self.proposer = backend.prepare(proposer)
+        self.graphs = {
+            greedy: (SpecPrefillGraph(self.target, self.proposer, self.cache, self.state, greedy),
+                     SpecStepGraph(self.target, self.proposer, self.cache, self.state, num_draft_tokens, greedy))
+            for greedy in (True, False)
+        }
+        self.timings: dict[str, float] = {}
+        self._sampling: BatchSampling | None = None
+        self.last_drafts: Tensor | None = None
+
+    def prefill(self, prompts: Sequence[Sequence[int]], sampling: BatchSampling) -> Tensor:
+        self._sampling = sampling
+        self.timings = {}
+        for _, step in self.graphs.values():
+            step.timings = self.timings if self.backend.name == "eager" else None
+        ids, lengths = pad_prompts(prompts, self.batch_size, self.build.bucket_for(max(map(len, prompts))))
+        s = sampling.tensors
+        inputs = SpecPrefillInputs(ids, lengths, s.temperature, s.top_k, s.top_p, sampling.random.uniform(1))
+        (first,) = self.backend.run(self.graphs[sampling.greedy][0], inputs)
+        return first
+
+    def step(self) -> tuple[Tensor, Tensor]:
+        sampling = self._sampling
+        s = sampling.tensors
+        k = self.num_draft_tokens
+        uniforms = sampling.random.uniform(2 * k + 1)
+        inputs = SpecStepInputs(s.temperature, s.top_k, s.top_p, uniforms[:, :k], uniforms[:, k:])
+        tokens, counts, drafts = self.backend.run(self.graphs[sampling.greedy][1], inputs)
+        self.last_drafts = drafts
+        return tokens, counts

@@ -1,0 +1,38 @@
+"""Engines with a table proposer: an oracle (the target's own continuation) or a corrupted one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from neuron_peagle.backends import get_backend
+from neuron_peagle.config import BuildConfig
+from neuron_peagle.graphs.proposers import TableProposer
+from neuron_peagle.models.target import TargetModel
+from neuron_peagle.runtime.engine import Engine
+from neuron_peagle.runtime.spec_decoder import SpecDecoder
+from neuron_peagle.tokenizer import load_tokenizer
+
+
+def table_engine(model_dir: Path, k: int, batch_size: int, max_length: int = 256,
+                 buckets: tuple[int, ...] = (64, 128), backend: str = "eager") -> Engine:
+    build = BuildConfig(batch_size=batch_size, max_length=max_length, prefill_buckets=buckets, backend=backend)
+    target = TargetModel.from_pretrained(model_dir, max_length)
+    proposer = TableProposer(batch_size, max_length, k)
+    decoder = SpecDecoder(target, proposer, build, get_backend(backend), k)
+    return Engine(Path(model_dir), target, load_tokenizer(model_dir), build, decoder, "parallel", k)
+
+
+def fill_table(engine: Engine, prompts: list[list[int]], continuations: list[list[int]],
+               wrong_fraction: float = 0.0, seed: int = 0) -> None:
+    """table[b, p] = the reference token at position p; a `wrong_fraction` of entries corrupted."""
+    proposer = engine.decoder.proposer
+    table = torch.zeros_like(proposer.table, device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    for row, (prompt, cont) in enumerate(zip(prompts, continuations)):
+        sequence = torch.tensor(prompt + cont)
+        table[row, : len(sequence)] = sequence
+    wrong = torch.rand(table.shape, generator=generator) < wrong_fraction
+    table = torch.where(wrong, (table + 1) % engine.target.config.vocab_size, table)
+    proposer.table.copy_(table.to(proposer.table.device))

@@ -1,0 +1,59 @@
+"""Greedy speculative decoding is token-for-token identical to transformers' greedy decoding, whatever
+the drafter: random (nearly everything rejected), an oracle (everything accepted: the bonus path and
+the cache rollback), and one that is right some of the time."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import NEW_TOKENS
+from neuron_peagle.runtime.engine import Engine, SamplingParams
+from spec_helpers import fill_table, table_engine
+
+pytestmark = pytest.mark.slow
+PARAMS = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+
+
+def _run_table(engine, prompt_ids, hf_greedy, wrong_fraction):
+    batch = engine.build.batch_size
+    outputs = []
+    for first in range(0, len(prompt_ids), batch):
+        group, refs = prompt_ids[first:first + batch], hf_greedy[first:first + batch]
+        fill_table(engine, group, refs, wrong_fraction, seed=first)
+        outputs.extend(engine.generate(group, PARAMS))
+    return outputs
+
+
+def _check(outputs, hf_greedy):
+    mismatches = [i for i, (o, ref) in enumerate(zip(outputs, hf_greedy)) if o.output_ids != ref]
+    assert not mismatches, f"prompts {mismatches} differ from transformers' greedy output"
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_oracle_and_partly_right_drafters(default_model_dir, prompt_ids, hf_greedy, k, batch_size):
+    engine = table_engine(default_model_dir, k, batch_size, max_length=256)
+    oracle = _run_table(engine, prompt_ids, hf_greedy, wrong_fraction=0.0)
+    _check(oracle, hf_greedy)
+    # Everything accepted: every full step commits K+1 tokens.
+    assert all(o.stats.acceptance_length > k + 0.5 for o in oracle)
+    assert all(min(o.stats.acceptance_per_position) > 0.9 for o in oracle)
+
+    partly = _run_table(engine, prompt_ids, hf_greedy, wrong_fraction=0.3)
+    _check(partly, hf_greedy)
+    lengths = [o.stats.acceptance_length for o in partly]
+    assert 1.0 < min(lengths) and max(lengths) < k + 1
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_random_drafter(prompt_ids, hf_greedy, k, batch_size):
+    # Parallel (P-EAGLE) drafting, and sequential drafting at one K per batch size.
+    modes = ["parallel"] + (["sequential"] if k == (3 if batch_size == 1 else 7) else [])
+    for mode in modes:
+        engine = Engine.from_pretrained(mode=mode, num_speculative_tokens=k, batch_size=batch_size,
+                                        max_length=256, prefill_buckets=(64, 128))
+        assert engine.drafter is not None
+        outputs = engine.generate(prompt_ids, PARAMS)
+        _check(outputs, hf_greedy)
+        assert all(o.stats.acceptance_length < 1.2 for o in outputs)
