@@ -85,7 +85,8 @@ def sample_tokens(logits: Tensor, sampling: SamplingTensors, uniform: Tensor) ->
 def _commit(draft_tokens: Tensor, accepted: Tensor, final_tokens: Tensor) -> tuple[Tensor, Tensor]:
     # draft_tokens [B, K], accepted [B, K] bool, final_tokens [B, K+1] (recovered/bonus per position)
     k = draft_tokens.shape[1]
-    num_accepted = accepted.long().cumprod(dim=1).sum(dim=1)  # [B] leading accepts
+    # Leading accepts: positions before the first rejection (cumsum, not cumprod, which XLA lacks).
+    num_accepted = ((~accepted).long().cumsum(dim=1) == 0).sum(dim=1)  # [B]
     position = torch.arange(k + 1, device=draft_tokens.device).unsqueeze(0)
     drafts_padded = torch.cat([draft_tokens, draft_tokens[:, :1]], dim=1)
     final = final_tokens.gather(1, num_accepted.unsqueeze(1))  # [B, 1]

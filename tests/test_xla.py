@@ -14,8 +14,8 @@ LONG = [list(range(20, 45)), list(range(50, 80))]  # bucket 32
 
 @pytest.fixture(scope="module")
 def xla_engine(tiny_llama_dir):
-    return Engine.from_pretrained(tiny_llama_dir, batch_size=2, max_length=64, prefill_buckets=(16, 32),
-                                  backend="xla")
+    return Engine.from_pretrained(tiny_llama_dir, mode="plain", batch_size=2, max_length=64,
+                                  prefill_buckets=(16, 32), backend="xla")
 
 
 def test_compiles_one_graph_per_bucket_plus_decode_and_none_while_decoding(xla_engine):
@@ -34,7 +34,8 @@ def test_compiles_one_graph_per_bucket_plus_decode_and_none_while_decoding(xla_e
 
 
 def test_xla_tokens_equal_eager(xla_engine, tiny_llama_dir):
-    eager = Engine.from_pretrained(tiny_llama_dir, batch_size=2, max_length=64, prefill_buckets=(16, 32))
+    eager = Engine.from_pretrained(tiny_llama_dir, mode="plain", batch_size=2, max_length=64,
+                                   prefill_buckets=(16, 32))
     prompts = SHORT + LONG + [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
     got = [o.output_ids for o in xla_engine.generate(prompts, PARAMS)]
     want = [o.output_ids for o in eager.generate(prompts, PARAMS)]
@@ -45,9 +46,40 @@ def test_xla_tokens_equal_eager(xla_engine, tiny_llama_dir):
 def test_default_model_xla_equals_eager(default_model_dir):
     prompts = ["What is the capital of France?", "Write a haiku about the sea, please, in English."]
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
-    xla = Engine.from_pretrained(batch_size=2, max_length=128, prefill_buckets=(32, 64), backend="xla")
-    eager = Engine.from_pretrained(batch_size=2, max_length=128, prefill_buckets=(32, 64))
+    xla = Engine.from_pretrained(mode="plain", batch_size=2, max_length=128, prefill_buckets=(32, 64),
+                                 backend="xla")
+    eager = Engine.from_pretrained(mode="plain", batch_size=2, max_length=128, prefill_buckets=(32, 64))
     start = xla.backend.compile_count()
     got = [o.output_ids for o in xla.generate(prompts, params)]
     assert xla.backend.compile_count() - start == 2
     assert got == [o.output_ids for o in eager.generate(prompts, params)]
+
+
+def test_speculative_generation_compiles_buckets_plus_one_step_graph(tiny_llama_dir):
+    engine = Engine.from_pretrained(tiny_llama_dir, mode="parallel", num_speculative_tokens=3, batch_size=2,
+                                    max_length=96, prefill_buckets=(16, 32), backend="xla")
+    import torch_xla.debug.metrics as metrics
+
+    backend = engine.backend
+    start = backend.compile_count()
+    engine.generate(SHORT, PARAMS)
+    assert backend.compile_count() - start == 2  # prefill@16 + the speculative step
+    engine.generate(LONG, SamplingParams(max_new_tokens=40, ignore_eos=True))
+    assert backend.compile_count() - start == 3  # + prefill@32; the step graph is reused
+    sampled = SamplingParams(max_new_tokens=20, temperature=0.9, top_k=50, top_p=0.95, seed=3, ignore_eos=True)
+    engine.generate(SHORT + LONG, sampled)
+    assert backend.compile_count() - start == 6  # the sampling variants: prefill@16, @32, the step
+    engine.generate(LONG + SHORT, SamplingParams(max_new_tokens=30, temperature=0.5, seed=4))
+    engine.generate(SHORT, PARAMS)
+    assert backend.compile_count() - start == 6
+    assert metrics.executed_fallback_ops() == []  # every op lowered to XLA, none ran on the host
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_speculative_xla_tokens_equal_eager(tiny_llama_dir, mode):
+    kwargs = dict(mode=mode, num_speculative_tokens=3, batch_size=2, max_length=96, prefill_buckets=(16, 32))
+    xla = Engine.from_pretrained(tiny_llama_dir, backend="xla", **kwargs)
+    eager = Engine.from_pretrained(tiny_llama_dir, **kwargs)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    got = [o.output_ids for o in xla.generate(SHORT + LONG, params)]
+    assert got == [o.output_ids for o in eager.generate(SHORT + LONG, params)]
