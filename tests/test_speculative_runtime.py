@@ -1,0 +1,110 @@
+"""The speculative runtime on tiny models: KV-cache state equals plain decoding after every step,
+seeded sampling is reproducible, and sampled output is distributed as plain sampling's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import save_tiny_model
+from neuron_peagle.runtime.batch import BatchSampling
+from neuron_peagle.runtime.engine import Engine, SamplingParams
+from spec_helpers import fill_table, table_engine
+
+PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13]]
+
+
+def _plain_reference(model_dir, new_tokens):
+    engine = Engine.from_pretrained(model_dir, mode="plain", batch_size=2, max_length=96, prefill_buckets=(16,))
+    outputs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    return [o.output_ids for o in outputs], engine.decoder.cache
+
+
+@pytest.mark.parametrize("drafter", ["random", "partly_right"])
+def test_target_cache_at_committed_positions_equals_plain_decoding(tiny_llama_dir, drafter):
+    new_tokens = 40
+    reference, plain_cache = _plain_reference(tiny_llama_dir, new_tokens)
+    if drafter == "random":
+        engine = Engine.from_pretrained(tiny_llama_dir, mode="parallel", num_speculative_tokens=3, batch_size=2,
+                                        max_length=96, prefill_buckets=(16,))
+    else:
+        engine = table_engine(tiny_llama_dir, 3, 2, max_length=96, buckets=(16,))
+        fill_table(engine, PROMPTS, reference, wrong_fraction=0.3)
+    decoder = engine.decoder
+    decoder.prefill(PROMPTS, BatchSampling.from_params([SamplingParams()], 2))
+    committed = [1, 1]
+    for _ in range(12):
+        tokens, counts = decoder.step()
+        for row, prompt in enumerate(PROMPTS):
+            got = tokens[row, : int(counts[row])].tolist()
+            assert got == reference[row][committed[row]: committed[row] + len(got)]
+            committed[row] += len(got)
+            written = len(prompt) + committed[row] - 1  # every committed token but the last has KV
+            for layer in range(decoder.cache.num_layers):
+                for ours, theirs in zip(decoder.cache.layer(layer), plain_cache.layer(layer)):
+                    assert torch.allclose(ours[row, :, :written], theirs[row, :, :written], atol=1e-5), (
+                        f"layer {layer} row {row} differs within the first {written} positions")
+        if min(committed) >= new_tokens - 4:
+            break
+    assert min(committed) > 12  # the steps really committed several tokens each at times
+
+
+SAMPLED = SamplingParams(max_new_tokens=12, temperature=0.8, top_k=40, top_p=0.9, seed=1234, ignore_eos=True)
+
+
+@pytest.mark.parametrize("mode", ["plain", "parallel", "sequential"])
+def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_llama_dir, mode):
+    engine = Engine.from_pretrained(tiny_llama_dir, mode=mode, num_speculative_tokens=3, batch_size=2,
+                                    max_length=64, prefill_buckets=(16,))
+    first = engine.generate([[5, 6, 7], [40, 41]], SAMPLED)[0].output_ids
+    again = engine.generate([[5, 6, 7], [90, 91, 92, 93]], SAMPLED)[0].output_ids
+    other_seed = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=12, temperature=0.8, top_k=40,
+                                                             top_p=0.9, seed=99, ignore_eos=True))[0]
+    assert first == again
+    assert other_seed.output_ids != first
+
+
+@pytest.fixture(scope="module")
+def small_vocab_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_v64"), "llama", vocab_size=64, seed=11)
+
+
+def _histograms(engine, samples: int, positions: int) -> torch.Tensor:
+    counts = torch.zeros(positions, 64)
+    params = SamplingParams(max_new_tokens=positions, temperature=1.0, ignore_eos=True)
+    per_call = engine.build.batch_size
+    accepted = 0
+    for _ in range(samples // per_call):
+        outputs = engine.generate([[3, 4, 5]] * per_call, params)
+        for out in outputs:
+            for j, token in enumerate(out.output_ids[:positions]):
+                counts[j, token] += 1
+            accepted += sum(out.stats.accepted_per_position)
+    engine.accepted_total = accepted
+    return counts
+
+
+def _chi2_two_sample(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
+    both = a + b
+    used = both > 0
+    na, nb = a.sum(), b.sum()
+    stat = (((a * (nb / na).sqrt() - b * (na / nb).sqrt()) ** 2)[used] / both[used]).sum()
+    return float(stat), int(used.sum()) - 1
+
+
+def test_speculative_sampling_matches_plain_sampling_distribution(small_vocab_dir):
+    kwargs = dict(batch_size=16, max_length=32, prefill_buckets=(8,))
+    plain = Engine.from_pretrained(small_vocab_dir, mode="plain", **kwargs)
+    spec = Engine.from_pretrained(small_vocab_dir, mode="parallel", num_speculative_tokens=2, **kwargs)
+    samples, positions = 1600, 4
+    hist_plain = _histograms(plain, samples, positions)
+    hist_spec = _histograms(spec, samples, positions)
+    # Both accepted drafts and recovered tokens occurred, so both paths were exercised.
+    assert 0 < spec.accepted_total < samples * (positions - 1)
+    for j in range(1, positions):
+        stat, dof = _chi2_two_sample(hist_plain[j], hist_spec[j])
+        assert stat < dof + 6 * (2 * dof) ** 0.5, f"position {j}: chi2 {stat:.1f} with {dof} dof"
+    # The test has power: a distribution that is really different fails it.
+    shifted = hist_plain[1].roll(1)
+    stat, dof = _chi2_two_sample(shifted, hist_spec[1])
+    assert stat > dof + 6 * (2 * dof) ** 0.5
