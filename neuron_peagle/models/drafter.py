@@ -34,11 +34,12 @@ class DrafterFirstLayer(nn.Module):
         self.mlp = MLP(c.hidden_size, c.intermediate_size, bias=False)
 
     def forward(self, embeds: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor,
-                key_cache: Tensor, value_cache: Tensor) -> Tensor:  # [B, S, H] x2 -> [B, S, H]
+                key_cache: Tensor | None, value_cache: Tensor | None, visible: Tensor | None = None
+                ) -> Tensor:  # [B, S, H] x2 -> [B, S, H]
         normed_hidden = self.hidden_norm(hidden)
         residual = normed_hidden if self.norm_before_residual else hidden
         x = torch.cat([self.input_layernorm(embeds), normed_hidden], dim=-1)
-        h = residual + self.self_attn(x, cos, sin, position_ids, key_cache, value_cache)
+        h = residual + self.self_attn(x, cos, sin, position_ids, key_cache, value_cache, visible)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -79,14 +80,16 @@ class Drafter(nn.Module):
         hidden = self.fc(features)
         return torch.where(is_mask.unsqueeze(-1), self.fc(self.mask_hidden.to(hidden.dtype)), hidden)
 
-    def forward(self, embeds: Tensor, hidden: Tensor, position_ids: Tensor, cache: KVCache,
-                logit_rows: Tensor | None) -> tuple[Tensor | None, Tensor]:
+    def forward(self, embeds: Tensor, hidden: Tensor, position_ids: Tensor, cache: KVCache | None,
+                logit_rows: Tensor | None, visible: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
         # embeds, hidden: [B, S, H]; position_ids: [B, S]; logit_rows: [B, R], or None to only fill
-        # the cache -> draft-vocabulary logits [B, R, draft_vocab] (float32), hidden [B, R, H] (pre-norm)
+        # the cache -> draft-vocabulary logits [B, R, draft_vocab] (float32), hidden [B, R, H] (pre-norm).
+        # Training passes cache=None and the attention pattern `visible` [B, S, S] instead.
         cos, sin = self.rotary(position_ids)
-        h = self.layers[0](embeds, hidden, cos, sin, position_ids, *cache.layer(0))
+        kv = (lambda i: cache.layer(i)) if cache is not None else (lambda i: (None, None))
+        h = self.layers[0](embeds, hidden, cos, sin, position_ids, *kv(0), visible)
         for i, layer in enumerate(self.layers[1:], start=1):
-            h = layer(h, cos, sin, position_ids, *cache.layer(i))
+            h = layer(h, cos, sin, position_ids, *kv(i), visible)
         if logit_rows is None:
             return None, h
         picked = h.gather(1, logit_rows.unsqueeze(-1).expand(-1, -1, h.shape[-1]))

@@ -124,8 +124,9 @@ class Attention(nn.Module):
         self.o_proj = make_linear(num_heads * head_dim, hidden_out, o_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor,
-                key_cache: Tensor, value_cache: Tensor) -> Tensor:
-        # x: [B, T, hidden_in]; position_ids: [B, T]; caches: [B, kv_heads, max_length, hd]
+                key_cache: Tensor | None, value_cache: Tensor | None, visible: Tensor | None = None) -> Tensor:
+        # x: [B, T, hidden_in]; position_ids: [B, T]; caches: [B, kv_heads, max_length, hd].
+        # Without caches (training) the T inputs attend to each other under `visible` [B, T, T].
         batch, seq, _ = x.shape
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
@@ -136,20 +137,24 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
 
-        index = position_ids.view(batch, 1, seq, 1).expand(batch, nkv, seq, hd)
-        key_cache.scatter_(2, index, k.to(key_cache.dtype))
-        value_cache.scatter_(2, index, v.to(value_cache.dtype))
+        if key_cache is None:
+            keys, values = k, v
+        else:
+            index = position_ids.view(batch, 1, seq, 1).expand(batch, nkv, seq, hd)
+            key_cache.scatter_(2, index, k.to(key_cache.dtype))
+            value_cache.scatter_(2, index, v.to(value_cache.dtype))
+            keys, values = key_cache, value_cache
+            slot = torch.arange(key_cache.shape[2], device=x.device)
+            visible = slot.view(1, 1, -1) <= position_ids.unsqueeze(-1)  # [B, T, max_length]
 
-        max_length = key_cache.shape[2]
+        length = keys.shape[2]
         groups = nh // nkv
         q = q.reshape(batch, nkv, groups * seq, hd)  # query heads of one kv head side by side
-        scores = torch.matmul(q, key_cache.transpose(-1, -2)).float() / math.sqrt(hd)
-        scores = scores.view(batch, nkv, groups, seq, max_length)
-        slot = torch.arange(max_length, device=x.device)
-        visible = slot.view(1, 1, max_length) <= position_ids.unsqueeze(-1)  # [B, T, max_length]
-        scores = scores.masked_fill(~visible.view(batch, 1, 1, seq, max_length), float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(value_cache.dtype)
-        out = torch.matmul(probs.view(batch, nkv, groups * seq, max_length), value_cache)
+        scores = torch.matmul(q, keys.transpose(-1, -2)).float() / math.sqrt(hd)
+        scores = scores.view(batch, nkv, groups, seq, length)
+        scores = scores.masked_fill(~visible.view(batch, 1, 1, seq, length), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        out = torch.matmul(probs.view(batch, nkv, groups * seq, length), values)
         out = out.view(batch, nh, seq, hd).transpose(1, 2).reshape(batch, seq, nh * hd)
         return self.o_proj(out.to(x.dtype))
 
@@ -181,7 +186,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
         self.mlp = MLP(hidden_size, intermediate_size, mlp_bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor,
-                key_cache: Tensor, value_cache: Tensor) -> Tensor:  # [B, T, H] -> [B, T, H]
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, key_cache, value_cache)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor, key_cache: Tensor | None,
+                value_cache: Tensor | None, visible: Tensor | None = None) -> Tensor:  # [B, T, H] -> [B, T, H]
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, key_cache, value_cache, visible)
         return h + self.mlp(self.post_attention_layernorm(h))

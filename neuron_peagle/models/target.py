@@ -71,21 +71,29 @@ class TargetModel(nn.Module):
     def head(self, hidden: Tensor) -> Tensor:  # [B, R, H] (pre-norm) -> [B, R, vocab]
         return self.lm_head(self.norm(hidden))
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache,
-                logit_index: Tensor, return_features: bool = False) -> TargetOutput:
-        # input_ids, position_ids: [B, T]; logit_index: [B, R] rows of T whose logits are wanted
+    def _run_layers(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache, features: bool
+                    ) -> tuple[Tensor, Tensor | None]:
+        # -> last layer's pre-norm hidden [B, T, H], and the features [B, T, 3H] if asked for
         h = self.embed(input_ids)
         cos, sin = self.rotary(position_ids)
         entering: dict[int, Tensor] = {}
         for i, layer in enumerate(self.layers):
-            if return_features and i in self.feature_layers:
+            if features and i in self.feature_layers:
                 entering[i] = h
             h = layer(h, cos, sin, position_ids, *cache.layer(i))
+        return h, torch.cat([entering[i] for i in self.feature_layers], dim=-1) if features else None
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache,
+                logit_index: Tensor, return_features: bool = False) -> TargetOutput:
+        # input_ids, position_ids: [B, T]; logit_index: [B, R] rows of T whose logits are wanted
+        h, features = self._run_layers(input_ids, position_ids, cache, return_features)
         picked = h.gather(1, logit_index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-        logits = self.head(picked).float()
-        if not return_features:
-            return TargetOutput(logits, None)
-        return TargetOutput(logits, torch.cat([entering[i] for i in self.feature_layers], dim=-1))
+        return TargetOutput(self.head(picked).float(), features)
+
+    def features_and_hidden(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
+        """For training data: features [B, T, 3H] and the last layer's pre-norm hidden [B, T, H]."""
+        h, features = self._run_layers(input_ids, position_ids, cache, True)
+        return features, h
 
     # ---- loading -------------------------------------------------------------------------------
 

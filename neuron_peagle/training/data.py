@@ -1,0 +1,102 @@
+"""Training data: prompts answered by the target itself, then the target's features on them.
+
+Step 1 (`generate_responses`): the target regenerates a response to every prompt with the project's
+own batched greedy decoding; results are appended to a JSONL file as they come, so an interrupted
+run resumes where it stopped. Step 2 (`compute_features`): one target forward over each
+prompt + response gives, per position, the drafter's input features (3 layers) and the last hidden
+state (from which the target's distribution is recomputed during training); cached as safetensors
+shards.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from neuron_peagle.models.target import TargetModel
+from neuron_peagle.training.prompt_sets import Prompt
+
+
+@dataclass
+class Example:
+    domain: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prompt_ids + self.response_ids
+
+
+def read_examples(path: Path) -> list[Example]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            out.append(Example(record["domain"], record["prompt_ids"], record["response_ids"]))
+    return out
+
+
+def generate_responses(engine, prompts: Sequence[Prompt], out_path: Path, max_new_tokens: int = 128,
+                       max_prompt_tokens: int = 256) -> list[Example]:
+    """Answer every prompt with the engine (greedy); resumable through `out_path`."""
+    from neuron_peagle.runtime.engine import SamplingParams
+
+    done = len(read_examples(out_path))
+    encoded = [(p.domain, engine.encode(p.text)) for p in prompts]
+    todo = [(d, ids) for d, ids in encoded[done:] if 0 < len(ids) <= max_prompt_tokens]
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    batch = engine.build.batch_size
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "a") as handle, tqdm(total=len(todo), desc="responses", unit="prompt") as bar:
+        for first in range(0, len(todo), batch):
+            group = todo[first:first + batch]
+            outputs = engine.generate([ids for _, ids in group], params)
+            for (domain, ids), out in zip(group, outputs):
+                handle.write(json.dumps({"domain": domain, "prompt_ids": ids, "response_ids": out.output_ids}) + "\n")
+            handle.flush()
+            bar.update(len(group))
+    return read_examples(out_path)
+
+
+@torch.no_grad()
+def compute_features(target: TargetModel, examples: Sequence[Example], out_dir: Path, shard_size: int = 32,
+                     dtype: torch.dtype = torch.bfloat16) -> list[Path]:
+    """Per example: ids [T], features [T, 3H] and last hidden [T, H]; resumable shard by shard."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for shard_index, first in enumerate(tqdm(range(0, len(examples), shard_size), desc="features", unit="shard")):
+        path = out_dir / f"shard_{shard_index:05d}.safetensors"
+        shards.append(path)
+        if path.is_file():
+            continue
+        tensors = {}
+        for offset, example in enumerate(examples[first:first + shard_size]):
+            ids = torch.tensor([example.ids])
+            positions = torch.arange(ids.shape[1]).unsqueeze(0)
+            features, hidden = target.features_and_hidden(ids, positions, target.new_cache(1))
+            tensors[f"{offset}.ids"] = ids[0]
+            tensors[f"{offset}.features"] = features[0].to(dtype)
+            tensors[f"{offset}.hidden"] = hidden[0].to(dtype)
+            tensors[f"{offset}.prompt_length"] = torch.tensor(len(example.prompt_ids))
+        save_file(tensors, str(path))
+    return shards
+
+
+def load_shards(paths: Sequence[Path]) -> list[dict[str, torch.Tensor]]:
+    """All examples of the shards: dicts with ids, features, hidden, prompt_length."""
+    examples = []
+    for path in paths:
+        tensors = load_file(str(path))
+        count = len({name.split(".")[0] for name in tensors})
+        for i in range(count):
+            examples.append({key: tensors[f"{i}.{key}"] for key in ("ids", "features", "hidden", "prompt_length")})
+    return examples
