@@ -45,14 +45,16 @@ def read_examples(path: Path) -> list[Example]:
     return out
 
 
-def generate_responses(engine, prompts: Sequence[Prompt], out_path: Path, max_new_tokens: int = 128,
-                       max_prompt_tokens: int = 256) -> list[Example]:
+def generate_responses(engine, prompts: Sequence[Prompt], out_path: Path, max_new_tokens: int = 128
+                       ) -> list[Example]:
     """Answer every prompt with the engine (greedy); resumable through `out_path`."""
     from neuron_peagle.runtime.engine import SamplingParams
 
     done = len(read_examples(out_path))
     encoded = [(p.domain, engine.encode(p.text)) for p in prompts]
-    todo = [(d, ids) for d, ids in encoded[done:] if 0 < len(ids) <= max_prompt_tokens]
+    # Prompts longer than the largest bucket, or with no room to answer, are skipped.
+    room = min(engine.build.prefill_buckets[-1], engine.build.max_length - max_new_tokens)
+    todo = [(d, ids) for d, ids in encoded if 0 < len(ids) <= room][done:]
     params = SamplingParams(max_new_tokens=max_new_tokens)
     batch = engine.build.batch_size
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,174 @@
+"""Drafter training loop: draft vocabulary, initialisation, AdamW, resumable checkpoints, logs, plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from neuron_peagle.config import DrafterConfig
+from neuron_peagle.models.drafter import Drafter
+from neuron_peagle.models.drafter_io import save_drafter
+from neuron_peagle.models.target import TargetModel
+from neuron_peagle.runtime.drafter_choice import random_drafter
+from neuron_peagle.training.data import load_shards
+from neuron_peagle.training.objective import peagle_loss
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "peagle"
+    num_layers: int = 1
+    draft_vocab_size: int = 8192
+    depths: int = 7
+    epochs: float = 2.0
+    lr: float = 1e-3
+    seconds: float | None = None  # wall-clock budget; the schedule is stretched to fit it
+    seed: int = 0
+    accumulate: int = 4  # sequences per optimizer step
+    max_sequence: int = 384
+    checkpoint_every: int = 50  # optimizer steps
+
+
+def build_draft_vocab(examples: list[dict], vocab_size: int, size: int) -> torch.Tensor:
+    """The `size` most frequent response tokens (ties broken by id), sorted: draft id -> target id."""
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for example in examples:
+        counts.index_add_(0, example["ids"][int(example["prompt_length"]):].long(),
+                          torch.ones(len(example["ids"]) - int(example["prompt_length"]), dtype=torch.float64))
+    counts -= torch.arange(vocab_size, dtype=torch.float64) * 1e-9
+    return counts.topk(min(size, vocab_size)).indices.sort().values
+
+
+def init_drafter(target: TargetModel, config: TrainConfig, draft_ids: torch.Tensor, max_length: int) -> Drafter:
+    drafter_config = DrafterConfig.for_target(target.config, target.feature_layers, num_layers=config.num_layers,
+                                              draft_vocab_size=len(draft_ids), trained_with=config.objective,
+                                              num_speculative_tokens=config.depths)
+    drafter = random_drafter(drafter_config, max_length, seed=config.seed)
+    with torch.no_grad():
+        # Start the head where the target's is: the drafter first learns to reproduce its features.
+        drafter.lm_head.weight.copy_(target.lm_head.weight[:, draft_ids])
+        drafter.norm.weight.copy_(target.norm.weight)
+        drafter.d2t.copy_(draft_ids - torch.arange(len(draft_ids)))
+        drafter.mask_embedding.copy_(target.embed_tokens.weight.mean(0))
+    for param in drafter.parameters():
+        param.requires_grad_(True)
+    return drafter
+
+
+def _plot(log: list[dict], path: Path, depths: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for d in range(depths):
+        points = [(r["step"], r[f"acc{d}"]) for r in log if f"acc{d}" in r]
+        if points:
+            ax.plot(*zip(*points), label=f"depth {d} (draft {d + 1})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("top-1 agreement with the target")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) -> Path:
+    if config.objective != "peagle":
+        raise NotImplementedError("only the P-EAGLE objective is implemented so far")
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    examples = [e for e in load_shards(sorted((work / "features").glob("shard_*.safetensors")))
+                if len(e["ids"]) <= config.max_sequence]
+    if not examples:
+        raise FileNotFoundError(f"no feature shards under {work / 'features'}: run the data and features stages")
+    target = TargetModel.from_pretrained(model_dir, 512, feature_layers=None)
+    draft_ids = build_draft_vocab(examples, target.config.vocab_size, config.draft_vocab_size)
+    head = target.lm_head.weight[:, draft_ids].clone()  # [H, draft_vocab]
+    drafter = init_drafter(target, config, draft_ids, max_length=config.max_sequence + config.depths + 2)
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    total_steps = max(1, int(config.epochs * len(examples) / config.accumulate))
+
+    checkpoint = work / f"checkpoint_{config.objective}.pt"
+    log_path = work / f"train_log_{config.objective}.jsonl"
+    step, log = 0, []
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        drafter.load_state_dict(state["drafter"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, log = state["step"], state["log"]
+        generator.set_state(state["generator"])
+
+    def lr_at(s: int) -> float:
+        warmup = max(1, total_steps // 20)
+        if s < warmup:
+            return config.lr * (s + 1) / warmup
+        return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total_steps - warmup))))
+
+    start = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {config.objective}", unit="step")
+    order = torch.randperm(len(examples), generator=generator)
+    cursor = (step * config.accumulate) % len(examples)
+    sums: dict[str, torch.Tensor] = {}
+    while step < total_steps:
+        if config.seconds is not None and time.perf_counter() - start > config.seconds:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(config.accumulate):
+            example = examples[int(order[cursor % len(examples)])]
+            cursor += 1
+            if cursor % len(examples) == 0:
+                order = torch.randperm(len(examples), generator=generator)
+            hidden = example["hidden"].float()
+            with torch.no_grad():
+                teacher = target.norm(hidden) @ head
+            loss, stats = peagle_loss(drafter, target.embed_tokens, example["ids"].long(),
+                                      example["features"].float(), teacher, int(example["prompt_length"]),
+                                      config.depths, generator)
+            (loss / config.accumulate).backward()
+            for name, value in stats.items():
+                sums[name] = sums.get(name, torch.zeros(3)) + value
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        if step % 10 == 0 or step == total_steps:
+            record = {"step": step, "lr": lr_at(step), "seconds": time.perf_counter() - start}
+            for d in range(config.depths):
+                if f"depth{d}" in sums:
+                    loss_sum, correct, count = sums[f"depth{d}"].tolist()
+                    record[f"acc{d}"] = correct / max(count, 1)
+                    record[f"loss{d}"] = loss_sum / 10
+            log.append(record)
+            sums = {}
+            bar.set_postfix(acc0=f"{record.get('acc0', 0):.2f}", acc3=f"{record.get('acc3', 0):.2f}")
+            with open(log_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if step % config.checkpoint_every == 0:
+            torch.save({"drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                        "log": log, "generator": generator.get_state()}, checkpoint)
+    bar.close()
+    torch.save({"drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "log": log,
+                "generator": generator.get_state()}, checkpoint)
+    _plot(log, work / f"accuracy_{config.objective}.png", config.depths)
+    destination = out or work / f"drafter_{config.objective}"
+    for param in drafter.parameters():
+        param.requires_grad_(False)
+    save_drafter(drafter, destination, verifier=str(model_dir), verifier_config=target.config)
+    (destination / "training.json").write_text(json.dumps(
+        {"train_config": asdict(config), "steps": step, "examples": len(examples), "final": log[-1] if log else {}},
+        indent=2) + "\n")
+    _plot(log, destination / "accuracy.png", config.depths)
+    return destination
