@@ -1,0 +1,194 @@
+"""Speculative decoding benchmark on held-out prompts: plain vs EAGLE-style sequential vs P-EAGLE.
+
+    python -m scripts.benchmark --ks 3,5,7 --batch-sizes 1 --prompts-per-domain 8
+
+For each domain (code, math, chat; prompts the drafter never trained on) and batch size it runs, in
+one process on the same prompts: our plain decoding, then each mode x K. It reports acceptance
+length, acceptance per draft position, decode tokens/s (prefill excluded) and the speedup over plain
+decoding measured in the same run, checks that greedy outputs are identical to plain decoding, and
+adds transformers' own greedy and prompt-lookup decoding as outside baselines (batch 1). Writes JSON
+and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--drafter", type=Path, default=None, help="P-EAGLE drafter (default: the project's)")
+    parser.add_argument("--sequential-drafter", type=Path, default=None,
+                        help="drafter for sequential mode (default: the same as --drafter)")
+    parser.add_argument("--domains", default="code,math,chat")
+    parser.add_argument("--prompts-per-domain", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--ks", default="3,5,7")
+    parser.add_argument("--modes", default="sequential,parallel")
+    parser.add_argument("--batch-sizes", default="1")
+    parser.add_argument("--max-length", type=int, default=768)
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    parser.add_argument("--out", type=Path, default=Path("bench_out/spec.json"))
+    return parser.parse_args()
+
+
+def heldout_prompts(domain: str, count: int) -> list[str]:
+    from neuron_peagle.training.prompt_sets import load_prompts
+
+    return [p.text for p in load_prompts("heldout") if p.domain == domain][:count]
+
+
+def run_engine(engine, prompt_ids: list[list[int]], new_tokens: int) -> dict:
+    from neuron_peagle.runtime.engine import SamplingParams
+
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    engine.generate(prompt_ids[:1], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
+    outputs = []
+    batch = engine.build.batch_size
+    wall = 0.0
+    for first in range(0, len(prompt_ids), batch):
+        group = engine.generate(prompt_ids[first:first + batch], params)
+        wall += group[0].stats.decode_time_s
+        outputs.extend(group)
+    stats = [o.stats for o in outputs]
+    decoded = sum(s.num_decoded_tokens for s in stats)
+    per_request = [s.tokens_per_s for s in stats]
+    k = stats[0].num_draft_tokens
+    return {
+        "outputs": [o.output_ids for o in outputs],
+        "tokens_per_s": statistics.median(per_request) if batch == 1 else decoded / wall,
+        "acceptance_length": statistics.mean(s.acceptance_length for s in stats),
+        "acceptance_per_position": [statistics.mean(s.acceptance_per_position[j] for s in stats) for j in range(k)],
+        "draft_ms_per_step": 1000 * sum(s.draft_time_s for s in stats) / max(1, sum(s.num_steps for s in stats)),
+        "verify_ms_per_step": 1000 * sum(s.verify_time_s for s in stats) / max(1, sum(s.num_steps for s in stats)),
+        "host_ms_per_step": 1000 * sum(s.host_time_s for s in stats) / max(1, sum(s.num_steps for s in stats)),
+    }
+
+
+def hf_baselines(model_dir: Path, prompt_ids: list[list[int]], new_tokens: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    results = {}
+    for name, extra in (("hf_greedy", {}), ("hf_prompt_lookup", {"prompt_lookup_num_tokens": 10})):
+        rates = []
+        for ids in prompt_ids:
+            x = torch.tensor([ids])
+            kwargs = dict(attention_mask=torch.ones_like(x), do_sample=False, pad_token_id=2, eos_token_id=None)
+            with torch.no_grad():
+                start = time.perf_counter()
+                model.generate(x, max_new_tokens=1, **kwargs)
+                prefill = time.perf_counter() - start
+                start = time.perf_counter()
+                out = model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs, **extra)
+                total = time.perf_counter() - start
+            rates.append((out.shape[1] - len(ids) - 1) / max(1e-9, total - prefill))
+        results[name] = {"tokens_per_s": statistics.median(rates)}
+    return results
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    domains = sorted({r["domain"] for r in rows})
+    fig, axes = plt.subplots(1, len(domains), figsize=(4 * len(domains), 3.4), squeeze=False)
+    for ax, domain in zip(axes[0], domains):
+        for mode in sorted({r["mode"] for r in rows if r["mode"] != "plain"}):
+            points = sorted((r["k"], r["speedup"]) for r in rows
+                            if r["domain"] == domain and r["mode"] == mode and r["batch_size"] == 1)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=mode)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_title(f"{domain}, batch 1")
+        ax.set_xlabel("K (draft tokens per step)")
+        ax.set_ylabel("speedup over plain decoding")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out.with_name(out.stem + "_speedup.png"), dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for r in rows:
+        if r["mode"] != "plain" and r["batch_size"] == 1 and r["k"] == max(x["k"] for x in rows):
+            ax.plot(range(1, r["k"] + 1), r["acceptance_per_position"], marker="o", label=f"{r['domain']} {r['mode']}")
+    ax.set_xlabel("draft position")
+    ax.set_ylabel("fraction of steps accepted")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.with_name(out.stem + "_acceptance.png"), dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = parse_args()
+    from neuron_peagle.default_model import require_default_model
+    from neuron_peagle.runtime.engine import Engine
+
+    model_dir = args.model or require_default_model()
+    ks = [int(k) for k in args.ks.split(",")]
+    modes = args.modes.split(",")
+    rows = []
+    common = dict(max_length=args.max_length, prefill_buckets=(128, 512))
+    for domain in args.domains.split(","):
+        texts = heldout_prompts(domain, args.prompts_per_domain)
+        for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+            plain = Engine.from_pretrained(args.model, mode="plain", batch_size=batch_size, **common)
+            prompt_ids = [ids for ids in (plain.encode(t) for t in texts) if len(ids) <= 512]
+            base = run_engine(plain, prompt_ids, args.max_new_tokens)
+            rows.append({"domain": domain, "batch_size": batch_size, "mode": "plain", "k": 0, "speedup": 1.0,
+                         "identical": True, **{k: v for k, v in base.items() if k != "outputs"}})
+            print(f"{domain} b{batch_size} plain: {base['tokens_per_s']:.1f} tok/s", flush=True)
+            del plain
+            for mode in modes:
+                drafter = args.sequential_drafter if mode == "sequential" and args.sequential_drafter else args.drafter
+                for k in ks:
+                    engine = Engine.from_pretrained(args.model, drafter, mode=mode, num_speculative_tokens=k,
+                                                    batch_size=batch_size, **common)
+                    result = run_engine(engine, prompt_ids, args.max_new_tokens)
+                    row = {"domain": domain, "batch_size": batch_size, "mode": mode, "k": k,
+                           "drafter": engine.drafter.describe(),
+                           "speedup": result["tokens_per_s"] / base["tokens_per_s"],
+                           "identical": result["outputs"] == base["outputs"],
+                           **{key: v for key, v in result.items() if key != "outputs"}}
+                    rows.append(row)
+                    print(f"{domain} b{batch_size} {mode} K={k}: AL {row['acceptance_length']:.2f}, "
+                          f"{row['tokens_per_s']:.1f} tok/s, x{row['speedup']:.2f}, identical={row['identical']}",
+                          flush=True)
+                    del engine
+        if not args.no_hf:
+            for name, value in hf_baselines(model_dir, prompt_ids[:4], args.max_new_tokens).items():
+                rows.append({"domain": domain, "batch_size": 1, "mode": name, "k": 0,
+                             "speedup": value["tokens_per_s"] / next(r["tokens_per_s"] for r in rows if
+                                                                    r["domain"] == domain and r["mode"] == "plain"
+                                                                    and r["batch_size"] == 1),
+                             **value})
+                print(f"{domain} {name}: {value['tokens_per_s']:.1f} tok/s", flush=True)
+
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, "torch_threads": torch.get_num_threads(),
+               "machine": platform.machine(), "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.out)
+    print("\n| domain | batch | mode | K | acceptance length | tokens/s | speedup vs plain | identical |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        al = f"{r['acceptance_length']:.2f}" if "acceptance_length" in r else "-"
+        print(f"| {r['domain']} | {r['batch_size']} | {r['mode']} | {r['k'] or '-'} | {al} | "
+              f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r.get('identical', '-')} |")
+
+
+if __name__ == "__main__":
+    main()
