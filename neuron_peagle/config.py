@@ -25,6 +25,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 BACKENDS = ("eager", "xla", "neuron")
 
 
+def read_config_json(directory: str | Path, kind: str) -> tuple[dict[str, Any], str]:
+    """The parsed config.json of a model or drafter directory, and its path for messages."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise ModelDirError(f"{kind} directory {str(path)!r} does not exist")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ModelDirError(f"{kind} directory {str(path)!r} has no config.json")
+    try:
+        return json.loads(config_path.read_text()), str(config_path)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{config_path}: not valid JSON ({err})") from None
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     """Rotary embedding parameters; `rope_type` is "default" or "llama3"."""
@@ -139,17 +153,8 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
-        path = Path(model_dir)
-        if not path.is_dir():
-            raise ModelDirError(f"model directory {str(path)!r} does not exist")
-        config_path = path / "config.json"
-        if not config_path.is_file():
-            raise ModelDirError(f"model directory {str(path)!r} has no config.json")
-        try:
-            hf = json.loads(config_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{config_path}: not valid JSON ({err})") from None
-        return cls.from_hf_dict(hf, source=str(config_path))
+        hf, source = read_config_json(model_dir, "model")
+        return cls.from_hf_dict(hf, source=source)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from neuron_peagle.config import DrafterConfig, ModelConfig, RopeConfig
-from neuron_peagle.errors import ConfigError, ModelDirError
+from neuron_peagle.config import DrafterConfig, ModelConfig, RopeConfig, read_config_json
+from neuron_peagle.errors import ConfigError
 from neuron_peagle.models.drafter import Drafter
 from neuron_peagle.models.weights import (check_names_and_shapes, decoder_layer_shapes, export_decoder_layer,
                                           load_decoder_layer, read_safetensors_dir, to_in_out)
@@ -117,6 +117,11 @@ def config_from_speculators(data: dict[str, Any], source: str) -> DrafterConfig:
         raise ConfigError(f"{source}: required field {err.args[0]!r} is missing") from None
 
 
+def read_drafter_config(drafter_dir: str | Path) -> DrafterConfig:
+    data, source = read_config_json(drafter_dir, "drafter")
+    return config_from_speculators(data, source)
+
+
 def _expected_shapes(c: DrafterConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {
         "fc.weight": (c.hidden_size, 3 * c.target_hidden_size),
@@ -143,16 +148,7 @@ def load_drafter(drafter_dir: str | Path, target_config: ModelConfig, max_length
                  dtype: torch.dtype = torch.float32) -> Drafter:
     """Load a speculators-format drafter and check it fits the target."""
     path = Path(drafter_dir)
-    if not path.is_dir():
-        raise ModelDirError(f"drafter directory {str(path)!r} does not exist")
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise ModelDirError(f"drafter directory {str(path)!r} has no config.json")
-    try:
-        data = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{config_path}: not valid JSON ({err})") from None
-    config = config_from_speculators(data, str(config_path))
+    config = read_drafter_config(path)
     config.check_fits(target_config)
     tensors = read_safetensors_dir(path)
     optional = {"t2d", "d2t", "verifier_lm_head.weight"}

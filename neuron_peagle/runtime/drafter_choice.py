@@ -4,16 +4,14 @@ correct output, no speedup; the engine says so)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from neuron_peagle.config import BuildConfig, DrafterConfig, ModelConfig
-from neuron_peagle.errors import ConfigError, ModelDirError
 from neuron_peagle.models.drafter import Drafter
-from neuron_peagle.models.drafter_io import config_from_speculators, load_drafter
+from neuron_peagle.models.drafter_io import load_drafter, read_drafter_config
 from neuron_peagle.models.target import TargetModel, default_feature_layers
 
 # The project's trained drafter for the embedded default model ships inside the package.
@@ -57,16 +55,7 @@ def random_drafter(config: DrafterConfig, max_length: int, seed: int = 0) -> Dra
 
 def choose_drafter(target_dir: Path, drafter_dir: str | Path | None, is_default_target: bool) -> DrafterChoice:
     if drafter_dir is not None:
-        path = Path(drafter_dir)
-        config_path = path / "config.json"
-        if not config_path.is_file():
-            raise ModelDirError(f"drafter directory {str(path)!r} has no config.json"
-                                if path.is_dir() else f"drafter directory {str(path)!r} does not exist")
-        try:
-            data = json.loads(config_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{config_path}: not valid JSON ({err})") from None
-        return DrafterChoice(config_from_speculators(data, str(config_path)), path)
+        return DrafterChoice(read_drafter_config(drafter_dir), Path(drafter_dir))
     if is_default_target and (DEFAULT_DRAFTER_DIR / "config.json").is_file():
         return choose_drafter(target_dir, DEFAULT_DRAFTER_DIR, False)
     target_config = ModelConfig.from_dir(target_dir)
