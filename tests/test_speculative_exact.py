@@ -45,13 +45,27 @@ def test_oracle_and_partly_right_drafters(default_model_dir, prompt_ids, hf_gree
     assert 1.0 < min(lengths) and max(lengths) < k + 1
 
 
+@pytest.fixture(scope="module")
+def random_drafter_dir(default_model_dir, tmp_path_factory):
+    """An untrained drafter for the default model, saved as a checkpoint like any other."""
+    from neuron_peagle.config import DrafterConfig, ModelConfig
+    from neuron_peagle.models.drafter_io import save_drafter
+    from neuron_peagle.models.target import default_feature_layers
+    from neuron_peagle.runtime.drafter_choice import random_drafter
+
+    target = ModelConfig.from_dir(default_model_dir)
+    config = DrafterConfig.for_target(target, default_feature_layers(target.num_hidden_layers))
+    return save_drafter(random_drafter(config, 256, seed=1), tmp_path_factory.mktemp("random_drafter"))
+
+
 @pytest.mark.parametrize("batch_size", [1, 4])
 @pytest.mark.parametrize("k", [1, 3, 7])
-def test_random_drafter(prompt_ids, hf_greedy, k, batch_size):
+def test_random_drafter(random_drafter_dir, prompt_ids, hf_greedy, k, batch_size):
     # Parallel (P-EAGLE) drafting everywhere; sequential drafting (same engine, K drafter passes) once.
     modes = ["parallel"] + (["sequential"] if (k, batch_size) == (3, 4) else [])
     for mode in modes:
-        engine = Engine.from_pretrained(mode=mode, num_speculative_tokens=k, batch_size=batch_size,
+        engine = Engine.from_pretrained(None, random_drafter_dir, mode=mode, num_speculative_tokens=k,
+                                        batch_size=batch_size,
                                         max_length=256, prefill_buckets=(64, 128))
         assert engine.drafter is not None
         outputs = engine.generate(prompt_ids, PARAMS)
