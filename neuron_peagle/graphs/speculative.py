@@ -52,7 +52,6 @@ class SpecPrefillOutputs(NamedTuple):
 class SpecStepOutputs(NamedTuple):
     tokens: Tensor  # [B, K+1] int64, committed tokens padded with -1
     counts: Tensor  # [B] int64, 1..K+1
-    drafts: Tensor  # [B, K] int64, what the proposer guessed (for per-position statistics)
 
 
 class SpecPrefillGraph(nn.Module):
@@ -140,4 +139,4 @@ class SpecStepGraph(nn.Module):
         state.pending_count.copy_(counts)
         state.last_position.add_(counts)
         self._tick("accept", start)
-        return SpecStepOutputs(tokens, counts, drafts)
+        return SpecStepOutputs(tokens, counts)

@@ -40,7 +40,6 @@ class SpecDecoder:
         }
         self.timings: dict[str, float] = {}
         self._sampling: BatchSampling | None = None
-        self.last_drafts: Tensor | None = None
 
     def prefill(self, prompts: Sequence[Sequence[int]], sampling: BatchSampling) -> Tensor:
         self._sampling = sampling
@@ -59,6 +58,5 @@ class SpecDecoder:
         k = self.num_draft_tokens
         uniforms = sampling.random.uniform(2 * k + 1)
         inputs = SpecStepInputs(s.temperature, s.top_k, s.top_p, uniforms[:, :k], uniforms[:, k:])
-        tokens, counts, drafts = self.backend.run(self.graphs[sampling.greedy][1], inputs)
-        self.last_drafts = drafts
+        tokens, counts = self.backend.run(self.graphs[sampling.greedy][1], inputs)
         return tokens, counts
