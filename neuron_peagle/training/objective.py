@@ -1,4 +1,5 @@
-"""The P-EAGLE training objective: all depths of every kept anchor in one drafter forward.
+"""Drafter training objectives: P-EAGLE (all depths of every kept anchor in one drafter forward) and
+EAGLE-3's sequential training-time test, on the same sampled elements so the two compare fairly.
 
 Element (a, d) of a sequence: anchor a, depth d. Depth 0 is the real pair (feature f_a, token
 t_{a+1}) at position a; depth d >= 1 is a mask slot (mask embedding, fc(mask_hidden)) at position
@@ -52,6 +53,32 @@ def cod_elements(num_anchors: int, depths: int, valid_last: int, generator: torc
     return Elements(anchors, depth, anchors + depth, visible)
 
 
+def _depth_losses(logits: Tensor, anchors: Tensor, depths_of: Tensor, teacher_logits: Tensor,
+                  response_start: int, depths: int, decay: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """KL(target || draft) per element, averaged within each depth; depth d weighted decay**d
+    (P-EAGLE weights depths equally; EAGLE-3 uses 0.8**d). logits [E, draft_vocab] for elements
+    (anchors [E], depths_of [E])."""
+    teacher_at = anchors + 1 + depths_of  # position whose distribution is learned
+    teacher = torch.softmax(teacher_logits[teacher_at].float(), dim=-1)
+    log_q = torch.log_softmax(logits, dim=-1)
+    kl = (teacher * (torch.log(teacher.clamp_min(1e-20)) - log_q)).sum(-1)  # [E]
+    # Learn only predictions of response tokens (the prompt is given, not generated).
+    weight = (teacher_at >= response_start - 1).float()
+    correct = (logits.argmax(-1) == teacher.argmax(-1)).float()
+    loss = logits.new_zeros(())
+    stats = {}
+    present = 0.0
+    for d in range(depths):
+        at = (depths_of == d).float() * weight
+        count = at.sum()
+        if count > 0:
+            depth_loss = (kl * at).sum() / count
+            loss = loss + decay ** d * depth_loss
+            present += decay ** d
+            stats[f"depth{d}"] = torch.stack([depth_loss.detach(), (correct * at).sum(), count])
+    return loss / max(present, 1e-9), stats
+
+
 def peagle_loss(drafter: Drafter, target_embedding: torch.nn.Module, ids: Tensor, features: Tensor,
                 teacher_logits: Tensor, response_start: int, depths: int, generator: torch.Generator
                 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -66,23 +93,49 @@ def peagle_loss(drafter: Drafter, target_embedding: torch.nn.Module, ids: Tensor
     rows = torch.arange(elements.anchors.numel()).unsqueeze(0)
     logits, _ = drafter(embeds, hidden, elements.positions.unsqueeze(0), None, rows,
                         elements.visible.unsqueeze(0))
-    logits = logits[0]  # [E, draft_vocab]
-    teacher_at = elements.anchors + 1 + elements.depths  # position whose distribution is learned
-    teacher = torch.softmax(teacher_logits[teacher_at].float(), dim=-1)
-    log_q = torch.log_softmax(logits, dim=-1)
-    kl = (teacher * (torch.log(teacher.clamp_min(1e-20)) - log_q)).sum(-1)  # [E]
-    # Learn only predictions of response tokens (the prompt is given, not generated).
-    weight = (teacher_at >= response_start - 1).float()
-    correct = (logits.argmax(-1) == teacher.argmax(-1)).float()
-    loss = logits.new_zeros(())
-    stats = {}
-    present = 0
-    for d in range(depths):
-        at = (elements.depths == d).float() * weight
-        count = at.sum()
-        if count > 0:
-            depth_loss = (kl * at).sum() / count
-            loss = loss + depth_loss
-            present += 1
-            stats[f"depth{d}"] = torch.stack([depth_loss.detach(), (correct * at).sum(), count])
-    return loss / max(present, 1), stats
+    return _depth_losses(logits[0], elements.anchors, elements.depths, teacher_logits, response_start, depths)
+
+
+def eagle3_loss(drafter: Drafter, target_embedding: torch.nn.Module, ids: Tensor, features: Tensor,
+                teacher_logits: Tensor, response_start: int, depths: int, generator: torch.Generator
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+    """EAGLE-3's training-time test, on the same elements and attention pattern as P-EAGLE.
+
+    Element (a, d >= 1) is what sequential drafting feeds at pass d + 1: the token t_{a+1+d} (the
+    target's own continuation, which a greedy draft that survives equals) and, instead of a target
+    feature, the drafter's own output hidden state of element (a, d-1). So depth d needs the outputs
+    of depth d-1: one drafter forward per depth over the elements of depths <= d (the gradient flows
+    through the chain), about depths/2 times the cost of the P-EAGLE objective per sequence.
+    Depth d is weighted 0.8**d, as EAGLE-3 trains.
+    """
+    length = ids.shape[0]
+    elements = cod_elements(length - 1, depths, valid_last=length - 1, generator=generator)
+    tokens = ids[(elements.anchors + 1 + elements.depths).clamp(max=length - 1)]
+    no_mask = torch.zeros(1, tokens.numel(), dtype=torch.bool)
+    embeds = drafter.embed(tokens.unsqueeze(0), no_mask, target_embedding)[0]  # [E, H]
+    real_hidden = drafter.fc(features[elements.anchors].to(embeds.dtype))  # [E, H]
+    present_depths = int(elements.depths.max()) + 1
+    parent = torch.full_like(elements.anchors, -1)  # index of element (a, d-1) for each (a, d)
+    for d in range(1, present_depths):
+        upper = (elements.depths == d - 1).nonzero().squeeze(-1)
+        here = (elements.depths == d).nonzero().squeeze(-1)
+        parent[here] = upper[torch.searchsorted(elements.anchors[upper], elements.anchors[here])]
+
+    own_hidden = real_hidden.new_zeros(real_hidden.shape)  # outputs of the elements computed so far
+    all_logits = real_hidden.new_zeros(elements.anchors.numel(), drafter.lm_head.out_features)
+    for d in range(present_depths):
+        subset = (elements.depths <= d).nonzero().squeeze(-1)
+        hidden = torch.where((elements.depths[subset] == 0).unsqueeze(-1), real_hidden[subset],
+                             own_hidden[parent[subset].clamp(min=0)])
+        rows = (elements.depths[subset] == d).nonzero().squeeze(-1)
+        logits, out_hidden = drafter(embeds[subset].unsqueeze(0), hidden.unsqueeze(0),
+                                     elements.positions[subset].unsqueeze(0), None, rows.unsqueeze(0),
+                                     elements.visible[subset][:, subset].unsqueeze(0))
+        computed = subset[rows]
+        own_hidden = own_hidden.index_put((computed,), out_hidden[0])
+        all_logits = all_logits.index_put((computed,), logits[0])
+    return _depth_losses(all_logits, elements.anchors, elements.depths, teacher_logits, response_start, depths,
+                         decay=0.8)
+
+
+OBJECTIVES = {"peagle": peagle_loss, "eagle3": eagle3_loss}

@@ -13,11 +13,11 @@ from tqdm import tqdm
 
 from neuron_peagle.config import DrafterConfig
 from neuron_peagle.models.drafter import Drafter
-from neuron_peagle.models.drafter_io import save_drafter
+from neuron_peagle.models.drafter_io import load_drafter, save_drafter
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.runtime.drafter_choice import random_drafter
 from neuron_peagle.training.data import load_shards
-from neuron_peagle.training.objective import peagle_loss
+from neuron_peagle.training.objective import OBJECTIVES
 
 
 @dataclass
@@ -33,6 +33,11 @@ class TrainConfig:
     accumulate: int = 4  # sequences per optimizer step
     max_sequence: int = 384
     checkpoint_every: int = 50  # optimizer steps
+    init_from: str | None = None  # a drafter directory to continue from (its draft vocabulary is kept)
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}")
 
 
 def build_draft_vocab(examples: list[dict], vocab_size: int, size: int) -> torch.Tensor:
@@ -83,8 +88,6 @@ def _plot(log: list[dict], path: Path, depths: int) -> None:
 
 
 def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) -> Path:
-    if config.objective != "peagle":
-        raise NotImplementedError("only the P-EAGLE objective is implemented so far")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     examples = [e for e in load_shards(sorted((work / "features").glob("shard_*.safetensors")))
@@ -92,9 +95,17 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
     if not examples:
         raise FileNotFoundError(f"no feature shards under {work / 'features'}: run the data and features stages")
     target = TargetModel.from_pretrained(model_dir, 512, feature_layers=None)
-    draft_ids = build_draft_vocab(examples, target.config.vocab_size, config.draft_vocab_size)
+    max_length = config.max_sequence + config.depths + 2
+    if config.init_from is not None:
+        drafter = load_drafter(Path(config.init_from), target.config, max_length, torch.float32)
+        draft_ids = drafter.d2t + torch.arange(len(drafter.d2t))
+        for param in drafter.parameters():
+            param.requires_grad_(True)
+    else:
+        draft_ids = build_draft_vocab(examples, target.config.vocab_size, config.draft_vocab_size)
+        drafter = init_drafter(target, config, draft_ids, max_length)
     head = target.lm_head.weight[:, draft_ids].clone()  # [H, draft_vocab]
-    drafter = init_drafter(target, config, draft_ids, max_length=config.max_sequence + config.depths + 2)
+    loss_fn = OBJECTIVES[config.objective]
     params = [p for p in drafter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
     total_steps = max(1, int(config.epochs * len(examples) / config.accumulate))
@@ -134,7 +145,7 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
             hidden = example["hidden"].float()
             with torch.no_grad():
                 teacher = target.norm(hidden) @ head
-            loss, stats = peagle_loss(drafter, target.embed_tokens, example["ids"].long(),
+            loss, stats = loss_fn(drafter, target.embed_tokens, example["ids"].long(),
                                       example["features"].float(), teacher, int(example["prompt_length"]),
                                       config.depths, generator)
             (loss / config.accumulate).backward()
