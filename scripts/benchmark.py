@@ -35,6 +35,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--modes", default="sequential,parallel")
     parser.add_argument("--batch-sizes", default="1")
     parser.add_argument("--max-length", type=int, default=768)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of target and drafter in every mode, and of the transformers baselines")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     parser.add_argument("--out", type=Path, default=Path("bench_out/spec.json"))
     return parser.parse_args()
@@ -73,10 +76,10 @@ def run_engine(engine, prompt_ids: list[list[int]], new_tokens: int) -> dict:
     }
 
 
-def hf_baselines(model_dir: Path, prompt_ids: list[list[int]], new_tokens: int) -> dict:
+def hf_baselines(model_dir: Path, prompt_ids: list[list[int]], new_tokens: int, dtype: str) -> dict:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     results = {}
     for name, extra in (("hf_greedy", {}), ("hf_prompt_lookup", {"prompt_lookup_num_tokens": 10})):
         rates = []
@@ -134,6 +137,8 @@ def plot(results: dict, out: Path) -> None:
 
 def main() -> None:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from neuron_peagle.default_model import require_default_model
     from neuron_peagle.runtime.engine import Engine
 
@@ -141,7 +146,7 @@ def main() -> None:
     ks = [int(k) for k in args.ks.split(",")]
     modes = args.modes.split(",")
     rows = []
-    common = dict(max_length=args.max_length, prefill_buckets=(128, 512))
+    common = dict(max_length=args.max_length, prefill_buckets=(128, 512), dtype=args.dtype)
     for domain in args.domains.split(","):
         texts = heldout_prompts(domain, args.prompts_per_domain)
         for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
@@ -149,6 +154,7 @@ def main() -> None:
             prompt_ids = [ids for ids in (plain.encode(t) for t in texts) if len(ids) <= 512]
             base = run_engine(plain, prompt_ids, args.max_new_tokens)
             rows.append({"domain": domain, "batch_size": batch_size, "mode": "plain", "k": 0, "speedup": 1.0,
+                         "dtype": args.dtype,
                          "identical": True, **{k: v for k, v in base.items() if k != "outputs"}})
             print(f"{domain} b{batch_size} plain: {base['tokens_per_s']:.1f} tok/s", flush=True)
             del plain
@@ -158,7 +164,7 @@ def main() -> None:
                     engine = Engine.from_pretrained(args.model, drafter, mode=mode, num_speculative_tokens=k,
                                                     batch_size=batch_size, **common)
                     result = run_engine(engine, prompt_ids, args.max_new_tokens)
-                    row = {"domain": domain, "batch_size": batch_size, "mode": mode, "k": k,
+                    row = {"domain": domain, "batch_size": batch_size, "mode": mode, "k": k, "dtype": args.dtype,
                            "drafter": engine.drafter.describe(),
                            "speedup": result["tokens_per_s"] / base["tokens_per_s"],
                            "identical": result["outputs"] == base["outputs"],
@@ -169,7 +175,7 @@ def main() -> None:
                           flush=True)
                     del engine
         if not args.no_hf:
-            for name, value in hf_baselines(model_dir, prompt_ids[:4], args.max_new_tokens).items():
+            for name, value in hf_baselines(model_dir, prompt_ids[:4], args.max_new_tokens, args.dtype).items():
                 rows.append({"domain": domain, "batch_size": 1, "mode": name, "k": 0,
                              "speedup": value["tokens_per_s"] / next(r["tokens_per_s"] for r in rows if
                                                                     r["domain"] == domain and r["mode"] == "plain"

@@ -86,3 +86,17 @@ def test_training_lowers_the_loss_and_the_drafter_serves(tmp_path, tiny_llama_di
     assert [o.output_ids for o in got] == [o.output_ids for o in engine.generate(ids, params)]
     # Trained on exactly these continuations, the drafter gets accepted.
     assert sum(o.stats.acceptance_length for o in got) / len(got) > min_acceptance
+
+
+def test_a_wall_clock_budget_ends_training_with_the_learning_rate_decayed(tmp_path, tiny_llama_dir):
+    engine = Engine.from_pretrained(tiny_llama_dir, mode="plain", batch_size=4, max_length=128,
+                                    prefill_buckets=(64,))
+    prompts = [Prompt("code", "test", f"Write code number {i}.") for i in range(4)]
+    compute_features(engine.target, generate_responses(engine, prompts, tmp_path / "r.jsonl", 16),
+                     tmp_path / "features")
+    config = TrainConfig(draft_vocab_size=200, depths=3, epochs=10_000, lr=1e-3, accumulate=1, seconds=4.0,
+                         checkpoint_every=10_000)
+    train(tiny_llama_dir, tmp_path, config, tmp_path / "drafter")
+    log = [__import__("json").loads(line) for line in (tmp_path / "train_log_peagle.jsonl").read_text().splitlines()]
+    assert log[-1]["seconds"] < 8.0  # the budget, plus at most the steps in flight when it ran out
+    assert log[-1]["lr"] < 0.2 * config.lr  # the schedule was fitted to the budget, not to 10k epochs

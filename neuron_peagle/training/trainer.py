@@ -28,7 +28,7 @@ class TrainConfig:
     depths: int = 7
     epochs: float = 2.0
     lr: float = 1e-3
-    seconds: float | None = None  # wall-clock budget; the schedule is stretched to fit it
+    seconds: float | None = None  # wall-clock budget; the schedule is fitted to it (see `train`)
     seed: int = 0
     accumulate: int = 4  # sequences per optimizer step
     max_sequence: int = 384
@@ -112,12 +112,13 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
 
     checkpoint = work / f"checkpoint_{config.objective}.pt"
     log_path = work / f"train_log_{config.objective}.jsonl"
-    step, log = 0, []
+    step, log, used = 0, [], 0.0
     if checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
         drafter.load_state_dict(state["drafter"])
         optimizer.load_state_dict(state["optimizer"])
-        step, log = state["step"], state["log"]
+        step, log, used = state["step"], state["log"], state.get("seconds", 0.0)
+        total_steps = state.get("total_steps", total_steps)
         generator.set_state(state["generator"])
 
     def lr_at(s: int) -> float:
@@ -126,14 +127,30 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
             return config.lr * (s + 1) / warmup
         return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total_steps - warmup))))
 
+    def elapsed() -> float:  # seconds of training so far, across resumed runs
+        return used + time.perf_counter() - start
+
+    def save() -> None:
+        torch.save({"drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "log": log,
+                    "generator": generator.get_state(), "seconds": elapsed(), "total_steps": total_steps},
+                   checkpoint)
+
     start = time.perf_counter()
+    first_step = step
     bar = tqdm(total=total_steps, initial=step, desc=f"train {config.objective}", unit="step")
     order = torch.randperm(len(examples), generator=generator)
     cursor = (step * config.accumulate) % len(examples)
     sums: dict[str, torch.Tensor] = {}
     while step < total_steps:
-        if config.seconds is not None and time.perf_counter() - start > config.seconds:
-            break
+        if config.seconds is not None:
+            if elapsed() > config.seconds:
+                break
+            # Fit the cosine schedule to the wall-clock budget from the measured step rate, so the
+            # learning rate has decayed when the budget ends (rather than stopping at a high rate).
+            if step - first_step >= 20 and step % 25 == 0:
+                rate = (step - first_step) / (time.perf_counter() - start)
+                total_steps = min(total_steps, step + max(1, int(rate * (config.seconds - elapsed()))))
+                bar.total = total_steps
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         optimizer.zero_grad(set_to_none=True)
@@ -146,8 +163,8 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
             with torch.no_grad():
                 teacher = target.norm(hidden) @ head
             loss, stats = loss_fn(drafter, target.embed_tokens, example["ids"].long(),
-                                      example["features"].float(), teacher, int(example["prompt_length"]),
-                                      config.depths, generator)
+                                  example["features"].float(), teacher, int(example["prompt_length"]),
+                                  config.depths, generator)
             (loss / config.accumulate).backward()
             for name, value in stats.items():
                 sums[name] = sums.get(name, torch.zeros(3)) + value
@@ -156,7 +173,7 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
         step += 1
         bar.update(1)
         if step % 10 == 0 or step == total_steps:
-            record = {"step": step, "lr": lr_at(step), "seconds": time.perf_counter() - start}
+            record = {"step": step, "lr": lr_at(step), "seconds": elapsed()}
             for d in range(config.depths):
                 if f"depth{d}" in sums:
                     loss_sum, correct, count = sums[f"depth{d}"].tolist()
@@ -168,11 +185,9 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
             with open(log_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
         if step % config.checkpoint_every == 0:
-            torch.save({"drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "log": log, "generator": generator.get_state()}, checkpoint)
+            save()
     bar.close()
-    torch.save({"drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "log": log,
-                "generator": generator.get_state()}, checkpoint)
+    save()
     _plot(log, work / f"accuracy_{config.objective}.png", config.depths)
     destination = out or work / f"drafter_{config.objective}"
     for param in drafter.parameters():
