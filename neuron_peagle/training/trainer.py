@@ -192,7 +192,7 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
     destination = out or work / f"drafter_{config.objective}"
     for param in drafter.parameters():
         param.requires_grad_(False)
-    save_drafter(drafter, destination, verifier=str(model_dir), verifier_config=target.config)
+    save_drafter(drafter, destination, verifier=Path(model_dir).name, verifier_config=target.config)
     (destination / "training.json").write_text(json.dumps(
         {"train_config": asdict(config), "steps": step, "examples": len(examples), "final": log[-1] if log else {}},
         indent=2) + "\n")
