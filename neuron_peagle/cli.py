@@ -2,6 +2,7 @@
 
     neuron-peagle generate "prompt" [--json] [--model DIR] [--max-new-tokens N] ...
     neuron-peagle generate --prompts-file prompts.jsonl --batch-size 4 --json
+    neuron-peagle generate "prompt" --artifacts DIR --json    (graphs built by `python -m compile.build`)
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--buckets", type=_buckets, default=(128, 512), help="prefill buckets, e.g. 128,512")
     gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     gen.add_argument("--backend", default="eager", choices=("eager", "xla", "neuron"))
+    gen.add_argument("--artifacts", type=Path, default=None, help="run the graphs compiled into DIR by "
+                     "`python -m compile.build`; model, drafter, mode, K and shapes come from its manifest "
+                     "(options left at their defaults take the manifest's values, others must match it)")
     gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt text as it is")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt per line")
     return parser
@@ -74,18 +78,37 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+# generate option -> the ArtifactRequest field it is checked against when running from artifacts
+ARTIFACT_OPTIONS = {"model": "model_dir", "drafter": "drafter_dir", "backend": "backend", "mode": "mode",
+                    "num_speculative_tokens": "num_speculative_tokens", "batch_size": "batch_size",
+                    "max_length": "max_length", "buckets": "prefill_buckets", "dtype": "dtype"}
+
+
+def _expected_by_options(args: argparse.Namespace) -> dict:
+    """The artifact-related options the user changed from their defaults."""
+    defaults = build_parser().parse_args(["generate"])
+    return {field: getattr(args, option) for option, field in ARTIFACT_OPTIONS.items()
+            if getattr(args, option) != getattr(defaults, option)}
+
+
 def generate(args: argparse.Namespace) -> None:
     from neuron_peagle.runtime.engine import Engine, SamplingParams
 
     prompts = _read_prompts(args)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
-    engine = Engine.from_pretrained(args.model, args.drafter, mode=args.mode,
-                                    num_speculative_tokens=args.num_speculative_tokens,
-                                    batch_size=args.batch_size, max_length=args.max_length,
-                                    prefill_buckets=args.buckets, dtype=args.dtype, backend=args.backend)
+    if args.artifacts is not None:
+        engine = Engine.from_compiled(args.artifacts, **_expected_by_options(args))
+        if not args.json:
+            print(f"[{engine.artifacts.describe()}]", flush=True)
+    else:
+        engine = Engine.from_pretrained(args.model, args.drafter, mode=args.mode,
+                                        num_speculative_tokens=args.num_speculative_tokens,
+                                        batch_size=args.batch_size, max_length=args.max_length,
+                                        prefill_buckets=args.buckets, dtype=args.dtype, backend=args.backend)
+    backend = engine.build.backend
     if engine.drafter is not None and not args.json:
-        print(f"[{args.mode} speculative decoding, K={args.num_speculative_tokens}, "
+        print(f"[{engine.mode} speculative decoding, K={engine.num_speculative_tokens}, "
               f"{engine.drafter.describe()}]", flush=True)
     # Everything is checked before the first prompt runs, so an error never discards finished work.
     ids = [engine.encode(p, not args.no_chat_template) if p else [] for p in prompts]
@@ -95,8 +118,8 @@ def generate(args: argparse.Namespace) -> None:
     for prompt, out in zip(prompts, outputs):
         if args.json:
             record = {"prompt": prompt, "prompt_ids": out.prompt_ids, "output_ids": out.output_ids,
-                      "text": out.text, "model_dir": str(engine.model_dir), "backend": args.backend,
-                      "mode": args.mode,
+                      "text": out.text, "model_dir": str(engine.model_dir), "backend": backend,
+                      "mode": engine.mode,
                       "drafter": engine.drafter.describe() if engine.drafter is not None else None,
                       **out.stats.to_dict()}
             print(json.dumps(record), flush=True)
@@ -105,7 +128,7 @@ def generate(args: argparse.Namespace) -> None:
             accept = (f", acceptance length {out.stats.acceptance_length:.2f}"
                       if out.stats.num_draft_tokens else "")
             print(f"[{out.stats.num_new_tokens} tokens, {out.stats.tokens_per_s:.1f} tokens/s decode{accept}, "
-                  f"{args.backend}, finish: {out.stats.finish_reason}]", flush=True)
+                  f"{backend}, finish: {out.stats.finish_reason}]", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

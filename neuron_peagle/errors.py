@@ -35,3 +35,8 @@ class DrafterMismatchError(NeuronPeagleError):
 
 class BackendUnavailableError(NeuronPeagleError):
     """The requested backend needs software that is not installed here."""
+
+
+class ArtifactError(NeuronPeagleError):
+    """Compiled artifacts cannot be built or used: a failed HLO audit, or a manifest that does not
+    match the installed versions, the weights on disk or the requested shapes."""

@@ -6,6 +6,9 @@ its compile counter proves that generation runs on a fixed set of graphs.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -34,11 +37,48 @@ class XlaBackend:
         return module
 
     def run(self, graph: nn.Module, inputs: tuple[Tensor, ...]):
+        outputs = self.trace(graph, inputs)
+        self.sync()
+        return type(outputs)(*(t.cpu() for t in outputs))
+
+    def trace(self, graph: nn.Module, inputs: tuple[Tensor, ...]):
+        """Record one graph call on the device without running it: its outputs and in-place state
+        updates stay pending until `sync()`. Keep the outputs alive until then, or the compiled
+        graph loses them."""
         with torch.no_grad():
-            outputs = graph(*(t.to(self.device) for t in inputs))
-            # One sync = one graph: the outputs and every in-place state update (the caches).
-            self._xla.sync()
-            return type(outputs)(*(t.cpu() for t in outputs))
+            return graph(*(t.to(self.device) for t in inputs))
+
+    def sync(self) -> None:
+        # One sync = one graph: the pending outputs and every in-place state update (the caches).
+        self._xla.sync()
 
     def compile_count(self) -> int:
-        return int(self._metrics.counter_value("UncachedCompile") or 0)
+        return self.counter("UncachedCompile")
+
+    def counter(self, name: str) -> int:
+        """A torch-xla metrics counter, e.g. "PersistentCacheHit" (0 until it first counts)."""
+        return int(self._metrics.counter_value(name) or 0)
+
+
+def hlo_text(tensors: list[Tensor]) -> str:
+    """The HLO module of these pending tensors (a graph's outputs, then the state it updated),
+    lowered without compiling. Lowering applies pending view updates of the state, which changes
+    the IR a later sync compiles: read the HLO of a trace that is then dropped, not of one to run.
+    """
+    torch_xla, _ = _torch_xla()
+    return torch_xla._XLAC._get_xla_tensors_hlo(tensors)
+
+
+def initialize_persistent_cache(path: Path, readonly: bool) -> bool:
+    """Point torch-xla's persistent compilation cache at `path`; False if that is no longer possible.
+
+    torch-xla fixes the cache when it compiles its first graph in a process, so this must come
+    before any XLA computation. It stays possible afterwards only if the process already uses `path`.
+    """
+    torch_xla, _ = _torch_xla()
+    import torch_xla.runtime as xr
+
+    if torch_xla._XLAC._xla_computation_cache_is_initialized():
+        return os.environ.get("XLA_PERSISTENT_CACHE_PATH") == str(path)
+    xr.initialize_cache(str(path), readonly=readonly)
+    return True

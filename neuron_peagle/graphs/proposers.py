@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from neuron_peagle.kernels import check_kernel_mode, draft_input, lm_head_argmax
 from neuron_peagle.kv_cache import KVCache
-from neuron_peagle.models.drafter import Drafter
+from neuron_peagle.models.drafter import Drafter, pick_rows
 from neuron_peagle.models.target import TargetModel
 
 
@@ -36,17 +37,38 @@ class SpecState(nn.Module):
 
 
 class DrafterProposer(nn.Module):
-    """P-EAGLE parallel drafting (one drafter pass) or EAGLE-style sequential drafting (K passes)."""
+    """P-EAGLE parallel drafting (one drafter pass) or EAGLE-style sequential drafting (K passes).
+
+    Layer 0's input and the greedy drafts go through `kernels.draft_input` / `kernels.lm_head_argmax`,
+    in the kernel mode `kernels` (see neuron_peagle.kernels; "reference" is plain PyTorch).
+    """
 
     def __init__(self, drafter: Drafter, target: TargetModel, batch_size: int, num_draft_tokens: int,
-                 parallel: bool) -> None:
+                 parallel: bool, kernels: str = "reference") -> None:
         super().__init__()
         self.drafter = drafter
         self.target_embedding = target.embed_tokens
         self.cache = drafter.new_cache(batch_size)
         self.num_draft_tokens = num_draft_tokens
         self.parallel = parallel
+        self.kernels = check_kernel_mode(kernels)
         self.trash = drafter.max_length - 1
+        # Every mask slot's hidden is fc(mask_hidden): computed once here, not in every step graph
+        # (a proposer serves the drafter's weights as they are when it is built).
+        with torch.no_grad():
+            fc_mask_row = drafter.fc(drafter.mask_hidden.to(drafter.fc.weight.dtype))
+        self.register_buffer("fc_mask_row", fc_mask_row, persistent=False)
+
+    def _first_layer_input(self, tokens: Tensor, features: Tensor, is_mask: Tensor) -> tuple[Tensor, Tensor]:
+        # tokens, is_mask [B, S]; features [B, S, 3H] -> layer 0's input [B, S, 2H], residual [B, S, H]
+        d = self.drafter
+        embeds = d.token_embeddings(tokens, self.target_embedding)
+        return draft_input(embeds, features, is_mask, d.draft_input_params(self.fc_mask_row), self.kernels)
+
+    def _greedy(self, h: Tensor) -> Tensor:  # pre-norm hidden [B, R, H] -> drafts [B, R] (target ids)
+        d = self.drafter
+        drafts, _ = lm_head_argmax(d.norm(h), d.lm_head.weight, d.d2t, self.kernels)
+        return drafts
 
     def prefill(self, features: Tensor, input_ids: Tensor, lengths: Tensor) -> None:
         # features [B, T, 3H], input_ids [B, T], lengths [B]: pairs (f_i, t_{i+1}) for i <= n-2.
@@ -55,11 +77,9 @@ class DrafterProposer(nn.Module):
         slot = torch.arange(bucket, device=input_ids.device).expand(batch, bucket)
         valid = slot <= (lengths - 2).unsqueeze(-1)
         next_tokens = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
-        no_mask = torch.zeros_like(valid)
-        embeds = self.drafter.embed(next_tokens, no_mask, self.target_embedding)
-        hidden = self.drafter.project(features, no_mask)
+        x, residual = self._first_layer_input(next_tokens, features, torch.zeros_like(valid))
         positions = torch.where(valid, slot, torch.full_like(slot, self.trash))
-        self.drafter(embeds, hidden, positions, self.cache, None)
+        self.drafter.run_layers(x, residual, positions, self.cache)
 
     def _real_slots(self, state: SpecState) -> tuple[Tensor, Tensor]:
         k = self.num_draft_tokens
@@ -83,12 +103,11 @@ class DrafterProposer(nn.Module):
         tokens = torch.cat([state.pending_tokens, torch.zeros(batch, k - 1, dtype=torch.int64, device=device)], 1)
         features = torch.cat([state.pending_features, state.pending_features.new_zeros(
             batch, k - 1, state.pending_features.shape[-1])], dim=1)
-        embeds = d.embed(tokens, is_mask, self.target_embedding)
-        hidden = d.project(features, is_mask)
+        x, residual = self._first_layer_input(tokens, features, is_mask)
+        h = d.run_layers(x, residual, positions, self.cache)
         # Slot K (the pair ending in y) proposes draft 1; mask slot m proposes draft m+1.
         rows = torch.arange(k, 2 * k, device=device).expand(batch, k)
-        logits, _ = d(embeds, hidden, positions, self.cache, rows)
-        return d.to_target_ids(logits.argmax(-1))
+        return self._greedy(pick_rows(h, rows))
 
     def _propose_sequential(self, state: SpecState) -> Tensor:
         k, d = self.num_draft_tokens, self.drafter
@@ -96,19 +115,18 @@ class DrafterProposer(nn.Module):
         device = state.pending_tokens.device
         positions, _ = self._real_slots(state)
         no_mask = torch.zeros(batch, k + 1, dtype=torch.bool, device=device)
-        embeds = d.embed(state.pending_tokens, no_mask, self.target_embedding)
-        hidden = d.project(state.pending_features, no_mask)
+        x, residual = self._first_layer_input(state.pending_tokens, state.pending_features, no_mask)
         last_row = torch.full((batch, 1), k, dtype=torch.int64, device=device)
-        logits, h = d(embeds, hidden, positions, self.cache, last_row)
-        drafts = [d.to_target_ids(logits[:, 0].argmax(-1))]
+        h = pick_rows(d.run_layers(x, residual, positions, self.cache), last_row)  # [B, 1, H]
+        drafts = [self._greedy(h)[:, 0]]
         one_mask = torch.zeros(batch, 1, dtype=torch.bool, device=device)
-        first_row = torch.zeros(batch, 1, dtype=torch.int64, device=device)
         for step in range(1, k):
-            # EAGLE-3 feeds the drafter's own output hidden state back, bypassing fc.
+            # EAGLE-3 feeds the drafter's own output hidden state back, bypassing fc: one slot per
+            # pass, so layer 0's input is built by the plain norms, with nothing to fuse.
             embeds = d.embed(drafts[-1].unsqueeze(-1), one_mask, self.target_embedding)
             position = (state.last_position + step - 1).unsqueeze(-1)
-            logits, h = d(embeds, h, position, self.cache, first_row)
-            drafts.append(d.to_target_ids(logits[:, 0].argmax(-1)))
+            h = d.run_layers(*d.layers[0].build_input(embeds, h), position, self.cache)
+            drafts.append(self._greedy(h)[:, 0])
         return torch.stack(drafts, dim=1)
 
 

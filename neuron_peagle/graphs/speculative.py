@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from neuron_peagle.graphs.proposers import SpecState
+from neuron_peagle.kernels import check_kernel_mode, lm_head_argmax
 from neuron_peagle.kv_cache import KVCache
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.sampling import (SamplingTensors, greedy_accept, rejection_accept, sample_tokens,
@@ -90,11 +91,13 @@ class SpecStepGraph(nn.Module):
     Outputs = SpecStepOutputs
 
     def __init__(self, target: TargetModel, proposer: nn.Module, cache: KVCache, state: SpecState,
-                 num_draft_tokens: int, greedy: bool) -> None:
+                 num_draft_tokens: int, greedy: bool, kernels: str = "reference") -> None:
         super().__init__()
         self.target, self.proposer, self.cache, self.state = target, proposer, cache, state
         self.num_draft_tokens = num_draft_tokens
         self.greedy = greedy
+        # Greedy verify takes the target's argmax through `kernels.lm_head_argmax` in this mode.
+        self.kernels = check_kernel_mode(kernels)
         # Set to a dict by the eager engine to time the parts of a step (meaningless when traced).
         self.timings: dict[str, float] | None = None
 
@@ -120,13 +123,17 @@ class SpecStepGraph(nn.Module):
         verify_tokens = torch.cat([y, drafts], dim=1)  # [B, K+1]
         offsets = torch.arange(k + 1, device=device)
         verify_positions = state.last_position.unsqueeze(-1) + offsets
-        out = self.target(verify_tokens, verify_positions, self.cache, offsets.expand(batch, k + 1),
-                          return_features=True)
-        start = self._tick("verify", start)
-
+        rows = offsets.expand(batch, k + 1)
         if self.greedy:
-            tokens, counts = greedy_accept(drafts, out.logits.argmax(-1))
+            # Only the argmax per row is needed; with the NKI kernel the [B, K+1, vocab] logits never
+            # reach HBM.
+            out = self.target.normed_rows(verify_tokens, verify_positions, self.cache, rows, return_features=True)
+            target_tokens, _ = lm_head_argmax(out.hidden, self.target.lm_head.weight, None, self.kernels)
+            start = self._tick("verify", start)
+            tokens, counts = greedy_accept(drafts, target_tokens)
         else:
+            out = self.target(verify_tokens, verify_positions, self.cache, rows, return_features=True)
+            start = self._tick("verify", start)
             probs = target_probs(out.logits, SamplingTensors(temperature, top_k, top_p))
             tokens, counts = rejection_accept(drafts, probs, accept_uniform, sample_uniform)
 

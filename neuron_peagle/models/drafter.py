@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from neuron_peagle.config import DrafterConfig
+from neuron_peagle.kernels import DraftInputParams
 from neuron_peagle.kv_cache import KVCache
 from neuron_peagle.models.layers import (MLP, Attention, DecoderLayer, RMSNorm, RotaryTable, make_embedding,
                                          make_linear)
@@ -33,12 +34,15 @@ class DrafterFirstLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c.hidden_size, c.intermediate_size, bias=False)
 
-    def forward(self, embeds: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor,
-                key_cache: Tensor | None, value_cache: Tensor | None, visible: Tensor | None = None
-                ) -> Tensor:  # [B, S, H] x2 -> [B, S, H]
+    def build_input(self, embeds: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        # embeds, hidden: [B, S, H] -> the attention input [B, S, 2H], the residual [B, S, H]
         normed_hidden = self.hidden_norm(hidden)
         residual = normed_hidden if self.norm_before_residual else hidden
-        x = torch.cat([self.input_layernorm(embeds), normed_hidden], dim=-1)
+        return torch.cat([self.input_layernorm(embeds), normed_hidden], dim=-1), residual
+
+    def forward(self, x: Tensor, residual: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor,
+                key_cache: Tensor | None, value_cache: Tensor | None, visible: Tensor | None = None
+                ) -> Tensor:  # x [B, S, 2H] (from build_input or the fused kernel), residual [B, S, H] -> [B, S, H]
         h = residual + self.self_attn(x, cos, sin, position_ids, key_cache, value_cache, visible)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -69,10 +73,13 @@ class Drafter(nn.Module):
         return KVCache(c.num_layers, batch_size, c.num_key_value_heads, self.max_length, c.head_dim,
                        self.fc.weight.dtype).to(self.fc.weight.device)
 
+    def token_embeddings(self, token_ids: Tensor, target_embedding: nn.Module) -> Tensor:  # [B, S] -> [B, S, H]
+        table = self.embed_tokens if self.embed_tokens is not None else target_embedding
+        return table(token_ids)
+
     def embed(self, token_ids: Tensor, is_mask: Tensor, target_embedding: nn.Module) -> Tensor:
         # token_ids, is_mask: [B, S] -> [B, S, H]
-        table = self.embed_tokens if self.embed_tokens is not None else target_embedding
-        embeds = table(token_ids)
+        embeds = self.token_embeddings(token_ids, target_embedding)
         return torch.where(is_mask.unsqueeze(-1), self.mask_embedding.to(embeds.dtype), embeds)
 
     def project(self, features: Tensor, is_mask: Tensor) -> Tensor:
@@ -80,20 +87,34 @@ class Drafter(nn.Module):
         hidden = self.fc(features)
         return torch.where(is_mask.unsqueeze(-1), self.fc(self.mask_hidden.to(hidden.dtype)), hidden)
 
+    def draft_input_params(self, fc_mask_row: Tensor) -> DraftInputParams:
+        """What the fused layer-0 input (`kernels.draft_input`) reads; fc_mask_row [H] = fc(mask_hidden)."""
+        first = self.layers[0]
+        return DraftInputParams(self.fc.weight, fc_mask_row, self.mask_embedding, first.input_layernorm,
+                                first.hidden_norm, first.norm_before_residual)
+
     def forward(self, embeds: Tensor, hidden: Tensor, position_ids: Tensor, cache: KVCache | None,
                 logit_rows: Tensor | None, visible: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
         # embeds, hidden: [B, S, H]; position_ids: [B, S]; logit_rows: [B, R], or None to only fill
         # the cache -> draft-vocabulary logits [B, R, draft_vocab] (float32), hidden [B, R, H] (pre-norm).
         # Training passes cache=None and the attention pattern `visible` [B, S, S] instead.
-        cos, sin = self.rotary(position_ids)
-        kv = (lambda i: cache.layer(i)) if cache is not None else (lambda i: (None, None))
-        h = self.layers[0](embeds, hidden, cos, sin, position_ids, *kv(0), visible)
-        for i, layer in enumerate(self.layers[1:], start=1):
-            h = layer(h, cos, sin, position_ids, *kv(i), visible)
+        h = self.run_layers(*self.layers[0].build_input(embeds, hidden), position_ids, cache, visible)
         if logit_rows is None:
             return None, h
-        picked = h.gather(1, logit_rows.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        picked = pick_rows(h, logit_rows)
         return self.lm_head(self.norm(picked)).float(), picked
 
-    def to_target_ids(self, draft_ids: Tensor) -> Tensor:
-        return draft_ids + self.d2t[draft_ids]
+    def run_layers(self, x: Tensor, residual: Tensor, position_ids: Tensor, cache: KVCache | None,
+                   visible: Tensor | None = None) -> Tensor:
+        # x [B, S, 2H] layer 0's input, residual [B, S, H]; position_ids [B, S] -> last layer's output
+        # [B, S, H] (pre-norm)
+        cos, sin = self.rotary(position_ids)
+        kv = (lambda i: cache.layer(i)) if cache is not None else (lambda i: (None, None))
+        h = self.layers[0](x, residual, cos, sin, position_ids, *kv(0), visible)
+        for i, layer in enumerate(self.layers[1:], start=1):
+            h = layer(h, cos, sin, position_ids, *kv(i), visible)
+        return h
+
+
+def pick_rows(h: Tensor, rows: Tensor) -> Tensor:  # h [B, S, H], rows [B, R] -> [B, R, H]
+    return h.gather(1, rows.unsqueeze(-1).expand(-1, -1, h.shape[-1]))

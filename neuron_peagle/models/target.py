@@ -34,6 +34,11 @@ class TargetOutput(NamedTuple):
     features: Tensor | None  # [B, T, 3 * hidden], or None when not asked for
 
 
+class TargetRows(NamedTuple):
+    hidden: Tensor  # [B, R, hidden] after the final norm: what the LM head reads, at the requested rows
+    features: Tensor | None  # [B, T, 3 * hidden], or None when not asked for
+
+
 class TargetModel(nn.Module):
     def __init__(self, config: ModelConfig, max_length: int,
                  feature_layers: tuple[int, ...] | None = None) -> None:
@@ -86,9 +91,16 @@ class TargetModel(nn.Module):
     def forward(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache,
                 logit_index: Tensor, return_features: bool = False) -> TargetOutput:
         # input_ids, position_ids: [B, T]; logit_index: [B, R] rows of T whose logits are wanted
+        rows = self.normed_rows(input_ids, position_ids, cache, logit_index, return_features)
+        return TargetOutput(self.lm_head(rows.hidden).float(), rows.features)
+
+    def normed_rows(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache,
+                    logit_index: Tensor, return_features: bool = False) -> TargetRows:
+        """The forward up to, not including, the LM head: for a fused LM head + argmax
+        (`kernels.lm_head_argmax`) that never writes the [R, vocab] logits."""
         h, features = self._run_layers(input_ids, position_ids, cache, return_features)
         picked = h.gather(1, logit_index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-        return TargetOutput(self.head(picked).float(), features)
+        return TargetRows(self.norm(picked), features)
 
     def features_and_hidden(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
         """For training data: features [B, T, 3H] and the last layer's pre-norm hidden [B, T, H]."""

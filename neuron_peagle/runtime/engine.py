@@ -116,6 +116,19 @@ class Engine:
         decoder = SpecDecoder(target, proposer, build, runner, num_speculative_tokens)
         return cls(path, target, load_tokenizer(path), build, decoder, mode, num_speculative_tokens, choice)
 
+    @classmethod
+    def from_compiled(cls, artifact_dir: str | Path, **expected) -> "Engine":
+        """An engine on the graphs `python -m compile.build` compiled into `artifact_dir`.
+
+        Refuses (ArtifactError) artifacts built with other package versions, other weights, or for
+        other shapes than `expected` asks (fields of `runtime.artifacts.ArtifactRequest`, e.g.
+        batch_size=4; model_dir / drafter_dir say where the weights are now). Every graph is warmed
+        before this returns, so generation compiles nothing; `engine.artifacts` says how each was
+        loaded."""
+        from neuron_peagle.runtime.artifacts import ArtifactRequest, load_engine
+
+        return load_engine(cls, Path(artifact_dir), ArtifactRequest(**expected))
+
     # ---- requests ------------------------------------------------------------------------------
 
     def encode(self, prompt: str, chat_template: bool = True) -> list[int]:

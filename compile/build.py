@@ -1,0 +1,309 @@
+"""`python -m compile.build` (console script `neuron-peagle-compile`): trace, audit and compile every
+graph an engine needs into an artifact directory that `Engine.from_compiled` loads.
+
+    python -m compile.build --out artifacts/ --backend xla --batch-size 1 --buckets 128,512 -k 7
+
+1. Load the target (and drafter) exactly as the engine does, graphs placed on the XLA device.
+2. Plan the graphs (compile/plan.py) and trace each one lazily: write its HLO text, audit it
+   (compile/audit.py), fingerprint it. Nothing is compiled yet.
+3. Compile only the graphs whose fingerprint is not in the previous manifest: on xla by running
+   the graph once with torch-xla's persistent compilation cache in `<out>/xla_cache`, on neuron
+   with `torch_neuronx.trace`. Files of graphs no longer planned are removed.
+4. Write manifest.json. Progress shows on a tqdm bar and goes to compile_log.jsonl as it happens.
+
+An xla build must run in a fresh process: torch-xla fixes its persistent cache when it compiles
+its first graph, so the build refuses a process that already has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tqdm import tqdm
+
+from compile import audit
+from compile.manifest import (HLO_DIR, LOG_NAME, NEURON_DIR, XLA_CACHE_DIR, GraphRecord, Manifest, TensorInfo,
+                              WeightsInfo, fingerprint, installed_versions)
+from compile.plan import TARGETS, GraphSpec, neuron_compiler_args, plan_graphs, trace_hlo
+from neuron_peagle.backends.xla import XlaBackend, initialize_persistent_cache
+from neuron_peagle.cli import _buckets
+from neuron_peagle.config import BuildConfig
+from neuron_peagle.default_model import require_default_model
+from neuron_peagle.errors import ArtifactError, ConfigError, NeuronPeagleError
+from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter
+from neuron_peagle.runtime.engine import MODES, Engine
+
+ARTIFACT_BACKENDS = ("xla", "neuron")
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    model_dir: Path
+    drafter_dir: Path | None  # None: plain mode, or a random-init drafter
+    out_dir: Path
+    backend: str = "xla"  # "xla" | "neuron"
+    build: BuildConfig = field(default_factory=BuildConfig)  # shapes; its backend field is ignored
+    mode: str = "parallel"
+    num_speculative_tokens: int = 7
+    tp_degree: int = 1
+    target: str = "trn1"
+
+    def __post_init__(self) -> None:
+        if self.backend not in ARTIFACT_BACKENDS:
+            raise ConfigError(f"artifacts are built for backend xla or neuron, not {self.backend!r}")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode != "plain" and self.num_speculative_tokens < 1:
+            raise ConfigError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if self.tp_degree < 1:
+            raise ConfigError(f"tp_degree must be >= 1, got {self.tp_degree}")
+        if self.tp_degree > 1:
+            raise ConfigError(
+                f"tensor parallelism (tp_degree {self.tp_degree}) is not supported yet: it needs the neuron "
+                "backend with neuronx-distributed parallel layers, which this version does not build; "
+                "use --tp-degree 1"
+            )
+        neuron_compiler_args(self.target)  # validates the target
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return 0 if self.mode == "plain" else self.num_speculative_tokens
+
+
+@dataclass
+class BuildReport:
+    compiled: list[str]
+    up_to_date: list[str]
+    removed: list[str]  # graphs of the previous manifest that are no longer planned
+    xla_compilations: int  # graphs torch-xla compiled in this process
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Traced:
+    """What tracing one graph tells before anything is compiled."""
+
+    spec: GraphSpec
+    outputs: tuple[TensorInfo, ...]
+    hlo_file: str
+    hlo_sha256: str
+    fingerprint: str
+    audit: audit.AuditResult
+
+
+class _Log:
+    """compile_log.jsonl, appended and flushed per record, echoed above the progress bar."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, record: dict, line: str) -> None:
+        record = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **record}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        tqdm.write(line, file=sys.stderr)
+
+
+def _trace(spec: GraphSpec, backend: XlaBackend, out: Path, versions: dict, weights: list[WeightsInfo | None],
+           vocab_sizes: tuple[int, ...]) -> _Traced:
+    hlo, outputs = trace_hlo(spec, backend)
+    hlo_file = f"{HLO_DIR}/{spec.name}.hlo.txt"
+    (out / hlo_file).write_text(hlo)
+    result = audit.audit_hlo(hlo, vocab_sizes)
+    audit.check(spec.name, result, str(out / hlo_file))
+    digest = hashlib.sha256(hlo.encode()).hexdigest()
+    return _Traced(spec, tuple(TensorInfo.of(n, t) for n, t in zip(outputs._fields, outputs)), hlo_file, digest,
+                   fingerprint(digest, spec.compiler_args, versions, weights), result)
+
+
+def _record(item: _Traced, files: tuple[str, ...], compile_seconds: float) -> GraphRecord:
+    spec = item.spec
+    return GraphRecord(
+        name=spec.name, kind=spec.kind, bucket=spec.bucket, greedy=spec.greedy,
+        inputs=tuple(TensorInfo.of(n, t) for n, t in zip(type(spec.example_inputs)._fields, spec.example_inputs)),
+        outputs=item.outputs, state=tuple(TensorInfo.of(n, t) for n, t in spec.state_buffers.items()),
+        compiler_args=spec.compiler_args, hlo_file=item.hlo_file, hlo_sha256=item.hlo_sha256,
+        fingerprint=item.fingerprint, files=files, compile_time_s=round(compile_seconds, 3),
+        audit=item.audit.to_dict())
+
+
+def _compile_xla(spec: GraphSpec, backend: XlaBackend, out: Path) -> list[str]:
+    """Run the graph once, exactly as the engine does, so torch-xla compiles it into the persistent
+    cache; returns the cache entries that appeared."""
+    cache = out / XLA_CACHE_DIR
+    before = _listing(cache)
+    backend.run(spec.module, spec.example_inputs)
+    return sorted(str(p.relative_to(out)) for p in _listing(cache) - before)
+
+
+def _listing(folder: Path) -> set[Path]:
+    return set(folder.iterdir()) if folder.is_dir() else set()
+
+
+def _compile_neuron(spec: GraphSpec, out: Path) -> list[str]:
+    from neuron_peagle.backends.neuron import compile_graph
+
+    spec.module.cpu()  # torch_neuronx.trace takes a CPU module and moves it itself
+    with tempfile.TemporaryDirectory(prefix=f"neuronx-cc-{spec.name}-") as workdir:
+        files = compile_graph(spec.name, spec.module, spec.example_inputs, spec.state_names, spec.compiler_args,
+                              Path(workdir), out / NEURON_DIR)
+    return [str(f.relative_to(out)) for f in files]
+
+
+def _drafter_weights(choice: DrafterChoice | None) -> WeightsInfo | None:
+    if choice is None:  # plain mode
+        return None
+    if choice.path is None:  # a random-init drafter: its seed makes its weights
+        return WeightsInfo(None, random_seed=choice.seed)
+    return WeightsInfo.of_dir(choice.path)
+
+
+def _previous(out: Path, backend: str) -> Manifest | None:
+    """The manifest of an earlier build into `out` for the same backend, if one is readable."""
+    try:
+        manifest = Manifest.load(out)
+    except ArtifactError:
+        return None
+    return manifest if manifest.backend == backend else None
+
+
+def _prune(out: Path, keep: set[str]) -> None:
+    """Delete compiled files and HLO texts that no planned, up-to-date graph owns."""
+    for folder in (HLO_DIR, XLA_CACHE_DIR, NEURON_DIR):
+        for path in _listing(out / folder):
+            if str(path.relative_to(out)) in keep:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def build_artifacts(request: BuildRequest) -> BuildReport:
+    started = time.perf_counter()
+    out = request.out_dir
+    (out / HLO_DIR).mkdir(parents=True, exist_ok=True)
+    if request.backend == "neuron":
+        from neuron_peagle.backends.neuron import require_sdk
+
+        require_sdk()
+    elif not initialize_persistent_cache(out / XLA_CACHE_DIR, readonly=False):
+        raise ArtifactError(
+            f"this process has already compiled XLA graphs, so torch-xla's persistent cache can no longer "
+            f"be pointed at {out / XLA_CACHE_DIR}; run the build in a fresh process (python -m compile.build)"
+        )
+    versions = installed_versions(request.backend)
+    engine = Engine.from_pretrained(request.model_dir, request.drafter_dir, mode=request.mode,
+                                    num_speculative_tokens=request.num_draft_tokens,
+                                    batch_size=request.build.batch_size, max_length=request.build.max_length,
+                                    prefill_buckets=request.build.prefill_buckets, dtype=request.build.dtype,
+                                    backend="xla")
+    backend: XlaBackend = engine.backend
+    first_compile = backend.compile_count()
+    model, drafter = WeightsInfo.of_dir(request.model_dir), _drafter_weights(engine.drafter)
+    vocab_sizes = (engine.target.config.vocab_size,) + ((engine.drafter.config.draft_vocab_size,)
+                                                        if engine.drafter else ())
+    specs = plan_graphs(engine.decoder, neuron_compiler_args(request.target))
+    previous = _previous(out, request.backend)
+    log = _Log(out / LOG_NAME)
+
+    traced: list[_Traced] = []
+    fresh: dict[str, GraphRecord] = {}
+    for spec in tqdm(specs, desc="trace + audit", unit="graph", file=sys.stderr):
+        item = _trace(spec, backend, out, versions, [model, drafter], vocab_sizes)
+        traced.append(item)
+        old = previous.graph(spec.name) if previous else None
+        if old is not None and old.fingerprint == item.fingerprint and all((out / f).is_file() for f in old.files):
+            fresh[spec.name] = old
+            log.write({"event": "graph", "graph": spec.name, "status": "up to date"}, f"{spec.name}: up to date")
+    _prune(out, {t.hlo_file for t in traced} | {f for record in fresh.values() for f in record.files})
+
+    records: list[GraphRecord] = []
+    stale = [t for t in traced if t.spec.name not in fresh]
+    bar = tqdm(total=len(stale), desc=f"compile ({request.backend})", unit="graph", file=sys.stderr)
+    for item in traced:
+        spec = item.spec
+        if spec.name in fresh:
+            files, seconds = fresh[spec.name].files, fresh[spec.name].compile_time_s
+        else:
+            bar.set_postfix_str(spec.name)
+            start = time.perf_counter()
+            files = _compile_xla(spec, backend, out) if request.backend == "xla" else _compile_neuron(spec, out)
+            seconds = time.perf_counter() - start
+            bar.update()
+            log.write({"event": "graph", "graph": spec.name, "status": "compiled", "compile_s": round(seconds, 3)},
+                      f"{spec.name}: compiled in {seconds:.1f} s")
+        records.append(_record(item, tuple(files), seconds))
+    bar.close()
+
+    manifest = Manifest(
+        backend=request.backend, versions=versions,
+        build=dataclasses.replace(request.build, backend=request.backend), mode=request.mode,
+        num_speculative_tokens=request.num_draft_tokens, tp_degree=request.tp_degree, target=request.target,
+        model=model, drafter=drafter, graphs=tuple(records),
+        audit_notes=tuple(audit.notes({t.spec.name: t.audit.findings for t in traced})))
+    manifest.save(out)
+    planned = {s.name for s in specs}
+    report = BuildReport(
+        compiled=[t.spec.name for t in stale], up_to_date=list(fresh),
+        removed=[g.name for g in previous.graphs if g.name not in planned] if previous else [],
+        xla_compilations=backend.compile_count() - first_compile, seconds=time.perf_counter() - started)
+    log.write({"event": "build", **dataclasses.asdict(report), "seconds": round(report.seconds, 2)},
+              f"{len(specs)} graphs: {len(report.compiled)} compiled, {len(report.up_to_date)} up to date "
+              f"({report.seconds:.1f} s); manifest in {out / 'manifest.json'}")
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neuron-peagle-compile", description=(
+        "Trace, audit and compile every fixed-shape graph an engine needs into an artifact directory."))
+    parser.add_argument("--out", type=Path, required=True, help="artifact directory (created or updated)")
+    parser.add_argument("--model", type=Path, default=None, help="Hugging Face target directory "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--drafter", type=Path, default=None, help="speculators-format drafter directory "
+                        "(default: the project's drafter for the default model, else a random-init one)")
+    parser.add_argument("--backend", default="xla", choices=ARTIFACT_BACKENDS)
+    parser.add_argument("--mode", default="parallel", choices=MODES)
+    parser.add_argument("--num-speculative-tokens", "-k", type=int, default=7, help="K, drafts per step")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--max-length", type=int, default=1024, help="KV cache length (prompt + output)")
+    parser.add_argument("--buckets", type=_buckets, default=(128, 512), help="prefill buckets, e.g. 128,512")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--tp-degree", type=int, default=1, help="tensor-parallel degree (only 1 so far)")
+    parser.add_argument("--target", default="trn1", choices=TARGETS, help="neuronx-cc --target")
+    return parser
+
+
+def request_from_args(args: argparse.Namespace) -> BuildRequest:
+    model_dir = args.model if args.model is not None else require_default_model()
+    drafter_dir = None
+    if args.mode != "plain":
+        drafter_dir = choose_drafter(model_dir, args.drafter, is_default_target=args.model is None).path
+    build = BuildConfig(batch_size=args.batch_size, max_length=args.max_length, prefill_buckets=args.buckets,
+                        dtype=args.dtype)
+    return BuildRequest(model_dir, drafter_dir, args.out, args.backend, build, args.mode, args.num_speculative_tokens,
+                        args.tp_degree, args.target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        build_artifacts(request_from_args(args))
+    except NeuronPeagleError as err:
+        print(f"neuron-peagle-compile: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""`manifest.json`: what an artifact directory holds and exactly what it was built from.
+
+A loader trusts compiled graphs only as far as the manifest vouches for them, so it records
+everything a graph depends on: package versions, the sha256 of every weight and config file
+(target and drafter), the build shapes, and per graph its interface, aliased state, compiler
+arguments, HLO hash and audit. A graph's fingerprint hashes the parts that change its compiled
+form; a rebuild recompiles exactly the graphs whose fingerprint changed.
+
+Layout of an artifact directory:
+    manifest.json          this file
+    compile_log.jsonl      one record per graph per build run, then a summary record
+    hlo/<graph>.hlo.txt    the HLO text of every graph (always)
+    xla_cache/             torch-xla's persistent compilation cache (xla backend)
+    neuron/<graph>.pt      torch_neuronx traced module, and <graph>.neff (neuron backend)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from neuron_peagle.config import BuildConfig
+from neuron_peagle.default_model import sha256_of
+from neuron_peagle.errors import ArtifactError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+LOG_NAME = "compile_log.jsonl"
+HLO_DIR = "hlo"
+XLA_CACHE_DIR = "xla_cache"
+NEURON_DIR = "neuron"
+# The packages whose versions a compiled graph is tied to, per backend.
+PACKAGES = {"xla": ("torch", "torch-xla"), "neuron": ("torch", "torch-xla", "torch-neuronx", "neuronx-cc")}
+
+
+def installed_versions(backend: str) -> dict[str, str | None]:
+    """Installed version of every package the backend's graphs depend on (None: not installed)."""
+    versions: dict[str, str | None] = {}
+    for package in PACKAGES[backend]:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The files a model's or drafter's weights come from: config.json, safetensors, shard index."""
+    names = ["config.json", "model.safetensors.index.json"]
+    files = [directory / n for n in names if (directory / n).is_file()]
+    return files + sorted(directory.glob("*.safetensors"))
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where a model's or drafter's weights were read from, and the sha256 of each file."""
+
+    path: str | None  # None: a random-init drafter, made from `random_seed`
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    random_seed: int | None = None
+
+    @classmethod
+    def of_dir(cls, directory: Path) -> "WeightsInfo":
+        return cls(str(directory.resolve()), {f.name: sha256_of(f) for f in weight_files(directory)})
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype without the "torch." prefix
+
+    @classmethod
+    def of(cls, name: str, tensor: Tensor) -> "TensorInfo":
+        return cls(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TensorInfo":
+        return cls(data["name"], tuple(data["shape"]), data["dtype"])
+
+
+@dataclass(frozen=True)
+class GraphRecord:
+    name: str
+    kind: str
+    bucket: int | None
+    greedy: bool
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    state: tuple[TensorInfo, ...]  # aliased state buffers: updated in place, kept on the device
+    compiler_args: tuple[str, ...]
+    hlo_file: str  # relative to the artifact directory
+    hlo_sha256: str
+    fingerprint: str
+    files: tuple[str, ...]  # the compiled form, relative to the artifact directory
+    compile_time_s: float  # of the build that compiled it
+    audit: dict[str, Any]  # AuditResult.to_dict()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GraphRecord":
+        tensors = {key: tuple(TensorInfo.from_dict(t) for t in data[key]) for key in ("inputs", "outputs", "state")}
+        return cls(**{**data, **tensors, "compiler_args": tuple(data["compiler_args"]),
+                      "files": tuple(data["files"])})
+
+
+@dataclass(frozen=True)
+class Manifest:
+    backend: str  # "xla" | "neuron"
+    versions: dict[str, str | None]
+    build: BuildConfig
+    mode: str
+    num_speculative_tokens: int
+    tp_degree: int
+    target: str  # trn1 | trn2: the neuronx-cc target (recorded on xla too: it is in the fingerprints)
+    model: WeightsInfo
+    drafter: WeightsInfo | None  # None in plain mode
+    graphs: tuple[GraphRecord, ...]
+    audit_notes: tuple[str, ...]
+    format_version: int = FORMAT_VERSION
+
+    def graph(self, name: str) -> GraphRecord | None:
+        return next((g for g in self.graphs if g.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["audit"] = {"notes": data.pop("audit_notes")}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        data = dict(data)
+        drafter, audit = data.pop("drafter"), data.pop("audit")
+        return cls(**{
+            **data,
+            "build": BuildConfig.from_dict(data["build"]),
+            "model": WeightsInfo(**data["model"]),
+            "drafter": WeightsInfo(**drafter) if drafter is not None else None,
+            "graphs": tuple(GraphRecord.from_dict(g) for g in data["graphs"]),
+            "audit_notes": tuple(audit["notes"]),
+        })
+
+    def save(self, directory: Path) -> None:
+        # Written whole, then renamed: an interrupted build never leaves half a manifest.
+        tmp = directory / (MANIFEST_NAME + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        tmp.replace(directory / MANIFEST_NAME)
+
+    @classmethod
+    def load(cls, directory: Path) -> "Manifest":
+        path = directory / MANIFEST_NAME
+        if not path.is_file():
+            raise ArtifactError(f"{directory} holds no {MANIFEST_NAME}; build it with `python -m compile.build`")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ArtifactError(f"{path}: not valid JSON ({err})") from None
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(f"{path}: format version {data.get('format_version')!r}, this version reads "
+                                f"{FORMAT_VERSION}; rebuild the artifacts")
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ArtifactError(f"{path}: malformed manifest ({err!r})") from None
+
+
+def fingerprint(hlo_sha256: str, compiler_args: tuple[str, ...], versions: dict[str, str | None],
+                weights: list[WeightsInfo | None]) -> str:
+    """What a compiled graph depends on, hashed: its HLO, compiler arguments, versions and weights
+    (their contents, not where they lie: moving a model directory recompiles nothing)."""
+    payload = {"hlo": hlo_sha256, "compiler_args": list(compiler_args), "versions": versions,
+               "weights": [[w.files, w.random_seed] if w is not None else None for w in weights]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

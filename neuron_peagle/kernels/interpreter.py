@@ -1,0 +1,584 @@
+"""A small CPU interpreter for the subset of NKI that this package's kernels use.
+
+The kernels are written against the real `nki` API (NKI 0.6: `nl.ndarray` allocations, `nisa.*`
+instructions with an explicit `dst`, `nisa.dma_copy` between HBM and SBUF). Without the Neuron SDK
+they still run here, unchanged: `nki_api` hands them this module's `nki`, `nl` and `nisa`.
+
+Tiles are numpy arrays that know their memory (HBM, SBUF, PSUM) and which of their elements have
+been written. Every instruction checks what the hardware or NKI would refuse, with a message that
+names the tile: a partition dimension over 128; a PSUM tile larger than one 2 KiB bank (512 float32);
+matmul operands over the Tensor Engine's limits (stationary free size 128, moving free size 512),
+not in SBUF, or not contracting over matching partitions; compute engines reading HBM; DMA reading
+PSUM or converting types; slices out of bounds; nested slicing; and any read of an SBUF, PSUM or
+output element that was never written (a PSUM accumulator the matmuls never filled, a remainder tile
+the loop forgot). It checks the logic and the tiling of our kernels; it is not a chip simulator: no
+timing, no SBUF capacity beyond one tile, no engine or bank assignment, float32 arithmetic on every
+engine, and bfloat16 modelled by rounding to nearest-even whenever a bfloat16 tile is written.
+
+`nl.affine_range` loops run backwards: their iterations are promised independent, so a hidden
+loop-carried dependency shows up as a wrong result or an unwritten read instead of passing silently.
+`nl.sequential_range` keeps its order (it is the loop for carried state, such as a running maximum).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+PMAX = 128  # partitions of SBUF and PSUM
+PSUM_BANK_BYTES = 2048  # one PSUM bank per partition; a matmul output tile must fit in one
+PSUM_BANK_FMAX = PSUM_BANK_BYTES // 4  # = 512 float32
+GEMM_STATIONARY_FMAX = 128
+GEMM_MOVING_FMAX = 512
+SBUF_PARTITION_BYTES = 24 * 2**20 // PMAX  # trn1's 24 MiB SBUF (trn2: 28 MiB); one tile must fit
+
+
+class NkiInterpreterError(RuntimeError):
+    """A kernel did something the NeuronCore (or the NKI compiler) would refuse."""
+
+
+# ---- data types and memories -----------------------------------------------------------------
+
+
+def _round_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bfloat16 (ties to even), kept in float32 storage."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str
+    storage: type  # the numpy type holding the values
+    itemsize: int  # bytes per element on the device
+
+    @property
+    def is_float(self) -> bool:
+        return np.issubdtype(self.storage, np.floating)
+
+    def cast(self, values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values)
+        if self.name == "bfloat16":
+            return _round_bf16(values.astype(np.float32))
+        if not self.is_float and np.issubdtype(values.dtype, np.floating):
+            values = np.rint(values)
+        return values.astype(self.storage)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+float32 = DType("float32", np.float32, 4)
+bfloat16 = DType("bfloat16", np.float32, 2)
+int32 = DType("int32", np.int32, 4)
+
+
+@dataclass(frozen=True)
+class Memory:
+    name: str
+    on_chip: bool
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+hbm = Memory("hbm", False)
+shared_hbm = Memory("shared_hbm", False)  # where kernel outputs live
+sbuf = Memory("sbuf", True)
+psum = Memory("psum", True)
+
+
+# ---- tensors and the regions instructions read and write ------------------------------------
+
+
+def _check_tile(shape: tuple[int, ...], dtype: DType, buffer: Memory, name: str) -> None:
+    if not shape or shape[0] > PMAX:
+        raise NkiInterpreterError(
+            f"{buffer.name} tile {name} of shape {shape}: the partition dimension (first axis) must be "
+            f"1..{PMAX}")
+    free_bytes = math.prod(shape[1:]) * dtype.itemsize
+    if buffer is psum and free_bytes > PSUM_BANK_BYTES:
+        raise NkiInterpreterError(
+            f"PSUM tile {name} of shape {shape} ({dtype}) needs {free_bytes} bytes per partition, more "
+            f"than one {PSUM_BANK_BYTES}-byte bank (PSUM free size <= {PSUM_BANK_FMAX} float32)")
+    if buffer is sbuf and free_bytes > SBUF_PARTITION_BYTES:
+        raise NkiInterpreterError(
+            f"SBUF tile {name} of shape {shape} ({dtype}) needs {free_bytes} bytes per partition, more "
+            f"than the {SBUF_PARTITION_BYTES} a partition has")
+
+
+def _format_key(key: tuple) -> str:
+    def one(k: Any) -> str:
+        if isinstance(k, slice):
+            return f"{'' if k.start is None else k.start}:{'' if k.stop is None else k.stop}"
+        return "..." if k is Ellipsis else str(k)
+
+    return ", ".join(one(k) for k in key)
+
+
+class Tensor:
+    """`nl.ndarray`: one allocation in one memory, its values and which of them were written."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: DType, buffer: Memory, name: str,
+                 values: np.ndarray | None = None) -> None:
+        shape = tuple(int(s) for s in shape)
+        if not isinstance(dtype, DType) or not isinstance(buffer, Memory):
+            raise NkiInterpreterError(f"tensor {name}: dtype and buffer must be nl types, got {dtype!r}, {buffer!r}")
+        if buffer.on_chip:
+            _check_tile(shape, dtype, buffer, name)
+        self.shape, self.dtype, self.buffer, self.name = shape, dtype, buffer, name
+        self.values = np.zeros(shape, dtype.storage) if values is None else dtype.cast(values).reshape(shape)
+        self.written = np.full(shape, values is not None)
+
+    def __getitem__(self, key: Any) -> View:
+        key = key if isinstance(key, tuple) else (key,)
+        if sum(k is Ellipsis for k in key) > 1:
+            raise NkiInterpreterError(f"{self.name}[{_format_key(key)}]: at most one ...")
+        explicit = [k for k in key if k is not Ellipsis]
+        if len(explicit) > len(self.shape):
+            raise NkiInterpreterError(f"{self.name}[{_format_key(key)}]: too many indices for shape {self.shape}")
+        dims = iter(range(len(self.shape)))
+        for k in key:
+            if k is Ellipsis:
+                for _ in range(len(self.shape) - len(explicit)):
+                    next(dims)
+                continue
+            size = self.shape[next(dims)]
+            if isinstance(k, slice):
+                start, stop = (0 if k.start is None else k.start), (size if k.stop is None else k.stop)
+                if k.step not in (None, 1) or not 0 <= start < stop <= size:
+                    raise NkiInterpreterError(
+                        f"{self.name}[{_format_key(key)}]: slice {start}:{stop} is empty or out of bounds "
+                        f"for an axis of size {size}")
+            elif isinstance(k, (int, np.integer)):
+                if not 0 <= k < size:
+                    raise NkiInterpreterError(f"{self.name}[{_format_key(key)}]: index {k} out of bounds ({size})")
+            else:
+                raise NkiInterpreterError(f"{self.name}: index with ints and slices, got {type(k).__name__}")
+        return View(self, self.values[key], self.written[key], f"{self.name}[{_format_key(key)}]")
+
+    def ap(self, pattern: list[list[int]], offset: int = 0, vector_offset: Any = None,
+           indirect_dim: int = 0) -> View:
+        """An access pattern over the flattened tensor: [[stride, count], ...], partition axis first.
+
+        With `vector_offset` (an SBUF tile of row indices, one per partition of the pattern) row w of
+        the result starts at vector_offset[w] * (elements per row of this tensor): a gather."""
+        if self.buffer.on_chip:
+            raise NkiInterpreterError(f"{self.name}.ap(): the interpreter models access patterns on HBM only")
+        counts = [int(count) for _, count in pattern]
+        index = np.full(counts, int(offset), dtype=np.int64)
+        for axis, (stride, count) in enumerate(pattern):
+            shape = [1] * len(counts)
+            shape[axis] = int(count)
+            index = index + int(stride) * np.arange(count).reshape(shape)
+        if vector_offset is not None:
+            if indirect_dim != 0:
+                raise NkiInterpreterError(f"{self.name}.ap(): vector offsets index axis 0 only")
+            rows = _read(vector_offset, ".ap vector_offset", "vector_offset")
+            if rows.size != counts[0] or not np.issubdtype(rows.dtype, np.integer):
+                raise NkiInterpreterError(
+                    f"{self.name}.ap(): vector_offset must hold {counts[0]} integer row indices, got {rows.size} "
+                    f"of {rows.dtype}")
+            shape = [counts[0]] + [1] * (len(counts) - 1)
+            own = int(pattern[0][0]) * np.arange(counts[0]).reshape(shape)  # ignored, as on the device
+            index = index - own + rows.reshape(shape).astype(np.int64) * math.prod(self.shape[1:])
+        size = math.prod(self.shape)
+        if index.min() < 0 or index.max() >= size:
+            raise NkiInterpreterError(
+                f"{self.name}.ap({pattern}, offset={offset}): reaches element {int(index.max())} or "
+                f"{int(index.min())} of a tensor with {size}")
+        label = f"{self.name}.ap({pattern}, offset={offset}{', gathered' if vector_offset is not None else ''})"
+        return View(self, self.values.reshape(-1)[index], self.written.reshape(-1)[index], label, writable=False)
+
+
+class View:
+    """A region of a tensor, as an instruction names it (`t[0:rows, k0:k0 + kc]` or `t.ap(...)`)."""
+
+    def __init__(self, tensor: Tensor, values: np.ndarray, written: np.ndarray, label: str,
+                 writable: bool = True) -> None:
+        self.tensor, self.values, self.written, self.label, self.writable = tensor, values, written, label, writable
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    @property
+    def dtype(self) -> DType:
+        return self.tensor.dtype
+
+    @property
+    def buffer(self) -> Memory:
+        return self.tensor.buffer
+
+    def __getitem__(self, key: Any) -> View:
+        raise NkiInterpreterError(f"{self.label}[...]: NKI has no nested slicing; index the tensor once")
+
+
+def _view(x: Any, op: str, role: str) -> View:
+    if isinstance(x, Tensor):
+        return x[...]
+    if isinstance(x, View):
+        return x
+    raise NkiInterpreterError(f"{op}: {role} must be a tile, got {type(x).__name__}")
+
+
+def _read(x: Any, op: str, role: str, on_chip: bool = True) -> np.ndarray:
+    v = _view(x, op, role)
+    if on_chip and not v.buffer.on_chip:
+        raise NkiInterpreterError(
+            f"{op} reads {role} {v.label} from {v.buffer.name}: compute engines see only SBUF and PSUM "
+            f"(dma_copy it into SBUF first)")
+    if not v.written.all():
+        first = tuple(int(i) for i in np.argwhere(~v.written)[0])
+        raise NkiInterpreterError(
+            f"{op} reads {role} {v.label} ({v.buffer.name}) where it was never written "
+            f"({int((~v.written).sum())} of {v.written.size} elements, the first at {first})")
+    return v.values
+
+
+def _write(x: Any, values: np.ndarray, op: str, on_chip: bool = True) -> None:
+    v = _view(x, op, "dst")
+    if not v.writable:
+        raise NkiInterpreterError(f"{op} writes {v.label}: the interpreter reads through .ap() patterns only")
+    if on_chip and not v.buffer.on_chip:
+        raise NkiInterpreterError(f"{op} writes dst {v.label} in {v.buffer.name}: compute engines write SBUF/PSUM")
+    values = np.asarray(values)
+    if values.shape != v.shape:
+        raise NkiInterpreterError(f"{op}: the result has shape {values.shape}, dst {v.label} has {v.shape}")
+    v.values[...] = v.dtype.cast(values)
+    v.written[...] = True
+
+
+def _f32(values: np.ndarray) -> np.ndarray:
+    return values.astype(np.float32)
+
+
+def _same_shape(op: str, *pairs: tuple[str, Any]) -> None:
+    shapes = {role: _view(x, op, role).shape for role, x in pairs}
+    if len(set(shapes.values())) > 1:
+        raise NkiInterpreterError(f"{op}: operand shapes differ: {shapes}")
+
+
+def _per_partition(x: Any, data: np.ndarray, op: str, role: str) -> np.ndarray | float:
+    """A scalar, or a [partitions, 1] tile broadcast along the free axes of `data`."""
+    if isinstance(x, (int, float)):
+        return float(x)
+    values = _f32(_read(x, op, role))
+    if values.shape != (data.shape[0], 1):
+        raise NkiInterpreterError(f"{op}: {role} must be a scalar or a ({data.shape[0]}, 1) tile, got {values.shape}")
+    return values.reshape((data.shape[0],) + (1,) * (data.ndim - 1))
+
+
+# ---- operators ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Op:
+    """An `nl` operator: element-wise in tensor_tensor/tensor_scalar, a reduction in tensor_reduce."""
+
+    name: str
+    fn: Callable[..., np.ndarray]
+    reduce: Callable[..., np.ndarray] | None = None
+
+    def __call__(self, *args: np.ndarray) -> np.ndarray:
+        return np.asarray(self.fn(*args), dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return f"nl.{self.name}"
+
+
+def _compare(fn: Callable) -> Callable:
+    return lambda a, b: fn(a, b).astype(np.float32)
+
+
+add = Op("add", np.add, np.sum)
+subtract = Op("subtract", np.subtract)
+multiply = Op("multiply", np.multiply, np.prod)
+maximum = Op("maximum", np.maximum, np.max)
+minimum = Op("minimum", np.minimum, np.min)
+greater = Op("greater", _compare(np.greater))
+equal = Op("equal", _compare(np.equal))
+not_equal = Op("not_equal", _compare(np.not_equal))
+# activation functions
+copy = Op("copy", lambda x: x)
+square = Op("square", np.square)
+rsqrt = Op("rsqrt", lambda x: 1.0 / np.sqrt(x))
+exp = Op("exp", np.exp)
+
+
+# ---- nki.isa -------------------------------------------------------------------------------------
+
+
+def dma_copy(dst: Any, src: Any, dge_mode: Any = None, name: str | None = None) -> None:
+    s, d = _view(src, "dma_copy", "src"), _view(dst, "dma_copy", "dst")
+    if s.buffer is psum or d.buffer is psum:
+        raise NkiInterpreterError(
+            f"dma_copy {s.label} -> {d.label}: DMA does not touch PSUM (tensor_copy PSUM into SBUF first)")
+    if s.shape != d.shape:
+        raise NkiInterpreterError(f"dma_copy {s.label} {s.shape} -> {d.label} {d.shape}: shapes differ")
+    if s.dtype != d.dtype:
+        raise NkiInterpreterError(
+            f"dma_copy {s.label} -> {d.label}: DMA moves bytes and does not convert {s.dtype} to {d.dtype} "
+            f"(tensor_copy into a tile of that type)")
+    _write(d, _read(s, "dma_copy", "src", on_chip=False), "dma_copy", on_chip=False)
+
+
+def tensor_copy(dst: Any, src: Any, engine: Any = None, name: str | None = None) -> None:
+    _same_shape("tensor_copy", ("dst", dst), ("src", src))
+    _write(dst, _read(src, "tensor_copy", "src"), "tensor_copy")
+
+
+def memset(dst: Any, value: float | int, engine: Any = None, name: str | None = None) -> None:
+    d = _view(dst, "memset", "dst")
+    if not d.dtype.is_float and not isinstance(value, (int, np.integer)):
+        raise NkiInterpreterError(f"memset {d.label}: an {d.dtype} tile takes an integer value, got {value!r}")
+    _write(d, np.full(d.shape, value), "memset")
+
+
+def iota(dst: Any, pattern: list[list[int]], offset: int = 0, channel_multiplier: int = 0,
+         name: str | None = None) -> None:
+    """dst[p, i1, i2, ...] = offset + channel_multiplier * p + sum(stride_j * i_j) over the free axes."""
+    d = _view(dst, "iota", "dst")
+    if [int(count) for _, count in pattern] != list(d.shape[1:]):
+        raise NkiInterpreterError(f"iota {d.label}: pattern {pattern} does not cover the free axes {d.shape[1:]}")
+    values = np.full(d.shape, offset, dtype=np.int64)
+    values = values + channel_multiplier * np.arange(d.shape[0]).reshape((-1,) + (1,) * (len(d.shape) - 1))
+    for axis, (stride, count) in enumerate(pattern, start=1):
+        shape = [1] * len(d.shape)
+        shape[axis] = int(count)
+        values = values + int(stride) * np.arange(count).reshape(shape)
+    _write(d, values, "iota")
+
+
+def nc_matmul(dst: Any, stationary: Any, moving: Any, is_stationary_onezero: bool = False,
+              is_moving_onezero: bool = False, is_transpose: bool = False, accumulate: bool | None = None,
+              tile_position: tuple = (), tile_size: tuple = (), perf_mode: Any = None, name: str | None = None
+              ) -> None:
+    """dst = stationary.T @ moving on the Tensor Engine, accumulated in float32 PSUM.
+
+    accumulate=None (the default): the first write to a PSUM element overwrites, later ones add."""
+    op = "nc_matmul"
+    st, mv, d = _view(stationary, op, "stationary"), _view(moving, op, "moving"), _view(dst, op, "dst")
+    for role, v in (("stationary", st), ("moving", mv)):
+        if v.buffer is not sbuf:
+            raise NkiInterpreterError(f"{op}: {role} {v.label} is in {v.buffer.name}; the Tensor Engine reads SBUF")
+        if len(v.shape) != 2:
+            raise NkiInterpreterError(f"{op}: {role} {v.label} must be 2-D [partitions, free], got {v.shape}")
+    if d.buffer is not psum or d.dtype != float32:
+        raise NkiInterpreterError(f"{op}: dst {d.label} must be a float32 PSUM tile ({d.buffer.name}, {d.dtype})")
+    (k_st, m), (k_mv, n) = st.shape, mv.shape
+    if k_st != k_mv:
+        raise NkiInterpreterError(
+            f"{op}: the contraction runs over the partitions, and they differ: stationary {st.label} has "
+            f"{k_st}, moving {mv.label} has {k_mv}")
+    if m > GEMM_STATIONARY_FMAX:
+        raise NkiInterpreterError(
+            f"{op}: stationary {st.label} has free size {m}, more than {GEMM_STATIONARY_FMAX}")
+    if n > GEMM_MOVING_FMAX:
+        raise NkiInterpreterError(f"{op}: moving {mv.label} has free size {n}, more than {GEMM_MOVING_FMAX}")
+    if st.dtype != mv.dtype:
+        raise NkiInterpreterError(f"{op}: stationary is {st.dtype}, moving is {mv.dtype}")
+    if d.shape != (m, n):
+        raise NkiInterpreterError(f"{op}: dst {d.label} is {d.shape}, stationary.T @ moving is {(m, n)}")
+    product = _f32(_read(st, op, "stationary")).T @ _f32(_read(mv, op, "moving"))
+    if accumulate is None:
+        product = np.where(d.written, d.values + product, product)
+    elif accumulate:
+        product = _read(d, op, "the accumulator") + product
+    _write(d, product, op)
+
+
+def nc_transpose(dst: Any, data: Any, engine: Any = None, name: str | None = None) -> None:
+    """Partition <-> free transpose on the Tensor Engine: SBUF [p <= 128, f <= 128] -> PSUM [f, p]."""
+    op = "nc_transpose"
+    src, d = _view(data, op, "data"), _view(dst, op, "dst")
+    if src.buffer is not sbuf or d.buffer is not psum:
+        raise NkiInterpreterError(f"{op}: reads SBUF and writes PSUM; got {src.buffer.name} -> {d.buffer.name}")
+    if len(src.shape) != 2 or src.shape[1] > PMAX:
+        raise NkiInterpreterError(f"{op}: data {src.label} must be at most [{PMAX}, {PMAX}], got {src.shape}")
+    if d.shape != src.shape[::-1] or d.dtype != src.dtype:
+        raise NkiInterpreterError(
+            f"{op}: dst {d.label} must be {src.shape[::-1]} {src.dtype}, got {d.shape} {d.dtype}")
+    _write(d, _read(src, op, "data").T, op)
+
+
+def activation(dst: Any, op: Op, data: Any, bias: Any = None, scale: Any = 1.0, reduce_op: Op | None = None,
+               reduce_res: Any = None, reduce_cmd: Any = None, name: str | None = None) -> None:
+    """dst = op(data * scale + bias); with reduce_res, also the sum of dst along the free axes."""
+    x = _f32(_read(data, "activation", "data"))
+    _same_shape("activation", ("dst", dst), ("data", data))
+    shift = 0.0 if bias is None else _per_partition(bias, x, "activation", "bias")
+    y = op(x * _per_partition(scale, x, "activation", "scale") + shift)
+    _write(dst, y, "activation")
+    if reduce_res is not None:
+        if reduce_op is not add:
+            raise NkiInterpreterError(f"activation: the Scalar Engine reduces with nl.add only, got {reduce_op}")
+        _write(reduce_res, y.reshape(y.shape[0], -1).sum(axis=1, keepdims=True), "activation reduce_res")
+
+
+def activation_reduce(dst: Any, op: Op, data: Any, reduce_op: Op, reduce_res: Any, bias: Any = None,
+                      scale: Any = 1.0, name: str | None = None) -> None:
+    activation(dst, op, data, bias=bias, scale=scale, reduce_op=reduce_op, reduce_res=reduce_res)
+
+
+def tensor_reduce(dst: Any, op: Op, data: Any, axis: int | list[int], negate: bool = False,
+                  keepdims: bool = False, name: str | None = None) -> None:
+    x = _f32(_read(data, "tensor_reduce", "data"))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    if 0 in axes or op.reduce is None:
+        raise NkiInterpreterError(f"tensor_reduce: reduces free axes (not axis 0) with add/multiply/max/min, "
+                                  f"got axis={axis}, op={op}")
+    result = op.reduce(x, axis=axes, keepdims=True)
+    d = _view(dst, "tensor_reduce", "dst")
+    if result.size != math.prod(d.shape) or d.shape[0] != x.shape[0]:
+        raise NkiInterpreterError(f"tensor_reduce: dst {d.label} {d.shape} cannot hold a result of {result.shape}")
+    _write(d, (-result if negate else result).reshape(d.shape), "tensor_reduce")
+
+
+def tensor_tensor(dst: Any, data1: Any, data2: Any, op: Op, engine: Any = None, name: str | None = None) -> None:
+    _same_shape("tensor_tensor", ("dst", dst), ("data1", data1), ("data2", data2))
+    a, b = _f32(_read(data1, "tensor_tensor", "data1")), _f32(_read(data2, "tensor_tensor", "data2"))
+    _write(dst, op(a, b), "tensor_tensor")
+
+
+def _apply(op: Op, data: np.ndarray, operand: np.ndarray | float, reverse: bool) -> np.ndarray:
+    return op(operand, data) if reverse else op(data, operand)
+
+
+def tensor_scalar(dst: Any, data: Any, op0: Op, operand0: Any, reverse0: bool = False, op1: Op | None = None,
+                  operand1: Any = None, reverse1: bool = False, engine: Any = None, name: str | None = None) -> None:
+    """dst = (data op0 operand0) op1 operand1, operands scalars or [partitions, 1] tiles."""
+    _same_shape("tensor_scalar", ("dst", dst), ("data", data))
+    x = _f32(_read(data, "tensor_scalar", "data"))
+    y = _apply(op0, x, _per_partition(operand0, x, "tensor_scalar", "operand0"), reverse0)
+    if op1 is not None:
+        y = _apply(op1, y, _per_partition(operand1, x, "tensor_scalar", "operand1"), reverse1)
+    _write(dst, y, "tensor_scalar")
+
+
+def scalar_tensor_tensor(dst: Any, data: Any, op0: Op, operand0: Any, op1: Op, operand1: Any,
+                         reverse0: bool = False, reverse1: bool = False, name: str | None = None) -> None:
+    """dst = (data op0 operand0) op1 operand1: operand0 per partition, operand1 a tile like data."""
+    _same_shape("scalar_tensor_tensor", ("dst", dst), ("data", data), ("operand1", operand1))
+    x = _f32(_read(data, "scalar_tensor_tensor", "data"))
+    y = _apply(op0, x, _per_partition(operand0, x, "scalar_tensor_tensor", "operand0"), reverse0)
+    _write(dst, _apply(op1, y, _f32(_read(operand1, "scalar_tensor_tensor", "operand1")), reverse1),
+           "scalar_tensor_tensor")
+
+
+# ---- nki.language ----------------------------------------------------------------------------
+
+
+def ndarray(shape: tuple[int, ...], dtype: DType, buffer: Memory = sbuf, name: str | None = None,
+            address: Any = None) -> Tensor:
+    if name is None:
+        caller = sys._getframe(1)
+        name = f"{buffer.name}@{caller.f_code.co_name}:{caller.f_lineno}"
+    return Tensor(shape, dtype, buffer, name)
+
+
+def affine_range(*args: int) -> Iterator[int]:
+    return reversed(range(*args))
+
+
+def sequential_range(*args: int) -> Iterator[int]:
+    return iter(range(*args))
+
+
+tile_size = SimpleNamespace(pmax=PMAX, psum_fmax=PSUM_BANK_FMAX, psum_bank_fmax=PSUM_BANK_FMAX,
+                            gemm_stationary_fmax=GEMM_STATIONARY_FMAX, gemm_moving_fmax=GEMM_MOVING_FMAX)
+
+
+# ---- running a kernel --------------------------------------------------------------------------
+
+
+def _input(value: Any, name: str) -> Any:
+    """numpy float32/int32 arrays and torch CPU tensors become HBM tensors; other values pass as is."""
+    dtype = None
+    if hasattr(value, "detach"):  # a torch tensor
+        dtype = {"torch.float32": float32, "torch.bfloat16": bfloat16, "torch.int32": int32}.get(str(value.dtype))
+        if dtype is None or value.device.type != "cpu":
+            raise NkiInterpreterError(f"input {name}: the interpreter takes CPU float32/bfloat16/int32 tensors, "
+                                      f"got {value.dtype} on {value.device}")
+        value = value.detach().float().numpy() if dtype is bfloat16 else value.detach().numpy()
+    elif isinstance(value, np.ndarray):
+        dtype = {np.dtype(np.float32): float32, np.dtype(np.int32): int32}.get(value.dtype)
+        if dtype is None:
+            raise NkiInterpreterError(f"input {name}: the interpreter takes float32/int32 arrays, got {value.dtype}")
+    if dtype is None:
+        return value
+    return Tensor(value.shape, dtype, hbm, name, values=value)
+
+
+def _output(tensor: Any) -> np.ndarray:
+    if not isinstance(tensor, Tensor) or tensor.buffer is not shared_hbm:
+        raise NkiInterpreterError(f"kernel outputs must be nl.shared_hbm tensors, got {tensor!r}")
+    if not tensor.written.all():
+        missing = int((~tensor.written).sum())
+        raise NkiInterpreterError(f"kernel output {tensor.name} was not fully written: {missing} of "
+                                  f"{tensor.written.size} elements never stored")
+    return tensor.values.copy()
+
+
+def simulate(kernel: Callable) -> Callable:
+    """Like `nki.simulate(kernel)`: call with numpy arrays (or torch CPU tensors), get numpy arrays."""
+
+    def launch(*args: Any) -> Any:
+        names = list(inspect.signature(kernel).parameters)
+        names += [f"arg{i}" for i in range(len(names), len(args))]
+        outputs = kernel(*(_input(a, n) for a, n in zip(args, names)))
+        if isinstance(outputs, tuple):
+            return tuple(_output(t) for t in outputs)
+        return _output(outputs)
+
+    return launch
+
+
+@contextlib.contextmanager
+def _kernels_see_interpreter() -> Iterator[None]:
+    """Point every loaded kernel module's `nki` / `nl` / `nisa` at this interpreter for a while."""
+    this = sys.modules[__name__]
+    here = {"nki": nki, "nl": nl, "nisa": nisa}
+    saved: list[tuple[Any, str, Any]] = []
+    for name, module in list(sys.modules.items()):
+        if name.startswith("neuron_peagle.kernels.") and module is not this:
+            for attr, value in here.items():
+                if attr in vars(module):
+                    saved.append((module, attr, getattr(module, attr)))
+                    setattr(module, attr, value)
+    try:
+        yield
+    finally:
+        for module, attr, value in reversed(saved):
+            setattr(module, attr, value)
+
+
+def run(kernel: Callable, *args: Any) -> Any:
+    """Run a kernel's own source on this interpreter, even where the real `nki` is installed."""
+    with _kernels_see_interpreter():
+        return simulate(kernel)(*args)
+
+
+nl = SimpleNamespace(
+    ndarray=ndarray, affine_range=affine_range, sequential_range=sequential_range, static_range=sequential_range,
+    tile_size=tile_size, float32=float32, bfloat16=bfloat16, int32=int32,
+    hbm=hbm, shared_hbm=shared_hbm, sbuf=sbuf, psum=psum,
+    add=add, subtract=subtract, multiply=multiply, maximum=maximum, minimum=minimum, greater=greater,
+    equal=equal, not_equal=not_equal, copy=copy, square=square, rsqrt=rsqrt, exp=exp,
+)
+nisa = SimpleNamespace(
+    dma_copy=dma_copy, tensor_copy=tensor_copy, memset=memset, iota=iota, nc_matmul=nc_matmul,
+    nc_transpose=nc_transpose, activation=activation, activation_reduce=activation_reduce,
+    tensor_reduce=tensor_reduce, tensor_tensor=tensor_tensor, tensor_scalar=tensor_scalar,
+    scalar_tensor_tensor=scalar_tensor_tensor,
+)
+nki = SimpleNamespace(jit=simulate, simulate=simulate)

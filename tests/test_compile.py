@@ -1,0 +1,296 @@
+"""Compiled artifacts (compile/): the build writes a manifest, the HLO and its audit for every graph,
+rebuilds only what changed, and `Engine.from_compiled` refuses stale artifacts, then generates the
+eager engine's tokens without compiling anything during generation.
+
+Builds run in a subprocess, as they must (torch-xla's persistent cache is fixed at a process's first
+compilation); loading runs in this process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+from compile import audit
+from compile.build import BuildRequest, build_artifacts, main as build_main
+from compile.manifest import LOG_NAME, MANIFEST_NAME, Manifest, WeightsInfo
+from compile.plan import NEURON_COMPILER_FLAGS, neuron_compiler_args, plan_graphs
+from neuron_peagle.backends.neuron import INSTALL_HINT
+from neuron_peagle.cli import main as cli_main
+from neuron_peagle.config import BuildConfig
+from neuron_peagle.errors import ArtifactError, BackendUnavailableError, ConfigError
+from neuron_peagle.runtime.engine import Engine, SamplingParams
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPES = dict(mode="parallel", num_speculative_tokens=3, batch_size=2, max_length=96, prefill_buckets=(16, 32))
+BUILD_ARGS = ["--mode", "parallel", "-k", "3", "--batch-size", "2", "--max-length", "96"]
+GRAPHS = {f"spec_prefill_b{b}_{v}" for b in (16, 32) for v in ("greedy", "sampling")} | {
+    "spec_step_greedy", "spec_step_sampling"}
+SHORT = [[5, 6, 7], [8, 9, 10, 11, 12]]  # bucket 16
+LONG = [list(range(20, 45)), list(range(50, 80))]  # bucket 32
+
+
+def run_build(model_dir: Path, out: Path, buckets: str = "16,32") -> dict:
+    """Build in a fresh process; returns the build's summary record from the compile log."""
+    cmd = [sys.executable, "-m", "compile.build", "--model", str(model_dir), "--out", str(out), *BUILD_ARGS,
+           "--buckets", buckets]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900,
+                            env={**os.environ, "PJRT_DEVICE": "CPU"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines()]
+    return [r for r in records if r["event"] == "build"][-1]
+
+
+@pytest.fixture(scope="module")
+def built(tiny_llama_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("artifacts")
+    summary = run_build(tiny_llama_dir, out)
+    assert set(summary["compiled"]) == GRAPHS and summary["up_to_date"] == []
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled_engine(built) -> Engine:
+    return Engine.from_compiled(built)
+
+
+# ---- the build ----------------------------------------------------------------------------------
+
+def test_build_writes_manifest_hlo_and_audit_for_every_graph(built, tiny_llama_dir):
+    manifest = Manifest.load(built)
+    assert {g.name for g in manifest.graphs} == GRAPHS
+    assert manifest.versions == {"torch": metadata.version("torch"), "torch-xla": metadata.version("torch-xla")}
+    assert manifest.model.files["model.safetensors"] == WeightsInfo.of_dir(tiny_llama_dir).files["model.safetensors"]
+    assert manifest.drafter.path is None and manifest.drafter.random_seed == 0  # no trained drafter for it
+    assert (manifest.build.batch_size, manifest.build.prefill_buckets, manifest.num_speculative_tokens) == (2, (16, 32), 3)
+    for graph in manifest.graphs:
+        hlo = (built / graph.hlo_file).read_text()
+        assert hlo.startswith("HloModule")
+        assert graph.files and all((built / f).is_file() for f in graph.files)
+        assert graph.audit["passed"] and graph.audit["histogram"]["dot"] > 0
+        assert graph.audit["histogram"] == audit.audit_hlo(hlo, [49152]).histogram
+        kinds = {f["kind"] for f in graph.audit["findings"]}
+        assert "argmax" in kinds  # greedy choice / verify, drafter proposals
+        assert ("sort" in kinds) == (not graph.greedy)  # only top-k / top-p sampling sorts
+        assert list(graph.compiler_args) == [*NEURON_COMPILER_FLAGS, "--target", "trn1"]
+    step = manifest.graph("spec_step_greedy")
+    state = {t.name: t for t in step.state}
+    assert state["cache.key_0"].shape == (2, 2, 96, 16) and state["state.pending_features"].shape == (2, 4, 192)
+    assert "proposer.cache.key_0" in state
+    assert [(t.name, t.shape) for t in step.outputs] == [("tokens", (2, 4)), ("counts", (2,))]
+    prefill = manifest.graph("spec_prefill_b32_sampling")
+    assert prefill.inputs[0].shape == (2, 32) and prefill.inputs[0].dtype == "int64"
+    notes = " ".join(manifest.audit_notes)
+    assert "argmax over 49152" in notes and "issue 6" in notes and "sort over 49152" in notes
+
+
+def test_rebuild_with_nothing_changed_compiles_nothing(built, tiny_llama_dir):
+    summary = run_build(tiny_llama_dir, built)
+    assert summary["compiled"] == [] and set(summary["up_to_date"]) == GRAPHS
+    assert summary["xla_compilations"] == 0
+
+
+def test_changing_one_bucket_rebuilds_only_that_buckets_graphs(built, tiny_llama_dir, tmp_path):
+    out = tmp_path / "artifacts"
+    shutil.copytree(built, out)
+    summary = run_build(tiny_llama_dir, out, buckets="16,48")
+    assert set(summary["compiled"]) == {"spec_prefill_b48_greedy", "spec_prefill_b48_sampling"}
+    assert summary["xla_compilations"] == 2
+    assert set(summary["removed"]) == {"spec_prefill_b32_greedy", "spec_prefill_b32_sampling"}
+    manifest = Manifest.load(out)
+    assert manifest.build.prefill_buckets == (16, 48)
+    assert not (out / "hlo" / "spec_prefill_b32_greedy.hlo.txt").exists()
+    owned = {f for g in manifest.graphs for f in g.files}
+    assert {f"xla_cache/{p.name}" for p in (out / "xla_cache").iterdir()} == owned
+
+
+def test_tensor_parallel_and_unknown_target_are_clear_errors(tiny_llama_dir, tmp_path, capsys):
+    code = build_main(["--model", str(tiny_llama_dir), "--out", str(tmp_path), "--tp-degree", "2"])
+    assert code == 2 and "tp_degree 2) is not supported yet" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="target must be one of"):
+        neuron_compiler_args("trn3")
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+def test_from_compiled_generates_the_eager_tokens_and_compiles_nothing(compiled_engine, tiny_llama_dir):
+    engine = compiled_engine
+    assert set(engine.artifacts.graphs) == GRAPHS
+    eager = Engine.from_pretrained(tiny_llama_dir, **SHAPES)
+    greedy = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    sampled = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.95, seed=3, ignore_eos=True)
+    start = engine.backend.compile_count()
+    got = [o.output_ids for o in engine.generate(SHORT + LONG, greedy)]
+    engine.generate(SHORT + LONG, sampled)
+    assert engine.backend.compile_count() == start
+    assert got == [o.output_ids for o in eager.generate(SHORT + LONG, greedy)]
+
+
+def test_cli_generate_from_artifacts_equals_the_eager_cli(built, compiled_engine, tiny_llama_dir, capsys):
+    common = ["generate", "hello there", "--max-new-tokens", "8", "--json"]
+    assert cli_main([*common, "--artifacts", str(built)]) == 0
+    compiled = json.loads(capsys.readouterr().out)
+    assert cli_main([*common, "--model", str(tiny_llama_dir), *BUILD_ARGS, "--buckets", "16,32"]) == 0
+    eager = json.loads(capsys.readouterr().out)
+    assert compiled["output_ids"] == eager["output_ids"] and compiled["prompt_ids"] == eager["prompt_ids"]
+    assert (compiled["backend"], eager["backend"]) == ("xla", "eager")
+
+
+def test_loading_after_other_xla_work_warns_and_compiles_in_process(built, compiled_engine, tmp_path):
+    """torch-xla's persistent cache is fixed by now (the compiled_engine fixture set it), so loading
+    a copy of the artifacts cannot use the copy's cache: it warns and compiles in the process."""
+    from neuron_peagle.runtime.artifacts import IN_PROCESS
+
+    copy = shutil.copytree(built, tmp_path / "copy")
+    with pytest.warns(RuntimeWarning, match="compiled XLA graphs before loading"):
+        engine = Engine.from_compiled(copy)
+    assert "cache not usable" in engine.artifacts.cache
+    assert set(engine.artifacts.graphs.values()) == {IN_PROCESS}  # the same graphs as compiled_engine's
+
+
+def test_changed_weight_file_is_refused_naming_it(built, tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = shutil.copytree(tiny_llama_dir, tmp_path / "model")
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] + 0.01
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ArtifactError, match=r"model file .*model\.safetensors changed since the artifacts were built"):
+        Engine.from_compiled(built, model_dir=model)
+
+
+def test_version_mismatch_is_refused(built, tmp_path):
+    data = json.loads((built / MANIFEST_NAME).read_text())
+    data["versions"]["torch-xla"] = "0.0.1"
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    installed = metadata.version("torch-xla")
+    with pytest.raises(ArtifactError, match=rf"compiled with torch-xla 0\.0\.1 \(installed: {installed}\)"):
+        Engine.from_compiled(tmp_path)
+
+
+def test_requested_shapes_must_match_the_build(built):
+    with pytest.raises(ArtifactError, match=r"batch_size 2 \(requested: 4\), prefill_buckets \(16, 32\) "
+                                            r"\(requested: \(16, 64\)\)"):
+        Engine.from_compiled(built, batch_size=4, prefill_buckets=(16, 64))
+
+
+def test_prompt_no_bucket_fits_names_the_largest(compiled_engine):
+    from neuron_peagle.errors import PromptError
+
+    with pytest.raises(PromptError, match=r"largest prefill bucket \(32\)"):
+        compiled_engine.generate([list(range(3, 43))], SamplingParams(max_new_tokens=4))
+
+
+# ---- the plan shared with the neuron build ------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["plain", "parallel", "sequential"])
+def test_declared_state_is_every_buffer_a_graph_updates(tiny_llama_dir, mode):
+    """On a device only declared state is aliased and kept: a buffer updated but not declared
+    would silently lose its update there. Checked by running each graph eagerly."""
+    engine = Engine.from_pretrained(tiny_llama_dir, **{**SHAPES, "mode": mode})
+    specs = plan_graphs(engine.decoder, neuron_compiler_args("trn2"))
+    prefix = "spec_" if mode != "plain" else ""
+    step = "spec_step" if mode != "plain" else "decode"
+    assert {s.name for s in specs} == {f"{prefix}prefill_b{b}_{v}" for b in (16, 32) for v in ("greedy", "sampling")} | {
+        f"{step}_greedy", f"{step}_sampling"}
+    for spec in specs:
+        assert spec.compiler_args[-2:] == ("--target", "trn2")
+        for buffer in spec.state_buffers.values():
+            buffer.zero_()  # so that every write shows, even of what an earlier graph wrote
+        before = {name: b.clone() for name, b in spec.module.named_buffers()}
+        with torch.no_grad():
+            outputs = spec.module(*spec.example_inputs)
+        changed = {name for name, b in spec.module.named_buffers() if not torch.equal(b, before[name])}
+        assert changed <= set(spec.state_names), spec.name
+        assert "cache.key_0" in changed and len(outputs) == len(spec.module.Outputs._fields)
+
+
+# ---- the audit ----------------------------------------------------------------------------------
+
+WHILE_HLO = """HloModule loop
+%cond (p: s32[]) -> pred[] {
+  %p = s32[] parameter(0)
+  %c = s32[] constant(4)
+  ROOT %lt = pred[] compare(s32[] %p, s32[] %c), direction=LT
+}
+ENTRY %main (a: s32[]) -> s32[] {
+  %a = s32[] parameter(0)
+  ROOT %w = s32[] while(s32[] %a), condition=%cond, body=%cond
+}
+"""
+DYNAMIC_HLO = """HloModule dyn
+ENTRY %main (p: f32[<=16,4]) -> f32[<=16,4] {
+  %p = f32[<=16,4]{1,0} parameter(0)
+  ROOT %n = f32[<=16,4]{1,0} negate(f32[<=16,4]{1,0} %p)
+}
+"""
+HOST_HLO = """HloModule host
+ENTRY %main (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %cb = f32[4]{0} custom-call(f32[4]{0} %p), custom_call_target="xla_python_cpu_callback"
+}
+"""
+
+
+@pytest.mark.parametrize("hlo, message", [(WHILE_HLO, "data-dependent loop: while instruction w"),
+                                          (DYNAMIC_HLO, r"dynamic shape f32\[<=16,4\] in instruction p"),
+                                          (HOST_HLO, "host callback: custom-call cb to 'xla_python_cpu_callback'")])
+def test_audit_fails_with_a_clear_message(hlo, message):
+    result = audit.audit_hlo(hlo, [49152])
+    assert not result.passed
+    with pytest.raises(ArtifactError, match=rf"graph g fails the HLO audit \(g\.hlo\.txt\): {message}"):
+        audit.check("g", result, "g.hlo.txt")
+
+
+def test_audit_flags_vocabulary_argmax_and_sort_but_not_softmax():
+    import torch_xla
+
+    from neuron_peagle.backends.xla import hlo_text
+
+    logits = torch.randn(2, 3, 1000).to(torch_xla.device())
+    result = audit.audit_hlo(hlo_text([logits.argmax(-1), logits.softmax(-1), logits[..., :7].argmax(-1)]), [1000])
+    assert result.passed
+    assert [(f.kind, f.shape, f.size) for f in result.findings] == [("argmax", (2, 3, 1000), 1000)]
+    result = audit.audit_hlo(hlo_text([logits.sort(-1, descending=True).values]), [1000])
+    assert [(f.kind, f.size) for f in result.findings] == [("sort", 1000)]
+    assert "issue 6" in audit.notes({"g": (audit.Finding("argmax", "reduce.1", (2, 1000), 1000),)})[0]
+
+
+# ---- neuron -------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_neuronx") is not None, reason="the Neuron SDK is installed")
+def test_neuron_without_the_sdk_says_what_to_install(built, tiny_llama_dir, tmp_path):
+    request = BuildRequest(tiny_llama_dir, None, tmp_path / "out", backend="neuron",
+                           build=BuildConfig(batch_size=2, max_length=96, prefill_buckets=(16, 32)),
+                           num_speculative_tokens=3)
+    with pytest.raises(BackendUnavailableError) as err:
+        build_artifacts(request)
+    assert str(err.value) == INSTALL_HINT
+    data = json.loads((built / MANIFEST_NAME).read_text())
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({**data, "backend": "neuron"}))
+    with pytest.raises(BackendUnavailableError, match="Neuron SDK's own pip repository"):
+        Engine.from_compiled(tmp_path)
+
+
+@pytest.mark.neuron
+def test_neuron_build_traces_every_graph(tiny_llama_dir, tmp_path):
+    pytest.importorskip("torch_neuronx")
+    cmd = [sys.executable, "-m", "compile.build", "--backend", "neuron", "--model", str(tiny_llama_dir),
+           "--out", str(tmp_path), *BUILD_ARGS, "--buckets", "16,32", "--target", "trn1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=7200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    manifest = Manifest.load(tmp_path)
+    assert manifest.backend == "neuron" and manifest.versions["torch-neuronx"] == metadata.version("torch-neuronx")
+    assert {g.name for g in manifest.graphs} == GRAPHS
+    for graph in manifest.graphs:
+        assert (tmp_path / "neuron" / f"{graph.name}.pt") in [tmp_path / f for f in graph.files]
+        assert all((tmp_path / f).is_file() for f in graph.files) and (tmp_path / graph.hlo_file).is_file()
