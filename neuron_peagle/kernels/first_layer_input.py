@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from neuron_peagle.kernels.nki_api import nisa, nl
-from neuron_peagle.kernels.tiles import chunks, matmul_columns, rms_norm_rows, select_rows, transpose_into
+from neuron_peagle.kernels.tiles import (chunks, for_each_tile, matmul_columns, rms_norm_rows, select_rows,
+                                        transpose_into)
 
 
 class DraftInputParams(NamedTuple):
@@ -54,12 +55,8 @@ def draft_input_kernel(embeds, features, is_mask, fc_weight, fc_mask_row, mask_e
     inputs = (embeds, features, is_mask)
     weights = (fc_weight, fc_mask_row, mask_embedding, input_norm_weight, hidden_norm_weight)
     options = (input_eps, hidden_eps, norm_before_residual)
-    pmax = nl.tile_size.pmax
-    full, rest = n // pmax, n % pmax
-    for r in nl.affine_range(full):
-        _slots(x, residual, inputs, weights, options, r * pmax, pmax)
-    if rest:
-        _slots(x, residual, inputs, weights, options, full * pmax, rest)
+    for_each_tile(n, nl.tile_size.pmax,
+                  lambda _, start, rows: _slots(x, residual, inputs, weights, options, start, rows))
     return x, residual
 
 
@@ -84,11 +81,7 @@ def _slots(x, residual, inputs, weights, options, start, rows: int) -> None:
     feats_t = nl.ndarray((pmax, chunks(width, pmax), rows), dtype=features.dtype, buffer=nl.sbuf)
     transpose_into(feats_t, feats, rows, width)
     h = nl.ndarray((rows, hidden), dtype=nl.float32, buffer=nl.sbuf)
-    full, rest = hidden // columns, hidden % columns
-    for j in nl.affine_range(full):
-        _fc_columns(h, feats_t, fc_weight, rows, j * columns, columns)
-    if rest:
-        _fc_columns(h, feats_t, fc_weight, rows, full * columns, rest)
+    for_each_tile(hidden, columns, lambda _, col, size: _fc_columns(h, feats_t, fc_weight, rows, col, size))
     select_rows(h, h, fc_mask_row, mask, keep, rows, hidden)
 
     emb_in = nl.ndarray((rows, hidden), dtype=embeds.dtype, buffer=nl.sbuf)

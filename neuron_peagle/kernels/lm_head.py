@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from neuron_peagle.kernels.nki_api import nisa, nl
-from neuron_peagle.kernels.tiles import chunks, matmul_columns, transpose_into
+from neuron_peagle.kernels.tiles import chunks, for_each_tile, matmul_columns, transpose_into
 
 FLOAT32_LOWEST = -3.4028234663852886e38  # the running maximum starts below every finite logit
 # Pushes columns that are not at the maximum past every index; indices stay exact in float32 below it.
@@ -36,26 +36,16 @@ def lm_head_argmax_reference(hidden: Tensor, weight: Tensor, d2t: Tensor | None 
 def lm_head_argmax_kernel(hidden, weight):
     # hidden [R, H]; weight [H, V] -> ids [R, 1] int32, logits [R, 1] float32
     ids, best = _outputs(hidden)
-    pmax = nl.tile_size.pmax
-    n = hidden.shape[0]
-    full, rest = n // pmax, n % pmax
-    for r in nl.affine_range(full):
-        _store_rows(ids, best, hidden, weight, r * pmax, pmax)
-    if rest:
-        _store_rows(ids, best, hidden, weight, full * pmax, rest)
+    for_each_tile(hidden.shape[0], nl.tile_size.pmax,
+                  lambda _, start, rows: _store_rows(ids, best, hidden, weight, start, rows))
     return ids, best
 
 
 def lm_head_argmax_d2t_kernel(hidden, weight, d2t):
     # hidden [R, H]; weight [H, V_draft]; d2t [V_draft, 1] int32 -> target ids [R, 1] int32, logits [R, 1] float32
     ids, best = _outputs(hidden)
-    pmax = nl.tile_size.pmax
-    n = hidden.shape[0]
-    full, rest = n // pmax, n % pmax
-    for r in nl.affine_range(full):
-        _store_mapped_rows(ids, best, hidden, weight, d2t, r * pmax, pmax)
-    if rest:
-        _store_mapped_rows(ids, best, hidden, weight, d2t, full * pmax, rest)
+    for_each_tile(hidden.shape[0], nl.tile_size.pmax,
+                  lambda _, start, rows: _store_mapped_rows(ids, best, hidden, weight, d2t, start, rows))
     return ids, best
 
 
@@ -103,11 +93,9 @@ def _argmax_rows(hidden, weight, start, rows: int):
     nisa.iota(dst=column, pattern=[[1, columns]], offset=0, channel_multiplier=0)
 
     state = (h_t, column, tile_start, best, best_index)
-    full, rest = vocab // columns, vocab % columns
-    for v in nl.sequential_range(full):  # carries the running maximum: in order
-        _vocab_tile(weight, state, rows, v * columns, columns)
-    if rest:
-        _vocab_tile(weight, state, rows, full * columns, rest)
+    # The running maximum is carried from tile to tile, so the loop runs in order.
+    for_each_tile(vocab, columns, lambda _, start, size: _vocab_tile(weight, state, rows, start, size),
+                  loop=nl.sequential_range)
 
     ids = nl.ndarray((rows, 1), dtype=nl.int32, buffer=nl.sbuf)
     nisa.tensor_copy(dst=ids, src=best_index)

@@ -20,16 +20,21 @@ def chunks(size: int, chunk: int) -> int:
     return (size + chunk - 1) // chunk
 
 
+def for_each_tile(size: int, tile: int, body, loop=None) -> None:
+    """body(index, start, length) for the full tiles of `size` (a `loop` over them, default
+    nl.affine_range), then once for the remainder tile if there is one."""
+    full, rest = size // tile, size % tile
+    for i in (loop or nl.affine_range)(full):
+        body(i, i * tile, tile)
+    if rest:
+        body(full, full * tile, rest)
+
+
 def transpose_into(dst, src, rows: int, width: int) -> None:
     """dst[0:kc, k, 0:rows] = src[0:rows, k*128 : k*128 + kc].T for every 128-wide chunk k.
 
     src: [rows, width] SBUF; dst: [128, chunks(width, 128), rows] SBUF, same dtype."""
-    pmax = nl.tile_size.pmax
-    full, rest = width // pmax, width % pmax
-    for k in nl.affine_range(full):
-        _transpose_chunk(dst, src, rows, k, k * pmax, pmax)
-    if rest:
-        _transpose_chunk(dst, src, rows, full, full * pmax, rest)
+    for_each_tile(width, nl.tile_size.pmax, lambda k, start, size: _transpose_chunk(dst, src, rows, k, start, size))
 
 
 def _transpose_chunk(dst, src, rows: int, k, start, size: int) -> None:
@@ -43,13 +48,8 @@ def matmul_columns(acc, lhs_t, weight, rows: int, start, size: int) -> None:
 
     acc: [rows, size <= 512] float32 PSUM; lhs_t: lhs transposed by `transpose_into`;
     weight: [K, N] in HBM ([in, out], as our Linear layers store it)."""
-    pmax = nl.tile_size.pmax
-    depth = weight.shape[0]
-    full, rest = depth // pmax, depth % pmax
-    for k in nl.affine_range(full):
-        _accumulate(acc, lhs_t, weight, rows, k, k * pmax, pmax, start, size)
-    if rest:
-        _accumulate(acc, lhs_t, weight, rows, full, full * pmax, rest, start, size)
+    for_each_tile(weight.shape[0], nl.tile_size.pmax,
+                  lambda k, k_start, k_size: _accumulate(acc, lhs_t, weight, rows, k, k_start, k_size, start, size))
 
 
 def _accumulate(acc, lhs_t, weight, rows: int, k, k_start, k_size: int, start, size: int) -> None:

@@ -73,9 +73,6 @@ class TargetModel(nn.Module):
     def embed(self, input_ids: Tensor) -> Tensor:  # [B, T] -> [B, T, H]
         return self.embed_tokens(input_ids)
 
-    def head(self, hidden: Tensor) -> Tensor:  # [B, R, H] (pre-norm) -> [B, R, vocab]
-        return self.lm_head(self.norm(hidden))
-
     def _run_layers(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache, features: bool
                     ) -> tuple[Tensor, Tensor | None]:
         # -> last layer's pre-norm hidden [B, T, H], and the features [B, T, 3H] if asked for
