@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--buckets", type=_buckets, default=(128, 512), help="prefill buckets, e.g. 128,512")
     gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     gen.add_argument("--backend", default="eager", choices=("eager", "xla", "neuron"))
+    gen.add_argument("--kernels", default="auto", choices=("auto", "reference", "nki", "interpreter"),
+                     help="draft-pass kernels (auto: NKI on neuron, else PyTorch; interpreter: the kernel "
+                          "source on the CPU interpreter, slow, eager only)")
     gen.add_argument("--artifacts", type=Path, default=None, help="run the graphs compiled into DIR by "
                      "`python -m compile.build`; model, drafter, mode, K and shapes come from its manifest "
                      "(options left at their defaults take the manifest's values, others must match it)")
@@ -105,7 +108,8 @@ def generate(args: argparse.Namespace) -> None:
         engine = Engine.from_pretrained(args.model, args.drafter, mode=args.mode,
                                         num_speculative_tokens=args.num_speculative_tokens,
                                         batch_size=args.batch_size, max_length=args.max_length,
-                                        prefill_buckets=args.buckets, dtype=args.dtype, backend=args.backend)
+                                        prefill_buckets=args.buckets, dtype=args.dtype, backend=args.backend,
+                                        kernels=args.kernels)
     backend = engine.build.backend
     if engine.drafter is not None and not args.json:
         print(f"[{engine.mode} speculative decoding, K={engine.num_speculative_tokens}, "

@@ -23,6 +23,7 @@ SUPPORTED_ARCHITECTURES = {
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKENDS = ("eager", "xla", "neuron")
+KERNEL_MODES = ("reference", "nki", "interpreter")  # see neuron_peagle.kernels
 
 
 def read_config_json(directory: str | Path, kind: str) -> tuple[dict[str, Any], str]:
@@ -169,10 +170,15 @@ class BuildConfig:
     prefill_buckets: tuple[int, ...] = (128, 512)
     dtype: str = "float32"
     backend: str = "eager"
+    # Which implementation of the fused draft-pass kernels the graphs call (neuron_peagle.kernels):
+    # "auto" resolves to "nki" on the neuron backend and "reference" (plain PyTorch) elsewhere.
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         buckets = tuple(int(b) for b in self.prefill_buckets)
         object.__setattr__(self, "prefill_buckets", buckets)
+        if self.kernels == "auto":
+            object.__setattr__(self, "kernels", "nki" if self.backend == "neuron" else "reference")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_length < 2:
@@ -189,6 +195,10 @@ class BuildConfig:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.kernels not in KERNEL_MODES:
+            raise ConfigError(f"kernels must be 'auto' or one of {KERNEL_MODES}, got {self.kernels!r}")
+        if self.kernels == "interpreter" and self.backend != "eager":
+            raise ConfigError("kernels='interpreter' runs the kernel source on CPU tensors: only with backend 'eager'")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -135,6 +135,16 @@ def plot(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def agreement(outputs: list[list[int]], reference: list[list[int]]) -> dict:
+    """How far greedy outputs match plain decoding's: prompts identical, and the share of tokens before
+    each output's first difference (bf16 verify passes round differently from one-token decode steps,
+    so a near-tie can flip; in float32 every output is identical)."""
+    prefix = sum(next((i for i, (a, b) in enumerate(zip(out, ref)) if a != b), min(len(out), len(ref)))
+                 for out, ref in zip(outputs, reference))
+    return {"identical_prompts": sum(out == ref for out, ref in zip(outputs, reference)),
+            "common_prefix": prefix / max(1, sum(len(ref) for ref in reference))}
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -168,10 +178,13 @@ def main() -> None:
                            "drafter": engine.drafter.describe(),
                            "speedup": result["tokens_per_s"] / base["tokens_per_s"],
                            "identical": result["outputs"] == base["outputs"],
+                           **agreement(result["outputs"], base["outputs"]),
                            **{key: v for key, v in result.items() if key != "outputs"}}
                     rows.append(row)
                     print(f"{domain} b{batch_size} {mode} K={k}: AL {row['acceptance_length']:.2f}, "
-                          f"{row['tokens_per_s']:.1f} tok/s, x{row['speedup']:.2f}, identical={row['identical']}",
+                          f"{row['tokens_per_s']:.1f} tok/s, x{row['speedup']:.2f}, identical={row['identical']} "
+                          f"({row['identical_prompts']}/{len(prompt_ids)} prompts, "
+                          f"{row['common_prefix']:.0%} of tokens before the first difference)",
                           flush=True)
                     del engine
         if not args.no_hf:
@@ -188,12 +201,12 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.out)
-    print("\n| domain | batch | mode | K | acceptance length | tokens/s | speedup vs plain | identical |")
+    print("\n| domain | batch | mode | K | acceptance length | tokens/s | speedup vs plain | identical prompts |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         al = f"{r['acceptance_length']:.2f}" if "acceptance_length" in r else "-"
         print(f"| {r['domain']} | {r['batch_size']} | {r['mode']} | {r['k'] or '-'} | {al} | "
-              f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r.get('identical', '-')} |")
+              f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r.get('identical_prompts', '-')} |")
 
 
 if __name__ == "__main__":

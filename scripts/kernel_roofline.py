@@ -2,7 +2,7 @@
 
     python -m scripts.kernel_roofline [--num-draft-tokens 7] [--batch-size 1]
 
-Prints the markdown kept in neuron_peagle/kernels/ROOFLINE.md. Shapes come from the shipped
+Prints the markdown kept in BENCHMARKS.md ("NKI kernels on paper"). Shapes come from the shipped
 drafter's config (the default model) and from Llama-3.1-8B's public config; bf16 weights and
 activations. A lower bound is max(bytes / HBM bandwidth, FLOPs / bf16 matmul peak) on one NeuronCore.
 """

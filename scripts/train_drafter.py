@@ -37,6 +37,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init-from", type=Path, default=None,
                         help="continue from this drafter directory (keeps its draft vocabulary)")
+    parser.add_argument("--run-name", default=None, help="names this run's checkpoint and log in the work dir "
+                        "(default: the objective); a checkpoint resumes only the run with the same settings")
     parser.add_argument("--threads", type=int, default=None)
     return parser.parse_args()
 
@@ -76,7 +78,7 @@ def main() -> None:
         config = TrainConfig(objective=args.objective, num_layers=args.num_layers,
                              draft_vocab_size=args.draft_vocab_size, depths=args.depths, epochs=args.epochs,
                              lr=args.lr, seconds=args.seconds, seed=args.seed,
-                             init_from=str(args.init_from) if args.init_from else None)
+                             init_from=str(args.init_from) if args.init_from else None, run_name=args.run_name)
         train(model_dir, work, config, args.out)
 
 

@@ -72,6 +72,7 @@ def test_build_writes_manifest_hlo_and_audit_for_every_graph(built, tiny_llama_d
     assert manifest.model.files["model.safetensors"] == WeightsInfo.of_dir(tiny_llama_dir).files["model.safetensors"]
     assert manifest.drafter.path is None and manifest.drafter.random_seed == 0  # no trained drafter for it
     assert (manifest.build.batch_size, manifest.build.prefill_buckets, manifest.num_speculative_tokens) == (2, (16, 32), 3)
+    assert manifest.build.kernels == "reference"  # the switch, resolved for xla: plain PyTorch
     for graph in manifest.graphs:
         hlo = (built / graph.hlo_file).read_text()
         assert hlo.startswith("HloModule")
@@ -294,3 +295,47 @@ def test_neuron_build_traces_every_graph(tiny_llama_dir, tmp_path):
     for graph in manifest.graphs:
         assert (tmp_path / "neuron" / f"{graph.name}.pt") in [tmp_path / f for f in graph.files]
         assert all((tmp_path / f).is_file() for f in graph.files) and (tmp_path / graph.hlo_file).is_file()
+
+
+# ---- the default model ---------------------------------------------------------------------------
+
+LOAD_AND_GENERATE = """
+import json, sys
+from neuron_peagle.runtime.engine import Engine, SamplingParams
+engine = Engine.from_compiled(sys.argv[1])
+start = engine.backend.compile_count()
+outputs = engine.generate(json.loads(sys.argv[2]), SamplingParams(max_new_tokens=24, ignore_eos=True))
+print(json.dumps({"ids": [o.output_ids for o in outputs], "compiled": engine.backend.compile_count() - start,
+                  "graphs": sorted(engine.artifacts.graphs)}))
+"""
+
+
+@pytest.mark.slow
+def test_default_model_artifacts_generate_the_eager_tokens(default_model_dir, tmp_path):
+    """The embedded model and its drafter, two buckets: a valid manifest and HLO for every graph, and a
+    fresh process that loads them generates the eager engine's tokens with no compile while generating."""
+    out = tmp_path / "default"
+    cmd = [sys.executable, "-m", "compile.build", "--out", str(out), "--mode", "parallel", "-k", "5",
+           "--batch-size", "2", "--max-length", "160", "--buckets", "32,64"]
+    env = {**os.environ, "PJRT_DEVICE": "CPU"}
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=1200, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    manifest = Manifest.load(out)
+    graphs = {f"spec_prefill_b{b}_{v}" for b in (32, 64) for v in ("greedy", "sampling")} | {
+        "spec_step_greedy", "spec_step_sampling"}
+    assert {g.name for g in manifest.graphs} == graphs
+    assert manifest.drafter.path is not None and manifest.build.prefill_buckets == (32, 64)
+    for graph in manifest.graphs:
+        assert (out / graph.hlo_file).read_text().startswith("HloModule") and graph.audit["passed"]
+
+    eager = Engine.from_pretrained(mode="parallel", num_speculative_tokens=5, batch_size=2, max_length=160,
+                                   prefill_buckets=(32, 64))
+    prompts = [eager.encode("Write a Python function that reverses a string."),
+               eager.encode("What is 12 times 7? Answer briefly, then explain.")]
+    want = [o.output_ids for o in eager.generate(prompts, SamplingParams(max_new_tokens=24, ignore_eos=True))]
+    result = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, str(out), json.dumps(prompts)],
+                            capture_output=True, text=True, cwd=REPO, timeout=1200, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["graphs"] == sorted(graphs) and loaded["compiled"] == 0
+    assert loaded["ids"] == want

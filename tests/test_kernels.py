@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from neuron_peagle.config import DrafterConfig
+from neuron_peagle.config import BuildConfig, DrafterConfig
 from neuron_peagle.errors import BackendUnavailableError, ConfigError
 from neuron_peagle.graphs.proposers import DrafterProposer, SpecState
 from neuron_peagle.graphs.speculative import (SpecPrefillGraph, SpecPrefillInputs, SpecStepGraph, SpecStepInputs,
@@ -23,6 +23,7 @@ from neuron_peagle.kernels.nki_api import HAVE_NKI
 from neuron_peagle.models.layers import RMSNorm
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.runtime.drafter_choice import random_drafter
+from neuron_peagle.runtime.engine import Engine, SamplingParams
 from neuron_peagle.sampling import greedy_accept
 
 RTOL = 1e-5
@@ -298,6 +299,12 @@ def test_the_kernels_own_tiling_keeps_them_within_limits(monkeypatch):
 
 def test_kernel_modes_are_checked():
     assert check_kernel_mode("reference") == "reference"
+    assert BuildConfig(backend="neuron").kernels == "nki" and BuildConfig(backend="xla").kernels == "reference"
+    assert BuildConfig(kernels="interpreter").kernels == "interpreter"
+    with pytest.raises(ConfigError, match="only with backend 'eager'"):
+        BuildConfig(backend="xla", kernels="interpreter")
+    with pytest.raises(ConfigError, match="kernels must be 'auto' or one of"):
+        BuildConfig(kernels="fast")
     with pytest.raises(ConfigError, match="kernels must be one of"):
         check_kernel_mode("fast")
     if not HAVE_NKI:
@@ -461,3 +468,14 @@ def test_step_with_kernels_on_the_default_model_and_its_drafter(default_model_di
     bucket = 64 * -(-max(map(len, prompts)) // 64)
     history = check_same_steps(target, drafter, prompts, bucket=bucket, k=7, parallel=True, steps=6)
     assert max(int(c.max()) for _, _, c in history) > 2  # the trained drafter gets drafts accepted
+
+
+def test_engine_switch_runs_the_kernel_source_with_the_same_tokens(tiny_llama_dir):
+    kwargs = dict(mode="parallel", num_speculative_tokens=3, batch_size=2, max_length=64, prefill_buckets=(16,))
+    fused = Engine.from_pretrained(tiny_llama_dir, kernels="interpreter", **kwargs)
+    assert fused.decoder.proposer.kernels == "interpreter"
+    assert {graph.kernels for _, graph in fused.decoder.graphs.values()} == {"interpreter"}
+    plain = Engine.from_pretrained(tiny_llama_dir, **kwargs)
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
+    assert [o.output_ids for o in fused.generate(prompts, params)] == [o.output_ids for o in plain.generate(prompts, params)]

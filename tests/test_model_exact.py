@@ -70,3 +70,20 @@ def test_incremental_decode_equals_full_forward(tiny_llama_dir):
                  for t in range(12, 20)]
     incremental = torch.cat([head] + steps, dim=1)
     assert torch.allclose(incremental, full, atol=1e-4)
+
+
+def test_eager_backend_stores_bf16_linear_weights_column_major(tiny_llama_dir):
+    """The same [in, out] weights, stored [out, in] for oneDNN's faster bf16 matmul; float32 untouched."""
+    from neuron_peagle.models.layers import Linear
+    from neuron_peagle.runtime.engine import Engine
+
+    loaded = TargetModel.from_pretrained(tiny_llama_dir, 64, torch.bfloat16)
+    engine = Engine.from_pretrained(tiny_llama_dir, mode="plain", dtype="bfloat16", max_length=64,
+                                    prefill_buckets=(16,))
+    ours = {name: m.weight for name, m in engine.decoder.target.named_modules() if isinstance(m, Linear)}
+    assert ours and all(w.stride(0) == 1 and w.shape[1] > 1 for w in ours.values())
+    for name, m in loaded.named_modules():
+        if isinstance(m, Linear):
+            assert m.weight.stride(1) == 1 and torch.equal(m.weight, ours[name]), name
+    fp32 = Engine.from_pretrained(tiny_llama_dir, mode="plain", max_length=64, prefill_buckets=(16,))
+    assert all(m.weight.stride(1) == 1 for m in fp32.decoder.target.modules() if isinstance(m, Linear))

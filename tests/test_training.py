@@ -3,9 +3,12 @@ serves through the engine with output identical to plain decoding."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from neuron_peagle.errors import ConfigError
 from neuron_peagle.runtime.engine import Engine, SamplingParams
 from neuron_peagle.training.data import compute_features, generate_responses, load_shards
 from neuron_peagle.training.objective import cod_elements, eagle3_loss, peagle_loss
@@ -100,3 +103,11 @@ def test_a_wall_clock_budget_ends_training_with_the_learning_rate_decayed(tmp_pa
     log = [__import__("json").loads(line) for line in (tmp_path / "train_log_peagle.jsonl").read_text().splitlines()]
     assert log[-1]["seconds"] < 8.0  # the budget, plus at most the steps in flight when it ran out
     assert log[-1]["lr"] < 0.2 * config.lr  # the schedule was fitted to the budget, not to 10k epochs
+
+    # The checkpoint resumes only its own run: a warm start from the drafter with the same run name is
+    # refused with the settings that differ, and goes ahead under another run name.
+    warm = dataclasses.replace(config, init_from=str(tmp_path / "drafter"), seconds=1.0)
+    with pytest.raises(ConfigError, match="init_from differ"):
+        train(tiny_llama_dir, tmp_path, warm, None)
+    train(tiny_llama_dir, tmp_path, dataclasses.replace(warm, run_name="warm"), None)
+    assert (tmp_path / "drafter_warm" / "model.safetensors").is_file() and (tmp_path / "checkpoint_warm.pt").is_file()

@@ -11,8 +11,9 @@ Which implementation runs is the kernel mode, one of `KERNEL_MODES`:
   custom calls in the same NEFF (the neuron backend; needs the Neuron SDK's `nki`).
 - "interpreter": the same kernel source on the CPU interpreter (`interpreter.py`), on CPU tensors in
   eager graphs: slow, for tests, which so check the kernels inside the real speculative step.
-Graphs that use kernels record their mode as a `kernels` attribute (`DrafterProposer.kernels`,
-`SpecStepGraph.kernels`), for the build manifest.
+The mode is one switch, `BuildConfig.kernels` ("auto": "nki" on the neuron backend, else "reference"),
+so the compile manifest records it with the other build settings; the graphs that use kernels keep it as
+their `kernels` attribute (`DrafterProposer.kernels`, `SpecStepGraph.kernels`).
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from neuron_peagle.config import KERNEL_MODES
 from neuron_peagle.errors import BackendUnavailableError, ConfigError
 from neuron_peagle.kernels.first_layer_input import DraftInputParams, draft_input_kernel, draft_input_reference
 from neuron_peagle.kernels.lm_head import (MAX_VOCAB, lm_head_argmax_d2t_kernel, lm_head_argmax_kernel,
                                            lm_head_argmax_reference)
 from neuron_peagle.kernels.nki_api import HAVE_NKI
-
-KERNEL_MODES = ("reference", "nki", "interpreter")
 
 __all__ = ["KERNEL_MODES", "DraftInputParams", "check_kernel_mode", "draft_input", "draft_input_call",
            "lm_head_argmax", "lm_head_argmax_call"]

@@ -167,7 +167,8 @@ def load_engine(engine_cls, artifact_dir: Path, request: ArtifactRequest):
     engine = engine_cls.from_pretrained(model_dir, drafter_dir, mode=manifest.mode,
                                         num_speculative_tokens=manifest.num_speculative_tokens,
                                         batch_size=build.batch_size, max_length=build.max_length,
-                                        prefill_buckets=build.prefill_buckets, dtype=build.dtype, backend="xla")
+                                        prefill_buckets=build.prefill_buckets, dtype=build.dtype, backend="xla",
+                                        kernels=build.kernels)
     _warm(engine, manifest, report)
     engine.artifacts = report
     return engine

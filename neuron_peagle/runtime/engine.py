@@ -87,11 +87,12 @@ class Engine:
                         mode: str = "parallel", num_speculative_tokens: int = 7,
                         parallel_drafting: bool | None = None, batch_size: int = 1, max_length: int = 1024,
                         prefill_buckets: Sequence[int] = (128, 512), dtype: str = "float32",
-                        backend: str = "eager") -> "Engine":
+                        backend: str = "eager", kernels: str = "auto") -> "Engine":
         """Load a Hugging Face target directory (default: the embedded SmolLM2-135M-Instruct) and a
         speculators-format drafter (default: the project's drafter for the default model).
 
-        `parallel_drafting=False` is the vLLM-style spelling of mode="sequential"."""
+        `parallel_drafting=False` is the vLLM-style spelling of mode="sequential". `kernels` picks the
+        draft-pass kernels' implementation (BuildConfig.kernels; "auto": NKI on neuron, else PyTorch)."""
         if parallel_drafting is not None and mode != "plain":
             mode = "parallel" if parallel_drafting else "sequential"
         if mode not in MODES:
@@ -99,7 +100,7 @@ class Engine:
         if mode != "plain" and num_speculative_tokens < 1:
             raise ConfigError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
         build = BuildConfig(batch_size=batch_size, max_length=max_length,
-                            prefill_buckets=tuple(prefill_buckets), dtype=dtype, backend=backend)
+                            prefill_buckets=tuple(prefill_buckets), dtype=dtype, backend=backend, kernels=kernels)
         path = Path(model_dir) if model_dir is not None else require_default_model()
         runner = get_backend(build.backend)
         if mode == "plain":
@@ -112,7 +113,7 @@ class Engine:
         from neuron_peagle.graphs.proposers import DrafterProposer
 
         proposer = DrafterProposer(drafter, target, build.batch_size, num_speculative_tokens,
-                                   parallel=mode == "parallel")
+                                   parallel=mode == "parallel", kernels=build.kernels)
         decoder = SpecDecoder(target, proposer, build, runner, num_speculative_tokens)
         return cls(path, target, load_tokenizer(path), build, decoder, mode, num_speculative_tokens, choice)
 

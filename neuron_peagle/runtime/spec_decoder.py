@@ -35,7 +35,8 @@ class SpecDecoder:
         self.proposer = backend.prepare(proposer)
         self.graphs = {
             greedy: (SpecPrefillGraph(self.target, self.proposer, self.cache, self.state, greedy),
-                     SpecStepGraph(self.target, self.proposer, self.cache, self.state, num_draft_tokens, greedy))
+                     SpecStepGraph(self.target, self.proposer, self.cache, self.state, num_draft_tokens, greedy,
+                                   build.kernels))
             for greedy in (True, False)
         }
         self.timings: dict[str, float] = {}

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from neuron_peagle.config import DrafterConfig
+from neuron_peagle.errors import ConfigError
 from neuron_peagle.models.drafter import Drafter
 from neuron_peagle.models.drafter_io import load_drafter, save_drafter
 from neuron_peagle.models.target import TargetModel
@@ -34,10 +35,15 @@ class TrainConfig:
     max_sequence: int = 384
     checkpoint_every: int = 50  # optimizer steps
     init_from: str | None = None  # a drafter directory to continue from (its draft vocabulary is kept)
+    run_name: str | None = None  # names the checkpoint and log in the work dir (default: the objective)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}")
+
+    @property
+    def run(self) -> str:
+        return self.run_name or self.objective
 
 
 def build_draft_vocab(examples: list[dict], vocab_size: int, size: int) -> torch.Tensor:
@@ -87,6 +93,16 @@ def _plot(log: list[dict], path: Path, depths: int) -> None:
     plt.close(fig)
 
 
+def _check_resumable(checkpoint: Path, saved: dict | None, config: TrainConfig) -> None:
+    """A checkpoint resumes only the run that wrote it: the same settings, the wall-clock budget aside."""
+    if saved is None:  # written before checkpoints recorded their settings
+        return
+    differ = sorted(k for k, v in asdict(config).items() if k != "seconds" and saved.get(k) != v)
+    if differ:
+        raise ConfigError(f"{checkpoint} belongs to a run with other settings ({', '.join(differ)} differ); "
+                          "pass another --run-name for a new run, or delete the checkpoint to start over")
+
+
 def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) -> Path:
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -110,11 +126,12 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
     total_steps = max(1, int(config.epochs * len(examples) / config.accumulate))
 
-    checkpoint = work / f"checkpoint_{config.objective}.pt"
-    log_path = work / f"train_log_{config.objective}.jsonl"
+    checkpoint = work / f"checkpoint_{config.run}.pt"
+    log_path = work / f"train_log_{config.run}.jsonl"
     step, log, used = 0, [], 0.0
     if checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
+        _check_resumable(checkpoint, state.get("config"), config)
         drafter.load_state_dict(state["drafter"])
         optimizer.load_state_dict(state["optimizer"])
         step, log, used = state["step"], state["log"], state.get("seconds", 0.0)
@@ -132,8 +149,8 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
 
     def save() -> None:
         torch.save({"drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "log": log,
-                    "generator": generator.get_state(), "seconds": elapsed(), "total_steps": total_steps},
-                   checkpoint)
+                    "generator": generator.get_state(), "seconds": elapsed(), "total_steps": total_steps,
+                    "config": asdict(config)}, checkpoint)
 
     start = time.perf_counter()
     first_step = step
@@ -188,8 +205,8 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
             save()
     bar.close()
     save()
-    _plot(log, work / f"accuracy_{config.objective}.png", config.depths)
-    destination = out or work / f"drafter_{config.objective}"
+    _plot(log, work / f"accuracy_{config.run}.png", config.depths)
+    destination = out or work / f"drafter_{config.run}"
     for param in drafter.parameters():
         param.requires_grad_(False)
     save_drafter(drafter, destination, verifier=Path(model_dir).name, verifier_config=target.config)
