@@ -2,9 +2,10 @@
 
 Layout: one key and one value buffer per layer, each `[batch, kv_heads, max_length, head_dim]`.
 Entries are written by scatter at their position ids (see `models.layers.Attention`); attention
-reads every slot and masks by position, so a slot past a sequence's committed length is never read
-and needs no clearing. On a device backend the buffers are the graphs' aliased state: they stay
-resident and are updated in place.
+reads the slots [0, read_length) and masks by position, so a slot past a sequence's committed length
+is never read and needs no clearing. On a device backend the buffers are the graphs' aliased state:
+they stay resident and are updated in place, and read_length stays max_length (one shape per graph).
+On eager, where shapes cost nothing, the decoders narrow read_length to the live context (`window`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ import torch
 from torch import Tensor, nn
 
 
+WINDOW_STEP = 128
+
+
 class KVCache(nn.Module):
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_length: int,
                  head_dim: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.num_layers = num_layers
         self.shape = (batch_size, num_kv_heads, max_length, head_dim)
+        self.read_length = max_length  # attention reads slots [0, read_length)
         for i in range(num_layers):
             self.register_buffer(f"key_{i}", torch.zeros(self.shape, dtype=dtype), persistent=False)
             self.register_buffer(f"value_{i}", torch.zeros(self.shape, dtype=dtype), persistent=False)
@@ -26,6 +31,10 @@ class KVCache(nn.Module):
     @property
     def max_length(self) -> int:
         return self.shape[2]
+
+    def window(self, last_slot: int) -> int:
+        """A read_length covering slots [0, last_slot]: rounded up to a multiple of WINDOW_STEP."""
+        return min(self.max_length, WINDOW_STEP * (last_slot // WINDOW_STEP + 1))
 
     def layer(self, i: int) -> tuple[Tensor, Tensor]:
         return getattr(self, f"key_{i}"), getattr(self, f"value_{i}")

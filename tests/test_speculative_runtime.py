@@ -108,3 +108,31 @@ def test_speculative_sampling_matches_plain_sampling_distribution(small_vocab_di
     shifted = hist_plain[1].roll(1)
     stat, dof = _chi2_two_sample(shifted, hist_spec[1])
     assert stat > dof + 6 * (2 * dof) ** 0.5
+
+
+@pytest.mark.parametrize("mode", ["plain", "parallel"])
+def test_eager_attention_window_changes_no_token(tiny_llama_dir, mode, monkeypatch):
+    """Eager attention reads only the live part of the cache (rounded up to 128 slots): the same tokens,
+    greedy and sampled, as reading all of it, across window boundaries and with rows of different lengths."""
+    from neuron_peagle.kv_cache import KVCache
+
+    kwargs = dict(mode=mode, num_speculative_tokens=3, batch_size=2, max_length=384, prefill_buckets=(64, 160))
+    # Batches [short, long] (bucket 160: windows from 256) and [short] (bucket 64: from 128).
+    prompts = [list(range(3, 20)), list(range(40, 180)), list(range(7, 30))]
+    params = [SamplingParams(max_new_tokens=120, ignore_eos=True),
+              SamplingParams(max_new_tokens=120, temperature=0.8, top_k=40, seed=5, ignore_eos=True)]
+    seen = []
+    window = KVCache.window
+
+    def spy(self, last_slot):
+        seen.append(window(self, last_slot))
+        return seen[-1]
+
+    monkeypatch.setattr(KVCache, "window", spy)
+    engine = Engine.from_pretrained(tiny_llama_dir, **kwargs)
+    narrowed = [[o.output_ids for o in engine.generate(prompts, p)] for p in params]
+    assert min(seen) == 128 and 256 in seen and max(seen) == 384  # narrow at first, full cache by the end
+    monkeypatch.setattr(KVCache, "window", lambda self, last_slot: self.max_length)
+    engine = Engine.from_pretrained(tiny_llama_dir, **kwargs)
+    assert narrowed == [[o.output_ids for o in engine.generate(prompts, p)] for p in params]
+    assert len(narrowed[0][0]) == 120

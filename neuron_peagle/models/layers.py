@@ -124,9 +124,11 @@ class Attention(nn.Module):
         self.o_proj = make_linear(num_heads * head_dim, hidden_out, o_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor,
-                key_cache: Tensor | None, value_cache: Tensor | None, visible: Tensor | None = None) -> Tensor:
+                key_cache: Tensor | None, value_cache: Tensor | None, visible: Tensor | None = None,
+                read_length: int | None = None) -> Tensor:
         # x: [B, T, hidden_in]; position_ids: [B, T]; caches: [B, kv_heads, max_length, hd].
         # Without caches (training) the T inputs attend to each other under `visible` [B, T, T].
+        # With read_length < max_length only the cache slots [0, read_length) are read (eager only).
         batch, seq, _ = x.shape
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
@@ -144,7 +146,9 @@ class Attention(nn.Module):
             key_cache.scatter_(2, index, k.to(key_cache.dtype))
             value_cache.scatter_(2, index, v.to(value_cache.dtype))
             keys, values = key_cache, value_cache
-            slot = torch.arange(key_cache.shape[2], device=x.device)
+            if read_length is not None and read_length < key_cache.shape[2]:
+                keys, values = key_cache[:, :, :read_length], value_cache[:, :, :read_length]
+            slot = torch.arange(keys.shape[2], device=x.device)
             visible = slot.view(1, 1, -1) <= position_ids.unsqueeze(-1)  # [B, T, max_length]
 
         length = keys.shape[2]
@@ -187,6 +191,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(hidden_size, intermediate_size, mlp_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor, key_cache: Tensor | None,
-                value_cache: Tensor | None, visible: Tensor | None = None) -> Tensor:  # [B, T, H] -> [B, T, H]
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, key_cache, value_cache, visible)
+                value_cache: Tensor | None, visible: Tensor | None = None,
+                read_length: int | None = None) -> Tensor:  # [B, T, H] -> [B, T, H]
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, key_cache, value_cache, visible,
+                               read_length)
         return h + self.mlp(self.post_attention_layernorm(h))

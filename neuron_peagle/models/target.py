@@ -82,7 +82,7 @@ class TargetModel(nn.Module):
         for i, layer in enumerate(self.layers):
             if features and i in self.feature_layers:
                 entering[i] = h
-            h = layer(h, cos, sin, position_ids, *cache.layer(i))
+            h = layer(h, cos, sin, position_ids, *cache.layer(i), read_length=cache.read_length)
         return h, torch.cat([entering[i] for i in self.feature_layers], dim=-1) if features else None
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache,
