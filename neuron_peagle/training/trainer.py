@@ -211,7 +211,8 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
         param.requires_grad_(False)
     save_drafter(drafter, destination, verifier=Path(model_dir).name, verifier_config=target.config)
     (destination / "training.json").write_text(json.dumps(
-        {"train_config": asdict(config), "steps": step, "examples": len(examples), "final": log[-1] if log else {}},
+        {"train_config": {**asdict(config), "init_from": Path(config.init_from).name if config.init_from else None},
+         "steps": step, "examples": len(examples), "final": log[-1] if log else {}},
         indent=2) + "\n")
     _plot(log, destination / "accuracy.png", config.depths)
     return destination
