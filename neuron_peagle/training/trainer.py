@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -124,7 +125,7 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
     loss_fn = OBJECTIVES[config.objective]
     params = [p for p in drafter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    total_steps = max(1, int(config.epochs * len(examples) / config.accumulate))
+    total_steps = epoch_steps = max(1, int(config.epochs * len(examples) / config.accumulate))
 
     checkpoint = work / f"checkpoint_{config.run}.pt"
     log_path = work / f"train_log_{config.run}.jsonl"
@@ -158,15 +159,19 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
     order = torch.randperm(len(examples), generator=generator)
     cursor = (step * config.accumulate) % len(examples)
     sums: dict[str, torch.Tensor] = {}
+    fits: deque[tuple[int, float]] = deque(maxlen=5)  # (step, time) at the last schedule fits
     while step < total_steps:
         if config.seconds is not None:
             if elapsed() > config.seconds:
                 break
-            # Fit the cosine schedule to the wall-clock budget from the measured step rate, so the
-            # learning rate has decayed when the budget ends (rather than stopping at a high rate).
+            # Fit the cosine schedule to the wall-clock budget from the recent step rate, so the
+            # learning rate has decayed when the budget ends (rather than stopping at a high rate);
+            # the fit follows the rate both ways, so a slow spell (another job) is not held forever.
             if step - first_step >= 20 and step % 25 == 0:
-                rate = (step - first_step) / (time.perf_counter() - start)
-                total_steps = min(total_steps, step + max(1, int(rate * (config.seconds - elapsed()))))
+                fits.append((step, time.perf_counter()))
+                (s0, t0), (s1, t1) = fits[0], fits[-1]
+                rate = (s1 - s0) / (t1 - t0) if s1 > s0 else (step - first_step) / (t1 - start)
+                total_steps = min(epoch_steps, step + max(1, int(rate * (config.seconds - elapsed()))))
                 bar.total = total_steps
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
