@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from neuron_peagle.config import KERNEL_MODES
 from neuron_peagle.errors import NeuronPeagleError
 
 
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--buckets", type=_buckets, default=(128, 512), help="prefill buckets, e.g. 128,512")
     gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     gen.add_argument("--backend", default="eager", choices=("eager", "xla", "neuron"))
-    gen.add_argument("--kernels", default="auto", choices=("auto", "reference", "nki", "interpreter"),
+    gen.add_argument("--kernels", default="auto", choices=("auto", *KERNEL_MODES),
                      help="draft-pass kernels (auto: NKI on neuron, else PyTorch; interpreter: the kernel "
                           "source on the CPU interpreter, slow, eager only)")
     gen.add_argument("--artifacts", type=Path, default=None, help="run the graphs compiled into DIR by "

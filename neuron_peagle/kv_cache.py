@@ -5,7 +5,8 @@ Entries are written by scatter at their position ids (see `models.layers.Attenti
 reads the slots [0, read_length) and masks by position, so a slot past a sequence's committed length
 is never read and needs no clearing. On a device backend the buffers are the graphs' aliased state:
 they stay resident and are updated in place, and read_length stays max_length (one shape per graph).
-On eager, where shapes cost nothing, the decoders narrow read_length to the live context (`window`).
+On eager, where shapes cost nothing, the backend lets the decoders narrow read_length to the live
+context (`read_up_to`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class KVCache(nn.Module):
         self.num_layers = num_layers
         self.shape = (batch_size, num_kv_heads, max_length, head_dim)
         self.read_length = max_length  # attention reads slots [0, read_length)
+        self.narrows = False  # set by a backend whose graphs may change shape per step (eager)
         for i in range(num_layers):
             self.register_buffer(f"key_{i}", torch.zeros(self.shape, dtype=dtype), persistent=False)
             self.register_buffer(f"value_{i}", torch.zeros(self.shape, dtype=dtype), persistent=False)
@@ -31,6 +33,11 @@ class KVCache(nn.Module):
     @property
     def max_length(self) -> int:
         return self.shape[2]
+
+    def read_up_to(self, last_slot: int) -> None:
+        """Let attention read only slots [0, last_slot] (rounded up), where the backend allows it."""
+        if self.narrows:
+            self.read_length = self.window(last_slot)
 
     def window(self, last_slot: int) -> int:
         """A read_length covering slots [0, last_slot]: rounded up to a multiple of WINDOW_STEP."""

@@ -37,7 +37,7 @@ class PlainDecoder:
         ids, lengths = pad_prompts(prompts, self.batch_size, self.build.bucket_for(max(map(len, prompts))))
         s = sampling.tensors
         inputs = PrefillInputs(ids, lengths, s.temperature, s.top_k, s.top_p, sampling.random.uniform(1))
-        self._narrow(ids.shape[1] - 1)
+        self.cache.read_up_to(ids.shape[1] - 1)
         (first,) = self.backend.run(self.graphs[sampling.greedy][0], inputs)
         self._tokens = first.clone()
         self._positions = lengths.clone()
@@ -50,13 +50,8 @@ class PlainDecoder:
         s = sampling.tensors
         positions = self._positions.clamp(max=self.build.max_length - 1)
         inputs = DecodeInputs(self._tokens, positions, s.temperature, s.top_k, s.top_p, sampling.random.uniform(1))
-        self._narrow(int(positions.max()))
+        self.cache.read_up_to(int(positions.max()))
         (next_tokens,) = self.backend.run(self.graphs[sampling.greedy][1], inputs)
         self._tokens = next_tokens
         self._positions = positions + 1
         return next_tokens.unsqueeze(-1), torch.ones_like(next_tokens)
-
-    def _narrow(self, last_slot: int) -> None:
-        """On eager, attention reads only the cache slots up to the step's last position (rounded)."""
-        if self.backend.name == "eager":
-            self.cache.read_length = self.cache.window(last_slot)

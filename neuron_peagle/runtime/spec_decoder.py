@@ -51,7 +51,7 @@ class SpecDecoder:
         ids, lengths = pad_prompts(prompts, self.batch_size, self.build.bucket_for(max(map(len, prompts))))
         s = sampling.tensors
         inputs = SpecPrefillInputs(ids, lengths, s.temperature, s.top_k, s.top_p, sampling.random.uniform(1))
-        self._narrow(ids.shape[1] - 1)
+        self.cache.read_up_to(ids.shape[1] - 1)
         (first,) = self.backend.run(self.graphs[sampling.greedy][0], inputs)
         self._last_position = lengths.clone()
         return first
@@ -65,12 +65,7 @@ class SpecDecoder:
         # The host's copy of the graph's last_position, clamped as the graph clamps it: the step
         # writes and reads the cache up to last_position + K.
         last = self._last_position.clamp(max=self.build.max_length - k - 2)
-        self._narrow(int(last.max()) + k)
+        self.cache.read_up_to(int(last.max()) + k)
         tokens, counts = self.backend.run(self.graphs[sampling.greedy][1], inputs)
         self._last_position = last + counts
         return tokens, counts
-
-    def _narrow(self, last_slot: int) -> None:
-        """On eager, the target's attention reads only the cache slots up to last_slot (rounded)."""
-        if self.backend.name == "eager":
-            self.cache.read_length = self.cache.window(last_slot)
