@@ -58,6 +58,32 @@ def test_eagle3_objective_feeds_the_drafters_own_hidden_back(tiny_llama_dir):
     assert drafter.fc.weight.grad.abs().sum() > 0 and drafter.mask_hidden.grad is None
 
 
+def test_a_grown_drafter_computes_what_it_did_and_its_new_layer_learns(tiny_llama_dir):
+    from neuron_peagle.config import DrafterConfig
+    from neuron_peagle.models.target import TargetModel
+    from neuron_peagle.runtime.drafter_choice import random_drafter
+    from neuron_peagle.training.trainer import grow_drafter
+
+    target = TargetModel.from_pretrained(tiny_llama_dir, 64)
+    config = DrafterConfig.for_target(target.config, target.feature_layers, draft_vocab_size=target.config.vocab_size)
+    small = random_drafter(config, 64, seed=3)
+    grown = grow_drafter(small, 3)
+    assert grown.config.num_layers == 3 and len(grown.layers) == 3
+    embeds, hidden = torch.randn(1, 12, config.hidden_size), torch.randn(1, 12, config.hidden_size)
+    positions, rows = torch.arange(12).unsqueeze(0), torch.arange(12).unsqueeze(0)
+    causal = torch.ones(12, 12, dtype=torch.bool).tril().unsqueeze(0)  # [1, S, S]
+    before, _ = small(embeds, hidden, positions, None, rows, causal)
+    after, _ = grown(embeds, hidden, positions, None, rows, causal)
+    assert torch.allclose(before, after, atol=1e-6)
+    # The zeroed output projections still get gradient, so the new layers can learn.
+    for param in grown.parameters():
+        param.requires_grad_(True)
+    grown(embeds, hidden, positions, None, rows, causal)[0].square().sum().backward()
+    assert grown.layers[2].mlp.down_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="shrink"):
+        grow_drafter(grown, 1)
+
+
 # EAGLE-3's chain loss slows depth 0 down at this tiny budget (0.27 vs 0.45 top-1 after 48 steps).
 @pytest.mark.parametrize("objective,mode,min_acceptance", [("peagle", "parallel", 1.3),
                                                             ("eagle3", "sequential", 1.1)])
@@ -111,3 +137,20 @@ def test_a_wall_clock_budget_ends_training_with_the_learning_rate_decayed(tmp_pa
         train(tiny_llama_dir, tmp_path, warm, None)
     train(tiny_llama_dir, tmp_path, dataclasses.replace(warm, run_name="warm"), None)
     assert (tmp_path / "drafter_warm" / "model.safetensors").is_file() and (tmp_path / "checkpoint_warm.pt").is_file()
+
+
+def test_more_prompts_add_only_new_responses_and_complete_the_last_shard(tmp_path, tiny_llama_dir):
+    engine = Engine.from_pretrained(tiny_llama_dir, mode="plain", batch_size=4, max_length=128,
+                                    prefill_buckets=(64,))
+    first = [Prompt("chat", "test", f"Say {i}.") for i in range(4)]
+    examples = generate_responses(engine, first, tmp_path / "r.jsonl", 8)
+    compute_features(engine.target, examples, tmp_path / "features", shard_size=3)  # shards of 3 and 1
+    # A longer list (the old prompts, a repeat, two new ones) answers only the new prompts, in order.
+    more = [*first, Prompt("chat", "test", "Say 0."), Prompt("code", "test", "Say 4."),
+            Prompt("code", "test", "Say 5.")]
+    examples = generate_responses(engine, more, tmp_path / "r.jsonl", 8)
+    assert [e.prompt_ids for e in examples] == [engine.encode(p.text) for p in first + more[-2:]]
+    compute_features(engine.target, examples, tmp_path / "features", shard_size=3)
+    shards = sorted((tmp_path / "features").glob("*.safetensors"))
+    loaded = load_shards(shards)
+    assert len(shards) == 2 and [e["ids"].tolist() for e in loaded] == [e.ids for e in examples]

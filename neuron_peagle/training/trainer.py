@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import deque
@@ -35,7 +36,8 @@ class TrainConfig:
     accumulate: int = 4  # sequences per optimizer step
     max_sequence: int = 384
     checkpoint_every: int = 50  # optimizer steps
-    init_from: str | None = None  # a drafter directory to continue from (its draft vocabulary is kept)
+    init_from: str | None = None  # a drafter directory to continue from (its draft vocabulary is kept;
+    # with num_layers above its own, it grows: see `grow_drafter`)
     run_name: str | None = None  # names the checkpoint and log in the work dir (default: the objective)
 
     def __post_init__(self) -> None:
@@ -71,6 +73,28 @@ def init_drafter(target: TargetModel, config: TrainConfig, draft_ids: torch.Tens
     for param in drafter.parameters():
         param.requires_grad_(True)
     return drafter
+
+
+def grow_drafter(drafter: Drafter, num_layers: int) -> Drafter:
+    """`drafter` with layers appended up to `num_layers`, computing exactly what it computed before.
+
+    Each new layer is a residual block whose output projections (attention o_proj, MLP down_proj)
+    start at zero, so it adds nothing until training moves them; the other new weights are random.
+    """
+    old = drafter.config.num_layers
+    if num_layers < old:
+        raise ConfigError(f"cannot shrink a {old}-layer drafter to {num_layers} layers")
+    if num_layers == old:
+        return drafter
+    grown = random_drafter(dataclasses.replace(drafter.config, num_layers=num_layers), drafter.max_length,
+                           seed=0).to(drafter.fc.weight.dtype)
+    missing, unexpected = grown.load_state_dict(drafter.state_dict(), strict=False)
+    assert not unexpected and all(name.startswith("layers.") for name in missing), (missing, unexpected)
+    with torch.no_grad():
+        for layer in grown.layers[old:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return grown
 
 
 def _plot(log: list[dict], path: Path, depths: int) -> None:
@@ -115,6 +139,7 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
     max_length = config.max_sequence + config.depths + 2
     if config.init_from is not None:
         drafter = load_drafter(Path(config.init_from), target.config, max_length, torch.float32)
+        drafter = grow_drafter(drafter, config.num_layers)
         draft_ids = drafter.d2t + torch.arange(len(drafter.d2t))
         for param in drafter.parameters():
             param.requires_grad_(True)
