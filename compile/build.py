@@ -7,8 +7,11 @@ graph an engine needs into an artifact directory that `Engine.from_compiled` loa
 2. Plan the graphs (compile/plan.py) and trace each one lazily: write its HLO text, audit it
    (compile/audit.py), fingerprint it. Nothing is compiled yet.
 3. Compile only the graphs whose fingerprint is not in the previous manifest: on xla by running
-   the graph once with torch-xla's persistent compilation cache in `<out>/xla_cache`, on neuron
-   with `torch_neuronx.trace`. Files of graphs no longer planned are removed.
+   the graph once with torch-xla's persistent compilation cache in `<out>/xla_cache`; on neuron
+   with neuronx-distributed (compile/neuron_build.py): every graph is traced as a key of one
+   NxDModel, the stale ones compiled by neuronx-cc, and the NxDModel saved as `neuron/model.pt`,
+   so that all graphs share one device copy of the weights, KV caches and speculative state.
+   Files of graphs no longer planned are removed.
 4. Write manifest.json. Progress shows on a tqdm bar and goes to compile_log.jsonl as it happens.
 
 An xla build must run in a fresh process: torch-xla fixes its persistent cache when it compiles
@@ -23,7 +26,6 @@ import hashlib
 import json
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -122,7 +124,7 @@ def _trace(spec: GraphSpec, backend: XlaBackend, out: Path, versions: dict, weig
     result = audit.audit_hlo(hlo, vocab_sizes)
     audit.check(spec.name, result, str(out / hlo_file))
     digest = hashlib.sha256(hlo.encode()).hexdigest()
-    return _Traced(spec, tuple(TensorInfo.of(n, t) for n, t in zip(outputs._fields, outputs)), hlo_file, digest,
+    return _Traced(spec, TensorInfo.of_named(outputs), hlo_file, digest,
                    fingerprint(digest, spec.compiler_args, versions, weights), result)
 
 
@@ -130,7 +132,7 @@ def _record(item: _Traced, files: tuple[str, ...], compile_seconds: float) -> Gr
     spec = item.spec
     return GraphRecord(
         name=spec.name, kind=spec.kind, bucket=spec.bucket, greedy=spec.greedy,
-        inputs=tuple(TensorInfo.of(n, t) for n, t in zip(type(spec.example_inputs)._fields, spec.example_inputs)),
+        inputs=TensorInfo.of_named(spec.example_inputs),
         outputs=item.outputs, state=tuple(TensorInfo.of(n, t) for n, t in spec.state_buffers.items()),
         compiler_args=spec.compiler_args, hlo_file=item.hlo_file, hlo_sha256=item.hlo_sha256,
         fingerprint=item.fingerprint, files=files, compile_time_s=round(compile_seconds, 3),
@@ -148,16 +150,6 @@ def _compile_xla(spec: GraphSpec, backend: XlaBackend, out: Path) -> list[str]:
 
 def _listing(folder: Path) -> set[Path]:
     return set(folder.iterdir()) if folder.is_dir() else set()
-
-
-def _compile_neuron(spec: GraphSpec, out: Path) -> list[str]:
-    from neuron_peagle.backends.neuron import compile_graph
-
-    spec.module.cpu()  # torch_neuronx.trace takes a CPU module and moves it itself
-    with tempfile.TemporaryDirectory(prefix=f"neuronx-cc-{spec.name}-") as workdir:
-        files = compile_graph(spec.name, spec.module, spec.example_inputs, spec.state_names, spec.compiler_args,
-                              Path(workdir), out / NEURON_DIR)
-    return [str(f.relative_to(out)) for f in files]
 
 
 def _drafter_weights(choice: DrafterChoice | None) -> WeightsInfo | None:
@@ -230,28 +222,38 @@ def build_artifacts(request: BuildRequest) -> BuildReport:
 
     records: list[GraphRecord] = []
     stale = [t for t in traced if t.spec.name not in fresh]
+    neuron = None
+    if request.backend == "neuron":
+        from compile.neuron_build import NeuronBuild
+
+        neuron = NeuronBuild(specs, out)
     bar = tqdm(total=len(stale), desc=f"compile ({request.backend})", unit="graph", file=sys.stderr)
     for item in traced:
         spec = item.spec
         if spec.name in fresh:
             files, seconds = fresh[spec.name].files, fresh[spec.name].compile_time_s
+            if neuron is not None:
+                neuron.reuse(spec)
         else:
             bar.set_postfix_str(spec.name)
             start = time.perf_counter()
-            files = _compile_xla(spec, backend, out) if request.backend == "xla" else _compile_neuron(spec, out)
+            files = _compile_xla(spec, backend, out) if neuron is None else neuron.compile(spec)
             seconds = time.perf_counter() - start
             bar.update()
             log.write({"event": "graph", "graph": spec.name, "status": "compiled", "compile_s": round(seconds, 3)},
                       f"{spec.name}: compiled in {seconds:.1f} s")
         records.append(_record(item, tuple(files), seconds))
     bar.close()
+    if neuron is not None:
+        neuron.save()
 
     manifest = Manifest(
         backend=request.backend, versions=versions,
         build=dataclasses.replace(request.build, backend=request.backend), mode=request.mode,
         num_speculative_tokens=request.num_draft_tokens, tp_degree=request.tp_degree, target=request.target,
         model=model, drafter=drafter, graphs=tuple(records),
-        audit_notes=tuple(audit.notes({t.spec.name: t.audit.findings for t in traced})))
+        audit_notes=tuple(audit.notes({t.spec.name: t.audit.findings for t in traced})),
+        neuron_checkpoint=neuron.checkpoint if neuron is not None else ())
     manifest.save(out)
     planned = {s.name for s in specs}
     report = BuildReport(

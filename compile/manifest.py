@@ -11,7 +11,13 @@ Layout of an artifact directory:
     compile_log.jsonl      one record per graph per build run, then a summary record
     hlo/<graph>.hlo.txt    the HLO text of every graph (always)
     xla_cache/             torch-xla's persistent compilation cache (xla backend)
-    neuron/<graph>.pt      torch_neuronx traced module, and <graph>.neff (neuron backend)
+    neuron/model.pt        one neuronx-distributed NxDModel holding every graph, keyed by its name,
+                           without weights (neuron backend)
+    neuron/<graph>.neff    each graph's NEFF as neuronx-cc wrote it (reused by rebuilds, for profiling)
+
+A neuron manifest also lists the weight dict its NxDModel reads (`neuron_checkpoint`: every tensor
+name, shape and dtype): the loader rebuilds that dict from the checked model directory and refuses
+one that differs.
 """
 
 from __future__ import annotations
@@ -36,8 +42,10 @@ LOG_NAME = "compile_log.jsonl"
 HLO_DIR = "hlo"
 XLA_CACHE_DIR = "xla_cache"
 NEURON_DIR = "neuron"
+NEURON_MODEL_FILE = f"{NEURON_DIR}/model.pt"
 # The packages whose versions a compiled graph is tied to, per backend.
-PACKAGES = {"xla": ("torch", "torch-xla"), "neuron": ("torch", "torch-xla", "torch-neuronx", "neuronx-cc")}
+PACKAGES = {"xla": ("torch", "torch-xla"),
+            "neuron": ("torch", "torch-xla", "torch-neuronx", "neuronx-cc", "neuronx-distributed")}
 
 
 def installed_versions(backend: str) -> dict[str, str | None]:
@@ -82,8 +90,18 @@ class TensorInfo:
         return cls(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
 
     @classmethod
+    def of_named(cls, tensors: tuple) -> tuple["TensorInfo", ...]:
+        """One per field of a NamedTuple of tensors (a graph's Inputs or Outputs), in field order."""
+        return tuple(cls.of(name, t) for name, t in zip(type(tensors)._fields, tensors))
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TensorInfo":
         return cls(data["name"], tuple(data["shape"]), data["dtype"])
+
+
+def tensor_infos(tensors: dict[str, Tensor]) -> tuple[TensorInfo, ...]:
+    """name, shape and dtype of every tensor, sorted by name."""
+    return tuple(TensorInfo.of(name, tensors[name]) for name in sorted(tensors))
 
 
 @dataclass(frozen=True)
@@ -124,6 +142,7 @@ class Manifest:
     graphs: tuple[GraphRecord, ...]
     audit_notes: tuple[str, ...]
     format_version: int = FORMAT_VERSION
+    neuron_checkpoint: tuple[TensorInfo, ...] = ()  # neuron: the weight dict every graph reads; xla: empty
 
     def graph(self, name: str) -> GraphRecord | None:
         return next((g for g in self.graphs if g.name == name), None)
@@ -144,6 +163,7 @@ class Manifest:
             "drafter": WeightsInfo(**drafter) if drafter is not None else None,
             "graphs": tuple(GraphRecord.from_dict(g) for g in data["graphs"]),
             "audit_notes": tuple(audit["notes"]),
+            "neuron_checkpoint": tuple(TensorInfo.from_dict(t) for t in data.get("neuron_checkpoint", ())),
         })
 
     def save(self, directory: Path) -> None:

@@ -1,9 +1,11 @@
 """Which graphs an engine needs, and everything about each that does not depend on the compiler.
 
 Both artifact backends start from the same list of `GraphSpec`s: the xla build hands each one to
-torch-xla (and its persistent compilation cache), the neuron build to `torch_neuronx.trace`. So the
-graph selection, the example inputs, the map of aliased state and the neuronx-cc arguments are
-decided here once, and the xla tests cover all of it before the neuron path reaches the SDK.
+torch-xla (and its persistent compilation cache), the neuron build makes each one a key of one
+neuronx-distributed NxDModel (its name is the key; backends/neuron_graphs.py). So the graph
+selection, the example inputs, the map of aliased state and the neuronx-cc arguments are decided
+here once, and the xla tests cover all of it before the neuron path reaches the SDK. Loading plans
+again with the same code, so the loaded engine names and calls exactly the graphs that were built.
 
 The example inputs are built the way the decoders build their inputs (`pad_prompts`,
 `BatchSampling`), with the same shapes and dtypes; values do not matter to a fixed-shape graph.

@@ -8,6 +8,7 @@ compilation); loading runs in this process.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -282,19 +283,76 @@ def test_neuron_without_the_sdk_says_what_to_install(built, tiny_llama_dir, tmp_
         Engine.from_compiled(tmp_path)
 
 
+def test_neuron_loader_checks_the_plan_interfaces_and_weight_dict(built, tiny_llama_dir):
+    """Before any SDK call, a neuron load checks what its NxDModel relies on and the process provides.
+    A neuron manifest is the xla one plus the weight dict's layout, so the xla build stands in for it."""
+    from compile.manifest import tensor_infos
+    from neuron_peagle.backends.neuron_graphs import NeuronBundle
+    from neuron_peagle.runtime.artifacts import check_neuron_plan
+
+    engine = Engine.from_pretrained(tiny_llama_dir, **SHAPES)
+    specs = plan_graphs(engine.decoder, neuron_compiler_args("trn1"))
+    checkpoint = NeuronBundle.of(specs).checkpoint
+    manifest = dataclasses.replace(Manifest.load(built), backend="neuron", neuron_checkpoint=tensor_infos(checkpoint))
+    assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest
+    check_neuron_plan(specs, manifest, checkpoint)  # as built: passes
+
+    layout = list(manifest.neuron_checkpoint)
+    norm = next(i for i, t in enumerate(layout) if t.name == "graph.target.norm.weight")
+    wider = dataclasses.replace(manifest, neuron_checkpoint=tuple(
+        dataclasses.replace(t, shape=(65,)) if i == norm else t for i, t in enumerate(layout)))
+    with pytest.raises(ArtifactError, match=r"graph\.target\.norm\.weight is \[64\] float32, built as \[65\] float32"):
+        check_neuron_plan(specs, wider, checkpoint)
+    without_norm = dataclasses.replace(manifest, neuron_checkpoint=tuple(layout[:norm] + layout[norm + 1:]))
+    with pytest.raises(ArtifactError, match=r"graph\.target\.norm\.weight was not there when they were built"):
+        check_neuron_plan(specs, without_norm, checkpoint)
+    step = manifest.graph("spec_step_greedy")
+    longer_cache = tuple(dataclasses.replace(t, shape=(2, 2, 128, 16)) if t.name == "cache.key_0" else t
+                         for t in step.state)
+    changed = dataclasses.replace(manifest, graphs=tuple(
+        dataclasses.replace(g, state=longer_cache) if g.name == step.name else g for g in manifest.graphs))
+    with pytest.raises(ArtifactError, match=r"graph spec_step_greedy now has state .*'cache\.key_0', \[2, 2, 96, 16\]"):
+        check_neuron_plan(specs, changed, checkpoint)
+    fewer = dataclasses.replace(manifest, graphs=tuple(g for g in manifest.graphs if g.name != step.name))
+    with pytest.raises(ArtifactError, match="the engine needs graphs"):
+        check_neuron_plan(specs, fewer, checkpoint)
+
+
 @pytest.mark.neuron
-def test_neuron_build_traces_every_graph(tiny_llama_dir, tmp_path):
+def test_neuron_artifacts_generate_the_eager_tokens(tiny_llama_dir, tmp_path):
+    """On a trn instance: the neuron build writes one NxDModel holding every graph, `from_compiled`
+    loads it with one copy of the weights and state, and generation gives the eager engine's tokens."""
     pytest.importorskip("torch_neuronx")
+    pytest.importorskip("neuronx_distributed")
+    from neuron_peagle.runtime.artifacts import ON_NEURON
+
     cmd = [sys.executable, "-m", "compile.build", "--backend", "neuron", "--model", str(tiny_llama_dir),
            "--out", str(tmp_path), *BUILD_ARGS, "--buckets", "16,32", "--target", "trn1"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=7200)
     assert result.returncode == 0, result.stderr[-4000:]
     manifest = Manifest.load(tmp_path)
     assert manifest.backend == "neuron" and manifest.versions["torch-neuronx"] == metadata.version("torch-neuronx")
+    assert manifest.versions["neuronx-distributed"] == metadata.version("neuronx-distributed")
     assert {g.name for g in manifest.graphs} == GRAPHS
+    assert "graph.cache.key_0" in {t.name for t in manifest.neuron_checkpoint}
     for graph in manifest.graphs:
-        assert (tmp_path / "neuron" / f"{graph.name}.pt") in [tmp_path / f for f in graph.files]
+        assert set(graph.files) == {f"neuron/{graph.name}.neff", "neuron/model.pt"}
         assert all((tmp_path / f).is_file() for f in graph.files) and (tmp_path / graph.hlo_file).is_file()
+
+    engine = Engine.from_compiled(tmp_path)
+    assert engine.artifacts.graphs == {name: ON_NEURON for name in GRAPHS}
+    eager = Engine.from_pretrained(tiny_llama_dir, **SHAPES)
+    greedy = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    got = [o.output_ids for o in engine.generate(SHORT + LONG, greedy)]
+    assert got == [o.output_ids for o in eager.generate(SHORT + LONG, greedy)]
+    sampled = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.95, seed=3, ignore_eos=True)
+    assert all(len(o.output_ids) == 16 for o in engine.generate(SHORT + LONG, sampled))
+    assert engine.backend.compile_count() == 0
+
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=7200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()]
+    assert [r for r in records if r["event"] == "build"][-1]["compiled"] == []  # NEFFs reused, model.pt re-assembled
 
 
 # ---- the default model ---------------------------------------------------------------------------

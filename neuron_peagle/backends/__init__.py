@@ -3,7 +3,10 @@
 - `eager`: plain PyTorch on CPU. The reference, and the fast CPU path.
 - `xla`: torch-xla (PJRT CPU here, PJRT NEURON on a trn instance). Each distinct graph is traced and
   compiled once, then reused; compilations are counted.
-- `neuron`: torch-neuronx. Imported lazily; without the Neuron SDK it raises a clear error.
+- `neuron`: neuronx-distributed on torch-neuronx: the graphs of an engine are the keys of one
+  NxDModel built ahead of time (`python -m compile.build --backend neuron`) and loaded by
+  `Engine.from_compiled`, sharing one device copy of the weights and state. Imported lazily;
+  without the Neuron SDK it raises a clear error.
 """
 
 from __future__ import annotations

@@ -1,88 +1,137 @@
-"""torch-neuronx on a trn1/trn2 instance: compiles the planned graphs into traced NEFF modules.
+"""The neuron backend on a trn1/trn2 instance: every graph of an engine is one key of one
+neuronx-distributed `NxDModel`, built ahead of time and run from an artifact directory.
 
-The Neuron SDK is imported only inside functions, so everything else runs (and is tested) without
-it; with it missing, every entry point raises BackendUnavailableError with INSTALL_HINT.
+The Neuron SDK is imported only inside `require_sdk`, so everything else runs (and is tested)
+without it; with it missing, every entry point raises BackendUnavailableError with INSTALL_HINT.
+The plain-PyTorch half (the traced wrapper, the shared weight dict, the call router) is in
+`neuron_graphs.py`; this module is only the SDK calls (ModelBuilderV2's units, neuronx-distributed
+`trace/model_builder.py`, `trace/nxd_model/nxd_model.py`):
 
-Each graph is traced by `torch_neuronx.trace` with its KV caches and speculative state as
-`input_output_aliases` (they stay on the device and are updated in place), weights kept out of the
-NEFF (`inline_weights_to_neff=False`, so all graphs can share one device copy via
-`torch_neuronx.move_trace_to_device`), then saved with `torch.jit.save`.
+- build: `trace(NxdGraph, kwargs=example inputs)` per graph; `compile(hlo, metaneff,
+  compiler_workdir=..., compiler_args="...", key=name)` -> a NEFF per graph; then
+  `NxDModel(world_size=1).add(key, trace_artifacts, CompilationArtifacts(neff_filepath=...))` for
+  every graph and `save(path, save_weights=False)`: one TorchScript file, no weights in it.
+- load: `NxDModel.load(path)`, `set_weights([weight dict])` (the engine's own modules, built from
+  the checked model directory, provide it), `to_neuron()`: one device copy of the weights and of
+  every state buffer, passed to every key.
+- run: `model(model_name=key, **inputs)`, the key picked by `GraphRouter` from the graph module the
+  decoder calls and its input shapes; host tensors in and out, as on the other backends.
 
-Running graphs on Neuron is not wired yet: each traced module owns its aliased state, while the
-prefill and step graphs must share one KV cache; sharing state across graphs is what
-neuronx-distributed's ModelBuilder provides, and is the next step.
+Tensor parallelism is not built yet: world_size stays 1 (`shard_checkpoint` under
+`NxDParallelState` would make the per-rank weight dicts once the models use parallel layers).
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from neuron_peagle.errors import BackendUnavailableError
+from neuron_peagle.backends.neuron_graphs import NeuronBundle, NxdGraph, graph_kwargs
+from neuron_peagle.errors import ArtifactError, BackendUnavailableError
 
 INSTALL_HINT = (
-    "the neuron backend needs the Neuron SDK (torch-neuronx 2.9, neuronx-cc) on a trn1/trn2 instance, "
-    "installed from the Neuron SDK's own pip repository; on other machines use --backend eager or xla"
+    "the neuron backend needs the Neuron SDK (torch-neuronx 2.9, neuronx-cc, neuronx-distributed) on a "
+    "trn1/trn2 instance, installed from the Neuron SDK's own pip repository; on other machines use "
+    "--backend eager or xla"
 )
-NOT_WIRED = (
-    "running graphs on Neuron is not supported yet: `python -m compile.build --backend neuron` compiles "
-    "them, but each traced module owns its aliased state and the prefill and step graphs must share one "
-    "KV cache (next step: neuronx-distributed's ModelBuilder); use --backend eager or xla to generate"
+NEEDS_ARTIFACTS = (
+    "the neuron backend runs graphs compiled ahead of time: build them with `python -m compile.build "
+    "--backend neuron --out DIR` and load them with `Engine.from_compiled(DIR)` (`neuron-peagle generate "
+    "--artifacts DIR`)"
 )
 
 
-def require_sdk():
-    """The torch_neuronx module, or BackendUnavailableError saying what to install."""
+@dataclass(frozen=True)
+class NxdApi:
+    """The neuronx-distributed entry points this backend uses, imported once."""
+
+    NxDModel: Any  # neuronx_distributed.NxDModel
+    trace: Callable  # neuronx_distributed.trace.model_builder.trace
+    compile: Callable  # neuronx_distributed.trace.model_builder.compile
+    CompilationArtifacts: Any  # neuronx_distributed.trace.model_builder_utils.CompilationArtifacts
+
+
+def require_sdk() -> NxdApi:
+    """The SDK entry points, or BackendUnavailableError saying what to install."""
     try:
-        import torch_neuronx
+        import torch_neuronx  # noqa: F401  (the runtime NxD drives; checked here for a clear message)
+        from neuronx_distributed import NxDModel
+        from neuronx_distributed.trace.model_builder import compile as nxd_compile
+        from neuronx_distributed.trace.model_builder import trace as nxd_trace
+        from neuronx_distributed.trace.model_builder_utils import CompilationArtifacts
     except ImportError:
         raise BackendUnavailableError(INSTALL_HINT) from None
-    return torch_neuronx
+    return NxdApi(NxDModel, nxd_trace, nxd_compile, CompilationArtifacts)
 
 
 class NeuronBackend:
     name = "neuron"
+    device = torch.device("cpu")  # decoders hand over host tensors; weights and state live in the NxDModel
 
     def __init__(self) -> None:
-        require_sdk()
-        raise BackendUnavailableError(NOT_WIRED)
+        self._api = require_sdk()
+        self._model = None
+        self._bundle: NeuronBundle | None = None
+
+    def prepare(self, module: nn.Module) -> nn.Module:
+        """Weights stay on the host: `load` hands them, as one dict, to the NxDModel."""
+        return module
+
+    def load(self, model_path: Path, bundle: NeuronBundle) -> None:
+        """Load the saved NxDModel, give it the bundle's weights and put it on the NeuronCore."""
+        model = self._api.NxDModel.load(str(model_path))
+        if not isinstance(model, self._api.NxDModel):
+            raise ArtifactError(f"{model_path} does not restore as an NxDModel with the installed neuronx-distributed "
+                                "(it keeps no compatibility across versions); rebuild the artifacts")
+        missing = set(bundle.graphs) - set(model.get_available_keys())
+        if missing:
+            raise ArtifactError(f"{model_path} lacks the graphs {sorted(missing)}; rebuild the artifacts")
+        model.set_weights([bundle.checkpoint])
+        model.to_neuron()
+        self._model, self._bundle = model, bundle
+
+    def run(self, graph: nn.Module, inputs: NamedTuple):
+        if self._model is None:
+            raise BackendUnavailableError(NEEDS_ARTIFACTS)
+        key = self._bundle.router.key(graph, inputs)
+        result = self._model(model_name=key, **graph_kwargs(inputs))
+        outputs = (result,) if isinstance(result, Tensor) else tuple(result)
+        return graph.Outputs(*(t.cpu() for t in outputs))
+
+    def compile_count(self) -> int:
+        return 0  # nothing compiles in the process: every graph is a NEFF from the artifacts
 
 
-class StateOutputs(nn.Module):
-    """A graph whose outputs are followed by its state buffers, read after its in-place updates.
-
-    `torch_neuronx.trace` keeps a tensor on the device only as an aliased pair: the state tensor
-    (a module buffer, not a graph input) and the output that carries its new value.
-    """
-
-    def __init__(self, graph: nn.Module, state_names: tuple[str, ...]) -> None:
-        super().__init__()
-        self.graph, self.state_names = graph, state_names
-
-    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        outputs = self.graph(*inputs)
-        return (*outputs, *(self.graph.get_buffer(name) for name in self.state_names))
+def trace_graph(api: NxdApi, name: str, graph: NxdGraph, kwargs: dict[str, Tensor]):
+    """NxD's TraceArtifacts of one graph (module on the CPU; nothing is compiled)."""
+    try:
+        return api.trace(graph, kwargs=kwargs)
+    except RuntimeError as err:
+        raise ArtifactError(f"neuronx-distributed could not trace graph {name}: {err}") from err
 
 
-def compile_graph(name: str, graph: nn.Module, example_inputs: tuple[Tensor, ...], state_names: tuple[str, ...],
-                  compiler_args: tuple[str, ...], workdir: Path, out_dir: Path) -> list[Path]:
-    """Trace and compile one graph (module on the CPU); returns the files written to `out_dir`:
-    the traced module `<name>.pt` and the NEFF neuronx-cc produced, `<name>.neff`."""
-    torch_neuronx = require_sdk()
-    num_outputs = len(graph.Outputs._fields)
-    aliases = {graph.get_buffer(state): num_outputs + i for i, state in enumerate(state_names)}
-    traced = torch_neuronx.trace(StateOutputs(graph, state_names), tuple(example_inputs),
-                                 input_output_aliases=aliases, compiler_workdir=str(workdir),
-                                 compiler_args=list(compiler_args), inline_weights_to_neff=False)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    module_path = out_dir / f"{name}.pt"
-    torch.jit.save(traced, str(module_path))
-    files = [module_path]
-    neffs = sorted(workdir.rglob("*.neff"))  # neuronx-cc writes one per traced graph
-    if neffs:
-        files.append(out_dir / f"{name}.neff")
-        shutil.copyfile(neffs[-1], files[-1])
-    return files
+def compile_graph(api: NxdApi, name: str, traced, compiler_args: tuple[str, ...], workdir: Path,
+                  neff_path: Path) -> None:
+    """neuronx-cc on one traced graph; its NEFF is copied to `neff_path`."""
+    try:
+        artifacts = api.compile(traced.hlo, traced.metaneff, compiler_workdir=str(workdir),
+                                compiler_args=" ".join(compiler_args), key=name)
+    except RuntimeError as err:
+        raise ArtifactError(f"neuronx-cc failed on graph {name} ({err}); its log-neuron-cc.txt is under "
+                            f"{workdir / name}") from err
+    neff_path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(artifacts.neff_filepath, neff_path)
+
+
+def save_model(api: NxdApi, traced: dict[str, Any], neffs: dict[str, Path], path: Path) -> None:
+    """One NxDModel holding every graph under its planned name, saved without weights."""
+    model = api.NxDModel(world_size=1)
+    for name, artifacts in traced.items():
+        model.add(key=name, trace_artifacts=artifacts,
+                  compilation_artifacts=api.CompilationArtifacts(neff_filepath=str(neffs[name])))
+    model.save(str(path), save_weights=False)

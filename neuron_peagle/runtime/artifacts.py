@@ -1,19 +1,27 @@
-"""Engines from compiled artifacts (`Engine.from_compiled`): check, then warm every graph.
+"""Engines from compiled artifacts (`Engine.from_compiled`): check, then load and warm every graph.
 
 Refused, each with an ArtifactError that names the problem, before any model is loaded:
 - a package version differing from the one the graphs were compiled with;
 - a weight or config file (target or drafter) whose sha256 is not the recorded one;
 - a requested shape, mode or backend other than the one built.
-Then the engine is built on the recorded settings and every planned graph is traced once: its
-HLO must be the one built and audited (else the graph code changed since), and running it loads
-the compiled graph, so generation itself compiles nothing.
+Then the engine is built on the recorded settings, its graphs planned by the build's own code
+(compile/plan.py), and every planned graph must be one the artifacts hold.
 
-The xla compiled form is torch-xla's persistent cache, which can only be set up before the
-process compiles anything. Decision: if the process already has compiled XLA graphs with another
-cache, the engine is still built, with a warning, and its graphs compiled in the process (the same
-graphs, so the same output; only the start-up cost differs). Whether each graph was loaded or
-compiled is in `engine.artifacts.graphs`. (PJRT CPU cannot deserialize executables, so on CPU
-every graph is compiled at load; a trn instance loads them.)
+xla: every graph is traced once: its HLO must be the one built and audited (else the graph code
+changed since), and running it loads the compiled graph, so generation itself compiles nothing.
+The compiled form is torch-xla's persistent cache, which can only be set up before the process
+compiles anything. Decision: if the process already has compiled XLA graphs with another cache,
+the engine is still built, with a warning, and its graphs compiled in the process (the same graphs,
+so the same output; only the start-up cost differs). Whether each graph was loaded or compiled is
+in `engine.artifacts.graphs`. (PJRT CPU cannot deserialize executables, so on CPU every graph is
+compiled at load; a trn instance loads them.)
+
+neuron: the graphs are the keys of one NxDModel (`neuron/model.pt`, backends/neuron.py). Each
+planned graph must take the inputs and hold the state it was built with, and the weight dict made
+from the engine's own modules (from the checked model directory) must have the recorded names,
+shapes and dtypes; then the NxDModel gets that dict, goes onto the NeuronCore with one copy of
+the weights and of every state buffer shared by all keys, and each graph is run once. The decoders
+then call it through the same host loop as on eager and xla.
 
 The manifest format and the graph plan are the build's own (compile/), so that what is loaded is
 planned and checked by the very code that built it.
@@ -26,8 +34,11 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compile.manifest import XLA_CACHE_DIR, Manifest, WeightsInfo, installed_versions
-from compile.plan import neuron_compiler_args, plan_graphs, trace_hlo
+from torch import Tensor
+
+from compile.manifest import (NEURON_MODEL_FILE, XLA_CACHE_DIR, Manifest, TensorInfo, WeightsInfo, installed_versions,
+                              tensor_infos)
+from compile.plan import GraphSpec, neuron_compiler_args, plan_graphs, trace_hlo
 from neuron_peagle.backends.xla import XlaBackend, initialize_persistent_cache
 from neuron_peagle.errors import ArtifactError
 
@@ -36,6 +47,7 @@ LOADED = "loaded from the persistent cache"
 UNLOADABLE = "compiled: this PJRT device cannot deserialize cached executables"
 MISSING = "compiled: not in the persistent cache"
 IN_PROCESS = "compiled earlier in this process"
+ON_NEURON = "loaded onto the NeuronCore (a key of the NxDModel)"
 
 
 @dataclass(frozen=True)
@@ -57,8 +69,8 @@ class ArtifactRequest:
 @dataclass
 class LoadReport:
     artifact_dir: Path
-    cache: str  # "persistent cache in <dir>" or why the process compiles instead
-    graphs: dict[str, str] = field(default_factory=dict)  # graph name -> LOADED | UNLOADABLE | ...
+    cache: str  # xla: "persistent cache in <dir>" or why the process compiles instead; neuron: the NxDModel
+    graphs: dict[str, str] = field(default_factory=dict)  # graph name -> LOADED | UNLOADABLE | ... | ON_NEURON
 
     def describe(self) -> str:
         counts: dict[str, int] = {}
@@ -123,13 +135,49 @@ def _checked_dirs(manifest: Manifest, request: ArtifactRequest) -> tuple[Path, P
     return model_dir, drafter_dir
 
 
+def _check_plan(specs: list[GraphSpec], manifest: Manifest) -> None:
+    if sorted(s.name for s in specs) != sorted(g.name for g in manifest.graphs):
+        raise ArtifactError(f"the engine needs graphs {sorted(s.name for s in specs)}, the artifacts hold "
+                            f"{sorted(g.name for g in manifest.graphs)}; rebuild them")
+
+
+def _checkpoint_difference(built: tuple[TensorInfo, ...], now: tuple[TensorInfo, ...]) -> str | None:
+    before, after = {t.name: t for t in built}, {t.name: t for t in now}
+    for name in sorted(set(before) | set(after)):
+        if name not in after:
+            return f"{name} is missing"
+        if name not in before:
+            return f"{name} was not there when they were built"
+        if before[name] != after[name]:
+            return (f"{name} is {list(after[name].shape)} {after[name].dtype}, built as "
+                    f"{list(before[name].shape)} {before[name].dtype}")
+    return None
+
+
+def check_neuron_plan(specs: list[GraphSpec], manifest: Manifest, checkpoint: dict[str, Tensor]) -> None:
+    """What the NxDModel relies on and the loading process provides: the planned graphs, each with
+    the inputs and state it was built with, and the weight dict with the recorded tensors."""
+    _check_plan(specs, manifest)
+    for spec in specs:
+        record = manifest.graph(spec.name)
+        for part, now, built in (("inputs", TensorInfo.of_named(spec.example_inputs), record.inputs),
+                                 ("state", tuple(TensorInfo.of(n, t) for n, t in spec.state_buffers.items()),
+                                  record.state)):
+            if now != built:
+                raise ArtifactError(f"graph {spec.name} now has {part} {[(t.name, list(t.shape)) for t in now]}, "
+                                    f"built with {[(t.name, list(t.shape)) for t in built]}: the graph code "
+                                    "changed since; rebuild the artifacts")
+    difference = _checkpoint_difference(manifest.neuron_checkpoint, tensor_infos(checkpoint))
+    if difference is not None:
+        raise ArtifactError(f"the weight dict the compiled graphs read does not match: {difference}; the model "
+                            "code changed since the build; rebuild the artifacts")
+
+
 def _warm(engine, manifest: Manifest, report: LoadReport) -> None:
     """Check each graph's HLO against the built one, then run it once as the engine does."""
     backend: XlaBackend = engine.backend
     specs = plan_graphs(engine.decoder, neuron_compiler_args(manifest.target))
-    if sorted(s.name for s in specs) != sorted(g.name for g in manifest.graphs):
-        raise ArtifactError(f"the engine needs graphs {sorted(s.name for s in specs)}, the artifacts hold "
-                            f"{sorted(g.name for g in manifest.graphs)}; rebuild them")
+    _check_plan(specs, manifest)
     for spec in specs:
         hlo, _ = trace_hlo(spec, backend)
         record = manifest.graph(spec.name)
@@ -148,13 +196,36 @@ def _warm(engine, manifest: Manifest, report: LoadReport) -> None:
             report.graphs[spec.name] = UNLOADABLE if delta["PersistentCacheDeserializeFailure"] else MISSING
 
 
+def _engine(engine_cls, manifest: Manifest, model_dir: Path, drafter_dir: Path | None, backend: str):
+    build = manifest.build
+    return engine_cls.from_pretrained(model_dir, drafter_dir, mode=manifest.mode,
+                                      num_speculative_tokens=manifest.num_speculative_tokens,
+                                      batch_size=build.batch_size, max_length=build.max_length,
+                                      prefill_buckets=build.prefill_buckets, dtype=build.dtype, backend=backend,
+                                      kernels=build.kernels)
+
+
+def _load_neuron(engine_cls, artifact_dir: Path, manifest: Manifest, model_dir: Path, drafter_dir: Path | None):
+    from neuron_peagle.backends.neuron_graphs import NeuronBundle
+
+    engine = _engine(engine_cls, manifest, model_dir, drafter_dir, "neuron")
+    specs = plan_graphs(engine.decoder, neuron_compiler_args(manifest.target))
+    bundle = NeuronBundle.of(specs)
+    check_neuron_plan(specs, manifest, bundle.checkpoint)
+    engine.backend.load(artifact_dir / NEURON_MODEL_FILE, bundle)
+    report = LoadReport(artifact_dir, f"NxDModel {artifact_dir / NEURON_MODEL_FILE}, weights from {model_dir}")
+    for spec in specs:
+        engine.backend.run(spec.module, spec.example_inputs)
+        report.graphs[spec.name] = ON_NEURON
+    engine.artifacts = report
+    return engine
+
+
 def load_engine(engine_cls, artifact_dir: Path, request: ArtifactRequest):
     manifest = Manifest.load(artifact_dir)
     model_dir, drafter_dir = _checked_dirs(manifest, request)
     if manifest.backend == "neuron":
-        from neuron_peagle.backends.neuron import NOT_WIRED
-
-        raise ArtifactError(NOT_WIRED)
+        return _load_neuron(engine_cls, artifact_dir, manifest, model_dir, drafter_dir)
     cache_dir = artifact_dir / XLA_CACHE_DIR
     if initialize_persistent_cache(cache_dir, readonly=True):
         report = LoadReport(artifact_dir, f"persistent cache in {cache_dir}")
@@ -163,12 +234,7 @@ def load_engine(engine_cls, artifact_dir: Path, request: ArtifactRequest):
         warnings.warn(f"this process compiled XLA graphs before loading {artifact_dir}, so torch-xla's persistent "
                       "cache cannot be pointed at its xla_cache: every graph is compiled now instead; load "
                       "artifacts first thing in a process to skip that", RuntimeWarning, stacklevel=3)
-    build = manifest.build
-    engine = engine_cls.from_pretrained(model_dir, drafter_dir, mode=manifest.mode,
-                                        num_speculative_tokens=manifest.num_speculative_tokens,
-                                        batch_size=build.batch_size, max_length=build.max_length,
-                                        prefill_buckets=build.prefill_buckets, dtype=build.dtype, backend="xla",
-                                        kernels=build.kernels)
+    engine = _engine(engine_cls, manifest, model_dir, drafter_dir, "xla")
     _warm(engine, manifest, report)
     engine.artifacts = report
     return engine

@@ -1,0 +1,119 @@
+"""The plain-PyTorch half of the neuron backend (backends/neuron_graphs.py), on CPU: the wrapper NxD
+traces computes exactly what each planned graph computes and leaves its state rebound (the update
+NxD aliases), one weight dict serves every graph, and every call a decoder makes routes to the
+planned graph of its kind, variant and bucket.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+from itertools import chain
+
+import pytest
+import torch
+
+from compile.plan import GRAPH_KINDS, PREFILL_KINDS, neuron_compiler_args, plan_graphs
+from neuron_peagle.backends.neuron_graphs import INPUT_NAMES, GraphRouter, NeuronBundle, NxdGraph
+from neuron_peagle.errors import ArtifactError
+from neuron_peagle.runtime.batch import pad_prompts
+from neuron_peagle.runtime.engine import Engine, SamplingParams
+
+SHAPES = dict(mode="parallel", num_speculative_tokens=3, batch_size=2, max_length=96, prefill_buckets=(16, 32))
+SHORT = [[5, 6, 7], [8, 9, 10, 11, 12]]  # bucket 16
+LONG = [list(range(20, 45)), list(range(50, 80))]  # bucket 32
+
+
+def planned(model_dir, mode: str = "parallel"):
+    engine = Engine.from_pretrained(model_dir, **{**SHAPES, "mode": mode})
+    return engine, plan_graphs(engine.decoder, neuron_compiler_args("trn1"))
+
+
+def test_the_shared_signature_takes_every_input_of_every_graph_as_an_optional_keyword():
+    """NxDModel keys must share one forward signature: a graph input missing from it could not be
+    passed, so adding one to a graph's Inputs must fail here, not on a trn instance."""
+    declared = {name for graph in GRAPH_KINDS for name in graph.Inputs._fields}
+    assert set(INPUT_NAMES) == declared
+    params = [p for name, p in inspect.signature(NxdGraph.forward).parameters.items() if name != "self"]
+    assert all(p.default is None and p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
+
+
+@pytest.mark.parametrize("mode", ["plain", "parallel"])
+def test_the_traced_wrapper_computes_the_graph_and_rebinds_its_updated_state(tiny_llama_dir, mode):
+    """Graph by graph in plan order (so each step graph starts from its prefill's state): the graph
+    run as it is and run through NxdGraph from the same state give the same outputs and the same new
+    state, and the wrapper leaves every state buffer rebound to a new tensor."""
+    _, specs = planned(tiny_llama_dir, mode)
+    bundle = NeuronBundle.of(specs)
+    for spec in specs:
+        if spec.kind in PREFILL_KINDS:  # from zeros, so that every write shows
+            for buffer in spec.state_buffers.values():
+                buffer.zero_()
+        start = {name: b.clone() for name, b in spec.state_buffers.items()}
+        with torch.no_grad():
+            want = spec.module(*spec.example_inputs)
+        want_state = {name: b.clone() for name, b in spec.state_buffers.items()}
+        for name, value in start.items():
+            spec.module.get_buffer(name).copy_(value)
+        before = dict(spec.state_buffers)
+        with torch.no_grad():
+            got = bundle.graphs[spec.name](**bundle.example_inputs[spec.name])
+        assert isinstance(got, tuple) and len(got) == len(spec.module.Outputs._fields)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), spec.name
+        for name, buffer in spec.state_buffers.items():
+            assert buffer is not before[name], f"{spec.name}: {name} updated in place, not rebound"
+            assert torch.equal(buffer, want_state[name]), f"{spec.name}: {name}"
+        assert any(not torch.equal(want_state[n], start[n]) for n in start), spec.name  # the state did change
+
+
+def test_one_weight_dict_holds_every_tensor_of_every_graph_once(tiny_llama_dir):
+    _, specs = planned(tiny_llama_dir)
+    bundle = NeuronBundle.of(specs)
+    checkpoint = bundle.checkpoint
+    for graph in bundle.graphs.values():
+        for name, tensor in chain(graph.named_parameters(remove_duplicate=False),
+                                  graph.named_buffers(remove_duplicate=False)):
+            assert torch.equal(checkpoint[name], tensor), name
+    step = next(s for s in specs if s.name == "spec_step_greedy")
+    assert {f"graph.{name}" for name in step.state_names} <= set(checkpoint)
+    assert {"graph.cache.key_0", "graph.proposer.cache.key_0", "graph.state.pending_features"} <= set(checkpoint)
+    # The drafter reads the target's embedding: one tensor under both names, not a copy.
+    assert (checkpoint["graph.target.embed_tokens.weight"].data_ptr()
+            == checkpoint["graph.proposer.target_embedding.weight"].data_ptr())
+    # A graph whose weights are other tensors under the same names cannot join the dict.
+    stranger = dataclasses.replace(step, name="stranger", module=copy.deepcopy(step.module))
+    with pytest.raises(ArtifactError, match=r"graph\.\S+ names two different tensors"):
+        NeuronBundle.of([*specs, stranger])
+    # Nor can a graph that holds less state than the others: the NxDModel has one set for all.
+    stateless = dataclasses.replace(step, name="stateless", state_names=step.state_names[:-1])
+    with pytest.raises(ArtifactError, match=r"hold different state \(\['state\.last_position'\]\)"):
+        NeuronBundle.of([*specs, stateless])
+
+
+def test_every_decoder_call_routes_to_its_planned_graph(tiny_llama_dir):
+    """Each graph module serves several keys (buckets); the router tells them apart by input shape.
+    The decoders' real calls, greedy and sampling, both buckets, all land on planned names."""
+    engine, specs = planned(tiny_llama_dir)
+    router = GraphRouter.of(specs)
+    routed: list[str] = []
+    run = engine.backend.run
+
+    def recording_run(graph, inputs):
+        routed.append(router.key(graph, inputs))
+        return run(graph, inputs)
+
+    engine.backend.run = recording_run
+    engine.generate(SHORT + LONG, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    engine.generate(LONG, SamplingParams(max_new_tokens=6, temperature=0.9, seed=1, ignore_eos=True))
+    assert set(routed) == {"spec_prefill_b16_greedy", "spec_prefill_b32_greedy", "spec_step_greedy",
+                           "spec_prefill_b32_sampling", "spec_step_sampling"}
+    assert routed[0] == "spec_prefill_b16_greedy" and routed.count("spec_prefill_b32_greedy") == 1
+
+    prefill = engine.decoder.graphs[True][0]
+    example = next(s.example_inputs for s in specs if s.name == "spec_prefill_b16_greedy")
+    ids, lengths = pad_prompts([[1] * 40], 2, 48)  # a bucket that was never built
+    with pytest.raises(ArtifactError, match=r"no compiled graph takes SpecPrefillGraph inputs of shapes \[\(2, 48\)"):
+        router.key(prefill, example._replace(input_ids=ids, lengths=lengths))
+    with pytest.raises(ArtifactError, match="could not tell them apart"):
+        GraphRouter.of([*specs, dataclasses.replace(specs[0], name="twin")])
