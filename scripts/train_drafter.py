@@ -15,19 +15,34 @@ import torch
 
 from neuron_peagle.default_model import cache_root
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="target directory (default: the embedded model)")
     parser.add_argument("--work-dir", type=Path, default=None, help="where data, features, checkpoints go")
     parser.add_argument("--out", type=Path, default=None, help="write the trained drafter here")
-    parser.add_argument("--stage", choices=("data", "features", "train", "all"), default="all")
+    parser.add_argument("--stage", choices=("data", "features", "corpus", "train", "eval", "all"), default="all")
     parser.add_argument("--objective", choices=("peagle", "eagle3"), default="peagle")
     parser.add_argument("--prompts-per-source", type=int, default=350)
+    parser.add_argument("--sources", default=None,
+                        help="comma-separated training prompt sources, answered in this order (default: all, "
+                             "in the packaged order); see neuron_peagle.training.prompt_sets")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16, help="generation batch size")
     parser.add_argument("--generation-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="dtype of the target while it writes the responses (bfloat16 is ~2x faster on CPU)")
+    parser.add_argument("--feature-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of the target while it computes features (stored in bfloat16 either way)")
+    parser.add_argument("--corpus", default="reference,stdlib",
+                        help="corpus stage: which written texts the target reads (neuron_peagle.training.corpus)")
+    parser.add_argument("--corpus-tokens", type=int, default=300_000, help="corpus stage: response tokens in all")
+    parser.add_argument("--feature-sets", default="features",
+                        help="train stage: comma-separated feature folders of the work dir (features = the "
+                             "target's own responses, features_corpus = the corpus stage)")
+    parser.add_argument("--eval-drafters", default=None,
+                        help="eval stage: comma-separated drafter directories (default: the project's drafter)")
     parser.add_argument("--num-layers", type=int, default=1)
     parser.add_argument("--draft-vocab-size", type=int, default=8192)
     parser.add_argument("--depths", type=int, default=7, help="K trained: depth 0 + K-1 mask depths")
@@ -58,6 +73,12 @@ def main() -> None:
         from neuron_peagle.runtime.engine import Engine
 
         prompts = load_prompts("train")
+        if args.sources:
+            order = args.sources.split(",")
+            unknown = sorted(set(order) - {p.source for p in prompts})
+            if unknown:
+                raise SystemExit(f"unknown prompt sources {unknown}; known: {sorted({p.source for p in prompts})}")
+            prompts = sorted((p for p in prompts if p.source in order), key=lambda p: order.index(p.source))
         per_source: dict[str, int] = {}
         chosen = []
         for prompt in prompts:
@@ -70,16 +91,54 @@ def main() -> None:
     if args.stage in ("features", "all"):
         from neuron_peagle.models.target import TargetModel
 
-        target = TargetModel.from_pretrained(model_dir, 512)
+        target = TargetModel.from_pretrained(model_dir, 512, DTYPES[args.feature_dtype])
         compute_features(target, read_examples(responses), work / "features")
+    if args.stage == "corpus":
+        from neuron_peagle.models.target import TargetModel
+        from neuron_peagle.tokenizer import encode_prompt, load_tokenizer
+        from neuron_peagle.training.corpus import corpus_examples
+
+        tokenizer = load_tokenizer(model_dir)
+        end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        examples = corpus_examples(args.corpus.split(","), lambda text: encode_prompt(tokenizer, text),
+                                   lambda text: tokenizer.encode(text, add_special_tokens=False), end,
+                                   args.corpus_tokens, max_sequence=384)
+        target = TargetModel.from_pretrained(model_dir, 512, DTYPES[args.feature_dtype])
+        compute_features(target, examples, work / "features_corpus")
     if args.stage in ("train", "all"):
         from neuron_peagle.training.trainer import TrainConfig, train
 
         config = TrainConfig(objective=args.objective, num_layers=args.num_layers,
                              draft_vocab_size=args.draft_vocab_size, depths=args.depths, epochs=args.epochs,
                              lr=args.lr, seconds=args.seconds, seed=args.seed,
-                             init_from=str(args.init_from) if args.init_from else None, run_name=args.run_name)
+                             init_from=str(args.init_from) if args.init_from else None, run_name=args.run_name,
+                             feature_sets=tuple(args.feature_sets.split(",")))
         train(model_dir, work, config, args.out)
+    if args.stage == "eval":
+        evaluate(args, model_dir, work)
+
+
+def evaluate(args: argparse.Namespace, model_dir: Path, work: Path) -> None:
+    """Teacher-forced per-depth accuracy of drafters on the target's own held-out responses."""
+    import json
+
+    from neuron_peagle.models.drafter_io import load_drafter
+    from neuron_peagle.models.target import TargetModel
+    from neuron_peagle.runtime.drafter_choice import DEFAULT_DRAFTER_DIR
+    from neuron_peagle.runtime.engine import Engine
+    from neuron_peagle.training.evaluate import HELDOUT_DIR, build_heldout, format_accuracy, heldout_accuracy
+
+    engine = Engine.from_pretrained(args.model, mode="plain", batch_size=8, max_length=768, dtype="bfloat16")
+    target = TargetModel.from_pretrained(model_dir, 768)
+    heldout = build_heldout(engine, target, work / HELDOUT_DIR, {"code": 16, "math": 8, "chat": 8}, 96)
+    report = {}
+    for name in (args.eval_drafters.split(",") if args.eval_drafters else [str(DEFAULT_DRAFTER_DIR)]):
+        drafter = load_drafter(Path(name), target.config, 800, torch.float32)
+        results = heldout_accuracy(drafter, target, heldout, args.depths)
+        print(format_accuracy(name, results), flush=True)
+        report[name] = {r.domain: {"accuracy": r.accuracy, "estimated_acceptance_length":
+                                   r.estimated_acceptance_length, "positions": r.positions} for r in results}
+    (work / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

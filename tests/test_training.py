@@ -154,3 +154,106 @@ def test_more_prompts_add_only_new_responses_and_complete_the_last_shard(tmp_pat
     shards = sorted((tmp_path / "features").glob("*.safetensors"))
     loaded = load_shards(shards)
     assert len(shards) == 2 and [e["ids"].tolist() for e in loaded] == [e.ids for e in examples]
+
+
+def test_the_stdlib_corpus_is_chunked_by_lines_without_tests_in_a_fixed_order(tmp_path):
+    from neuron_peagle.training.corpus import stdlib_documents
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "test").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text("\n".join(f"value_{i} = {i}  # a line long enough" for i in range(90)))
+    (tmp_path / "test" / "test_mod.py").write_text("\n".join(f"assert {i}  # a test line" for i in range(90)))
+    docs = stdlib_documents(lines_per_chunk=40, seed=1, library=tmp_path)
+    assert sorted(d.request for d in docs) == [f"Show lines {a}-{a + 39} of the Python module pkg.mod."
+                                               for a in (1, 41, 81)]
+    assert all("assert" not in d.text for d in docs)
+    assert "value_40 = 40" in next(d.text for d in docs if "41-80" in d.request)
+    assert docs == stdlib_documents(lines_per_chunk=40, seed=1, library=tmp_path)
+
+
+def test_corpus_examples_keep_to_the_token_budget_and_the_sequence_length():
+    from neuron_peagle.training.corpus import corpus_examples
+
+    def encode(text: str) -> list[int]:
+        return [ord(c) % 200 for c in text]
+
+    examples = corpus_examples(["stdlib"], encode, encode, [7], max_tokens=20_000, max_sequence=1500)
+    lengths = [len(e.response_ids) for e in examples]
+    assert 20_000 <= sum(lengths) < 20_000 + 1500 and all(len(e.ids) <= 1500 for e in examples)
+    assert any(len(e.ids) == 1500 for e in examples)  # long chunks are cut
+    uncut = next(e for e in examples if len(e.ids) < 1500)
+    assert uncut.response_ids[-1] == 7  # the end-of-turn token closes an uncut text
+    with pytest.raises(ValueError, match="unknown corpus kinds"):
+        corpus_examples(["novels"], encode, encode, [], 10, 10)
+
+
+def test_training_reads_every_named_feature_set_and_names_a_missing_one(tmp_path, tiny_llama_dir):
+    from neuron_peagle.training.data import Example
+
+    engine = Engine.from_pretrained(tiny_llama_dir, mode="plain", batch_size=2, max_length=128,
+                                    prefill_buckets=(64,))
+    responses = generate_responses(engine, [Prompt("code", "test", f"Count to {i}.") for i in range(2)],
+                                   tmp_path / "r.jsonl", 12)
+    compute_features(engine.target, responses, tmp_path / "features")
+    read = [Example("code", [1, 2, 3], [(5 * i + j) % 90 + 4 for j in range(20)]) for i in range(3)]
+    compute_features(engine.target, read, tmp_path / "features_corpus")
+    config = TrainConfig(draft_vocab_size=100, depths=2, epochs=1, accumulate=1, checkpoint_every=10_000,
+                         feature_sets=("features", "features_corpus"))
+    out = train(tiny_llama_dir, tmp_path, config, None)
+    assert __import__("json").loads((out / "training.json").read_text())["examples"] == 5
+    with pytest.raises(FileNotFoundError, match="features_more"):
+        train(tiny_llama_dir, tmp_path, dataclasses.replace(config, feature_sets=("features", "features_more"),
+                                                            run_name="other"), None)
+
+
+def test_heldout_accuracy_is_what_each_parallel_draft_would_score(tmp_path, tiny_llama_dir):
+    """The teacher-forced score, from one forward over all chains, equals drafting each anchor on its
+    own (its real slots, then mask slots, plain causal attention), as the step graph drafts."""
+    import json
+
+    from neuron_peagle.config import DrafterConfig
+    from neuron_peagle.models.target import TargetModel
+    from neuron_peagle.runtime.drafter_choice import random_drafter
+    from neuron_peagle.training.data import Example
+    from neuron_peagle.training.evaluate import heldout_accuracy
+
+    target = TargetModel.from_pretrained(tiny_llama_dir, 128)
+    config = DrafterConfig.for_target(target.config, target.feature_layers, num_layers=1, draft_vocab_size=4)
+    drafter = random_drafter(config, 160, seed=3)
+    drafter.d2t.copy_(torch.arange(4) * 5)  # draft id i is target id 6 i
+    with torch.no_grad():  # the target's greedy token is one of the four, so random drafts hit ~1 in 4
+        kept = target.lm_head.weight[:, :24:6].abs() + 1.0
+        target.lm_head.weight.zero_()
+        target.lm_head.weight[:, :24:6] = kept
+    examples = [Example("code", [1, 2, 3, 4], [6 * ((7 * i + j) % 4) for j in range(14)]) for i in range(3)]
+    compute_features(target, examples, tmp_path)
+    (tmp_path / "domains.json").write_text(json.dumps(["code"] * 3))
+    depths = 3
+    [result] = heldout_accuracy(drafter, target, tmp_path, depths)
+
+    correct, count = [0] * depths, [0] * depths
+    with torch.no_grad():
+        for example in load_shards(sorted(tmp_path.glob("shard_*.safetensors"))):
+            ids = example["ids"].long()
+            greedy = (target.norm(example["hidden"].float()) @ target.lm_head.weight).argmax(-1)
+            for anchor in range(len(ids) - 1):
+                slots = [(anchor_, False) for anchor_ in range(anchor + 1)]
+                slots += [(anchor, True) for d in range(1, depths) if anchor + 1 + d <= len(ids) - 1]
+                is_mask = torch.tensor([[m for _, m in slots]])
+                tokens = torch.tensor([[int(ids[a + 1]) for a, _ in slots]])
+                feats = torch.stack([example["features"][a].float() for a, _ in slots]).unsqueeze(0)
+                n = len(slots)
+                positions = torch.arange(n).unsqueeze(0)
+                causal = torch.ones(n, n, dtype=torch.bool).tril().unsqueeze(0)
+                logits, _ = drafter(drafter.embed(tokens, is_mask, target.embed_tokens),
+                                    drafter.project(feats, is_mask), positions, None,
+                                    torch.arange(anchor, n).unsqueeze(0), causal)
+                for d, draft in enumerate(logits[0].argmax(-1).tolist()):
+                    at = anchor + 1 + d
+                    if at >= int(example["prompt_length"]) - 1:
+                        count[d] += 1
+                        correct[d] += int(6 * draft == int(greedy[at]))
+    assert result.positions == count[0]
+    assert result.accuracy == pytest.approx([c / max(n, 1) for c, n in zip(correct, count)], abs=1e-6)
+    assert 0 < sum(correct) < sum(count)
+    assert result.estimated_acceptance_length > 1.0

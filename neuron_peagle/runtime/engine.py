@@ -22,7 +22,7 @@ from neuron_peagle.runtime.host_loop import Decoder, run_batch
 from neuron_peagle.runtime.plain_decoder import PlainDecoder
 from neuron_peagle.runtime.spec_decoder import SpecDecoder
 from neuron_peagle.runtime.stats import RequestStats
-from neuron_peagle.tokenizer import load_tokenizer
+from neuron_peagle.tokenizer import encode_prompt, load_tokenizer
 
 MODES = ("plain", "sequential", "parallel")
 
@@ -133,13 +133,7 @@ class Engine:
     # ---- requests ------------------------------------------------------------------------------
 
     def encode(self, prompt: str, chat_template: bool = True) -> list[int]:
-        if chat_template and getattr(self.tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": prompt}]
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            return list(ids)
-        return self.tokenizer.encode(prompt, add_special_tokens=False)
+        return encode_prompt(self.tokenizer, prompt, chat_template)
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams, index: int = 0) -> None:
         largest = self.build.prefill_buckets[-1]

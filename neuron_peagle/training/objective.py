@@ -86,14 +86,22 @@ def peagle_loss(drafter: Drafter, target_embedding: torch.nn.Module, ids: Tensor
     restricted to the draft vocabulary). Returns the loss and per-depth (loss, correct, count)."""
     length = ids.shape[0]
     elements = cod_elements(length - 1, depths, valid_last=length - 1, generator=generator)
+    logits = parallel_logits(drafter, target_embedding, ids, features, elements)
+    return _depth_losses(logits, elements.anchors, elements.depths, teacher_logits, response_start, depths)
+
+
+def parallel_logits(drafter: Drafter, target_embedding: torch.nn.Module, ids: Tensor, features: Tensor,
+                    elements: Elements) -> Tensor:
+    """One drafter forward over every element, as parallel drafting feeds them: ids [T], features
+    [T, 3H] -> draft-vocabulary logits [E, draft_vocab]."""
     is_mask = elements.depths > 0
-    real_tokens = ids[(elements.anchors + 1).clamp(max=length - 1)]
+    real_tokens = ids[(elements.anchors + 1).clamp(max=ids.shape[0] - 1)]
     embeds = drafter.embed(real_tokens.unsqueeze(0), is_mask.unsqueeze(0), target_embedding)
     hidden = drafter.project(features[elements.anchors].unsqueeze(0).to(embeds.dtype), is_mask.unsqueeze(0))
     rows = torch.arange(elements.anchors.numel()).unsqueeze(0)
     logits, _ = drafter(embeds, hidden, elements.positions.unsqueeze(0), None, rows,
                         elements.visible.unsqueeze(0))
-    return _depth_losses(logits[0], elements.anchors, elements.depths, teacher_logits, response_start, depths)
+    return logits[0]
 
 
 def eagle3_loss(drafter: Drafter, target_embedding: torch.nn.Module, ids: Tensor, features: Tensor,

@@ -20,6 +20,7 @@ from neuron_peagle.models.drafter_io import load_drafter, save_drafter
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.runtime.drafter_choice import random_drafter
 from neuron_peagle.training.data import load_shards
+from neuron_peagle.training.evaluate import HELDOUT_DIR
 from neuron_peagle.training.objective import OBJECTIVES
 
 
@@ -39,6 +40,7 @@ class TrainConfig:
     init_from: str | None = None  # a drafter directory to continue from (its draft vocabulary is kept;
     # with num_layers above its own, it grows: see `grow_drafter`)
     run_name: str | None = None  # names the checkpoint and log in the work dir (default: the objective)
+    feature_sets: tuple[str, ...] = ("features",)  # folders of the work dir whose shards are trained on
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -131,10 +133,15 @@ def _check_resumable(checkpoint: Path, saved: dict | None, config: TrainConfig) 
 def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) -> Path:
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    examples = [e for e in load_shards(sorted((work / "features").glob("shard_*.safetensors")))
-                if len(e["ids"]) <= config.max_sequence]
-    if not examples:
-        raise FileNotFoundError(f"no feature shards under {work / 'features'}: run the data and features stages")
+    if HELDOUT_DIR in config.feature_sets:
+        raise ConfigError(f"{HELDOUT_DIR} holds held-out responses, for evaluation only; train on other feature sets")
+    examples = []
+    for name in config.feature_sets:
+        shards = sorted((work / name).glob("shard_*.safetensors"))
+        if not shards:
+            raise FileNotFoundError(f"no feature shards under {work / name}: run the stage that writes them "
+                                    "(data + features for 'features', corpus for 'features_corpus')")
+        examples += [e for e in load_shards(shards) if len(e["ids"]) <= config.max_sequence]
     target = TargetModel.from_pretrained(model_dir, 512, feature_layers=None)
     max_length = config.max_sequence + config.depths + 2
     if config.init_from is not None:
@@ -213,8 +220,8 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
                                   example["features"].float(), teacher, int(example["prompt_length"]),
                                   config.depths, generator)
             (loss / config.accumulate).backward()
-            for name, value in stats.items():
-                sums[name] = sums.get(name, torch.zeros(3)) + value
+            for name, value in stats.items():  # (loss, correct, count, sequences)
+                sums[name] = sums.get(name, torch.zeros(4)) + torch.cat([value, torch.ones(1)])
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         step += 1
@@ -223,9 +230,9 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
             record = {"step": step, "lr": lr_at(step), "seconds": elapsed()}
             for d in range(config.depths):
                 if f"depth{d}" in sums:
-                    loss_sum, correct, count = sums[f"depth{d}"].tolist()
+                    loss_sum, correct, count, sequences = sums[f"depth{d}"].tolist()
                     record[f"acc{d}"] = correct / max(count, 1)
-                    record[f"loss{d}"] = loss_sum / 10
+                    record[f"loss{d}"] = loss_sum / max(sequences, 1)  # mean KL per sequence
             log.append(record)
             sums = {}
             bar.set_postfix(acc0=f"{record.get('acc0', 0):.2f}", acc3=f"{record.get('acc3', 0):.2f}")

@@ -1,0 +1,100 @@
+"""Held-out drafter accuracy without decoding: a fast proxy for the benchmark's acceptance length.
+
+The target answers held-out prompts once (its own greedy responses, as at inference); its features
+on them are cached. A drafter is then scored teacher-forced: every position of a response is an
+anchor, and the drafter proposes all depths at once exactly as parallel drafting does (depth 0 from
+the real pair, depths 1.. from mask slots). Depth d's accuracy is how often its top-1 draft equals
+the target's greedy token there. The product rule 1 + a0 + a0*a1 + ... turns them into an estimated
+acceptance length (it treats depths as independent, so it is an estimate, not the measured value).
+
+These features live apart from the training ones, and the trainer refuses to read them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from neuron_peagle.models.drafter import Drafter
+from neuron_peagle.models.target import TargetModel
+from neuron_peagle.training.data import Example, compute_features, load_shards
+from neuron_peagle.training.objective import cod_elements, parallel_logits
+from neuron_peagle.training.prompt_sets import load_prompts
+
+HELDOUT_DIR = "heldout_features"
+
+
+@dataclass(frozen=True)
+class DepthAccuracy:
+    domain: str
+    accuracy: tuple[float, ...]  # [depths] top-1 agreement with the target's greedy token
+    positions: int  # response positions scored at depth 0
+
+    @property
+    def estimated_acceptance_length(self) -> float:
+        total, chain = 1.0, 1.0
+        for a in self.accuracy:
+            chain *= a
+            total += chain
+        return total
+
+
+def build_heldout(engine, target: TargetModel, out_dir: Path, per_domain: dict[str, int],
+                  max_new_tokens: int) -> Path:
+    """The target's greedy responses to the first held-out prompts of each domain, and its features
+    on them (written once; delete `out_dir` to rebuild)."""
+    from neuron_peagle.runtime.engine import SamplingParams
+
+    if (out_dir / "domains.json").is_file():
+        return out_dir
+    heldout = load_prompts("heldout")
+    examples = []
+    for domain, count in per_domain.items():
+        ids = [engine.encode(p.text) for p in heldout if p.domain == domain][:count]
+        outputs = engine.generate(ids, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True))
+        examples += [Example(domain, i, o.output_ids) for i, o in zip(ids, outputs)]
+    compute_features(target, examples, out_dir)
+    (out_dir / "domains.json").write_text(json.dumps([e.domain for e in examples]))
+    return out_dir
+
+
+@torch.no_grad()
+def heldout_accuracy(drafter: Drafter, target: TargetModel, heldout_dir: Path, depths: int
+                     ) -> list[DepthAccuracy]:
+    """Per domain: the drafter's teacher-forced top-1 agreement with the target at each depth."""
+    domains = json.loads((heldout_dir / "domains.json").read_text())
+    examples = load_shards(sorted(heldout_dir.glob("shard_*.safetensors")))
+    draft_ids = drafter.d2t + torch.arange(len(drafter.d2t))
+    head = target.lm_head.weight  # [H, vocab]
+    results = []
+    for domain in dict.fromkeys(domains):
+        correct, count = torch.zeros(depths), torch.zeros(depths)
+        for example, where in zip(examples, domains):
+            if where != domain:
+                continue
+            ids = example["ids"].long()
+            length, response_start = len(ids), int(example["prompt_length"])
+            greedy = (target.norm(example["hidden"].to(head.dtype)) @ head).argmax(-1)  # [T]
+            elements = cod_elements(length - 1, depths, length - 1, torch.Generator(), ratio=1.0, ratio_min=1.0)
+            drafts = draft_ids[parallel_logits(drafter, target.embed_tokens, ids,
+                                               example["features"].to(head.dtype), elements).argmax(-1)]
+            at = elements.anchors + 1 + elements.depths  # the position whose next token is drafted
+            scored = at >= response_start - 1
+            hit = (drafts == greedy[at]) & scored
+            for d in range(depths):
+                here = (elements.depths == d) & scored
+                correct[d] += hit[here].sum()
+                count[d] += here.sum()
+        accuracy = tuple((correct / count.clamp(min=1)).tolist())
+        results.append(DepthAccuracy(domain, accuracy, int(count[0])))
+    return results
+
+
+def format_accuracy(name: str, results: Sequence[DepthAccuracy]) -> str:
+    cells = [f"{r.domain}: {' '.join(f'{a:.2f}' for a in r.accuracy)} (est. AL {r.estimated_acceptance_length:.2f})"
+             for r in results]
+    return f"{name}: " + "; ".join(cells)
