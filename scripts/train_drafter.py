@@ -3,7 +3,9 @@
     python -m scripts.train_drafter --stage all --out neuron_peagle/drafters/smollm2-135m-instruct-peagle
 
 Stages (each resumable, cached under --work-dir): `data` (the target answers the training prompts),
-`features` (target features and last hidden states on those sequences), `train`.
+`features` (target features and last hidden states on those sequences), `train`. Outside `all`:
+`corpus` (features of written text the target reads, in features_corpus/) and `eval` (teacher-forced
+per-depth accuracy of drafters on the target's own held-out responses, written to eval.json).
 """
 
 from __future__ import annotations
