@@ -103,7 +103,7 @@ def main() -> None:
         tokenizer = load_tokenizer(model_dir)
         end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         examples = corpus_examples(args.corpus.split(","), lambda text: encode_prompt(tokenizer, text),
-                                   lambda text: tokenizer.encode(text, add_special_tokens=False), end,
+                                   lambda text: encode_prompt(tokenizer, text, chat_template=False), end,
                                    args.corpus_tokens, max_sequence=384)
         target = TargetModel.from_pretrained(model_dir, 512, DTYPES[args.feature_dtype])
         compute_features(target, examples, work / "features_corpus")
@@ -130,9 +130,11 @@ def evaluate(args: argparse.Namespace, model_dir: Path, work: Path) -> None:
     from neuron_peagle.runtime.engine import Engine
     from neuron_peagle.training.evaluate import HELDOUT_DIR, build_heldout, format_accuracy, heldout_accuracy
 
-    engine = Engine.from_pretrained(args.model, mode="plain", batch_size=8, max_length=768, dtype="bfloat16")
+    def make_engine() -> Engine:
+        return Engine.from_pretrained(args.model, mode="plain", batch_size=8, max_length=768, dtype="bfloat16")
+
     target = TargetModel.from_pretrained(model_dir, 768)
-    heldout = build_heldout(engine, target, work / HELDOUT_DIR, {"code": 16, "math": 8, "chat": 8}, 96)
+    heldout = build_heldout(make_engine, target, work / HELDOUT_DIR, {"code": 16, "math": 8, "chat": 8}, 96)
     report = {}
     for name in (args.eval_drafters.split(",") if args.eval_drafters else [str(DEFAULT_DRAFTER_DIR)]):
         drafter = load_drafter(Path(name), target.config, 800, torch.float32)

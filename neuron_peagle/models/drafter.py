@@ -116,5 +116,9 @@ class Drafter(nn.Module):
         return h
 
 
+def draft_target_ids(d2t: Tensor) -> Tensor:  # [draft_vocab] offsets -> [draft_vocab] target ids
+    return torch.arange(len(d2t), device=d2t.device) + d2t
+
+
 def pick_rows(h: Tensor, rows: Tensor) -> Tensor:  # h [B, S, H], rows [B, R] -> [B, R, H]
     return h.gather(1, rows.unsqueeze(-1).expand(-1, -1, h.shape[-1]))

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from neuron_peagle.config import DrafterConfig, ModelConfig, RopeConfig, read_config_json
 from neuron_peagle.errors import ConfigError
-from neuron_peagle.models.drafter import Drafter
+from neuron_peagle.models.drafter import Drafter, draft_target_ids
 from neuron_peagle.models.weights import (check_names_and_shapes, decoder_layer_shapes, export_decoder_layer,
                                           load_decoder_layer, read_safetensors_dir, to_in_out)
 
@@ -180,7 +180,7 @@ def load_drafter(drafter_dir: str | Path, target_config: ModelConfig, max_length
 
 
 def check_draft_vocab(d2t: torch.Tensor, vocab_size: int, source: str) -> None:
-    target_ids = torch.arange(len(d2t)) + d2t
+    target_ids = draft_target_ids(d2t)
     if bool((target_ids < 0).any() or (target_ids >= vocab_size).any()):
         raise ConfigError(f"{source}: d2t maps draft ids outside the target vocabulary")
     if len(set(target_ids.tolist())) != len(d2t):

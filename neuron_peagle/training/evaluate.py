@@ -13,13 +13,14 @@ These features live apart from the training ones, and the trainer refuses to rea
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from neuron_peagle.models.drafter import Drafter
+from neuron_peagle.models.drafter import Drafter, draft_target_ids
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.training.data import Example, compute_features, load_shards
 from neuron_peagle.training.objective import cod_elements, parallel_logits
@@ -43,14 +44,15 @@ class DepthAccuracy:
         return total
 
 
-def build_heldout(engine, target: TargetModel, out_dir: Path, per_domain: dict[str, int],
-                  max_new_tokens: int) -> Path:
+def build_heldout(make_engine: Callable[[], Any], target: TargetModel, out_dir: Path,
+                  per_domain: dict[str, int], max_new_tokens: int) -> Path:
     """The target's greedy responses to the first held-out prompts of each domain, and its features
-    on them (written once; delete `out_dir` to rebuild)."""
+    on them (written once, by the plain engine `make_engine` returns; delete `out_dir` to rebuild)."""
     from neuron_peagle.runtime.engine import SamplingParams
 
     if (out_dir / "domains.json").is_file():
         return out_dir
+    engine = make_engine()
     heldout = load_prompts("heldout")
     examples = []
     for domain, count in per_domain.items():
@@ -68,7 +70,7 @@ def heldout_accuracy(drafter: Drafter, target: TargetModel, heldout_dir: Path, d
     """Per domain: the drafter's teacher-forced top-1 agreement with the target at each depth."""
     domains = json.loads((heldout_dir / "domains.json").read_text())
     examples = load_shards(sorted(heldout_dir.glob("shard_*.safetensors")))
-    draft_ids = drafter.d2t + torch.arange(len(drafter.d2t))
+    draft_ids = draft_target_ids(drafter.d2t)
     head = target.lm_head.weight  # [H, vocab]
     results = []
     for domain in dict.fromkeys(domains):

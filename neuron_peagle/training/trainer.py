@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from neuron_peagle.config import DrafterConfig
 from neuron_peagle.errors import ConfigError
-from neuron_peagle.models.drafter import Drafter
+from neuron_peagle.models.drafter import Drafter, draft_target_ids
 from neuron_peagle.models.drafter_io import load_drafter, save_drafter
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.runtime.drafter_choice import random_drafter
@@ -147,7 +147,7 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
     if config.init_from is not None:
         drafter = load_drafter(Path(config.init_from), target.config, max_length, torch.float32)
         drafter = grow_drafter(drafter, config.num_layers)
-        draft_ids = drafter.d2t + torch.arange(len(drafter.d2t))
+        draft_ids = draft_target_ids(drafter.d2t)
         for param in drafter.parameters():
             param.requires_grad_(True)
     else:
