@@ -14,6 +14,15 @@ pytestmark = pytest.mark.slow
 PARAMS = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
 
 
+# Every K at batch 4 (all twenty prompts, mixed lengths in a batch); batch 1, the same graphs at B=1
+# and the slowest way through, at one K on the first eight prompts.
+CASES = [(1, 4), (3, 4), (7, 4)]
+
+
+def _count(prompt_ids, batch_size):
+    return len(prompt_ids) if batch_size > 1 else 8
+
+
 def _run_table(engine, prompt_ids, hf_greedy, wrong_fraction):
     batch = engine.build.batch_size
     outputs = []
@@ -29,10 +38,11 @@ def _check(outputs, hf_greedy):
     assert not mismatches, f"prompts {mismatches} differ from transformers' greedy output"
 
 
-@pytest.mark.parametrize("batch_size", [1, 4])
-@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("k, batch_size", CASES + [(3, 1)])
 def test_oracle_and_partly_right_drafters(default_model_dir, prompt_ids, hf_greedy, k, batch_size):
     engine = table_engine(default_model_dir, k, batch_size, max_length=256)
+    count = _count(prompt_ids, batch_size)
+    prompt_ids, hf_greedy = prompt_ids[:count], hf_greedy[:count]
     oracle = _run_table(engine, prompt_ids, hf_greedy, wrong_fraction=0.0)
     _check(oracle, hf_greedy)
     # Everything accepted: every full step commits K+1 tokens.
@@ -58,14 +68,13 @@ def random_drafter_dir(default_model_dir, tmp_path_factory):
     return save_drafter(random_drafter(config, 256, seed=1), tmp_path_factory.mktemp("random_drafter"))
 
 
-@pytest.mark.parametrize("batch_size", [1, 4])
-@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("k, batch_size", CASES + [(7, 1)])
 def test_random_drafter(random_drafter_dir, prompt_ids, hf_greedy, k, batch_size):
-    # Parallel (P-EAGLE) drafting everywhere; sequential drafting (same engine, K drafter passes) once.
+    # Parallel (P-EAGLE) drafting everywhere; sequential drafting (same engine, K drafter passes) once,
+    # on the first eight prompts.
     modes = ["parallel"] + (["sequential"] if (k, batch_size) == (3, 4) else [])
-    # Batch 4 runs all twenty prompts; batch 1, the slowest way through, the first eight.
-    count = len(prompt_ids) if batch_size > 1 else 8
     for mode in modes:
+        count = _count(prompt_ids, batch_size) if mode == "parallel" else 8
         engine = Engine.from_pretrained(None, random_drafter_dir, mode=mode, num_speculative_tokens=k,
                                         batch_size=batch_size,
                                         max_length=256, prefill_buckets=(64, 128))
