@@ -87,3 +87,19 @@ def test_eager_backend_stores_bf16_linear_weights_column_major(tiny_llama_dir):
             assert m.weight.stride(1) == 1 and torch.equal(m.weight, ours[name]), name
     fp32 = Engine.from_pretrained(tiny_llama_dir, mode="plain", max_length=64, prefill_buckets=(16,))
     assert all(m.weight.stride(1) == 1 for m in fp32.decoder.target.modules() if isinstance(m, Linear))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_kv_writes_put_the_same_bits_where_scatter_puts_them(dtype):
+    from neuron_peagle.models.layers import write_slots
+
+    generator = torch.Generator().manual_seed(0)
+    cache = torch.randn(3, 2, 40, 8, generator=generator).to(dtype)
+    expected = cache.clone()
+    new = torch.randn(3, 2, 4, 8, generator=generator)  # float32 in, cast to the cache's dtype
+    positions = torch.stack([torch.randperm(40, generator=generator)[:4] for _ in range(3)])  # [B, T]
+    index = positions.view(3, 1, 4, 1).expand(3, 2, 4, 8)
+    write_slots(cache, index, new)
+    expected.scatter_(2, index, new.to(dtype))
+    assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))  # every bit, NaN-safe
+    assert torch.equal(cache.gather(2, index), new.to(dtype))

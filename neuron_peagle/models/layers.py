@@ -106,6 +106,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # x: [B, heads, 
     return (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)
 
 
+def write_slots(cache: Tensor, index: Tensor, new: Tensor) -> None:
+    """cache.scatter_(2, index, new) in the cache's dtype; cache: [B, kv_heads, max_length, hd].
+
+    On CPU, PyTorch's scatter over 16-bit floats copies the whole cache on every call (1.7 ms for a
+    [32, 3, 512, 64] bf16 cache against 0.013 ms in float32), so eager writes the same bits through an
+    int16 view. Device graphs (xla, neuron) keep the plain scatter.
+    """
+    new = new.to(cache.dtype)
+    if cache.device.type == "cpu" and cache.element_size() == 2:
+        cache.view(torch.int16).scatter_(2, index, new.view(torch.int16))
+    else:
+        cache.scatter_(2, index, new)
+
+
 class Attention(nn.Module):
     """Grouped-query attention over a fixed-length KV cache, masked by position.
 
@@ -143,8 +157,8 @@ class Attention(nn.Module):
             keys, values = k, v
         else:
             index = position_ids.view(batch, 1, seq, 1).expand(batch, nkv, seq, hd)
-            key_cache.scatter_(2, index, k.to(key_cache.dtype))
-            value_cache.scatter_(2, index, v.to(value_cache.dtype))
+            write_slots(key_cache, index, k)
+            write_slots(value_cache, index, v)
             keys, values = key_cache, value_cache
             if read_length is not None and read_length < key_cache.shape[2]:
                 keys, values = key_cache[:, :, :read_length], value_cache[:, :, :read_length]
