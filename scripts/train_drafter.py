@@ -2,10 +2,12 @@
 
     python -m scripts.train_drafter --stage all --out neuron_peagle/drafters/smollm2-135m-instruct-peagle
 
-Stages (each resumable, cached under --work-dir): `data` (the target answers the training prompts),
+Stages (each resumable, cached under --work-dir): `data` (the target answers the training prompts;
+the responses the repository keeps in training_data/ are taken first and the new ones stored back),
 `features` (target features and last hidden states on those sequences), `train`. Outside `all`:
-`corpus` (features of written text the target reads, in features_corpus/) and `eval` (teacher-forced
-per-depth accuracy of drafters on the target's own held-out responses, written to eval.json).
+`corpus` (features of written text the target reads, in features_corpus/), `eval` (teacher-forced
+per-depth accuracy of drafters on the target's own held-out responses, written to eval.json) and
+`archive` (store the work directory's responses into the archive, after a data run was stopped).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from neuron_peagle.default_model import cache_root
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ARCHIVE_DIR = Path(__file__).resolve().parents[1] / "training_data"
 
 
 def parse_args() -> argparse.Namespace:
@@ -25,7 +28,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", type=Path, default=None, help="target directory (default: the embedded model)")
     parser.add_argument("--work-dir", type=Path, default=None, help="where data, features, checkpoints go")
     parser.add_argument("--out", type=Path, default=None, help="write the trained drafter here")
-    parser.add_argument("--stage", choices=("data", "features", "corpus", "train", "eval", "all"), default="all")
+    parser.add_argument("--stage", choices=("data", "features", "corpus", "train", "eval", "archive", "all"),
+                        default="all")
+    parser.add_argument("--archive", type=Path, default=None,
+                        help="the repository's response archive (default: training_data/<model name>.jsonl.gz); "
+                             "'none' leaves it alone")
     parser.add_argument("--objective", choices=("peagle", "eagle3"), default="peagle")
     parser.add_argument("--prompts-per-source", type=int, default=350)
     parser.add_argument("--interleave", action="store_true",
@@ -55,6 +62,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seconds", type=float, default=None, help="stop training after this long")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="train stage: bfloat16 autocast (auto: where the CPU has bf16 matrix units)")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="continue from this drafter directory (keeps its draft vocabulary)")
     parser.add_argument("--run-name", default=None, help="names this run's checkpoint and log in the work dir "
@@ -74,6 +83,10 @@ def main() -> None:
     model_dir = args.model or require_default_model()
     work = args.work_dir or cache_root() / "training" / Path(model_dir).name
     responses = work / "responses.jsonl"
+    archive = None if str(args.archive).lower() == "none" else (
+        args.archive or ARCHIVE_DIR / f"{Path(model_dir).name}.jsonl.gz")
+    if args.stage in ("data", "archive", "all") and archive is not None:
+        sync_archive(archive, responses, model_dir, take=True)
     if args.stage in ("data", "all"):
         from neuron_peagle.runtime.engine import Engine
 
@@ -93,7 +106,13 @@ def main() -> None:
             p for group in by_source.values() for p in group]
         engine = Engine.from_pretrained(args.model, mode="plain", batch_size=args.batch_size, max_length=512,
                                         prefill_buckets=(64, 128, 256), dtype=args.generation_dtype)
-        generate_responses(engine, chosen, responses, args.max_new_tokens)
+        try:
+            generate_responses(engine, chosen, responses, args.max_new_tokens)
+        finally:  # what was answered before a stop is kept too
+            if archive is not None:
+                sync_archive(archive, responses, model_dir, take=False)
+    if args.stage == "archive" and archive is not None:
+        sync_archive(archive, responses, model_dir, take=False)
     if args.stage in ("features", "all"):
         from neuron_peagle.models.target import TargetModel
 
@@ -118,10 +137,25 @@ def main() -> None:
                              draft_vocab_size=args.draft_vocab_size, depths=args.depths, epochs=args.epochs,
                              lr=args.lr, seconds=args.seconds, seed=args.seed,
                              init_from=str(args.init_from) if args.init_from else None, run_name=args.run_name,
-                             feature_sets=tuple(args.feature_sets.split(",")))
+                             feature_sets=tuple(args.feature_sets.split(",")), precision=args.precision)
         train(model_dir, work, config, args.out)
     if args.stage == "eval":
         evaluate(args, model_dir, work)
+
+
+def sync_archive(archive: Path, responses: Path, model_dir: Path, take: bool) -> None:
+    """take: add the archive's responses to the work directory's; else store the union in the archive."""
+    from neuron_peagle.config import ModelConfig
+    from neuron_peagle.training.archive import merge_archive, write_archive
+    from neuron_peagle.training.data import read_examples
+
+    if take:
+        if archive.is_file():
+            added = merge_archive(archive, responses, ModelConfig.from_dir(model_dir).vocab_size)
+            print(f"{archive.name}: {added} archived responses added to {responses}", flush=True)
+        return
+    count = write_archive(read_examples(responses), archive)
+    print(f"{archive.name}: {count} responses stored", flush=True)
 
 
 def evaluate(args: argparse.Namespace, model_dir: Path, work: Path) -> None:

@@ -35,16 +35,30 @@ class Example:
     def ids(self) -> list[int]:
         return self.prompt_ids + self.response_ids
 
+    @classmethod
+    def from_record(cls, record: dict) -> "Example":
+        return cls(record["domain"], record["prompt_ids"], record["response_ids"])
+
+    def record(self) -> dict:
+        return {"domain": self.domain, "prompt_ids": self.prompt_ids, "response_ids": self.response_ids}
+
 
 def read_examples(path: Path) -> list[Example]:
+    """The whole lines of a responses file (a last line cut short by a stop is not an example)."""
     if not path.is_file():
         return []
-    out = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            out.append(Example(record["domain"], record["prompt_ids"], record["response_ids"]))
-    return out
+    text = path.read_text()
+    lines = text.split("\n")[:-1]  # the piece after the last newline is unfinished (or empty)
+    return [Example.from_record(json.loads(line)) for line in lines if line.strip()]
+
+
+def drop_unfinished_line(path: Path) -> None:
+    """Cut a last line that a stopped run left without its newline, so appending starts clean."""
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as handle:
+                handle.truncate(data.rfind(b"\n") + 1)
 
 
 def generate_responses(engine, prompts: Sequence[Prompt], out_path: Path, max_new_tokens: int = 128
@@ -64,12 +78,13 @@ def generate_responses(engine, prompts: Sequence[Prompt], out_path: Path, max_ne
     params = SamplingParams(max_new_tokens=max_new_tokens)
     batch = engine.build.batch_size
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    drop_unfinished_line(out_path)
     with open(out_path, "a") as handle, tqdm(total=len(todo), desc="responses", unit="prompt") as bar:
         for first in range(0, len(todo), batch):
             group = todo[first:first + batch]
             outputs = engine.generate([ids for _, ids in group], params)
             for (domain, ids), out in zip(group, outputs):
-                handle.write(json.dumps({"domain": domain, "prompt_ids": ids, "response_ids": out.output_ids}) + "\n")
+                handle.write(json.dumps(Example(domain, ids, out.output_ids).record()) + "\n")
             handle.flush()
             bar.update(len(group))
     return read_examples(out_path)

@@ -129,19 +129,20 @@ def eagle3_loss(drafter: Drafter, target_embedding: torch.nn.Module, ids: Tensor
         here = (elements.depths == d).nonzero().squeeze(-1)
         parent[here] = upper[torch.searchsorted(elements.anchors[upper], elements.anchors[here])]
 
-    own_hidden = real_hidden.new_zeros(real_hidden.shape)  # outputs of the elements computed so far
-    all_logits = real_hidden.new_zeros(elements.anchors.numel(), drafter.lm_head.out_features)
+    # Outputs of the elements computed so far, kept in float32 (under autocast the layers give bf16).
+    own_hidden = real_hidden.new_zeros(real_hidden.shape, dtype=torch.float32)
+    all_logits = real_hidden.new_zeros(elements.anchors.numel(), drafter.lm_head.out_features, dtype=torch.float32)
     for d in range(present_depths):
         subset = (elements.depths <= d).nonzero().squeeze(-1)
-        hidden = torch.where((elements.depths[subset] == 0).unsqueeze(-1), real_hidden[subset],
+        hidden = torch.where((elements.depths[subset] == 0).unsqueeze(-1), real_hidden[subset].float(),
                              own_hidden[parent[subset].clamp(min=0)])
         rows = (elements.depths[subset] == d).nonzero().squeeze(-1)
         logits, out_hidden = drafter(embeds[subset].unsqueeze(0), hidden.unsqueeze(0),
                                      elements.positions[subset].unsqueeze(0), None, rows.unsqueeze(0),
                                      elements.visible[subset][:, subset].unsqueeze(0))
         computed = subset[rows]
-        own_hidden = own_hidden.index_put((computed,), out_hidden[0])
-        all_logits = all_logits.index_put((computed,), logits[0])
+        own_hidden = own_hidden.index_put((computed,), out_hidden[0].float())
+        all_logits = all_logits.index_put((computed,), logits[0].float())
     return _depth_losses(all_logits, elements.anchors, elements.depths, teacher_logits, response_start, depths,
                          decay=0.8)
 
