@@ -282,3 +282,10 @@ def test_a_basic_coding_stub_becomes_its_signature_and_docstring():
     stub = 'def add(a, b):\r\n    """Return the sum of a and b."""\r\n    return'
     assert stub_prompt(stub) == 'def add(a, b):\n    """Return the sum of a and b."""\n'
     assert stub_prompt("x = 1\ny = 2") == "" and stub_prompt("def f():\n    return 1") == ""
+
+
+def test_a_search_query_becomes_a_question_with_its_names_kept():
+    from neuron_peagle.training.prompt_sets import question_prompt
+
+    assert question_prompt(" who wrote the song Hey Jude ") == "Who wrote the song Hey Jude?"
+    assert question_prompt("when was NASA founded?") == "When was NASA founded?"

@@ -126,6 +126,12 @@ def stub_prompt(stub: str) -> str:
     return "\n".join(lines[:2]) + "\n"
 
 
+def question_prompt(question: str) -> str:
+    """A lower-case search query as a question: first letter raised (the rest kept), one '?' at the end."""
+    text = question.strip().rstrip("?").rstrip()
+    return text[:1].upper() + text[1:] + "?"
+
+
 def round_robin(groups: Sequence[Sequence[T]]) -> list[T]:
     """One item of each group in turn, so that any prefix of the result mixes every group."""
     return [item for row in itertools.zip_longest(*groups, fillvalue=_GAP) for item in row if item is not _GAP]
@@ -153,8 +159,7 @@ def _load_sets(root: Path, split: str) -> dict[str, list[str]]:
     sets["math_more"] = round_robin([[r["doc"]["problem"].strip() for r in _jsonl_gz(root / FILES[f"math_{s}"])]
                                      for s in MATH_SUBJECTS])
     sets["bfcl_extra"] = round_robin([_first_user_messages(root / FILES[f"bfcl_{n}"]) for n in BFCL_EXTRA])
-    sets["naturalqs"] = [r["doc"]["question"].strip().capitalize() + "?"
-                         for r in _jsonl_gz(root / FILES["naturalqs"])]
+    sets["naturalqs"] = [question_prompt(r["doc"]["question"]) for r in _jsonl_gz(root / FILES["naturalqs"])]
     return sets
 
 
