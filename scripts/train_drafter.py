@@ -83,8 +83,7 @@ def main() -> None:
     model_dir = args.model or require_default_model()
     work = args.work_dir or cache_root() / "training" / Path(model_dir).name
     responses = work / "responses.jsonl"
-    archive = None if str(args.archive).lower() == "none" else (
-        args.archive or ARCHIVE_DIR / f"{Path(model_dir).name}.jsonl.gz")
+    archive = archive_path(args.archive, Path(model_dir))
     if args.stage in ("data", "archive", "all") and archive is not None:
         sync_archive(archive, responses, model_dir, take=True)
     if args.stage in ("data", "all"):
@@ -141,6 +140,13 @@ def main() -> None:
         train(model_dir, work, config, args.out)
     if args.stage == "eval":
         evaluate(args, model_dir, work)
+
+
+def archive_path(given: Path | None, model_dir: Path) -> Path | None:
+    """--archive: None -> the repository's archive for this model; 'none' -> no archive."""
+    if given is None:
+        return ARCHIVE_DIR / f"{model_dir.name}.jsonl.gz"
+    return None if str(given).lower() == "none" else given
 
 
 def sync_archive(archive: Path, responses: Path, model_dir: Path, take: bool) -> None:

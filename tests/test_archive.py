@@ -85,3 +85,12 @@ def test_a_line_cut_short_by_a_stop_is_dropped_before_more_is_appended(tmp_path)
     assert [e.prompt_ids for e in read_examples(responses)] == [[5, 6]]
     assert merge_archive(tmp_path / "a.jsonl.gz", responses, VOCAB) == 2
     assert [e.prompt_ids for e in read_examples(responses)] == [[5, 6], [1, 2, 3], [9]]
+
+
+def test_the_data_stage_uses_the_repositorys_archive_unless_told_otherwise(tmp_path):
+    from scripts.train_drafter import archive_path
+
+    model = tmp_path / "SmolLM2-135M-Instruct"
+    assert archive_path(None, model) == ARCHIVE
+    assert archive_path(Path("none"), model) is None
+    assert archive_path(tmp_path / "mine.jsonl.gz", model) == tmp_path / "mine.jsonl.gz"
