@@ -85,7 +85,7 @@ def main() -> None:
     responses = work / "responses.jsonl"
     archive = archive_path(args.archive, Path(model_dir))
     if args.stage in ("data", "archive", "all") and archive is not None:
-        sync_archive(archive, responses, model_dir, take=True)
+        take_archive(archive, responses, model_dir)
     if args.stage in ("data", "all"):
         from neuron_peagle.runtime.engine import Engine
 
@@ -109,9 +109,9 @@ def main() -> None:
             generate_responses(engine, chosen, responses, args.max_new_tokens)
         finally:  # what was answered before a stop is kept too
             if archive is not None:
-                sync_archive(archive, responses, model_dir, take=False)
+                store_archive(archive, responses)
     if args.stage == "archive" and archive is not None:
-        sync_archive(archive, responses, model_dir, take=False)
+        store_archive(archive, responses)
     if args.stage in ("features", "all"):
         from neuron_peagle.models.target import TargetModel
 
@@ -149,17 +149,21 @@ def archive_path(given: Path | None, model_dir: Path) -> Path | None:
     return None if str(given).lower() == "none" else given
 
 
-def sync_archive(archive: Path, responses: Path, model_dir: Path, take: bool) -> None:
-    """take: add the archive's responses to the work directory's; else store the union in the archive."""
+def take_archive(archive: Path, responses: Path, model_dir: Path) -> None:
+    """Add the archive's responses (if there is one yet) to the work directory's."""
     from neuron_peagle.config import ModelConfig
-    from neuron_peagle.training.archive import merge_archive, write_archive
+    from neuron_peagle.training.archive import merge_archive
+
+    if archive.is_file():
+        added = merge_archive(archive, responses, ModelConfig.from_dir(model_dir).vocab_size)
+        print(f"{archive.name}: {added} archived responses added to {responses}", flush=True)
+
+
+def store_archive(archive: Path, responses: Path) -> None:
+    """Store every response of the work directory (a superset of the archive's) in the archive."""
+    from neuron_peagle.training.archive import write_archive
     from neuron_peagle.training.data import read_examples
 
-    if take:
-        if archive.is_file():
-            added = merge_archive(archive, responses, ModelConfig.from_dir(model_dir).vocab_size)
-            print(f"{archive.name}: {added} archived responses added to {responses}", flush=True)
-        return
     count = write_archive(read_examples(responses), archive)
     print(f"{archive.name}: {count} responses stored", flush=True)
 

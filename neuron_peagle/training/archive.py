@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from neuron_peagle.errors import ModelDirError
-from neuron_peagle.training.data import Example, drop_unfinished_line, read_examples
+from neuron_peagle.training.data import Example, append_examples, read_examples
 
 DOMAINS = ("code", "math", "chat")
 
@@ -64,9 +64,5 @@ def merge_archive(archive: Path, responses: Path, vocab_size: int) -> int:
     """Append to `responses` the archive's examples whose prompt it does not hold; returns how many."""
     held = {tuple(e.prompt_ids) for e in read_examples(responses)}
     new = [e for e in read_archive(archive, vocab_size) if tuple(e.prompt_ids) not in held]
-    responses.parent.mkdir(parents=True, exist_ok=True)
-    drop_unfinished_line(responses)
-    with open(responses, "a") as handle:
-        for example in new:
-            handle.write(json.dumps(example.record()) + "\n")
+    append_examples(responses, new)
     return len(new)

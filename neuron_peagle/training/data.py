@@ -61,6 +61,14 @@ def drop_unfinished_line(path: Path) -> None:
                 handle.truncate(data.rfind(b"\n") + 1)
 
 
+def append_examples(path: Path, examples: Sequence[Example]) -> None:
+    """Add `examples` as whole lines at the end of a responses file (after cutting an unfinished one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    drop_unfinished_line(path)
+    with open(path, "a") as handle:
+        handle.writelines(json.dumps(example.record()) + "\n" for example in examples)
+
+
 def generate_responses(engine, prompts: Sequence[Prompt], out_path: Path, max_new_tokens: int = 128
                        ) -> list[Example]:
     """Answer every prompt with the engine (greedy); resumable through `out_path`."""
@@ -77,15 +85,12 @@ def generate_responses(engine, prompts: Sequence[Prompt], out_path: Path, max_ne
             todo.append((prompt.domain, ids))
     params = SamplingParams(max_new_tokens=max_new_tokens)
     batch = engine.build.batch_size
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    drop_unfinished_line(out_path)
-    with open(out_path, "a") as handle, tqdm(total=len(todo), desc="responses", unit="prompt") as bar:
+    with tqdm(total=len(todo), desc="responses", unit="prompt") as bar:
         for first in range(0, len(todo), batch):
             group = todo[first:first + batch]
             outputs = engine.generate([ids for _, ids in group], params)
-            for (domain, ids), out in zip(group, outputs):
-                handle.write(json.dumps(Example(domain, ids, out.output_ids).record()) + "\n")
-            handle.flush()
+            append_examples(out_path, [Example(domain, ids, out.output_ids)
+                                       for (domain, ids), out in zip(group, outputs)])
             bar.update(len(group))
     return read_examples(out_path)
 
