@@ -42,6 +42,11 @@ def parse_args() -> argparse.Namespace:
                         help="comma-separated training prompt sources, answered in this order (default: all, "
                              "in the packaged order); see neuron_peagle.training.prompt_sets")
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--sample", type=int, default=0,
+                        help="data stage: 0 answers greedily; n >= 1 writes each prompt's n-th sampled answer "
+                             "(seed n, --temperature, --top-p), kept beside the greedy one")
+    parser.add_argument("--temperature", type=float, default=0.8, help="data stage with --sample: temperature")
+    parser.add_argument("--top-p", type=float, default=0.95, help="data stage with --sample: nucleus")
     parser.add_argument("--batch-size", type=int, default=16, help="generation batch size")
     parser.add_argument("--generation-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="dtype of the target while it writes the responses (bfloat16 is ~2x faster on CPU)")
@@ -106,7 +111,8 @@ def main() -> None:
         engine = Engine.from_pretrained(args.model, mode="plain", batch_size=args.batch_size, max_length=512,
                                         prefill_buckets=(64, 128, 256), dtype=args.generation_dtype)
         try:
-            generate_responses(engine, chosen, responses, args.max_new_tokens)
+            generate_responses(engine, chosen, responses, args.max_new_tokens, args.sample, args.temperature,
+                               args.top_p)
         finally:  # what was answered before a stop is kept too
             if archive is not None:
                 store_archive(archive, responses)

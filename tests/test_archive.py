@@ -77,6 +77,22 @@ def test_the_committed_archive_belongs_to_the_default_model_and_holds_no_heldout
     assert all(e.response_ids and (e.response_ids[-1] == eos or eos not in e.response_ids) for e in examples)
 
 
+def test_sampled_answers_are_kept_beside_the_greedy_answer_of_the_same_prompt(tmp_path):
+    greedy, first, second = (Example("code", [1, 2], [3], 0), Example("code", [1, 2], [4], 1),
+                             Example("code", [1, 2], [5], 2))
+    assert "sample" not in greedy.record() and first.record()["sample"] == 1  # greedy lines keep their bytes
+    assert write_archive([second, greedy, first, Example("code", [1, 2], [9], 1)], tmp_path / "a.jsonl.gz") == 3
+    assert read_archive(tmp_path / "a.jsonl.gz", VOCAB) == [greedy, first, second]
+    responses = tmp_path / "responses.jsonl"
+    responses.write_text(json.dumps(first.record()) + "\n")
+    assert merge_archive(tmp_path / "a.jsonl.gz", responses, VOCAB) == 2
+    assert sorted((e.sample, e.response_ids) for e in read_examples(responses)) == [(0, [3]), (1, [4]), (2, [5])]
+    (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(
+        b'{"domain": "code", "prompt_ids": [1], "response_ids": [2], "sample": -1}\n'))
+    with pytest.raises(ModelDirError, match="line 1"):
+        read_archive(tmp_path / "bad.jsonl.gz", VOCAB)
+
+
 def test_a_line_cut_short_by_a_stop_is_dropped_before_more_is_appended(tmp_path):
     write_archive(_examples(), tmp_path / "a.jsonl.gz")
     responses = tmp_path / "responses.jsonl"

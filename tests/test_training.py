@@ -159,6 +159,28 @@ def test_more_prompts_add_only_new_responses_and_complete_the_last_shard(tmp_pat
     assert len(shards) == 2 and [e["ids"].tolist() for e in loaded] == [e.ids for e in examples]
 
 
+def test_sampled_answers_are_reproducible_written_beside_the_greedy_ones_and_resume(tmp_path, tiny_llama_dir):
+    engine = Engine.from_pretrained(tiny_llama_dir, mode="plain", batch_size=4, max_length=128,
+                                    prefill_buckets=(64,))
+    prompts = [Prompt("chat", "test", f"Say {i}.") for i in range(3)]
+    path = tmp_path / "r.jsonl"
+    greedy = generate_responses(engine, prompts, path, 16)
+    first = generate_responses(engine, prompts, path, 16, sample=1, temperature=1.0, top_p=1.0)[3:]
+    second = generate_responses(engine, prompts, path, 16, sample=2, temperature=1.0, top_p=1.0)[6:]
+    assert [e.sample for e in first] == [1] * 3 and [e.sample for e in second] == [2] * 3
+    assert [e.prompt_ids for e in first] == [e.prompt_ids for e in greedy]
+    # Random weights at temperature 1: other seeds give other answers, the greedy one is not repeated.
+    assert [e.response_ids for e in first] != [e.response_ids for e in second]
+    assert [e.response_ids for e in first] != [e.response_ids for e in greedy]
+    assert len(generate_responses(engine, prompts, path, 16, sample=1)) == 9  # resumed: nothing new
+    # Seed n gives a prompt the same answer whatever batch it is answered in.
+    again = generate_responses(engine, prompts[::-1], tmp_path / "again.jsonl", 16, sample=1, temperature=1.0,
+                               top_p=1.0)
+    assert sorted(e.response_ids for e in again) == sorted(e.response_ids for e in first)
+    with pytest.raises(ValueError, match="sample"):
+        generate_responses(engine, prompts, path, 16, sample=-1)
+
+
 def test_the_stdlib_corpus_is_chunked_by_lines_without_tests_in_a_fixed_order(tmp_path):
     from neuron_peagle.training.corpus import stdlib_documents
 

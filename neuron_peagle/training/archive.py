@@ -34,23 +34,24 @@ def read_archive(path: Path, vocab_size: int) -> list[Example]:
                     continue
                 example = Example.from_record(json.loads(line))
                 ids = example.ids
-                if example.domain not in DOMAINS or not example.prompt_ids or not all(
+                if example.domain not in DOMAINS or not example.prompt_ids or example.sample < 0 or not all(
                         isinstance(i, int) and 0 <= i < vocab_size for i in ids):
                     raise ModelDirError(f"{path}, line {number}: not an example of a target with "
-                                        f"{vocab_size} tokens (domain {example.domain!r}, ids out of range "
-                                        "or no prompt)")
+                                        f"{vocab_size} tokens (domain {example.domain!r}, ids out of range, "
+                                        "no prompt or a negative sample)")
                 examples.append(example)
-    except (OSError, EOFError, json.JSONDecodeError, KeyError, TypeError) as error:
+    except (OSError, EOFError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise ModelDirError(f"{path} is not a readable training-response archive: {error}") from error
     return examples
 
 
 def write_archive(examples: Sequence[Example], path: Path) -> int:
-    """Store `examples` (one per distinct prompt) sorted by domain and prompt; returns how many."""
+    """Store `examples` (one per distinct answer: prompt and `sample`) sorted by domain, prompt and
+    sample; returns how many."""
     unique: dict[tuple[int, ...], Example] = {}
     for example in examples:
-        unique.setdefault(tuple(example.prompt_ids), example)
-    ordered = sorted(unique.values(), key=lambda e: (DOMAINS.index(e.domain), e.prompt_ids))
+        unique.setdefault(example.key, example)
+    ordered = sorted(unique.values(), key=lambda e: (DOMAINS.index(e.domain), e.prompt_ids, e.sample))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     with open(partial, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as handle:
@@ -61,8 +62,8 @@ def write_archive(examples: Sequence[Example], path: Path) -> int:
 
 
 def merge_archive(archive: Path, responses: Path, vocab_size: int) -> int:
-    """Append to `responses` the archive's examples whose prompt it does not hold; returns how many."""
-    held = {tuple(e.prompt_ids) for e in read_examples(responses)}
-    new = [e for e in read_archive(archive, vocab_size) if tuple(e.prompt_ids) not in held]
+    """Append to `responses` the archive's answers it does not hold; returns how many."""
+    held = {e.key for e in read_examples(responses)}
+    new = [e for e in read_archive(archive, vocab_size) if e.key not in held]
     append_examples(responses, new)
     return len(new)

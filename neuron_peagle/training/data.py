@@ -1,9 +1,10 @@
 """Training data: prompts answered by the target itself, then the target's features on them.
 
 Step 1 (`generate_responses`): the target regenerates a response to every prompt with the project's
-own batched greedy decoding; results are appended to a JSONL file as they come, and a prompt whose
-tokens the file already holds is not answered again, so an interrupted run resumes where it stopped
-and a longer prompt list only adds what is new. Step 2 (`compute_features`): one target forward over each
+own batched decoding (greedy, or the n-th sampled answer: `sample` n >= 1); results are appended to a
+JSONL file as they come, and an answer the file already holds (same prompt tokens, same `sample`) is
+not written again, so an interrupted run resumes where it stopped and a longer prompt list only adds
+what is new. Step 2 (`compute_features`): one target forward over each
 prompt + response gives, per position, the drafter's input features (3 layers) and the last hidden
 state (from which the target's distribution is recomputed during training); cached as safetensors
 shards.
@@ -30,17 +31,26 @@ class Example:
     domain: str
     prompt_ids: list[int]
     response_ids: list[int]
+    sample: int = 0  # 0: the greedy answer; n >= 1: the n-th sampled answer (seed n)
 
     @property
     def ids(self) -> list[int]:
         return self.prompt_ids + self.response_ids
 
+    @property
+    def key(self) -> tuple[int, ...]:
+        """One answer of one prompt: (sample, *prompt ids)."""
+        return (self.sample, *self.prompt_ids)
+
     @classmethod
     def from_record(cls, record: dict) -> "Example":
-        return cls(record["domain"], record["prompt_ids"], record["response_ids"])
+        return cls(record["domain"], record["prompt_ids"], record["response_ids"], int(record.get("sample", 0)))
 
     def record(self) -> dict:
-        return {"domain": self.domain, "prompt_ids": self.prompt_ids, "response_ids": self.response_ids}
+        record = {"domain": self.domain, "prompt_ids": self.prompt_ids, "response_ids": self.response_ids}
+        if self.sample:  # greedy lines stay as they were written before sampled answers existed
+            record["sample"] = self.sample
+        return record
 
 
 def read_examples(path: Path) -> list[Example]:
@@ -69,27 +79,31 @@ def append_examples(path: Path, examples: Sequence[Example]) -> None:
         handle.writelines(json.dumps(example.record()) + "\n" for example in examples)
 
 
-def generate_responses(engine, prompts: Sequence[Prompt], out_path: Path, max_new_tokens: int = 128
-                       ) -> list[Example]:
-    """Answer every prompt with the engine (greedy); resumable through `out_path`."""
+def generate_responses(engine, prompts: Sequence[Prompt], out_path: Path, max_new_tokens: int = 128,
+                       sample: int = 0, temperature: float = 0.8, top_p: float = 0.95) -> list[Example]:
+    """Answer every prompt with the engine, greedy (`sample` 0) or sampled (`sample` n >= 1: seed n, at
+    `temperature` and `top_p`); resumable through `out_path`."""
     from neuron_peagle.runtime.engine import SamplingParams
 
-    done = {tuple(e.prompt_ids) for e in read_examples(out_path)}
+    if sample < 0:
+        raise ValueError(f"sample must be >= 0 (0 = greedy), got {sample}")
+    done = {e.key for e in read_examples(out_path)}
     # Prompts longer than the largest bucket, or with no room to answer, are skipped; so are repeats.
     room = min(engine.build.prefill_buckets[-1], engine.build.max_length - max_new_tokens)
     todo = []
     for prompt in prompts:
         ids = engine.encode(prompt.text)
-        if 0 < len(ids) <= room and tuple(ids) not in done:
-            done.add(tuple(ids))
+        if 0 < len(ids) <= room and (sample, *ids) not in done:
+            done.add((sample, *ids))
             todo.append((prompt.domain, ids))
-    params = SamplingParams(max_new_tokens=max_new_tokens)
+    params = SamplingParams(max_new_tokens=max_new_tokens) if sample == 0 else SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=sample)
     batch = engine.build.batch_size
     with tqdm(total=len(todo), desc="responses", unit="prompt") as bar:
         for first in range(0, len(todo), batch):
             group = todo[first:first + batch]
             outputs = engine.generate([ids for _, ids in group], params)
-            append_examples(out_path, [Example(domain, ids, out.output_ids)
+            append_examples(out_path, [Example(domain, ids, out.output_ids, sample)
                                        for (domain, ids), out in zip(group, outputs)])
             bar.update(len(group))
     return read_examples(out_path)
