@@ -182,7 +182,8 @@ def evaluate(args: argparse.Namespace, model_dir: Path, work: Path) -> None:
     from neuron_peagle.models.target import TargetModel
     from neuron_peagle.runtime.drafter_choice import DEFAULT_DRAFTER_DIR
     from neuron_peagle.runtime.engine import Engine
-    from neuron_peagle.training.evaluate import HELDOUT_DIR, build_heldout, format_accuracy, heldout_accuracy
+    from neuron_peagle.training.evaluate import (CONFIDENCE_EDGES, HELDOUT_DIR, build_heldout, format_accuracy,
+                                                  heldout_accuracy)
 
     def make_engine() -> Engine:
         return Engine.from_pretrained(args.model, mode="plain", batch_size=8, max_length=768, dtype="bfloat16")
@@ -195,7 +196,12 @@ def evaluate(args: argparse.Namespace, model_dir: Path, work: Path) -> None:
         results = heldout_accuracy(drafter, target, heldout, args.depths)
         print(format_accuracy(name, results), flush=True)
         report[name] = {r.domain: {"accuracy": r.accuracy, "estimated_acceptance_length":
-                                   r.estimated_acceptance_length, "positions": r.positions} for r in results}
+                                   r.estimated_acceptance_length, "positions": r.positions,
+                                   "depth0_by_target_confidence": [
+                                       {"band": [lo, hi], "share": share, "accuracy": acc}
+                                       for lo, hi, (share, acc) in zip(CONFIDENCE_EDGES, CONFIDENCE_EDGES[1:],
+                                                                       r.by_confidence)]}
+                         for r in results}
     (work / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -257,10 +257,12 @@ def test_heldout_accuracy_is_what_each_parallel_draft_would_score(tmp_path, tiny
     [result] = heldout_accuracy(drafter, target, tmp_path, depths)
 
     correct, count = [0] * depths, [0] * depths
+    band_hits: dict[int, list[int]] = {0: [], 1: [], 2: []}  # depth-0 hits by the target's top-1 probability
     with torch.no_grad():
         for example in load_shards(sorted(tmp_path.glob("shard_*.safetensors"))):
             ids = example["ids"].long()
-            greedy = (target.norm(example["hidden"].float()) @ target.lm_head.weight).argmax(-1)
+            probs = torch.softmax(target.norm(example["hidden"].float()) @ target.lm_head.weight, -1)
+            greedy = probs.argmax(-1)
             for anchor in range(len(ids) - 1):
                 slots = [(anchor_, False) for anchor_ in range(anchor + 1)]
                 slots += [(anchor, True) for d in range(1, depths) if anchor + 1 + d <= len(ids) - 1]
@@ -278,7 +280,13 @@ def test_heldout_accuracy_is_what_each_parallel_draft_would_score(tmp_path, tiny
                     if at >= int(example["prompt_length"]) - 1:
                         count[d] += 1
                         correct[d] += int(6 * draft == int(greedy[at]))
+                        if d == 0:
+                            sure = float(probs[at].max())
+                            band_hits[0 if sure < 0.5 else 1 if sure < 0.9 else 2].append(
+                                int(6 * draft == int(greedy[at])))
     assert result.positions == count[0]
+    assert [x for band in result.by_confidence for x in band] == pytest.approx(
+        [x for h in band_hits.values() for x in (len(h) / count[0], sum(h) / max(len(h), 1))], abs=1e-6)
     assert result.accuracy == pytest.approx([c / max(n, 1) for c, n in zip(correct, count)], abs=1e-6)
     assert 0 < sum(correct) < sum(count)
     assert result.estimated_acceptance_length > 1.0

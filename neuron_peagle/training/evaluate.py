@@ -7,6 +7,10 @@ the real pair, depths 1.. from mask slots). Depth d's accuracy is how often its 
 the target's greedy token there. The product rule 1 + a0 + a0*a1 + ... turns them into an estimated
 acceptance length (it treats depths as independent, so it is an estimate, not the measured value).
 
+Depth 0 is also split by how sure the target is of the token it drafts (its top-1 probability in
+`CONFIDENCE_EDGES` bands): a drafter that misses tokens the target is nearly certain of (a name copied
+from the prompt, the rest of a word) lacks context it could have, not luck.
+
 These features live apart from the training ones, and the trainer refuses to read them.
 """
 
@@ -27,6 +31,7 @@ from neuron_peagle.training.objective import cod_elements, parallel_logits
 from neuron_peagle.training.prompt_sets import load_prompts
 
 HELDOUT_DIR = "heldout_features"
+CONFIDENCE_EDGES = (0.0, 0.5, 0.9, 1.0)  # bands of the target's top-1 probability
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,8 @@ class DepthAccuracy:
     domain: str
     accuracy: tuple[float, ...]  # [depths] top-1 agreement with the target's greedy token
     positions: int  # response positions scored at depth 0
+    # per band of CONFIDENCE_EDGES: (share of the depth-0 positions, depth-0 accuracy there)
+    by_confidence: tuple[tuple[float, float], ...] = ()
 
     @property
     def estimated_acceptance_length(self) -> float:
@@ -75,12 +82,15 @@ def heldout_accuracy(drafter: Drafter, target: TargetModel, heldout_dir: Path, d
     results = []
     for domain in dict.fromkeys(domains):
         correct, count = torch.zeros(depths), torch.zeros(depths)
+        bands = len(CONFIDENCE_EDGES) - 1
+        band_correct, band_count = torch.zeros(bands), torch.zeros(bands)
         for example, where in zip(examples, domains):
             if where != domain:
                 continue
             ids = example["ids"].long()
             length, response_start = len(ids), int(example["prompt_length"])
-            greedy = (target.norm(example["hidden"].to(head.dtype)) @ head).argmax(-1)  # [T]
+            top = torch.softmax(target.norm(example["hidden"].to(head.dtype)) @ head, dim=-1).max(-1)
+            greedy, sure = top.indices, top.values  # [T] the target's token and its probability
             elements = cod_elements(length - 1, depths, length - 1, torch.Generator(), ratio=1.0, ratio_min=1.0)
             drafts = draft_ids[parallel_logits(drafter, target.embed_tokens, ids,
                                                example["features"].to(head.dtype), elements).argmax(-1)]
@@ -91,12 +101,22 @@ def heldout_accuracy(drafter: Drafter, target: TargetModel, heldout_dir: Path, d
                 here = (elements.depths == d) & scored
                 correct[d] += hit[here].sum()
                 count[d] += here.sum()
+            first = (elements.depths == 0) & scored
+            band = (torch.bucketize(sure[at[first]], torch.tensor(CONFIDENCE_EDGES[1:-1])))
+            band_correct += torch.bincount(band, weights=hit[first].float(), minlength=bands)
+            band_count += torch.bincount(band, minlength=bands)
         accuracy = tuple((correct / count.clamp(min=1)).tolist())
-        results.append(DepthAccuracy(domain, accuracy, int(count[0])))
+        by_confidence = tuple(zip((band_count / count[0].clamp(min=1)).tolist(),
+                                  (band_correct / band_count.clamp(min=1)).tolist()))
+        results.append(DepthAccuracy(domain, accuracy, int(count[0]), by_confidence))
     return results
 
 
 def format_accuracy(name: str, results: Sequence[DepthAccuracy]) -> str:
-    cells = [f"{r.domain}: {' '.join(f'{a:.2f}' for a in r.accuracy)} (est. AL {r.estimated_acceptance_length:.2f})"
-             for r in results]
+    def bands(r: DepthAccuracy) -> str:
+        return ", ".join(f"p{lo:g}-{hi:g} {share:.0%} of tokens at {acc:.2f}" for (lo, hi), (share, acc)
+                         in zip(zip(CONFIDENCE_EDGES, CONFIDENCE_EDGES[1:]), r.by_confidence))
+
+    cells = [f"{r.domain}: {' '.join(f'{a:.2f}' for a in r.accuracy)} (est. AL {r.estimated_acceptance_length:.2f}; "
+             f"depth 0 where the target is sure: {bands(r)})" for r in results]
     return f"{name}: " + "; ".join(cells)
