@@ -73,7 +73,7 @@ def test_the_committed_archive_belongs_to_the_default_model_and_holds_no_heldout
     heldout = {tuple(encode_prompt(tokenizer, p.text)) for p in load_prompts("heldout")}
     assert not heldout & {tuple(e.prompt_ids) for e in examples}
     eos = tokenizer.eos_token_id
-    # The target's own greedy answers: each ends at its end-of-sequence token or at the length cap.
+    # The target's own answers (greedy or sampled): each ends at its end-of-sequence token or at the length cap.
     assert all(e.response_ids and (e.response_ids[-1] == eos or eos not in e.response_ids) for e in examples)
 
 
