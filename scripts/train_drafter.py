@@ -182,7 +182,7 @@ def evaluate(args: argparse.Namespace, model_dir: Path, work: Path) -> None:
     from neuron_peagle.models.target import TargetModel
     from neuron_peagle.runtime.drafter_choice import DEFAULT_DRAFTER_DIR
     from neuron_peagle.runtime.engine import Engine
-    from neuron_peagle.training.evaluate import (CONFIDENCE_EDGES, HELDOUT_DIR, build_heldout, format_accuracy,
+    from neuron_peagle.training.evaluate import (CONFIDENCE_BANDS, HELDOUT_DIR, build_heldout, format_accuracy,
                                                   heldout_accuracy)
 
     def make_engine() -> Engine:
@@ -198,9 +198,8 @@ def evaluate(args: argparse.Namespace, model_dir: Path, work: Path) -> None:
         report[name] = {r.domain: {"accuracy": r.accuracy, "estimated_acceptance_length":
                                    r.estimated_acceptance_length, "positions": r.positions,
                                    "depth0_by_target_confidence": [
-                                       {"band": [lo, hi], "share": share, "accuracy": acc}
-                                       for lo, hi, (share, acc) in zip(CONFIDENCE_EDGES, CONFIDENCE_EDGES[1:],
-                                                                       r.by_confidence)]}
+                                       {"band": list(band), "share": share, "accuracy": acc}
+                                       for band, (share, acc) in zip(CONFIDENCE_BANDS, r.by_confidence)]}
                          for r in results}
     (work / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
 

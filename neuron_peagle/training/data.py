@@ -93,8 +93,9 @@ def generate_responses(engine, prompts: Sequence[Prompt], out_path: Path, max_ne
     todo = []
     for prompt in prompts:
         ids = engine.encode(prompt.text)
-        if 0 < len(ids) <= room and (sample, *ids) not in done:
-            done.add((sample, *ids))
+        key = Example(prompt.domain, ids, [], sample).key
+        if 0 < len(ids) <= room and key not in done:
+            done.add(key)
             todo.append((prompt.domain, ids))
     params = SamplingParams(max_new_tokens=max_new_tokens) if sample == 0 else SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=sample)

@@ -32,6 +32,7 @@ from neuron_peagle.training.prompt_sets import load_prompts
 
 HELDOUT_DIR = "heldout_features"
 CONFIDENCE_EDGES = (0.0, 0.5, 0.9, 1.0)  # bands of the target's top-1 probability
+CONFIDENCE_BANDS = tuple(zip(CONFIDENCE_EDGES, CONFIDENCE_EDGES[1:]))  # ((lo, hi), ...)
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def heldout_accuracy(drafter: Drafter, target: TargetModel, heldout_dir: Path, d
     results = []
     for domain in dict.fromkeys(domains):
         correct, count = torch.zeros(depths), torch.zeros(depths)
-        bands = len(CONFIDENCE_EDGES) - 1
+        bands = len(CONFIDENCE_BANDS)
         band_correct, band_count = torch.zeros(bands), torch.zeros(bands)
         for example, where in zip(examples, domains):
             if where != domain:
@@ -102,7 +103,7 @@ def heldout_accuracy(drafter: Drafter, target: TargetModel, heldout_dir: Path, d
                 correct[d] += hit[here].sum()
                 count[d] += here.sum()
             first = (elements.depths == 0) & scored
-            band = (torch.bucketize(sure[at[first]], torch.tensor(CONFIDENCE_EDGES[1:-1])))
+            band = torch.bucketize(sure[at[first]], torch.tensor(CONFIDENCE_EDGES[1:-1]))
             band_correct += torch.bincount(band, weights=hit[first].float(), minlength=bands)
             band_count += torch.bincount(band, minlength=bands)
         accuracy = tuple((correct / count.clamp(min=1)).tolist())
@@ -115,7 +116,7 @@ def heldout_accuracy(drafter: Drafter, target: TargetModel, heldout_dir: Path, d
 def format_accuracy(name: str, results: Sequence[DepthAccuracy]) -> str:
     def bands(r: DepthAccuracy) -> str:
         return ", ".join(f"p{lo:g}-{hi:g} {share:.0%} of tokens at {acc:.2f}" for (lo, hi), (share, acc)
-                         in zip(zip(CONFIDENCE_EDGES, CONFIDENCE_EDGES[1:]), r.by_confidence))
+                         in zip(CONFIDENCE_BANDS, r.by_confidence))
 
     cells = [f"{r.domain}: {' '.join(f'{a:.2f}' for a in r.accuracy)} (est. AL {r.estimated_acceptance_length:.2f}; "
              f"depth 0 where the target is sure: {bands(r)})" for r in results]
