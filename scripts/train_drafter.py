@@ -69,6 +69,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="train stage: bfloat16 autocast (auto: where the CPU has bf16 matrix units)")
+    parser.add_argument("--prompt-weight", type=float, default=0.0,
+                        help="train stage: loss weight of the target's predictions of prompt tokens (response "
+                        "tokens weigh 1; 0 learns the response only)")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="continue from this drafter directory (keeps its draft vocabulary)")
     parser.add_argument("--run-name", default=None, help="names this run's checkpoint and log in the work dir "
@@ -142,7 +145,8 @@ def main() -> None:
                              draft_vocab_size=args.draft_vocab_size, depths=args.depths, epochs=args.epochs,
                              lr=args.lr, seconds=args.seconds, seed=args.seed,
                              init_from=str(args.init_from) if args.init_from else None, run_name=args.run_name,
-                             feature_sets=tuple(args.feature_sets.split(",")), precision=args.precision)
+                             feature_sets=tuple(args.feature_sets.split(",")), precision=args.precision,
+                             prompt_weight=args.prompt_weight)
         train(model_dir, work, config, args.out)
     if args.stage == "eval":
         evaluate(args, model_dir, work)

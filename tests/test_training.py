@@ -35,6 +35,48 @@ def test_cod_elements_form_chains_and_see_only_their_context():
     assert torch.equal(elements.positions, elements.anchors + elements.depths)
 
 
+def test_cod_mask_depths_go_only_where_something_is_learned():
+    free = cod_elements(60, depths=4, valid_last=60, generator=torch.Generator().manual_seed(0))
+    focused = cod_elements(60, depths=4, valid_last=60, generator=torch.Generator().manual_seed(0), first_learned=25)
+    assert torch.equal(focused.anchors[focused.depths == 0], torch.arange(60))  # the prompt stays as context
+    deep = focused.depths > 0
+    assert bool((focused.anchors[deep] + 1 + focused.depths[deep] >= 25).all())
+    assert bool((free.anchors[free.depths > 0] + 1 + free.depths[free.depths > 0] < 25).any())
+    # As many mask elements as before where there are enough candidates (depth 1: 42 wanted, 36 there).
+    assert int((focused.depths == 1).sum()) == 36 and int((free.depths == 1).sum()) == 42
+    assert int((focused.depths == 3).sum()) == int((free.depths == 3).sum())
+
+
+@pytest.mark.parametrize("objective", [peagle_loss, eagle3_loss])
+def test_prompt_weight_decides_whether_prompt_predictions_are_learned(tiny_llama_dir, objective):
+    from neuron_peagle.config import DrafterConfig
+    from neuron_peagle.models.target import TargetModel
+    from neuron_peagle.runtime.drafter_choice import random_drafter
+
+    target = TargetModel.from_pretrained(tiny_llama_dir, 64)
+    config = DrafterConfig.for_target(target.config, target.feature_layers, draft_vocab_size=target.config.vocab_size)
+    drafter = random_drafter(config, 64, seed=2)
+    ids = torch.randint(0, 200, (30,))
+    features = torch.randn(30, 3 * target.config.hidden_size)
+    teacher = torch.randn(30, target.config.vocab_size)
+    other = teacher.clone()
+    other[:8] = torch.randn(8, target.config.vocab_size)  # the target's predictions of prompt tokens 1..8
+    response_start = 10
+
+    def run(logits, weight):
+        return objective(drafter, target.embed_tokens, ids, features, logits, response_start, 3,
+                         torch.Generator().manual_seed(0), prompt_weight=weight)
+
+    (loss, stats), (loss_other, stats_other) = run(teacher, 0.0), run(other, 0.0)
+    assert torch.equal(loss, loss_other)
+    (weighted, weighted_stats), (weighted_other, _) = run(teacher, 0.5), run(other, 0.5)
+    assert not torch.allclose(weighted, weighted_other)
+    # The logged accuracy counts response tokens only, whatever the weight.
+    assert torch.equal(stats["depth0"][2], weighted_stats["depth0"][2]) and int(stats["depth0"][2]) == 21
+    with pytest.raises(ValueError, match="prompt_weight"):
+        TrainConfig(prompt_weight=2.0)
+
+
 def test_eagle3_objective_feeds_the_drafters_own_hidden_back(tiny_llama_dir):
     from neuron_peagle.config import DrafterConfig
     from neuron_peagle.models.target import TargetModel

@@ -13,6 +13,11 @@ COD sampling (conditional drop-token) bounds the cost: depth d keeps about n * m
 the anchors, each kept anchor's chain being kept whole below it (anchors of depth d are a subset of
 those of depth d-1). Loss: KL(target || draft) over the draft vocabulary, averaged within each depth,
 depths weighted equally.
+
+What is learned: predictions of response tokens weigh 1, predictions of prompt tokens weigh
+`prompt_weight` (default 0: the prompt is given, not generated; every depth-0 element of the prompt is
+still in the forward, as the context later elements attend to). With prompt weight 0 the mask depths
+are sampled among the elements that learn something, so no draft slot is spent on the prompt.
 """
 
 from __future__ import annotations
@@ -34,12 +39,14 @@ class Elements:
 
 
 def cod_elements(num_anchors: int, depths: int, valid_last: int, generator: torch.Generator,
-                 ratio: float = 0.7, ratio_min: float = 0.2) -> Elements:
-    """Elements for anchors 0..num_anchors-1; depth d only for anchors with a + 1 + d <= valid_last."""
+                 ratio: float = 0.7, ratio_min: float = 0.2, first_learned: int = 0) -> Elements:
+    """Elements for anchors 0..num_anchors-1; depth d >= 1 only for anchors with
+    first_learned <= a + 1 + d <= valid_last (element (a, d) learns the target at a + 1 + d). How many
+    depth-d elements are kept is set by num_anchors, whatever first_learned leaves to choose from."""
     per_depth = [torch.arange(num_anchors)]
     for d in range(1, depths):
         previous = per_depth[-1]
-        previous = previous[previous + 1 + d <= valid_last]
+        previous = previous[(previous + 1 + d <= valid_last) & (previous + 1 + d >= first_learned)]
         keep = max(1, int(round(num_anchors * max(ratio ** d, ratio_min))))
         if previous.numel() == 0:
             break
@@ -54,40 +61,52 @@ def cod_elements(num_anchors: int, depths: int, valid_last: int, generator: torc
 
 
 def _depth_losses(logits: Tensor, anchors: Tensor, depths_of: Tensor, teacher_logits: Tensor,
-                  response_start: int, depths: int, decay: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
-    """KL(target || draft) per element, averaged within each depth; depth d weighted decay**d
+                  response_start: int, depths: int, decay: float = 1.0, prompt_weight: float = 0.0
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
+    """KL(target || draft) per element, a weighted mean within each depth; depth d weighted decay**d
     (P-EAGLE weights depths equally; EAGLE-3 uses 0.8**d). logits [E, draft_vocab] for elements
-    (anchors [E], depths_of [E])."""
+    (anchors [E], depths_of [E]). Stats per depth (loss, correct, count) cover response tokens only."""
     teacher_at = anchors + 1 + depths_of  # position whose distribution is learned
     teacher = torch.softmax(teacher_logits[teacher_at].float(), dim=-1)
     log_q = torch.log_softmax(logits, dim=-1)
     kl = (teacher * (torch.log(teacher.clamp_min(1e-20)) - log_q)).sum(-1)  # [E]
-    # Learn only predictions of response tokens (the prompt is given, not generated).
-    weight = (teacher_at >= response_start - 1).float()
+    in_response = (teacher_at >= response_start - 1).float()  # the target's prediction of a response token
+    weight = in_response + prompt_weight * (1.0 - in_response)
     correct = (logits.argmax(-1) == teacher.argmax(-1)).float()
     loss = logits.new_zeros(())
     stats = {}
     present = 0.0
     for d in range(depths):
-        at = (depths_of == d).float() * weight
-        count = at.sum()
-        if count > 0:
-            depth_loss = (kl * at).sum() / count
+        at = (depths_of == d).float()
+        total = (at * weight).sum()
+        if total > 0:
+            depth_loss = (kl * at * weight).sum() / total
             loss = loss + decay ** d * depth_loss
             present += decay ** d
-            stats[f"depth{d}"] = torch.stack([depth_loss.detach(), (correct * at).sum(), count])
+        scored = at * in_response
+        count = scored.sum()
+        if count > 0:
+            response_loss = (kl * scored).sum() / count
+            stats[f"depth{d}"] = torch.stack([response_loss.detach(), (correct * scored).sum(), count])
     return loss / max(present, 1e-9), stats
 
 
+def _elements(length: int, depths: int, response_start: int, prompt_weight: float,
+              generator: torch.Generator) -> Elements:
+    """COD elements of a sequence of `length` tokens: mask depths only where they learn something."""
+    first_learned = 0 if prompt_weight > 0 else response_start - 1
+    return cod_elements(length - 1, depths, valid_last=length - 1, generator=generator, first_learned=first_learned)
+
+
 def peagle_loss(drafter: Drafter, target_embedding: torch.nn.Module, ids: Tensor, features: Tensor,
-                teacher_logits: Tensor, response_start: int, depths: int, generator: torch.Generator
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+                teacher_logits: Tensor, response_start: int, depths: int, generator: torch.Generator,
+                prompt_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
     """One sequence. ids [T], features [T, 3H], teacher_logits [T, draft_vocab] (target at each position,
     restricted to the draft vocabulary). Returns the loss and per-depth (loss, correct, count)."""
-    length = ids.shape[0]
-    elements = cod_elements(length - 1, depths, valid_last=length - 1, generator=generator)
+    elements = _elements(ids.shape[0], depths, response_start, prompt_weight, generator)
     logits = parallel_logits(drafter, target_embedding, ids, features, elements)
-    return _depth_losses(logits, elements.anchors, elements.depths, teacher_logits, response_start, depths)
+    return _depth_losses(logits, elements.anchors, elements.depths, teacher_logits, response_start, depths,
+                         prompt_weight=prompt_weight)
 
 
 def parallel_logits(drafter: Drafter, target_embedding: torch.nn.Module, ids: Tensor, features: Tensor,
@@ -105,8 +124,8 @@ def parallel_logits(drafter: Drafter, target_embedding: torch.nn.Module, ids: Te
 
 
 def eagle3_loss(drafter: Drafter, target_embedding: torch.nn.Module, ids: Tensor, features: Tensor,
-                teacher_logits: Tensor, response_start: int, depths: int, generator: torch.Generator
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+                teacher_logits: Tensor, response_start: int, depths: int, generator: torch.Generator,
+                prompt_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
     """EAGLE-3's training-time test, on the same elements and attention pattern as P-EAGLE.
 
     Element (a, d >= 1) is what sequential drafting feeds at pass d + 1: the token t_{a+1+d} (the
@@ -117,7 +136,7 @@ def eagle3_loss(drafter: Drafter, target_embedding: torch.nn.Module, ids: Tensor
     Depth d is weighted 0.8**d, as EAGLE-3 trains.
     """
     length = ids.shape[0]
-    elements = cod_elements(length - 1, depths, valid_last=length - 1, generator=generator)
+    elements = _elements(length, depths, response_start, prompt_weight, generator)
     tokens = ids[(elements.anchors + 1 + elements.depths).clamp(max=length - 1)]
     no_mask = torch.zeros(1, tokens.numel(), dtype=torch.bool)
     embeds = drafter.embed(tokens.unsqueeze(0), no_mask, target_embedding)[0]  # [E, H]
@@ -144,7 +163,7 @@ def eagle3_loss(drafter: Drafter, target_embedding: torch.nn.Module, ids: Tensor
         own_hidden = own_hidden.index_put((computed,), out_hidden[0].float())
         all_logits = all_logits.index_put((computed,), logits[0].float())
     return _depth_losses(all_logits, elements.anchors, elements.depths, teacher_logits, response_start, depths,
-                         decay=0.8)
+                         decay=0.8, prompt_weight=prompt_weight)
 
 
 OBJECTIVES = {"peagle": peagle_loss, "eagle3": eagle3_loss}

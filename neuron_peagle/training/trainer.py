@@ -47,10 +47,15 @@ class TrainConfig:
     # "bfloat16": forward and backward under CPU autocast (weights and optimizer stay float32; about 2x
     # the steps per second where the CPU has bf16 matrix units); "auto" picks it where they exist.
     precision: str = "auto"
+    # Weight of the target's predictions of prompt tokens in the loss (response tokens weigh 1); with 0
+    # the mask depths are sampled only where a response token is learned (see training.objective).
+    prompt_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}")
+        if not 0.0 <= self.prompt_weight <= 1.0:
+            raise ValueError(f"prompt_weight must be in [0, 1], got {self.prompt_weight}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.precision == "auto":
@@ -134,7 +139,8 @@ def _check_resumable(checkpoint: Path, saved: dict | None, config: TrainConfig) 
     """A checkpoint resumes only the run that wrote it: the same settings, the wall-clock budget aside."""
     if saved is None:  # written before checkpoints recorded their settings
         return
-    differ = sorted(k for k, v in asdict(config).items() if k != "seconds" and saved.get(k) != v)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # settings added since it was written
+    differ = sorted(k for k, v in asdict(config).items() if k != "seconds" and saved.get(k, defaults[k]) != v)
     if differ:
         raise ConfigError(f"{checkpoint} belongs to a run with other settings ({', '.join(differ)} differ); "
                           "pass another --run-name for a new run, or delete the checkpoint to start over")
@@ -229,7 +235,7 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bfloat16"):
                 loss, stats = loss_fn(drafter, target.embed_tokens, example["ids"].long(),
                                       example["features"].float(), teacher, int(example["prompt_length"]),
-                                      config.depths, generator)
+                                      config.depths, generator, prompt_weight=config.prompt_weight)
             (loss / config.accumulate).backward()
             for name, value in stats.items():  # (loss, correct, count, sequences)
                 sums[name] = sums.get(name, torch.zeros(4)) + torch.cat([value, torch.ones(1)])
