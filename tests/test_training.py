@@ -67,7 +67,7 @@ def test_prompt_weight_decides_whether_prompt_predictions_are_learned(tiny_llama
         return objective(drafter, target.embed_tokens, ids, features, logits, response_start, 3,
                          torch.Generator().manual_seed(0), prompt_weight=weight)
 
-    (loss, stats), (loss_other, stats_other) = run(teacher, 0.0), run(other, 0.0)
+    (loss, stats), (loss_other, _) = run(teacher, 0.0), run(other, 0.0)
     assert torch.equal(loss, loss_other)
     (weighted, weighted_stats), (weighted_other, _) = run(teacher, 0.5), run(other, 0.5)
     assert not torch.allclose(weighted, weighted_other)

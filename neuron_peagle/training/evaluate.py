@@ -27,7 +27,7 @@ import torch
 from neuron_peagle.models.drafter import Drafter, draft_target_ids
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.training.data import Example, compute_features, load_shards
-from neuron_peagle.training.objective import cod_elements, parallel_logits
+from neuron_peagle.training.objective import cod_elements, first_response_prediction, parallel_logits
 from neuron_peagle.training.prompt_sets import load_prompts
 
 HELDOUT_DIR = "heldout_features"
@@ -96,7 +96,7 @@ def heldout_accuracy(drafter: Drafter, target: TargetModel, heldout_dir: Path, d
             drafts = draft_ids[parallel_logits(drafter, target.embed_tokens, ids,
                                                example["features"].to(head.dtype), elements).argmax(-1)]
             at = elements.anchors + 1 + elements.depths  # the position whose next token is drafted
-            scored = at >= response_start - 1
+            scored = at >= first_response_prediction(response_start)
             hit = (drafts == greedy[at]) & scored
             for d in range(depths):
                 here = (elements.depths == d) & scored

@@ -38,6 +38,12 @@ class Elements:
     visible: Tensor  # [E, E] bool, query x key
 
 
+def first_response_prediction(response_start: int) -> int:
+    """The first position whose target distribution predicts a response token (position p predicts
+    token p + 1): elements learning at or after it learn the response."""
+    return response_start - 1
+
+
 def cod_elements(num_anchors: int, depths: int, valid_last: int, generator: torch.Generator,
                  ratio: float = 0.7, ratio_min: float = 0.2, first_learned: int = 0) -> Elements:
     """Elements for anchors 0..num_anchors-1; depth d >= 1 only for anchors with
@@ -70,7 +76,7 @@ def _depth_losses(logits: Tensor, anchors: Tensor, depths_of: Tensor, teacher_lo
     teacher = torch.softmax(teacher_logits[teacher_at].float(), dim=-1)
     log_q = torch.log_softmax(logits, dim=-1)
     kl = (teacher * (torch.log(teacher.clamp_min(1e-20)) - log_q)).sum(-1)  # [E]
-    in_response = (teacher_at >= response_start - 1).float()  # the target's prediction of a response token
+    in_response = (teacher_at >= first_response_prediction(response_start)).float()
     weight = in_response + prompt_weight * (1.0 - in_response)
     correct = (logits.argmax(-1) == teacher.argmax(-1)).float()
     loss = logits.new_zeros(())
@@ -94,7 +100,7 @@ def _depth_losses(logits: Tensor, anchors: Tensor, depths_of: Tensor, teacher_lo
 def _elements(length: int, depths: int, response_start: int, prompt_weight: float,
               generator: torch.Generator) -> Elements:
     """COD elements of a sequence of `length` tokens: mask depths only where they learn something."""
-    first_learned = 0 if prompt_weight > 0 else response_start - 1
+    first_learned = 0 if prompt_weight > 0 else first_response_prediction(response_start)
     return cod_elements(length - 1, depths, valid_last=length - 1, generator=generator, first_learned=first_learned)
 
 
