@@ -182,6 +182,11 @@ def test_a_wall_clock_budget_ends_training_with_the_learning_rate_decayed(tmp_pa
         train(tiny_llama_dir, tmp_path, warm, None)
     train(tiny_llama_dir, tmp_path, dataclasses.replace(warm, run_name="warm"), None)
     assert (tmp_path / "drafter_warm" / "model.safetensors").is_file() and (tmp_path / "checkpoint_warm.pt").is_file()
+    # A warm start under the other objective records that objective, not the one it started from.
+    train(tiny_llama_dir, tmp_path, dataclasses.replace(warm, run_name="warm_eagle3", objective="eagle3"), None)
+    for run, objective in (("warm", "peagle"), ("warm_eagle3", "eagle3")):
+        saved = __import__("json").loads((tmp_path / f"drafter_{run}" / "config.json").read_text())
+        assert saved["neuron_peagle"]["trained_with"] == objective
 
 
 def test_more_prompts_add_only_new_responses_and_complete_the_last_shard(tmp_path, tiny_llama_dir):

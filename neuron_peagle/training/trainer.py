@@ -163,6 +163,8 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
     if config.init_from is not None:
         drafter = load_drafter(Path(config.init_from), target.config, max_length, torch.float32)
         drafter = grow_drafter(drafter, config.num_layers)
+        # The checkpoint says how it was trained last: from here on it is trained with this objective.
+        drafter.config = dataclasses.replace(drafter.config, trained_with=config.objective)
         draft_ids = draft_target_ids(drafter.d2t)
         for param in drafter.parameters():
             param.requires_grad_(True)
