@@ -4,6 +4,7 @@ serves through the engine with output identical to plain decoding."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -148,7 +149,7 @@ def test_training_lowers_the_loss_and_the_drafter_serves(tmp_path, tiny_llama_di
     config = TrainConfig(objective=objective, num_layers=1, draft_vocab_size=300, depths=3, epochs=12, lr=3e-3,
                          accumulate=2, checkpoint_every=1000, precision=precision)
     out = train(tiny_llama_dir, tmp_path, config, tmp_path / "drafter")
-    log = [__import__("json").loads(line) for line in (tmp_path / f"train_log_{objective}.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (tmp_path / f"train_log_{objective}.jsonl").read_text().splitlines()]
     assert log[-1]["loss0"] < log[0]["loss0"] * 0.7
     assert (out / "config.json").is_file() and (out / "accuracy.png").is_file()
 
@@ -171,7 +172,7 @@ def test_a_wall_clock_budget_ends_training_with_the_learning_rate_decayed(tmp_pa
     config = TrainConfig(draft_vocab_size=200, depths=3, epochs=10_000, lr=1e-3, accumulate=1, seconds=4.0,
                          checkpoint_every=10_000)
     train(tiny_llama_dir, tmp_path, config, tmp_path / "drafter")
-    log = [__import__("json").loads(line) for line in (tmp_path / "train_log_peagle.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (tmp_path / "train_log_peagle.jsonl").read_text().splitlines()]
     assert log[-1]["seconds"] < 8.0  # the budget, plus at most the steps in flight when it ran out
     assert log[-1]["lr"] < 0.2 * config.lr  # the schedule was fitted to the budget, not to 10k epochs
 
@@ -185,7 +186,7 @@ def test_a_wall_clock_budget_ends_training_with_the_learning_rate_decayed(tmp_pa
     # A warm start under the other objective records that objective, not the one it started from.
     train(tiny_llama_dir, tmp_path, dataclasses.replace(warm, run_name="warm_eagle3", objective="eagle3"), None)
     for run, objective in (("warm", "peagle"), ("warm_eagle3", "eagle3")):
-        saved = __import__("json").loads((tmp_path / f"drafter_{run}" / "config.json").read_text())
+        saved = json.loads((tmp_path / f"drafter_{run}" / "config.json").read_text())
         assert saved["neuron_peagle"]["trained_with"] == objective
 
 
@@ -272,7 +273,7 @@ def test_training_reads_every_named_feature_set_and_names_a_missing_one(tmp_path
     config = TrainConfig(draft_vocab_size=100, depths=2, epochs=1, accumulate=1, checkpoint_every=10_000,
                          feature_sets=("features", "features_corpus"))
     out = train(tiny_llama_dir, tmp_path, config, None)
-    assert __import__("json").loads((out / "training.json").read_text())["examples"] == 5
+    assert json.loads((out / "training.json").read_text())["examples"] == 5
     with pytest.raises(FileNotFoundError, match="features_more"):
         train(tiny_llama_dir, tmp_path, dataclasses.replace(config, feature_sets=("features", "features_more"),
                                                             run_name="other"), None)
