@@ -201,6 +201,7 @@ def evaluate(args: argparse.Namespace, model_dir: Path, work: Path) -> None:
         print(format_accuracy(name, results), flush=True)
         report[name] = {r.domain: {"accuracy": r.accuracy, "estimated_acceptance_length":
                                    r.estimated_acceptance_length, "positions": r.positions,
+                                   "draft_vocab_coverage": r.vocab_coverage,
                                    "depth0_by_target_confidence": [
                                        {"band": list(band), "share": share, "accuracy": acc}
                                        for band, (share, acc) in zip(CONFIDENCE_BANDS, r.by_confidence)]}

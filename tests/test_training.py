@@ -305,6 +305,7 @@ def test_heldout_accuracy_is_what_each_parallel_draft_would_score(tmp_path, tiny
     [result] = heldout_accuracy(drafter, target, tmp_path, depths)
 
     correct, count = [0] * depths, [0] * depths
+    covered = 0  # depth-0 positions whose greedy token is a draft token (a multiple of 6 below 24)
     band_hits: dict[int, list[int]] = {0: [], 1: [], 2: []}  # depth-0 hits by the target's top-1 probability
     with torch.no_grad():
         for example in load_shards(sorted(tmp_path.glob("shard_*.safetensors"))):
@@ -329,10 +330,12 @@ def test_heldout_accuracy_is_what_each_parallel_draft_would_score(tmp_path, tiny
                         count[d] += 1
                         correct[d] += int(6 * draft == int(greedy[at]))
                         if d == 0:
+                            covered += int(int(greedy[at]) % 6 == 0 and int(greedy[at]) < 24)
                             sure = float(probs[at].max())
                             band_hits[0 if sure < 0.5 else 1 if sure < 0.9 else 2].append(
                                 int(6 * draft == int(greedy[at])))
     assert result.positions == count[0]
+    assert result.vocab_coverage == pytest.approx(covered / count[0]) and covered < count[0]
     assert [x for band in result.by_confidence for x in band] == pytest.approx(
         [x for h in band_hits.values() for x in (len(h) / count[0], sum(h) / max(len(h), 1))], abs=1e-6)
     assert result.accuracy == pytest.approx([c / max(n, 1) for c, n in zip(correct, count)], abs=1e-6)

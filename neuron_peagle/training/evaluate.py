@@ -9,7 +9,8 @@ acceptance length (it treats depths as independent, so it is an estimate, not th
 
 Depth 0 is also split by how sure the target is of the token it drafts (its top-1 probability in
 `CONFIDENCE_EDGES` bands): a drafter that misses tokens the target is nearly certain of (a name copied
-from the prompt, the rest of a word) lacks context it could have, not luck.
+from the prompt, the rest of a word) lacks context it could have, not luck. The draft vocabulary's
+coverage (how many of those tokens it can name at all) is the ceiling on every depth's accuracy.
 
 These features live apart from the training ones, and the trainer refuses to read them.
 """
@@ -42,6 +43,7 @@ class DepthAccuracy:
     positions: int  # response positions scored at depth 0
     # per band of CONFIDENCE_EDGES: (share of the depth-0 positions, depth-0 accuracy there)
     by_confidence: tuple[tuple[float, float], ...] = ()
+    vocab_coverage: float = 1.0  # share of the depth-0 positions whose target token is in the draft vocabulary
 
     @property
     def estimated_acceptance_length(self) -> float:
@@ -80,11 +82,14 @@ def heldout_accuracy(drafter: Drafter, target: TargetModel, heldout_dir: Path, d
     examples = load_shards(sorted(heldout_dir.glob("shard_*.safetensors")))
     draft_ids = draft_target_ids(drafter.d2t)
     head = target.lm_head.weight  # [H, vocab]
+    in_draft_vocab = torch.zeros(head.shape[1], dtype=torch.bool)  # [vocab]
+    in_draft_vocab[draft_ids] = True
     results = []
     for domain in dict.fromkeys(domains):
         correct, count = torch.zeros(depths), torch.zeros(depths)
         bands = len(CONFIDENCE_BANDS)
         band_correct, band_count = torch.zeros(bands), torch.zeros(bands)
+        covered = 0
         for example, where in zip(examples, domains):
             if where != domain:
                 continue
@@ -103,13 +108,15 @@ def heldout_accuracy(drafter: Drafter, target: TargetModel, heldout_dir: Path, d
                 correct[d] += hit[here].sum()
                 count[d] += here.sum()
             first = (elements.depths == 0) & scored
+            covered += int(in_draft_vocab[greedy[at[first]]].sum())
             band = torch.bucketize(sure[at[first]], torch.tensor(CONFIDENCE_EDGES[1:-1]))
             band_correct += torch.bincount(band, weights=hit[first].float(), minlength=bands)
             band_count += torch.bincount(band, minlength=bands)
         accuracy = tuple((correct / count.clamp(min=1)).tolist())
         by_confidence = tuple(zip((band_count / count[0].clamp(min=1)).tolist(),
                                   (band_correct / band_count.clamp(min=1)).tolist()))
-        results.append(DepthAccuracy(domain, accuracy, int(count[0]), by_confidence))
+        results.append(DepthAccuracy(domain, accuracy, int(count[0]), by_confidence,
+                                     covered / max(int(count[0]), 1)))
     return results
 
 
@@ -119,5 +126,5 @@ def format_accuracy(name: str, results: Sequence[DepthAccuracy]) -> str:
                          in zip(CONFIDENCE_BANDS, r.by_confidence))
 
     cells = [f"{r.domain}: {' '.join(f'{a:.2f}' for a in r.accuracy)} (est. AL {r.estimated_acceptance_length:.2f}; "
-             f"depth 0 where the target is sure: {bands(r)})" for r in results]
+             f"draft vocabulary covers {r.vocab_coverage:.1%}; depth 0 where the target is sure: {bands(r)})" for r in results]
     return f"{name}: " + "; ".join(cells)
