@@ -199,7 +199,8 @@ def build_artifacts(request: BuildRequest) -> BuildReport:
                                     num_speculative_tokens=request.num_draft_tokens,
                                     batch_size=request.build.batch_size, max_length=request.build.max_length,
                                     prefill_buckets=request.build.prefill_buckets, dtype=request.build.dtype,
-                                    backend="xla", kernels=request.build.kernels)
+                                    backend="xla", kernels=request.build.kernels,
+                                    lookup_ngram=request.build.lookup_ngram)
     backend: XlaBackend = engine.backend
     first_compile = backend.compile_count()
     model, drafter = WeightsInfo.of_dir(request.model_dir), _drafter_weights(engine.drafter)
@@ -283,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--kernels", default="auto", choices=("auto", "reference", "nki"),
                         help="draft-pass kernels: NKI custom calls or plain PyTorch (auto: nki on neuron)")
+    parser.add_argument("--lookup-ngram", type=int, default=0, metavar="N",
+                        help="context-lookup n-gram size of the step graph (0: drafter only)")
     parser.add_argument("--tp-degree", type=int, default=1, help="tensor-parallel degree (only 1 so far)")
     parser.add_argument("--target", default="trn1", choices=TARGETS, help="neuronx-cc --target")
     return parser
@@ -294,7 +297,8 @@ def request_from_args(args: argparse.Namespace) -> BuildRequest:
     if args.mode != "plain":
         drafter_dir = choose_drafter(model_dir, args.drafter, is_default_target=args.model is None).path
     build = BuildConfig(batch_size=args.batch_size, max_length=args.max_length, prefill_buckets=args.buckets,
-                        dtype=args.dtype, backend=args.backend, kernels=args.kernels)
+                        dtype=args.dtype, backend=args.backend, kernels=args.kernels,
+                        lookup_ngram=args.lookup_ngram)
     return BuildRequest(model_dir, drafter_dir, args.out, args.backend, build, args.mode, args.num_speculative_tokens,
                         args.tp_degree, args.target)
 

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--kernels", default="auto", choices=("auto", *KERNEL_MODES),
                      help="draft-pass kernels (auto: NKI on neuron, else PyTorch; interpreter: the kernel "
                           "source on the CPU interpreter, slow, eager only)")
+    gen.add_argument("--lookup-ngram", type=int, default=0, metavar="N",
+                     help="speculative modes: where the last N tokens occurred earlier in the sequence, draft "
+                          "the tokens that followed them instead of the drafter's (0: drafter only)")
     gen.add_argument("--artifacts", type=Path, default=None, help="run the graphs compiled into DIR by "
                      "`python -m compile.build`; model, drafter, mode, K and shapes come from its manifest "
                      "(options left at their defaults take the manifest's values, others must match it)")
@@ -85,7 +88,8 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 # generate option -> the ArtifactRequest field it is checked against when running from artifacts
 ARTIFACT_OPTIONS = {"model": "model_dir", "drafter": "drafter_dir", "backend": "backend", "mode": "mode",
                     "num_speculative_tokens": "num_speculative_tokens", "batch_size": "batch_size",
-                    "max_length": "max_length", "buckets": "prefill_buckets", "dtype": "dtype"}
+                    "max_length": "max_length", "buckets": "prefill_buckets", "dtype": "dtype",
+                    "lookup_ngram": "lookup_ngram"}
 
 
 def _expected_by_options(args: argparse.Namespace) -> dict:
@@ -110,7 +114,7 @@ def generate(args: argparse.Namespace) -> None:
                                         num_speculative_tokens=args.num_speculative_tokens,
                                         batch_size=args.batch_size, max_length=args.max_length,
                                         prefill_buckets=args.buckets, dtype=args.dtype, backend=args.backend,
-                                        kernels=args.kernels)
+                                        kernels=args.kernels, lookup_ngram=args.lookup_ngram)
     backend = engine.build.backend
     if engine.drafter is not None and not args.json:
         print(f"[{engine.mode} speculative decoding, K={engine.num_speculative_tokens}, "

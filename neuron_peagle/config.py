@@ -173,6 +173,9 @@ class BuildConfig:
     # Which implementation of the fused draft-pass kernels the graphs call (neuron_peagle.kernels):
     # "auto" resolves to "nki" on the neuron backend and "reference" (plain PyTorch) elsewhere.
     kernels: str = "auto"
+    # Speculative modes: n-gram size of context lookup (neuron_peagle.graphs.lookup), whose copied
+    # drafts replace the drafter's where the last n tokens occurred before; 0 = drafter only.
+    lookup_ngram: int = 0
 
     def __post_init__(self) -> None:
         buckets = tuple(int(b) for b in self.prefill_buckets)
@@ -197,6 +200,8 @@ class BuildConfig:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.kernels not in KERNEL_MODES:
             raise ConfigError(f"kernels must be 'auto' or one of {KERNEL_MODES}, got {self.kernels!r}")
+        if self.lookup_ngram < 0:
+            raise ConfigError(f"lookup_ngram must be >= 0 (0 = no context lookup), got {self.lookup_ngram}")
         if self.kernels == "interpreter" and self.backend != "eager":
             raise ConfigError("kernels='interpreter' runs the kernel source on CPU tensors: only with backend 'eager'")
 

@@ -32,7 +32,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompts-per-domain", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--ks", default="3,5,7")
-    parser.add_argument("--modes", default="sequential,parallel")
+    parser.add_argument("--modes", default="sequential,parallel",
+                        help="speculative modes; a '+lookup' suffix (parallel+lookup) adds context lookup")
+    parser.add_argument("--lookup-ngram", type=int, default=3, help="n-gram size of the '+lookup' modes")
     parser.add_argument("--batch-sizes", default="1")
     parser.add_argument("--max-length", type=int, default=768)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -145,6 +147,14 @@ def agreement(outputs: list[list[int]], reference: list[list[int]]) -> dict:
             "common_prefix": prefix / max(1, sum(len(ref) for ref in reference))}
 
 
+def split_mode(mode: str, lookup_ngram: int) -> tuple[str, int]:
+    """'parallel' -> ('parallel', 0); 'parallel+lookup' -> ('parallel', lookup_ngram)."""
+    base, _, extra = mode.partition("+")
+    if extra not in ("", "lookup"):
+        raise SystemExit(f"unknown mode suffix {extra!r} in {mode!r}: only '+lookup'")
+    return base, lookup_ngram if extra else 0
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -169,10 +179,12 @@ def main() -> None:
             print(f"{domain} b{batch_size} plain: {base['tokens_per_s']:.1f} tok/s", flush=True)
             del plain
             for mode in modes:
-                drafter = args.sequential_drafter if mode == "sequential" and args.sequential_drafter else args.drafter
+                base_mode, lookup = split_mode(mode, args.lookup_ngram)
+                drafter = (args.sequential_drafter if base_mode == "sequential" and args.sequential_drafter
+                           else args.drafter)
                 for k in ks:
-                    engine = Engine.from_pretrained(args.model, drafter, mode=mode, num_speculative_tokens=k,
-                                                    batch_size=batch_size, **common)
+                    engine = Engine.from_pretrained(args.model, drafter, mode=base_mode, num_speculative_tokens=k,
+                                                    batch_size=batch_size, lookup_ngram=lookup, **common)
                     result = run_engine(engine, prompt_ids, args.max_new_tokens)
                     row = {"domain": domain, "batch_size": batch_size, "mode": mode, "k": k, "dtype": args.dtype,
                            "drafter": engine.drafter.describe(),

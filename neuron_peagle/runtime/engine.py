@@ -87,12 +87,14 @@ class Engine:
                         mode: str = "parallel", num_speculative_tokens: int = 7,
                         parallel_drafting: bool | None = None, batch_size: int = 1, max_length: int = 1024,
                         prefill_buckets: Sequence[int] = (128, 512), dtype: str = "float32",
-                        backend: str = "eager", kernels: str = "auto") -> "Engine":
+                        backend: str = "eager", kernels: str = "auto", lookup_ngram: int = 0) -> "Engine":
         """Load a Hugging Face target directory (default: the embedded SmolLM2-135M-Instruct) and a
         speculators-format drafter (default: the project's drafter for the default model).
 
         `parallel_drafting=False` is the vLLM-style spelling of mode="sequential". `kernels` picks the
-        draft-pass kernels' implementation (BuildConfig.kernels; "auto": NKI on neuron, else PyTorch)."""
+        draft-pass kernels' implementation (BuildConfig.kernels; "auto": NKI on neuron, else PyTorch).
+        `lookup_ngram=n` (speculative modes) replaces drafts by tokens copied from earlier in the
+        sequence wherever its last n tokens occurred before (neuron_peagle.graphs.lookup)."""
         if parallel_drafting is not None and mode != "plain":
             mode = "parallel" if parallel_drafting else "sequential"
         if mode not in MODES:
@@ -100,10 +102,13 @@ class Engine:
         if mode != "plain" and num_speculative_tokens < 1:
             raise ConfigError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
         build = BuildConfig(batch_size=batch_size, max_length=max_length,
-                            prefill_buckets=tuple(prefill_buckets), dtype=dtype, backend=backend, kernels=kernels)
+                            prefill_buckets=tuple(prefill_buckets), dtype=dtype, backend=backend, kernels=kernels,
+                            lookup_ngram=lookup_ngram)
         path = Path(model_dir) if model_dir is not None else require_default_model()
         runner = get_backend(build.backend)
         if mode == "plain":
+            if build.lookup_ngram:
+                raise ConfigError("lookup_ngram needs a speculative mode: plain decoding drafts nothing")
             target = TargetModel.from_pretrained(path, build.max_length, build.torch_dtype)
             return cls(path, target, load_tokenizer(path), build, PlainDecoder(target, build, runner))
         choice = choose_drafter(path, drafter_dir, is_default_target=model_dir is None)
@@ -114,6 +119,11 @@ class Engine:
 
         proposer = DrafterProposer(drafter, target, build.batch_size, num_speculative_tokens,
                                    parallel=mode == "parallel", kernels=build.kernels)
+        if build.lookup_ngram:
+            from neuron_peagle.graphs.lookup import LookupProposer
+
+            proposer = LookupProposer(proposer, build.batch_size, build.max_length, num_speculative_tokens,
+                                      build.lookup_ngram)
         decoder = SpecDecoder(target, proposer, build, runner, num_speculative_tokens)
         return cls(path, target, load_tokenizer(path), build, decoder, mode, num_speculative_tokens, choice)
 

@@ -1,0 +1,80 @@
+"""Context lookup: drafts copied from earlier in the sequence, merged with a drafter's drafts.
+
+When the last `ngram` committed tokens already occurred earlier in the sequence (prompt or output),
+the tokens that followed that earlier occurrence are a cheap guess for what comes next: code repeats
+the names of its signature, an answer repeats the numbers of its question. A small drafter copies
+such spans badly (it must learn to match a token against the whole context), while the target copies
+them almost surely. So `LookupProposer` wraps any proposer: at the positions a match can supply it
+proposes the copied token, elsewhere the wrapped proposer's draft. The match is the most recent one.
+
+Because P-EAGLE's mask slots do not condition on the drafts before them, the drafter's guess for a
+later position stays a valid guess whatever was copied before it. Every draft is still verified by
+the target, so the output is unchanged (drafts are deterministic: a one-hot draft distribution, as
+for the drafter's argmax drafts).
+
+Graph code: fixed shapes only. The proposer keeps the sequence's tokens in a `[B, max_length + 1]`
+buffer (the last column is a trash slot for padding writes) and compares every window of it with
+the last n-gram: `ngram` comparisons of `[B, max_length]`, negligible next to a drafter pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from neuron_peagle.errors import ConfigError
+from neuron_peagle.graphs.proposers import SpecState
+
+
+def context_lookup(history: Tensor, last_position: Tensor, ngram: int, num_draft_tokens: int
+                   ) -> tuple[Tensor, Tensor]:
+    """history [B, L] int64 (tokens at positions 0..last_position are the sequence), last_position [B]
+    -> (tokens [B, K], found [B, K] bool): the K tokens after the most recent earlier occurrence of the
+    n-gram ending at last_position; `found` is False where there is none or it runs past last_position."""
+    batch, length = history.shape
+    device = history.device
+    last = last_position.unsqueeze(-1)  # [B, 1]
+    query = history.gather(1, (last - ngram + 1 + torch.arange(ngram, device=device)).clamp(min=0))  # [B, n]
+    windows = length - ngram + 1
+    match = torch.ones(batch, windows, dtype=torch.bool, device=device)  # [B, W], window w ends at w + n - 1
+    for i in range(ngram):
+        match = match & (history[:, i:windows + i] == query[:, i:i + 1])
+    ends = torch.arange(ngram - 1, length, device=device).unsqueeze(0)  # [1, W]
+    match = match & (ends < last) & (last >= ngram - 1)
+    best = torch.where(match, ends, torch.full_like(ends, -1)).max(dim=-1).values.unsqueeze(-1)  # [B, 1]
+    follow = best + torch.arange(1, num_draft_tokens + 1, device=device)  # [B, K]
+    found = (best >= 0) & (follow <= last)
+    return history.gather(1, follow.clamp(0, length - 1)), found
+
+
+class LookupProposer(nn.Module):
+    """`inner`'s drafts, replaced by context-lookup drafts wherever the last `ngram` tokens have an
+    earlier occurrence that reaches that far."""
+
+    def __init__(self, inner: nn.Module, batch_size: int, max_length: int, num_draft_tokens: int, ngram: int) -> None:
+        super().__init__()
+        if ngram < 1:
+            raise ConfigError(f"lookup_ngram must be >= 1 to look anything up, got {ngram}")
+        self.inner = inner
+        self.num_draft_tokens = num_draft_tokens
+        self.ngram = ngram
+        self.max_length = max_length  # the trash column is history[:, max_length]
+        self.register_buffer("history", torch.zeros(batch_size, max_length + 1, dtype=torch.int64),
+                             persistent=False)
+
+    def prefill(self, features: Tensor, input_ids: Tensor, lengths: Tensor) -> None:
+        # input_ids [B, bucket]: the prompt; the first new token arrives in the first step's pending tokens.
+        self.inner.prefill(features, input_ids, lengths)
+        self.history[:, : input_ids.shape[1]].copy_(input_ids)
+
+    def propose(self, state: SpecState) -> Tensor:  # -> drafts [B, K] (target vocabulary ids)
+        k = self.num_draft_tokens
+        # pending_tokens[:, j] is the token at position last_position - K + j (j = K is y).
+        j = torch.arange(k + 1, device=state.last_position.device)
+        positions = state.last_position.unsqueeze(-1) - k + j  # [B, K+1]
+        valid = j >= (k + 1 - state.pending_count).unsqueeze(-1)
+        self.history.scatter_(1, torch.where(valid, positions, torch.full_like(positions, self.max_length)),
+                              state.pending_tokens)
+        drafts = self.inner.propose(state)
+        copied, found = context_lookup(self.history[:, : self.max_length], state.last_position, self.ngram, k)
+        return torch.where(found, copied, drafts)

@@ -1,0 +1,86 @@
+"""Context lookup (neuron_peagle.graphs.lookup): the fixed-shape search equals a plain Python search,
+and speculative decoding with it stays token-for-token transformers' greedy output, on eager and xla."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import NEW_TOKENS
+from neuron_peagle.errors import ConfigError
+from neuron_peagle.graphs.lookup import context_lookup
+from neuron_peagle.runtime.engine import Engine, SamplingParams
+
+PARAMS = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+
+
+def reference_lookup(sequence: list[int], ngram: int, k: int) -> list[int | None]:
+    """The K tokens after the latest earlier occurrence of the sequence's last n-gram (None: unknown)."""
+    last = len(sequence) - 1
+    query = sequence[last - ngram + 1:]
+    if last < ngram - 1:
+        return [None] * k
+    for end in range(last - 1, ngram - 2, -1):
+        if sequence[end - ngram + 1:end + 1] == query:
+            return [sequence[end + i] if end + i <= last else None for i in range(1, k + 1)]
+    return [None] * k
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data(), st.integers(1, 3), st.integers(1, 5), st.integers(0, 3))
+def test_context_lookup_equals_a_python_search(data, ngram, k, garbage):
+    rows = data.draw(st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=12), min_size=1, max_size=3))
+    length = 12 + garbage
+    history = torch.full((len(rows), length), 7, dtype=torch.int64)  # 7: stale slots past the sequence
+    for row, sequence in enumerate(rows):
+        history[row, : len(sequence)] = torch.tensor(sequence)
+    last = torch.tensor([len(sequence) - 1 for sequence in rows])
+    tokens, found = context_lookup(history, last, ngram, k)
+    for row, sequence in enumerate(rows):
+        want = reference_lookup(sequence, ngram, k)
+        assert found[row].tolist() == [w is not None for w in want]
+        assert [t for t, f in zip(tokens[row].tolist(), found[row].tolist()) if f] == [w for w in want if w is not None]
+
+
+def test_lookup_needs_a_speculative_mode_and_a_positive_ngram(tiny_llama_dir):
+    with pytest.raises(ConfigError, match="lookup_ngram needs a speculative mode"):
+        Engine.from_pretrained(tiny_llama_dir, mode="plain", lookup_ngram=2, max_length=64, prefill_buckets=(16,))
+    with pytest.raises(ConfigError, match="lookup_ngram must be >= 0"):
+        Engine.from_pretrained(tiny_llama_dir, lookup_ngram=-1, max_length=64, prefill_buckets=(16,))
+
+
+@pytest.mark.slow
+def test_lookup_with_the_shipped_drafter_is_exact_and_accepts_more(prompt_ids, hf_greedy):
+    """Batch 4, all twenty prompts: the same tokens as transformers, and copied drafts raise the
+    acceptance length over the drafter alone."""
+    lengths = {}
+    for ngram in (0, 2):
+        engine = Engine.from_pretrained(None, num_speculative_tokens=5, batch_size=4, max_length=256,
+                                        prefill_buckets=(64, 128), lookup_ngram=ngram)
+        outputs = engine.generate(prompt_ids, PARAMS)
+        mismatches = [i for i, (o, ref) in enumerate(zip(outputs, hf_greedy)) if o.output_ids != ref]
+        assert not mismatches, f"lookup_ngram={ngram}: prompts {mismatches} differ from transformers' greedy output"
+        lengths[ngram] = sum(o.stats.acceptance_length for o in outputs) / len(outputs)
+    assert lengths[2] > lengths[0] + 0.1, lengths
+
+
+def test_lookup_on_xla_compiles_once_and_equals_eager(tiny_llama_dir):
+    # max_length=80 is used by no other test, so none of these graphs can be in torch-xla's cache.
+    kwargs = dict(num_speculative_tokens=3, batch_size=2, max_length=80, prefill_buckets=(16, 32), lookup_ngram=1)
+    xla = Engine.from_pretrained(tiny_llama_dir, backend="xla", **kwargs)
+    eager = Engine.from_pretrained(tiny_llama_dir, **kwargs)
+    # Both prompts end in a token seen before, so the first step's drafts are copies (a random target
+    # rejects them; the graph path is what is compared).
+    prompts = [[1, 2, 3, 4, 1, 2, 3], [5, 6, 5, 6, 5, 6, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 9]]
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    start = xla.backend.compile_count()
+    short = xla.generate(prompts[:1], params)
+    assert xla.backend.compile_count() - start == 2  # prefill@16 and the step
+    both = xla.generate(prompts, params)
+    xla.generate(prompts[::-1], params)
+    assert xla.backend.compile_count() - start == 3  # + prefill@32; the step graph is reused
+    assert [o.output_ids for o in short] == [o.output_ids for o in eager.generate(prompts[:1], params)]
+    want = eager.generate(prompts, params)
+    assert [o.output_ids for o in both] == [o.output_ids for o in want]
