@@ -3,11 +3,13 @@
     python -m scripts.benchmark --ks 3,5,7 --batch-sizes 1 --prompts-per-domain 8
 
 For each domain (code, math, chat; prompts the drafter never trained on) and batch size it runs, in
-one process on the same prompts: our plain decoding, then each mode x K. It reports acceptance
-length, acceptance per draft position, decode tokens/s (prefill excluded) and the speedup over plain
-decoding measured in the same run, checks that greedy outputs are identical to plain decoding, and
-adds transformers' own greedy and prompt-lookup decoding as outside baselines (batch 1). Writes JSON
-and PNG plots.
+one process on the same prompts, our plain decoding and each mode x K, taking turns prompt group by
+prompt group (see `run_interleaved`). It reports acceptance length, acceptance per draft position,
+decode tokens/s (prefill excluded; median over prompt groups) and the speedup over plain decoding
+(median over prompt groups of plain's time / the mode's time on that group), checks that greedy
+outputs are identical to plain decoding, and adds transformers' own greedy and prompt-lookup decoding
+as outside baselines (batch 1, timed after the sweep: their ratios are less exact). Writes JSON and
+PNG plots.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def parse_args() -> argparse.Namespace:
                         help="speculative modes; a '+lookup' suffix (parallel+lookup) adds context lookup")
     parser.add_argument("--lookup-ngram", type=int, default=3, help="n-gram size of the '+lookup' modes")
     parser.add_argument("--batch-sizes", default="1")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="times every engine decodes every prompt group (median time per group)")
     parser.add_argument("--max-length", type=int, default=768)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="dtype of target and drafter in every mode, and of the transformers baselines")
@@ -51,31 +55,47 @@ def heldout_prompts(domain: str, count: int) -> list[str]:
     return [p.text for p in load_prompts("heldout") if p.domain == domain][:count]
 
 
-def run_engine(engine, prompt_ids: list[list[int]], new_tokens: int) -> dict:
+def run_interleaved(engines: dict[str, object], prompt_ids: list[list[int]], new_tokens: int,
+                    repeats: int) -> dict[str, dict]:
+    """Every engine on every group of prompts, the engines taking turns group by group (in an order that
+    rotates), `repeats` times over. A slow spell of a noisy machine then falls on all engines alike,
+    and each engine's speed on a group is compared with plain decoding's on the same group, minutes
+    rather than a whole sweep apart. Per group, the decode time is the median over repeats."""
     from neuron_peagle.runtime.engine import SamplingParams
 
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    engine.generate(prompt_ids[:1], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
-    outputs = []
-    batch = engine.build.batch_size
-    wall = 0.0
-    for first in range(0, len(prompt_ids), batch):
-        group = engine.generate(prompt_ids[first:first + batch], params)
-        wall += group[0].stats.decode_time_s
-        outputs.extend(group)
-    stats = [o.stats for o in outputs]
-    decoded = sum(s.num_decoded_tokens for s in stats)
-    per_request = [s.tokens_per_s for s in stats]
-    k = stats[0].num_draft_tokens
-    return {
-        "outputs": [o.output_ids for o in outputs],
-        "tokens_per_s": statistics.median(per_request) if batch == 1 else decoded / wall,
-        "acceptance_length": statistics.mean(s.acceptance_length for s in stats),
-        "acceptance_per_position": [statistics.mean(s.acceptance_per_position[j] for s in stats) for j in range(k)],
-        "draft_ms_per_step": 1000 * sum(s.draft_time_s for s in stats) / max(1, sum(s.num_steps for s in stats)),
-        "verify_ms_per_step": 1000 * sum(s.verify_time_s for s in stats) / max(1, sum(s.num_steps for s in stats)),
-        "host_ms_per_step": 1000 * sum(s.host_time_s for s in stats) / max(1, sum(s.num_steps for s in stats)),
-    }
+    names = list(engines)
+    batch = next(iter(engines.values())).build.batch_size
+    groups = [prompt_ids[first:first + batch] for first in range(0, len(prompt_ids), batch)]
+    for engine in engines.values():
+        engine.generate(prompt_ids[:1], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
+    outputs = {name: [None] * len(groups) for name in names}
+    times = {name: [[] for _ in groups] for name in names}
+    for repeat in range(repeats):
+        for g, group in enumerate(groups):
+            shift = (repeat + g) % len(names)
+            for name in names[shift:] + names[:shift]:
+                result = engines[name].generate(group, params)
+                times[name][g].append(result[0].stats.decode_time_s)  # one decode loop for the whole group
+                outputs[name][g] = outputs[name][g] or result
+    group_time = {name: [statistics.median(t) for t in times[name]] for name in names}
+    group_tokens = [sum(o.stats.num_decoded_tokens for o in group) for group in outputs[names[0]]]
+    summaries = {}
+    for name in names:
+        stats = [o.stats for group in outputs[name] for o in group]
+        steps = max(1, sum(s.num_steps for s in stats))
+        k = stats[0].num_draft_tokens
+        summaries[name] = {
+            "outputs": [o.output_ids for group in outputs[name] for o in group],
+            "tokens_per_s": statistics.median(n / t for n, t in zip(group_tokens, group_time[name])),
+            "speedup": statistics.median(p / t for p, t in zip(group_time[names[0]], group_time[name])),
+            "acceptance_length": statistics.mean(s.acceptance_length for s in stats),
+            "acceptance_per_position": [statistics.mean(s.acceptance_per_position[j] for s in stats) for j in range(k)],
+            "draft_ms_per_step": 1000 * sum(s.draft_time_s for s in stats) / steps,
+            "verify_ms_per_step": 1000 * sum(s.verify_time_s for s in stats) / steps,
+            "host_ms_per_step": 1000 * sum(s.host_time_s for s in stats) / steps,
+        }
+    return summaries
 
 
 def hf_baselines(model_dir: Path, prompt_ids: list[list[int]], new_tokens: int, dtype: str) -> dict:
@@ -167,46 +187,46 @@ def main() -> None:
     modes = args.modes.split(",")
     rows = []
     common = dict(max_length=args.max_length, prefill_buckets=(128, 512), dtype=args.dtype)
-    for domain in args.domains.split(","):
-        texts = heldout_prompts(domain, args.prompts_per_domain)
-        for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-            plain = Engine.from_pretrained(args.model, mode="plain", batch_size=batch_size, **common)
-            prompt_ids = [ids for ids in (plain.encode(t) for t in texts) if len(ids) <= 512]
-            base = run_engine(plain, prompt_ids, args.max_new_tokens)
-            rows.append({"domain": domain, "batch_size": batch_size, "mode": "plain", "k": 0, "speedup": 1.0,
-                         "dtype": args.dtype,
-                         "identical": True, **{k: v for k, v in base.items() if k != "outputs"}})
+    configs = [(mode, k) for mode in modes for k in ks]
+    domain_prompts: dict[str, list[list[int]]] = {}
+    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+        engines = {"plain": Engine.from_pretrained(args.model, mode="plain", batch_size=batch_size, **common)}
+        for mode, k in configs:
+            base_mode, lookup = split_mode(mode, args.lookup_ngram)
+            drafter = (args.sequential_drafter if base_mode == "sequential" and args.sequential_drafter
+                       else args.drafter)
+            engines[f"{mode} K={k}"] = Engine.from_pretrained(
+                args.model, drafter, mode=base_mode, num_speculative_tokens=k, batch_size=batch_size,
+                lookup_ngram=lookup, **common)
+        for domain in args.domains.split(","):
+            texts = heldout_prompts(domain, args.prompts_per_domain)
+            prompt_ids = [ids for ids in (engines["plain"].encode(t) for t in texts) if len(ids) <= 512]
+            domain_prompts[domain] = prompt_ids
+            results = run_interleaved(engines, prompt_ids, args.max_new_tokens, args.repeats)
+            base = results["plain"]
+            rows.append({"domain": domain, "batch_size": batch_size, "mode": "plain", "k": 0, "dtype": args.dtype,
+                         "identical": True, **{key: v for key, v in base.items() if key != "outputs"}})
             print(f"{domain} b{batch_size} plain: {base['tokens_per_s']:.1f} tok/s", flush=True)
-            del plain
-            for mode in modes:
-                base_mode, lookup = split_mode(mode, args.lookup_ngram)
-                drafter = (args.sequential_drafter if base_mode == "sequential" and args.sequential_drafter
-                           else args.drafter)
-                for k in ks:
-                    engine = Engine.from_pretrained(args.model, drafter, mode=base_mode, num_speculative_tokens=k,
-                                                    batch_size=batch_size, lookup_ngram=lookup, **common)
-                    result = run_engine(engine, prompt_ids, args.max_new_tokens)
-                    row = {"domain": domain, "batch_size": batch_size, "mode": mode, "k": k, "dtype": args.dtype,
-                           "drafter": engine.drafter.describe(),
-                           "speedup": result["tokens_per_s"] / base["tokens_per_s"],
-                           "identical": result["outputs"] == base["outputs"],
-                           **agreement(result["outputs"], base["outputs"]),
-                           **{key: v for key, v in result.items() if key != "outputs"}}
-                    rows.append(row)
-                    print(f"{domain} b{batch_size} {mode} K={k}: AL {row['acceptance_length']:.2f}, "
-                          f"{row['tokens_per_s']:.1f} tok/s, x{row['speedup']:.2f}, identical={row['identical']} "
-                          f"({row['identical_prompts']}/{len(prompt_ids)} prompts, "
-                          f"{row['common_prefix']:.0%} of tokens before the first difference)",
-                          flush=True)
-                    del engine
-        if not args.no_hf:
-            for name, value in hf_baselines(model_dir, prompt_ids[:4], args.max_new_tokens, args.dtype).items():
-                rows.append({"domain": domain, "batch_size": 1, "mode": name, "k": 0,
-                             "speedup": value["tokens_per_s"] / next(r["tokens_per_s"] for r in rows if
-                                                                    r["domain"] == domain and r["mode"] == "plain"
-                                                                    and r["batch_size"] == 1),
-                             **value})
-                print(f"{domain} {name}: {value['tokens_per_s']:.1f} tok/s", flush=True)
+            for mode, k in configs:
+                result = results[f"{mode} K={k}"]
+                row = {"domain": domain, "batch_size": batch_size, "mode": mode, "k": k, "dtype": args.dtype,
+                       "drafter": engines[f"{mode} K={k}"].drafter.describe(),
+                       "identical": result["outputs"] == base["outputs"],
+                       **agreement(result["outputs"], base["outputs"]),
+                       **{key: v for key, v in result.items() if key != "outputs"}}
+                rows.append(row)
+                print(f"{domain} b{batch_size} {mode} K={k}: AL {row['acceptance_length']:.2f}, "
+                      f"{row['tokens_per_s']:.1f} tok/s, x{row['speedup']:.2f}, identical={row['identical']} "
+                      f"({row['identical_prompts']}/{len(prompt_ids)} prompts, "
+                      f"{row['common_prefix']:.0%} of tokens before the first difference)",
+                      flush=True)
+        del engines
+    for domain, prompt_ids in ({} if args.no_hf else domain_prompts).items():
+        plain_rate = next(r["tokens_per_s"] for r in rows if r["domain"] == domain and r["mode"] == "plain")
+        for name, value in hf_baselines(model_dir, prompt_ids[:4], args.max_new_tokens, args.dtype).items():
+            rows.append({"domain": domain, "batch_size": 1, "mode": name, "k": 0,
+                         "speedup": value["tokens_per_s"] / plain_rate, **value})
+            print(f"{domain} {name}: {value['tokens_per_s']:.1f} tok/s", flush=True)
 
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "torch_threads": torch.get_num_threads(),
                "machine": platform.machine(), "rows": rows}
