@@ -69,13 +69,13 @@ def small_vocab_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny_v64"), "llama", vocab_size=64, seed=11)
 
 
-def _histograms(engine, samples: int, positions: int) -> torch.Tensor:
+def _histograms(engine, samples: int, positions: int, prompt: tuple[int, ...] = (3, 4, 5)) -> torch.Tensor:
     counts = torch.zeros(positions, 64)
     params = SamplingParams(max_new_tokens=positions, temperature=1.0, ignore_eos=True)
     per_call = engine.build.batch_size
     accepted = 0
     for _ in range(samples // per_call):
-        outputs = engine.generate([[3, 4, 5]] * per_call, params)
+        outputs = engine.generate([list(prompt)] * per_call, params)
         for out in outputs:
             for j, token in enumerate(out.output_ids[:positions]):
                 counts[j, token] += 1
@@ -108,6 +108,22 @@ def test_speculative_sampling_matches_plain_sampling_distribution(small_vocab_di
     shifted = hist_plain[1].roll(1)
     stat, dof = _chi2_two_sample(shifted, hist_spec[1])
     assert stat > dof + 6 * (2 * dof) ** 0.5
+
+
+def test_sampling_with_context_lookup_drafts_matches_plain_sampling_distribution(small_vocab_dir):
+    """Lookup drafts are deterministic guesses (a one-hot draft distribution): accepting them with
+    probability p(draft) and sampling the residual otherwise keeps the target's distribution."""
+    kwargs = dict(batch_size=16, max_length=40, prefill_buckets=(16,))
+    prompt = (3, 4, 5, 9, 3, 4, 5, 9, 3, 4, 5)  # the last token repeats: lookup drafts "9 3" at once
+    plain = Engine.from_pretrained(small_vocab_dir, mode="plain", **kwargs)
+    spec = Engine.from_pretrained(small_vocab_dir, mode="parallel", num_speculative_tokens=2, lookup_ngram=1, **kwargs)
+    samples, positions = 1600, 4
+    hist_plain = _histograms(plain, samples, positions, prompt)
+    hist_spec = _histograms(spec, samples, positions, prompt)
+    assert 0 < spec.accepted_total < samples * (positions - 1)
+    for j in range(positions):
+        stat, dof = _chi2_two_sample(hist_plain[j], hist_spec[j])
+        assert stat < dof + 6 * (2 * dof) ** 0.5, f"position {j}: chi2 {stat:.1f} with {dof} dof"
 
 
 @pytest.mark.parametrize("mode", ["plain", "parallel"])
