@@ -39,7 +39,7 @@ from compile.manifest import (HLO_DIR, LOG_NAME, NEURON_DIR, XLA_CACHE_DIR, Grap
 from compile.plan import TARGETS, GraphSpec, neuron_compiler_args, plan_graphs, trace_hlo
 from neuron_peagle.backends.xla import XlaBackend, initialize_persistent_cache
 from neuron_peagle.cli import _buckets
-from neuron_peagle.config import BuildConfig
+from neuron_peagle.config import DEFAULT_LOOKUP_NGRAM, BuildConfig
 from neuron_peagle.default_model import require_default_model
 from neuron_peagle.errors import ArtifactError, ConfigError, NeuronPeagleError
 from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter
@@ -284,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--kernels", default="auto", choices=("auto", "reference", "nki"),
                         help="draft-pass kernels: NKI custom calls or plain PyTorch (auto: nki on neuron)")
-    parser.add_argument("--lookup-ngram", type=int, default=0, metavar="N",
-                        help="context-lookup n-gram size of the step graph (0: drafter only)")
+    parser.add_argument("--lookup-ngram", type=int, default=DEFAULT_LOOKUP_NGRAM, metavar="N",
+                        help="longest context-lookup n-gram of the step graph, as `neuron-peagle generate "
+                             "--lookup-ngram` (default %(default)s; 0: drafter only; plain mode: ignored)")
     parser.add_argument("--tp-degree", type=int, default=1, help="tensor-parallel degree (only 1 so far)")
     parser.add_argument("--target", default="trn1", choices=TARGETS, help="neuronx-cc --target")
     return parser
@@ -298,7 +299,7 @@ def request_from_args(args: argparse.Namespace) -> BuildRequest:
         drafter_dir = choose_drafter(model_dir, args.drafter, is_default_target=args.model is None).path
     build = BuildConfig(batch_size=args.batch_size, max_length=args.max_length, prefill_buckets=args.buckets,
                         dtype=args.dtype, backend=args.backend, kernels=args.kernels,
-                        lookup_ngram=args.lookup_ngram)
+                        lookup_ngram=args.lookup_ngram if args.mode != "plain" else 0)
     return BuildRequest(model_dir, drafter_dir, args.out, args.backend, build, args.mode, args.num_speculative_tokens,
                         args.tp_degree, args.target)
 

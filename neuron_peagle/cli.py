@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from neuron_peagle.config import KERNEL_MODES
+from neuron_peagle.config import DEFAULT_LOOKUP_NGRAM, KERNEL_MODES
 from neuron_peagle.errors import NeuronPeagleError
 
 
@@ -49,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--kernels", default="auto", choices=("auto", *KERNEL_MODES),
                      help="draft-pass kernels (auto: NKI on neuron, else PyTorch; interpreter: the kernel "
                           "source on the CPU interpreter, slow, eager only)")
-    gen.add_argument("--lookup-ngram", type=int, default=0, metavar="N",
-                     help="speculative modes: where the last N tokens occurred earlier in the sequence, draft "
-                          "the tokens that followed them instead of the drafter's (0: drafter only)")
+    gen.add_argument("--lookup-ngram", type=int, default=DEFAULT_LOOKUP_NGRAM, metavar="N",
+                     help="speculative modes: where the last N tokens (or failing that N-1, ... 2) occurred "
+                          "earlier in the sequence, draft the tokens that followed them instead of the "
+                          "drafter's (default %(default)s; 0: the drafter alone; plain mode: ignored)")
     gen.add_argument("--artifacts", type=Path, default=None, help="run the graphs compiled into DIR by "
                      "`python -m compile.build`; model, drafter, mode, K and shapes come from its manifest "
                      "(options left at their defaults take the manifest's values, others must match it)")
@@ -114,11 +115,13 @@ def generate(args: argparse.Namespace) -> None:
                                         num_speculative_tokens=args.num_speculative_tokens,
                                         batch_size=args.batch_size, max_length=args.max_length,
                                         prefill_buckets=args.buckets, dtype=args.dtype, backend=args.backend,
-                                        kernels=args.kernels, lookup_ngram=args.lookup_ngram)
+                                        kernels=args.kernels,
+                                        lookup_ngram=args.lookup_ngram if args.mode != "plain" else 0)
     backend = engine.build.backend
     if engine.drafter is not None and not args.json:
+        lookup = f", context lookup of up to {engine.build.lookup_ngram}-grams" if engine.build.lookup_ngram else ""
         print(f"[{engine.mode} speculative decoding, K={engine.num_speculative_tokens}, "
-              f"{engine.drafter.describe()}]", flush=True)
+              f"{engine.drafter.describe()}{lookup}]", flush=True)
     # Everything is checked before the first prompt runs, so an error never discards finished work.
     ids = [engine.encode(p, not args.no_chat_template) if p else [] for p in prompts]
     for i, prompt_ids in enumerate(ids):
@@ -128,7 +131,7 @@ def generate(args: argparse.Namespace) -> None:
         if args.json:
             record = {"prompt": prompt, "prompt_ids": out.prompt_ids, "output_ids": out.output_ids,
                       "text": out.text, "model_dir": str(engine.model_dir), "backend": backend,
-                      "mode": engine.mode,
+                      "mode": engine.mode, "lookup_ngram": engine.build.lookup_ngram,
                       "drafter": engine.drafter.describe() if engine.drafter is not None else None,
                       **out.stats.to_dict()}
             print(json.dumps(record), flush=True)

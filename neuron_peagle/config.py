@@ -161,6 +161,11 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
+# The command line's context-lookup n-gram: on held-out prompts, 5 backing off to 2 accepted the most
+# (BENCHMARKS.md, round 10).
+DEFAULT_LOOKUP_NGRAM = 5
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """Every shape the traced graphs are built for."""
@@ -173,8 +178,9 @@ class BuildConfig:
     # Which implementation of the fused draft-pass kernels the graphs call (neuron_peagle.kernels):
     # "auto" resolves to "nki" on the neuron backend and "reference" (plain PyTorch) elsewhere.
     kernels: str = "auto"
-    # Speculative modes: n-gram size of context lookup (neuron_peagle.graphs.lookup), whose copied
-    # drafts replace the drafter's where the last n tokens occurred before; 0 = drafter only.
+    # Speculative modes: longest n-gram of context lookup (neuron_peagle.graphs.lookup), whose copied
+    # drafts replace the drafter's where the last n tokens (or n-1, ... 2) occurred before; 0 = drafter
+    # only. The API's default is the method alone; the command line's is DEFAULT_LOOKUP_NGRAM.
     lookup_ngram: int = 0
 
     def __post_init__(self) -> None:

@@ -53,3 +53,20 @@ def test_missing_model_dir_is_a_clear_error(tmp_path, capsys):
     code = main(["generate", "hi", "--model", str(tmp_path / "absent"), *TINY_ARGS])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_context_lookup_is_on_by_default_in_speculative_modes_and_off_in_plain(tiny_llama_dir, capsys):
+    from neuron_peagle.config import DEFAULT_LOOKUP_NGRAM
+
+    records = {}
+    for mode in ("parallel", "plain"):
+        assert main(["generate", "hello there", "--model", str(tiny_llama_dir), "--json", "--mode", mode,
+                     *TINY_ARGS]) == 0
+        records[mode] = json.loads(capsys.readouterr().out)
+    assert DEFAULT_LOOKUP_NGRAM >= 2
+    assert records["parallel"]["lookup_ngram"] == DEFAULT_LOOKUP_NGRAM
+    assert records["plain"]["lookup_ngram"] == 0
+    assert records["parallel"]["output_ids"] == records["plain"]["output_ids"]
+    assert main(["generate", "hello there", "--model", str(tiny_llama_dir), "--json", "--lookup-ngram", "0",
+                 *TINY_ARGS]) == 0
+    assert json.loads(capsys.readouterr().out)["lookup_ngram"] == 0

@@ -16,30 +16,40 @@ from neuron_peagle.runtime.engine import Engine, SamplingParams
 PARAMS = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
 
 
-def reference_lookup(sequence: list[int], ngram: int, k: int) -> list[int | None]:
-    """The K tokens after the latest earlier occurrence of the sequence's last n-gram (None: unknown)."""
-    last = len(sequence) - 1
-    query = sequence[last - ngram + 1:]
-    if last < ngram - 1:
-        return [None] * k
-    for end in range(last - 1, ngram - 2, -1):
-        if sequence[end - ngram + 1:end + 1] == query:
-            return [sequence[end + i] if end + i <= last else None for i in range(1, k + 1)]
+def reference_lookup(sequence: list[int], ngram: int, k: int, min_ngram: int | None = None) -> list[int | None]:
+    """The K tokens after the latest earlier occurrence of the sequence's last n-gram, for the longest n
+    from ngram down to min_ngram that occurred (None: unknown)."""
+    for n in range(ngram, (min_ngram or ngram) - 1, -1):
+        found = _reference_one(sequence, n, k)
+        if found is not None:
+            return found
     return [None] * k
 
 
+def _reference_one(sequence: list[int], ngram: int, k: int) -> list[int | None] | None:
+    last = len(sequence) - 1
+    query = sequence[last - ngram + 1:]
+    if last < ngram - 1:
+        return None
+    for end in range(last - 1, ngram - 2, -1):
+        if sequence[end - ngram + 1:end + 1] == query:
+            return [sequence[end + i] if end + i <= last else None for i in range(1, k + 1)]
+    return None
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.data(), st.integers(1, 3), st.integers(1, 5), st.integers(0, 3))
-def test_context_lookup_equals_a_python_search(data, ngram, k, garbage):
+@given(st.data(), st.integers(1, 3), st.integers(1, 5), st.integers(0, 3), st.integers(0, 2))
+def test_context_lookup_equals_a_python_search(data, ngram, k, garbage, backoff):
     rows = data.draw(st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=12), min_size=1, max_size=3))
     length = 12 + garbage
     history = torch.full((len(rows), length), 7, dtype=torch.int64)  # 7: stale slots past the sequence
     for row, sequence in enumerate(rows):
         history[row, : len(sequence)] = torch.tensor(sequence)
     last = torch.tensor([len(sequence) - 1 for sequence in rows])
-    tokens, found = context_lookup(history, last, ngram, k)
+    min_ngram = max(1, ngram - backoff)
+    tokens, found = context_lookup(history, last, ngram, k, min_ngram)
     for row, sequence in enumerate(rows):
-        want = reference_lookup(sequence, ngram, k)
+        want = reference_lookup(sequence, ngram, k, min_ngram)
         assert found[row].tolist() == [w is not None for w in want]
         assert [t for t, f in zip(tokens[row].tolist(), found[row].tolist()) if f] == [w for w in want if w is not None]
 

@@ -5,7 +5,8 @@ the tokens that followed that earlier occurrence are a cheap guess for what come
 the names of its signature, an answer repeats the numbers of its question. A small drafter copies
 such spans badly (it must learn to match a token against the whole context), while the target copies
 them almost surely. So `LookupProposer` wraps any proposer: at the positions a match can supply it
-proposes the copied token, elsewhere the wrapped proposer's draft. The match is the most recent one.
+proposes the copied token, elsewhere the wrapped proposer's draft. The match is the most recent one
+of the longest n-gram (up to `ngram`, down to 2) that occurred before.
 
 Because P-EAGLE's mask slots do not condition on the drafts before them, the drafter's guess for a
 later position stays a valid guess whatever was copied before it. Every draft is still verified by
@@ -26,11 +27,26 @@ from neuron_peagle.errors import ConfigError
 from neuron_peagle.graphs.proposers import SpecState
 
 
-def context_lookup(history: Tensor, last_position: Tensor, ngram: int, num_draft_tokens: int
-                   ) -> tuple[Tensor, Tensor]:
+def context_lookup(history: Tensor, last_position: Tensor, ngram: int, num_draft_tokens: int,
+                   min_ngram: int | None = None) -> tuple[Tensor, Tensor]:
     """history [B, L] int64 (tokens at positions 0..last_position are the sequence), last_position [B]
     -> (tokens [B, K], found [B, K] bool): the K tokens after the most recent earlier occurrence of the
-    n-gram ending at last_position; `found` is False where there is none or it runs past last_position."""
+    n-gram ending at last_position, for the longest n from `ngram` down to `min_ngram` (default: `ngram`
+    only) that occurred before; `found` is False where there is none or it runs past last_position."""
+    tokens = found = None
+    for n in range(min_ngram or ngram, ngram + 1):  # a longer match, where there is one, overrides
+        n_tokens, n_found, matched = _lookup_one(history, last_position, n, num_draft_tokens)
+        if tokens is None:
+            tokens, found = n_tokens, n_found
+        else:
+            tokens = torch.where(matched, n_tokens, tokens)
+            found = torch.where(matched, n_found, found)
+    return tokens, found
+
+
+def _lookup_one(history: Tensor, last_position: Tensor, ngram: int, num_draft_tokens: int
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """context_lookup for one n-gram size; also `matched` [B, 1]: an earlier occurrence exists."""
     batch, length = history.shape
     device = history.device
     last = last_position.unsqueeze(-1)  # [B, 1]
@@ -44,12 +60,15 @@ def context_lookup(history: Tensor, last_position: Tensor, ngram: int, num_draft
     best = torch.where(match, ends, torch.full_like(ends, -1)).max(dim=-1).values.unsqueeze(-1)  # [B, 1]
     follow = best + torch.arange(1, num_draft_tokens + 1, device=device)  # [B, K]
     found = (best >= 0) & (follow <= last)
-    return history.gather(1, follow.clamp(0, length - 1)), found
+    return history.gather(1, follow.clamp(0, length - 1)), found, best >= 0
+
+
+MIN_NGRAM = 2
 
 
 class LookupProposer(nn.Module):
-    """`inner`'s drafts, replaced by context-lookup drafts wherever the last `ngram` tokens have an
-    earlier occurrence that reaches that far."""
+    """`inner`'s drafts, replaced by context-lookup drafts wherever the last `ngram` tokens (or, failing
+    that, the last ngram-1, ... down to 2) have an earlier occurrence that reaches that far."""
 
     def __init__(self, inner: nn.Module, batch_size: int, max_length: int, num_draft_tokens: int, ngram: int) -> None:
         super().__init__()
@@ -58,6 +77,9 @@ class LookupProposer(nn.Module):
         self.inner = inner
         self.num_draft_tokens = num_draft_tokens
         self.ngram = ngram
+        # Where the last `ngram` tokens never occurred before, shorter n-grams down to bigrams are tried
+        # (single tokens match too often by chance: on held-out prompts they lowered acceptance).
+        self.min_ngram = min(MIN_NGRAM, ngram)
         self.max_length = max_length  # the trash column is history[:, max_length]
         self.register_buffer("history", torch.zeros(batch_size, max_length + 1, dtype=torch.int64),
                              persistent=False)
@@ -76,5 +98,6 @@ class LookupProposer(nn.Module):
         self.history.scatter_(1, torch.where(valid, positions, torch.full_like(positions, self.max_length)),
                               state.pending_tokens)
         drafts = self.inner.propose(state)
-        copied, found = context_lookup(self.history[:, : self.max_length], state.last_position, self.ngram, k)
+        copied, found = context_lookup(self.history[:, : self.max_length], state.last_position, self.ngram, k,
+                                       self.min_ngram)
         return torch.where(found, copied, drafts)
