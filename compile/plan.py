@@ -25,6 +25,7 @@ from neuron_peagle.backends.xla import XlaBackend, hlo_text
 from neuron_peagle.config import BuildConfig
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.graphs.plain import DecodeGraph, DecodeInputs, PrefillGraph
+from neuron_peagle.graphs.lookup import LookupProposer
 from neuron_peagle.graphs.proposers import SpecState
 from neuron_peagle.graphs.speculative import SpecPrefillGraph, SpecStepGraph, SpecStepInputs
 from neuron_peagle.kv_cache import KVCache
@@ -38,7 +39,7 @@ NEURON_COMPILER_FLAGS = ("--enable-saturate-infinity", "--auto-cast=none", "--mo
 TARGETS = ("trn1", "trn2")
 
 # Modules whose buffers a graph updates in place: on a device these are aliased input -> output.
-STATE_MODULES = (KVCache, SpecState)
+STATE_MODULES = (KVCache, SpecState, LookupProposer)
 
 GRAPH_KINDS: dict[type, str] = {
     PrefillGraph: "prefill",

@@ -32,8 +32,9 @@ from neuron_peagle.errors import ArtifactError, BackendUnavailableError, ConfigE
 from neuron_peagle.runtime.engine import Engine, SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
-SHAPES = dict(mode="parallel", num_speculative_tokens=3, batch_size=2, max_length=96, prefill_buckets=(16, 32))
-BUILD_ARGS = ["--mode", "parallel", "-k", "3", "--batch-size", "2", "--max-length", "96"]
+SHAPES = dict(mode="parallel", num_speculative_tokens=3, batch_size=2, max_length=96, prefill_buckets=(16, 32),
+              lookup_ngram=3)
+BUILD_ARGS = ["--mode", "parallel", "-k", "3", "--batch-size", "2", "--max-length", "96", "--lookup-ngram", "3"]
 GRAPHS = {f"spec_prefill_b{b}_{v}" for b in (16, 32) for v in ("greedy", "sampling")} | {
     "spec_step_greedy", "spec_step_sampling"}
 SHORT = [[5, 6, 7], [8, 9, 10, 11, 12]]  # bucket 16
@@ -87,7 +88,8 @@ def test_build_writes_manifest_hlo_and_audit_for_every_graph(built, tiny_llama_d
     step = manifest.graph("spec_step_greedy")
     state = {t.name: t for t in step.state}
     assert state["cache.key_0"].shape == (2, 2, 96, 16) and state["state.pending_features"].shape == (2, 4, 192)
-    assert "proposer.cache.key_0" in state
+    assert "proposer.inner.cache.key_0" in state  # the drafter's cache, inside the context lookup
+    assert state["proposer.history"].shape == (2, 97)  # the lookup's token history is state too
     assert [(t.name, t.shape) for t in step.outputs] == [("tokens", (2, 4)), ("counts", (2,))]
     prefill = manifest.graph("spec_prefill_b32_sampling")
     assert prefill.inputs[0].shape == (2, 32) and prefill.inputs[0].dtype == "int64"
@@ -198,7 +200,8 @@ def test_prompt_no_bucket_fits_names_the_largest(compiled_engine):
 def test_declared_state_is_every_buffer_a_graph_updates(tiny_llama_dir, mode):
     """On a device only declared state is aliased and kept: a buffer updated but not declared
     would silently lose its update there. Checked by running each graph eagerly."""
-    engine = Engine.from_pretrained(tiny_llama_dir, **{**SHAPES, "mode": mode})
+    lookup = SHAPES["lookup_ngram"] if mode != "plain" else 0
+    engine = Engine.from_pretrained(tiny_llama_dir, **{**SHAPES, "mode": mode, "lookup_ngram": lookup})
     specs = plan_graphs(engine.decoder, neuron_compiler_args("trn2"))
     prefix = "spec_" if mode != "plain" else ""
     step = "spec_step" if mode != "plain" else "decode"
