@@ -38,7 +38,7 @@ from compile.manifest import (HLO_DIR, LOG_NAME, NEURON_DIR, XLA_CACHE_DIR, Grap
                               WeightsInfo, fingerprint, installed_versions)
 from compile.plan import TARGETS, GraphSpec, neuron_compiler_args, plan_graphs, trace_hlo
 from neuron_peagle.backends.xla import XlaBackend, initialize_persistent_cache
-from neuron_peagle.cli import _buckets
+from neuron_peagle.cli import _buckets, lookup_ngram_for
 from neuron_peagle.config import DEFAULT_LOOKUP_NGRAM, BuildConfig
 from neuron_peagle.default_model import require_default_model
 from neuron_peagle.errors import ArtifactError, ConfigError, NeuronPeagleError
@@ -299,7 +299,7 @@ def request_from_args(args: argparse.Namespace) -> BuildRequest:
         drafter_dir = choose_drafter(model_dir, args.drafter, is_default_target=args.model is None).path
     build = BuildConfig(batch_size=args.batch_size, max_length=args.max_length, prefill_buckets=args.buckets,
                         dtype=args.dtype, backend=args.backend, kernels=args.kernels,
-                        lookup_ngram=args.lookup_ngram if args.mode != "plain" else 0)
+                        lookup_ngram=lookup_ngram_for(args.mode, args.lookup_ngram))
     return BuildRequest(model_dir, drafter_dir, args.out, args.backend, build, args.mode, args.num_speculative_tokens,
                         args.tp_degree, args.target)
 

@@ -86,6 +86,11 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def lookup_ngram_for(mode: str, requested: int) -> int:
+    """The command lines' `--lookup-ngram` for `mode`: plain decoding drafts nothing, so none there."""
+    return requested if mode != "plain" else 0
+
+
 # generate option -> the ArtifactRequest field it is checked against when running from artifacts
 ARTIFACT_OPTIONS = {"model": "model_dir", "drafter": "drafter_dir", "backend": "backend", "mode": "mode",
                     "num_speculative_tokens": "num_speculative_tokens", "batch_size": "batch_size",
@@ -116,7 +121,7 @@ def generate(args: argparse.Namespace) -> None:
                                         batch_size=args.batch_size, max_length=args.max_length,
                                         prefill_buckets=args.buckets, dtype=args.dtype, backend=args.backend,
                                         kernels=args.kernels,
-                                        lookup_ngram=args.lookup_ngram if args.mode != "plain" else 0)
+                                        lookup_ngram=lookup_ngram_for(args.mode, args.lookup_ngram))
     backend = engine.build.backend
     if engine.drafter is not None and not args.json:
         lookup = f", context lookup of up to {engine.build.lookup_ngram}-grams" if engine.build.lookup_ngram else ""

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from neuron_peagle.config import DEFAULT_LOOKUP_NGRAM
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,8 +38,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ks", default="3,5,7")
     parser.add_argument("--modes", default="sequential,parallel",
                         help="speculative modes; a '+lookup' suffix (parallel+lookup) adds context lookup")
-    parser.add_argument("--lookup-ngram", type=int, default=None,
-                        help="longest n-gram of the '+lookup' modes (default: the command line's)")
+    parser.add_argument("--lookup-ngram", type=int, default=DEFAULT_LOOKUP_NGRAM,
+                        help="longest n-gram of the '+lookup' modes (default: the command line's, %(default)s)")
     parser.add_argument("--batch-sizes", default="1")
     parser.add_argument("--repeats", type=int, default=1,
                         help="times every engine decodes every prompt group (median time per group)")
@@ -186,10 +188,6 @@ def main() -> None:
     model_dir = args.model or require_default_model()
     ks = [int(k) for k in args.ks.split(",")]
     modes = args.modes.split(",")
-    if args.lookup_ngram is None:
-        from neuron_peagle.config import DEFAULT_LOOKUP_NGRAM
-
-        args.lookup_ngram = DEFAULT_LOOKUP_NGRAM
     rows = []
     common = dict(max_length=args.max_length, prefill_buckets=(128, 512), dtype=args.dtype)
     configs = [(mode, k) for mode in modes for k in ks]
