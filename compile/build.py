@@ -38,8 +38,8 @@ from compile.manifest import (HLO_DIR, LOG_NAME, NEURON_DIR, XLA_CACHE_DIR, Grap
                               WeightsInfo, fingerprint, installed_versions)
 from compile.plan import TARGETS, GraphSpec, neuron_compiler_args, plan_graphs, trace_hlo
 from neuron_peagle.backends.xla import XlaBackend, initialize_persistent_cache
-from neuron_peagle.cli import _buckets, lookup_ngram_for
-from neuron_peagle.config import DEFAULT_LOOKUP_NGRAM, BuildConfig
+from neuron_peagle.cli import _buckets, speculation_options
+from neuron_peagle.config import DEFAULT_LOOKUP_NGRAM, DEFAULT_SHORT_DRAFT_TOKENS, BuildConfig
 from neuron_peagle.default_model import require_default_model
 from neuron_peagle.errors import ArtifactError, ConfigError, NeuronPeagleError
 from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter
@@ -200,7 +200,8 @@ def build_artifacts(request: BuildRequest) -> BuildReport:
                                     batch_size=request.build.batch_size, max_length=request.build.max_length,
                                     prefill_buckets=request.build.prefill_buckets, dtype=request.build.dtype,
                                     backend="xla", kernels=request.build.kernels,
-                                    lookup_ngram=request.build.lookup_ngram)
+                                    lookup_ngram=request.build.lookup_ngram,
+                                    short_draft_tokens=request.build.short_draft_tokens)
     backend: XlaBackend = engine.backend
     first_compile = backend.compile_count()
     model, drafter = WeightsInfo.of_dir(request.model_dir), _drafter_weights(engine.drafter)
@@ -287,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lookup-ngram", type=int, default=DEFAULT_LOOKUP_NGRAM, metavar="N",
                         help="longest context-lookup n-gram of the step graph, as `neuron-peagle generate "
                              "--lookup-ngram` (default %(default)s; 0: drafter only; plain mode: ignored)")
+    parser.add_argument("--short-draft-tokens", type=int, default=None, metavar="N",
+                        help="adaptive K, as `neuron-peagle generate --short-draft-tokens`: a second step graph "
+                             f"drafting N tokens (default {DEFAULT_SHORT_DRAFT_TOKENS} when lookup is on and K is "
+                             "larger; 0: one step graph)")
     parser.add_argument("--tp-degree", type=int, default=1, help="tensor-parallel degree (only 1 so far)")
     parser.add_argument("--target", default="trn1", choices=TARGETS, help="neuronx-cc --target")
     return parser
@@ -299,7 +304,8 @@ def request_from_args(args: argparse.Namespace) -> BuildRequest:
         drafter_dir = choose_drafter(model_dir, args.drafter, is_default_target=args.model is None).path
     build = BuildConfig(batch_size=args.batch_size, max_length=args.max_length, prefill_buckets=args.buckets,
                         dtype=args.dtype, backend=args.backend, kernels=args.kernels,
-                        lookup_ngram=lookup_ngram_for(args.mode, args.lookup_ngram))
+                        **speculation_options(args.mode, args.num_speculative_tokens, args.lookup_ngram,
+                                              args.short_draft_tokens))
     return BuildRequest(model_dir, drafter_dir, args.out, args.backend, build, args.mode, args.num_speculative_tokens,
                         args.tp_degree, args.target)
 

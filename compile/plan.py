@@ -107,17 +107,22 @@ def plan_graphs(decoder: PlainDecoder | SpecDecoder, compiler_args: tuple[str, .
     """Every graph `decoder` runs: its prefill graph per bucket and its step graph, greedy and sampling.
 
     Decoders keep `graphs[greedy] = (prefill graph, step graph)`; both variants are built because
-    a batch picks one at run time (all rows greedy or not).
+    a batch picks one at run time (all rows greedy or not). A speculative decoder with adaptive K
+    keeps `{K: step graph}` for its two K: the long one is "spec_step_<variant>", the short one
+    "spec_step_k<K>_<variant>".
     """
     build = decoder.build
     specs = []
     for greedy in (True, False):
         variant = "greedy" if greedy else "sampling"
-        prefill, step = decoder.graphs[greedy]
-        for graph, buckets in ((prefill, build.prefill_buckets), (step, (None,))):
+        prefill, steps = decoder.graphs[greedy]
+        steps = steps if isinstance(steps, dict) else {None: steps}
+        graphs = [(prefill, build.prefill_buckets, "")]
+        graphs += [(step, (None,), f"k{k}_" if i else "") for i, (k, step) in enumerate(steps.items())]
+        for graph, buckets, k_tag in graphs:
             kind = GRAPH_KINDS[type(graph)]
             for bucket in buckets:
-                name = f"{kind}_b{bucket}_{variant}" if bucket is not None else f"{kind}_{variant}"
+                name = f"{kind}_b{bucket}_{variant}" if bucket is not None else f"{kind}_{k_tag}{variant}"
                 specs.append(GraphSpec(name, kind, bucket, greedy, graph, example_inputs(graph, build, bucket),
                                        state_names(graph), tuple(compiler_args)))
     return specs

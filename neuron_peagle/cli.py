@@ -3,16 +3,18 @@
     neuron-peagle generate "prompt" [--json] [--model DIR] [--max-new-tokens N] ...
     neuron-peagle generate --prompts-file prompts.jsonl --batch-size 4 --json
     neuron-peagle generate "prompt" --artifacts DIR --json    (graphs built by `python -m compile.build`)
+    neuron-peagle profile "prompt" --out DIR [generate's options]  (a profiler session: neuron_peagle.profiling)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from neuron_peagle.config import DEFAULT_LOOKUP_NGRAM, KERNEL_MODES
+from neuron_peagle.config import DEFAULT_LOOKUP_NGRAM, DEFAULT_SHORT_DRAFT_TOKENS, KERNEL_MODES
 from neuron_peagle.errors import NeuronPeagleError
 
 
@@ -27,6 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neuron-peagle", description="P-EAGLE speculative decoding")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text for one prompt or a file of prompts")
+    _add_engine_options(gen)
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt per line")
+    prof = sub.add_parser("profile", help="generate under the backend's profilers and write a profiler session")
+    _add_engine_options(prof)
+    prof.add_argument("--out", type=Path, required=True, help="session directory (session.json, steps.jsonl, "
+                      "trace.json, ...; on neuron also the runtime's device profiles in DIR/neuron)")
+    prof.add_argument("--no-warmup", action="store_true", help="profile the first generation too (compilation "
+                      "and first-call costs included)")
+    return parser
+
+
+def _add_engine_options(gen: argparse.ArgumentParser) -> None:
+    """The prompt, engine and sampling options `generate` and `profile` share."""
     gen.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file)")
     gen.add_argument("--prompts-file", type=Path, help='JSONL file, one {"prompt": ...} per line')
     gen.add_argument("--model", type=Path, default=None, help="Hugging Face model directory "
@@ -53,12 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="speculative modes: where the last N tokens (or failing that N-1, ... 2) occurred "
                           "earlier in the sequence, draft the tokens that followed them instead of the "
                           "drafter's (default %(default)s; 0: the drafter alone; plain mode: ignored)")
+    gen.add_argument("--short-draft-tokens", type=int, default=None, metavar="N",
+                     help="adaptive K: steps whose context lookup found nothing to copy draft only N tokens, "
+                          f"the others K (default {DEFAULT_SHORT_DRAFT_TOKENS} when lookup is on and K is "
+                          "larger; 0: every step drafts K)")
     gen.add_argument("--artifacts", type=Path, default=None, help="run the graphs compiled into DIR by "
                      "`python -m compile.build`; model, drafter, mode, K and shapes come from its manifest "
                      "(options left at their defaults take the manifest's values, others must match it)")
     gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt text as it is")
-    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt per line")
-    return parser
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -86,16 +103,24 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def lookup_ngram_for(mode: str, requested: int) -> int:
-    """The command lines' `--lookup-ngram` for `mode`: plain decoding drafts nothing, so none there."""
-    return requested if mode != "plain" else 0
+def speculation_options(mode: str, num_speculative_tokens: int, lookup_ngram: int,
+                        short_draft_tokens: int | None) -> dict[str, int]:
+    """The command lines' `--lookup-ngram` and `--short-draft-tokens` as engine keyword arguments.
+    Plain decoding drafts nothing, so neither applies there; an unset short K is the default one where
+    lookup is on and K is longer, and off elsewhere (a value given is passed on, and checked)."""
+    if mode == "plain":
+        return {"lookup_ngram": 0, "short_draft_tokens": 0}
+    if short_draft_tokens is None:
+        short_draft_tokens = (DEFAULT_SHORT_DRAFT_TOKENS
+                              if lookup_ngram and num_speculative_tokens > DEFAULT_SHORT_DRAFT_TOKENS else 0)
+    return {"lookup_ngram": lookup_ngram, "short_draft_tokens": short_draft_tokens}
 
 
 # generate option -> the ArtifactRequest field it is checked against when running from artifacts
 ARTIFACT_OPTIONS = {"model": "model_dir", "drafter": "drafter_dir", "backend": "backend", "mode": "mode",
                     "num_speculative_tokens": "num_speculative_tokens", "batch_size": "batch_size",
                     "max_length": "max_length", "buckets": "prefill_buckets", "dtype": "dtype",
-                    "lookup_ngram": "lookup_ngram"}
+                    "lookup_ngram": "lookup_ngram", "short_draft_tokens": "short_draft_tokens"}
 
 
 def _expected_by_options(args: argparse.Namespace) -> dict:
@@ -105,7 +130,9 @@ def _expected_by_options(args: argparse.Namespace) -> dict:
             if getattr(args, option) != getattr(defaults, option)}
 
 
-def generate(args: argparse.Namespace) -> None:
+def _engine_and_prompts(args: argparse.Namespace, quiet: bool):
+    """The engine the options describe, the sampling parameters, and the prompts as checked token ids.
+    Everything is checked before the first prompt runs, so an error never discards finished work."""
     from neuron_peagle.runtime.engine import Engine, SamplingParams
 
     prompts = _read_prompts(args)
@@ -113,7 +140,7 @@ def generate(args: argparse.Namespace) -> None:
                             top_p=args.top_p, seed=args.seed)
     if args.artifacts is not None:
         engine = Engine.from_compiled(args.artifacts, **_expected_by_options(args))
-        if not args.json:
+        if not quiet:
             print(f"[{engine.artifacts.describe()}]", flush=True)
     else:
         engine = Engine.from_pretrained(args.model, args.drafter, mode=args.mode,
@@ -121,22 +148,45 @@ def generate(args: argparse.Namespace) -> None:
                                         batch_size=args.batch_size, max_length=args.max_length,
                                         prefill_buckets=args.buckets, dtype=args.dtype, backend=args.backend,
                                         kernels=args.kernels,
-                                        lookup_ngram=lookup_ngram_for(args.mode, args.lookup_ngram))
-    backend = engine.build.backend
-    if engine.drafter is not None and not args.json:
+                                        **speculation_options(args.mode, args.num_speculative_tokens,
+                                                              args.lookup_ngram, args.short_draft_tokens))
+    if engine.drafter is not None and not quiet:
         lookup = f", context lookup of up to {engine.build.lookup_ngram}-grams" if engine.build.lookup_ngram else ""
+        if engine.build.short_draft_tokens:
+            lookup += f", K={engine.build.short_draft_tokens} where it finds nothing"
         print(f"[{engine.mode} speculative decoding, K={engine.num_speculative_tokens}, "
               f"{engine.drafter.describe()}{lookup}]", flush=True)
-    # Everything is checked before the first prompt runs, so an error never discards finished work.
     ids = [engine.encode(p, not args.no_chat_template) if p else [] for p in prompts]
     for i, prompt_ids in enumerate(ids):
         engine.validate(prompt_ids, params, i)
+    return engine, params, prompts, ids
+
+
+def profile(args: argparse.Namespace) -> None:
+    from neuron_peagle.profiling import NEURON_PROFILE_DIR, neuron_capture_env, profile_generation
+
+    if args.out.exists() and not args.out.is_dir():
+        raise NeuronPeagleError(f"--out {str(args.out)!r} is a file, not a session directory")
+    if args.backend == "neuron" or args.artifacts is not None:
+        # Read by the Neuron runtime when it starts, so before the engine loads anything.
+        os.environ.update(neuron_capture_env(args.out.resolve()))
+    engine, params, _, ids = _engine_and_prompts(args, quiet=False)
+    _, report = profile_generation(engine, ids, params, args.out.resolve(), warmup=not args.no_warmup)
+    print(report.describe(), flush=True)
+    if engine.build.backend == "neuron":
+        print(f"device profiles: neuron-explorer view -d {args.out / NEURON_PROFILE_DIR}", flush=True)
+
+
+def generate(args: argparse.Namespace) -> None:
+    engine, params, prompts, ids = _engine_and_prompts(args, quiet=args.json)
+    backend = engine.build.backend
     outputs = engine.generate(ids, params)
     for prompt, out in zip(prompts, outputs):
         if args.json:
             record = {"prompt": prompt, "prompt_ids": out.prompt_ids, "output_ids": out.output_ids,
                       "text": out.text, "model_dir": str(engine.model_dir), "backend": backend,
                       "mode": engine.mode, "lookup_ngram": engine.build.lookup_ngram,
+                      "short_draft_tokens": engine.build.short_draft_tokens,
                       "drafter": engine.drafter.describe() if engine.drafter is not None else None,
                       **out.stats.to_dict()}
             print(json.dumps(record), flush=True)
@@ -153,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             generate(args)
+        elif args.command == "profile":
+            profile(args)
     except NeuronPeagleError as err:
         print(f"neuron-peagle: error: {err}", file=sys.stderr)
         return 2

@@ -164,6 +164,9 @@ class ModelConfig:
 # The command line's context-lookup n-gram: on held-out prompts, 5 backing off to 2 accepted the most
 # (BENCHMARKS.md, round 10).
 DEFAULT_LOOKUP_NGRAM = 5
+# The command line's adaptive K: steps whose context lookup found nothing to copy draft this many
+# tokens instead of K (BENCHMARKS.md, round 11).
+DEFAULT_SHORT_DRAFT_TOKENS = 3
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,9 @@ class BuildConfig:
     # drafts replace the drafter's where the last n tokens (or n-1, ... 2) occurred before; 0 = drafter
     # only. The API's default is the method alone; the command line's is DEFAULT_LOOKUP_NGRAM.
     lookup_ngram: int = 0
+    # Adaptive K (speculative modes with context lookup): a step whose lookup found nothing to copy
+    # drafts only this many tokens instead of K, through a second step graph; 0 = every step drafts K.
+    short_draft_tokens: int = 0
 
     def __post_init__(self) -> None:
         buckets = tuple(int(b) for b in self.prefill_buckets)
@@ -208,6 +214,11 @@ class BuildConfig:
             raise ConfigError(f"kernels must be 'auto' or one of {KERNEL_MODES}, got {self.kernels!r}")
         if self.lookup_ngram < 0:
             raise ConfigError(f"lookup_ngram must be >= 0 (0 = no context lookup), got {self.lookup_ngram}")
+        if self.short_draft_tokens < 0:
+            raise ConfigError(f"short_draft_tokens must be >= 0 (0 = no adaptive K), got {self.short_draft_tokens}")
+        if self.short_draft_tokens and not self.lookup_ngram:
+            raise ConfigError("short_draft_tokens (adaptive K) needs context lookup: it picks K by whether the "
+                              "lookup found a copy; set lookup_ngram too")
         if self.kernels == "interpreter" and self.backend != "eager":
             raise ConfigError("kernels='interpreter' runs the kernel source on CPU tensors: only with backend 'eager'")
 

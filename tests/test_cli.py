@@ -70,3 +70,21 @@ def test_context_lookup_is_on_by_default_in_speculative_modes_and_off_in_plain(t
     assert main(["generate", "hello there", "--model", str(tiny_llama_dir), "--json", "--lookup-ngram", "0",
                  *TINY_ARGS]) == 0
     assert json.loads(capsys.readouterr().out)["lookup_ngram"] == 0
+
+
+def test_adaptive_k_is_on_by_default_where_lookup_is_and_k_is_longer(tiny_llama_dir, capsys):
+    from neuron_peagle.config import DEFAULT_SHORT_DRAFT_TOKENS
+
+    def short_k(*args: str) -> int:
+        assert main(["generate", "hello there", "--model", str(tiny_llama_dir), "--json", *args, *TINY_ARGS]) == 0
+        return json.loads(capsys.readouterr().out)["short_draft_tokens"]
+
+    assert 0 < DEFAULT_SHORT_DRAFT_TOKENS < 7
+    assert short_k() == DEFAULT_SHORT_DRAFT_TOKENS  # K=7, lookup on
+    assert short_k("-k", str(DEFAULT_SHORT_DRAFT_TOKENS)) == 0  # nothing shorter to switch to
+    assert short_k("--lookup-ngram", "0") == 0
+    assert short_k("--mode", "plain") == 0
+    assert short_k("--short-draft-tokens", "2") == 2
+    assert main(["generate", "hi", "--model", str(tiny_llama_dir), "--lookup-ngram", "0",
+                 "--short-draft-tokens", "2", *TINY_ARGS]) == 2
+    assert "needs context lookup" in capsys.readouterr().err

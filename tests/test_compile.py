@@ -33,10 +33,12 @@ from neuron_peagle.runtime.engine import Engine, SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = dict(mode="parallel", num_speculative_tokens=3, batch_size=2, max_length=96, prefill_buckets=(16, 32),
-              lookup_ngram=3)
-BUILD_ARGS = ["--mode", "parallel", "-k", "3", "--batch-size", "2", "--max-length", "96", "--lookup-ngram", "3"]
+              lookup_ngram=3, short_draft_tokens=2)
+BUILD_ARGS = ["--mode", "parallel", "-k", "3", "--batch-size", "2", "--max-length", "96", "--lookup-ngram", "3",
+              "--short-draft-tokens", "2"]
+# Adaptive K: a step graph for K=3 and one for the short K=2.
 GRAPHS = {f"spec_prefill_b{b}_{v}" for b in (16, 32) for v in ("greedy", "sampling")} | {
-    "spec_step_greedy", "spec_step_sampling"}
+    "spec_step_greedy", "spec_step_sampling", "spec_step_k2_greedy", "spec_step_k2_sampling"}
 SHORT = [[5, 6, 7], [8, 9, 10, 11, 12]]  # bucket 16
 LONG = [list(range(20, 45)), list(range(50, 80))]  # bucket 32
 
@@ -90,7 +92,11 @@ def test_build_writes_manifest_hlo_and_audit_for_every_graph(built, tiny_llama_d
     assert state["cache.key_0"].shape == (2, 2, 96, 16) and state["state.pending_features"].shape == (2, 4, 192)
     assert "proposer.inner.cache.key_0" in state  # the drafter's cache, inside the context lookup
     assert state["proposer.history"].shape == (2, 97)  # the lookup's token history is state too
-    assert [(t.name, t.shape) for t in step.outputs] == [("tokens", (2, 4)), ("counts", (2,))]
+    assert state["proposer.copied"].shape == (2, 3)  # and its copies for the next step
+    assert [(t.name, t.shape) for t in step.outputs] == [("tokens", (2, 4)), ("counts", (2,)), ("known_drafts", (2,))]
+    short = manifest.graph("spec_step_k2_greedy")  # the short K's step, on the same state
+    assert [(t.name, t.shape) for t in short.outputs][0] == ("tokens", (2, 3))
+    assert {t.name: t.shape for t in short.state} == {t.name: t.shape for t in step.state}
     prefill = manifest.graph("spec_prefill_b32_sampling")
     assert prefill.inputs[0].shape == (2, 32) and prefill.inputs[0].dtype == "int64"
     notes = " ".join(manifest.audit_notes)
@@ -133,9 +139,16 @@ def test_from_compiled_generates_the_eager_tokens_and_compiles_nothing(compiled_
     greedy = SamplingParams(max_new_tokens=24, ignore_eos=True)
     sampled = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.95, seed=3, ignore_eos=True)
     start = engine.backend.compile_count()
-    got = [o.output_ids for o in engine.generate(SHORT + LONG, greedy)]
-    engine.generate(SHORT + LONG, sampled)
+    used_ks = []
+    next_k = engine.decoder.next_k
+    engine.decoder.next_k = lambda: used_ks.append(next_k()) or used_ks[-1]
+    try:
+        got = [o.output_ids for o in engine.generate(SHORT + LONG, greedy)]
+        engine.generate(SHORT + LONG, sampled)
+    finally:
+        del engine.decoder.next_k
     assert engine.backend.compile_count() == start
+    assert set(used_ks) == {3, 2}  # both step graphs ran (adaptive K)
     assert got == [o.output_ids for o in eager.generate(SHORT + LONG, greedy)]
 
 
@@ -200,13 +213,13 @@ def test_prompt_no_bucket_fits_names_the_largest(compiled_engine):
 def test_declared_state_is_every_buffer_a_graph_updates(tiny_llama_dir, mode):
     """On a device only declared state is aliased and kept: a buffer updated but not declared
     would silently lose its update there. Checked by running each graph eagerly."""
-    lookup = SHAPES["lookup_ngram"] if mode != "plain" else 0
-    engine = Engine.from_pretrained(tiny_llama_dir, **{**SHAPES, "mode": mode, "lookup_ngram": lookup})
+    speculative = {key: SHAPES[key] if mode != "plain" else 0 for key in ("lookup_ngram", "short_draft_tokens")}
+    engine = Engine.from_pretrained(tiny_llama_dir, **{**SHAPES, "mode": mode, **speculative})
     specs = plan_graphs(engine.decoder, neuron_compiler_args("trn2"))
     prefix = "spec_" if mode != "plain" else ""
-    step = "spec_step" if mode != "plain" else "decode"
+    steps = ("spec_step", "spec_step_k2") if mode != "plain" else ("decode",)
     assert {s.name for s in specs} == {f"{prefix}prefill_b{b}_{v}" for b in (16, 32) for v in ("greedy", "sampling")} | {
-        f"{step}_greedy", f"{step}_sampling"}
+        f"{step}_{v}" for step in steps for v in ("greedy", "sampling")}
     for spec in specs:
         assert spec.compiler_args[-2:] == ("--target", "trn2")
         for buffer in spec.state_buffers.values():
@@ -376,8 +389,9 @@ def test_default_model_artifacts_generate_the_eager_tokens(default_model_dir, tm
     """The embedded model and its drafter, two buckets: a valid manifest and HLO for every graph, and a
     fresh process that loads them generates the eager engine's tokens with no compile while generating."""
     out = tmp_path / "default"
+    # One step graph (no adaptive K): the tiny model's build above covers the second one.
     cmd = [sys.executable, "-m", "compile.build", "--out", str(out), "--mode", "parallel", "-k", "5",
-           "--batch-size", "2", "--max-length", "160", "--buckets", "32,64"]
+           "--batch-size", "2", "--max-length", "160", "--buckets", "32,64", "--short-draft-tokens", "0"]
     env = {**os.environ, "PJRT_DEVICE": "CPU"}
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=1200, env=env)
     assert result.returncode == 0, result.stderr[-4000:]

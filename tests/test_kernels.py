@@ -333,8 +333,8 @@ class UnfusedProposer(DrafterProposer):
         ids = logits.argmax(-1)
         return ids + self.drafter.d2t[ids]
 
-    def _propose_parallel(self, state):
-        k, d = self.num_draft_tokens, self.drafter
+    def _propose_parallel(self, state, k):
+        d = self.drafter
         batch = state.pending_tokens.shape[0]
         real_positions, _ = self._real_slots(state)
         positions = torch.cat([real_positions, state.last_position.unsqueeze(-1) + torch.arange(k - 1)], dim=1)
@@ -347,8 +347,8 @@ class UnfusedProposer(DrafterProposer):
         logits, _ = d(embeds, hidden, positions, self.cache, torch.arange(k, 2 * k).expand(batch, k))
         return self._target_ids(logits)
 
-    def _propose_sequential(self, state):
-        k, d = self.num_draft_tokens, self.drafter
+    def _propose_sequential(self, state, k):
+        d = self.drafter
         batch = state.pending_tokens.shape[0]
         positions, _ = self._real_slots(state)
         no_mask = torch.zeros(batch, k + 1, dtype=torch.bool)
@@ -371,7 +371,7 @@ class UnfusedStep(SpecStepGraph):
         k, state = self.num_draft_tokens, self.state
         batch = state.pending_tokens.shape[0]
         state.last_position.clamp_(max=self.cache.max_length - k - 2)
-        drafts = self.proposer.propose(state)
+        drafts = self.proposer.propose(state, k)
         offsets = torch.arange(k + 1)
         out = self.target(torch.cat([state.pending_tokens[:, -1:], drafts], dim=1),
                           state.last_position.unsqueeze(-1) + offsets, self.cache, offsets.expand(batch, k + 1),
@@ -383,7 +383,7 @@ class UnfusedStep(SpecStepGraph):
         state.pending_tokens.copy_(tokens.gather(1, source))
         state.pending_count.copy_(counts)
         state.last_position.add_(counts)
-        return SpecStepOutputs(tokens, counts)
+        return SpecStepOutputs(tokens, counts, self.proposer.commit(state))
 
 
 def run_steps(target, drafter, kernels, unfused, prompts, bucket, k, parallel, steps):
@@ -397,8 +397,8 @@ def run_steps(target, drafter, kernels, unfused, prompts, bucket, k, parallel, s
     drafts = []
     propose = proposer.propose
 
-    def recording_propose(s):
-        drafts.append(propose(s))
+    def recording_propose(s, k):
+        drafts.append(propose(s, k))
         return drafts[-1]
 
     proposer.propose = recording_propose
@@ -474,7 +474,7 @@ def test_engine_switch_runs_the_kernel_source_with_the_same_tokens(tiny_llama_di
     kwargs = dict(mode="parallel", num_speculative_tokens=3, batch_size=2, max_length=64, prefill_buckets=(16,))
     fused = Engine.from_pretrained(tiny_llama_dir, kernels="interpreter", **kwargs)
     assert fused.decoder.proposer.kernels == "interpreter"
-    assert {graph.kernels for _, graph in fused.decoder.graphs.values()} == {"interpreter"}
+    assert {graph.kernels for _, steps in fused.decoder.graphs.values() for graph in steps.values()} == {"interpreter"}
     plain = Engine.from_pretrained(tiny_llama_dir, **kwargs)
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
     prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]

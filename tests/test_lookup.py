@@ -8,12 +8,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import NEW_TOKENS
+from conftest import NEW_TOKENS, save_tiny_model
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.graphs.lookup import context_lookup
 from neuron_peagle.runtime.engine import Engine, SamplingParams
 
 PARAMS = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+# Prompts with repeats; from a 64-token random model, outputs whose bigrams sometimes repeat too, so
+# adaptive K runs both its step graphs on them.
+REPEATING = [[1, 2, 3, 4, 1, 2, 3], [5, 6, 5, 6, 5, 6, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 9]]
+
+
+@pytest.fixture(scope="module")
+def small_vocab_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_v64"), "llama", vocab_size=64, seed=11)
 
 
 def reference_lookup(sequence: list[int], ngram: int, k: int, min_ngram: int | None = None) -> list[int | None]:
@@ -61,19 +69,47 @@ def test_lookup_needs_a_speculative_mode_and_a_positive_ngram(tiny_llama_dir):
         Engine.from_pretrained(tiny_llama_dir, lookup_ngram=-1, max_length=64, prefill_buckets=(16,))
 
 
+def test_adaptive_k_needs_lookup_and_a_shorter_k(tiny_llama_dir):
+    shapes = dict(max_length=64, prefill_buckets=(16,))
+    with pytest.raises(ConfigError, match="needs context lookup"):
+        Engine.from_pretrained(tiny_llama_dir, num_speculative_tokens=4, short_draft_tokens=2, **shapes)
+    with pytest.raises(ConfigError, match="must be below num_speculative_tokens 4, got 4"):
+        Engine.from_pretrained(tiny_llama_dir, num_speculative_tokens=4, lookup_ngram=2, short_draft_tokens=4,
+                               **shapes)
+
+
+def test_adaptive_k_runs_both_step_graphs_and_changes_no_token(small_vocab_dir):
+    """Steps after a copy-able n-gram draft the long K, the others the short K; the tokens are plain
+    greedy decoding's either way, batch 2 with rows of different lengths, and batch 1."""
+    from test_speculative_runtime import record_ks
+
+    shapes = dict(batch_size=2, max_length=96, prefill_buckets=(16, 32))
+    plain = Engine.from_pretrained(small_vocab_dir, mode="plain", **shapes)
+    adaptive = Engine.from_pretrained(small_vocab_dir, num_speculative_tokens=4, lookup_ngram=2,
+                                      short_draft_tokens=1, **shapes)
+    used = record_ks(adaptive)
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    for batch in (REPEATING, REPEATING[1:]):
+        got = adaptive.generate(batch, params)
+        assert [o.output_ids for o in got] == [o.output_ids for o in plain.generate(batch, params)]
+        assert all(o.stats.num_draft_tokens == 4 for o in got)
+    assert set(used) == {4, 1}
+
+
 @pytest.mark.slow
 def test_lookup_with_the_shipped_drafter_is_exact_and_accepts_more(prompt_ids, hf_greedy):
     """Batch 4, all twenty prompts: the same tokens as transformers, and copied drafts raise the
     acceptance length over the drafter alone."""
     lengths = {}
-    for ngram in (0, 2):
+    for ngram, short in ((0, 0), (2, 0), (2, 2)):  # the drafter alone, with lookup, and with adaptive K too
         engine = Engine.from_pretrained(None, num_speculative_tokens=5, batch_size=4, max_length=256,
-                                        prefill_buckets=(64, 128), lookup_ngram=ngram)
+                                        prefill_buckets=(64, 128), lookup_ngram=ngram, short_draft_tokens=short)
         outputs = engine.generate(prompt_ids, PARAMS)
         mismatches = [i for i, (o, ref) in enumerate(zip(outputs, hf_greedy)) if o.output_ids != ref]
-        assert not mismatches, f"lookup_ngram={ngram}: prompts {mismatches} differ from transformers' greedy output"
-        lengths[ngram] = sum(o.stats.acceptance_length for o in outputs) / len(outputs)
-    assert lengths[2] > lengths[0] + 0.1, lengths
+        assert not mismatches, (f"lookup_ngram={ngram}, short K {short}: prompts {mismatches} differ from "
+                                "transformers' greedy output")
+        lengths[ngram, short] = sum(o.stats.acceptance_length for o in outputs) / len(outputs)
+    assert lengths[2, 0] > lengths[0, 0] + 0.1, lengths
 
 
 def test_lookup_on_xla_compiles_once_and_equals_eager(tiny_llama_dir):
@@ -94,3 +130,23 @@ def test_lookup_on_xla_compiles_once_and_equals_eager(tiny_llama_dir):
     assert [o.output_ids for o in short] == [o.output_ids for o in eager.generate(prompts[:1], params)]
     want = eager.generate(prompts, params)
     assert [o.output_ids for o in both] == [o.output_ids for o in want]
+
+
+def test_adaptive_k_on_xla_compiles_one_graph_per_k_and_equals_eager(small_vocab_dir):
+    from test_speculative_runtime import record_ks
+
+    # max_length=88 is used by no other test, so none of these graphs can be in torch-xla's cache.
+    kwargs = dict(num_speculative_tokens=3, batch_size=2, max_length=88, prefill_buckets=(32,), lookup_ngram=2,
+                  short_draft_tokens=1)
+    xla = Engine.from_pretrained(small_vocab_dir, backend="xla", **kwargs)
+    eager = Engine.from_pretrained(small_vocab_dir, **kwargs)
+    used = record_ks(xla)
+    prompts = REPEATING
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    start = xla.backend.compile_count()
+    got = xla.generate(prompts, params)
+    assert set(used) == {3, 1}
+    assert xla.backend.compile_count() - start == 3  # the prefill and one step graph per K
+    xla.generate(prompts[::-1], params)
+    assert xla.backend.compile_count() - start == 3
+    assert [o.output_ids for o in got] == [o.output_ids for o in eager.generate(prompts, params)]

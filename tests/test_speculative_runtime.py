@@ -126,6 +126,32 @@ def test_sampling_with_context_lookup_drafts_matches_plain_sampling_distribution
         assert stat < dof + 6 * (2 * dof) ** 0.5, f"position {j}: chi2 {stat:.1f} with {dof} dof"
 
 
+def record_ks(engine) -> list[int]:
+    """The K of every step `engine` runs from now on (adaptive K picks one per step)."""
+    used = []
+    next_k = engine.decoder.next_k
+    engine.decoder.next_k = lambda: used.append(next_k()) or used[-1]
+    return used
+
+
+def test_sampling_with_adaptive_k_matches_plain_sampling_distribution(small_vocab_dir):
+    """Adaptive K picks each step's K from tokens already committed, never from the step's own
+    randomness, so switching between the long and the short step graph keeps the distribution."""
+    kwargs = dict(batch_size=16, max_length=40, prefill_buckets=(16,))
+    plain = Engine.from_pretrained(small_vocab_dir, mode="plain", **kwargs)
+    spec = Engine.from_pretrained(small_vocab_dir, mode="parallel", num_speculative_tokens=2, lookup_ngram=2,
+                                  short_draft_tokens=1, **kwargs)
+    used = record_ks(spec)
+    samples, positions = 1600, 4
+    hist_plain = _histograms(plain, samples, positions)
+    hist_spec = _histograms(spec, samples, positions)
+    assert set(used) == {1, 2}  # the prompt's last bigram is new: the first step is short, later ones vary
+    assert 0 < spec.accepted_total < samples * (positions - 1)
+    for j in range(positions):
+        stat, dof = _chi2_two_sample(hist_plain[j], hist_spec[j])
+        assert stat < dof + 6 * (2 * dof) ** 0.5, f"position {j}: chi2 {stat:.1f} with {dof} dof"
+
+
 @pytest.mark.parametrize("mode", ["plain", "parallel"])
 def test_eager_attention_window_changes_no_token(tiny_llama_dir, mode, monkeypatch):
     """Eager attention reads only the live part of the cache (rounded up to 128 slots): the same tokens,

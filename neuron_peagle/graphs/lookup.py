@@ -68,14 +68,18 @@ MIN_NGRAM = 2
 
 class LookupProposer(nn.Module):
     """`inner`'s drafts, replaced by context-lookup drafts wherever the last `ngram` tokens (or, failing
-    that, the last ngram-1, ... down to 2) have an earlier occurrence that reaches that far."""
+    that, the last ngram-1, ... down to 2) have an earlier occurrence that reaches that far.
+
+    The lookup runs when tokens are committed (`commit`, at the end of prefill and of every step), not
+    when drafting: its copies for the next step wait in `copied` ([B, K], -1 where nothing was found),
+    and how many leading drafts they supply is known before that step runs (adaptive K)."""
 
     def __init__(self, inner: nn.Module, batch_size: int, max_length: int, num_draft_tokens: int, ngram: int) -> None:
         super().__init__()
         if ngram < 1:
             raise ConfigError(f"lookup_ngram must be >= 1 to look anything up, got {ngram}")
         self.inner = inner
-        self.num_draft_tokens = num_draft_tokens
+        self.num_draft_tokens = num_draft_tokens  # the longest K any step drafts
         self.ngram = ngram
         # Where the last `ngram` tokens never occurred before, shorter n-grams down to bigrams are tried
         # (single tokens match too often by chance: on held-out prompts they lowered acceptance).
@@ -83,21 +87,29 @@ class LookupProposer(nn.Module):
         self.max_length = max_length  # the trash column is history[:, max_length]
         self.register_buffer("history", torch.zeros(batch_size, max_length + 1, dtype=torch.int64),
                              persistent=False)
+        self.register_buffer("copied", torch.full((batch_size, num_draft_tokens), -1, dtype=torch.int64),
+                             persistent=False)
 
     def prefill(self, features: Tensor, input_ids: Tensor, lengths: Tensor) -> None:
-        # input_ids [B, bucket]: the prompt; the first new token arrives in the first step's pending tokens.
+        # input_ids [B, bucket]: the prompt; the first new token arrives with the prefill's commit.
         self.inner.prefill(features, input_ids, lengths)
         self.history[:, : input_ids.shape[1]].copy_(input_ids)
 
-    def propose(self, state: SpecState) -> Tensor:  # -> drafts [B, K] (target vocabulary ids)
-        k = self.num_draft_tokens
-        # pending_tokens[:, j] is the token at position last_position - K + j (j = K is y).
-        j = torch.arange(k + 1, device=state.last_position.device)
-        positions = state.last_position.unsqueeze(-1) - k + j  # [B, K+1]
-        valid = j >= (k + 1 - state.pending_count).unsqueeze(-1)
+    def commit(self, state: SpecState) -> Tensor:  # -> [B] int64: leading drafts the lookup supplies
+        slots = state.pending_tokens.shape[1]
+        # pending_tokens[:, j] is the token at position last_position - (S-1) + j (j = S-1 is y).
+        j = torch.arange(slots, device=state.last_position.device)
+        positions = state.last_position.unsqueeze(-1) - (slots - 1) + j  # [B, S]
+        valid = j >= (slots - state.pending_count).unsqueeze(-1)
         self.history.scatter_(1, torch.where(valid, positions, torch.full_like(positions, self.max_length)),
                               state.pending_tokens)
-        drafts = self.inner.propose(state)
-        copied, found = context_lookup(self.history[:, : self.max_length], state.last_position, self.ngram, k,
-                                       self.min_ngram)
-        return torch.where(found, copied, drafts)
+        copied, found = context_lookup(self.history[:, : self.max_length], state.last_position, self.ngram,
+                                       self.num_draft_tokens, self.min_ngram)
+        self.copied.copy_(torch.where(found, copied, torch.full_like(copied, -1)))
+        # `found` is a prefix of the K positions (a match supplies the tokens up to last_position).
+        return found.sum(dim=-1)
+
+    def propose(self, state: SpecState, num_draft_tokens: int) -> Tensor:  # -> drafts [B, K] (target ids)
+        drafts = self.inner.propose(state, num_draft_tokens)
+        copied = self.copied[:, :num_draft_tokens]
+        return torch.where(copied >= 0, copied, drafts)

@@ -1,12 +1,18 @@
 """Draft proposers: the part of a speculative step that guesses the next K tokens.
 
-All of them see the same `SpecState` (kept on the device by the step graph):
+All of them see the same `SpecState` (kept on the device by the step graphs), sized for the longest
+K the engine drafts (`S = K + 1` slots):
 
-    pending_features [B, K+1, 3H]  target features of the positions committed last step,
-    pending_tokens   [B, K+1]      and the token that followed each, right-aligned:
-    pending_count    [B]           the last `pending_count` slots are valid (1..K+1).
-    last_position    [B]           position of y, the last committed token (its target KV is not
-                                   written yet; y = pending_tokens[:, K]).
+    pending_features [B, S, 3H]  target features of the positions committed last step,
+    pending_tokens   [B, S]      and the token that followed each, right-aligned:
+    pending_count    [B]         the last `pending_count` slots are valid (1..S).
+    last_position    [B]         position of y, the last committed token (its target KV is not
+                                 written yet; y = pending_tokens[:, S-1]).
+
+A proposer drafts `num_draft_tokens` tokens per call (`propose(state, k)`, any k <= S-1: an engine
+with an adaptive K runs step graphs of two lengths on the same state). After each commit,
+`commit(state)` says how many leading drafts of the next step it already knows (context lookup's
+copies; 0 for a drafter alone): that count picks the next step's K.
 
 A drafter slot at position p pairs (feature f_p, token t_{p+1}); so the pending pairs sit at drafter
 positions last_position - pending_count .. last_position - 1, and the last one predicts draft 1.
@@ -82,41 +88,46 @@ class DrafterProposer(nn.Module):
         self.drafter.run_layers(x, residual, positions, self.cache)
 
     def _real_slots(self, state: SpecState) -> tuple[Tensor, Tensor]:
-        k = self.num_draft_tokens
-        j = torch.arange(k + 1, device=state.last_position.device)
-        positions = state.last_position.unsqueeze(-1) - (k + 1) + j  # [B, K+1]
-        valid = j >= (k + 1 - state.pending_count).unsqueeze(-1)
+        slots = state.pending_tokens.shape[1]
+        j = torch.arange(slots, device=state.last_position.device)
+        positions = state.last_position.unsqueeze(-1) - slots + j  # [B, S]
+        valid = j >= (slots - state.pending_count).unsqueeze(-1)
         return torch.where(valid, positions, torch.full_like(positions, self.trash)), valid
 
-    def propose(self, state: SpecState) -> Tensor:  # -> drafts [B, K] (target vocabulary ids)
-        return self._propose_parallel(state) if self.parallel else self._propose_sequential(state)
+    def propose(self, state: SpecState, num_draft_tokens: int) -> Tensor:  # -> drafts [B, K] (target ids)
+        if self.parallel:
+            return self._propose_parallel(state, num_draft_tokens)
+        return self._propose_sequential(state, num_draft_tokens)
 
-    def _propose_parallel(self, state: SpecState) -> Tensor:
-        k, d = self.num_draft_tokens, self.drafter
-        batch = state.pending_tokens.shape[0]
+    def commit(self, state: SpecState) -> Tensor:  # -> [B] int64: drafts known in advance (none)
+        return torch.zeros_like(state.pending_count)
+
+    def _propose_parallel(self, state: SpecState, k: int) -> Tensor:
+        d = self.drafter
+        batch, slots = state.pending_tokens.shape
         device = state.pending_tokens.device
         real_positions, _ = self._real_slots(state)
         mask_positions = state.last_position.unsqueeze(-1) + torch.arange(k - 1, device=device)  # [B, K-1]
-        positions = torch.cat([real_positions, mask_positions], dim=1)  # [B, 2K]
-        is_mask = torch.cat([torch.zeros(batch, k + 1, dtype=torch.bool, device=device),
+        positions = torch.cat([real_positions, mask_positions], dim=1)  # [B, S+K-1]
+        is_mask = torch.cat([torch.zeros(batch, slots, dtype=torch.bool, device=device),
                              torch.ones(batch, k - 1, dtype=torch.bool, device=device)], dim=1)
         tokens = torch.cat([state.pending_tokens, torch.zeros(batch, k - 1, dtype=torch.int64, device=device)], 1)
         features = torch.cat([state.pending_features, state.pending_features.new_zeros(
             batch, k - 1, state.pending_features.shape[-1])], dim=1)
         x, residual = self._first_layer_input(tokens, features, is_mask)
         h = d.run_layers(x, residual, positions, self.cache)
-        # Slot K (the pair ending in y) proposes draft 1; mask slot m proposes draft m+1.
-        rows = torch.arange(k, 2 * k, device=device).expand(batch, k)
+        # Slot S-1 (the pair ending in y) proposes draft 1; mask slot m proposes draft m+1.
+        rows = torch.arange(slots - 1, slots - 1 + k, device=device).expand(batch, k)
         return self._greedy(pick_rows(h, rows))
 
-    def _propose_sequential(self, state: SpecState) -> Tensor:
-        k, d = self.num_draft_tokens, self.drafter
-        batch = state.pending_tokens.shape[0]
+    def _propose_sequential(self, state: SpecState, k: int) -> Tensor:
+        d = self.drafter
+        batch, slots = state.pending_tokens.shape
         device = state.pending_tokens.device
         positions, _ = self._real_slots(state)
-        no_mask = torch.zeros(batch, k + 1, dtype=torch.bool, device=device)
+        no_mask = torch.zeros(batch, slots, dtype=torch.bool, device=device)
         x, residual = self._first_layer_input(state.pending_tokens, state.pending_features, no_mask)
-        last_row = torch.full((batch, 1), k, dtype=torch.int64, device=device)
+        last_row = torch.full((batch, 1), slots - 1, dtype=torch.int64, device=device)
         h = pick_rows(d.run_layers(x, residual, positions, self.cache), last_row)  # [B, 1, H]
         drafts = [self._greedy(h)[:, 0]]
         one_mask = torch.zeros(batch, 1, dtype=torch.bool, device=device)
@@ -144,7 +155,10 @@ class TableProposer(nn.Module):
     def prefill(self, features: Tensor, input_ids: Tensor, lengths: Tensor) -> None:
         pass
 
-    def propose(self, state: SpecState) -> Tensor:
-        offsets = torch.arange(1, self.num_draft_tokens + 1, device=state.last_position.device)
+    def propose(self, state: SpecState, num_draft_tokens: int) -> Tensor:
+        offsets = torch.arange(1, num_draft_tokens + 1, device=state.last_position.device)
         index = (state.last_position.unsqueeze(-1) + offsets).clamp(max=self.table.shape[1] - 1)
         return self.table.gather(1, index)
+
+    def commit(self, state: SpecState) -> Tensor:
+        return torch.zeros_like(state.pending_count)

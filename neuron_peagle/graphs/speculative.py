@@ -16,6 +16,8 @@ sampling inputs); the engine keeps one of each and uses the one a batch needs.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -48,11 +50,13 @@ class SpecStepInputs(NamedTuple):
 
 class SpecPrefillOutputs(NamedTuple):
     first_tokens: Tensor  # [B] int64
+    known_drafts: Tensor  # [B] int64: leading drafts of the next step the proposer already knows
 
 
 class SpecStepOutputs(NamedTuple):
     tokens: Tensor  # [B, K+1] int64, committed tokens padded with -1
     counts: Tensor  # [B] int64, 1..K+1
+    known_drafts: Tensor  # [B] int64, as in SpecPrefillOutputs
 
 
 class SpecPrefillGraph(nn.Module):
@@ -83,10 +87,13 @@ class SpecPrefillGraph(nn.Module):
         state.pending_tokens[:, -1].copy_(first)
         state.pending_count.fill_(1)
         state.last_position.copy_(lengths)
-        return SpecPrefillOutputs(first)
+        return SpecPrefillOutputs(first, self.proposer.commit(state))
 
 
 class SpecStepGraph(nn.Module):
+    """One speculative step drafting `num_draft_tokens` (K) tokens. The state may be sized for a longer
+    K (S = K_max + 1 pending slots): an engine with an adaptive K keeps a step graph per K on one state."""
+
     Inputs = SpecStepInputs
     Outputs = SpecStepOutputs
 
@@ -101,49 +108,58 @@ class SpecStepGraph(nn.Module):
         # Set to a dict by the eager engine to time the parts of a step (meaningless when traced).
         self.timings: dict[str, float] | None = None
 
-    def _tick(self, name: str, since: float) -> float:
-        now = time.perf_counter()
-        if self.timings is not None:
-            self.timings[name] = self.timings.get(name, 0.0) + now - since
-        return now
+    @contextmanager
+    def _part(self, name: str) -> Iterator[None]:
+        """Times one part of the step into `timings` and names it for a profiler (`peagle::<name>`);
+        eager only: a traced graph has timings None and gets neither."""
+        if self.timings is None:
+            yield
+            return
+        start = time.perf_counter()
+        with torch.profiler.record_function(f"peagle::{name}"):
+            yield
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
     def forward(self, temperature: Tensor, top_k: Tensor, top_p: Tensor, accept_uniform: Tensor,
                 sample_uniform: Tensor) -> SpecStepOutputs:
         k, state = self.num_draft_tokens, self.state
-        batch = state.pending_tokens.shape[0]
+        batch, slots = state.pending_tokens.shape
         device = state.pending_tokens.device
-        # Rows past their end (finished, or padding of a short batch) must keep writes in range.
-        state.last_position.clamp_(max=self.cache.max_length - k - 2)
-        start = time.perf_counter()
+        # Rows past their end (finished, or padding of a short batch) must keep writes in range (for
+        # the longest K the state serves, so that every step graph clamps alike).
+        state.last_position.clamp_(max=self.cache.max_length - slots - 1)
 
-        drafts = self.proposer.propose(state)  # [B, K]
-        start = self._tick("draft", start)
+        with self._part("draft"):
+            drafts = self.proposer.propose(state, k)  # [B, K]
 
-        y = state.pending_tokens[:, -1:]
-        verify_tokens = torch.cat([y, drafts], dim=1)  # [B, K+1]
-        offsets = torch.arange(k + 1, device=device)
-        verify_positions = state.last_position.unsqueeze(-1) + offsets
-        rows = offsets.expand(batch, k + 1)
-        if self.greedy:
-            # Only the argmax per row is needed; with the NKI kernel the [B, K+1, vocab] logits never
-            # reach HBM.
-            out = self.target.normed_rows(verify_tokens, verify_positions, self.cache, rows, return_features=True)
-            target_tokens, _ = lm_head_argmax(out.hidden, self.target.lm_head.weight, None, self.kernels)
-            start = self._tick("verify", start)
-            tokens, counts = greedy_accept(drafts, target_tokens)
-        else:
-            out = self.target(verify_tokens, verify_positions, self.cache, rows, return_features=True)
-            start = self._tick("verify", start)
-            probs = target_probs(out.logits, SamplingTensors(temperature, top_k, top_p))
-            tokens, counts = rejection_accept(drafts, probs, accept_uniform, sample_uniform)
+        with self._part("verify"):
+            y = state.pending_tokens[:, -1:]
+            verify_tokens = torch.cat([y, drafts], dim=1)  # [B, K+1]
+            offsets = torch.arange(k + 1, device=device)
+            verify_positions = state.last_position.unsqueeze(-1) + offsets
+            rows = offsets.expand(batch, k + 1)
+            if self.greedy:
+                # Only the argmax per row is needed; with the NKI kernel the [B, K+1, vocab] logits never
+                # reach HBM.
+                out = self.target.normed_rows(verify_tokens, verify_positions, self.cache, rows,
+                                              return_features=True)
+                target_tokens, _ = lm_head_argmax(out.hidden, self.target.lm_head.weight, None, self.kernels)
+            else:
+                out = self.target(verify_tokens, verify_positions, self.cache, rows, return_features=True)
 
-        # The verified positions 0..n (y and the accepted drafts) have exact target features; pair
-        # each with the token committed after it, right-aligned, for the next step's drafter pass.
-        source = (offsets - (k + 1 - counts).unsqueeze(-1)).clamp(min=0)  # [B, K+1]
-        state.pending_features.copy_(out.features.gather(
-            1, source.unsqueeze(-1).expand(-1, -1, out.features.shape[-1])))
-        state.pending_tokens.copy_(tokens.gather(1, source))
-        state.pending_count.copy_(counts)
-        state.last_position.add_(counts)
-        self._tick("accept", start)
-        return SpecStepOutputs(tokens, counts)
+        with self._part("accept"):
+            if self.greedy:
+                tokens, counts = greedy_accept(drafts, target_tokens)
+            else:
+                probs = target_probs(out.logits, SamplingTensors(temperature, top_k, top_p))
+                tokens, counts = rejection_accept(drafts, probs, accept_uniform, sample_uniform)
+            # The verified positions 0..n (y and the accepted drafts) have exact target features; pair
+            # each with the token committed after it, right-aligned in the S slots, for the next step.
+            source = (torch.arange(slots, device=device) - (slots - counts).unsqueeze(-1)).clamp(min=0)  # [B, S]
+            state.pending_features.copy_(out.features.gather(
+                1, source.unsqueeze(-1).expand(-1, -1, out.features.shape[-1])))
+            state.pending_tokens.copy_(tokens.gather(1, source))
+            state.pending_count.copy_(counts)
+            state.last_position.add_(counts)
+            known = self.proposer.commit(state)
+        return SpecStepOutputs(tokens, counts, known)

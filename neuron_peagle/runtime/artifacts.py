@@ -65,6 +65,7 @@ class ArtifactRequest:
     prefill_buckets: tuple[int, ...] | None = None
     dtype: str | None = None
     lookup_ngram: int | None = None
+    short_draft_tokens: int | None = None
 
 
 @dataclass
@@ -94,7 +95,8 @@ def _check_request(manifest: Manifest, request: ArtifactRequest) -> None:
     built = {"backend": manifest.backend, "mode": manifest.mode,
              "num_speculative_tokens": manifest.num_speculative_tokens, "batch_size": manifest.build.batch_size,
              "max_length": manifest.build.max_length, "prefill_buckets": manifest.build.prefill_buckets,
-             "dtype": manifest.build.dtype, "lookup_ngram": manifest.build.lookup_ngram}
+             "dtype": manifest.build.dtype, "lookup_ngram": manifest.build.lookup_ngram,
+             "short_draft_tokens": manifest.build.short_draft_tokens}
     wrong = []
     for name, value in built.items():
         asked = getattr(request, name)
@@ -203,7 +205,8 @@ def _engine(engine_cls, manifest: Manifest, model_dir: Path, drafter_dir: Path |
                                       num_speculative_tokens=manifest.num_speculative_tokens,
                                       batch_size=build.batch_size, max_length=build.max_length,
                                       prefill_buckets=build.prefill_buckets, dtype=build.dtype, backend=backend,
-                                      kernels=build.kernels, lookup_ngram=build.lookup_ngram)
+                                      kernels=build.kernels, lookup_ngram=build.lookup_ngram,
+                                      short_draft_tokens=build.short_draft_tokens)
 
 
 def _load_neuron(engine_cls, artifact_dir: Path, manifest: Manifest, model_dir: Path, drafter_dir: Path | None):

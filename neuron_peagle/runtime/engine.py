@@ -18,7 +18,7 @@ from neuron_peagle.errors import ConfigError, PromptError
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.runtime.batch import BatchSampling
 from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter
-from neuron_peagle.runtime.host_loop import Decoder, run_batch
+from neuron_peagle.runtime.host_loop import Decoder, StepCallback, run_batch
 from neuron_peagle.runtime.plain_decoder import PlainDecoder
 from neuron_peagle.runtime.spec_decoder import SpecDecoder
 from neuron_peagle.runtime.stats import RequestStats
@@ -87,23 +87,29 @@ class Engine:
                         mode: str = "parallel", num_speculative_tokens: int = 7,
                         parallel_drafting: bool | None = None, batch_size: int = 1, max_length: int = 1024,
                         prefill_buckets: Sequence[int] = (128, 512), dtype: str = "float32",
-                        backend: str = "eager", kernels: str = "auto", lookup_ngram: int = 0) -> "Engine":
+                        backend: str = "eager", kernels: str = "auto", lookup_ngram: int = 0,
+                        short_draft_tokens: int = 0) -> "Engine":
         """Load a Hugging Face target directory (default: the embedded SmolLM2-135M-Instruct) and a
         speculators-format drafter (default: the project's drafter for the default model).
 
         `parallel_drafting=False` is the vLLM-style spelling of mode="sequential". `kernels` picks the
         draft-pass kernels' implementation (BuildConfig.kernels; "auto": NKI on neuron, else PyTorch).
         `lookup_ngram=n` (speculative modes) replaces drafts by tokens copied from earlier in the
-        sequence wherever its last n tokens occurred before (neuron_peagle.graphs.lookup)."""
+        sequence wherever its last n tokens occurred before (neuron_peagle.graphs.lookup).
+        `short_draft_tokens=k` (with lookup; adaptive K) drafts only k tokens in steps where the lookup
+        found nothing to copy, num_speculative_tokens where it did (runtime.spec_decoder)."""
         if parallel_drafting is not None and mode != "plain":
             mode = "parallel" if parallel_drafting else "sequential"
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
         if mode != "plain" and num_speculative_tokens < 1:
             raise ConfigError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+        if short_draft_tokens and not 0 < short_draft_tokens < num_speculative_tokens:
+            raise ConfigError(f"short_draft_tokens (adaptive K) must be below num_speculative_tokens "
+                              f"{num_speculative_tokens}, got {short_draft_tokens}")
         build = BuildConfig(batch_size=batch_size, max_length=max_length,
                             prefill_buckets=tuple(prefill_buckets), dtype=dtype, backend=backend, kernels=kernels,
-                            lookup_ngram=lookup_ngram)
+                            lookup_ngram=lookup_ngram, short_draft_tokens=short_draft_tokens)
         path = Path(model_dir) if model_dir is not None else require_default_model()
         runner = get_backend(build.backend)
         if mode == "plain":
@@ -180,8 +186,9 @@ class Engine:
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  params: SamplingParams | None = None, *, chat_template: bool = True,
-                 on_tokens: TokenCallback | None = None) -> list[RequestOutput]:
-        """Generate for every prompt (text, or token ids used as they are)."""
+                 on_tokens: TokenCallback | None = None, on_step: StepCallback | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (text, or token ids used as they are). `on_tokens(request, tokens)`
+        streams each request's committed tokens; `on_step(StepRecord)` sees every decode step."""
         params = params or SamplingParams()
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -204,7 +211,7 @@ class Engine:
             group = all_ids[first:first + batch]
             sampling = BatchSampling.from_params([params] * len(group), batch)
             rows = run_batch(self.decoder, group, [params.max_new_tokens] * len(group), stop_ids, sampling,
-                             self._commit_callback(first, params, on_tokens))
+                             self._commit_callback(first, params, on_tokens), on_step)
             for offset, row in enumerate(rows):
                 text = self._final_text(row.output_ids, params)
                 outputs.append(RequestOutput(texts[first + offset], group[offset], row.output_ids,

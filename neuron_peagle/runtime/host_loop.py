@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from neuron_peagle.runtime.batch import BatchSampling
@@ -44,28 +45,50 @@ class RowState:
 CommitCallback = Callable[[int, list[int]], bool]
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """One decode step of one batch, as the host loop saw it (for profiler sessions and monitoring)."""
+
+    step: int  # index of the step in its batch's decode loop
+    num_draft_tokens: int  # K of the step graph that ran (adaptive K varies it; 0 for plain decoding)
+    counts: list[int]  # tokens the step committed per row; 0 for rows already finished
+    wall_s: float  # host wall time of the step, graph call included
+    parts_s: dict[str, float]  # draft / verify / accept seconds inside the graph (eager backend only)
+
+
+StepCallback = Callable[[StepRecord], None]
+
+
 def run_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
               stop_token_ids: set[int], sampling: BatchSampling,
-              on_commit: CommitCallback | None = None) -> list[RowState]:
-    """Generate for one batch of at most `decoder.batch_size` prompts (already validated)."""
+              on_commit: CommitCallback | None = None, on_step: StepCallback | None = None) -> list[RowState]:
+    """Generate for one batch of at most `decoder.batch_size` prompts (already validated).
+    The prefill and every step are named `peagle::prefill` / `peagle::step` for a profiler."""
     rows = [RowState(list(p), n) for p, n in zip(prompts, max_new_tokens)]
     for row in rows:
         row.stats.num_prompt_tokens = len(row.prompt_ids)
         row.stats.num_draft_tokens = decoder.tokens_per_step - 1
 
     start = time.perf_counter()
-    first = decoder.prefill([r.prompt_ids for r in rows], sampling)
+    with torch.profiler.record_function("peagle::prefill"):
+        first = decoder.prefill([r.prompt_ids for r in rows], sampling)
     prefill_time = time.perf_counter() - start
     for i, row in enumerate(rows):
         row.stats.prefill_time_s = prefill_time
         _commit(row, i, [int(first[i])], stop_token_ids, on_commit)
 
+    step = 0
     while not all(row.done for row in rows):
         before = dict(decoder.timings)
         start = time.perf_counter()
-        tokens, counts = decoder.step()
+        with torch.profiler.record_function("peagle::step"):
+            tokens, counts = decoder.step()
         elapsed = time.perf_counter() - start
         spent = {name: decoder.timings.get(name, 0.0) - before.get(name, 0.0) for name in decoder.timings}
+        if on_step is not None:
+            live_counts = [0 if row.done else int(counts[i]) for i, row in enumerate(rows)]
+            on_step(StepRecord(step, tokens.shape[1] - 1, live_counts, elapsed, spent))
+        step += 1
         for i, row in enumerate(rows):
             if row.done:
                 continue

@@ -1,7 +1,13 @@
-"""Speculative decoding on the prefill graphs and the single fused step graph.
+"""Speculative decoding on the prefill graphs and the fused step graph.
 
 The host only prepares inputs (sampling settings, seeded uniforms) and reads back the committed
 tokens; caches and the pending-feature state stay inside the graphs.
+
+Adaptive K (`BuildConfig.short_draft_tokens`): a second step graph drafts only the short K. Each
+graph call also returns how many of the next step's drafts context lookup already supplies; the
+next step runs the long K where any row has one, the short K elsewhere (a drafter's later drafts are
+rarely accepted; copied spans often are, whole). Both graphs share the caches and a state sized for
+the long K, so switching between them costs nothing and compiles nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ class SpecDecoder:
         self.backend = backend
         self.num_draft_tokens = num_draft_tokens
         self.tokens_per_step = num_draft_tokens + 1
+        # The K of each step graph, longest first (the short K only with adaptive K).
+        self.step_ks = (num_draft_tokens,) + ((build.short_draft_tokens,) if build.short_draft_tokens else ())
         feature_size = 3 * target.config.hidden_size
         self.target = backend.prepare(target)
         self.cache = backend.prepare(target.new_cache(build.batch_size))
@@ -35,37 +43,45 @@ class SpecDecoder:
         self.proposer = backend.prepare(proposer)
         self.graphs = {
             greedy: (SpecPrefillGraph(self.target, self.proposer, self.cache, self.state, greedy),
-                     SpecStepGraph(self.target, self.proposer, self.cache, self.state, num_draft_tokens, greedy,
-                                   build.kernels))
+                     {k: SpecStepGraph(self.target, self.proposer, self.cache, self.state, k, greedy, build.kernels)
+                      for k in self.step_ks})
             for greedy in (True, False)
         }
         self.timings: dict[str, float] = {}
         self._sampling: BatchSampling | None = None
         self._last_position = torch.zeros(build.batch_size, dtype=torch.int64)
+        self._known_drafts = torch.zeros(build.batch_size, dtype=torch.int64)
 
     def prefill(self, prompts: Sequence[Sequence[int]], sampling: BatchSampling) -> Tensor:
         self._sampling = sampling
         self.timings = {}
-        for _, step in self.graphs.values():
-            step.timings = self.timings if self.backend.name == "eager" else None
+        for _, steps in self.graphs.values():
+            for step in steps.values():
+                step.timings = self.timings if self.backend.name == "eager" else None
         ids, lengths = pad_prompts(prompts, self.batch_size, self.build.bucket_for(max(map(len, prompts))))
         s = sampling.tensors
         inputs = SpecPrefillInputs(ids, lengths, s.temperature, s.top_k, s.top_p, sampling.random.uniform(1))
         self.cache.read_up_to(ids.shape[1] - 1)
-        (first,) = self.backend.run(self.graphs[sampling.greedy][0], inputs)
+        first, self._known_drafts = self.backend.run(self.graphs[sampling.greedy][0], inputs)
         self._last_position = lengths.clone()
         return first
+
+    def next_k(self) -> int:
+        """The K of the next step: the long one unless adaptive K finds no row with a known draft."""
+        if len(self.step_ks) == 1 or bool((self._known_drafts > 0).any()):
+            return self.step_ks[0]
+        return self.step_ks[1]
 
     def step(self) -> tuple[Tensor, Tensor]:
         sampling = self._sampling
         s = sampling.tensors
-        k = self.num_draft_tokens
+        k = self.next_k()
         uniforms = sampling.random.uniform(2 * k + 1)
         inputs = SpecStepInputs(s.temperature, s.top_k, s.top_p, uniforms[:, :k], uniforms[:, k:])
-        # The host's copy of the graph's last_position, clamped as the graph clamps it: the step
-        # writes and reads the cache up to last_position + K.
-        last = self._last_position.clamp(max=self.build.max_length - k - 2)
+        # The host's copy of the graph's last_position, clamped as the graph clamps it (for the
+        # longest K): the step writes and reads the cache up to last_position + K.
+        last = self._last_position.clamp(max=self.build.max_length - self.num_draft_tokens - 2)
         self.cache.read_up_to(int(last.max()) + k)
-        tokens, counts = self.backend.run(self.graphs[sampling.greedy][1], inputs)
+        tokens, counts, self._known_drafts = self.backend.run(self.graphs[sampling.greedy][1][k], inputs)
         self._last_position = last + counts
         return tokens, counts

@@ -1,0 +1,149 @@
+"""Profiler sessions: one generation under its backend's profilers, written to a directory.
+
+    neuron-peagle profile "Write a quicksort in Python." --out profiles/quicksort   (generate's options)
+
+A session directory holds (`session.json` lists what was written):
+
+- `session.json`: the engine (model, drafter, mode, K, adaptive K, lookup, dtype, backend, shapes) and
+  a summary: decode steps, acceptance length, tokens/s, milliseconds per step (median and mean), per
+  part of the step (draft / verify / accept inside the graph, host outside it; eager only, where the
+  graph is Python) and how many steps ran each K;
+- `steps.jsonl`: every decode step (`runtime.host_loop.StepRecord`: K, tokens committed per row,
+  wall time, parts);
+- `trace.json`: the host timeline recorded by torch.profiler, in Chrome trace format (Perfetto or
+  chrome://tracing), with `peagle::prefill` and `peagle::step` ranges and, on eager,
+  `peagle::draft` / `peagle::verify` / `peagle::accept` around the operators; `ops.txt`: its
+  operators by self time;
+- backend xla: `xla_metrics.txt`, torch-xla's metrics report (compilations, executions, transfers);
+- backend neuron: `neuron/`, the Neuron runtime's device profiles, captured through the runtime's
+  inspect settings (`neuron_capture_env`), to open with `neuron-explorer view -d <session>/neuron`.
+  They must be in the environment before the runtime starts: the command line sets them before it
+  builds the engine; from Python, set them before the first Neuron call.
+
+A warm-up generation runs first, outside the profile, so graph compilation and first-call costs stay
+out of the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from neuron_peagle.errors import ConfigError
+from neuron_peagle.runtime.host_loop import StepRecord
+
+if TYPE_CHECKING:
+    from neuron_peagle.runtime.engine import Engine, RequestOutput, SamplingParams
+
+NEURON_PROFILE_DIR = "neuron"
+PARTS = ("draft", "verify", "accept")
+
+
+def neuron_capture_env(out_dir: Path) -> dict[str, str]:
+    """Environment that makes the Neuron runtime write device profiles of every graph it runs into
+    `out_dir/neuron` (read once, when the runtime starts)."""
+    return {"NEURON_RT_INSPECT_ENABLE": "1", "NEURON_RT_INSPECT_DEVICE_PROFILE": "1",
+            "NEURON_RT_INSPECT_OUTPUT_DIR": str(out_dir / NEURON_PROFILE_DIR)}
+
+
+@dataclass(frozen=True)
+class SessionReport:
+    out_dir: Path
+    summary: dict
+    files: list[str]  # written into out_dir, relative to it
+
+    def describe(self) -> str:
+        s = self.summary
+        lines = [f"{s['num_steps']} decode steps, {s['decoded_tokens']} tokens, {s['tokens_per_s']:.1f} tokens/s, "
+                 f"acceptance length {s['acceptance_length']:.2f}, step {s['step_ms_median']:.1f} ms (median)"]
+        if s["part_ms_mean"]:
+            lines.append("per step: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in s["part_ms_mean"].items()))
+        if len(s["steps_per_k"]) > 1:
+            lines.append("steps per K: " + ", ".join(f"K={k}: {n}" for k, n in s["steps_per_k"].items()))
+        lines.append(f"written to {self.out_dir}: " + ", ".join(self.files))
+        return "\n".join(lines)
+
+
+def summarize(records: Sequence[StepRecord]) -> dict:
+    """Decode-step statistics of a session (batch rows pooled; finished rows do not count)."""
+    if not records:
+        raise ConfigError("the profiled generation ran no decode step: ask for more than one new token")
+    live_rows = sum(sum(c > 0 for c in r.counts) for r in records)
+    committed = sum(sum(r.counts) for r in records)
+    wall = sum(r.wall_s for r in records)
+    parts = {name: sum(r.parts_s.get(name, 0.0) for r in records) for name in PARTS}
+    timed = any(parts.values())
+    return {
+        "num_steps": len(records),
+        "decoded_tokens": committed,
+        "acceptance_length": committed / live_rows,
+        "tokens_per_s": committed / wall if wall > 0 else 0.0,
+        "step_ms_median": 1000 * statistics.median(r.wall_s for r in records),
+        "step_ms_mean": 1000 * wall / len(records),
+        # Inside the graph (eager only), and the host's share: the step's wall time less its parts.
+        "part_ms_mean": ({**{n: 1000 * t / len(records) for n, t in parts.items()},
+                          "host": 1000 * (wall - sum(parts.values())) / len(records)} if timed else {}),
+        "steps_per_k": {str(k): n for k, n in sorted(Counter(r.num_draft_tokens for r in records).items())},
+    }
+
+
+def engine_description(engine: "Engine") -> dict:
+    build = engine.build
+    return {"model_dir": str(engine.model_dir), "mode": engine.mode,
+            "drafter": engine.drafter.describe() if engine.drafter is not None else None,
+            "num_speculative_tokens": engine.num_speculative_tokens, "build": build.to_dict()}
+
+
+def profile_generation(engine: "Engine", prompts: Sequence[Sequence[int]], params: "SamplingParams",
+                       out_dir: Path, warmup: bool = True) -> tuple[list["RequestOutput"], SessionReport]:
+    """Generate for `prompts` (token ids, already validated) under the profilers of the engine's
+    backend, and write the session into `out_dir` (created; files of an earlier session replaced)."""
+    from neuron_peagle.runtime.engine import SamplingParams
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if warmup:
+        engine.generate(list(prompts[: engine.build.batch_size]), SamplingParams(max_new_tokens=2, ignore_eos=True))
+    records: list[StepRecord] = []
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities) as profiler:
+        outputs = engine.generate(list(prompts), params, on_step=records.append)
+    files = []
+
+    def write(name: str, text: str) -> None:
+        (out_dir / name).write_text(text)
+        files.append(name)
+
+    write("steps.jsonl", "".join(json.dumps(asdict(r)) + "\n" for r in records))
+    profiler.export_chrome_trace(str(out_dir / "trace.json"))
+    files.append("trace.json")
+    write("ops.txt", profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40) + "\n")
+    backend = engine.build.backend
+    notes = []
+    if backend == "xla":
+        import torch_xla.debug.metrics as metrics
+
+        write("xla_metrics.txt", metrics.metrics_report())
+    if backend == "neuron":
+        device_dir = out_dir / NEURON_PROFILE_DIR
+        device_files = sorted(str(p.relative_to(out_dir)) for p in device_dir.rglob("*") if p.is_file()) \
+            if device_dir.is_dir() else []
+        files.extend(device_files)
+        if not device_files:
+            notes.append(f"the Neuron runtime wrote no device profile into {device_dir}: its inspect settings "
+                         f"({', '.join(neuron_capture_env(out_dir))}) must be set before the runtime starts")
+        elif os.environ.get("NEURON_RT_INSPECT_OUTPUT_DIR") != str(device_dir):
+            notes.append("device profiles found, but this process's NEURON_RT_INSPECT_OUTPUT_DIR points elsewhere")
+    summary = summarize(records)
+    session = {"engine": engine_description(engine), "num_prompts": len(prompts),
+               "max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
+               "summary": summary, "notes": notes, "files": sorted(files + ["session.json"])}
+    write("session.json", json.dumps(session, indent=2) + "\n")
+    return outputs, SessionReport(out_dir, summary, sorted(files))

@@ -1,0 +1,107 @@
+"""Profiler sessions (neuron_peagle.profiling, `neuron-peagle profile`): what a session writes agrees
+with the generation it profiled, on eager and xla; the Neuron capture is set up before the runtime."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from neuron_peagle.cli import main
+from neuron_peagle.profiling import neuron_capture_env, profile_generation
+from neuron_peagle.runtime.engine import Engine, SamplingParams
+
+SHAPES = dict(batch_size=2, max_length=96, prefill_buckets=(32,))
+PROMPTS = [[1, 2, 3, 4, 1, 2, 3], [5, 6, 5, 6, 5, 6, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 9], [7, 8, 9]]
+
+
+def trace_names(path: Path) -> set[str]:
+    trace = json.loads(path.read_text())
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return {e.get("name", "") for e in events}
+
+
+def test_eager_session_agrees_with_the_generation_it_profiled(tiny_llama_dir, tmp_path):
+    engine = Engine.from_pretrained(tiny_llama_dir, num_speculative_tokens=3, lookup_ngram=2, short_draft_tokens=1,
+                                    **SHAPES)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    outputs, report = profile_generation(engine, PROMPTS, params, tmp_path / "session")
+    out = tmp_path / "session"
+    session = json.loads((out / "session.json").read_text())
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    # Three prompts at batch 2: two batches, each its own decode loop until its last row is done.
+    assert len(steps) == max(o.stats.num_steps for o in outputs[:2]) + outputs[2].stats.num_steps
+    assert sum(sum(s["counts"]) for s in steps) == sum(o.stats.committed_by_steps for o in outputs)
+    assert {s["num_draft_tokens"] for s in steps} <= {3, 1}
+    summary = session["summary"]
+    assert summary == report.summary and summary["num_steps"] == len(steps)
+    assert summary["decoded_tokens"] == sum(o.stats.committed_by_steps for o in outputs)
+    assert sum(int(n) for n in summary["steps_per_k"].values()) == len(steps)
+    parts = summary["part_ms_mean"]
+    assert set(parts) == {"draft", "verify", "accept", "host"} and all(v > 0 for v in parts.values())
+    assert abs(sum(parts.values()) - summary["step_ms_mean"]) < 1e-6
+    assert session["engine"]["build"]["short_draft_tokens"] == 1
+    assert {"peagle::prefill", "peagle::step", "peagle::draft", "peagle::verify", "peagle::accept"} <= trace_names(
+        out / "trace.json")
+    assert "aten::" in (out / "ops.txt").read_text()
+    assert set(session["files"]) == {"session.json", "steps.jsonl", "trace.json", "ops.txt"}
+    # The profile changes no token.
+    assert [o.output_ids for o in outputs] == [o.output_ids for o in engine.generate(PROMPTS, params)]
+
+
+def test_xla_session_writes_the_metrics_report_and_compiles_nothing_while_profiled(tiny_llama_dir, tmp_path):
+    engine = Engine.from_pretrained(tiny_llama_dir, mode="plain", backend="xla", **SHAPES)
+    profile_generation(engine, PROMPTS[:2], SamplingParams(max_new_tokens=6, ignore_eos=True), tmp_path)
+    assert "CompileTime" in (tmp_path / "xla_metrics.txt").read_text()
+    steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 5 and all(s["num_draft_tokens"] == 0 and s["parts_s"] == {} for s in steps)
+    assert "peagle::step" in trace_names(tmp_path / "trace.json")
+    assert json.loads((tmp_path / "session.json").read_text())["summary"]["part_ms_mean"] == {}
+
+
+def test_cli_profile_writes_a_session_and_refuses_a_file_as_out(tiny_llama_dir, tmp_path, capsys):
+    common = ["profile", "hello there", "--model", str(tiny_llama_dir), "--max-length", "64", "--buckets", "16,32",
+              "--max-new-tokens", "6"]
+    assert main([*common, "--out", str(tmp_path / "s")]) == 0
+    printed = capsys.readouterr().out
+    assert "decode steps" in printed and "acceptance length" in printed
+    assert (tmp_path / "s" / "session.json").is_file()
+    assert "NEURON_RT_INSPECT_ENABLE" not in os.environ  # only set for the neuron backend
+    (tmp_path / "file").write_text("x")
+    assert main([*common, "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_neuron_capture_points_the_runtime_at_the_session(tmp_path):
+    env = neuron_capture_env(tmp_path)
+    assert env["NEURON_RT_INSPECT_ENABLE"] == "1" and env["NEURON_RT_INSPECT_DEVICE_PROFILE"] == "1"
+    assert env["NEURON_RT_INSPECT_OUTPUT_DIR"] == str(tmp_path / "neuron")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_neuronx") is not None, reason="the Neuron SDK is installed")
+def test_cli_profile_on_neuron_without_the_sdk_is_a_clear_error(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # what the command sets stays in this test
+    code = main(["profile", "hi", "--model", str(tiny_llama_dir), "--backend", "neuron", "--out", str(tmp_path)])
+    assert code == 2 and "neuron" in capsys.readouterr().err.lower()
+
+
+@pytest.mark.neuron
+def test_neuron_session_holds_device_profiles(default_model_dir, tmp_path):
+    """On a trn instance: the runtime writes a device profile per graph it ran into the session."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch_neuronx")
+    pytest.importorskip("neuronx_distributed")
+
+    artifacts = tmp_path / "artifacts"
+    subprocess.run([sys.executable, "-m", "compile.build", "--backend", "neuron", "--out", str(artifacts),
+                    "--max-length", "256", "--buckets", "128"], check=True, timeout=7200)
+    session = tmp_path / "session"
+    subprocess.run([sys.executable, "-m", "neuron_peagle.cli", "profile", "Write a haiku.", "--artifacts",
+                    str(artifacts), "--out", str(session), "--max-new-tokens", "16"], check=True, timeout=1800)
+    files = json.loads((session / "session.json").read_text())["files"]
+    assert any(f.startswith("neuron/") and f.endswith(".ntff") for f in files), files
