@@ -19,7 +19,7 @@ def table_engine(model_dir: Path, k: int, batch_size: int, max_length: int = 256
                  buckets: tuple[int, ...] = (64, 128), backend: str = "eager") -> Engine:
     build = BuildConfig(batch_size=batch_size, max_length=max_length, prefill_buckets=buckets, backend=backend)
     target = TargetModel.from_pretrained(model_dir, max_length)
-    proposer = TableProposer(batch_size, max_length, k)
+    proposer = TableProposer(batch_size, max_length)
     decoder = SpecDecoder(target, proposer, build, get_backend(backend), k)
     return Engine(Path(model_dir), target, load_tokenizer(model_dir), build, decoder, "parallel", k)
 

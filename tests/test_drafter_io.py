@@ -31,7 +31,7 @@ def _drafter(target, **kwargs):
 def _drafts(drafter, target, parallel=True, k=3):
     """Run one prefill + one proposal with fixed random inputs; returns the drafts."""
     torch.manual_seed(0)
-    proposer = DrafterProposer(drafter, target, 2, k, parallel=parallel)
+    proposer = DrafterProposer(drafter, target, 2, parallel=parallel)
     features = torch.randn(2, 16, 3 * target.config.hidden_size)
     ids = torch.randint(0, 200, (2, 16))
     lengths = torch.tensor([9, 16])
@@ -42,7 +42,7 @@ def _drafts(drafter, target, parallel=True, k=3):
     state.last_position.copy_(lengths)
     with torch.no_grad():
         proposer.prefill(features, ids, lengths)
-        return proposer.propose(state)
+        return proposer.propose(state, k)
 
 
 @pytest.mark.parametrize("reduced_vocab", [False, True])

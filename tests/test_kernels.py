@@ -389,7 +389,7 @@ class UnfusedStep(SpecStepGraph):
 def run_steps(target, drafter, kernels, unfused, prompts, bucket, k, parallel, steps):
     """Prefill + `steps` greedy steps -> per step (drafts, tokens, counts), and the final caches."""
     batch = len(prompts)
-    proposer = (UnfusedProposer if unfused else DrafterProposer)(drafter, target, batch, k, parallel, kernels=kernels)
+    proposer = (UnfusedProposer if unfused else DrafterProposer)(drafter, target, batch, parallel, kernels=kernels)
     cache = target.new_cache(batch)
     state = SpecState(batch, k, 3 * target.config.hidden_size, target.embed_tokens.weight.dtype)
     prefill = SpecPrefillGraph(target, proposer, cache, state, greedy=True)

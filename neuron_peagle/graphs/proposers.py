@@ -49,13 +49,12 @@ class DrafterProposer(nn.Module):
     in the kernel mode `kernels` (see neuron_peagle.kernels; "reference" is plain PyTorch).
     """
 
-    def __init__(self, drafter: Drafter, target: TargetModel, batch_size: int, num_draft_tokens: int,
-                 parallel: bool, kernels: str = "reference") -> None:
+    def __init__(self, drafter: Drafter, target: TargetModel, batch_size: int, parallel: bool,
+                 kernels: str = "reference") -> None:
         super().__init__()
         self.drafter = drafter
         self.target_embedding = target.embed_tokens
         self.cache = drafter.new_cache(batch_size)
-        self.num_draft_tokens = num_draft_tokens
         self.parallel = parallel
         self.kernels = check_kernel_mode(kernels)
         self.trash = drafter.max_length - 1
@@ -147,9 +146,8 @@ class TableProposer(nn.Module):
     with some entries corrupted, a drafter that is right some of the time. For tests and benchmarks
     of the verify/accept path, independent of any drafter's quality."""
 
-    def __init__(self, batch_size: int, max_length: int, num_draft_tokens: int) -> None:
+    def __init__(self, batch_size: int, max_length: int) -> None:
         super().__init__()
-        self.num_draft_tokens = num_draft_tokens
         self.register_buffer("table", torch.zeros(batch_size, max_length, dtype=torch.int64), persistent=False)
 
     def prefill(self, features: Tensor, input_ids: Tensor, lengths: Tensor) -> None:

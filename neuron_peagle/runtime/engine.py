@@ -123,8 +123,8 @@ class Engine:
         drafter = choice.load(target, build)
         from neuron_peagle.graphs.proposers import DrafterProposer
 
-        proposer = DrafterProposer(drafter, target, build.batch_size, num_speculative_tokens,
-                                   parallel=mode == "parallel", kernels=build.kernels)
+        proposer = DrafterProposer(drafter, target, build.batch_size, parallel=mode == "parallel",
+                                   kernels=build.kernels)
         if build.lookup_ngram:
             from neuron_peagle.graphs.lookup import LookupProposer
 
