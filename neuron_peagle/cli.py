@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "trace.json, ...; on neuron also the runtime's device profiles in DIR/neuron)")
     prof.add_argument("--no-warmup", action="store_true", help="profile the first generation too (compilation "
                       "and first-call costs included)")
+    prof.add_argument("--no-trace", action="store_true", help="no torch.profiler trace: step times without its "
+                      "per-operator overhead (session.json and steps.jsonl only, plus device profiles on neuron)")
     return parser
 
 
@@ -171,7 +173,8 @@ def profile(args: argparse.Namespace) -> None:
         # Read by the Neuron runtime when it starts, so before the engine loads anything.
         os.environ.update(neuron_capture_env(args.out.resolve()))
     engine, params, _, ids = _engine_and_prompts(args, quiet=False)
-    _, report = profile_generation(engine, ids, params, args.out.resolve(), warmup=not args.no_warmup)
+    _, report = profile_generation(engine, ids, params, args.out.resolve(), warmup=not args.no_warmup,
+                                   trace=not args.no_trace)
     print(report.describe(), flush=True)
     if engine.build.backend == "neuron":
         print(f"device profiles: neuron-explorer view -d {args.out / NEURON_PROFILE_DIR}", flush=True)

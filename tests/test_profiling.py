@@ -68,7 +68,11 @@ def test_cli_profile_writes_a_session_and_refuses_a_file_as_out(tiny_llama_dir, 
     assert main([*common, "--out", str(tmp_path / "s")]) == 0
     printed = capsys.readouterr().out
     assert "decode steps" in printed and "acceptance length" in printed
-    assert (tmp_path / "s" / "session.json").is_file()
+    assert (tmp_path / "s" / "session.json").is_file() and (tmp_path / "s" / "trace.json").is_file()
+    assert main([*common, "--out", str(tmp_path / "untraced"), "--no-trace"]) == 0
+    session = json.loads((tmp_path / "untraced" / "session.json").read_text())
+    assert set(session["files"]) == {"session.json", "steps.jsonl"} and not session["traced"]
+    assert session["summary"]["part_ms_mean"]["verify"] > 0  # the step's own timers still run
     assert "NEURON_RT_INSPECT_ENABLE" not in os.environ  # only set for the neuron backend
     (tmp_path / "file").write_text("x")
     assert main([*common, "--out", str(tmp_path / "file")]) == 2
