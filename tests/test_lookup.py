@@ -132,6 +132,22 @@ def test_lookup_on_xla_compiles_once_and_equals_eager(tiny_llama_dir):
     assert [o.output_ids for o in both] == [o.output_ids for o in want]
 
 
+def test_adaptive_k_is_chosen_by_live_rows_only(small_vocab_dir):
+    """A padding row of a short batch, or a finished row, never makes the steps long."""
+    from neuron_peagle.runtime.batch import BatchSampling
+
+    engine = Engine.from_pretrained(small_vocab_dir, num_speculative_tokens=3, lookup_ngram=2, short_draft_tokens=1,
+                                    batch_size=2, max_length=96, prefill_buckets=(32,))
+    decoder = engine.decoder
+    decoder.prefill([REPEATING[0]], BatchSampling.from_params([PARAMS], 2))  # row 1 pads the batch
+    decoder._known_drafts = torch.tensor([0, 2])
+    assert decoder.next_k() == 1
+    decoder._known_drafts = torch.tensor([2, 0])
+    assert decoder.next_k() == 3
+    decoder.retire(0)
+    assert decoder.next_k() == 1
+
+
 def test_adaptive_k_on_xla_compiles_one_graph_per_k_and_equals_eager(small_vocab_dir):
     from test_speculative_runtime import record_ks
 

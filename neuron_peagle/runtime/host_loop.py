@@ -31,6 +31,9 @@ class Decoder(Protocol):
     def step(self) -> tuple[Tensor, Tensor]:
         """One step for every row: (tokens [B, M] padded with -1, counts [B] in 1..M)."""
 
+    def retire(self, row: int) -> None:
+        """Row `row` is done: its tokens are ignored from now on (it may stop steering the steps)."""
+
 
 @dataclass
 class RowState:
@@ -76,6 +79,8 @@ def run_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens
     for i, row in enumerate(rows):
         row.stats.prefill_time_s = prefill_time
         _commit(row, i, [int(first[i])], stop_token_ids, on_commit)
+        if row.done:
+            decoder.retire(i)
 
     step = 0
     while not all(row.done for row in rows):
@@ -100,6 +105,8 @@ def run_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens
             stats.record_step(int(counts[i]))
             committed = tokens[i, : int(counts[i])].tolist()
             stats.num_decoded_tokens += _commit(row, i, committed, stop_token_ids, on_commit)
+            if row.done:
+                decoder.retire(i)
     return rows
 
 

@@ -43,6 +43,9 @@ class PlainDecoder:
         self._positions = lengths.clone()
         return first
 
+    def retire(self, row: int) -> None:
+        pass  # rows are independent: a finished one keeps decoding, ignored
+
     def step(self) -> tuple[Tensor, Tensor]:
         # Rows are independent, so an inactive row simply keeps decoding (its tokens are ignored);
         # its position is held below max_length so its cache writes stay in range.

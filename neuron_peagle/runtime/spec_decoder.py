@@ -5,7 +5,7 @@ tokens; caches and the pending-feature state stay inside the graphs.
 
 Adaptive K (`BuildConfig.short_draft_tokens`): a second step graph drafts only the short K. Each
 graph call also returns how many of the next step's drafts context lookup already supplies; the
-next step runs the long K where any row has one, the short K elsewhere (a drafter's later drafts are
+next step runs the long K where any live row has one, the short K elsewhere (a drafter's later drafts are
 rarely accepted; copied spans often are, whole). Both graphs share the caches and a state sized for
 the long K, so switching between them costs nothing and compiles nothing.
 """
@@ -51,6 +51,8 @@ class SpecDecoder:
         self._sampling: BatchSampling | None = None
         self._last_position = torch.zeros(build.batch_size, dtype=torch.int64)
         self._known_drafts = torch.zeros(build.batch_size, dtype=torch.int64)
+        # Rows whose tokens still matter: only they choose the next step's K.
+        self._live = torch.zeros(build.batch_size, dtype=torch.bool)
 
     def prefill(self, prompts: Sequence[Sequence[int]], sampling: BatchSampling) -> Tensor:
         self._sampling = sampling
@@ -64,11 +66,15 @@ class SpecDecoder:
         self.cache.read_up_to(ids.shape[1] - 1)
         first, self._known_drafts = self.backend.run(self.graphs[sampling.greedy][0], inputs)
         self._last_position = lengths.clone()
+        self._live = torch.arange(self.batch_size) < len(prompts)  # not the padding rows of a short batch
         return first
 
+    def retire(self, row: int) -> None:
+        self._live[row] = False
+
     def next_k(self) -> int:
-        """The K of the next step: the long one unless adaptive K finds no row with a known draft."""
-        if len(self.step_ks) == 1 or bool((self._known_drafts > 0).any()):
+        """The K of the next step: the long one unless adaptive K finds no live row with a known draft."""
+        if len(self.step_ks) == 1 or bool(((self._known_drafts > 0) & self._live).any()):
             return self.step_ks[0]
         return self.step_ks[1]
 
