@@ -36,3 +36,11 @@ def fill_table(engine: Engine, prompts: list[list[int]], continuations: list[lis
     wrong = torch.rand(table.shape, generator=generator) < wrong_fraction
     table = torch.where(wrong, (table + 1) % engine.target.config.vocab_size, table)
     proposer.table.copy_(table.to(proposer.table.device))
+
+
+def record_ks(engine: Engine) -> list[int]:
+    """The K of every step `engine` runs from now on (adaptive K picks one per step)."""
+    used: list[int] = []
+    next_k = engine.decoder.next_k
+    engine.decoder.next_k = lambda: used.append(next_k()) or used[-1]
+    return used

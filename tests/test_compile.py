@@ -30,6 +30,7 @@ from neuron_peagle.cli import main as cli_main
 from neuron_peagle.config import BuildConfig
 from neuron_peagle.errors import ArtifactError, BackendUnavailableError, ConfigError
 from neuron_peagle.runtime.engine import Engine, SamplingParams
+from spec_helpers import record_ks
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = dict(mode="parallel", num_speculative_tokens=3, batch_size=2, max_length=96, prefill_buckets=(16, 32),
@@ -139,14 +140,9 @@ def test_from_compiled_generates_the_eager_tokens_and_compiles_nothing(compiled_
     greedy = SamplingParams(max_new_tokens=24, ignore_eos=True)
     sampled = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.95, seed=3, ignore_eos=True)
     start = engine.backend.compile_count()
-    used_ks = []
-    next_k = engine.decoder.next_k
-    engine.decoder.next_k = lambda: used_ks.append(next_k()) or used_ks[-1]
-    try:
-        got = [o.output_ids for o in engine.generate(SHORT + LONG, greedy)]
-        engine.generate(SHORT + LONG, sampled)
-    finally:
-        del engine.decoder.next_k
+    used_ks = record_ks(engine)  # (the recording stays on the shared engine: it only listens)
+    got = [o.output_ids for o in engine.generate(SHORT + LONG, greedy)]
+    engine.generate(SHORT + LONG, sampled)
     assert engine.backend.compile_count() == start
     assert set(used_ks) == {3, 2}  # both step graphs ran (adaptive K)
     assert got == [o.output_ids for o in eager.generate(SHORT + LONG, greedy)]
@@ -376,6 +372,7 @@ def test_neuron_artifacts_generate_the_eager_tokens(tiny_llama_dir, tmp_path):
 LOAD_AND_GENERATE = """
 import json, sys
 from neuron_peagle.runtime.engine import Engine, SamplingParams
+from spec_helpers import record_ks
 engine = Engine.from_compiled(sys.argv[1])
 start = engine.backend.compile_count()
 outputs = engine.generate(json.loads(sys.argv[2]), SamplingParams(max_new_tokens=24, ignore_eos=True))

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import NEW_TOKENS, save_tiny_model
+from spec_helpers import record_ks
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.graphs.lookup import context_lookup
 from neuron_peagle.runtime.engine import Engine, SamplingParams
@@ -81,8 +82,6 @@ def test_adaptive_k_needs_lookup_and_a_shorter_k(tiny_llama_dir):
 def test_adaptive_k_runs_both_step_graphs_and_changes_no_token(small_vocab_dir):
     """Steps after a copy-able n-gram draft the long K, the others the short K; the tokens are plain
     greedy decoding's either way, batch 2 with rows of different lengths, and batch 1."""
-    from test_speculative_runtime import record_ks
-
     shapes = dict(batch_size=2, max_length=96, prefill_buckets=(16, 32))
     plain = Engine.from_pretrained(small_vocab_dir, mode="plain", **shapes)
     adaptive = Engine.from_pretrained(small_vocab_dir, num_speculative_tokens=4, lookup_ngram=2,
@@ -99,17 +98,20 @@ def test_adaptive_k_runs_both_step_graphs_and_changes_no_token(small_vocab_dir):
 @pytest.mark.slow
 def test_lookup_with_the_shipped_drafter_is_exact_and_accepts_more(prompt_ids, hf_greedy):
     """Batch 4, all twenty prompts: the same tokens as transformers, and copied drafts raise the
-    acceptance length over the drafter alone."""
+    acceptance length over the drafter alone; with adaptive K, both of its step graphs run."""
     lengths = {}
-    for ngram, short in ((0, 0), (2, 0), (2, 2)):  # the drafter alone, with lookup, and with adaptive K too
+    # The drafter alone, and with lookup and adaptive K (whose long-K steps are lookup's own steps).
+    for ngram, short in ((0, 0), (2, 2)):
         engine = Engine.from_pretrained(None, num_speculative_tokens=5, batch_size=4, max_length=256,
                                         prefill_buckets=(64, 128), lookup_ngram=ngram, short_draft_tokens=short)
+        used = record_ks(engine)
         outputs = engine.generate(prompt_ids, PARAMS)
+        assert set(used) == ({5, 2} if short else {5})
         mismatches = [i for i, (o, ref) in enumerate(zip(outputs, hf_greedy)) if o.output_ids != ref]
         assert not mismatches, (f"lookup_ngram={ngram}, short K {short}: prompts {mismatches} differ from "
                                 "transformers' greedy output")
         lengths[ngram, short] = sum(o.stats.acceptance_length for o in outputs) / len(outputs)
-    assert lengths[2, 0] > lengths[0, 0] + 0.1, lengths
+    assert lengths[2, 2] > lengths[0, 0] + 0.1, lengths
 
 
 def test_lookup_on_xla_compiles_once_and_equals_eager(tiny_llama_dir):
@@ -149,8 +151,6 @@ def test_adaptive_k_is_chosen_by_live_rows_only(small_vocab_dir):
 
 
 def test_adaptive_k_on_xla_compiles_one_graph_per_k_and_equals_eager(small_vocab_dir):
-    from test_speculative_runtime import record_ks
-
     # max_length=88 is used by no other test, so none of these graphs can be in torch-xla's cache.
     kwargs = dict(num_speculative_tokens=3, batch_size=2, max_length=88, prefill_buckets=(32,), lookup_ngram=2,
                   short_draft_tokens=1)

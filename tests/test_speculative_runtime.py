@@ -9,7 +9,7 @@ import torch
 from conftest import save_tiny_model
 from neuron_peagle.runtime.batch import BatchSampling
 from neuron_peagle.runtime.engine import Engine, SamplingParams
-from spec_helpers import fill_table, table_engine
+from spec_helpers import fill_table, record_ks, table_engine
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13]]
 
@@ -124,14 +124,6 @@ def test_sampling_with_context_lookup_drafts_matches_plain_sampling_distribution
     for j in range(positions):
         stat, dof = _chi2_two_sample(hist_plain[j], hist_spec[j])
         assert stat < dof + 6 * (2 * dof) ** 0.5, f"position {j}: chi2 {stat:.1f} with {dof} dof"
-
-
-def record_ks(engine) -> list[int]:
-    """The K of every step `engine` runs from now on (adaptive K picks one per step)."""
-    used = []
-    next_k = engine.decoder.next_k
-    engine.decoder.next_k = lambda: used.append(next_k()) or used[-1]
-    return used
 
 
 def test_sampling_with_adaptive_k_matches_plain_sampling_distribution(small_vocab_dir):
