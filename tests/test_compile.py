@@ -372,7 +372,6 @@ def test_neuron_artifacts_generate_the_eager_tokens(tiny_llama_dir, tmp_path):
 LOAD_AND_GENERATE = """
 import json, sys
 from neuron_peagle.runtime.engine import Engine, SamplingParams
-from spec_helpers import record_ks
 engine = Engine.from_compiled(sys.argv[1])
 start = engine.backend.compile_count()
 outputs = engine.generate(json.loads(sys.argv[2]), SamplingParams(max_new_tokens=24, ignore_eos=True))
