@@ -96,11 +96,7 @@ class LookupProposer(nn.Module):
         self.history[:, : input_ids.shape[1]].copy_(input_ids)
 
     def commit(self, state: SpecState) -> Tensor:  # -> [B] int64: leading drafts the lookup supplies
-        slots = state.pending_tokens.shape[1]
-        # pending_tokens[:, j] is the token at position last_position - (S-1) + j (j = S-1 is y).
-        j = torch.arange(slots, device=state.last_position.device)
-        positions = state.last_position.unsqueeze(-1) - (slots - 1) + j  # [B, S]
-        valid = j >= (slots - state.pending_count).unsqueeze(-1)
+        positions, valid = state.pending_positions()  # [B, S]
         self.history.scatter_(1, torch.where(valid, positions, torch.full_like(positions, self.max_length)),
                               state.pending_tokens)
         copied, found = context_lookup(self.history[:, : self.max_length], state.last_position, self.ngram,

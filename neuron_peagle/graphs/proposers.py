@@ -41,6 +41,13 @@ class SpecState(nn.Module):
         self.register_buffer("pending_count", torch.ones(batch_size, dtype=torch.int64), persistent=False)
         self.register_buffer("last_position", torch.zeros(batch_size, dtype=torch.int64), persistent=False)
 
+    def pending_positions(self) -> tuple[Tensor, Tensor]:
+        """Sequence positions of the pending tokens [B, S] (slot S-1 is y, at last_position) and which
+        slots hold one [B, S] bool (the last pending_count)."""
+        slots = self.pending_tokens.shape[1]
+        j = torch.arange(slots, device=self.last_position.device)
+        return self.last_position.unsqueeze(-1) - (slots - 1) + j, j >= (slots - self.pending_count).unsqueeze(-1)
+
 
 class DrafterProposer(nn.Module):
     """P-EAGLE parallel drafting (one drafter pass) or EAGLE-style sequential drafting (K passes).
@@ -87,10 +94,8 @@ class DrafterProposer(nn.Module):
         self.drafter.run_layers(x, residual, positions, self.cache)
 
     def _real_slots(self, state: SpecState) -> tuple[Tensor, Tensor]:
-        slots = state.pending_tokens.shape[1]
-        j = torch.arange(slots, device=state.last_position.device)
-        positions = state.last_position.unsqueeze(-1) - slots + j  # [B, S]
-        valid = j >= (slots - state.pending_count).unsqueeze(-1)
+        token_positions, valid = state.pending_positions()  # [B, S]
+        positions = token_positions - 1  # a pair sits at its feature's position, one before its token
         return torch.where(valid, positions, torch.full_like(positions, self.trash)), valid
 
     def propose(self, state: SpecState, num_draft_tokens: int) -> Tensor:  # -> drafts [B, K] (target ids)
