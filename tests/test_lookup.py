@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from conftest import NEW_TOKENS, save_tiny_model
 from spec_helpers import record_ks
 from neuron_peagle.errors import ConfigError
-from neuron_peagle.graphs.lookup import context_lookup
+from neuron_peagle.graphs.lookup import LookupProposer, context_lookup
+from neuron_peagle.graphs.proposers import SpecState
 from neuron_peagle.runtime.engine import Engine, SamplingParams
 
 PARAMS = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
@@ -61,6 +62,47 @@ def test_context_lookup_equals_a_python_search(data, ngram, k, garbage, backoff)
         want = reference_lookup(sequence, ngram, k, min_ngram)
         assert found[row].tolist() == [w is not None for w in want]
         assert [t for t, f in zip(tokens[row].tolist(), found[row].tolist()) if f] == [w for w in want if w is not None]
+
+
+class FixedDrafts(torch.nn.Module):
+    """An inner proposer whose drafts are given: [B, K]."""
+
+    def __init__(self, drafts: torch.Tensor) -> None:
+        super().__init__()
+        self.drafts = drafts
+
+    def propose(self, state, num_draft_tokens: int) -> torch.Tensor:
+        return self.drafts[:, :num_draft_tokens]
+
+
+def reference_proposal(sequence: list[int], inner: list[int], ngram: int) -> list[int]:
+    """LookupProposer's drafts: the copies where the committed tokens match, else the inner first draft
+    and, after it, the copies that follow the n-gram ending in it (the inner drafts where unknown)."""
+    min_ngram = min(2, ngram)
+    copies = reference_lookup(sequence, ngram, len(inner), min_ngram)
+    if copies[0] is None:
+        copies = [None] + reference_lookup(sequence + [inner[0]], ngram, len(inner) - 1, min_ngram)
+    return [d if c is None else c for c, d in zip(copies, inner)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data(), st.integers(1, 3), st.integers(1, 4))
+def test_lookup_proposer_copies_after_the_committed_tokens_or_after_the_first_draft(data, ngram, k):
+    rows = data.draw(st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=10), min_size=1, max_size=3))
+    inner = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, 3), min_size=k, max_size=k),
+                                            min_size=len(rows), max_size=len(rows))))
+    max_length = 16
+    proposer = LookupProposer(FixedDrafts(inner), len(rows), max_length, k, ngram)
+    state = SpecState(len(rows), k, 4, torch.float32)
+    proposer.history.fill_(3)  # stale tokens past each sequence
+    for row, sequence in enumerate(rows):
+        proposer.history[row, : len(sequence)] = torch.tensor(sequence)
+        state.pending_tokens[row, -1] = sequence[-1]
+    state.last_position.copy_(torch.tensor([len(sequence) - 1 for sequence in rows]))
+    proposer.commit(state)
+    drafts = proposer.propose(state, k)
+    for row, sequence in enumerate(rows):
+        assert drafts[row].tolist() == reference_proposal(sequence, inner[row].tolist(), ngram)
 
 
 def test_lookup_needs_a_speculative_mode_and_a_positive_ngram(tiny_llama_dir):

@@ -6,7 +6,9 @@ the names of its signature, an answer repeats the numbers of its question. A sma
 such spans badly (it must learn to match a token against the whole context), while the target copies
 them almost surely. So `LookupProposer` wraps any proposer: at the positions a match can supply it
 proposes the copied token, elsewhere the wrapped proposer's draft. The match is the most recent one
-of the longest n-gram (up to `ngram`, down to 2) that occurred before.
+of the longest n-gram (up to `ngram`, down to 2) that occurred before. Where the committed tokens
+match nothing, the n-gram ending in the wrapped proposer's first draft is looked up instead, for the
+drafts after it.
 
 Because P-EAGLE's mask slots do not condition on the drafts before them, the drafter's guess for a
 later position stays a valid guess whatever was copied before it. Every draft is still verified by
@@ -108,4 +110,19 @@ class LookupProposer(nn.Module):
     def propose(self, state: SpecState, num_draft_tokens: int) -> Tensor:  # -> drafts [B, K] (target ids)
         drafts = self.inner.propose(state, num_draft_tokens)
         copied = self.copied[:, :num_draft_tokens]
-        return torch.where(copied >= 0, copied, drafts)
+        drafts = torch.where(copied >= 0, copied, drafts)
+        if num_draft_tokens == 1:
+            return drafts
+        return torch.cat([drafts[:, :1], self._after_first_draft(state, drafts)], dim=1)
+
+    def _after_first_draft(self, state: SpecState, drafts: Tensor) -> Tensor:  # drafts [B, K] -> [B, K-1]
+        """Drafts 2..K where the committed tokens matched nothing: the n-gram that ends in the inner
+        proposer's first draft may have occurred before (a copied span often starts with a token that
+        no lookup predicts, a name or a number the drafter can guess), and then the tokens after it
+        replace the inner proposer's later drafts. Still fixed-shape: one more lookup, on a copy of
+        the history with draft 1 written after the last committed token."""
+        first = (state.last_position + 1).clamp(max=self.max_length - 1)  # [B]: draft 1's position
+        history = self.history[:, : self.max_length].scatter(1, first.unsqueeze(-1), drafts[:, :1])
+        copied, found = context_lookup(history, first, self.ngram, drafts.shape[1] - 1, self.min_ngram)
+        use = found & (self.copied[:, :1] < 0)  # [B, K-1]: rows whose committed tokens matched nothing
+        return torch.where(use, copied, drafts[:, 1:])
