@@ -38,11 +38,11 @@ from compile.manifest import (HLO_DIR, LOG_NAME, NEURON_DIR, XLA_CACHE_DIR, Grap
                               WeightsInfo, fingerprint, installed_versions)
 from compile.plan import TARGETS, GraphSpec, neuron_compiler_args, plan_graphs, trace_hlo
 from neuron_peagle.backends.xla import XlaBackend, initialize_persistent_cache
-from neuron_peagle.cli import _buckets, speculation_options
+from neuron_peagle.cli import _buckets, _datastore_choice, speculation_options
 from neuron_peagle.config import DEFAULT_LOOKUP_NGRAM, DEFAULT_SHORT_DRAFT_TOKENS, BuildConfig
 from neuron_peagle.default_model import require_default_model
 from neuron_peagle.errors import ArtifactError, ConfigError, NeuronPeagleError
-from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter
+from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter, resolve_datastore
 from neuron_peagle.runtime.engine import MODES, Engine
 
 ARTIFACT_BACKENDS = ("xla", "neuron")
@@ -201,7 +201,8 @@ def build_artifacts(request: BuildRequest) -> BuildReport:
                                     prefill_buckets=request.build.prefill_buckets, dtype=request.build.dtype,
                                     backend="xla", kernels=request.build.kernels,
                                     lookup_ngram=request.build.lookup_ngram,
-                                    short_draft_tokens=request.build.short_draft_tokens)
+                                    short_draft_tokens=request.build.short_draft_tokens,
+                                    datastore=request.build.datastore)
     backend: XlaBackend = engine.backend
     first_compile = backend.compile_count()
     model, drafter = WeightsInfo.of_dir(request.model_dir), _drafter_weights(engine.drafter)
@@ -292,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="adaptive K, as `neuron-peagle generate --short-draft-tokens`: a second step graph "
                              f"drafting N tokens (default {DEFAULT_SHORT_DRAFT_TOKENS} when lookup is on and K is "
                              "larger; 0: one step graph)")
+    parser.add_argument("--datastore", type=_datastore_choice, default="auto", metavar="{auto,on,off}",
+                        help="the step graph also drafts from the drafter's n-gram datastore, as `neuron-peagle "
+                             "generate --datastore` (auto: where lookup is on and the drafter has one)")
     parser.add_argument("--tp-degree", type=int, default=1, help="tensor-parallel degree (only 1 so far)")
     parser.add_argument("--target", default="trn1", choices=TARGETS, help="neuronx-cc --target")
     return parser
@@ -299,13 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def request_from_args(args: argparse.Namespace) -> BuildRequest:
     model_dir = args.model if args.model is not None else require_default_model()
-    drafter_dir = None
+    choice = None
     if args.mode != "plain":
-        drafter_dir = choose_drafter(model_dir, args.drafter, is_default_target=args.model is None).path
+        choice = choose_drafter(model_dir, args.drafter, is_default_target=args.model is None)
+    options = speculation_options(args.mode, args.num_speculative_tokens, args.lookup_ngram, args.short_draft_tokens,
+                                  args.datastore)
+    options["datastore"] = resolve_datastore(options["datastore"], options["lookup_ngram"], choice)
     build = BuildConfig(batch_size=args.batch_size, max_length=args.max_length, prefill_buckets=args.buckets,
-                        dtype=args.dtype, backend=args.backend, kernels=args.kernels,
-                        **speculation_options(args.mode, args.num_speculative_tokens, args.lookup_ngram,
-                                              args.short_draft_tokens))
+                        dtype=args.dtype, backend=args.backend, kernels=args.kernels, **options)
+    drafter_dir = choice.path if choice is not None else None
     return BuildRequest(model_dir, drafter_dir, args.out, args.backend, build, args.mode, args.num_speculative_tokens,
                         args.tp_degree, args.target)
 

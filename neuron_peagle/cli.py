@@ -74,10 +74,21 @@ def _add_engine_options(gen: argparse.ArgumentParser) -> None:
                      help="adaptive K: steps whose context lookup found nothing to copy draft only N tokens, "
                           f"the others K (default {DEFAULT_SHORT_DRAFT_TOKENS} when lookup is on and K is "
                           "larger; 0: every step drafts K)")
+    gen.add_argument("--datastore", type=_datastore_choice, default="auto", metavar="{auto,on,off}",
+                     help="with context lookup: where neither the sequence nor its lookup after the first "
+                          "draft knows what follows, draft from the drafter's n-gram datastore of the "
+                          "target's answers (auto, the default: where the drafter directory has one)")
     gen.add_argument("--artifacts", type=Path, default=None, help="run the graphs compiled into DIR by "
                      "`python -m compile.build`; model, drafter, mode, K and shapes come from its manifest "
                      "(options left at their defaults take the manifest's values, others must match it)")
     gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt text as it is")
+
+
+def _datastore_choice(value: str) -> bool | str:
+    choices = {"auto": "auto", "on": True, "off": False}
+    if value not in choices:
+        raise argparse.ArgumentTypeError(f"expected auto, on or off, got {value!r}")
+    return choices[value]
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -106,23 +117,25 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def speculation_options(mode: str, num_speculative_tokens: int, lookup_ngram: int,
-                        short_draft_tokens: int | None) -> dict[str, int]:
-    """The command lines' `--lookup-ngram` and `--short-draft-tokens` as engine keyword arguments.
-    Plain decoding drafts nothing, so neither applies there; an unset short K is the default one where
-    lookup is on and K is longer, and off elsewhere (a value given is passed on, and checked)."""
+                        short_draft_tokens: int | None, datastore: bool | str = "auto") -> dict:
+    """The command lines' `--lookup-ngram`, `--short-draft-tokens` and `--datastore` as engine keyword
+    arguments. Plain decoding drafts nothing, so none applies there; an unset short K is the default
+    one where lookup is on and K is longer, and off elsewhere; "auto" datastore is on where lookup is
+    and the drafter has one (a value given is passed on, and checked)."""
     if mode == "plain":
-        return {"lookup_ngram": 0, "short_draft_tokens": 0}
+        return {"lookup_ngram": 0, "short_draft_tokens": 0, "datastore": False}
     if short_draft_tokens is None:
         short_draft_tokens = (DEFAULT_SHORT_DRAFT_TOKENS
                               if lookup_ngram and num_speculative_tokens > DEFAULT_SHORT_DRAFT_TOKENS else 0)
-    return {"lookup_ngram": lookup_ngram, "short_draft_tokens": short_draft_tokens}
+    return {"lookup_ngram": lookup_ngram, "short_draft_tokens": short_draft_tokens, "datastore": datastore}
 
 
 # generate option -> the ArtifactRequest field it is checked against when running from artifacts
 ARTIFACT_OPTIONS = {"model": "model_dir", "drafter": "drafter_dir", "backend": "backend", "mode": "mode",
                     "num_speculative_tokens": "num_speculative_tokens", "batch_size": "batch_size",
                     "max_length": "max_length", "buckets": "prefill_buckets", "dtype": "dtype",
-                    "lookup_ngram": "lookup_ngram", "short_draft_tokens": "short_draft_tokens"}
+                    "lookup_ngram": "lookup_ngram", "short_draft_tokens": "short_draft_tokens",
+                    "datastore": "datastore"}
 
 
 def _expected_by_options(args: argparse.Namespace) -> dict:
@@ -151,11 +164,14 @@ def _engine_and_prompts(args: argparse.Namespace, quiet: bool):
                                         prefill_buckets=args.buckets, dtype=args.dtype, backend=args.backend,
                                         kernels=args.kernels,
                                         **speculation_options(args.mode, args.num_speculative_tokens,
-                                                              args.lookup_ngram, args.short_draft_tokens))
+                                                              args.lookup_ngram, args.short_draft_tokens,
+                                                              args.datastore))
     if engine.drafter is not None and not quiet:
         lookup = f", context lookup of up to {engine.build.lookup_ngram}-grams" if engine.build.lookup_ngram else ""
         if engine.build.short_draft_tokens:
             lookup += f", K={engine.build.short_draft_tokens} where it finds nothing"
+        if engine.build.datastore:
+            lookup += ", n-gram datastore"
         print(f"[{engine.mode} speculative decoding, K={engine.num_speculative_tokens}, "
               f"{engine.drafter.describe()}{lookup}]", flush=True)
     ids = [engine.encode(p, not args.no_chat_template) if p else [] for p in prompts]
@@ -190,6 +206,7 @@ def generate(args: argparse.Namespace) -> None:
                       "text": out.text, "model_dir": str(engine.model_dir), "backend": backend,
                       "mode": engine.mode, "lookup_ngram": engine.build.lookup_ngram,
                       "short_draft_tokens": engine.build.short_draft_tokens,
+                      "datastore": engine.build.datastore,
                       "drafter": engine.drafter.describe() if engine.drafter is not None else None,
                       **out.stats.to_dict()}
             print(json.dumps(record), flush=True)

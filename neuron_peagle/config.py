@@ -188,6 +188,10 @@ class BuildConfig:
     # Adaptive K (speculative modes with context lookup): a step whose lookup found nothing to copy
     # drafts only this many tokens instead of K, through a second step graph; 0 = every step drafts K.
     short_draft_tokens: int = 0
+    # With context lookup: where neither the sequence nor its lookup after the first draft knows what
+    # follows, drafts 2..K come from the drafter directory's n-gram datastore of the target's answers
+    # (neuron_peagle.graphs.datastore), when it has one.
+    datastore: bool = False
 
     def __post_init__(self) -> None:
         buckets = tuple(int(b) for b in self.prefill_buckets)
@@ -219,6 +223,9 @@ class BuildConfig:
         if self.short_draft_tokens and not self.lookup_ngram:
             raise ConfigError("short_draft_tokens (adaptive K) needs context lookup: it picks K by whether the "
                               "lookup found a copy; set lookup_ngram too")
+        if self.datastore and not self.lookup_ngram:
+            raise ConfigError("datastore needs context lookup (its continuations are drafted by the lookup); "
+                              "set lookup_ngram too")
         if self.kernels == "interpreter" and self.backend != "eager":
             raise ConfigError("kernels='interpreter' runs the kernel source on CPU tensors: only with backend 'eager'")
 

@@ -38,7 +38,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ks", default="3,5,7")
     parser.add_argument("--modes", default="sequential,parallel",
                         help="speculative modes; a '+lookup' suffix (parallel+lookup) adds context lookup, "
-                             "'+adaptive' adds lookup and adaptive K (the short K where lookup found nothing)")
+                             "'+adaptive' adds lookup and adaptive K (the short K where lookup found nothing), "
+                             "'+datastore' adds lookup and the drafter's n-gram datastore; they combine "
+                             "(parallel+adaptive+datastore)")
     parser.add_argument("--lookup-ngram", type=int, default=DEFAULT_LOOKUP_NGRAM,
                         help="longest n-gram of the '+lookup' modes (default: the command line's, %(default)s)")
     parser.add_argument("--short-k", type=int, default=DEFAULT_SHORT_DRAFT_TOKENS,
@@ -174,13 +176,17 @@ def agreement(outputs: list[list[int]], reference: list[list[int]]) -> dict:
             "common_prefix": prefix / max(1, sum(len(ref) for ref in reference))}
 
 
-def split_mode(mode: str, lookup_ngram: int, short_k: int) -> tuple[str, int, int]:
-    """mode -> (drafting mode, lookup n-gram, short K): 'parallel' -> ('parallel', 0, 0);
-    'parallel+lookup' -> ('parallel', lookup_ngram, 0); 'parallel+adaptive' -> ('parallel', lookup_ngram, short_k)."""
-    base, _, extra = mode.partition("+")
-    if extra not in ("", "lookup", "adaptive"):
-        raise SystemExit(f"unknown mode suffix {extra!r} in {mode!r}: only '+lookup' or '+adaptive'")
-    return base, lookup_ngram if extra else 0, short_k if extra == "adaptive" else 0
+def split_mode(mode: str, lookup_ngram: int, short_k: int) -> tuple[str, dict]:
+    """mode -> (drafting mode, engine options): 'parallel' -> ('parallel', drafter alone); '+lookup' adds
+    context lookup, '+adaptive' lookup and adaptive K, '+datastore' lookup and the drafter's n-gram
+    datastore (suffixes combine: 'parallel+adaptive+datastore')."""
+    base, *extras = mode.split("+")
+    unknown = set(extras) - {"lookup", "adaptive", "datastore"}
+    if unknown:
+        raise SystemExit(f"unknown mode suffix {sorted(unknown)} in {mode!r}: '+lookup', '+adaptive', '+datastore'")
+    return base, {"lookup_ngram": lookup_ngram if extras else 0,
+                  "short_draft_tokens": short_k if "adaptive" in extras else 0,
+                  "datastore": "datastore" in extras}
 
 
 def main() -> None:
@@ -195,17 +201,18 @@ def main() -> None:
     modes = args.modes.split(",")
     rows = []
     common = dict(max_length=args.max_length, prefill_buckets=(128, 512), dtype=args.dtype)
-    configs = [(mode, k) for mode in modes for k in ks if k > split_mode(mode, args.lookup_ngram, args.short_k)[2]]
+    configs = [(mode, k) for mode in modes for k in ks
+               if k > split_mode(mode, args.lookup_ngram, args.short_k)[1]["short_draft_tokens"]]
     domain_prompts: dict[str, list[list[int]]] = {}
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         engines = {"plain": Engine.from_pretrained(args.model, mode="plain", batch_size=batch_size, **common)}
         for mode, k in configs:
-            base_mode, lookup, short_k = split_mode(mode, args.lookup_ngram, args.short_k)
+            base_mode, options = split_mode(mode, args.lookup_ngram, args.short_k)
             drafter = (args.sequential_drafter if base_mode == "sequential" and args.sequential_drafter
                        else args.drafter)
             engines[f"{mode} K={k}"] = Engine.from_pretrained(
                 args.model, drafter, mode=base_mode, num_speculative_tokens=k, batch_size=batch_size,
-                lookup_ngram=lookup, short_draft_tokens=short_k, **common)
+                **options, **common)
         for domain in args.domains.split(","):
             texts = heldout_prompts(domain, args.prompts_per_domain)
             prompt_ids = [ids for ids in (engines["plain"].encode(t) for t in texts) if len(ids) <= 512]

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from conftest import NEW_TOKENS, save_tiny_model
 from spec_helpers import record_ks
 from neuron_peagle.errors import ConfigError
+from neuron_peagle.datastore import hash_table
+from neuron_peagle.graphs.datastore import EMPTY, NgramDatastore
 from neuron_peagle.graphs.lookup import LookupProposer, context_lookup
 from neuron_peagle.graphs.proposers import SpecState
 from neuron_peagle.runtime.engine import Engine, SamplingParams
@@ -75,24 +77,37 @@ class FixedDrafts(torch.nn.Module):
         return self.drafts[:, :num_draft_tokens]
 
 
-def reference_proposal(sequence: list[int], inner: list[int], ngram: int) -> list[int]:
+def reference_proposal(sequence: list[int], inner: list[int], ngram: int,
+                       stored: dict[tuple[int, int], list[int]] | None = None) -> list[int]:
     """LookupProposer's drafts: the copies where the committed tokens match, else the inner first draft
-    and, after it, the copies that follow the n-gram ending in it (the inner drafts where unknown)."""
+    and, after it, the copies that follow the n-gram ending in it, else the datastore's chain for the
+    bigram ending in it (`stored`); the inner drafts where nothing is known."""
     min_ngram = min(2, ngram)
     copies = reference_lookup(sequence, ngram, len(inner), min_ngram)
     if copies[0] is None:
-        copies = [None] + reference_lookup(sequence + [inner[0]], ngram, len(inner) - 1, min_ngram)
+        after = reference_lookup(sequence + [inner[0]], ngram, len(inner) - 1, min_ngram)
+        if after[:1] == [None] and stored is not None and len(inner) > 1:
+            chain = stored.get(tuple((sequence + [inner[0]])[-2:]), [])
+            after = [t if t != EMPTY else None for t in chain[:len(inner) - 1]]
+            after += [None] * (len(inner) - 1 - len(after))
+        copies = [None] + after
     return [d if c is None else c for c, d in zip(copies, inner)]
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.data(), st.integers(1, 3), st.integers(1, 4))
-def test_lookup_proposer_copies_after_the_committed_tokens_or_after_the_first_draft(data, ngram, k):
+@given(st.data(), st.integers(1, 3), st.integers(1, 4), st.booleans())
+def test_lookup_proposer_copies_after_the_committed_tokens_or_after_the_first_draft(data, ngram, k, with_store):
     rows = data.draw(st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=10), min_size=1, max_size=3))
     inner = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, 3), min_size=k, max_size=k),
                                             min_size=len(rows), max_size=len(rows))))
     max_length = 16
-    proposer = LookupProposer(FixedDrafts(inner), len(rows), max_length, k, ngram)
+    store = stored = None
+    if with_store:  # chains of 2 tokens for some bigrams of tokens 0..3 (EMPTY-padded)
+        keys = data.draw(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=8, unique=True))
+        chains = [data.draw(st.sampled_from([[5, 6], [7, EMPTY]])) for _ in keys]
+        store = NgramDatastore([hash_table(torch.tensor(keys), torch.tensor(chains))])
+        stored = dict(zip(keys, chains))
+    proposer = LookupProposer(FixedDrafts(inner), len(rows), max_length, k, ngram, store)
     state = SpecState(len(rows), k, 4, torch.float32)
     proposer.history.fill_(3)  # stale tokens past each sequence
     for row, sequence in enumerate(rows):
@@ -102,7 +117,7 @@ def test_lookup_proposer_copies_after_the_committed_tokens_or_after_the_first_dr
     proposer.commit(state)
     drafts = proposer.propose(state, k)
     for row, sequence in enumerate(rows):
-        assert drafts[row].tolist() == reference_proposal(sequence, inner[row].tolist(), ngram)
+        assert drafts[row].tolist() == reference_proposal(sequence, inner[row].tolist(), ngram, stored)
 
 
 def test_lookup_needs_a_speculative_mode_and_a_positive_ngram(tiny_llama_dir):

@@ -8,7 +8,8 @@ them almost surely. So `LookupProposer` wraps any proposer: at the positions a m
 proposes the copied token, elsewhere the wrapped proposer's draft. The match is the most recent one
 of the longest n-gram (up to `ngram`, down to 2) that occurred before. Where the committed tokens
 match nothing, the n-gram ending in the wrapped proposer's first draft is looked up instead, for the
-drafts after it.
+drafts after it: in the sequence, and failing that in an n-gram datastore of the target's answers to
+other prompts (graphs/datastore.py), when the engine has one.
 
 Because P-EAGLE's mask slots do not condition on the drafts before them, the drafter's guess for a
 later position stays a valid guess whatever was copied before it. Every draft is still verified by
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from neuron_peagle.errors import ConfigError
+from neuron_peagle.graphs.datastore import NgramDatastore
 from neuron_peagle.graphs.proposers import SpecState
 
 
@@ -76,7 +78,8 @@ class LookupProposer(nn.Module):
     when drafting: its copies for the next step wait in `copied` ([B, K], -1 where nothing was found),
     and how many leading drafts they supply is known before that step runs (adaptive K)."""
 
-    def __init__(self, inner: nn.Module, batch_size: int, max_length: int, num_draft_tokens: int, ngram: int) -> None:
+    def __init__(self, inner: nn.Module, batch_size: int, max_length: int, num_draft_tokens: int, ngram: int,
+                 datastore: NgramDatastore | None = None) -> None:
         super().__init__()
         if ngram < 1:
             raise ConfigError(f"lookup_ngram must be >= 1 to look anything up, got {ngram}")
@@ -87,6 +90,7 @@ class LookupProposer(nn.Module):
         # (single tokens match too often by chance: on held-out prompts they lowered acceptance).
         self.min_ngram = min(MIN_NGRAM, ngram)
         self.max_length = max_length  # the trash column is history[:, max_length]
+        self.datastore = datastore
         self.register_buffer("history", torch.zeros(batch_size, max_length + 1, dtype=torch.int64),
                              persistent=False)
         self.register_buffer("copied", torch.full((batch_size, num_draft_tokens), -1, dtype=torch.int64),
@@ -119,10 +123,20 @@ class LookupProposer(nn.Module):
         """Drafts 2..K where the committed tokens matched nothing: the n-gram that ends in the inner
         proposer's first draft may have occurred before (a copied span often starts with a token that
         no lookup predicts, a name or a number the drafter can guess), and then the tokens after it
-        replace the inner proposer's later drafts. Still fixed-shape: one more lookup, on a copy of
-        the history with draft 1 written after the last committed token."""
+        replace the inner proposer's later drafts; failing that, the datastore's continuation of it
+        (the target's set phrases from other answers). Still fixed-shape: one more lookup, on a copy
+        of the history with draft 1 written after the last committed token.
+
+        The datastore serves only here, after the drafter's first draft: on held-out prompts, letting
+        it replace the first draft too accepted less (the drafter's first draft is the better guess,
+        its mask-slot drafts after it the worse)."""
         first = (state.last_position + 1).clamp(max=self.max_length - 1)  # [B]: draft 1's position
         history = self.history[:, : self.max_length].scatter(1, first.unsqueeze(-1), drafts[:, :1])
         copied, found = context_lookup(history, first, self.ngram, drafts.shape[1] - 1, self.min_ngram)
+        if self.datastore is not None:
+            stored, known = self.datastore.lookup(history, first, drafts.shape[1] - 1)
+            here = found[:, :1]  # [B, 1]: this sequence's own match, where it has one, comes first
+            copied, found = torch.where(here, copied, stored), torch.where(here, found, known)
         use = found & (self.copied[:, :1] < 0)  # [B, K-1]: rows whose committed tokens matched nothing
         return torch.where(use, copied, drafts[:, 1:])
+

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from neuron_peagle.config import DrafterConfig, ModelConfig, RopeConfig, read_config_json
+from neuron_peagle.datastore import DATASTORE_FILE
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.models.drafter import Drafter, draft_target_ids
 from neuron_peagle.models.weights import (check_names_and_shapes, decoder_layer_shapes, export_decoder_layer,
@@ -150,7 +151,7 @@ def load_drafter(drafter_dir: str | Path, target_config: ModelConfig, max_length
     path = Path(drafter_dir)
     config = read_drafter_config(path)
     config.check_fits(target_config)
-    tensors = read_safetensors_dir(path)
+    tensors = read_safetensors_dir(path, exclude=(DATASTORE_FILE,))
     optional = {"t2d", "d2t", "verifier_lm_head.weight"}
     if config.shares_target_embedding:
         optional.add("embed_tokens.weight")

@@ -13,8 +13,9 @@ from torch import Tensor
 from neuron_peagle.errors import ModelDirError, WeightsError
 
 
-def read_safetensors_dir(model_dir: str | Path) -> dict[str, Tensor]:
-    """All tensors of a directory's `*.safetensors` files (single file or sharded with an index)."""
+def read_safetensors_dir(model_dir: str | Path, exclude: tuple[str, ...] = ()) -> dict[str, Tensor]:
+    """All tensors of a directory's `*.safetensors` files (single file or sharded with an index),
+    except the files named in `exclude` (a drafter directory's datastore is not weights)."""
     path = Path(model_dir)
     if not path.is_dir():
         raise ModelDirError(f"model directory {str(path)!r} does not exist")
@@ -26,7 +27,7 @@ def read_safetensors_dir(model_dir: str | Path) -> dict[str, Tensor]:
             raise WeightsError(f"{index}: unreadable shard index ({err})") from None
         files = [path / name for name in shard_names]
     else:
-        files = sorted(path.glob("*.safetensors"))
+        files = sorted(f for f in path.glob("*.safetensors") if f.name not in exclude)
     if not files:
         raise ModelDirError(f"model directory {str(path)!r} has no *.safetensors weight file")
     tensors: dict[str, Tensor] = {}

@@ -66,6 +66,7 @@ class ArtifactRequest:
     dtype: str | None = None
     lookup_ngram: int | None = None
     short_draft_tokens: int | None = None
+    datastore: bool | None = None
 
 
 @dataclass
@@ -96,7 +97,7 @@ def _check_request(manifest: Manifest, request: ArtifactRequest) -> None:
              "num_speculative_tokens": manifest.num_speculative_tokens, "batch_size": manifest.build.batch_size,
              "max_length": manifest.build.max_length, "prefill_buckets": manifest.build.prefill_buckets,
              "dtype": manifest.build.dtype, "lookup_ngram": manifest.build.lookup_ngram,
-             "short_draft_tokens": manifest.build.short_draft_tokens}
+             "short_draft_tokens": manifest.build.short_draft_tokens, "datastore": manifest.build.datastore}
     wrong = []
     for name, value in built.items():
         asked = getattr(request, name)
@@ -206,7 +207,7 @@ def _engine(engine_cls, manifest: Manifest, model_dir: Path, drafter_dir: Path |
                                       batch_size=build.batch_size, max_length=build.max_length,
                                       prefill_buckets=build.prefill_buckets, dtype=build.dtype, backend=backend,
                                       kernels=build.kernels, lookup_ngram=build.lookup_ngram,
-                                      short_draft_tokens=build.short_draft_tokens)
+                                      short_draft_tokens=build.short_draft_tokens, datastore=build.datastore)
 
 
 def _load_neuron(engine_cls, artifact_dir: Path, manifest: Manifest, model_dir: Path, drafter_dir: Path | None):

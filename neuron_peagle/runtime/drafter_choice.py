@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 
 from neuron_peagle.config import BuildConfig, DrafterConfig, ModelConfig
+from neuron_peagle.datastore import DATASTORE_FILE, load_datastore
+from neuron_peagle.errors import ConfigError
+from neuron_peagle.graphs.datastore import NgramDatastore
 from neuron_peagle.models.drafter import Drafter
 from neuron_peagle.models.drafter_io import load_drafter, read_drafter_config
 from neuron_peagle.models.target import TargetModel, default_feature_layers
@@ -33,10 +36,31 @@ class DrafterChoice:
             return "random-init drafter (untrained: drafts are almost never accepted)"
         return f"drafter {self.path}"
 
+    @property
+    def has_datastore(self) -> bool:
+        return self.path is not None and (self.path / DATASTORE_FILE).is_file()
+
+    def load_datastore(self, target: TargetModel) -> NgramDatastore:
+        """The drafter directory's n-gram datastore (neuron_peagle.datastore), checked against the target."""
+        if self.path is None:
+            raise ConfigError("a datastore was asked for, but the drafter is random-init: no drafter directory "
+                              f"holds a {DATASTORE_FILE}")
+        return load_datastore(self.path / DATASTORE_FILE, target.config.vocab_size)
+
     def load(self, target: TargetModel, build: BuildConfig) -> Drafter:
         if self.path is not None:
             return load_drafter(self.path, target.config, build.max_length, build.torch_dtype)
         return random_drafter(self.config, build.max_length, self.seed).to(build.torch_dtype)
+
+
+def resolve_datastore(datastore: bool | str, lookup_ngram: int, choice: DrafterChoice | None) -> bool:
+    """An engine's `datastore` option as the build's flag: "auto" is on where lookup is and the drafter
+    directory has a datastore; True and False stand (BuildConfig and the loader check them)."""
+    if datastore not in (True, False, "auto"):
+        raise ConfigError(f"datastore must be True, False or 'auto', got {datastore!r}")
+    if datastore == "auto":
+        return bool(lookup_ngram) and choice is not None and choice.has_datastore
+    return datastore
 
 
 def random_drafter(config: DrafterConfig, max_length: int, seed: int = 0) -> Drafter:

@@ -17,7 +17,7 @@ from neuron_peagle.default_model import require_default_model
 from neuron_peagle.errors import ConfigError, PromptError
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.runtime.batch import BatchSampling
-from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter
+from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter, resolve_datastore
 from neuron_peagle.runtime.host_loop import Decoder, StepCallback, run_batch
 from neuron_peagle.runtime.plain_decoder import PlainDecoder
 from neuron_peagle.runtime.spec_decoder import SpecDecoder
@@ -88,7 +88,7 @@ class Engine:
                         parallel_drafting: bool | None = None, batch_size: int = 1, max_length: int = 1024,
                         prefill_buckets: Sequence[int] = (128, 512), dtype: str = "float32",
                         backend: str = "eager", kernels: str = "auto", lookup_ngram: int = 0,
-                        short_draft_tokens: int = 0) -> "Engine":
+                        short_draft_tokens: int = 0, datastore: bool | str = False) -> "Engine":
         """Load a Hugging Face target directory (default: the embedded SmolLM2-135M-Instruct) and a
         speculators-format drafter (default: the project's drafter for the default model).
 
@@ -97,7 +97,9 @@ class Engine:
         `lookup_ngram=n` (speculative modes) replaces drafts by tokens copied from earlier in the
         sequence wherever its last n tokens occurred before (neuron_peagle.graphs.lookup).
         `short_draft_tokens=k` (with lookup; adaptive K) drafts only k tokens in steps where the lookup
-        found nothing to copy, num_speculative_tokens where it did (runtime.spec_decoder)."""
+        found nothing to copy, num_speculative_tokens where it did (runtime.spec_decoder).
+        `datastore=True` (with lookup) also drafts from the drafter directory's n-gram datastore of the
+        target's answers (`datastore.safetensors`; graphs.datastore); "auto": where the drafter has one."""
         if parallel_drafting is not None and mode != "plain":
             mode = "parallel" if parallel_drafting else "sequential"
         if mode not in MODES:
@@ -107,17 +109,18 @@ class Engine:
         if short_draft_tokens and not 0 < short_draft_tokens < num_speculative_tokens:
             raise ConfigError(f"short_draft_tokens (adaptive K) must be below num_speculative_tokens "
                               f"{num_speculative_tokens}, got {short_draft_tokens}")
+        path = Path(model_dir) if model_dir is not None else require_default_model()
+        choice = None if mode == "plain" else choose_drafter(path, drafter_dir, is_default_target=model_dir is None)
         build = BuildConfig(batch_size=batch_size, max_length=max_length,
                             prefill_buckets=tuple(prefill_buckets), dtype=dtype, backend=backend, kernels=kernels,
-                            lookup_ngram=lookup_ngram, short_draft_tokens=short_draft_tokens)
-        path = Path(model_dir) if model_dir is not None else require_default_model()
+                            lookup_ngram=lookup_ngram, short_draft_tokens=short_draft_tokens,
+                            datastore=resolve_datastore(datastore, lookup_ngram, choice))
         runner = get_backend(build.backend)
         if mode == "plain":
             if build.lookup_ngram:
                 raise ConfigError("lookup_ngram needs a speculative mode: plain decoding drafts nothing")
             target = TargetModel.from_pretrained(path, build.max_length, build.torch_dtype)
             return cls(path, target, load_tokenizer(path), build, PlainDecoder(target, build, runner))
-        choice = choose_drafter(path, drafter_dir, is_default_target=model_dir is None)
         target = TargetModel.from_pretrained(path, build.max_length, build.torch_dtype,
                                              feature_layers=choice.config.feature_layers)
         drafter = choice.load(target, build)
@@ -129,7 +132,7 @@ class Engine:
             from neuron_peagle.graphs.lookup import LookupProposer
 
             proposer = LookupProposer(proposer, build.batch_size, build.max_length, num_speculative_tokens,
-                                      build.lookup_ngram)
+                                      build.lookup_ngram, choice.load_datastore(target) if build.datastore else None)
         decoder = SpecDecoder(target, proposer, build, runner, num_speculative_tokens)
         return cls(path, target, load_tokenizer(path), build, decoder, mode, num_speculative_tokens, choice)
 
