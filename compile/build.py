@@ -39,7 +39,8 @@ from compile.manifest import (HLO_DIR, LOG_NAME, NEURON_DIR, XLA_CACHE_DIR, Grap
 from compile.plan import TARGETS, GraphSpec, neuron_compiler_args, plan_graphs, trace_hlo
 from neuron_peagle.backends.xla import XlaBackend, initialize_persistent_cache
 from neuron_peagle.cli import _buckets, _datastore_choice, speculation_options
-from neuron_peagle.config import DEFAULT_LOOKUP_NGRAM, DEFAULT_SHORT_DRAFT_TOKENS, BuildConfig
+from neuron_peagle.config import (DEFAULT_LOOKUP_NGRAM, DEFAULT_SHORT_DRAFT_TOKENS, BuildConfig,
+                                  default_short_draft_tokens)
 from neuron_peagle.default_model import require_default_model
 from neuron_peagle.errors import ArtifactError, ConfigError, NeuronPeagleError
 from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter, resolve_datastore
@@ -291,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "--lookup-ngram` (default %(default)s; 0: drafter only; plain mode: ignored)")
     parser.add_argument("--short-draft-tokens", type=int, default=None, metavar="N",
                         help="adaptive K, as `neuron-peagle generate --short-draft-tokens`: a second step graph "
-                             f"drafting N tokens (default {DEFAULT_SHORT_DRAFT_TOKENS} when lookup is on and K is "
-                             "larger; 0: one step graph)")
+                             f"drafting N tokens (default {DEFAULT_SHORT_DRAFT_TOKENS} when lookup is on, K is "
+                             "larger and there is no datastore; 0: one step graph)")
     parser.add_argument("--datastore", type=_datastore_choice, default="auto", metavar="{auto,on,off}",
                         help="the step graph also drafts from the drafter's n-gram datastore, as `neuron-peagle "
                              "generate --datastore` (auto: where lookup is on and the drafter has one)")
@@ -306,9 +307,11 @@ def request_from_args(args: argparse.Namespace) -> BuildRequest:
     choice = None
     if args.mode != "plain":
         choice = choose_drafter(model_dir, args.drafter, is_default_target=args.model is None)
-    options = speculation_options(args.mode, args.num_speculative_tokens, args.lookup_ngram, args.short_draft_tokens,
-                                  args.datastore)
+    options = speculation_options(args.mode, args.lookup_ngram, args.short_draft_tokens, args.datastore)
     options["datastore"] = resolve_datastore(options["datastore"], options["lookup_ngram"], choice)
+    if options["short_draft_tokens"] is None:
+        options["short_draft_tokens"] = default_short_draft_tokens(options["lookup_ngram"], args.num_speculative_tokens,
+                                                                   options["datastore"])
     build = BuildConfig(batch_size=args.batch_size, max_length=args.max_length, prefill_buckets=args.buckets,
                         dtype=args.dtype, backend=args.backend, kernels=args.kernels, **options)
     drafter_dir = choice.path if choice is not None else None

@@ -72,8 +72,8 @@ def _add_engine_options(gen: argparse.ArgumentParser) -> None:
                           "drafter's (default %(default)s; 0: the drafter alone; plain mode: ignored)")
     gen.add_argument("--short-draft-tokens", type=int, default=None, metavar="N",
                      help="adaptive K: steps whose context lookup found nothing to copy draft only N tokens, "
-                          f"the others K (default {DEFAULT_SHORT_DRAFT_TOKENS} when lookup is on and K is "
-                          "larger; 0: every step drafts K)")
+                          f"the others K (default {DEFAULT_SHORT_DRAFT_TOKENS} when lookup is on, K is larger "
+                          "and there is no datastore; 0: every step drafts K)")
     gen.add_argument("--datastore", type=_datastore_choice, default="auto", metavar="{auto,on,off}",
                      help="with context lookup: where neither the sequence nor its lookup after the first "
                           "draft knows what follows, draft from the drafter's n-gram datastore of the "
@@ -116,17 +116,14 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def speculation_options(mode: str, num_speculative_tokens: int, lookup_ngram: int,
-                        short_draft_tokens: int | None, datastore: bool | str = "auto") -> dict:
+def speculation_options(mode: str, lookup_ngram: int, short_draft_tokens: int | None,
+                        datastore: bool | str = "auto") -> dict:
     """The command lines' `--lookup-ngram`, `--short-draft-tokens` and `--datastore` as engine keyword
-    arguments. Plain decoding drafts nothing, so none applies there; an unset short K is the default
-    one where lookup is on and K is longer, and off elsewhere; "auto" datastore is on where lookup is
-    and the drafter has one (a value given is passed on, and checked)."""
+    arguments. Plain decoding drafts nothing, so none applies there. An unset short K (None) and an
+    "auto" datastore are resolved by the engine, which knows the drafter (config.default_short_draft_tokens,
+    runtime.drafter_choice.resolve_datastore); a value given is passed on, and checked."""
     if mode == "plain":
         return {"lookup_ngram": 0, "short_draft_tokens": 0, "datastore": False}
-    if short_draft_tokens is None:
-        short_draft_tokens = (DEFAULT_SHORT_DRAFT_TOKENS
-                              if lookup_ngram and num_speculative_tokens > DEFAULT_SHORT_DRAFT_TOKENS else 0)
     return {"lookup_ngram": lookup_ngram, "short_draft_tokens": short_draft_tokens, "datastore": datastore}
 
 
@@ -163,9 +160,8 @@ def _engine_and_prompts(args: argparse.Namespace, quiet: bool):
                                         batch_size=args.batch_size, max_length=args.max_length,
                                         prefill_buckets=args.buckets, dtype=args.dtype, backend=args.backend,
                                         kernels=args.kernels,
-                                        **speculation_options(args.mode, args.num_speculative_tokens,
-                                                              args.lookup_ngram, args.short_draft_tokens,
-                                                              args.datastore))
+                                        **speculation_options(args.mode, args.lookup_ngram,
+                                                              args.short_draft_tokens, args.datastore))
     if engine.drafter is not None and not quiet:
         lookup = f", context lookup of up to {engine.build.lookup_ngram}-grams" if engine.build.lookup_ngram else ""
         if engine.build.short_draft_tokens:

@@ -169,6 +169,16 @@ DEFAULT_LOOKUP_NGRAM = 5
 DEFAULT_SHORT_DRAFT_TOKENS = 3
 
 
+def default_short_draft_tokens(lookup_ngram: int, num_draft_tokens: int, datastore: bool) -> int:
+    """The adaptive K an unset `short_draft_tokens` means: DEFAULT_SHORT_DRAFT_TOKENS where lookup is
+    on, K is longer and there is no n-gram datastore; 0 (every step drafts K) elsewhere. With the
+    datastore, the drafts after the first are often a set phrase of the target's, so all K pay off in
+    steps without a copy too (BENCHMARKS.md, round 12: fixed K=7 was the faster on every domain)."""
+    if lookup_ngram and num_draft_tokens > DEFAULT_SHORT_DRAFT_TOKENS and not datastore:
+        return DEFAULT_SHORT_DRAFT_TOKENS
+    return 0
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """Every shape the traced graphs are built for."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from neuron_peagle.cli import main
 
 TINY_ARGS = ["--max-length", "64", "--buckets", "16,32", "--max-new-tokens", "5"]
@@ -88,3 +90,17 @@ def test_adaptive_k_is_on_by_default_where_lookup_is_and_k_is_longer(tiny_llama_
     assert main(["generate", "hi", "--model", str(tiny_llama_dir), "--lookup-ngram", "0",
                  "--short-draft-tokens", "2", *TINY_ARGS]) == 2
     assert "needs context lookup" in capsys.readouterr().err
+
+
+def test_datastore_option_is_auto_by_default_and_refused_where_there_is_none(tiny_llama_dir, capsys):
+    def datastore(*args: str) -> bool:
+        assert main(["generate", "hello there", "--model", str(tiny_llama_dir), "--json", *args, *TINY_ARGS]) == 0
+        return json.loads(capsys.readouterr().out)["datastore"]
+
+    assert datastore() is False  # auto: the tiny model's random-init drafter has no datastore
+    assert datastore("--datastore", "off") is False
+    assert main(["generate", "hi", "--model", str(tiny_llama_dir), "--datastore", "on", *TINY_ARGS]) == 2
+    assert "drafter is random-init" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "hi", "--datastore", "maybe"])
+    assert "expected auto, on or off" in capsys.readouterr().err

@@ -30,6 +30,7 @@ def test_shipped_drafter_matches_its_record():
     assert config["transformer_layer_config"]["num_hidden_layers"] == training["num_layers"]
     assert config["draft_vocab_size"] == training["draft_vocab_size"]
     assert (DEFAULT_DRAFTER_DIR / "model.safetensors").stat().st_size < 30 * 2**20
+    assert "datastore.safetensors" in record  # the n-gram datastore ships beside the weights, recorded too
 
 
 def test_shipped_drafter_is_the_default_and_gets_accepted(default_model_dir):

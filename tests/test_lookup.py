@@ -155,12 +155,15 @@ def test_adaptive_k_runs_both_step_graphs_and_changes_no_token(small_vocab_dir):
 @pytest.mark.slow
 def test_lookup_with_the_shipped_drafter_is_exact_and_accepts_more(prompt_ids, hf_greedy):
     """Batch 4, all twenty prompts: the same tokens as transformers, and copied drafts raise the
-    acceptance length over the drafter alone; with adaptive K, both of its step graphs run."""
+    acceptance length over the drafter alone; with adaptive K, both of its step graphs run; with the
+    shipped n-gram datastore, its drafts change no token either."""
     lengths = {}
-    # The drafter alone, and with lookup and adaptive K (whose long-K steps are lookup's own steps).
+    # The drafter alone, and with lookup, adaptive K (whose long-K steps are lookup's own steps) and the
+    # datastore.
     for ngram, short in ((0, 0), (2, 2)):
         engine = Engine.from_pretrained(None, num_speculative_tokens=5, batch_size=4, max_length=256,
-                                        prefill_buckets=(64, 128), lookup_ngram=ngram, short_draft_tokens=short)
+                                        prefill_buckets=(64, 128), lookup_ngram=ngram, short_draft_tokens=short,
+                                        datastore=bool(ngram))
         used = record_ks(engine)
         outputs = engine.generate(prompt_ids, PARAMS)
         assert set(used) == ({5, 2} if short else {5})

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from neuron_peagle.backends import get_backend
-from neuron_peagle.config import BuildConfig
+from neuron_peagle.config import BuildConfig, default_short_draft_tokens
 from neuron_peagle.default_model import require_default_model
 from neuron_peagle.errors import ConfigError, PromptError
 from neuron_peagle.models.target import TargetModel
@@ -88,7 +88,7 @@ class Engine:
                         parallel_drafting: bool | None = None, batch_size: int = 1, max_length: int = 1024,
                         prefill_buckets: Sequence[int] = (128, 512), dtype: str = "float32",
                         backend: str = "eager", kernels: str = "auto", lookup_ngram: int = 0,
-                        short_draft_tokens: int = 0, datastore: bool | str = False) -> "Engine":
+                        short_draft_tokens: int | None = 0, datastore: bool | str = False) -> "Engine":
         """Load a Hugging Face target directory (default: the embedded SmolLM2-135M-Instruct) and a
         speculators-format drafter (default: the project's drafter for the default model).
 
@@ -97,7 +97,8 @@ class Engine:
         `lookup_ngram=n` (speculative modes) replaces drafts by tokens copied from earlier in the
         sequence wherever its last n tokens occurred before (neuron_peagle.graphs.lookup).
         `short_draft_tokens=k` (with lookup; adaptive K) drafts only k tokens in steps where the lookup
-        found nothing to copy, num_speculative_tokens where it did (runtime.spec_decoder).
+        found nothing to copy, num_speculative_tokens where it did (runtime.spec_decoder); None: the
+        command line's default for the configuration (config.default_short_draft_tokens).
         `datastore=True` (with lookup) also drafts from the drafter directory's n-gram datastore of the
         target's answers (`datastore.safetensors`; graphs.datastore); "auto": where the drafter has one."""
         if parallel_drafting is not None and mode != "plain":
@@ -106,15 +107,18 @@ class Engine:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
         if mode != "plain" and num_speculative_tokens < 1:
             raise ConfigError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+        path = Path(model_dir) if model_dir is not None else require_default_model()
+        choice = None if mode == "plain" else choose_drafter(path, drafter_dir, is_default_target=model_dir is None)
+        datastore = resolve_datastore(datastore, lookup_ngram, choice)
+        if short_draft_tokens is None:
+            short_draft_tokens = default_short_draft_tokens(lookup_ngram, num_speculative_tokens, datastore)
         if short_draft_tokens and not 0 < short_draft_tokens < num_speculative_tokens:
             raise ConfigError(f"short_draft_tokens (adaptive K) must be below num_speculative_tokens "
                               f"{num_speculative_tokens}, got {short_draft_tokens}")
-        path = Path(model_dir) if model_dir is not None else require_default_model()
-        choice = None if mode == "plain" else choose_drafter(path, drafter_dir, is_default_target=model_dir is None)
         build = BuildConfig(batch_size=batch_size, max_length=max_length,
                             prefill_buckets=tuple(prefill_buckets), dtype=dtype, backend=backend, kernels=kernels,
                             lookup_ngram=lookup_ngram, short_draft_tokens=short_draft_tokens,
-                            datastore=resolve_datastore(datastore, lookup_ngram, choice))
+                            datastore=datastore)
         runner = get_backend(build.backend)
         if mode == "plain":
             if build.lookup_ngram:
