@@ -38,12 +38,11 @@ from compile.manifest import (HLO_DIR, LOG_NAME, NEURON_DIR, XLA_CACHE_DIR, Grap
                               WeightsInfo, fingerprint, installed_versions)
 from compile.plan import TARGETS, GraphSpec, neuron_compiler_args, plan_graphs, trace_hlo
 from neuron_peagle.backends.xla import XlaBackend, initialize_persistent_cache
-from neuron_peagle.cli import _buckets, _datastore_choice, speculation_options
-from neuron_peagle.config import (DEFAULT_LOOKUP_NGRAM, DEFAULT_SHORT_DRAFT_TOKENS, BuildConfig,
-                                  default_short_draft_tokens)
+from neuron_peagle.cli import _buckets, add_speculation_options, speculation_options
+from neuron_peagle.config import BuildConfig
 from neuron_peagle.default_model import require_default_model
 from neuron_peagle.errors import ArtifactError, ConfigError, NeuronPeagleError
-from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter, resolve_datastore
+from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter, resolve_speculation
 from neuron_peagle.runtime.engine import MODES, Engine
 
 ARTIFACT_BACKENDS = ("xla", "neuron")
@@ -287,16 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--kernels", default="auto", choices=("auto", "reference", "nki"),
                         help="draft-pass kernels: NKI custom calls or plain PyTorch (auto: nki on neuron)")
-    parser.add_argument("--lookup-ngram", type=int, default=DEFAULT_LOOKUP_NGRAM, metavar="N",
-                        help="longest context-lookup n-gram of the step graph, as `neuron-peagle generate "
-                             "--lookup-ngram` (default %(default)s; 0: drafter only; plain mode: ignored)")
-    parser.add_argument("--short-draft-tokens", type=int, default=None, metavar="N",
-                        help="adaptive K, as `neuron-peagle generate --short-draft-tokens`: a second step graph "
-                             f"drafting N tokens (default {DEFAULT_SHORT_DRAFT_TOKENS} when lookup is on, K is "
-                             "larger and there is no datastore; 0: one step graph)")
-    parser.add_argument("--datastore", type=_datastore_choice, default="auto", metavar="{auto,on,off}",
-                        help="the step graph also drafts from the drafter's n-gram datastore, as `neuron-peagle "
-                             "generate --datastore` (auto: where lookup is on and the drafter has one)")
+    add_speculation_options(parser)  # as `neuron-peagle generate`, baked into the step graphs
     parser.add_argument("--tp-degree", type=int, default=1, help="tensor-parallel degree (only 1 so far)")
     parser.add_argument("--target", default="trn1", choices=TARGETS, help="neuronx-cc --target")
     return parser
@@ -308,10 +298,9 @@ def request_from_args(args: argparse.Namespace) -> BuildRequest:
     if args.mode != "plain":
         choice = choose_drafter(model_dir, args.drafter, is_default_target=args.model is None)
     options = speculation_options(args.mode, args.lookup_ngram, args.short_draft_tokens, args.datastore)
-    options["datastore"] = resolve_datastore(options["datastore"], options["lookup_ngram"], choice)
-    if options["short_draft_tokens"] is None:
-        options["short_draft_tokens"] = default_short_draft_tokens(options["lookup_ngram"], args.num_speculative_tokens,
-                                                                   options["datastore"])
+    options["short_draft_tokens"], options["datastore"] = resolve_speculation(
+        options["lookup_ngram"], args.num_speculative_tokens, options["short_draft_tokens"], options["datastore"],
+        choice)
     build = BuildConfig(batch_size=args.batch_size, max_length=args.max_length, prefill_buckets=args.buckets,
                         dtype=args.dtype, backend=args.backend, kernels=args.kernels, **options)
     drafter_dir = choice.path if choice is not None else None

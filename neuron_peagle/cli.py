@@ -66,22 +66,28 @@ def _add_engine_options(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--kernels", default="auto", choices=("auto", *KERNEL_MODES),
                      help="draft-pass kernels (auto: NKI on neuron, else PyTorch; interpreter: the kernel "
                           "source on the CPU interpreter, slow, eager only)")
-    gen.add_argument("--lookup-ngram", type=int, default=DEFAULT_LOOKUP_NGRAM, metavar="N",
-                     help="speculative modes: where the last N tokens (or failing that N-1, ... 2) occurred "
-                          "earlier in the sequence, draft the tokens that followed them instead of the "
-                          "drafter's (default %(default)s; 0: the drafter alone; plain mode: ignored)")
-    gen.add_argument("--short-draft-tokens", type=int, default=None, metavar="N",
-                     help="adaptive K: steps whose context lookup found nothing to copy draft only N tokens, "
-                          f"the others K (default {DEFAULT_SHORT_DRAFT_TOKENS} when lookup is on, K is larger "
-                          "and there is no datastore; 0: every step drafts K)")
-    gen.add_argument("--datastore", type=_datastore_choice, default="auto", metavar="{auto,on,off}",
-                     help="with context lookup: where neither the sequence nor its lookup after the first "
-                          "draft knows what follows, draft from the drafter's n-gram datastore of the "
-                          "target's answers (auto, the default: where the drafter directory has one)")
+    add_speculation_options(gen)
     gen.add_argument("--artifacts", type=Path, default=None, help="run the graphs compiled into DIR by "
                      "`python -m compile.build`; model, drafter, mode, K and shapes come from its manifest "
                      "(options left at their defaults take the manifest's values, others must match it)")
     gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt text as it is")
+
+
+def add_speculation_options(parser: argparse.ArgumentParser) -> None:
+    """`--lookup-ngram`, `--short-draft-tokens` and `--datastore`, shared by `neuron-peagle` and
+    `python -m compile.build` (which bakes them into its step graphs)."""
+    parser.add_argument("--lookup-ngram", type=int, default=DEFAULT_LOOKUP_NGRAM, metavar="N",
+                        help="speculative modes: where the last N tokens (or failing that N-1, ... 2) occurred "
+                             "earlier in the sequence, draft the tokens that followed them instead of the "
+                             "drafter's (default %(default)s; 0: the drafter alone; plain mode: ignored)")
+    parser.add_argument("--short-draft-tokens", type=int, default=None, metavar="N",
+                        help="adaptive K: steps whose context lookup found nothing to copy draft only N tokens "
+                             f"(a second step graph), the others K (default {DEFAULT_SHORT_DRAFT_TOKENS} when "
+                             "lookup is on, K is larger and there is no datastore; 0: every step drafts K)")
+    parser.add_argument("--datastore", type=_datastore_choice, default="auto", metavar="{auto,on,off}",
+                        help="with context lookup: where neither the sequence nor its lookup after the first "
+                             "draft knows what follows, draft from the drafter's n-gram datastore of the "
+                             "target's answers (auto, the default: where the drafter directory has one)")
 
 
 def _datastore_choice(value: str) -> bool | str:
@@ -120,8 +126,8 @@ def speculation_options(mode: str, lookup_ngram: int, short_draft_tokens: int | 
                         datastore: bool | str = "auto") -> dict:
     """The command lines' `--lookup-ngram`, `--short-draft-tokens` and `--datastore` as engine keyword
     arguments. Plain decoding drafts nothing, so none applies there. An unset short K (None) and an
-    "auto" datastore are resolved by the engine, which knows the drafter (config.default_short_draft_tokens,
-    runtime.drafter_choice.resolve_datastore); a value given is passed on, and checked."""
+    "auto" datastore are resolved where the drafter is known (runtime.drafter_choice.resolve_speculation);
+    a value given is passed on, and checked."""
     if mode == "plain":
         return {"lookup_ngram": 0, "short_draft_tokens": 0, "datastore": False}
     return {"lookup_ngram": lookup_ngram, "short_draft_tokens": short_draft_tokens, "datastore": datastore}

@@ -68,10 +68,6 @@ class NgramDatastore(nn.Module):
         self.tables = nn.ModuleList(sorted(tables, key=lambda t: t.order))
         self.chain_length = tables[0].slot_chains.shape[1]
 
-    @property
-    def max_order(self) -> int:
-        return self.tables[-1].order
-
     def lookup(self, history: Tensor, last_position: Tensor, num_draft_tokens: int) -> tuple[Tensor, Tensor]:
         """history [B, L] int64, last_position [B] -> (tokens [B, K], found [B, K] bool): the stored
         continuation of the longest known n-gram ending at last_position (n-grams reaching before

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from neuron_peagle.backends import get_backend
-from neuron_peagle.config import BuildConfig, default_short_draft_tokens
+from neuron_peagle.config import BuildConfig
 from neuron_peagle.default_model import require_default_model
 from neuron_peagle.errors import ConfigError, PromptError
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.runtime.batch import BatchSampling
-from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter, resolve_datastore
+from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter, resolve_speculation
 from neuron_peagle.runtime.host_loop import Decoder, StepCallback, run_batch
 from neuron_peagle.runtime.plain_decoder import PlainDecoder
 from neuron_peagle.runtime.spec_decoder import SpecDecoder
@@ -109,12 +109,8 @@ class Engine:
             raise ConfigError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
         path = Path(model_dir) if model_dir is not None else require_default_model()
         choice = None if mode == "plain" else choose_drafter(path, drafter_dir, is_default_target=model_dir is None)
-        datastore = resolve_datastore(datastore, lookup_ngram, choice)
-        if short_draft_tokens is None:
-            short_draft_tokens = default_short_draft_tokens(lookup_ngram, num_speculative_tokens, datastore)
-        if short_draft_tokens and not 0 < short_draft_tokens < num_speculative_tokens:
-            raise ConfigError(f"short_draft_tokens (adaptive K) must be below num_speculative_tokens "
-                              f"{num_speculative_tokens}, got {short_draft_tokens}")
+        short_draft_tokens, datastore = resolve_speculation(lookup_ngram, num_speculative_tokens, short_draft_tokens,
+                                                            datastore, choice)
         build = BuildConfig(batch_size=batch_size, max_length=max_length,
                             prefill_buckets=tuple(prefill_buckets), dtype=dtype, backend=backend, kernels=kernels,
                             lookup_ngram=lookup_ngram, short_draft_tokens=short_draft_tokens,
