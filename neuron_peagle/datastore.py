@@ -1,12 +1,11 @@
 """Build, save and load the n-gram datastore (host side; the lookup is graphs/datastore.py).
 
 The datastore is made from the target's own answers (the drafter's training responses): for every
-n-gram of orders `min_order..max_order` seen at least `min_count` times, the most frequent chain of
-`chain_length` tokens after it, where each next token is the most frequent one after the longest
-known n-gram ending before it (the chain stops where nothing is known). Saved as safetensors
-(`order<n>.keys` [E, n], `order<n>.chains` [E, C], int32, EMPTY-padded, entries in descending count)
-with the vocabulary size in its metadata; loaded into hash tables sized for a load factor of at most
-one half.
+n-gram of orders `min_order..max_order` seen at least `min_count` times, the token seen most often
+after it (the lookup chains them into drafts). Saved as safetensors (`order<n>.keys` [E, n],
+`order<n>.next` [E], int32, entries in descending count) with one metadata entry, `datastore`: a
+JSON object holding the vocabulary size (one key, so the same build writes the same bytes);
+loaded into hash tables sized for a load factor of at most one half.
 """
 
 from __future__ import annotations
@@ -32,51 +31,28 @@ DATASTORE_FILE = "datastore.safetensors"
 class DatastoreConfig:
     max_order: int = 3
     min_order: int = 2
-    chain_length: int = 8
-    min_count: int = 2
+    min_count: int = 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_order <= self.max_order <= 8:
             raise ConfigError(f"datastore orders must satisfy 1 <= min_order <= max_order <= 8, got "
                               f"{self.min_order}..{self.max_order}")
-        if self.chain_length < 1 or self.min_count < 1:
-            raise ConfigError("datastore chain_length and min_count must be >= 1")
+        if self.min_count < 1:
+            raise ConfigError(f"datastore min_count must be >= 1, got {self.min_count}")
 
 
 def build_entries(sequences: Iterable[Sequence[int]], config: DatastoreConfig) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """order -> (keys [E, n], chains [E, C]) int32, entries in descending count."""
-    orders = range(config.min_order, config.max_order + 1)
-    counts: dict[int, defaultdict[tuple[int, ...], Counter]] = {n: defaultdict(Counter) for n in orders}
-    for sequence in sequences:
-        for n in orders:
-            table = counts[n]
-            for p in range(n, len(sequence)):
-                table[tuple(sequence[p - n:p])][sequence[p]] += 1
-    best = {n: {key: (nexts.most_common(1)[0][0], sum(nexts.values())) for key, nexts in table.items()}
-            for n, table in counts.items()}
-
-    def next_token(context: list[int]) -> int | None:
-        for n in reversed(orders):
-            found = best[n].get(tuple(context[-n:])) if len(context) >= n else None
-            if found is not None and found[1] >= config.min_count:
-                return found[0]
-        return None
-
+    """order -> (keys [E, n], next tokens [E]) int32, entries in descending count (ties: by key)."""
     entries = {}
-    for n in orders:
-        kept = sorted(((total, key) for key, (_, total) in best[n].items() if total >= config.min_count),
-                      key=lambda item: (-item[0], item[1]))
-        keys = torch.tensor([key for _, key in kept], dtype=torch.int32).reshape(len(kept), n)
-        chains = torch.full((len(kept), config.chain_length), EMPTY, dtype=torch.int32)
-        for row, (_, key) in enumerate(kept):
-            context = list(key)
-            for column in range(config.chain_length):
-                token = next_token(context)
-                if token is None:
-                    break
-                chains[row, column] = token
-                context.append(token)
-        entries[n] = (keys, chains)
+    for n in range(config.min_order, config.max_order + 1):
+        counts: defaultdict[tuple[int, ...], Counter] = defaultdict(Counter)
+        for sequence in sequences:
+            for p in range(n, len(sequence)):
+                counts[tuple(sequence[p - n:p])][sequence[p]] += 1
+        kept = sorted(((sum(nexts.values()), key, nexts.most_common(1)[0][0]) for key, nexts in counts.items()
+                       if sum(nexts.values()) >= config.min_count), key=lambda item: (-item[0], item[1]))
+        keys = torch.tensor([key for _, key, _ in kept], dtype=torch.int32).reshape(len(kept), n)
+        entries[n] = (keys, torch.tensor([token for _, _, token in kept], dtype=torch.int32))
     return entries
 
 
@@ -103,11 +79,11 @@ def read_response_sequences(path: Path, context_tokens: int) -> list[list[int]]:
 def save_datastore(entries: dict[int, tuple[torch.Tensor, torch.Tensor]], path: Path, vocab_size: int,
                    config: DatastoreConfig, source: str) -> None:
     tensors = {}
-    for n, (keys, chains) in entries.items():
+    for n, (keys, next_tokens) in entries.items():
         tensors[f"order{n}.keys"] = keys.contiguous()
-        tensors[f"order{n}.chains"] = chains.contiguous()
-    metadata = {"vocab_size": str(vocab_size), "chain_length": str(config.chain_length),
-                "min_count": str(config.min_count), "source": source}
+        tensors[f"order{n}.next"] = next_tokens.contiguous()
+    about = {"vocab_size": vocab_size, "min_count": config.min_count, "orders": sorted(entries), "source": source}
+    metadata = {"datastore": json.dumps(about, sort_keys=True)}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
 
@@ -122,7 +98,10 @@ def load_datastore(path: Path, vocab_size: int) -> NgramDatastore:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ModelDirError(f"{path}: not a readable datastore ({err})") from None
-    stored_vocab = int(metadata.get("vocab_size", -1))
+    if "datastore" not in metadata:
+        raise ModelDirError(f"{path}: no datastore metadata (an older datastore format? rebuild it with "
+                            "scripts.build_datastore)")
+    stored_vocab = int(json.loads(metadata["datastore"]).get("vocab_size", -1))
     if stored_vocab != vocab_size:
         raise ConfigError(f"{path} was built for a vocabulary of {stored_vocab} tokens; the target has {vocab_size}")
     if vocab_size > MAX_VOCAB:
@@ -132,22 +111,25 @@ def load_datastore(path: Path, vocab_size: int) -> NgramDatastore:
         raise ModelDirError(f"{path}: no n-gram tables in it")
     tables = []
     for n in orders:
-        keys, chains = tensors.get(f"order{n}.keys"), tensors.get(f"order{n}.chains")
-        if chains is None or keys.dim() != 2 or keys.shape[1] != n or chains.shape[0] != keys.shape[0]:
+        keys, next_tokens = tensors[f"order{n}.keys"], tensors.get(f"order{n}.next")
+        if next_tokens is None:
+            raise ModelDirError(f"{path}: order-{n} table has no next tokens (an older datastore format? "
+                                "rebuild it with scripts.build_datastore)")
+        if keys.dim() != 2 or keys.shape[1] != n or next_tokens.shape != keys.shape[:1]:
             raise ModelDirError(f"{path}: order-{n} table has mismatched shapes")
         if keys.numel() and not (0 <= int(keys.min()) and int(keys.max()) < vocab_size
-                                 and int(chains.min()) >= EMPTY and int(chains.max()) < vocab_size):
+                                 and 0 <= int(next_tokens.min()) and int(next_tokens.max()) < vocab_size):
             raise ModelDirError(f"{path}: order-{n} table holds token ids outside [0, {vocab_size})")
-        tables.append(hash_table(keys.long(), chains.long()))
+        tables.append(hash_table(keys.long(), next_tokens.long()))
     return NgramDatastore(tables)
 
 
-def hash_table(keys: torch.Tensor, chains: torch.Tensor) -> NgramTable:
-    """keys [E, n], chains [E, C] (in priority order) -> an NgramTable of a power-of-2 number of slots,
-    at least twice E; an entry whose PROBES slots are all taken by earlier entries is dropped."""
+def hash_table(keys: torch.Tensor, next_tokens: torch.Tensor) -> NgramTable:
+    """keys [E, n], next_tokens [E] (in priority order) -> an NgramTable of a power-of-2 number of
+    slots, at least twice E; an entry whose PROBES slots are all taken by earlier entries is dropped."""
     slots = 1 << max(4, (2 * max(1, keys.shape[0]) - 1).bit_length())
     slot_keys = torch.full((slots, keys.shape[1]), EMPTY, dtype=torch.int64)
-    slot_chains = torch.full((slots, chains.shape[1]), EMPTY, dtype=torch.int64)
+    slot_next = torch.full((slots,), EMPTY, dtype=torch.int64)
     owner = [-1] * slots
     for entry, first in enumerate(ngram_hash(keys, slots).tolist()):
         for probe in range(PROBES):
@@ -158,5 +140,5 @@ def hash_table(keys: torch.Tensor, chains: torch.Tensor) -> NgramTable:
     placed = torch.tensor([(slot, entry) for slot, entry in enumerate(owner) if entry >= 0], dtype=torch.int64)
     if placed.numel():
         slot_keys[placed[:, 0]] = keys[placed[:, 1]]
-        slot_chains[placed[:, 0]] = chains[placed[:, 1]]
-    return NgramTable(slot_keys, slot_chains)
+        slot_next[placed[:, 0]] = next_tokens[placed[:, 1]]
+    return NgramTable(slot_keys, slot_next)

@@ -137,15 +137,16 @@ def plot(results: dict, out: Path) -> None:
 
     rows = results["rows"]
     domains = sorted({r["domain"] for r in rows})
+    batch = min(r["batch_size"] for r in rows)  # the plots show the smallest batch measured
     fig, axes = plt.subplots(1, len(domains), figsize=(4 * len(domains), 3.4), squeeze=False)
     for ax, domain in zip(axes[0], domains):
         for mode in sorted({r["mode"] for r in rows if r["mode"] != "plain"}):
             points = sorted((r["k"], r["speedup"]) for r in rows
-                            if r["domain"] == domain and r["mode"] == mode and r["batch_size"] == 1)
+                            if r["domain"] == domain and r["mode"] == mode and r["batch_size"] == batch)
             if points:
                 ax.plot(*zip(*points), marker="o", label=mode)
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_title(f"{domain}, batch 1")
+        ax.set_title(f"{domain}, batch {batch}")
         ax.set_xlabel("K (draft tokens per step)")
         ax.set_ylabel("speedup over plain decoding")
         ax.legend(fontsize=8)
@@ -155,7 +156,7 @@ def plot(results: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for r in rows:
-        if r["mode"] != "plain" and r["batch_size"] == 1 and r["k"] == max(x["k"] for x in rows):
+        if r["mode"] != "plain" and r["batch_size"] == batch and r["k"] == max(x["k"] for x in rows):
             ax.plot(range(1, r["k"] + 1), r["acceptance_per_position"], marker="o", label=f"{r['domain']} {r['mode']}")
     ax.set_xlabel("draft position")
     ax.set_ylabel("fraction of steps accepted")

@@ -30,7 +30,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = DatastoreConfig()
     parser.add_argument("--max-order", type=int, default=defaults.max_order, help="longest n-gram looked up")
     parser.add_argument("--min-order", type=int, default=defaults.min_order, help="shortest n-gram looked up")
-    parser.add_argument("--chain-length", type=int, default=defaults.chain_length, help="tokens stored per n-gram")
     parser.add_argument("--min-count", type=int, default=defaults.min_count,
                         help="n-grams seen fewer times are left out")
     return parser.parse_args(argv)
@@ -39,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = DatastoreConfig(args.max_order, args.min_order, args.chain_length, args.min_count)
+        config = DatastoreConfig(args.max_order, args.min_order, args.min_count)
         vocab_size = ModelConfig.from_dir(args.model or require_default_model()).vocab_size
         started = time.perf_counter()
         sequences = read_response_sequences(args.responses, context_tokens=config.max_order)

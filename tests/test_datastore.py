@@ -3,10 +3,13 @@ it does not fit the target, and lossless inside speculative decoding on eager an
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 
 from conftest import save_tiny_model
 from neuron_peagle.config import DrafterConfig, ModelConfig
@@ -20,54 +23,71 @@ from neuron_peagle.runtime.drafter_choice import random_drafter
 from neuron_peagle.runtime.engine import Engine, SamplingParams
 
 
-def test_entries_keep_frequent_ngrams_and_chain_their_most_frequent_continuations():
+def test_entries_keep_frequent_ngrams_and_their_most_frequent_next_token():
     sequences = [[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 5], [9, 2, 3, 4]]
-    entries = build_entries(sequences, DatastoreConfig(max_order=2, min_order=2, chain_length=3, min_count=2))
-    keys, chains = entries[2]
+    keys, next_tokens = build_entries(sequences, DatastoreConfig(max_order=2, min_order=2, min_count=2))[2]
     # (2, 3) seen 4 times (then 4 three times, 5 once), (1, 2) 3 times; (9, 2) once: left out; (3, 4)
-    # ends every answer, so no chain leaves it.
+    # ends every answer, so nothing follows it.
     assert keys.tolist() == [[2, 3], [1, 2]]
-    assert chains.tolist() == [[4, EMPTY, EMPTY], [3, 4, EMPTY]]
+    assert next_tokens.tolist() == [4, 3]
+    keys, next_tokens = build_entries(sequences, DatastoreConfig(max_order=2, min_order=2, min_count=1))[2]
+    assert keys.tolist() == [[2, 3], [1, 2], [9, 2]] and next_tokens.tolist() == [4, 3, 3]
 
 
-def test_longer_ngrams_override_shorter_ones_in_the_chain():
-    sequences = [[7, 1, 2, 5]] * 2 + [[8, 1, 2, 6]] * 3
-    entries = build_entries(sequences, DatastoreConfig(max_order=3, min_order=2, chain_length=2, min_count=2))
-    chains = {tuple(k): c for k, c in zip(entries[3][0].tolist(), entries[3][1].tolist())}
-    assert chains[(7, 1, 2)] == [5, EMPTY]  # the 3-gram knows better than the bigram (1, 2) -> 6
-    bigram_chains = {tuple(k): c for k, c in zip(entries[2][0].tolist(), entries[2][1].tolist())}
-    assert bigram_chains[(1, 2)] == [6, EMPTY]
+def test_chains_follow_the_longest_known_ngram_at_every_token():
+    sequences = [[7, 1, 2, 5, 9]] * 2 + [[8, 1, 2, 6]] * 3
+    entries = build_entries(sequences, DatastoreConfig(max_order=3, min_order=2, min_count=2))
+    store = NgramDatastore([hash_table(keys.long(), next_tokens.long()) for keys, next_tokens in entries.values()])
+    history = torch.tensor([[7, 1, 2, 0], [4, 1, 2, 0], [0, 2, 5, 0], [2, 0, 0, 0]])
+    tokens, found = store.lookup(history, torch.tensor([2, 2, 2, 0]), 3)
+    # (7, 1, 2) -> 5 though the bigram (1, 2) -> 6; then (1, 2, 5) -> 9, then (2, 5, 9) is unknown and
+    # so is (5, 9): the chain stops. (4, 1, 2) is unknown: the bigram serves. A single token is no key.
+    assert tokens.tolist() == [[5, 9, EMPTY], [6, EMPTY, EMPTY], [9, EMPTY, EMPTY], [EMPTY] * 3]
+    assert found.tolist() == [[True, True, False], [True, False, False], [True, False, False], [False] * 3]
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.data(), st.integers(1, 3), st.integers(1, 40))
 def test_hash_table_lookup_equals_a_dict(data, order, count):
     keys = data.draw(st.lists(st.tuples(*[st.integers(0, 300)] * order), min_size=count, max_size=count, unique=True))
-    chains = [data.draw(st.lists(st.integers(0, 300), min_size=3, max_size=3)) for _ in keys]
-    table = hash_table(torch.tensor(keys).reshape(len(keys), order), torch.tensor(chains))
+    next_tokens = [data.draw(st.integers(0, 300)) for _ in keys]
+    table = hash_table(torch.tensor(keys).reshape(len(keys), order), torch.tensor(next_tokens))
     stored = {tuple(k) for k in table.slot_keys.tolist() if k[0] != EMPTY}
     assert len(stored) >= 0.9 * len(keys)  # at most a few entries dropped by full probe windows
     absent = data.draw(st.lists(st.tuples(*[st.integers(0, 300)] * order), min_size=1, max_size=10))
     queries = keys + [a for a in absent if a not in keys]
     got = table.lookup(torch.tensor(queries).reshape(len(queries), order)).tolist()
-    want = dict(zip(keys, chains))
-    for query, chain in zip(queries, got):
-        assert chain == (want[query] if query in stored else [EMPTY] * 3)
+    want = dict(zip(keys, next_tokens))
+    for query, token in zip(queries, got):
+        assert token == (want[query] if query in stored else EMPTY)
 
 
-def test_datastore_lookup_takes_the_longest_known_ngram_and_pads_past_its_chains():
-    store = NgramDatastore([hash_table(torch.tensor([[2, 3]]), torch.tensor([[10, 11]])),
-                            hash_table(torch.tensor([[1, 2, 3]]), torch.tensor([[20, 21]]))])
-    history = torch.tensor([[1, 2, 3, 0], [5, 2, 3, 0], [2, 3, 0, 0], [3, 0, 0, 0]])
-    tokens, found = store.lookup(history, torch.tensor([2, 2, 1, 0]), 3)
-    assert tokens.tolist() == [[20, 21, EMPTY], [10, 11, EMPTY], [10, 11, EMPTY], [EMPTY] * 3]
-    assert found.tolist() == [[True, True, False], [True, True, False], [True, True, False], [False] * 3]
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 4), min_size=2, max_size=12), min_size=1, max_size=6),
+       st.lists(st.integers(0, 4), min_size=1, max_size=6), st.integers(1, 5))
+def test_datastore_chains_equal_a_python_chain_of_the_entries(sequences, context, k):
+    config = DatastoreConfig(max_order=3, min_order=2, min_count=1)
+    entries = build_entries(sequences, config)
+    store = NgramDatastore([hash_table(keys.long(), nexts.long()) for keys, nexts in entries.values()])
+    known = {table.order: {tuple(key): token for key, token in zip(table.slot_keys.tolist(), table.slot_next.tolist())
+                           if key[0] != EMPTY} for table in store.tables}  # what the hash tables hold
+    chain = list(context)
+    for _ in range(k):  # the longest known n-gram at the end of what is there so far
+        token = next((known[n][tuple(chain[-n:])] for n in (3, 2) if len(chain) >= n and tuple(chain[-n:]) in known[n]),
+                     None)
+        if token is None:
+            break
+        chain.append(token)
+    want = chain[len(context):]
+    history = torch.tensor([context + [0] * 3])
+    tokens, found = store.lookup(history, torch.tensor([len(context) - 1]), k)
+    assert tokens[0, :len(want)].tolist() == want and found[0].tolist() == [i < len(want) for i in range(k)]
 
 
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("datastore") / DATASTORE_FILE
-    config = DatastoreConfig(max_order=2, min_order=2, chain_length=4, min_count=1)
+    config = DatastoreConfig(max_order=2, min_order=2, min_count=1)
     save_datastore(build_entries([[1, 2, 3, 4, 5]], config), path, 64, config, "test")
     return path
 
@@ -82,11 +102,20 @@ def test_loading_checks_file_vocabulary_and_ids(store_path, tmp_path):
     corrupt.write_bytes(store_path.read_bytes()[:40])
     with pytest.raises(ModelDirError, match="not a readable datastore"):
         load_datastore(corrupt, 64)
-    config = DatastoreConfig(max_order=2, min_order=2, chain_length=2, min_count=1)
+    config = DatastoreConfig(max_order=2, min_order=2, min_count=1)
     wide = tmp_path / "wide.safetensors"
     save_datastore(build_entries([[1, 2, 70, 3]], config), wide, 64, config, "test")
     with pytest.raises(ModelDirError, match=r"token ids outside \[0, 64\)"):
         load_datastore(wide, 64)
+    old = tmp_path / "old.safetensors"  # whole continuations per n-gram, the first format
+    save_file({"order2.keys": torch.tensor([[1, 2]], dtype=torch.int32),
+               "order2.chains": torch.tensor([[3, 4]], dtype=torch.int32)}, str(old), metadata={"vocab_size": "64"})
+    with pytest.raises(ModelDirError, match="no datastore metadata .* rebuild it with scripts.build_datastore"):
+        load_datastore(old, 64)
+    save_file({"order2.keys": torch.tensor([[1, 2]], dtype=torch.int32)}, str(old),
+              metadata={"datastore": json.dumps({"vocab_size": 64})})
+    with pytest.raises(ModelDirError, match="order-2 table has no next tokens"):
+        load_datastore(old, 64)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +131,7 @@ def small_model_with_datastore(tmp_path_factory):
     plain = Engine.from_pretrained(model_dir, mode="plain", max_length=96, prefill_buckets=(16,))
     prompts = [[3 + i, 7, 11 + i] for i in range(6)]
     answers = plain.generate(prompts, SamplingParams(max_new_tokens=40, ignore_eos=True))
-    config = DatastoreConfig(max_order=3, min_order=2, chain_length=6, min_count=1)
+    config = DatastoreConfig(max_order=3, min_order=2, min_count=1)
     sequences = [p + o.output_ids for p, o in zip(prompts, answers)]
     save_datastore(build_entries(sequences, config), drafter_dir / DATASTORE_FILE, 64, config, "test")
     return model_dir, drafter_dir

@@ -78,17 +78,20 @@ class FixedDrafts(torch.nn.Module):
 
 
 def reference_proposal(sequence: list[int], inner: list[int], ngram: int,
-                       stored: dict[tuple[int, int], list[int]] | None = None) -> list[int]:
+                       stored: dict[tuple[int, int], int] | None = None) -> list[int]:
     """LookupProposer's drafts: the copies where the committed tokens match, else the inner first draft
-    and, after it, the copies that follow the n-gram ending in it, else the datastore's chain for the
-    bigram ending in it (`stored`); the inner drafts where nothing is known."""
+    and, after it, the copies that follow the n-gram ending in it, else the datastore's chain after the
+    bigram ending in it (`stored`: bigram -> next token); the inner drafts where nothing is known."""
     min_ngram = min(2, ngram)
     copies = reference_lookup(sequence, ngram, len(inner), min_ngram)
     if copies[0] is None:
         after = reference_lookup(sequence + [inner[0]], ngram, len(inner) - 1, min_ngram)
         if after[:1] == [None] and stored is not None and len(inner) > 1:
-            chain = stored.get(tuple((sequence + [inner[0]])[-2:]), [])
-            after = [t if t != EMPTY else None for t in chain[:len(inner) - 1]]
+            chain = sequence + [inner[0]]
+            after = []
+            while len(after) < len(inner) - 1 and len(chain) >= 2 and tuple(chain[-2:]) in stored:
+                chain.append(stored[tuple(chain[-2:])])
+                after.append(chain[-1])
             after += [None] * (len(inner) - 1 - len(after))
         copies = [None] + after
     return [d if c is None else c for c, d in zip(copies, inner)]
@@ -102,11 +105,12 @@ def test_lookup_proposer_copies_after_the_committed_tokens_or_after_the_first_dr
                                             min_size=len(rows), max_size=len(rows))))
     max_length = 16
     store = stored = None
-    if with_store:  # chains of 2 tokens for some bigrams of tokens 0..3 (EMPTY-padded)
-        keys = data.draw(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=8, unique=True))
-        chains = [data.draw(st.sampled_from([[5, 6], [7, EMPTY]])) for _ in keys]
-        store = NgramDatastore([hash_table(torch.tensor(keys), torch.tensor(chains))])
-        stored = dict(zip(keys, chains))
+    if with_store:  # next tokens (0..5) for some bigrams of tokens 0..5
+        keys = data.draw(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5)), min_size=1, max_size=12, unique=True))
+        next_tokens = [data.draw(st.integers(0, 5)) for _ in keys]
+        store = NgramDatastore([hash_table(torch.tensor(keys), torch.tensor(next_tokens))])
+        stored = {tuple(key): token for key, token in zip(store.tables[0].slot_keys.tolist(),
+                                                          store.tables[0].slot_next.tolist()) if key[0] != EMPTY}
     proposer = LookupProposer(FixedDrafts(inner), len(rows), max_length, k, ngram, store)
     state = SpecState(len(rows), k, 4, torch.float32)
     proposer.history.fill_(3)  # stale tokens past each sequence
@@ -154,10 +158,11 @@ def test_adaptive_k_runs_both_step_graphs_and_changes_no_token(small_vocab_dir):
 
 @pytest.mark.slow
 def test_lookup_with_the_shipped_drafter_is_exact_and_accepts_more(prompt_ids, hf_greedy):
-    """Batch 4, all twenty prompts: the same tokens as transformers, and copied drafts raise the
+    """Batch 4, twelve prompts: the same tokens as transformers, and copied drafts raise the
     acceptance length over the drafter alone; with adaptive K, both of its step graphs run; with the
     shipped n-gram datastore, its drafts change no token either."""
     lengths = {}
+    prompt_ids, hf_greedy = prompt_ids[:12], hf_greedy[:12]
     # The drafter alone, and with lookup, adaptive K (whose long-K steps are lookup's own steps) and the
     # datastore.
     for ngram, short in ((0, 0), (2, 2)):
