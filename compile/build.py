@@ -71,9 +71,10 @@ class BuildRequest:
             raise ConfigError(f"tp_degree must be >= 1, got {self.tp_degree}")
         if self.tp_degree > 1:
             raise ConfigError(
-                f"tensor parallelism (tp_degree {self.tp_degree}) is not supported yet: it needs the neuron "
-                "backend with neuronx-distributed parallel layers, which this version does not build; "
-                "use --tp-degree 1"
+                f"tensor parallelism in compiled graphs (tp_degree {self.tp_degree}) is not supported yet: it "
+                "needs neuronx-distributed's collectives on the neuron backend, which this version does not "
+                "build (the eager engine shards the target already: `neuron-peagle generate --tp-degree N` "
+                "under torchrun); use --tp-degree 1"
             )
         neuron_compiler_args(self.target)  # validates the target
 

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text for one prompt or a file of prompts")
     _add_engine_options(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt per line")
+    gen.add_argument("--tp-degree", type=int, default=1, metavar="N",
+                     help="shard the target over N processes (eager backend; run under `torchrun "
+                          "--nproc-per-node N`; rank 0 prints)")
     prof = sub.add_parser("profile", help="generate under the backend's profilers and write a profiler session")
     _add_engine_options(prof)
     prof.add_argument("--out", type=Path, required=True, help="session directory (session.json, steps.jsonl, "
@@ -156,6 +159,9 @@ def _engine_and_prompts(args: argparse.Namespace, quiet: bool):
     prompts = _read_prompts(args)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
+    if args.artifacts is not None and getattr(args, "tp_degree", 1) != 1:
+        raise NeuronPeagleError("--tp-degree shards a model loaded here; --artifacts holds graphs built "
+                                "without tensor parallelism")
     if args.artifacts is not None:
         engine = Engine.from_compiled(args.artifacts, **_expected_by_options(args))
         if not quiet:
@@ -165,9 +171,10 @@ def _engine_and_prompts(args: argparse.Namespace, quiet: bool):
                                         num_speculative_tokens=args.num_speculative_tokens,
                                         batch_size=args.batch_size, max_length=args.max_length,
                                         prefill_buckets=args.buckets, dtype=args.dtype, backend=args.backend,
-                                        kernels=args.kernels,
+                                        kernels=args.kernels, tp_degree=getattr(args, "tp_degree", 1),
                                         **speculation_options(args.mode, args.lookup_ngram,
                                                               args.short_draft_tokens, args.datastore))
+    quiet = quiet or engine.target.tp.rank != 0  # under tensor parallelism, rank 0 speaks for all
     if engine.drafter is not None and not quiet:
         lookup = f", context lookup of up to {engine.build.lookup_ngram}-grams" if engine.build.lookup_ngram else ""
         if engine.build.short_draft_tokens:
@@ -202,6 +209,8 @@ def generate(args: argparse.Namespace) -> None:
     engine, params, prompts, ids = _engine_and_prompts(args, quiet=args.json)
     backend = engine.build.backend
     outputs = engine.generate(ids, params)
+    if engine.target.tp.rank != 0:  # every rank decoded the same tokens; rank 0 prints them
+        return
     for prompt, out in zip(prompts, outputs):
         if args.json:
             record = {"prompt": prompt, "prompt_ids": out.prompt_ids, "output_ids": out.output_ids,

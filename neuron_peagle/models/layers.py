@@ -1,7 +1,8 @@
 """Building blocks of Llama-style decoders, written for fixed-shape tracing.
 
-Linear and embedding layers are created only through `make_linear` / `make_embedding`, so that tensor
-parallelism can later swap in neuronx-distributed's parallel layers here without touching model code.
+Linear and embedding layers are created only through `make_linear` / `make_embedding`; tensor
+parallelism (neuron_peagle.parallel) shards attention heads and the MLP's width, and the layers that
+join the shards sum their partial outputs across ranks (`RowParallelLinear`).
 
 Linear weights are stored [in_features, out_features] and applied as `x @ weight`: on CPU a matmul
 over that layout streams the weights about twice as fast at one token as `F.linear` over the usual
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from neuron_peagle.config import RopeConfig
+from neuron_peagle.parallel import TensorParallel, all_reduce_sum
 
 
 class Linear(nn.Module):
@@ -33,6 +35,20 @@ class Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class RowParallelLinear(Linear):
+    """A linear layer split by input across tensor-parallel ranks: each rank multiplies its slice of
+    the input by its rows of the weight, the partial outputs are summed across ranks, then the bias
+    (whole on every rank) is added once. weight: [in_features / degree, out_features]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.tp = tp
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., in / degree] -> [..., out]
+        y = all_reduce_sum(torch.matmul(x, self.weight), self.tp)
+        return y if self.bias is None else y + self.bias
+
+
 class Embedding(nn.Module):
     """Token embedding table; weight: [vocab_size, hidden_size]."""
 
@@ -44,7 +60,12 @@ class Embedding(nn.Module):
         return self.weight[ids]
 
 
-def make_linear(in_features: int, out_features: int, bias: bool = False) -> Linear:
+def make_linear(in_features: int, out_features: int, bias: bool = False,
+                tp: TensorParallel | None = None) -> Linear:
+    """A linear layer; with a tensor-parallel degree above 1, one split by input (`in_features` is then
+    this rank's share) whose outputs are summed across ranks."""
+    if tp is not None and tp.degree > 1:
+        return RowParallelLinear(in_features, out_features, bias, tp)
     return Linear(in_features, out_features, bias)
 
 
@@ -129,13 +150,15 @@ class Attention(nn.Module):
     """
 
     def __init__(self, hidden_in: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 hidden_out: int, qkv_bias: bool, o_bias: bool) -> None:
+                 hidden_out: int, qkv_bias: bool, o_bias: bool, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
+        tp = tp or TensorParallel()
+        # This rank's heads (all of them without tensor parallelism)
+        self.num_heads = tp.local(num_heads, "attention heads")
+        self.num_kv_heads = tp.local(num_kv_heads, "key-value heads")
         self.head_dim = head_dim
-        self.qkv_proj = make_linear(hidden_in, (num_heads + 2 * num_kv_heads) * head_dim, qkv_bias)
-        self.o_proj = make_linear(num_heads * head_dim, hidden_out, o_bias)
+        self.qkv_proj = make_linear(hidden_in, (self.num_heads + 2 * self.num_kv_heads) * head_dim, qkv_bias)
+        self.o_proj = make_linear(self.num_heads * head_dim, hidden_out, o_bias, tp)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor,
                 key_cache: Tensor | None, value_cache: Tensor | None, visible: Tensor | None = None,
@@ -180,11 +203,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU with gate and up projections fused into one matmul."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.intermediate_size = intermediate_size
-        self.gate_up_proj = make_linear(hidden_size, 2 * intermediate_size, bias)
-        self.down_proj = make_linear(intermediate_size, hidden_size, bias)
+        tp = tp or TensorParallel()
+        self.intermediate_size = tp.local(intermediate_size, "intermediate size")  # this rank's share
+        self.gate_up_proj = make_linear(hidden_size, 2 * self.intermediate_size, bias)
+        self.down_proj = make_linear(self.intermediate_size, hidden_size, bias, tp)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -196,13 +220,13 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, eps: float, qkv_bias: bool = False, o_bias: bool = False,
-                 mlp_bias: bool = False) -> None:
+                 mlp_bias: bool = False, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(hidden_size, eps)
         self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, hidden_size,
-                                   qkv_bias, o_bias)
+                                   qkv_bias, o_bias, tp)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
-        self.mlp = MLP(hidden_size, intermediate_size, mlp_bias)
+        self.mlp = MLP(hidden_size, intermediate_size, mlp_bias, tp)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor, key_cache: Tensor | None,
                 value_cache: Tensor | None, visible: Tensor | None = None,

@@ -20,6 +20,7 @@ from neuron_peagle.kv_cache import KVCache
 from neuron_peagle.models.layers import DecoderLayer, RMSNorm, RotaryTable, make_embedding, make_linear
 from neuron_peagle.models.weights import (check_names_and_shapes, decoder_layer_shapes, load_decoder_layer,
                                           read_safetensors_dir, to_in_out)
+from neuron_peagle.parallel import TensorParallel
 
 
 def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
@@ -41,10 +42,12 @@ class TargetRows(NamedTuple):
 
 class TargetModel(nn.Module):
     def __init__(self, config: ModelConfig, max_length: int,
-                 feature_layers: tuple[int, ...] | None = None) -> None:
+                 feature_layers: tuple[int, ...] | None = None, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.config = config
         self.max_length = max_length
+        # With a degree above 1, this rank's shard of every decoder layer (neuron_peagle.parallel)
+        self.tp = tp or TensorParallel()
         self.feature_layers = tuple(feature_layers or default_feature_layers(config.num_hidden_layers))
         if any(not 0 <= i < config.num_hidden_layers for i in self.feature_layers):
             raise ConfigError(
@@ -55,7 +58,7 @@ class TargetModel(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(c.hidden_size, c.intermediate_size, c.num_attention_heads,
                          c.num_key_value_heads, c.head_dim, c.rms_norm_eps, c.qkv_bias, c.o_bias,
-                         c.mlp_bias)
+                         c.mlp_bias, self.tp)
             for _ in range(c.num_hidden_layers)
         )
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
@@ -67,8 +70,8 @@ class TargetModel(nn.Module):
     def new_cache(self, batch_size: int) -> KVCache:
         c = self.config
         dtype = self.embed_tokens.weight.dtype
-        return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, self.max_length,
-                       c.head_dim, dtype).to(self.embed_tokens.weight.device)
+        return KVCache(c.num_hidden_layers, batch_size, self.layers[0].self_attn.num_kv_heads, self.max_length,
+                       c.head_dim, dtype).to(self.embed_tokens.weight.device)  # this rank's KV heads
 
     def embed(self, input_ids: Tensor) -> Tensor:  # [B, T] -> [B, T, H]
         return self.embed_tokens(input_ids)
@@ -108,14 +111,15 @@ class TargetModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, max_length: int, dtype: torch.dtype = torch.float32,
-                        feature_layers: tuple[int, ...] | None = None) -> "TargetModel":
+                        feature_layers: tuple[int, ...] | None = None,
+                        tp: TensorParallel | None = None) -> "TargetModel":
         config = ModelConfig.from_dir(model_dir)
         if max_length > config.max_position_embeddings:
             raise ConfigError(
                 f"max_length {max_length} exceeds the model's max_position_embeddings "
                 f"({config.max_position_embeddings})"
             )
-        model = cls(config, max_length, feature_layers)
+        model = cls(config, max_length, feature_layers, tp)
         model.load_hf_state(read_safetensors_dir(model_dir), source=str(model_dir))
         model.to(dtype)
         model.rotary.float()  # positions' angles stay float32 in every dtype
@@ -146,4 +150,4 @@ class TargetModel(nn.Module):
         head = t["model.embed_tokens.weight"] if self.config.tie_word_embeddings else t["lm_head.weight"]
         self.lm_head.weight.copy_(to_in_out(head))
         for i, layer in enumerate(self.layers):
-            load_decoder_layer(layer, t, f"model.layers.{i}.")
+            load_decoder_layer(layer, t, f"model.layers.{i}.", self.tp)

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from neuron_peagle.errors import ModelDirError, WeightsError
+from neuron_peagle.parallel import TensorParallel
 
 
 def read_safetensors_dir(model_dir: str | Path, exclude: tuple[str, ...] = ()) -> dict[str, Tensor]:
@@ -96,21 +97,28 @@ def decoder_layer_shapes(prefix: str, hidden_in: int, hidden: int, num_heads: in
 
 
 @torch.no_grad()
-def load_decoder_layer(layer, t: dict[str, Tensor], prefix: str) -> None:
-    """Copy one layer's Hugging Face tensors (checked beforehand) into our fused [in, out] layout."""
+def load_decoder_layer(layer, t: dict[str, Tensor], prefix: str, tp: TensorParallel | None = None) -> None:
+    """Copy one layer's Hugging Face tensors (checked beforehand) into our fused [in, out] layout; with
+    tensor parallelism, this rank's shard (neuron_peagle.parallel: q/k/v and gate/up by output, o and
+    down by input; their biases whole)."""
+    tp = tp or TensorParallel()
+
+    def part(name: str, dim: int = 0) -> Tensor:  # this rank's share of a tensor along dim
+        return t[prefix + name].chunk(tp.degree, dim=dim)[tp.rank]
+
     attn, mlp = layer.self_attn, layer.mlp
     layer.input_layernorm.weight.copy_(t[prefix + "input_layernorm.weight"])
     layer.post_attention_layernorm.weight.copy_(t[prefix + "post_attention_layernorm.weight"])
-    attn.qkv_proj.weight.copy_(to_in_out(*(t[prefix + f"self_attn.{n}_proj.weight"] for n in "qkv")))
-    attn.o_proj.weight.copy_(to_in_out(t[prefix + "self_attn.o_proj.weight"]))
-    mlp.gate_up_proj.weight.copy_(to_in_out(t[prefix + "mlp.gate_proj.weight"], t[prefix + "mlp.up_proj.weight"]))
-    mlp.down_proj.weight.copy_(to_in_out(t[prefix + "mlp.down_proj.weight"]))
+    attn.qkv_proj.weight.copy_(to_in_out(*(part(f"self_attn.{n}_proj.weight") for n in "qkv")))
+    attn.o_proj.weight.copy_(to_in_out(part("self_attn.o_proj.weight", dim=1)))
+    mlp.gate_up_proj.weight.copy_(to_in_out(part("mlp.gate_proj.weight"), part("mlp.up_proj.weight")))
+    mlp.down_proj.weight.copy_(to_in_out(part("mlp.down_proj.weight", dim=1)))
     if attn.qkv_proj.bias is not None:
-        attn.qkv_proj.bias.copy_(torch.cat([t[prefix + f"self_attn.{n}_proj.bias"] for n in "qkv"]))
+        attn.qkv_proj.bias.copy_(torch.cat([part(f"self_attn.{n}_proj.bias") for n in "qkv"]))
     if attn.o_proj.bias is not None:
         attn.o_proj.bias.copy_(t[prefix + "self_attn.o_proj.bias"])
     if mlp.gate_up_proj.bias is not None:
-        mlp.gate_up_proj.bias.copy_(torch.cat([t[prefix + "mlp.gate_proj.bias"], t[prefix + "mlp.up_proj.bias"]]))
+        mlp.gate_up_proj.bias.copy_(torch.cat([part("mlp.gate_proj.bias"), part("mlp.up_proj.bias")]))
         mlp.down_proj.bias.copy_(t[prefix + "mlp.down_proj.bias"])
 
 

@@ -16,6 +16,7 @@ from neuron_peagle.config import BuildConfig
 from neuron_peagle.default_model import require_default_model
 from neuron_peagle.errors import ConfigError, PromptError
 from neuron_peagle.models.target import TargetModel
+from neuron_peagle.parallel import TensorParallel
 from neuron_peagle.runtime.batch import BatchSampling
 from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter, resolve_speculation
 from neuron_peagle.runtime.host_loop import Decoder, StepCallback, run_batch
@@ -88,7 +89,8 @@ class Engine:
                         parallel_drafting: bool | None = None, batch_size: int = 1, max_length: int = 1024,
                         prefill_buckets: Sequence[int] = (128, 512), dtype: str = "float32",
                         backend: str = "eager", kernels: str = "auto", lookup_ngram: int = 0,
-                        short_draft_tokens: int | None = 0, datastore: bool | str = False) -> "Engine":
+                        short_draft_tokens: int | None = 0, datastore: bool | str = False,
+                        tp_degree: int = 1) -> "Engine":
         """Load a Hugging Face target directory (default: the embedded SmolLM2-135M-Instruct) and a
         speculators-format drafter (default: the project's drafter for the default model).
 
@@ -100,7 +102,9 @@ class Engine:
         found nothing to copy, num_speculative_tokens where it did (runtime.spec_decoder); None: the
         command line's default for the configuration (config.default_short_draft_tokens).
         `datastore=True` (with lookup) also drafts from the drafter directory's n-gram datastore of the
-        target's answers (`datastore.safetensors`; graphs.datastore); "auto": where the drafter has one."""
+        target's answers (`datastore.safetensors`; graphs.datastore); "auto": where the drafter has one.
+        `tp_degree=n` shards the target over n processes, one rank each (neuron_peagle.parallel; eager
+        backend; run under `torchrun --nproc-per-node n`): every rank returns the same outputs."""
         if parallel_drafting is not None and mode != "plain":
             mode = "parallel" if parallel_drafting else "sequential"
         if mode not in MODES:
@@ -115,14 +119,18 @@ class Engine:
                             prefill_buckets=tuple(prefill_buckets), dtype=dtype, backend=backend, kernels=kernels,
                             lookup_ngram=lookup_ngram, short_draft_tokens=short_draft_tokens,
                             datastore=datastore)
+        if tp_degree != 1 and build.backend != "eager":
+            raise ConfigError(f"tensor parallelism (tp_degree {tp_degree}) runs on the eager backend so far, "
+                              f"not on {build.backend!r}")
+        tp = TensorParallel.from_process_group(tp_degree)
         runner = get_backend(build.backend)
         if mode == "plain":
             if build.lookup_ngram:
                 raise ConfigError("lookup_ngram needs a speculative mode: plain decoding drafts nothing")
-            target = TargetModel.from_pretrained(path, build.max_length, build.torch_dtype)
+            target = TargetModel.from_pretrained(path, build.max_length, build.torch_dtype, tp=tp)
             return cls(path, target, load_tokenizer(path), build, PlainDecoder(target, build, runner))
         target = TargetModel.from_pretrained(path, build.max_length, build.torch_dtype,
-                                             feature_layers=choice.config.feature_layers)
+                                             feature_layers=choice.config.feature_layers, tp=tp)
         drafter = choice.load(target, build)
         from neuron_peagle.graphs.proposers import DrafterProposer
 
