@@ -5,7 +5,7 @@ n-gram of orders `min_order..max_order` seen at least `min_count` times, the tok
 after it (the lookup chains them into drafts). Saved as safetensors (`order<n>.keys` [E, n],
 `order<n>.next` [E], int32, entries in descending count) with one metadata entry, `datastore`: a
 JSON object holding the vocabulary size (one key, so the same build writes the same bytes);
-loaded into hash tables sized for a load factor of at most one half.
+loaded into one hash table of every order, sized for a load factor of at most one half.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from neuron_peagle.errors import ConfigError, ModelDirError
-from neuron_peagle.graphs.datastore import EMPTY, MAX_VOCAB, PROBES, NgramDatastore, NgramTable, ngram_hash
+from neuron_peagle.graphs.datastore import EMPTY, MAX_VOCAB, PAD, PROBES, NgramDatastore, NgramTable, ngram_hash
 
 DATASTORE_FILE = "datastore.safetensors"
 
@@ -89,7 +89,7 @@ def save_datastore(entries: dict[int, tuple[torch.Tensor, torch.Tensor]], path: 
 
 
 def load_datastore(path: Path, vocab_size: int) -> NgramDatastore:
-    """The datastore at `path` as hash tables, checked against the target's vocabulary size."""
+    """The datastore at `path` as a hash table, checked against the target's vocabulary size."""
     if not path.is_file():
         raise ModelDirError(f"no n-gram datastore at {path}")
     try:
@@ -109,7 +109,7 @@ def load_datastore(path: Path, vocab_size: int) -> NgramDatastore:
     orders = sorted(int(name[len("order"):].split(".")[0]) for name in tensors if name.endswith(".keys"))
     if not orders:
         raise ModelDirError(f"{path}: no n-gram tables in it")
-    tables = []
+    checked = {}
     for n in orders:
         keys, next_tokens = tensors[f"order{n}.keys"], tensors.get(f"order{n}.next")
         if next_tokens is None:
@@ -120,8 +120,18 @@ def load_datastore(path: Path, vocab_size: int) -> NgramDatastore:
         if keys.numel() and not (0 <= int(keys.min()) and int(keys.max()) < vocab_size
                                  and 0 <= int(next_tokens.min()) and int(next_tokens.max()) < vocab_size):
             raise ModelDirError(f"{path}: order-{n} table holds token ids outside [0, {vocab_size})")
-        tables.append(hash_table(keys.long(), next_tokens.long()))
-    return NgramDatastore(tables)
+        checked[n] = (keys, next_tokens)
+    return datastore_from_entries(checked)
+
+
+def datastore_from_entries(entries: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> NgramDatastore:
+    """order -> (keys [E, n], next tokens [E]) -> one hash table of every order, keys left-padded
+    with PAD to the longest order (shorter orders placed first: they serve most often)."""
+    width = max(entries)
+    keys = [torch.cat([torch.full((k.shape[0], width - n), PAD, dtype=torch.int64), k.long()], dim=1)
+            for n, (k, _) in sorted(entries.items())]
+    next_tokens = [t.long() for _, (_, t) in sorted(entries.items())]
+    return NgramDatastore(hash_table(torch.cat(keys), torch.cat(next_tokens)), tuple(entries))
 
 
 def hash_table(keys: torch.Tensor, next_tokens: torch.Tensor) -> NgramTable:

@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 
 from conftest import save_tiny_model
 from neuron_peagle.config import DrafterConfig, ModelConfig
-from neuron_peagle.datastore import (DATASTORE_FILE, DatastoreConfig, build_entries, hash_table, load_datastore,
-                                     save_datastore)
+from neuron_peagle.datastore import (DATASTORE_FILE, DatastoreConfig, build_entries, datastore_from_entries,
+                                     hash_table, load_datastore, save_datastore)
 from neuron_peagle.errors import ConfigError, ModelDirError
-from neuron_peagle.graphs.datastore import EMPTY, NgramDatastore
+from neuron_peagle.graphs.datastore import EMPTY, PAD
 from neuron_peagle.models.drafter_io import save_drafter
 from neuron_peagle.models.target import default_feature_layers
 from neuron_peagle.runtime.drafter_choice import random_drafter
@@ -37,7 +37,7 @@ def test_entries_keep_frequent_ngrams_and_their_most_frequent_next_token():
 def test_chains_follow_the_longest_known_ngram_at_every_token():
     sequences = [[7, 1, 2, 5, 9]] * 2 + [[8, 1, 2, 6]] * 3
     entries = build_entries(sequences, DatastoreConfig(max_order=3, min_order=2, min_count=2))
-    store = NgramDatastore([hash_table(keys.long(), next_tokens.long()) for keys, next_tokens in entries.values()])
+    store = datastore_from_entries(entries)
     history = torch.tensor([[7, 1, 2, 0], [4, 1, 2, 0], [0, 2, 5, 0], [2, 0, 0, 0]])
     tokens, found = store.lookup(history, torch.tensor([2, 2, 2, 0]), 3)
     # (7, 1, 2) -> 5 though the bigram (1, 2) -> 6; then (1, 2, 5) -> 9, then (2, 5, 9) is unknown and
@@ -68,9 +68,12 @@ def test_hash_table_lookup_equals_a_dict(data, order, count):
 def test_datastore_chains_equal_a_python_chain_of_the_entries(sequences, context, k):
     config = DatastoreConfig(max_order=3, min_order=2, min_count=1)
     entries = build_entries(sequences, config)
-    store = NgramDatastore([hash_table(keys.long(), nexts.long()) for keys, nexts in entries.values()])
-    known = {table.order: {tuple(key): token for key, token in zip(table.slot_keys.tolist(), table.slot_next.tolist())
-                           if key[0] != EMPTY} for table in store.tables}  # what the hash tables hold
+    store = datastore_from_entries(entries)
+    known = {2: {}, 3: {}}  # what the hash table holds, by order
+    for key, token in zip(store.table.slot_keys.tolist(), store.table.slot_next.tolist()):
+        if key[0] != EMPTY:
+            ngram = tuple(t for t in key if t != PAD)
+            known[len(ngram)][ngram] = token
     chain = list(context)
     for _ in range(k):  # the longest known n-gram at the end of what is there so far
         token = next((known[n][tuple(chain[-n:])] for n in (3, 2) if len(chain) >= n and tuple(chain[-n:]) in known[n]),

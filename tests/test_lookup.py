@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from conftest import NEW_TOKENS, save_tiny_model
 from spec_helpers import record_ks
 from neuron_peagle.errors import ConfigError
-from neuron_peagle.datastore import hash_table
-from neuron_peagle.graphs.datastore import EMPTY, NgramDatastore
+from neuron_peagle.datastore import datastore_from_entries
+from neuron_peagle.graphs.datastore import EMPTY
 from neuron_peagle.graphs.lookup import LookupProposer, context_lookup
 from neuron_peagle.graphs.proposers import SpecState
 from neuron_peagle.runtime.engine import Engine, SamplingParams
@@ -108,9 +108,9 @@ def test_lookup_proposer_copies_after_the_committed_tokens_or_after_the_first_dr
     if with_store:  # next tokens (0..5) for some bigrams of tokens 0..5
         keys = data.draw(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5)), min_size=1, max_size=12, unique=True))
         next_tokens = [data.draw(st.integers(0, 5)) for _ in keys]
-        store = NgramDatastore([hash_table(torch.tensor(keys), torch.tensor(next_tokens))])
-        stored = {tuple(key): token for key, token in zip(store.tables[0].slot_keys.tolist(),
-                                                          store.tables[0].slot_next.tolist()) if key[0] != EMPTY}
+        store = datastore_from_entries({2: (torch.tensor(keys), torch.tensor(next_tokens))})
+        stored = {tuple(key): token for key, token in zip(store.table.slot_keys.tolist(),
+                                                          store.table.slot_next.tolist()) if key[0] != EMPTY}
     proposer = LookupProposer(FixedDrafts(inner), len(rows), max_length, k, ngram, store)
     state = SpecState(len(rows), k, 4, torch.float32)
     proposer.history.fill_(3)  # stale tokens past each sequence
