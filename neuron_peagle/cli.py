@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "--nproc-per-node N`; rank 0 prints)")
     prof = sub.add_parser("profile", help="generate under the backend's profilers and write a profiler session")
     _add_engine_options(prof)
+    prof.set_defaults(tp_degree=1)  # a profiler session is one process
     prof.add_argument("--out", type=Path, required=True, help="session directory (session.json, steps.jsonl, "
                       "trace.json, ...; on neuron also the runtime's device profiles in DIR/neuron)")
     prof.add_argument("--no-warmup", action="store_true", help="profile the first generation too (compilation "
@@ -159,7 +160,7 @@ def _engine_and_prompts(args: argparse.Namespace, quiet: bool):
     prompts = _read_prompts(args)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
-    if args.artifacts is not None and getattr(args, "tp_degree", 1) != 1:
+    if args.artifacts is not None and args.tp_degree != 1:
         raise NeuronPeagleError("--tp-degree shards a model loaded here; --artifacts holds graphs built "
                                 "without tensor parallelism")
     if args.artifacts is not None:
@@ -171,7 +172,7 @@ def _engine_and_prompts(args: argparse.Namespace, quiet: bool):
                                         num_speculative_tokens=args.num_speculative_tokens,
                                         batch_size=args.batch_size, max_length=args.max_length,
                                         prefill_buckets=args.buckets, dtype=args.dtype, backend=args.backend,
-                                        kernels=args.kernels, tp_degree=getattr(args, "tp_degree", 1),
+                                        kernels=args.kernels, tp_degree=args.tp_degree,
                                         **speculation_options(args.mode, args.lookup_ngram,
                                                               args.short_draft_tokens, args.datastore))
     quiet = quiet or engine.target.tp.rank != 0  # under tensor parallelism, rank 0 speaks for all

@@ -49,8 +49,9 @@ def build_entries(sequences: Iterable[Sequence[int]], config: DatastoreConfig) -
         for sequence in sequences:
             for p in range(n, len(sequence)):
                 counts[tuple(sequence[p - n:p])][sequence[p]] += 1
-        kept = sorted(((sum(nexts.values()), key, nexts.most_common(1)[0][0]) for key, nexts in counts.items()
-                       if sum(nexts.values()) >= config.min_count), key=lambda item: (-item[0], item[1]))
+        totals = ((sum(nexts.values()), key, nexts) for key, nexts in counts.items())
+        kept = sorted(((total, key, nexts.most_common(1)[0][0]) for total, key, nexts in totals
+                       if total >= config.min_count), key=lambda item: (-item[0], item[1]))
         keys = torch.tensor([key for _, key, _ in kept], dtype=torch.int32).reshape(len(kept), n)
         entries[n] = (keys, torch.tensor([token for _, _, token in kept], dtype=torch.int32))
     return entries
@@ -128,9 +129,10 @@ def datastore_from_entries(entries: dict[int, tuple[torch.Tensor, torch.Tensor]]
     """order -> (keys [E, n], next tokens [E]) -> one hash table of every order, keys left-padded
     with PAD to the longest order (shorter orders placed first: they serve most often)."""
     width = max(entries)
+    ordered = sorted(entries.items())
     keys = [torch.cat([torch.full((k.shape[0], width - n), PAD, dtype=torch.int64), k.long()], dim=1)
-            for n, (k, _) in sorted(entries.items())]
-    next_tokens = [t.long() for _, (_, t) in sorted(entries.items())]
+            for n, (k, _) in ordered]
+    next_tokens = [t.long() for _, (_, t) in ordered]
     return NgramDatastore(hash_table(torch.cat(keys), torch.cat(next_tokens)), tuple(entries))
 
 

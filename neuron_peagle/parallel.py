@@ -42,16 +42,13 @@ class TensorParallel:
             raise ConfigError(f"the target's {what} ({total}) is not divisible by tp_degree {self.degree}")
         return total // self.degree
 
-    def shard(self, total: int, what: str) -> slice:
-        size = self.local(total, what)
-        return slice(self.rank * size, (self.rank + 1) * size)
-
     @classmethod
     def from_process_group(cls, degree: int) -> "TensorParallel":
         """The rank of this process in the default process group, which must have `degree` processes.
         Under torchrun (its environment variables set) the group is created here if it is not yet."""
         if degree == 1:
-            return cls()
+            return SINGLE
+        cls(degree)  # checks the degree before any process group is touched
         import torch.distributed as dist
 
         if not dist.is_available():
@@ -67,14 +64,15 @@ class TensorParallel:
         return cls(degree, dist.get_rank())
 
 
+SINGLE = TensorParallel()  # no tensor parallelism: one rank holds everything
+
+
 def all_reduce_sum(x: Tensor, tp: TensorParallel) -> Tensor:
     """The sum of every rank's `x` (same shape on all), in x's dtype; x itself where degree is 1."""
     if tp.degree == 1:
         return x
     import torch.distributed as dist
 
-    total = x.float()  # a new tensor unless x is float32; the all-reduce writes into it
-    if total is x:
-        total = x.clone()
+    total = x.to(torch.float32, copy=True)  # the all-reduce writes into it
     dist.all_reduce(total)
     return total.to(x.dtype)

@@ -104,7 +104,7 @@ class NgramDatastore(nn.Module):
         later n-gram holds that EMPTY."""
         window = last_position.unsqueeze(-1) - self.max_order + 1 + torch.arange(self.max_order, device=history.device)
         context = history.gather(1, window.clamp(min=0))  # [B, max_order]
-        context = torch.where(window >= 0, context, torch.full_like(context, EMPTY))
+        context = context.masked_fill(window < 0, EMPTY)
         tokens = []
         for _ in range(num_draft_tokens):
             token = self.next_token(context)  # [B]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from neuron_peagle.config import RopeConfig
-from neuron_peagle.parallel import TensorParallel, all_reduce_sum
+from neuron_peagle.parallel import SINGLE, TensorParallel, all_reduce_sum
 
 
 class Linear(nn.Module):
@@ -60,11 +60,10 @@ class Embedding(nn.Module):
         return self.weight[ids]
 
 
-def make_linear(in_features: int, out_features: int, bias: bool = False,
-                tp: TensorParallel | None = None) -> Linear:
+def make_linear(in_features: int, out_features: int, bias: bool = False, tp: TensorParallel = SINGLE) -> Linear:
     """A linear layer; with a tensor-parallel degree above 1, one split by input (`in_features` is then
     this rank's share) whose outputs are summed across ranks."""
-    if tp is not None and tp.degree > 1:
+    if tp.degree > 1:
         return RowParallelLinear(in_features, out_features, bias, tp)
     return Linear(in_features, out_features, bias)
 
@@ -150,9 +149,8 @@ class Attention(nn.Module):
     """
 
     def __init__(self, hidden_in: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 hidden_out: int, qkv_bias: bool, o_bias: bool, tp: TensorParallel | None = None) -> None:
+                 hidden_out: int, qkv_bias: bool, o_bias: bool, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        tp = tp or TensorParallel()
         # This rank's heads (all of them without tensor parallelism)
         self.num_heads = tp.local(num_heads, "attention heads")
         self.num_kv_heads = tp.local(num_kv_heads, "key-value heads")
@@ -203,9 +201,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU with gate and up projections fused into one matmul."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, tp: TensorParallel | None = None) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        tp = tp or TensorParallel()
         self.intermediate_size = tp.local(intermediate_size, "intermediate size")  # this rank's share
         self.gate_up_proj = make_linear(hidden_size, 2 * self.intermediate_size, bias)
         self.down_proj = make_linear(self.intermediate_size, hidden_size, bias, tp)
@@ -220,7 +217,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, eps: float, qkv_bias: bool = False, o_bias: bool = False,
-                 mlp_bias: bool = False, tp: TensorParallel | None = None) -> None:
+                 mlp_bias: bool = False, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(hidden_size, eps)
         self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, hidden_size,

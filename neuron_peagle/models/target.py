@@ -20,7 +20,7 @@ from neuron_peagle.kv_cache import KVCache
 from neuron_peagle.models.layers import DecoderLayer, RMSNorm, RotaryTable, make_embedding, make_linear
 from neuron_peagle.models.weights import (check_names_and_shapes, decoder_layer_shapes, load_decoder_layer,
                                           read_safetensors_dir, to_in_out)
-from neuron_peagle.parallel import TensorParallel
+from neuron_peagle.parallel import SINGLE, TensorParallel
 
 
 def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
@@ -42,12 +42,12 @@ class TargetRows(NamedTuple):
 
 class TargetModel(nn.Module):
     def __init__(self, config: ModelConfig, max_length: int,
-                 feature_layers: tuple[int, ...] | None = None, tp: TensorParallel | None = None) -> None:
+                 feature_layers: tuple[int, ...] | None = None, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.config = config
         self.max_length = max_length
         # With a degree above 1, this rank's shard of every decoder layer (neuron_peagle.parallel)
-        self.tp = tp or TensorParallel()
+        self.tp = tp
         self.feature_layers = tuple(feature_layers or default_feature_layers(config.num_hidden_layers))
         if any(not 0 <= i < config.num_hidden_layers for i in self.feature_layers):
             raise ConfigError(
@@ -70,8 +70,9 @@ class TargetModel(nn.Module):
     def new_cache(self, batch_size: int) -> KVCache:
         c = self.config
         dtype = self.embed_tokens.weight.dtype
-        return KVCache(c.num_hidden_layers, batch_size, self.layers[0].self_attn.num_kv_heads, self.max_length,
-                       c.head_dim, dtype).to(self.embed_tokens.weight.device)  # this rank's KV heads
+        kv_heads = self.tp.local(c.num_key_value_heads, "key-value heads")  # this rank's
+        return KVCache(c.num_hidden_layers, batch_size, kv_heads, self.max_length, c.head_dim,
+                       dtype).to(self.embed_tokens.weight.device)
 
     def embed(self, input_ids: Tensor) -> Tensor:  # [B, T] -> [B, T, H]
         return self.embed_tokens(input_ids)
@@ -112,7 +113,7 @@ class TargetModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, max_length: int, dtype: torch.dtype = torch.float32,
                         feature_layers: tuple[int, ...] | None = None,
-                        tp: TensorParallel | None = None) -> "TargetModel":
+                        tp: TensorParallel = SINGLE) -> "TargetModel":
         config = ModelConfig.from_dir(model_dir)
         if max_length > config.max_position_embeddings:
             raise ConfigError(

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from neuron_peagle.errors import ModelDirError, WeightsError
-from neuron_peagle.parallel import TensorParallel
+from neuron_peagle.parallel import SINGLE, TensorParallel
 
 
 def read_safetensors_dir(model_dir: str | Path, exclude: tuple[str, ...] = ()) -> dict[str, Tensor]:
@@ -97,11 +97,10 @@ def decoder_layer_shapes(prefix: str, hidden_in: int, hidden: int, num_heads: in
 
 
 @torch.no_grad()
-def load_decoder_layer(layer, t: dict[str, Tensor], prefix: str, tp: TensorParallel | None = None) -> None:
+def load_decoder_layer(layer, t: dict[str, Tensor], prefix: str, tp: TensorParallel = SINGLE) -> None:
     """Copy one layer's Hugging Face tensors (checked beforehand) into our fused [in, out] layout; with
     tensor parallelism, this rank's shard (neuron_peagle.parallel: q/k/v and gate/up by output, o and
     down by input; their biases whole)."""
-    tp = tp or TensorParallel()
 
     def part(name: str, dim: int = 0) -> Tensor:  # this rank's share of a tensor along dim
         return t[prefix + name].chunk(tp.degree, dim=dim)[tp.rank]
