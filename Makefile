@@ -1,12 +1,19 @@
-# Every target works on a fresh machine: it creates .venv, installs, fetches the default model.
+# Every target works on a fresh machine: it creates the environments, installs, fetches the default model.
 # A second call reuses what is there.
+#   .venv      torch 2.14.1 (TorchNeuron's PyTorch): eager, inductor, neuron backends; the main suite
+#   .venv-xla  torch 2.9.1 + torch-xla 2.9.0 (the trn1 stack): xla and nxd backends; tests marked xla
 PYTHON ?= python3
 VENV := .venv
+XLA_VENV := .venv-xla
 PY := $(VENV)/bin/python
+XLA_PY := $(XLA_VENV)/bin/python
 STAMP := $(VENV)/.installed
+XLA_STAMP := $(XLA_VENV)/.installed
 PROMPT ?= Write a Python function that checks whether a number is prime.
+# Compiled graphs of `make run` are kept here, so a second run starts without compiling.
+RUN_ARTIFACTS ?= artifacts/default-inductor
 
-.PHONY: setup run test bench clean-venv
+.PHONY: setup setup-xla run test test-main test-xla bench clean-venv
 
 export PJRT_DEVICE ?= CPU
 
@@ -14,20 +21,36 @@ export PJRT_DEVICE ?= CPU
 setup: $(STAMP)
 	$(PY) -m scripts.fetch_default_model
 
-$(STAMP): pyproject.toml
+setup-xla: $(XLA_STAMP) setup
+
+$(STAMP): pyproject.toml requirements/main.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,fetch]'
+	$(PY) -m pip install --quiet -r requirements/main.txt -e '.[dev,fetch]'
 	touch $@
 
-run: setup
-	$(VENV)/bin/neuron-peagle generate "$(PROMPT)" --max-new-tokens 128
+$(XLA_STAMP): pyproject.toml requirements/xla.txt
+	test -x $(XLA_PY) || $(PYTHON) -m venv $(XLA_VENV)
+	$(XLA_PY) -m pip install --quiet --upgrade pip
+	$(XLA_PY) -m pip install --quiet -r requirements/xla.txt -e '.[dev]'
+	touch $@
 
-test: setup
-	$(PY) -m pytest -q tests
+# The first run compiles the default engine's graphs into $(RUN_ARTIFACTS) (a few minutes on 2 cores);
+# later runs load them from there.
+run: setup
+	test -f $(RUN_ARTIFACTS)/manifest.json || $(PY) -m compile.build --backend inductor --out $(RUN_ARTIFACTS) --buckets 128
+	$(VENV)/bin/neuron-peagle generate "$(PROMPT)" --artifacts $(RUN_ARTIFACTS) --max-new-tokens 128
+
+test: test-main test-xla
+
+test-main: setup
+	$(PY) -m pytest -q -m "not xla" tests
+
+test-xla: setup-xla
+	$(XLA_PY) -m pytest -q -m xla tests
 
 bench: setup
 	$(PY) -m scripts.benchmark_plain
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(XLA_VENV)

@@ -1,21 +1,27 @@
-"""`python -m compile.build` (console script `neuron-peagle-compile`): trace, audit and compile every
-graph an engine needs into an artifact directory that `Engine.from_compiled` loads.
+"""`python -m compile.build` (console script `neuron-peagle-compile`): compile every graph an engine
+needs into an artifact directory that `Engine.from_compiled` loads.
 
-    python -m compile.build --out artifacts/ --backend xla --batch-size 1 --buckets 128,512 -k 7
+    python -m compile.build --out artifacts/ --backend inductor --batch-size 1 --buckets 128,512 -k 7
 
+inductor / neuron (main environment; compile/compiled_build.py): torch.compile every planned graph
+with the compiler's cache pointed into `<out>/compile_cache`, then write PyTorch's portable cache
+artifacts and manifest.json. A rebuild finds unchanged graphs in that cache.
+
+xla / nxd (the torch-xla environment):
 1. Load the target (and drafter) exactly as the engine does, graphs placed on the XLA device.
 2. Plan the graphs (compile/plan.py) and trace each one lazily: write its HLO text, audit it
    (compile/audit.py), fingerprint it. Nothing is compiled yet.
 3. Compile only the graphs whose fingerprint is not in the previous manifest: on xla by running
-   the graph once with torch-xla's persistent compilation cache in `<out>/xla_cache`; on neuron
-   with neuronx-distributed (compile/neuron_build.py): every graph is traced as a key of one
+   the graph once with torch-xla's persistent compilation cache in `<out>/xla_cache`; on nxd
+   with neuronx-distributed (compile/nxd_build.py): every graph is traced as a key of one
    NxDModel, the stale ones compiled by neuronx-cc, and the NxDModel saved as `neuron/model.pt`,
    so that all graphs share one device copy of the weights, KV caches and speculative state.
    Files of graphs no longer planned are removed.
 4. Write manifest.json. Progress shows on a tqdm bar and goes to compile_log.jsonl as it happens.
 
-An xla build must run in a fresh process: torch-xla fixes its persistent cache when it compiles
-its first graph, so the build refuses a process that already has.
+Every build must run in a fresh process: torch-xla fixes its persistent cache when it compiles its
+first graph, and a compiler's cache directory must be set before it first compiles, so the build
+refuses a process that already has.
 """
 
 from __future__ import annotations
@@ -34,10 +40,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from compile import audit
-from compile.manifest import (HLO_DIR, LOG_NAME, NEURON_DIR, XLA_CACHE_DIR, GraphRecord, Manifest, TensorInfo,
+from compile.manifest import (COMPILE_CACHE_DIR, HLO_DIR, LOG_NAME, NEURON_DIR, XLA_CACHE_DIR, GraphRecord, Manifest, TensorInfo,
                               WeightsInfo, fingerprint, installed_versions)
 from compile.plan import TARGETS, GraphSpec, neuron_compiler_args, plan_graphs, trace_hlo
 from neuron_peagle.backends.xla import XlaBackend, initialize_persistent_cache
+from neuron_peagle.backends import BACKEND_HELP, COMPILE_BACKENDS
 from neuron_peagle.cli import _buckets, add_speculation_options, speculation_options
 from neuron_peagle.config import BuildConfig
 from neuron_peagle.default_model import require_default_model
@@ -45,7 +52,7 @@ from neuron_peagle.errors import ArtifactError, ConfigError, NeuronPeagleError
 from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter, resolve_speculation
 from neuron_peagle.runtime.engine import MODES, Engine
 
-ARTIFACT_BACKENDS = ("xla", "neuron")
+ARTIFACT_BACKENDS = ("inductor", "neuron", "xla", "nxd")
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,7 @@ class BuildRequest:
     model_dir: Path
     drafter_dir: Path | None  # None: plain mode, or a random-init drafter
     out_dir: Path
-    backend: str = "xla"  # "xla" | "neuron"
+    backend: str = "inductor"  # one of ARTIFACT_BACKENDS
     build: BuildConfig = field(default_factory=BuildConfig)  # shapes; its backend field is ignored
     mode: str = "parallel"
     num_speculative_tokens: int = 7
@@ -62,7 +69,7 @@ class BuildRequest:
 
     def __post_init__(self) -> None:
         if self.backend not in ARTIFACT_BACKENDS:
-            raise ConfigError(f"artifacts are built for backend xla or neuron, not {self.backend!r}")
+            raise ConfigError(f"artifacts are built for backends {', '.join(ARTIFACT_BACKENDS)}, not {self.backend!r}")
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.mode != "plain" and self.num_speculative_tokens < 1:
@@ -182,12 +189,25 @@ def _prune(out: Path, keep: set[str]) -> None:
                 path.unlink()
 
 
+def engine_for(request: BuildRequest, backend: str) -> Engine:
+    """The engine the request describes, loaded exactly as `Engine.from_pretrained` loads it."""
+    build = request.build
+    return Engine.from_pretrained(request.model_dir, request.drafter_dir, mode=request.mode,
+                                  num_speculative_tokens=request.num_draft_tokens, batch_size=build.batch_size,
+                                  max_length=build.max_length, prefill_buckets=build.prefill_buckets,
+                                  dtype=build.dtype, backend=backend, kernels=build.kernels,
+                                  lookup_ngram=build.lookup_ngram, short_draft_tokens=build.short_draft_tokens,
+                                  datastore=build.datastore)
+
+
 def build_artifacts(request: BuildRequest) -> BuildReport:
     started = time.perf_counter()
     out = request.out_dir
+    if request.backend in COMPILE_BACKENDS:
+        return _build_compiled(request, started)
     (out / HLO_DIR).mkdir(parents=True, exist_ok=True)
-    if request.backend == "neuron":
-        from neuron_peagle.backends.neuron import require_sdk
+    if request.backend == "nxd":
+        from neuron_peagle.backends.nxd import require_sdk
 
         require_sdk()
     elif not initialize_persistent_cache(out / XLA_CACHE_DIR, readonly=False):
@@ -196,14 +216,7 @@ def build_artifacts(request: BuildRequest) -> BuildReport:
             f"be pointed at {out / XLA_CACHE_DIR}; run the build in a fresh process (python -m compile.build)"
         )
     versions = installed_versions(request.backend)
-    engine = Engine.from_pretrained(request.model_dir, request.drafter_dir, mode=request.mode,
-                                    num_speculative_tokens=request.num_draft_tokens,
-                                    batch_size=request.build.batch_size, max_length=request.build.max_length,
-                                    prefill_buckets=request.build.prefill_buckets, dtype=request.build.dtype,
-                                    backend="xla", kernels=request.build.kernels,
-                                    lookup_ngram=request.build.lookup_ngram,
-                                    short_draft_tokens=request.build.short_draft_tokens,
-                                    datastore=request.build.datastore)
+    engine = engine_for(request, "xla")
     backend: XlaBackend = engine.backend
     first_compile = backend.compile_count()
     model, drafter = WeightsInfo.of_dir(request.model_dir), _drafter_weights(engine.drafter)
@@ -227,10 +240,10 @@ def build_artifacts(request: BuildRequest) -> BuildReport:
     records: list[GraphRecord] = []
     stale = [t for t in traced if t.spec.name not in fresh]
     neuron = None
-    if request.backend == "neuron":
-        from compile.neuron_build import NeuronBuild
+    if request.backend == "nxd":
+        from compile.nxd_build import NxdBuild
 
-        neuron = NeuronBuild(specs, out)
+        neuron = NxdBuild(specs, out)
     bar = tqdm(total=len(stale), desc=f"compile ({request.backend})", unit="graph", file=sys.stderr)
     for item in traced:
         spec = item.spec
@@ -270,6 +283,37 @@ def build_artifacts(request: BuildRequest) -> BuildReport:
     return report
 
 
+def _build_compiled(request: BuildRequest, started: float) -> BuildReport:
+    """inductor / neuron: torch.compile every graph into the artifact directory's compile cache."""
+    from compile.compiled_build import compile_graphs, use_artifact_cache
+
+    out = request.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    if not use_artifact_cache(out, request.backend):
+        raise ArtifactError(f"this process has already compiled graphs with another compile cache, so "
+                            f"{out / COMPILE_CACHE_DIR} would not receive them; run the build in a fresh process "
+                            "(python -m compile.build)")
+    versions = installed_versions(request.backend)
+    engine = engine_for(request, request.backend)
+    model, drafter = WeightsInfo.of_dir(request.model_dir), _drafter_weights(engine.drafter)
+    previous = _previous(out, request.backend)
+    log = _Log(out / LOG_NAME)
+    records, compiled = compile_graphs(engine, out, versions, [model, drafter], log)
+    manifest = Manifest(
+        backend=request.backend, versions=versions, build=dataclasses.replace(request.build, backend=request.backend),
+        mode=request.mode, num_speculative_tokens=request.num_draft_tokens, tp_degree=request.tp_degree,
+        target=request.target, model=model, drafter=drafter, graphs=tuple(records), audit_notes=())
+    manifest.save(out)
+    planned = {r.name for r in records}
+    report = BuildReport(compiled=compiled, up_to_date=[r.name for r in records if r.name not in compiled],
+                         removed=[g.name for g in previous.graphs if g.name not in planned] if previous else [],
+                         xla_compilations=0, seconds=time.perf_counter() - started)
+    log.write({"event": "build", **dataclasses.asdict(report), "seconds": round(report.seconds, 2)},
+              f"{len(records)} graphs: {len(compiled)} compiled, {len(report.up_to_date)} from the compile cache "
+              f"({report.seconds:.1f} s); manifest in {out / 'manifest.json'}")
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neuron-peagle-compile", description=(
         "Trace, audit and compile every fixed-shape graph an engine needs into an artifact directory."))
@@ -278,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--drafter", type=Path, default=None, help="speculators-format drafter directory "
                         "(default: the project's drafter for the default model, else a random-init one)")
-    parser.add_argument("--backend", default="xla", choices=ARTIFACT_BACKENDS)
+    parser.add_argument("--backend", default="inductor", choices=ARTIFACT_BACKENDS, metavar="NAME",
+                        help="; ".join(f"{name}: {BACKEND_HELP[name]}" for name in ARTIFACT_BACKENDS)
+                        + " (default: %(default)s)")
     parser.add_argument("--mode", default="parallel", choices=MODES)
     parser.add_argument("--num-speculative-tokens", "-k", type=int, default=7, help="K, drafts per step")
     parser.add_argument("--batch-size", type=int, default=1)

@@ -9,13 +9,15 @@ form; a rebuild recompiles exactly the graphs whose fingerprint changed.
 Layout of an artifact directory:
     manifest.json          this file
     compile_log.jsonl      one record per graph per build run, then a summary record
-    hlo/<graph>.hlo.txt    the HLO text of every graph (always)
+    compile_cache/         inductor: TORCHINDUCTOR_CACHE_DIR; neuron: TORCH_NEURONX_NEFF_CACHE_DIR
+    portable_cache.bin     inductor: torch.compiler.save_cache_artifacts() after the build
+    hlo/<graph>.hlo.txt    xla, nxd: the HLO text of every graph
     xla_cache/             torch-xla's persistent compilation cache (xla backend)
     neuron/model.pt        one neuronx-distributed NxDModel holding every graph, keyed by its name,
-                           without weights (neuron backend)
+                           without weights (nxd backend)
     neuron/<graph>.neff    each graph's NEFF as neuronx-cc wrote it (reused by rebuilds, for profiling)
 
-A neuron manifest also lists the weight dict its NxDModel reads (`neuron_checkpoint`: every tensor
+An nxd manifest also lists the weight dict its NxDModel reads (`neuron_checkpoint`: every tensor
 name, shape and dtype): the loader rebuilds that dict from the checked model directory and refuses
 one that differs.
 """
@@ -44,8 +46,16 @@ XLA_CACHE_DIR = "xla_cache"
 NEURON_DIR = "neuron"
 NEURON_MODEL_FILE = f"{NEURON_DIR}/model.pt"
 # The packages whose versions a compiled graph is tied to, per backend.
-PACKAGES = {"xla": ("torch", "torch-xla"),
-            "neuron": ("torch", "torch-xla", "torch-neuronx", "neuronx-cc", "neuronx-distributed")}
+PACKAGES = {"inductor": ("torch",),
+            "neuron": ("torch", "torch-neuronx", "neuronx-cc"),
+            "xla": ("torch", "torch-xla"),
+            "nxd": ("torch", "torch-xla", "torch-neuronx", "neuronx-cc", "neuronx-distributed")}
+# inductor / neuron: the compiler's own cache directory, pointed here while building and loading (on
+# CPU it holds the built C++ kernels, so the same machine loads without compiling), and PyTorch's
+# portable cache artifacts (torch.compiler.save_cache_artifacts: graphs and kernel sources, for
+# another machine with the same versions, which then only rebuilds the C++).
+COMPILE_CACHE_DIR = "compile_cache"
+PORTABLE_CACHE_FILE = "portable_cache.bin"
 
 
 def installed_versions(backend: str) -> dict[str, str | None]:
@@ -130,7 +140,7 @@ class GraphRecord:
 
 @dataclass(frozen=True)
 class Manifest:
-    backend: str  # "xla" | "neuron"
+    backend: str  # "inductor" | "neuron" | "xla" | "nxd"
     versions: dict[str, str | None]
     build: BuildConfig
     mode: str

@@ -1,53 +1,31 @@
-"""Which graphs an engine needs, and everything about each that does not depend on the compiler.
+"""The graphs a build compiles: the engine's planned graphs (graphs/interface.py) with compiler arguments.
 
-Both artifact backends start from the same list of `GraphSpec`s: the xla build hands each one to
-torch-xla (and its persistent compilation cache), the neuron build makes each one a key of one
-neuronx-distributed NxDModel (its name is the key; backends/neuron_graphs.py). So the graph
-selection, the example inputs, the map of aliased state and the neuronx-cc arguments are decided
-here once, and the xla tests cover all of it before the neuron path reaches the SDK. Loading plans
-again with the same code, so the loaded engine names and calls exactly the graphs that were built.
-
-The example inputs are built the way the decoders build their inputs (`pad_prompts`,
-`BatchSampling`), with the same shapes and dtypes; values do not matter to a fixed-shape graph.
-Warming a loaded engine with them must leave generation nothing to compile, which the tests check.
+Every artifact backend starts from the same list of `GraphSpec`s: the inductor/neuron build compiles
+each through torch.compile into the compile cache it ships, the xla build hands each to torch-xla
+(and its persistent compilation cache), the nxd build makes each a key of one neuronx-distributed
+NxDModel (backends/nxd_graphs.py). Loading plans again with the same code, so the loaded engine
+names and calls exactly the graphs that were built; warming a loaded engine with the example inputs
+must leave generation nothing to compile, which the tests check.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from neuron_peagle.backends.xla import XlaBackend, hlo_text
-from neuron_peagle.config import BuildConfig
 from neuron_peagle.errors import ConfigError
-from neuron_peagle.graphs.plain import DecodeGraph, DecodeInputs, PrefillGraph
-from neuron_peagle.graphs.lookup import LookupProposer
-from neuron_peagle.graphs.proposers import SpecState
-from neuron_peagle.graphs.speculative import SpecPrefillGraph, SpecStepGraph, SpecStepInputs
-from neuron_peagle.kv_cache import KVCache
-from neuron_peagle.runtime.batch import BatchSampling, pad_prompts
-from neuron_peagle.runtime.engine import SamplingParams
-from neuron_peagle.runtime.plain_decoder import PlainDecoder
-from neuron_peagle.runtime.spec_decoder import SpecDecoder
+from neuron_peagle.graphs.interface import GRAPH_KINDS, PREFILL_KINDS, GraphDecoder, PlannedGraph, plan
+
+__all__ = ["GRAPH_KINDS", "PREFILL_KINDS", "GraphSpec", "neuron_compiler_args", "plan_graphs", "trace_hlo"]
 
 # The flags NxD uses for transformer graphs (see docs): no implicit down-casting, inf saturation.
 NEURON_COMPILER_FLAGS = ("--enable-saturate-infinity", "--auto-cast=none", "--model-type=transformer", "-O1")
 TARGETS = ("trn1", "trn2")
-
-# Modules whose buffers a graph updates in place: on a device these are aliased input -> output.
-STATE_MODULES = (KVCache, SpecState, LookupProposer)
-
-GRAPH_KINDS: dict[type, str] = {
-    PrefillGraph: "prefill",
-    DecodeGraph: "decode",
-    SpecPrefillGraph: "spec_prefill",
-    SpecStepGraph: "spec_step",
-}
-PREFILL_KINDS = ("prefill", "spec_prefill")
 
 
 def neuron_compiler_args(target: str) -> tuple[str, ...]:
@@ -58,74 +36,16 @@ def neuron_compiler_args(target: str) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class GraphSpec:
-    """One fixed-shape graph to compile: the module, example inputs, and its aliased state."""
+class GraphSpec(PlannedGraph):
+    """A planned graph (graphs/interface.py) with the compiler arguments it is built with."""
 
-    name: str  # unique in a build, e.g. "spec_prefill_b128_greedy"; names the artifact files
-    kind: str  # "prefill" | "decode" | "spec_prefill" | "spec_step"
-    bucket: int | None  # prompt-length bucket of a prefill graph; None for the per-step graphs
-    greedy: bool
-    module: nn.Module
-    example_inputs: tuple[Tensor, ...]  # the graph's `Inputs` NamedTuple, host tensors
-    state_names: tuple[str, ...]  # buffers (dotted names in `module`) the graph updates in place
-    compiler_args: tuple[str, ...]
-
-    @property
-    def state_buffers(self) -> dict[str, Tensor]:
-        """name -> the state tensor as the module holds it now (moving a module replaces them)."""
-        return {name: self.module.get_buffer(name) for name in self.state_names}
+    compiler_args: tuple[str, ...] = ()
 
 
-def state_names(module: nn.Module) -> tuple[str, ...]:
-    """Dotted names of every KV-cache and speculative-state buffer reachable from `module`."""
-    names = []
-    for prefix, sub in module.named_modules():
-        if isinstance(sub, STATE_MODULES):
-            names.extend(f"{prefix}.{name}" for name, _ in sub.named_buffers(recurse=False))
-    return tuple(names)
-
-
-def example_inputs(graph: nn.Module, build: BuildConfig, bucket: int | None) -> tuple[Tensor, ...]:
-    """Host inputs of the shapes and dtypes the decoders feed `graph` (bucket: prefill graphs only)."""
-    batch = build.batch_size
-    params = SamplingParams(temperature=0.0 if graph.greedy else 1.0, seed=0)
-    sampling = BatchSampling.from_params([params], batch)
-    s = sampling.tensors
-    kind = GRAPH_KINDS[type(graph)]
-    if kind in PREFILL_KINDS:
-        ids, lengths = pad_prompts([[0] * bucket], batch, bucket)  # [B, bucket], [B]
-        return graph.Inputs(ids, lengths, s.temperature, s.top_k, s.top_p, sampling.random.uniform(1))
-    if kind == "decode":
-        zeros = torch.zeros(batch, dtype=torch.int64)  # [B] tokens and positions
-        return DecodeInputs(zeros, zeros.clone(), s.temperature, s.top_k, s.top_p, sampling.random.uniform(1))
-    k = graph.num_draft_tokens
-    uniforms = sampling.random.uniform(2 * k + 1)  # [B, 2K+1]: acceptance tests, then samples
-    return SpecStepInputs(s.temperature, s.top_k, s.top_p, uniforms[:, :k], uniforms[:, k:])
-
-
-def plan_graphs(decoder: PlainDecoder | SpecDecoder, compiler_args: tuple[str, ...]) -> list[GraphSpec]:
-    """Every graph `decoder` runs: its prefill graph per bucket and its step graph, greedy and sampling.
-
-    Decoders keep `graphs[greedy] = (prefill graph, step graph)`; both variants are built because
-    a batch picks one at run time (all rows greedy or not). A speculative decoder with adaptive K
-    keeps `{K: step graph}` for its two K: the long one is "spec_step_<variant>", the short one
-    "spec_step_k<K>_<variant>".
-    """
-    build = decoder.build
-    specs = []
-    for greedy in (True, False):
-        variant = "greedy" if greedy else "sampling"
-        prefill, steps = decoder.graphs[greedy]
-        steps = steps if isinstance(steps, dict) else {None: steps}
-        graphs = [(prefill, build.prefill_buckets, "")]
-        graphs += [(step, (None,), f"k{k}_" if i else "") for i, (k, step) in enumerate(steps.items())]
-        for graph, buckets, k_tag in graphs:
-            kind = GRAPH_KINDS[type(graph)]
-            for bucket in buckets:
-                name = f"{kind}_b{bucket}_{variant}" if bucket is not None else f"{kind}_{k_tag}{variant}"
-                specs.append(GraphSpec(name, kind, bucket, greedy, graph, example_inputs(graph, build, bucket),
-                                       state_names(graph), tuple(compiler_args)))
-    return specs
+def plan_graphs(decoder: GraphDecoder, compiler_args: tuple[str, ...]) -> list[GraphSpec]:
+    """Every graph `decoder` runs (graphs.interface.plan), each with `compiler_args`."""
+    return [GraphSpec(**{f.name: getattr(p, f.name) for f in fields(PlannedGraph)}, compiler_args=tuple(compiler_args))
+            for p in plan(decoder)]
 
 
 @contextmanager

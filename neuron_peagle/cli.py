@@ -14,7 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from neuron_peagle.config import DEFAULT_LOOKUP_NGRAM, DEFAULT_SHORT_DRAFT_TOKENS, KERNEL_MODES
+from neuron_peagle.backends import BACKEND_HELP
+from neuron_peagle.config import DEFAULT_BACKEND, DEFAULT_LOOKUP_NGRAM, DEFAULT_SHORT_DRAFT_TOKENS, KERNEL_MODES
 from neuron_peagle.errors import NeuronPeagleError
 
 
@@ -66,7 +67,9 @@ def _add_engine_options(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--max-length", type=int, default=1024, help="KV cache length (prompt + output)")
     gen.add_argument("--buckets", type=_buckets, default=(128, 512), help="prefill buckets, e.g. 128,512")
     gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    gen.add_argument("--backend", default="eager", choices=("eager", "xla", "neuron"))
+    gen.add_argument("--backend", default=DEFAULT_BACKEND, choices=tuple(BACKEND_HELP), metavar="NAME",
+                     help="; ".join(f"{name}: {text}" for name, text in BACKEND_HELP.items())
+                     + " (default: %(default)s)")
     gen.add_argument("--kernels", default="auto", choices=("auto", *KERNEL_MODES),
                      help="draft-pass kernels (auto: NKI on neuron, else PyTorch; interpreter: the kernel "
                           "source on the CPU interpreter, slow, eager only)")
@@ -183,10 +186,14 @@ def _engine_and_prompts(args: argparse.Namespace, quiet: bool):
         if engine.build.datastore:
             lookup += ", n-gram datastore"
         print(f"[{engine.mode} speculative decoding, K={engine.num_speculative_tokens}, "
-              f"{engine.drafter.describe()}{lookup}]", flush=True)
+              f"{engine.drafter.describe()}{lookup}; backend {engine.build.backend}, {engine.build.dtype}]", flush=True)
+    elif not quiet:
+        print(f"[plain decoding; backend {engine.build.backend}, {engine.build.dtype}]", flush=True)
     ids = [engine.encode(p, not args.no_chat_template) if p else [] for p in prompts]
     for i, prompt_ids in enumerate(ids):
         engine.validate(prompt_ids, params, i)
+    # Compile (or load) the graphs these prompts need now, so that no decode step waits on a compiler.
+    engine.warm(greedy=params.temperature == 0, buckets={engine.build.bucket_for(len(p)) for p in ids})
     return engine, params, prompts, ids
 
 
@@ -195,14 +202,14 @@ def profile(args: argparse.Namespace) -> None:
 
     if args.out.exists() and not args.out.is_dir():
         raise NeuronPeagleError(f"--out {str(args.out)!r} is a file, not a session directory")
-    if args.backend == "neuron" or args.artifacts is not None:
+    if args.backend in ("neuron", "nxd") or args.artifacts is not None:
         # Read by the Neuron runtime when it starts, so before the engine loads anything.
         os.environ.update(neuron_capture_env(args.out.resolve()))
     engine, params, _, ids = _engine_and_prompts(args, quiet=False)
     _, report = profile_generation(engine, ids, params, args.out.resolve(), warmup=not args.no_warmup,
                                    trace=not args.no_trace)
     print(report.describe(), flush=True)
-    if engine.build.backend == "neuron":
+    if engine.build.backend in ("neuron", "nxd"):
         print(f"device profiles: neuron-explorer view -d {args.out / NEURON_PROFILE_DIR}", flush=True)
 
 

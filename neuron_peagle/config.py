@@ -22,8 +22,10 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BACKENDS = ("eager", "xla", "neuron")
-KERNEL_MODES = ("reference", "nki", "interpreter")  # see neuron_peagle.kernels
+BACKENDS = ("eager", "inductor", "neuron", "xla", "nxd")  # see neuron_peagle.backends
+KERNEL_MODES = ("reference", "nki", "interpreter")
+# The command line's backend: the fastest exact path measured on CPU (BENCHMARKS.md, round 14).
+DEFAULT_BACKEND = "inductor"  # see neuron_peagle.kernels
 
 
 def read_config_json(directory: str | Path, kind: str) -> tuple[dict[str, Any], str]:
@@ -189,7 +191,7 @@ class BuildConfig:
     dtype: str = "float32"
     backend: str = "eager"
     # Which implementation of the fused draft-pass kernels the graphs call (neuron_peagle.kernels):
-    # "auto" resolves to "nki" on the neuron backend and "reference" (plain PyTorch) elsewhere.
+    # "auto" resolves to "nki" on the Neuron backends (neuron, nxd) and "reference" (plain PyTorch) elsewhere.
     kernels: str = "auto"
     # Speculative modes: longest n-gram of context lookup (neuron_peagle.graphs.lookup), whose copied
     # drafts replace the drafter's where the last n tokens (or n-1, ... 2) occurred before; 0 = drafter
@@ -207,7 +209,7 @@ class BuildConfig:
         buckets = tuple(int(b) for b in self.prefill_buckets)
         object.__setattr__(self, "prefill_buckets", buckets)
         if self.kernels == "auto":
-            object.__setattr__(self, "kernels", "nki" if self.backend == "neuron" else "reference")
+            object.__setattr__(self, "kernels", "nki" if self.backend in ("neuron", "nxd") else "reference")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_length < 2:

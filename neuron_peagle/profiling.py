@@ -42,12 +42,12 @@ import torch
 
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.runtime.host_loop import StepRecord
+from neuron_peagle.runtime.step_parts import PARTS
 
 if TYPE_CHECKING:
     from neuron_peagle.runtime.engine import Engine, RequestOutput, SamplingParams
 
 NEURON_PROFILE_DIR = "neuron"
-PARTS = ("draft", "verify", "accept")
 
 
 def neuron_capture_env(out_dir: Path) -> dict[str, str]:
@@ -137,7 +137,7 @@ def profile_generation(engine: "Engine", prompts: Sequence[Sequence[int]], param
         import torch_xla.debug.metrics as metrics
 
         write("xla_metrics.txt", metrics.metrics_report())
-    if backend == "neuron":
+    if backend in ("neuron", "nxd"):
         device_dir = out_dir / NEURON_PROFILE_DIR
         device_files = sorted(str(p.relative_to(out_dir)) for p in device_dir.rglob("*") if p.is_file()) \
             if device_dir.is_dir() else []

@@ -3,7 +3,9 @@ rebuilds only what changed, and `Engine.from_compiled` refuses stale artifacts, 
 eager engine's tokens without compiling anything during generation.
 
 Builds run in a subprocess, as they must (torch-xla's persistent cache is fixed at a process's first
-compilation); loading runs in this process.
+compilation); loading runs in this process. The xla and nxd builds and loads are marked `xla`: they run
+in the torch-xla environment (.venv-xla); the plan, the audit of HLO text and the build's argument
+checks run in the main environment too.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from compile import audit
 from compile.build import BuildRequest, build_artifacts, main as build_main
 from compile.manifest import LOG_NAME, MANIFEST_NAME, Manifest, WeightsInfo
 from compile.plan import NEURON_COMPILER_FLAGS, neuron_compiler_args, plan_graphs
-from neuron_peagle.backends.neuron import INSTALL_HINT
+from neuron_peagle.backends.nxd import INSTALL_HINT
 from neuron_peagle.cli import main as cli_main
 from neuron_peagle.config import BuildConfig
 from neuron_peagle.errors import ArtifactError, BackendUnavailableError, ConfigError
@@ -46,8 +48,8 @@ LONG = [list(range(20, 45)), list(range(50, 80))]  # bucket 32
 
 def run_build(model_dir: Path, out: Path, buckets: str = "16,32") -> dict:
     """Build in a fresh process; returns the build's summary record from the compile log."""
-    cmd = [sys.executable, "-m", "compile.build", "--model", str(model_dir), "--out", str(out), *BUILD_ARGS,
-           "--buckets", buckets]
+    cmd = [sys.executable, "-m", "compile.build", "--backend", "xla", "--model", str(model_dir), "--out", str(out),
+           *BUILD_ARGS, "--buckets", buckets]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900,
                             env={**os.environ, "PJRT_DEVICE": "CPU"})
     assert result.returncode == 0, result.stderr[-4000:]
@@ -70,6 +72,7 @@ def compiled_engine(built) -> Engine:
 
 # ---- the build ----------------------------------------------------------------------------------
 
+@pytest.mark.xla
 def test_build_writes_manifest_hlo_and_audit_for_every_graph(built, tiny_llama_dir):
     manifest = Manifest.load(built)
     assert {g.name for g in manifest.graphs} == GRAPHS
@@ -104,12 +107,14 @@ def test_build_writes_manifest_hlo_and_audit_for_every_graph(built, tiny_llama_d
     assert "argmax over 49152" in notes and "issue 6" in notes and "sort over 49152" in notes
 
 
+@pytest.mark.xla
 def test_rebuild_with_nothing_changed_compiles_nothing(built, tiny_llama_dir):
     summary = run_build(tiny_llama_dir, built)
     assert summary["compiled"] == [] and set(summary["up_to_date"]) == GRAPHS
     assert summary["xla_compilations"] == 0
 
 
+@pytest.mark.xla
 def test_changing_one_bucket_rebuilds_only_that_buckets_graphs(built, tiny_llama_dir, tmp_path):
     out = tmp_path / "artifacts"
     shutil.copytree(built, out)
@@ -133,6 +138,7 @@ def test_tensor_parallel_and_unknown_target_are_clear_errors(tiny_llama_dir, tmp
 
 # ---- loading ------------------------------------------------------------------------------------
 
+@pytest.mark.xla
 def test_from_compiled_generates_the_eager_tokens_and_compiles_nothing(compiled_engine, tiny_llama_dir):
     engine = compiled_engine
     assert set(engine.artifacts.graphs) == GRAPHS
@@ -148,16 +154,19 @@ def test_from_compiled_generates_the_eager_tokens_and_compiles_nothing(compiled_
     assert got == [o.output_ids for o in eager.generate(SHORT + LONG, greedy)]
 
 
+@pytest.mark.xla
 def test_cli_generate_from_artifacts_equals_the_eager_cli(built, compiled_engine, tiny_llama_dir, capsys):
     common = ["generate", "hello there", "--max-new-tokens", "8", "--json"]
     assert cli_main([*common, "--artifacts", str(built)]) == 0
     compiled = json.loads(capsys.readouterr().out)
-    assert cli_main([*common, "--model", str(tiny_llama_dir), *BUILD_ARGS, "--buckets", "16,32"]) == 0
+    assert cli_main([*common, "--model", str(tiny_llama_dir), *BUILD_ARGS, "--buckets", "16,32",
+                     "--backend", "eager"]) == 0
     eager = json.loads(capsys.readouterr().out)
     assert compiled["output_ids"] == eager["output_ids"] and compiled["prompt_ids"] == eager["prompt_ids"]
     assert (compiled["backend"], eager["backend"]) == ("xla", "eager")
 
 
+@pytest.mark.xla
 def test_loading_after_other_xla_work_warns_and_compiles_in_process(built, compiled_engine, tmp_path):
     """torch-xla's persistent cache is fixed by now (the compiled_engine fixture set it), so loading
     a copy of the artifacts cannot use the copy's cache: it warns and compiles in the process."""
@@ -170,6 +179,7 @@ def test_loading_after_other_xla_work_warns_and_compiles_in_process(built, compi
     assert set(engine.artifacts.graphs.values()) == {IN_PROCESS}  # the same graphs as compiled_engine's
 
 
+@pytest.mark.xla
 def test_changed_weight_file_is_refused_naming_it(built, tiny_llama_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -181,6 +191,7 @@ def test_changed_weight_file_is_refused_naming_it(built, tiny_llama_dir, tmp_pat
         Engine.from_compiled(built, model_dir=model)
 
 
+@pytest.mark.xla
 def test_version_mismatch_is_refused(built, tmp_path):
     data = json.loads((built / MANIFEST_NAME).read_text())
     data["versions"]["torch-xla"] = "0.0.1"
@@ -190,12 +201,14 @@ def test_version_mismatch_is_refused(built, tmp_path):
         Engine.from_compiled(tmp_path)
 
 
+@pytest.mark.xla
 def test_requested_shapes_must_match_the_build(built):
     with pytest.raises(ArtifactError, match=r"batch_size 2 \(requested: 4\), prefill_buckets \(16, 32\) "
                                             r"\(requested: \(16, 64\)\)"):
         Engine.from_compiled(built, batch_size=4, prefill_buckets=(16, 64))
 
 
+@pytest.mark.xla
 def test_prompt_no_bucket_fits_names_the_largest(compiled_engine):
     from neuron_peagle.errors import PromptError
 
@@ -203,7 +216,7 @@ def test_prompt_no_bucket_fits_names_the_largest(compiled_engine):
         compiled_engine.generate([list(range(3, 43))], SamplingParams(max_new_tokens=4))
 
 
-# ---- the plan shared with the neuron build ------------------------------------------------------
+# ---- the plan shared with the nxd build ---------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["plain", "parallel", "sequential"])
 def test_declared_state_is_every_buffer_a_graph_updates(tiny_llama_dir, mode):
@@ -265,6 +278,7 @@ def test_audit_fails_with_a_clear_message(hlo, message):
         audit.check("g", result, "g.hlo.txt")
 
 
+@pytest.mark.xla
 def test_audit_flags_vocabulary_argmax_and_sort_but_not_softmax():
     import torch_xla
 
@@ -279,33 +293,35 @@ def test_audit_flags_vocabulary_argmax_and_sort_but_not_softmax():
     assert "issue 6" in audit.notes({"g": (audit.Finding("argmax", "reduce.1", (2, 1000), 1000),)})[0]
 
 
-# ---- neuron -------------------------------------------------------------------------------------
+# ---- nxd (neuronx-distributed NEFFs, trn1) --------------------------------------------------------
 
+@pytest.mark.xla
 @pytest.mark.skipif(importlib.util.find_spec("torch_neuronx") is not None, reason="the Neuron SDK is installed")
-def test_neuron_without_the_sdk_says_what_to_install(built, tiny_llama_dir, tmp_path):
-    request = BuildRequest(tiny_llama_dir, None, tmp_path / "out", backend="neuron",
+def test_nxd_without_the_sdk_says_what_to_install(built, tiny_llama_dir, tmp_path):
+    request = BuildRequest(tiny_llama_dir, None, tmp_path / "out", backend="nxd",
                            build=BuildConfig(batch_size=2, max_length=96, prefill_buckets=(16, 32)),
                            num_speculative_tokens=3)
     with pytest.raises(BackendUnavailableError) as err:
         build_artifacts(request)
     assert str(err.value) == INSTALL_HINT
     data = json.loads((built / MANIFEST_NAME).read_text())
-    (tmp_path / MANIFEST_NAME).write_text(json.dumps({**data, "backend": "neuron"}))
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({**data, "backend": "nxd"}))
     with pytest.raises(BackendUnavailableError, match="Neuron SDK's own pip repository"):
         Engine.from_compiled(tmp_path)
 
 
-def test_neuron_loader_checks_the_plan_interfaces_and_weight_dict(built, tiny_llama_dir):
-    """Before any SDK call, a neuron load checks what its NxDModel relies on and the process provides.
-    A neuron manifest is the xla one plus the weight dict's layout, so the xla build stands in for it."""
+@pytest.mark.xla
+def test_nxd_loader_checks_the_plan_interfaces_and_weight_dict(built, tiny_llama_dir):
+    """Before any SDK call, an nxd load checks what its NxDModel relies on and the process provides.
+    An nxd manifest is the xla one plus the weight dict's layout, so the xla build stands in for it."""
     from compile.manifest import tensor_infos
-    from neuron_peagle.backends.neuron_graphs import NeuronBundle
+    from neuron_peagle.backends.nxd_graphs import NeuronBundle
     from neuron_peagle.runtime.artifacts import check_neuron_plan
 
     engine = Engine.from_pretrained(tiny_llama_dir, **SHAPES)
     specs = plan_graphs(engine.decoder, neuron_compiler_args("trn1"))
     checkpoint = NeuronBundle.of(specs).checkpoint
-    manifest = dataclasses.replace(Manifest.load(built), backend="neuron", neuron_checkpoint=tensor_infos(checkpoint))
+    manifest = dataclasses.replace(Manifest.load(built), backend="nxd", neuron_checkpoint=tensor_infos(checkpoint))
     assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest
     check_neuron_plan(specs, manifest, checkpoint)  # as built: passes
 
@@ -331,19 +347,21 @@ def test_neuron_loader_checks_the_plan_interfaces_and_weight_dict(built, tiny_ll
 
 
 @pytest.mark.neuron
-def test_neuron_artifacts_generate_the_eager_tokens(tiny_llama_dir, tmp_path):
-    """On a trn instance: the neuron build writes one NxDModel holding every graph, `from_compiled`
-    loads it with one copy of the weights and state, and generation gives the eager engine's tokens."""
+@pytest.mark.xla
+def test_nxd_artifacts_generate_the_eager_tokens(tiny_llama_dir, tmp_path):
+    """On a trn1 instance (the torch-xla environment with the Neuron SDK): the nxd build writes one
+    NxDModel holding every graph, `from_compiled` loads it with one copy of the weights and state, and
+    generation gives the eager engine's tokens."""
     pytest.importorskip("torch_neuronx")
     pytest.importorskip("neuronx_distributed")
     from neuron_peagle.runtime.artifacts import ON_NEURON
 
-    cmd = [sys.executable, "-m", "compile.build", "--backend", "neuron", "--model", str(tiny_llama_dir),
+    cmd = [sys.executable, "-m", "compile.build", "--backend", "nxd", "--model", str(tiny_llama_dir),
            "--out", str(tmp_path), *BUILD_ARGS, "--buckets", "16,32", "--target", "trn1"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=7200)
     assert result.returncode == 0, result.stderr[-4000:]
     manifest = Manifest.load(tmp_path)
-    assert manifest.backend == "neuron" and manifest.versions["torch-neuronx"] == metadata.version("torch-neuronx")
+    assert manifest.backend == "nxd" and manifest.versions["torch-neuronx"] == metadata.version("torch-neuronx")
     assert manifest.versions["neuronx-distributed"] == metadata.version("neuronx-distributed")
     assert {g.name for g in manifest.graphs} == GRAPHS
     assert "graph.cache.key_0" in {t.name for t in manifest.neuron_checkpoint}
@@ -381,13 +399,14 @@ print(json.dumps({"ids": [o.output_ids for o in outputs], "compiled": engine.bac
 
 
 @pytest.mark.slow
+@pytest.mark.xla
 def test_default_model_artifacts_generate_the_eager_tokens(default_model_dir, tmp_path):
     """The embedded model and its drafter, one bucket: a valid manifest and HLO for every graph, and a
     fresh process that loads them generates the eager engine's tokens with no compile while generating."""
     out = tmp_path / "default"
     # One bucket and one step graph (no adaptive K): the tiny model's build above covers several of each.
-    cmd = [sys.executable, "-m", "compile.build", "--out", str(out), "--mode", "parallel", "-k", "5",
-           "--batch-size", "2", "--max-length", "160", "--buckets", "64", "--short-draft-tokens", "0"]
+    cmd = [sys.executable, "-m", "compile.build", "--backend", "xla", "--out", str(out), "--mode", "parallel",
+           "-k", "5", "--batch-size", "2", "--max-length", "160", "--buckets", "64", "--short-draft-tokens", "0"]
     env = {**os.environ, "PJRT_DEVICE": "CPU"}
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=1200, env=env)
     assert result.returncode == 0, result.stderr[-4000:]

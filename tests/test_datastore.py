@@ -140,6 +140,7 @@ def small_model_with_datastore(tmp_path_factory):
     return model_dir, drafter_dir
 
 
+@pytest.mark.xla
 def test_datastore_on_xla_compiles_once_equals_eager_and_plain(small_model_with_datastore):
     model_dir, drafter_dir = small_model_with_datastore
     # max_length=88 is used by no other test, so none of these graphs can be in torch-xla's cache.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -120,8 +121,10 @@ def test_build_config_round_trips_through_json():
     assert BuildConfig.from_dict(json.loads(json.dumps(build.to_dict()))) == build
 
 
-def test_neuron_backend_says_what_to_install(tiny_llama_dir):
+@pytest.mark.skipif(importlib.util.find_spec("torch_neuronx") is not None, reason="the Neuron SDK is installed")
+@pytest.mark.parametrize("backend", ["neuron", "nxd"])  # TorchNeuron (trn2/trn3) and NxD's NEFFs (trn1)
+def test_neuron_backends_say_what_to_install(tiny_llama_dir, backend):
     from neuron_peagle.errors import BackendUnavailableError
 
     with pytest.raises(BackendUnavailableError, match="Neuron SDK"):
-        Engine.from_pretrained(tiny_llama_dir, max_length=64, prefill_buckets=(16,), backend="neuron")
+        Engine.from_pretrained(tiny_llama_dir, max_length=64, prefill_buckets=(16,), backend=backend)

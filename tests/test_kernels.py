@@ -299,7 +299,8 @@ def test_the_kernels_own_tiling_keeps_them_within_limits(monkeypatch):
 
 def test_kernel_modes_are_checked():
     assert check_kernel_mode("reference") == "reference"
-    assert BuildConfig(backend="neuron").kernels == "nki" and BuildConfig(backend="xla").kernels == "reference"
+    assert BuildConfig(backend="neuron").kernels == "nki" and BuildConfig(backend="nxd").kernels == "nki"
+    assert BuildConfig(backend="xla").kernels == "reference" and BuildConfig(backend="inductor").kernels == "reference"
     assert BuildConfig(kernels="interpreter").kernels == "interpreter"
     with pytest.raises(ConfigError, match="only with backend 'eager'"):
         BuildConfig(backend="xla", kernels="interpreter")

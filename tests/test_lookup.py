@@ -179,6 +179,7 @@ def test_lookup_with_the_shipped_drafter_is_exact_and_accepts_more(prompt_ids, h
     assert lengths[2, 2] > lengths[0, 0] + 0.1, lengths
 
 
+@pytest.mark.xla
 def test_lookup_on_xla_compiles_once_and_equals_eager(tiny_llama_dir):
     # max_length=80 is used by no other test, so none of these graphs can be in torch-xla's cache.
     kwargs = dict(num_speculative_tokens=3, batch_size=2, max_length=80, prefill_buckets=(16, 32), lookup_ngram=1)
@@ -215,6 +216,7 @@ def test_adaptive_k_is_chosen_by_live_rows_only(small_vocab_dir):
     assert decoder.next_k() == 1
 
 
+@pytest.mark.xla
 def test_adaptive_k_on_xla_compiles_one_graph_per_k_and_equals_eager(small_vocab_dir):
     # max_length=88 is used by no other test, so none of these graphs can be in torch-xla's cache.
     kwargs = dict(num_speculative_tokens=3, batch_size=2, max_length=88, prefill_buckets=(32,), lookup_ngram=2,

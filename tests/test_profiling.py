@@ -52,6 +52,7 @@ def test_eager_session_agrees_with_the_generation_it_profiled(tiny_llama_dir, tm
     assert [o.output_ids for o in outputs] == [o.output_ids for o in engine.generate(PROMPTS, params)]
 
 
+@pytest.mark.xla
 def test_xla_session_writes_the_metrics_report_and_compiles_nothing_while_profiled(tiny_llama_dir, tmp_path):
     engine = Engine.from_pretrained(tiny_llama_dir, mode="plain", backend="xla", **SHAPES)
     profile_generation(engine, PROMPTS[:2], SamplingParams(max_new_tokens=6, ignore_eos=True), tmp_path)
@@ -86,15 +87,19 @@ def test_neuron_capture_points_the_runtime_at_the_session(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch_neuronx") is not None, reason="the Neuron SDK is installed")
-def test_cli_profile_on_neuron_without_the_sdk_is_a_clear_error(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("backend", ["neuron", "nxd"])  # TorchNeuron (trn2/trn3) and NxD's NEFFs (trn1)
+def test_cli_profile_on_neuron_without_the_sdk_is_a_clear_error(tiny_llama_dir, tmp_path, capsys, monkeypatch,
+                                                                 backend):
     monkeypatch.setattr(os, "environ", dict(os.environ))  # what the command sets stays in this test
-    code = main(["profile", "hi", "--model", str(tiny_llama_dir), "--backend", "neuron", "--out", str(tmp_path)])
+    code = main(["profile", "hi", "--model", str(tiny_llama_dir), "--backend", backend, "--out", str(tmp_path)])
     assert code == 2 and "neuron" in capsys.readouterr().err.lower()
 
 
 @pytest.mark.neuron
-def test_neuron_session_holds_device_profiles(default_model_dir, tmp_path):
-    """On a trn instance: the runtime writes a device profile per graph it ran into the session."""
+@pytest.mark.xla
+def test_nxd_session_holds_device_profiles(default_model_dir, tmp_path):
+    """On a trn1 instance (the torch-xla environment with the Neuron SDK): the runtime writes a device
+    profile per graph of the nxd artifacts it ran into the session."""
     import subprocess
     import sys
 
@@ -102,7 +107,7 @@ def test_neuron_session_holds_device_profiles(default_model_dir, tmp_path):
     pytest.importorskip("neuronx_distributed")
 
     artifacts = tmp_path / "artifacts"
-    subprocess.run([sys.executable, "-m", "compile.build", "--backend", "neuron", "--out", str(artifacts),
+    subprocess.run([sys.executable, "-m", "compile.build", "--backend", "nxd", "--out", str(artifacts),
                     "--max-length", "256", "--buckets", "128"], check=True, timeout=7200)
     session = tmp_path / "session"
     subprocess.run([sys.executable, "-m", "neuron_peagle.cli", "profile", "Write a haiku.", "--artifacts",

@@ -20,8 +20,9 @@ from neuron_peagle.parallel import TensorParallel
 from neuron_peagle.runtime.engine import Engine
 
 REPO = Path(__file__).resolve().parent.parent
+# Tensor parallelism runs on the eager backend (the command line's default is inductor).
 SHAPES = ["--max-length", "96", "--buckets", "16,32", "--max-new-tokens", "24", "--batch-size", "2", "--json",
-          "--no-chat-template"]
+          "--no-chat-template", "--backend", "eager"]
 PROMPTS = ["Write a haiku about the sea.", "List three prime numbers.", "Hi"]
 
 

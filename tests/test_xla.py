@@ -7,6 +7,8 @@ import pytest
 
 from neuron_peagle.runtime.engine import Engine, SamplingParams
 
+pytestmark = pytest.mark.xla  # the whole file runs backend xla: the torch-xla environment (.venv-xla)
+
 PARAMS = SamplingParams(max_new_tokens=12, ignore_eos=True)
 SHORT = [[5, 6, 7], [8, 9, 10, 11, 12]]  # bucket 16
 LONG = [list(range(20, 45)), list(range(50, 80))]  # bucket 32

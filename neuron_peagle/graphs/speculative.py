@@ -15,9 +15,6 @@ sampling inputs); the engine keeps one of each and uses the one a batch needs.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -57,6 +54,14 @@ class SpecStepOutputs(NamedTuple):
     tokens: Tensor  # [B, K+1] int64, committed tokens padded with -1
     counts: Tensor  # [B] int64, 1..K+1
     known_drafts: Tensor  # [B] int64, as in SpecPrefillOutputs
+
+
+class Verified(NamedTuple):
+    """What the target's verify pass hands to acceptance."""
+
+    features: Tensor  # [B, K+1, 3H] target features of y, d_1..d_K
+    target_tokens: Tensor | None  # [B, K+1] the target's greedy tokens (greedy graphs)
+    logits: Tensor | None  # [B, K+1, V] (sampling graphs)
 
 
 class SpecPrefillGraph(nn.Module):
@@ -105,61 +110,57 @@ class SpecStepGraph(nn.Module):
         self.greedy = greedy
         # Greedy verify takes the target's argmax through `kernels.lm_head_argmax` in this mode.
         self.kernels = check_kernel_mode(kernels)
-        # Set to a dict by the eager engine to time the parts of a step (meaningless when traced).
-        self.timings: dict[str, float] | None = None
-
-    @contextmanager
-    def _part(self, name: str) -> Iterator[None]:
-        """Times one part of the step into `timings` and names it for a profiler (`peagle::<name>`);
-        eager only: a traced graph has timings None and gets neither."""
-        if self.timings is None:
-            yield
-            return
-        start = time.perf_counter()
-        with torch.profiler.record_function(f"peagle::{name}"):
-            yield
-        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
     def forward(self, temperature: Tensor, top_k: Tensor, top_p: Tensor, accept_uniform: Tensor,
                 sample_uniform: Tensor) -> SpecStepOutputs:
-        k, state = self.num_draft_tokens, self.state
-        batch, slots = state.pending_tokens.shape
-        device = state.pending_tokens.device
+        drafts = self.draft()
+        verified = self.verify(drafts)
+        return self.accept(drafts, verified, SamplingTensors(temperature, top_k, top_p), accept_uniform,
+                           sample_uniform)
+
+    # The three parts of a step, each a method so that a host-side timer (runtime.step_parts) can run
+    # them one by one on eager; a compiled graph runs `forward`, whole.
+
+    def draft(self) -> Tensor:  # -> drafts [B, K] (target ids)
+        state = self.state
         # Rows past their end (finished, or padding of a short batch) must keep writes in range (for
         # the longest K the state serves, so that every step graph clamps alike).
-        state.last_position.clamp_(max=self.cache.max_length - slots - 1)
+        state.last_position.clamp_(max=self.cache.max_length - state.pending_tokens.shape[1] - 1)
+        return self.proposer.propose(state, self.num_draft_tokens)
 
-        with self._part("draft"):
-            drafts = self.proposer.propose(state, k)  # [B, K]
+    def verify(self, drafts: Tensor) -> Verified:  # drafts [B, K]
+        k, state = self.num_draft_tokens, self.state
+        batch = drafts.shape[0]
+        y = state.pending_tokens[:, -1:]
+        verify_tokens = torch.cat([y, drafts], dim=1)  # [B, K+1]
+        offsets = torch.arange(k + 1, device=drafts.device)
+        verify_positions = state.last_position.unsqueeze(-1) + offsets
+        rows = offsets.expand(batch, k + 1)
+        if self.greedy:
+            # Only the argmax per row is needed; with the NKI kernel the [B, K+1, vocab] logits never
+            # reach HBM.
+            out = self.target.normed_rows(verify_tokens, verify_positions, self.cache, rows, return_features=True)
+            target_tokens, _ = lm_head_argmax(out.hidden, self.target.lm_head.weight, None, self.kernels)
+            return Verified(out.features, target_tokens, None)
+        out = self.target(verify_tokens, verify_positions, self.cache, rows, return_features=True)
+        return Verified(out.features, None, out.logits)
 
-        with self._part("verify"):
-            y = state.pending_tokens[:, -1:]
-            verify_tokens = torch.cat([y, drafts], dim=1)  # [B, K+1]
-            offsets = torch.arange(k + 1, device=device)
-            verify_positions = state.last_position.unsqueeze(-1) + offsets
-            rows = offsets.expand(batch, k + 1)
-            if self.greedy:
-                # Only the argmax per row is needed; with the NKI kernel the [B, K+1, vocab] logits never
-                # reach HBM.
-                out = self.target.normed_rows(verify_tokens, verify_positions, self.cache, rows,
-                                              return_features=True)
-                target_tokens, _ = lm_head_argmax(out.hidden, self.target.lm_head.weight, None, self.kernels)
-            else:
-                out = self.target(verify_tokens, verify_positions, self.cache, rows, return_features=True)
-
-        with self._part("accept"):
-            if self.greedy:
-                tokens, counts = greedy_accept(drafts, target_tokens)
-            else:
-                probs = target_probs(out.logits, SamplingTensors(temperature, top_k, top_p))
-                tokens, counts = rejection_accept(drafts, probs, accept_uniform, sample_uniform)
-            # The verified positions 0..n (y and the accepted drafts) have exact target features; pair
-            # each with the token committed after it, right-aligned in the S slots, for the next step.
-            source = (torch.arange(slots, device=device) - (slots - counts).unsqueeze(-1)).clamp(min=0)  # [B, S]
-            state.pending_features.copy_(out.features.gather(
-                1, source.unsqueeze(-1).expand(-1, -1, out.features.shape[-1])))
-            state.pending_tokens.copy_(tokens.gather(1, source))
-            state.pending_count.copy_(counts)
-            state.last_position.add_(counts)
-            known = self.proposer.commit(state)
+    def accept(self, drafts: Tensor, verified: Verified, sampling: SamplingTensors, accept_uniform: Tensor,
+               sample_uniform: Tensor) -> SpecStepOutputs:
+        state = self.state
+        slots = state.pending_tokens.shape[1]
+        if self.greedy:
+            tokens, counts = greedy_accept(drafts, verified.target_tokens)
+        else:
+            probs = target_probs(verified.logits, sampling)
+            tokens, counts = rejection_accept(drafts, probs, accept_uniform, sample_uniform)
+        # The verified positions 0..n (y and the accepted drafts) have exact target features; pair
+        # each with the token committed after it, right-aligned in the S slots, for the next step.
+        features = verified.features
+        source = (torch.arange(slots, device=drafts.device) - (slots - counts).unsqueeze(-1)).clamp(min=0)  # [B, S]
+        state.pending_features.copy_(features.gather(1, source.unsqueeze(-1).expand(-1, -1, features.shape[-1])))
+        state.pending_tokens.copy_(tokens.gather(1, source))
+        state.pending_count.copy_(counts)
+        state.last_position.add_(counts)
+        known = self.proposer.commit(state)
         return SpecStepOutputs(tokens, counts, known)

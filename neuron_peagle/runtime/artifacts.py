@@ -16,7 +16,10 @@ so the same output; only the start-up cost differs). Whether each graph was load
 in `engine.artifacts.graphs`. (PJRT CPU cannot deserialize executables, so on CPU every graph is
 compiled at load; a trn instance loads them.)
 
-neuron: the graphs are the keys of one NxDModel (`neuron/model.pt`, backends/neuron.py). Each
+inductor / neuron (torch.compile): compile/compiled_build.py points the compiler's cache at the
+artifacts' compile_cache before anything compiles, and warms every graph from it.
+
+nxd: the graphs are the keys of one NxDModel (`neuron/model.pt`, backends/nxd.py). Each
 planned graph must take the inputs and hold the state it was built with, and the weight dict made
 from the engine's own modules (from the checked model directory) must have the recorded names,
 shapes and dtypes; then the NxDModel gets that dict, goes onto the NeuronCore with one copy of
@@ -40,6 +43,7 @@ from compile.manifest import (NEURON_MODEL_FILE, XLA_CACHE_DIR, Manifest, Tensor
                               tensor_infos)
 from compile.plan import GraphSpec, neuron_compiler_args, plan_graphs, trace_hlo
 from neuron_peagle.backends.xla import XlaBackend, initialize_persistent_cache
+from neuron_peagle.backends import COMPILE_BACKENDS
 from neuron_peagle.errors import ArtifactError
 
 # How a graph reached the device at load, from torch-xla's counters.
@@ -72,7 +76,7 @@ class ArtifactRequest:
 @dataclass
 class LoadReport:
     artifact_dir: Path
-    cache: str  # xla: "persistent cache in <dir>" or why the process compiles instead; neuron: the NxDModel
+    cache: str  # the compile cache used, or why the process compiles instead; nxd: the NxDModel
     graphs: dict[str, str] = field(default_factory=dict)  # graph name -> LOADED | UNLOADABLE | ... | ON_NEURON
 
     def describe(self) -> str:
@@ -124,8 +128,8 @@ def _check_weights(info: WeightsInfo, directory: Path, kind: str) -> None:
 
 def _checked_dirs(manifest: Manifest, request: ArtifactRequest) -> tuple[Path, Path | None]:
     """Run every check that needs no model loaded; returns the model and drafter directories."""
-    if manifest.backend == "neuron":
-        from neuron_peagle.backends.neuron import require_sdk
+    if manifest.backend == "nxd":
+        from neuron_peagle.backends.nxd import require_sdk
 
         require_sdk()
     _check_versions(manifest)
@@ -139,7 +143,7 @@ def _checked_dirs(manifest: Manifest, request: ArtifactRequest) -> tuple[Path, P
     return model_dir, drafter_dir
 
 
-def _check_plan(specs: list[GraphSpec], manifest: Manifest) -> None:
+def check_plan(specs: list[GraphSpec], manifest: Manifest) -> None:
     if sorted(s.name for s in specs) != sorted(g.name for g in manifest.graphs):
         raise ArtifactError(f"the engine needs graphs {sorted(s.name for s in specs)}, the artifacts hold "
                             f"{sorted(g.name for g in manifest.graphs)}; rebuild them")
@@ -161,7 +165,7 @@ def _checkpoint_difference(built: tuple[TensorInfo, ...], now: tuple[TensorInfo,
 def check_neuron_plan(specs: list[GraphSpec], manifest: Manifest, checkpoint: dict[str, Tensor]) -> None:
     """What the NxDModel relies on and the loading process provides: the planned graphs, each with
     the inputs and state it was built with, and the weight dict with the recorded tensors."""
-    _check_plan(specs, manifest)
+    check_plan(specs, manifest)
     for spec in specs:
         record = manifest.graph(spec.name)
         for part, now, built in (("inputs", TensorInfo.of_named(spec.example_inputs), record.inputs),
@@ -181,7 +185,7 @@ def _warm(engine, manifest: Manifest, report: LoadReport) -> None:
     """Check each graph's HLO against the built one, then run it once as the engine does."""
     backend: XlaBackend = engine.backend
     specs = plan_graphs(engine.decoder, neuron_compiler_args(manifest.target))
-    _check_plan(specs, manifest)
+    check_plan(specs, manifest)
     for spec in specs:
         hlo, _ = trace_hlo(spec, backend)
         record = manifest.graph(spec.name)
@@ -200,7 +204,7 @@ def _warm(engine, manifest: Manifest, report: LoadReport) -> None:
             report.graphs[spec.name] = UNLOADABLE if delta["PersistentCacheDeserializeFailure"] else MISSING
 
 
-def _engine(engine_cls, manifest: Manifest, model_dir: Path, drafter_dir: Path | None, backend: str):
+def engine_from_manifest(engine_cls, manifest: Manifest, model_dir: Path, drafter_dir: Path | None, backend: str):
     build = manifest.build
     return engine_cls.from_pretrained(model_dir, drafter_dir, mode=manifest.mode,
                                       num_speculative_tokens=manifest.num_speculative_tokens,
@@ -211,9 +215,9 @@ def _engine(engine_cls, manifest: Manifest, model_dir: Path, drafter_dir: Path |
 
 
 def _load_neuron(engine_cls, artifact_dir: Path, manifest: Manifest, model_dir: Path, drafter_dir: Path | None):
-    from neuron_peagle.backends.neuron_graphs import NeuronBundle
+    from neuron_peagle.backends.nxd_graphs import NeuronBundle
 
-    engine = _engine(engine_cls, manifest, model_dir, drafter_dir, "neuron")
+    engine = engine_from_manifest(engine_cls, manifest, model_dir, drafter_dir, "nxd")
     specs = plan_graphs(engine.decoder, neuron_compiler_args(manifest.target))
     bundle = NeuronBundle.of(specs)
     check_neuron_plan(specs, manifest, bundle.checkpoint)
@@ -229,8 +233,12 @@ def _load_neuron(engine_cls, artifact_dir: Path, manifest: Manifest, model_dir: 
 def load_engine(engine_cls, artifact_dir: Path, request: ArtifactRequest):
     manifest = Manifest.load(artifact_dir)
     model_dir, drafter_dir = _checked_dirs(manifest, request)
-    if manifest.backend == "neuron":
+    if manifest.backend == "nxd":
         return _load_neuron(engine_cls, artifact_dir, manifest, model_dir, drafter_dir)
+    if manifest.backend in COMPILE_BACKENDS:
+        from compile.compiled_build import load_compiled
+
+        return load_compiled(engine_cls, artifact_dir, manifest, model_dir, drafter_dir)
     cache_dir = artifact_dir / XLA_CACHE_DIR
     if initialize_persistent_cache(cache_dir, readonly=True):
         report = LoadReport(artifact_dir, f"persistent cache in {cache_dir}")
@@ -239,7 +247,7 @@ def load_engine(engine_cls, artifact_dir: Path, request: ArtifactRequest):
         warnings.warn(f"this process compiled XLA graphs before loading {artifact_dir}, so torch-xla's persistent "
                       "cache cannot be pointed at its xla_cache: every graph is compiled now instead; load "
                       "artifacts first thing in a process to skip that", RuntimeWarning, stacklevel=3)
-    engine = _engine(engine_cls, manifest, model_dir, drafter_dir, "xla")
+    engine = engine_from_manifest(engine_cls, manifest, model_dir, drafter_dir, "xla")
     _warm(engine, manifest, report)
     engine.artifacts = report
     return engine

@@ -157,6 +157,25 @@ class Engine:
 
         return load_engine(cls, Path(artifact_dir), ArtifactRequest(**expected))
 
+    def warm(self, greedy: bool | None = None, buckets: Sequence[int] | None = None) -> list[str]:
+        """Compile, or load from the compile cache, the graphs generation will run, before it runs, so
+        that no decode step waits for a compiler (and per-token times measure decoding only). All
+        planned graphs by default; `greedy` picks one variant, `buckets` the prefill buckets. Nothing
+        to do on eager. Returns the names of the graphs warmed."""
+        if self.backend.name == "eager":
+            return []
+        from neuron_peagle.graphs.interface import plan
+
+        warmed = []
+        for graph in plan(self.decoder):
+            if greedy is not None and graph.greedy != greedy:
+                continue
+            if graph.bucket is not None and buckets is not None and graph.bucket not in buckets:
+                continue
+            self.backend.run(graph.module, graph.example_inputs)
+            warmed.append(graph.name)
+        return warmed
+
     # ---- requests ------------------------------------------------------------------------------
 
     def encode(self, prompt: str, chat_template: bool = True) -> list[int]:

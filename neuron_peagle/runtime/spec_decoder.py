@@ -23,6 +23,7 @@ from neuron_peagle.graphs.proposers import SpecState
 from neuron_peagle.graphs.speculative import SpecPrefillGraph, SpecPrefillInputs, SpecStepGraph, SpecStepInputs
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.runtime.batch import BatchSampling, pad_prompts
+from neuron_peagle.runtime.step_parts import TimedStep
 
 
 class SpecDecoder:
@@ -48,6 +49,9 @@ class SpecDecoder:
             for greedy in (True, False)
         }
         self.timings: dict[str, float] = {}
+        # Eager runs each step graph part by part, timed (runtime.step_parts); compiled backends run it whole.
+        self._timed = ({graph: TimedStep(graph, self.timings) for _, steps in self.graphs.values()
+                        for graph in steps.values()} if backend.name == "eager" else {})
         self._sampling: BatchSampling | None = None
         self._last_position = torch.zeros(build.batch_size, dtype=torch.int64)
         self._known_drafts = torch.zeros(build.batch_size, dtype=torch.int64)
@@ -56,10 +60,7 @@ class SpecDecoder:
 
     def prefill(self, prompts: Sequence[Sequence[int]], sampling: BatchSampling) -> Tensor:
         self._sampling = sampling
-        self.timings = {}
-        for _, steps in self.graphs.values():
-            for step in steps.values():
-                step.timings = self.timings if self.backend.name == "eager" else None
+        self.timings.clear()
         ids, lengths = pad_prompts(prompts, self.batch_size, self.build.bucket_for(max(map(len, prompts))))
         s = sampling.tensors
         inputs = SpecPrefillInputs(ids, lengths, s.temperature, s.top_k, s.top_p, sampling.random.uniform(1))
@@ -88,6 +89,7 @@ class SpecDecoder:
         # longest K): the step writes and reads the cache up to last_position + K.
         last = self._last_position.clamp(max=self.build.max_length - self.num_draft_tokens - 2)
         self.cache.read_up_to(int(last.max()) + k)
-        tokens, counts, self._known_drafts = self.backend.run(self.graphs[sampling.greedy][1][k], inputs)
+        graph = self.graphs[sampling.greedy][1][k]
+        tokens, counts, self._known_drafts = self.backend.run(self._timed.get(graph, graph), inputs)
         self._last_position = last + counts
         return tokens, counts

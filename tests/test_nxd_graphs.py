@@ -1,4 +1,4 @@
-"""The plain-PyTorch half of the neuron backend (backends/neuron_graphs.py), on CPU: the wrapper NxD
+"""The plain-PyTorch half of the nxd backend (backends/nxd_graphs.py), on CPU: the wrapper NxD
 traces computes exactly what each planned graph computes and leaves its state rebound (the update
 NxD aliases), one weight dict serves every graph, and every call a decoder makes routes to the
 planned graph of its kind, variant and bucket.
@@ -15,10 +15,13 @@ import pytest
 import torch
 
 from compile.plan import GRAPH_KINDS, PREFILL_KINDS, neuron_compiler_args, plan_graphs
-from neuron_peagle.backends.neuron_graphs import INPUT_NAMES, GraphRouter, NeuronBundle, NxdGraph
+from neuron_peagle.backends.nxd_graphs import INPUT_NAMES, GraphRouter, NeuronBundle, NxdGraph
 from neuron_peagle.errors import ArtifactError
 from neuron_peagle.runtime.batch import pad_prompts
 from neuron_peagle.runtime.engine import Engine, SamplingParams
+
+# The nxd backend (NxDModel, trn1) lives in the torch-xla environment, and so do its tests.
+pytestmark = pytest.mark.xla
 
 SHAPES = dict(mode="parallel", num_speculative_tokens=3, batch_size=2, max_length=96, prefill_buckets=(16, 32))
 SHORT = [[5, 6, 7], [8, 9, 10, 11, 12]]  # bucket 16

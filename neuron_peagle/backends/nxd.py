@@ -31,7 +31,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from neuron_peagle.backends.neuron_graphs import NeuronBundle, NxdGraph, graph_kwargs
+from neuron_peagle.backends.nxd_graphs import NeuronBundle, NxdGraph, graph_kwargs
 from neuron_peagle.errors import ArtifactError, BackendUnavailableError
 
 INSTALL_HINT = (
@@ -69,8 +69,8 @@ def require_sdk() -> NxdApi:
     return NxdApi(NxDModel, nxd_trace, nxd_compile, CompilationArtifacts)
 
 
-class NeuronBackend:
-    name = "neuron"
+class NxdBackend:
+    name = "nxd"
     device = torch.device("cpu")  # decoders hand over host tensors; weights and state live in the NxDModel
 
     def __init__(self) -> None:

@@ -1,7 +1,7 @@
 """The plain-PyTorch half of the neuron backend: how the planned graphs of one engine become the
 keys of ONE neuronx-distributed `NxDModel`, so that they share one device copy of the weights and
 of every state buffer (KV caches, speculative state). No Neuron import here: all of it runs, and
-is tested, on CPU; `backends/neuron.py` hands it to the SDK.
+is tested, on CPU; `backends/nxd.py` hands it to the SDK.
 
 Why an NxDModel: it holds several compiled graphs under string keys, loads one weight dict and one
 set of state tensors to the device, and passes the same tensors to every graph (`set_weights`,

@@ -1,5 +1,5 @@
 """The neuron half of `python -m compile.build --backend neuron`: every planned graph becomes a key of
-one NxDModel saved as `neuron/model.pt` (see neuron_peagle/backends/neuron.py for the SDK calls).
+one NxDModel saved as `neuron/model.pt` (see neuron_peagle/backends/nxd.py for the SDK calls).
 
 The build's shared steps (plan, xla HLO, audit, fingerprints, which graphs are up to date) run
 first, as for xla. Then every graph is traced by neuronx-distributed, because the NxDModel needs
@@ -17,8 +17,8 @@ import torch
 
 from compile.manifest import NEURON_DIR, NEURON_MODEL_FILE, TensorInfo, tensor_infos
 from compile.plan import GraphSpec, stand_in_state
-from neuron_peagle.backends.neuron import compile_graph, require_sdk, save_model, trace_graph
-from neuron_peagle.backends.neuron_graphs import NeuronBundle
+from neuron_peagle.backends.nxd import compile_graph, require_sdk, save_model, trace_graph
+from neuron_peagle.backends.nxd_graphs import NeuronBundle
 
 # neuronx-cc's working directories, kept after a failed compile (the error names them), removed after a build.
 COMPILER_WORKDIR = f"{NEURON_DIR}/compiler_workdir"
@@ -28,7 +28,7 @@ def neff_file(name: str) -> str:
     return f"{NEURON_DIR}/{name}.neff"
 
 
-class NeuronBuild:
+class NxdBuild:
     """Trace, compile (or reuse) and assemble the graphs of one engine into one NxDModel."""
 
     def __init__(self, specs: list[GraphSpec], out: Path) -> None:

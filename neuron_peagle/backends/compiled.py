@@ -1,0 +1,123 @@
+"""torch.compile backends: `inductor` on CPU, `neuron` (TorchNeuron) on trn2/trn3. One code path.
+
+Every graph is compiled with `fullgraph=True` (a graph break is an error, as TorchNeuron requires)
+and `dynamic=False` (TorchNeuron rejects dynamic shapes), once per input signature: a prefill graph
+once per bucket, each step graph once. The only difference between the two backends is the
+`torch.compile` backend string and the device the weights and state live on.
+
+Why one compiled callable per (graph, input shapes): dynamo keeps its compiled code per Python code
+object, and the engine's graphs share classes (the greedy and sampling step graphs, every prefill
+bucket), so compiling their forwards directly would make the second of each a *recompilation* of the
+first and run into dynamo's recompile limit. Each callable here gets a code object of its own, so
+each graph compiles exactly once and any recompilation is a bug; it is raised as an error
+(`torch._dynamo.config.error_on_recompile`), which the tests rely on.
+
+State (KV caches, speculative state, lookup history) is the modules' buffers, mutated in place by
+the graphs; dynamo functionalizes the mutations and writes them back into the same buffers, so state
+stays on the device between calls and the host only sees each graph's outputs.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import types
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from neuron_peagle.errors import BackendUnavailableError
+
+NEURON_INSTALL_HINT = (
+    "the neuron backend is TorchNeuron (torch-neuronx 2.14 with torch 2.14, Neuron SDK 2.33 or newer, "
+    "trn2/trn3), installed from the Neuron SDK's own pip repository on a trn instance; on trn1 use the "
+    "xla/nxd backends in the torch-xla environment (make setup-xla), and on other machines "
+    "--backend inductor or eager"
+)
+
+Shapes = tuple[tuple[int, ...], ...]
+
+
+def _fresh_entry(graph: nn.Module, tag: str) -> Callable:
+    """`graph(*inputs)` as a function whose code object belongs to it alone (see module docstring)."""
+
+    def call(*inputs: Tensor):
+        return graph(*inputs)
+
+    return types.FunctionType(call.__code__.replace(co_name=f"peagle_{tag}"), call.__globals__, f"peagle_{tag}",
+                              None, call.__closure__)
+
+
+def compiled_graph_count() -> int:
+    """Graphs dynamo has compiled in this process (its own counter, over every backend)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class CompiledBackend:
+    """Runs graphs through `torch.compile(..., backend=compiler, fullgraph=True, dynamic=False)`."""
+
+    def __init__(self, name: str, compiler: str, device: torch.device, progress: bool = True) -> None:
+        self.name = name
+        self.compiler = compiler
+        self.device = device
+        # A line on stderr per graph compiled: a compile takes seconds to minutes, never silently.
+        self.progress = progress
+        self._compiled: dict[tuple[int, Shapes], Callable] = {}
+        self._count = 0
+        self.compile_seconds = 0.0
+
+    def prepare(self, module: nn.Module) -> nn.Module:
+        return module.to(self.device)
+
+    def is_compiled(self, graph: nn.Module, inputs: tuple[Tensor, ...]) -> bool:
+        return (id(graph), _shapes(inputs)) in self._compiled
+
+    def run(self, graph: nn.Module, inputs: NamedTuple):
+        key = (id(graph), _shapes(inputs))
+        fn = self._compiled.get(key)
+        fresh = fn is None
+        if fresh:
+            tag = f"{type(graph).__name__}_{len(self._compiled)}"
+            fn = torch.compile(_fresh_entry(graph, tag), backend=self.compiler, fullgraph=True, dynamic=False)
+            self._compiled[key] = fn
+            label = f"{type(graph).__name__} for inputs {[list(s) for s in key[1]]}"
+            if self.progress:
+                print(f"[{self.name}: compiling {label} (or loading it from the compile cache) ...]", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+            outputs = fn(*(t.to(self.device) for t in inputs))
+        if fresh:
+            seconds = time.perf_counter() - start
+            self._count += 1
+            self.compile_seconds += seconds
+            if self.progress:
+                print(f"[{self.name}: {label} ready in {seconds:.1f} s]", file=sys.stderr, flush=True)
+        return graph.Outputs(*(t.cpu() for t in outputs))
+
+    def compile_count(self) -> int:
+        """Graphs this backend has compiled (one per graph and input shapes)."""
+        return self._count
+
+
+def _shapes(inputs: tuple[Tensor, ...]) -> Shapes:
+    return tuple(tuple(t.shape) for t in inputs)
+
+
+def inductor_backend() -> CompiledBackend:
+    return CompiledBackend("inductor", "inductor", torch.device("cpu"))
+
+
+def neuron_backend() -> CompiledBackend:
+    """TorchNeuron: importing `torch_neuronx` registers the "neuron" device and torch.compile backend."""
+    try:
+        import torch_neuronx  # noqa: F401
+    except ImportError:
+        raise BackendUnavailableError(NEURON_INSTALL_HINT) from None
+    if not hasattr(torch, "neuron") and torch._C._get_privateuse1_backend_name() != "neuron":
+        raise BackendUnavailableError(f"torch_neuronx imported but registered no 'neuron' device: the installed "
+                                      f"torch-neuronx is not TorchNeuron; {NEURON_INSTALL_HINT}")
+    return CompiledBackend("neuron", "neuron", torch.device("neuron"))
