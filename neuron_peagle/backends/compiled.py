@@ -71,7 +71,12 @@ class CompiledBackend:
         self.compile_seconds = 0.0
 
     def prepare(self, module: nn.Module) -> nn.Module:
-        return module.to(self.device)
+        module = module.to(self.device)
+        if self.device.type == "cpu":
+            from neuron_peagle.backends.eager import cpu_weight_layout
+
+            cpu_weight_layout(module)
+        return module
 
     def is_compiled(self, graph: nn.Module, inputs: tuple[Tensor, ...]) -> bool:
         return (id(graph), _shapes(inputs)) in self._compiled
@@ -89,7 +94,7 @@ class CompiledBackend:
                 print(f"[{self.name}: compiling {label} (or loading it from the compile cache) ...]", file=sys.stderr, flush=True)
             start = time.perf_counter()
         with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
-            outputs = fn(*(t.to(self.device) for t in inputs))
+            outputs = fn(*(_fresh(t, self.device) for t in inputs))
         if fresh:
             seconds = time.perf_counter() - start
             self._count += 1
@@ -101,6 +106,12 @@ class CompiledBackend:
     def compile_count(self) -> int:
         """Graphs this backend has compiled (one per graph and input shapes)."""
         return self._count
+
+
+def _fresh(t: Tensor, device: torch.device) -> Tensor:
+    """`t` on `device` with the default strides: dynamo guards on strides, the decoders may pass slices
+    of one tensor, and `contiguous()` keeps odd strides on size-1 dimensions."""
+    return torch.empty(t.shape, dtype=t.dtype, device=device).copy_(t)
 
 
 def _shapes(inputs: tuple[Tensor, ...]) -> Shapes:

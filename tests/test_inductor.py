@@ -1,0 +1,171 @@
+"""The inductor backend: torch.compile(fullgraph=True, dynamic=False), the CPU twin of TorchNeuron.
+
+Every graph compiles whole and exactly once per shape (dynamo's own counters say so, and a
+recompilation is an error), and gives the tokens and the state that eager gives.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from importlib import metadata
+from typing import NamedTuple
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch._dynamo.utils import counters
+
+from compile.manifest import Manifest
+from neuron_peagle.backends import get_backend
+from neuron_peagle.backends.compiled import compiled_graph_count
+from neuron_peagle.config import DEFAULT_LOOKUP_NGRAM
+from neuron_peagle.errors import BackendUnavailableError
+from neuron_peagle.graphs.interface import plan
+from neuron_peagle.runtime.engine import Engine, SamplingParams
+from spec_helpers import record_ks
+from test_datastore import small_model_with_datastore  # noqa: F401  (a fixture)
+
+GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
+SAMPLED = SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=0.9, top_k=20, seed=11)
+# Every proposer of a step graph at once: drafter, context lookup, datastore, and adaptive K's second graph.
+SPEC = dict(num_speculative_tokens=4, max_length=96, prefill_buckets=(16,), lookup_ngram=2, datastore=True,
+            short_draft_tokens=2)
+PROMPTS = [[4, 7, 12], [20, 21, 22, 23], [5, 7, 13, 5, 7], [30, 31]]
+
+
+def _state(engine: Engine) -> dict[str, Tensor]:
+    """Every state buffer the engine's graphs update, by name (the step graph reaches all of them)."""
+    graph = plan(engine.decoder)[-1]
+    return {name: t.detach().clone() for name, t in graph.state_buffers.items()}
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_speculative_graphs_compile_once_and_equal_eager(small_model_with_datastore, batch_size):
+    model_dir, drafter_dir = small_model_with_datastore
+    compiled = Engine.from_pretrained(model_dir, drafter_dir, backend="inductor", batch_size=batch_size, **SPEC)
+    eager = Engine.from_pretrained(model_dir, drafter_dir, batch_size=batch_size, **SPEC)
+    graphs_before = compiled_graph_count()
+    warmed = compiled.warm()
+    # prefill, long-K step, short-K step; greedy and sampling: one dynamo graph each (fullgraph: no breaks)
+    assert len(warmed) == 6 and compiled.backend.compile_count() == 6
+    assert compiled_graph_count() - graphs_before == 6
+
+    ks = record_ks(compiled)
+    for params in (GREEDY, SAMPLED):
+        got = compiled.generate(PROMPTS, params)
+        want = eager.generate(PROMPTS, params)
+        assert [o.output_ids for o in got] == [o.output_ids for o in want]
+        # The state the last batch left behind: token state exactly, caches and features to rounding.
+        state, reference = _state(compiled), _state(eager)
+        assert state.keys() == reference.keys()
+        for name in state:
+            if state[name].is_floating_point():
+                torch.testing.assert_close(state[name], reference[name], rtol=1e-4, atol=1e-4, msg=name)
+            else:
+                assert torch.equal(state[name], reference[name]), name
+    assert set(ks) == {4, 2}  # both step graphs ran
+    # Whole generations, greedy and sampled, compiled nothing more.
+    assert compiled.backend.compile_count() == 6 and compiled_graph_count() - graphs_before == 6
+
+
+def test_plain_graphs_compile_once_per_bucket(tiny_llama_dir):
+    kwargs = dict(mode="plain", batch_size=2, max_length=96, prefill_buckets=(16, 32))
+    compiled = Engine.from_pretrained(tiny_llama_dir, backend="inductor", **kwargs)
+    eager = Engine.from_pretrained(tiny_llama_dir, **kwargs)
+    before = compiled_graph_count()
+    prompts = [[5, 6, 7], list(range(20, 45)), [8] * 9]  # buckets 16 and 32
+    got = compiled.generate(prompts, GREEDY)
+    assert compiled.backend.compile_count() == 3  # prefill at 16 and 32, decode
+    assert compiled_graph_count() - before == 3
+    assert [o.output_ids for o in got] == [o.output_ids for o in eager.generate(prompts, GREEDY)]
+    compiled.generate(prompts[::-1], SamplingParams(max_new_tokens=50, ignore_eos=True))
+    assert compiled.backend.compile_count() == 3
+
+
+class _Outputs(NamedTuple):
+    y: Tensor
+
+
+class _Branchy(nn.Module):
+    """A graph that branches on a tensor value: not a fixed graph."""
+
+    Outputs = _Outputs
+
+    def forward(self, x: Tensor) -> _Outputs:
+        if x.sum() > 0:
+            return _Outputs(x + 1)
+        return _Outputs(x - 1)
+
+
+class _Scaled(nn.Module):
+    Outputs = _Outputs
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = 2.0
+
+    def forward(self, x: Tensor) -> _Outputs:
+        return _Outputs(x * self.scale)
+
+
+def test_a_graph_break_is_an_error_not_a_slow_graph():
+    backend = get_backend("inductor")
+    with pytest.raises(Exception, match="(?i)data-dependent|graph break|generic_jump"):
+        backend.run(_Branchy(), (torch.ones(3),))
+
+
+def test_a_recompilation_is_an_error():
+    backend = get_backend("inductor")
+    graph = _Scaled()
+    assert backend.run(graph, (torch.ones(3),)).y.tolist() == [2.0, 2.0, 2.0]
+    graph.scale = 3.0  # what the compiled code was specialized on changed: dynamo would recompile
+    recompiles = counters["stats"]["unique_graphs"]
+    with pytest.raises(Exception, match="(?i)recompil"):
+        backend.run(graph, (torch.ones(3),))
+    assert counters["stats"]["unique_graphs"] == recompiles
+
+
+def test_neuron_backend_without_torchneuron_names_what_to_install(tiny_llama_dir):
+    with pytest.raises(BackendUnavailableError, match="torch-neuronx 2.14"):
+        Engine.from_pretrained(tiny_llama_dir, mode="plain", max_length=64, prefill_buckets=(16,), backend="neuron")
+
+
+@pytest.mark.slow
+def test_default_model_compiled_peagle_equals_transformers_greedy(prompt_ids, hf_greedy):
+    from conftest import NEW_TOKENS
+
+    # The command line's P-EAGLE defaults: the shipped drafter, context lookup, the datastore; float32.
+    engine = Engine.from_pretrained(backend="inductor", num_speculative_tokens=7, max_length=256,
+                                    prefill_buckets=(128,), lookup_ngram=DEFAULT_LOOKUP_NGRAM, datastore="auto")
+    assert engine.build.datastore and engine.warm(greedy=True) == ["spec_prefill_b128_greedy", "spec_step_greedy"]
+    outputs = engine.generate(prompt_ids[:6], SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
+    assert engine.backend.compile_count() == 2
+    mismatches = [i for i, (o, want) in enumerate(zip(outputs, hf_greedy)) if o.output_ids != want]
+    assert not mismatches, f"prompts {mismatches} differ from transformers' greedy output"
+    assert sum(o.stats.acceptance_length for o in outputs) / len(outputs) > 1.5  # drafts were accepted
+
+
+def test_artifacts_load_from_the_compile_cache_in_a_fresh_process(tmp_path, tiny_llama_dir):
+    out = tmp_path / "artifacts"
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    build = subprocess.run([sys.executable, "-m", "compile.build", "--backend", "inductor", "--out", str(out),
+                            "--model", str(tiny_llama_dir), "--mode", "plain", "--max-length", "64", "--buckets", "16"],
+                           env=env, capture_output=True, text=True, timeout=1200)
+    assert build.returncode == 0, build.stderr[-3000:]
+    manifest = Manifest.load(out)
+    assert manifest.backend == "inductor" and manifest.versions == {"torch": metadata.version("torch")}
+    assert sorted(g.name for g in manifest.graphs) == ["decode_greedy", "decode_sampling", "prefill_b16_greedy",
+                                                       "prefill_b16_sampling"]
+    assert (out / "portable_cache.bin").stat().st_size > 0 and any((out / "compile_cache").iterdir())
+
+    run = subprocess.run([sys.executable, "-m", "neuron_peagle.cli", "generate", "--artifacts", str(out),
+                          "--no-chat-template", "--max-new-tokens", "12", "Once upon a time"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"4 graphs from {out} (compile cache in {out / 'compile_cache'}): 4 loaded from the compile cache" \
+        in run.stdout
+    eager = Engine.from_pretrained(tiny_llama_dir, mode="plain", max_length=64, prefill_buckets=(16,))
+    want = eager.generate(["Once upon a time"], SamplingParams(max_new_tokens=12), chat_template=False)[0].text
+    assert want in run.stdout
