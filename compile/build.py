@@ -79,7 +79,7 @@ class BuildRequest:
         if self.tp_degree > 1:
             raise ConfigError(
                 f"tensor parallelism in compiled graphs (tp_degree {self.tp_degree}) is not supported yet: it "
-                "needs neuronx-distributed's collectives on the neuron backend, which this version does not "
+                "needs neuronx-distributed's collectives on the nxd backend, which this version does not "
                 "build (the eager engine shards the target already: `neuron-peagle generate --tp-degree N` "
                 "under torchrun); use --tp-degree 1"
             )

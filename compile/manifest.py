@@ -38,7 +38,7 @@ from neuron_peagle.config import BuildConfig
 from neuron_peagle.default_model import sha256_of
 from neuron_peagle.errors import ArtifactError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: backends inductor, neuron (TorchNeuron), xla, nxd (was "neuron")
 MANIFEST_NAME = "manifest.json"
 LOG_NAME = "compile_log.jsonl"
 HLO_DIR = "hlo"
@@ -191,6 +191,9 @@ class Manifest:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ArtifactError(f"{path}: not valid JSON ({err})") from None
+        if data.get("format_version") == 1 and data.get("backend") == "neuron":
+            raise ArtifactError(f"{path}: built by an older version for its NxD backend, now called nxd (\"neuron\" is "
+                                "TorchNeuron now); rebuild them with `python -m compile.build --backend nxd`")
         if data.get("format_version") != FORMAT_VERSION:
             raise ArtifactError(f"{path}: format version {data.get('format_version')!r}, this version reads "
                                 f"{FORMAT_VERSION}; rebuild the artifacts")

@@ -1,4 +1,4 @@
-"""The neuron half of `python -m compile.build --backend neuron`: every planned graph becomes a key of
+"""The nxd half of `python -m compile.build --backend nxd`: every planned graph becomes a key of
 one NxDModel saved as `neuron/model.pt` (see neuron_peagle/backends/nxd.py for the SDK calls).
 
 The build's shared steps (plan, xla HLO, audit, fingerprints, which graphs are up to date) run
@@ -18,7 +18,7 @@ import torch
 from compile.manifest import NEURON_DIR, NEURON_MODEL_FILE, TensorInfo, tensor_infos
 from compile.plan import GraphSpec, stand_in_state
 from neuron_peagle.backends.nxd import compile_graph, require_sdk, save_model, trace_graph
-from neuron_peagle.backends.nxd_graphs import NeuronBundle
+from neuron_peagle.backends.nxd_graphs import NxdBundle
 
 # neuronx-cc's working directories, kept after a failed compile (the error names them), removed after a build.
 COMPILER_WORKDIR = f"{NEURON_DIR}/compiler_workdir"
@@ -36,7 +36,7 @@ class NxdBuild:
         self.out = out
         for spec in specs:
             spec.module.cpu()  # NxD traces a CPU module and places it itself
-        self.bundle = NeuronBundle.of(specs)
+        self.bundle = NxdBundle.of(specs)
         self.checkpoint: tuple[TensorInfo, ...] = tensor_infos(self.bundle.checkpoint)
         self.traced: dict[str, object] = {}
 

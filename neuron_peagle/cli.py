@@ -67,11 +67,11 @@ def _add_engine_options(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--max-length", type=int, default=1024, help="KV cache length (prompt + output)")
     gen.add_argument("--buckets", type=_buckets, default=(128, 512), help="prefill buckets, e.g. 128,512")
     gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    gen.add_argument("--backend", default=DEFAULT_BACKEND, choices=tuple(BACKEND_HELP), metavar="NAME",
+    gen.add_argument("--backend", default=None, choices=tuple(BACKEND_HELP), metavar="NAME",
                      help="; ".join(f"{name}: {text}" for name, text in BACKEND_HELP.items())
-                     + " (default: %(default)s)")
+                     + f" (default: {DEFAULT_BACKEND}, or eager with --tp-degree above 1)")
     gen.add_argument("--kernels", default="auto", choices=("auto", *KERNEL_MODES),
-                     help="draft-pass kernels (auto: NKI on neuron, else PyTorch; interpreter: the kernel "
+                     help="draft-pass kernels (auto: NKI on neuron and nxd, else PyTorch; interpreter: the kernel "
                           "source on the CPU interpreter, slow, eager only)")
     add_speculation_options(gen)
     gen.add_argument("--artifacts", type=Path, default=None, help="run the graphs compiled into DIR by "
@@ -95,6 +95,13 @@ def add_speculation_options(parser: argparse.ArgumentParser) -> None:
                         help="with context lookup: where neither the sequence nor its lookup after the first "
                              "draft knows what follows, draft from the drafter's n-gram datastore of the "
                              "target's answers (auto, the default: where the drafter directory has one)")
+
+
+def backend_of(args: argparse.Namespace) -> str:
+    """--backend, or the default: the fastest exact CPU path, except that tensor parallelism runs on eager."""
+    if args.backend is not None:
+        return args.backend
+    return "eager" if getattr(args, "tp_degree", 1) > 1 else DEFAULT_BACKEND
 
 
 def _datastore_choice(value: str) -> bool | str:
@@ -174,7 +181,7 @@ def _engine_and_prompts(args: argparse.Namespace, quiet: bool):
         engine = Engine.from_pretrained(args.model, args.drafter, mode=args.mode,
                                         num_speculative_tokens=args.num_speculative_tokens,
                                         batch_size=args.batch_size, max_length=args.max_length,
-                                        prefill_buckets=args.buckets, dtype=args.dtype, backend=args.backend,
+                                        prefill_buckets=args.buckets, dtype=args.dtype, backend=backend_of(args),
                                         kernels=args.kernels, tp_degree=args.tp_degree,
                                         **speculation_options(args.mode, args.lookup_ngram,
                                                               args.short_draft_tokens, args.datastore))
@@ -202,7 +209,7 @@ def profile(args: argparse.Namespace) -> None:
 
     if args.out.exists() and not args.out.is_dir():
         raise NeuronPeagleError(f"--out {str(args.out)!r} is a file, not a session directory")
-    if args.backend in ("neuron", "nxd") or args.artifacts is not None:
+    if backend_of(args) in ("neuron", "nxd") or args.artifacts is not None:
         # Read by the Neuron runtime when it starts, so before the engine loads anything.
         os.environ.update(neuron_capture_env(args.out.resolve()))
     engine, params, _, ids = _engine_and_prompts(args, quiet=False)

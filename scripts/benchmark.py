@@ -1,10 +1,13 @@
-"""Speculative decoding benchmark on held-out prompts: plain vs EAGLE-style sequential vs P-EAGLE.
+"""Speculative decoding benchmark on held-out prompts: plain vs EAGLE-style sequential vs P-EAGLE, per backend.
 
     python -m scripts.benchmark --ks 3,5,7 --batch-sizes 1 --prompts-per-domain 8
+    python -m scripts.benchmark --backends eager,inductor --modes sequential+datastore,parallel+datastore --ks 7
 
 For each domain (code, math, chat; prompts the drafter never trained on) and batch size it runs, in
-one process on the same prompts, our plain decoding and each mode x K, taking turns prompt group by
-prompt group (see `run_interleaved`). It reports acceptance length, acceptance per draft position,
+one process on the same prompts, plain decoding and each mode x K on every backend, taking turns
+prompt group by prompt group (see `run_interleaved`). Compiled backends compile every graph the run
+needs before it starts (`Engine.warm`, timed: the compile time of a cold process unless the
+compiler's cache already holds the graphs). It reports acceptance length, acceptance per draft position,
 decode tokens/s (prefill excluded; median over prompt groups) and the speedup over plain decoding
 (median over prompt groups of plain's time / the mode's time on that group), checks that greedy
 outputs are identical to plain decoding, and adds transformers' own greedy and prompt-lookup decoding
@@ -47,6 +50,8 @@ def parse_args() -> argparse.Namespace:
                         help="the '+adaptive' modes' short K (default: the command line's, %(default)s); "
                              "their K from --ks is the long one (Ks at or below the short K are skipped)")
     parser.add_argument("--batch-sizes", default="1")
+    parser.add_argument("--backends", default="eager", help="comma-separated backends (eager, inductor)")
+    parser.add_argument("--buckets", default="128,512", help="prefill buckets; longer prompts are left out")
     parser.add_argument("--repeats", type=int, default=1,
                         help="times every engine decodes every prompt group (median time per group)")
     parser.add_argument("--max-length", type=int, default=768)
@@ -96,6 +101,7 @@ def run_interleaved(engines: dict[str, object], prompt_ids: list[list[int]], new
         k = stats[0].num_draft_tokens
         summaries[name] = {
             "outputs": [o.output_ids for group in outputs[name] for o in group],
+            "group_time": group_time[name],
             "tokens_per_s": statistics.median(n / t for n, t in zip(group_tokens, group_time[name])),
             "speedup": statistics.median(p / t for p, t in zip(group_time[names[0]], group_time[name])),
             "acceptance_length": statistics.mean(s.acceptance_length for s in stats),
@@ -140,11 +146,10 @@ def plot(results: dict, out: Path) -> None:
     batch = min(r["batch_size"] for r in rows)  # the plots show the smallest batch measured
     fig, axes = plt.subplots(1, len(domains), figsize=(4 * len(domains), 3.4), squeeze=False)
     for ax, domain in zip(axes[0], domains):
-        for mode in sorted({r["mode"] for r in rows if r["mode"] != "plain"}):
-            points = sorted((r["k"], r["speedup"]) for r in rows
-                            if r["domain"] == domain and r["mode"] == mode and r["batch_size"] == batch)
-            if points:
-                ax.plot(*zip(*points), marker="o", label=mode)
+        speculative = [r for r in rows if r["k"] and r["domain"] == domain and r["batch_size"] == batch]
+        for label in sorted({f"{r['backend']} {r['mode']}" for r in speculative}):
+            points = sorted((r["k"], r["speedup"]) for r in speculative if f"{r['backend']} {r['mode']}" == label)
+            ax.plot(*zip(*points), marker="o", label=label)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_title(f"{domain}, batch {batch}")
         ax.set_xlabel("K (draft tokens per step)")
@@ -156,8 +161,9 @@ def plot(results: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for r in rows:
-        if r["mode"] != "plain" and r["batch_size"] == batch and r["k"] == max(x["k"] for x in rows):
-            ax.plot(range(1, r["k"] + 1), r["acceptance_per_position"], marker="o", label=f"{r['domain']} {r['mode']}")
+        if r["k"] and r["batch_size"] == batch and r["k"] == max(x["k"] for x in rows):
+            ax.plot(range(1, r["k"] + 1), r["acceptance_per_position"], marker="o",
+                    label=f"{r['domain']} {r['backend']} {r['mode']}")
     ax.set_xlabel("draft position")
     ax.set_ylabel("fraction of steps accepted")
     ax.set_ylim(0, 1)
@@ -201,46 +207,61 @@ def main() -> None:
     ks = [int(k) for k in args.ks.split(",")]
     modes = args.modes.split(",")
     rows = []
-    common = dict(max_length=args.max_length, prefill_buckets=(128, 512), dtype=args.dtype)
+    buckets = tuple(int(b) for b in args.buckets.split(","))
+    common = dict(max_length=args.max_length, prefill_buckets=buckets, dtype=args.dtype)
+    backends = args.backends.split(",")
     configs = [(mode, k) for mode in modes for k in ks
                if k > split_mode(mode, args.lookup_ngram, args.short_k)[1]["short_draft_tokens"]]
     domain_prompts: dict[str, list[list[int]]] = {}
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        engines = {"plain": Engine.from_pretrained(args.model, mode="plain", batch_size=batch_size, **common)}
-        for mode, k in configs:
-            base_mode, options = split_mode(mode, args.lookup_ngram, args.short_k)
-            drafter = (args.sequential_drafter if base_mode == "sequential" and args.sequential_drafter
-                       else args.drafter)
-            engines[f"{mode} K={k}"] = Engine.from_pretrained(
-                args.model, drafter, mode=base_mode, num_speculative_tokens=k, batch_size=batch_size,
-                **options, **common)
+        engines, compile_s = {}, {}
+        for backend in backends:
+            engines[f"{backend} plain"] = Engine.from_pretrained(args.model, mode="plain", batch_size=batch_size,
+                                                                 backend=backend, **common)
+            for mode, k in configs:
+                base_mode, options = split_mode(mode, args.lookup_ngram, args.short_k)
+                drafter = (args.sequential_drafter if base_mode == "sequential" and args.sequential_drafter
+                           else args.drafter)
+                engines[f"{backend} {mode} K={k}"] = Engine.from_pretrained(
+                    args.model, drafter, mode=base_mode, num_speculative_tokens=k, batch_size=batch_size,
+                    backend=backend, **options, **common)
+        for name, engine in engines.items():
+            start = time.perf_counter()
+            engine.warm(greedy=True)
+            compile_s[name] = time.perf_counter() - start
+            if compile_s[name] > 0.5:
+                print(f"b{batch_size} {name}: graphs ready in {compile_s[name]:.1f} s", flush=True)
+        reference = f"{backends[0]} plain"
         for domain in args.domains.split(","):
             texts = heldout_prompts(domain, args.prompts_per_domain)
-            prompt_ids = [ids for ids in (engines["plain"].encode(t) for t in texts) if len(ids) <= 512]
+            prompt_ids = [ids for ids in (engines[reference].encode(t) for t in texts) if len(ids) <= buckets[-1]]
             domain_prompts[domain] = prompt_ids
             results = run_interleaved(engines, prompt_ids, args.max_new_tokens, args.repeats)
-            base = results["plain"]
-            rows.append({"domain": domain, "batch_size": batch_size, "mode": "plain", "k": 0, "dtype": args.dtype,
-                         "identical": True, **{key: v for key, v in base.items() if key != "outputs"}})
-            print(f"{domain} b{batch_size} plain: {base['tokens_per_s']:.1f} tok/s", flush=True)
-            for mode, k in configs:
-                result = results[f"{mode} K={k}"]
-                row = {"domain": domain, "batch_size": batch_size, "mode": mode, "k": k, "dtype": args.dtype,
-                       "drafter": engines[f"{mode} K={k}"].drafter.describe(),
+            base = results[reference]
+            for name, result in results.items():
+                backend, _, config = name.partition(" ")
+                mode, _, k = config.partition(" K=")
+                own_plain = results[f"{backend} plain"]
+                row = {"domain": domain, "batch_size": batch_size, "backend": backend, "mode": mode,
+                       "k": int(k) if k else 0, "dtype": args.dtype, "compile_s": round(compile_s[name], 1),
+                       "drafter": engines[name].drafter.describe() if engines[name].drafter else None,
                        "identical": result["outputs"] == base["outputs"],
+                       "speedup_vs_own_plain": statistics.median(
+                           p / t for p, t in zip(own_plain["group_time"], result["group_time"])),
                        **agreement(result["outputs"], base["outputs"]),
-                       **{key: v for key, v in result.items() if key != "outputs"}}
+                       **{key: v for key, v in result.items() if key not in ("outputs", "group_time")}}
                 rows.append(row)
-                print(f"{domain} b{batch_size} {mode} K={k}: AL {row['acceptance_length']:.2f}, "
-                      f"{row['tokens_per_s']:.1f} tok/s, x{row['speedup']:.2f}, identical={row['identical']} "
+                print(f"{domain} b{batch_size} {name}: AL {row['acceptance_length']:.2f}, "
+                      f"{row['tokens_per_s']:.1f} tok/s, x{row['speedup']:.2f} vs {reference}, "
+                      f"x{row['speedup_vs_own_plain']:.2f} vs {backend} plain, identical={row['identical']} "
                       f"({row['identical_prompts']}/{len(prompt_ids)} prompts, "
-                      f"{row['common_prefix']:.0%} of tokens before the first difference)",
-                      flush=True)
+                      f"{row['common_prefix']:.0%} of tokens before the first difference)", flush=True)
         del engines
     for domain, prompt_ids in ({} if args.no_hf else domain_prompts).items():
-        plain_rate = next(r["tokens_per_s"] for r in rows if r["domain"] == domain and r["mode"] == "plain")
+        plain_rate = next(r["tokens_per_s"] for r in rows if r["domain"] == domain and r["mode"] == "plain"
+                          and r["batch_size"] == 1)
         for name, value in hf_baselines(model_dir, prompt_ids[:4], args.max_new_tokens, args.dtype).items():
-            rows.append({"domain": domain, "batch_size": 1, "mode": name, "k": 0,
+            rows.append({"domain": domain, "batch_size": 1, "backend": "transformers", "mode": name, "k": 0,
                          "speedup": value["tokens_per_s"] / plain_rate, **value})
             print(f"{domain} {name}: {value['tokens_per_s']:.1f} tok/s", flush=True)
 
@@ -249,12 +270,15 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.out)
-    print("\n| domain | batch | mode | K | acceptance length | tokens/s | speedup vs plain | identical prompts |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n| domain | batch | backend | mode | K | acceptance length | tokens/s | vs {backends[0]} plain | "
+          "vs own plain | identical prompts | graphs ready (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         al = f"{r['acceptance_length']:.2f}" if "acceptance_length" in r else "-"
-        print(f"| {r['domain']} | {r['batch_size']} | {r['mode']} | {r['k'] or '-'} | {al} | "
-              f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r.get('identical_prompts', '-')} |")
+        own = f"{r['speedup_vs_own_plain']:.2f}x" if "speedup_vs_own_plain" in r else "-"
+        print(f"| {r['domain']} | {r['batch_size']} | {r['backend']} | {r['mode']} | {r['k'] or '-'} | {al} | "
+              f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {own} | {r.get('identical_prompts', '-')} | "
+              f"{r.get('compile_s', '-')} |")
 
 
 if __name__ == "__main__":

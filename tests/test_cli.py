@@ -8,7 +8,7 @@ import pytest
 
 from neuron_peagle.cli import main
 
-TINY_ARGS = ["--max-length", "64", "--buckets", "16,32", "--max-new-tokens", "5"]
+TINY_ARGS = ["--max-length", "64", "--buckets", "16,32", "--max-new-tokens", "5", "--backend", "eager"]
 
 
 def test_generate_json_lines_from_a_prompts_file(tmp_path, tiny_llama_dir, capsys):
@@ -104,3 +104,17 @@ def test_datastore_option_is_auto_by_default_and_refused_where_there_is_none(tin
     with pytest.raises(SystemExit):
         main(["generate", "hi", "--datastore", "maybe"])
     assert "expected auto, on or off" in capsys.readouterr().err
+
+
+def test_backend_is_inductor_by_default_and_help_names_every_backend(capsys):
+    from neuron_peagle.backends import BACKEND_HELP
+    from neuron_peagle.cli import build_parser
+
+    from neuron_peagle.cli import backend_of
+
+    assert backend_of(build_parser().parse_args(["generate", "hi"])) == "inductor"
+    assert backend_of(build_parser().parse_args(["generate", "hi", "--tp-degree", "2"])) == "eager"
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens
+    assert all(f"{name}:{''.join(line.split())}" in text for name, line in BACKEND_HELP.items())

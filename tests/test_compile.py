@@ -315,35 +315,35 @@ def test_nxd_loader_checks_the_plan_interfaces_and_weight_dict(built, tiny_llama
     """Before any SDK call, an nxd load checks what its NxDModel relies on and the process provides.
     An nxd manifest is the xla one plus the weight dict's layout, so the xla build stands in for it."""
     from compile.manifest import tensor_infos
-    from neuron_peagle.backends.nxd_graphs import NeuronBundle
-    from neuron_peagle.runtime.artifacts import check_neuron_plan
+    from neuron_peagle.backends.nxd_graphs import NxdBundle
+    from neuron_peagle.runtime.artifacts import check_nxd_plan
 
     engine = Engine.from_pretrained(tiny_llama_dir, **SHAPES)
     specs = plan_graphs(engine.decoder, neuron_compiler_args("trn1"))
-    checkpoint = NeuronBundle.of(specs).checkpoint
+    checkpoint = NxdBundle.of(specs).checkpoint
     manifest = dataclasses.replace(Manifest.load(built), backend="nxd", neuron_checkpoint=tensor_infos(checkpoint))
     assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest
-    check_neuron_plan(specs, manifest, checkpoint)  # as built: passes
+    check_nxd_plan(specs, manifest, checkpoint)  # as built: passes
 
     layout = list(manifest.neuron_checkpoint)
     norm = next(i for i, t in enumerate(layout) if t.name == "graph.target.norm.weight")
     wider = dataclasses.replace(manifest, neuron_checkpoint=tuple(
         dataclasses.replace(t, shape=(65,)) if i == norm else t for i, t in enumerate(layout)))
     with pytest.raises(ArtifactError, match=r"graph\.target\.norm\.weight is \[64\] float32, built as \[65\] float32"):
-        check_neuron_plan(specs, wider, checkpoint)
+        check_nxd_plan(specs, wider, checkpoint)
     without_norm = dataclasses.replace(manifest, neuron_checkpoint=tuple(layout[:norm] + layout[norm + 1:]))
     with pytest.raises(ArtifactError, match=r"graph\.target\.norm\.weight was not there when they were built"):
-        check_neuron_plan(specs, without_norm, checkpoint)
+        check_nxd_plan(specs, without_norm, checkpoint)
     step = manifest.graph("spec_step_greedy")
     longer_cache = tuple(dataclasses.replace(t, shape=(2, 2, 128, 16)) if t.name == "cache.key_0" else t
                          for t in step.state)
     changed = dataclasses.replace(manifest, graphs=tuple(
         dataclasses.replace(g, state=longer_cache) if g.name == step.name else g for g in manifest.graphs))
     with pytest.raises(ArtifactError, match=r"graph spec_step_greedy now has state .*'cache\.key_0', \[2, 2, 96, 16\]"):
-        check_neuron_plan(specs, changed, checkpoint)
+        check_nxd_plan(specs, changed, checkpoint)
     fewer = dataclasses.replace(manifest, graphs=tuple(g for g in manifest.graphs if g.name != step.name))
     with pytest.raises(ArtifactError, match="the engine needs graphs"):
-        check_neuron_plan(specs, fewer, checkpoint)
+        check_nxd_plan(specs, fewer, checkpoint)
 
 
 @pytest.mark.neuron

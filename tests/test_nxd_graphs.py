@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from compile.plan import GRAPH_KINDS, PREFILL_KINDS, neuron_compiler_args, plan_graphs
-from neuron_peagle.backends.nxd_graphs import INPUT_NAMES, GraphRouter, NeuronBundle, NxdGraph
+from neuron_peagle.backends.nxd_graphs import INPUT_NAMES, GraphRouter, NxdBundle, NxdGraph
 from neuron_peagle.errors import ArtifactError
 from neuron_peagle.runtime.batch import pad_prompts
 from neuron_peagle.runtime.engine import Engine, SamplingParams
@@ -49,7 +49,7 @@ def test_the_traced_wrapper_computes_the_graph_and_rebinds_its_updated_state(tin
     run as it is and run through NxdGraph from the same state give the same outputs and the same new
     state, and the wrapper leaves every state buffer rebound to a new tensor."""
     _, specs = planned(tiny_llama_dir, mode)
-    bundle = NeuronBundle.of(specs)
+    bundle = NxdBundle.of(specs)
     for spec in specs:
         if spec.kind in PREFILL_KINDS:  # from zeros, so that every write shows
             for buffer in spec.state_buffers.values():
@@ -78,7 +78,7 @@ def test_the_traced_wrapper_computes_the_graph_and_rebinds_its_updated_state(tin
 
 def test_one_weight_dict_holds_every_tensor_of_every_graph_once(tiny_llama_dir):
     _, specs = planned(tiny_llama_dir)
-    bundle = NeuronBundle.of(specs)
+    bundle = NxdBundle.of(specs)
     checkpoint = bundle.checkpoint
     for graph in bundle.graphs.values():
         for name, tensor in chain(graph.named_parameters(remove_duplicate=False),
@@ -93,11 +93,11 @@ def test_one_weight_dict_holds_every_tensor_of_every_graph_once(tiny_llama_dir):
     # A graph whose weights are other tensors under the same names cannot join the dict.
     stranger = dataclasses.replace(step, name="stranger", module=copy.deepcopy(step.module))
     with pytest.raises(ArtifactError, match=r"graph\.\S+ names two different tensors"):
-        NeuronBundle.of([*specs, stranger])
+        NxdBundle.of([*specs, stranger])
     # Nor can a graph that holds less state than the others: the NxDModel has one set for all.
     stateless = dataclasses.replace(step, name="stateless", state_names=step.state_names[:-1])
     with pytest.raises(ArtifactError, match=r"hold different state \(\['state\.last_position'\]\)"):
-        NeuronBundle.of([*specs, stateless])
+        NxdBundle.of([*specs, stateless])
 
 
 def test_every_decoder_call_routes_to_its_planned_graph(tiny_llama_dir):

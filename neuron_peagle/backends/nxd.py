@@ -1,10 +1,10 @@
-"""The neuron backend on a trn1/trn2 instance: every graph of an engine is one key of one
+"""The nxd backend on a trn1/trn2 instance (the torch-xla stack of Neuron 2.31): every graph of an engine is one key of one
 neuronx-distributed `NxDModel`, built ahead of time and run from an artifact directory.
 
 The Neuron SDK is imported only inside `require_sdk`, so everything else runs (and is tested)
 without it; with it missing, every entry point raises BackendUnavailableError with INSTALL_HINT.
 The plain-PyTorch half (the traced wrapper, the shared weight dict, the call router) is in
-`neuron_graphs.py`; this module is only the SDK calls (ModelBuilderV2's units, neuronx-distributed
+`nxd_graphs.py`; this module is only the SDK calls (ModelBuilderV2's units, neuronx-distributed
 `trace/model_builder.py`, `trace/nxd_model/nxd_model.py`):
 
 - build: `trace(NxdGraph, kwargs=example inputs)` per graph; `compile(hlo, metaneff,
@@ -31,17 +31,18 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from neuron_peagle.backends.nxd_graphs import NeuronBundle, NxdGraph, graph_kwargs
+from neuron_peagle.backends.nxd_graphs import NxdBundle, NxdGraph, graph_kwargs
 from neuron_peagle.errors import ArtifactError, BackendUnavailableError
 
 INSTALL_HINT = (
-    "the neuron backend needs the Neuron SDK (torch-neuronx 2.9, neuronx-cc, neuronx-distributed) on a "
-    "trn1/trn2 instance, installed from the Neuron SDK's own pip repository; on other machines use "
-    "--backend eager or xla"
+    "the nxd backend needs the Neuron SDK 2.31 torch-xla stack (torch-neuronx 2.9, neuronx-cc 2.26, "
+    "neuronx-distributed 0.19) on a trn1/trn2 instance, installed from the Neuron SDK's own pip repository into "
+    "the torch-xla environment (make setup-xla); on other machines use --backend xla there, or inductor/eager "
+    "in the main environment"
 )
 NEEDS_ARTIFACTS = (
-    "the neuron backend runs graphs compiled ahead of time: build them with `python -m compile.build "
-    "--backend neuron --out DIR` and load them with `Engine.from_compiled(DIR)` (`neuron-peagle generate "
+    "the nxd backend runs graphs compiled ahead of time: build them with `python -m compile.build "
+    "--backend nxd --out DIR` and load them with `Engine.from_compiled(DIR)` (`neuron-peagle generate "
     "--artifacts DIR`)"
 )
 
@@ -76,13 +77,13 @@ class NxdBackend:
     def __init__(self) -> None:
         self._api = require_sdk()
         self._model = None
-        self._bundle: NeuronBundle | None = None
+        self._bundle: NxdBundle | None = None
 
     def prepare(self, module: nn.Module) -> nn.Module:
         """Weights stay on the host: `load` hands them, as one dict, to the NxDModel."""
         return module
 
-    def load(self, model_path: Path, bundle: NeuronBundle) -> None:
+    def load(self, model_path: Path, bundle: NxdBundle) -> None:
         """Load the saved NxDModel, give it the bundle's weights and put it on the NeuronCore."""
         model = self._api.NxDModel.load(str(model_path))
         if not isinstance(model, self._api.NxDModel):

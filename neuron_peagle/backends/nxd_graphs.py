@@ -1,4 +1,4 @@
-"""The plain-PyTorch half of the neuron backend: how the planned graphs of one engine become the
+"""The plain-PyTorch half of the nxd backend: how the planned graphs of one engine become the
 keys of ONE neuronx-distributed `NxDModel`, so that they share one device copy of the weights and
 of every state buffer (KV caches, speculative state). No Neuron import here: all of it runs, and
 is tested, on CPU; `backends/nxd.py` hands it to the SDK.
@@ -14,7 +14,7 @@ Hence the three pieces:
   graphs' declared inputs, each an optional keyword), its state buffers rebound to fresh copies
   that the graph then updates in place. Parameter and buffer names are the graph's, under `graph.`,
   so the same weight or cache has the same name in every key.
-- `NeuronBundle.checkpoint`: the one weight dict for all keys, every parameter and buffer by name,
+- `NxdBundle.checkpoint`: the one weight dict for all keys, every parameter and buffer by name,
   state included at its initial value; a name that means two different tensors is refused.
 - `GraphRouter`: which key a decoder call means, from the graph module it calls and its input
   shapes (the shapes pick the prefill bucket, the module picks greedy or sampling and the kind).
@@ -124,7 +124,7 @@ def shared_checkpoint(graphs: Sequence[NxdGraph]) -> dict[str, Tensor]:
 
 
 @dataclass(frozen=True)
-class NeuronBundle:
+class NxdBundle:
     """The planned graphs of one engine, ready for one NxDModel."""
 
     graphs: dict[str, NxdGraph]  # planned name (the NxDModel key) -> the module NxD traces
@@ -133,7 +133,7 @@ class NeuronBundle:
     router: GraphRouter
 
     @classmethod
-    def of(cls, specs: Sequence[PlannedGraph]) -> "NeuronBundle":
+    def of(cls, specs: Sequence[PlannedGraph]) -> "NxdBundle":
         # NxDModel makes its device state from the first key's state: every key must hold the same.
         states = {frozenset(spec.state_names) for spec in specs}
         if len(states) > 1:

@@ -162,7 +162,7 @@ def _checkpoint_difference(built: tuple[TensorInfo, ...], now: tuple[TensorInfo,
     return None
 
 
-def check_neuron_plan(specs: list[GraphSpec], manifest: Manifest, checkpoint: dict[str, Tensor]) -> None:
+def check_nxd_plan(specs: list[GraphSpec], manifest: Manifest, checkpoint: dict[str, Tensor]) -> None:
     """What the NxDModel relies on and the loading process provides: the planned graphs, each with
     the inputs and state it was built with, and the weight dict with the recorded tensors."""
     check_plan(specs, manifest)
@@ -214,13 +214,13 @@ def engine_from_manifest(engine_cls, manifest: Manifest, model_dir: Path, drafte
                                       short_draft_tokens=build.short_draft_tokens, datastore=build.datastore)
 
 
-def _load_neuron(engine_cls, artifact_dir: Path, manifest: Manifest, model_dir: Path, drafter_dir: Path | None):
-    from neuron_peagle.backends.nxd_graphs import NeuronBundle
+def _load_nxd(engine_cls, artifact_dir: Path, manifest: Manifest, model_dir: Path, drafter_dir: Path | None):
+    from neuron_peagle.backends.nxd_graphs import NxdBundle
 
     engine = engine_from_manifest(engine_cls, manifest, model_dir, drafter_dir, "nxd")
     specs = plan_graphs(engine.decoder, neuron_compiler_args(manifest.target))
-    bundle = NeuronBundle.of(specs)
-    check_neuron_plan(specs, manifest, bundle.checkpoint)
+    bundle = NxdBundle.of(specs)
+    check_nxd_plan(specs, manifest, bundle.checkpoint)
     engine.backend.load(artifact_dir / NEURON_MODEL_FILE, bundle)
     report = LoadReport(artifact_dir, f"NxDModel {artifact_dir / NEURON_MODEL_FILE}, weights from {model_dir}")
     for spec in specs:
@@ -234,7 +234,7 @@ def load_engine(engine_cls, artifact_dir: Path, request: ArtifactRequest):
     manifest = Manifest.load(artifact_dir)
     model_dir, drafter_dir = _checked_dirs(manifest, request)
     if manifest.backend == "nxd":
-        return _load_neuron(engine_cls, artifact_dir, manifest, model_dir, drafter_dir)
+        return _load_nxd(engine_cls, artifact_dir, manifest, model_dir, drafter_dir)
     if manifest.backend in COMPILE_BACKENDS:
         from compile.compiled_build import load_compiled
 
