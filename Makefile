@@ -41,7 +41,13 @@ run: setup
 	test -f $(RUN_ARTIFACTS)/manifest.json || $(PY) -m compile.build --backend inductor --out $(RUN_ARTIFACTS) --buckets 128
 	$(VENV)/bin/neuron-peagle generate "$(PROMPT)" --artifacts $(RUN_ARTIFACTS) --max-new-tokens 128
 
-test: test-main test-xla
+# The two suites run side by side, one torch thread each (2 cores): the tests' small ops gain little
+# from a second thread, and each suite compiles (gcc, torch-xla) in its own process.
+test: setup setup-xla
+	@export OMP_NUM_THREADS=1 NEURON_PEAGLE_TEST_THREADS=1; $(XLA_PY) -m pytest -q -m xla tests > .test-xla.log 2>&1 & xla=$$!; \
+	$(PY) -m pytest -q -m "not xla" tests; main=$$?; \
+	wait $$xla; xla=$$?; echo "---- tests marked xla, in $(XLA_VENV):"; cat .test-xla.log; \
+	test $$main -eq 0 -a $$xla -eq 0
 
 test-main: setup
 	$(PY) -m pytest -q -m "not xla" tests
