@@ -41,13 +41,17 @@ run: setup
 	test -f $(RUN_ARTIFACTS)/manifest.json || $(PY) -m compile.build --backend inductor --out $(RUN_ARTIFACTS) --buckets 128
 	$(VENV)/bin/neuron-peagle generate "$(PROMPT)" --artifacts $(RUN_ARTIFACTS) --max-new-tokens 128
 
-# The two suites run side by side, one torch thread each (2 cores): the tests' small ops gain little
-# from a second thread, and each suite compiles (gcc, torch-xla) in its own process.
+# Two streams side by side, one torch thread each (2 cores; the tests' small ops gain little from a
+# second thread): the tests marked xla (in .venv-xla), then the longest file of the main suite
+# (speculative decoding against transformers, token for token), against the rest of the main suite.
+SPLIT := tests/test_speculative_exact.py
 test: setup setup-xla
-	@export OMP_NUM_THREADS=1 NEURON_PEAGLE_TEST_THREADS=1; $(XLA_PY) -m pytest -q -m xla tests > .test-xla.log 2>&1 & xla=$$!; \
-	$(PY) -m pytest -q -m "not xla" tests; main=$$?; \
-	wait $$xla; xla=$$?; echo "---- tests marked xla, in $(XLA_VENV):"; cat .test-xla.log; \
-	test $$main -eq 0 -a $$xla -eq 0
+	@export OMP_NUM_THREADS=1 NEURON_PEAGLE_TEST_THREADS=1; \
+	( $(XLA_PY) -m pytest -q --durations=10 -m xla tests; first=$$?; \
+	  $(PY) -m pytest -q --durations=10 -m "not xla" $(SPLIT); exit $$(( first || $$? )) ) > .test-stream.log 2>&1 & \
+	stream=$$!; $(PY) -m pytest -q --durations=10 -m "not xla" --ignore=$(SPLIT) tests; main=$$?; \
+	wait $$stream; stream=$$?; echo "---- tests marked xla (in $(XLA_VENV)), then $(SPLIT):"; \
+	cat .test-stream.log; test $$main -eq 0 -a $$stream -eq 0
 
 test-main: setup
 	$(PY) -m pytest -q -m "not xla" tests
