@@ -40,8 +40,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from compile import audit
-from compile.manifest import (COMPILE_CACHE_DIR, HLO_DIR, LOG_NAME, NEURON_DIR, XLA_CACHE_DIR, GraphRecord, Manifest, TensorInfo,
-                              WeightsInfo, fingerprint, installed_versions)
+from compile.manifest import (COMPILE_CACHE_DIR, HLO_DIR, LOG_NAME, MANIFEST_NAME, NEURON_DIR, PORTABLE_CACHE_FILE,
+                              XLA_CACHE_DIR, GraphRecord, Manifest, TensorInfo, WeightsInfo, fingerprint,
+                              installed_versions)
 from compile.plan import TARGETS, GraphSpec, neuron_compiler_args, plan_graphs, trace_hlo
 from neuron_peagle.backends.xla import XlaBackend, initialize_persistent_cache
 from neuron_peagle.backends import BACKEND_HELP, COMPILE_BACKENDS
@@ -177,16 +178,39 @@ def _previous(out: Path, backend: str) -> Manifest | None:
     return manifest if manifest.backend == backend else None
 
 
-def _prune(out: Path, keep: set[str]) -> None:
-    """Delete compiled files and HLO texts that no planned, up-to-date graph owns."""
-    for folder in (HLO_DIR, XLA_CACHE_DIR, NEURON_DIR):
-        for path in _listing(out / folder):
-            if str(path.relative_to(out)) in keep:
-                continue
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+def _prune(out: Path, previous: Manifest | None, keep: set[str]) -> None:
+    """Delete the files the previous build's manifest lists that no planned, up-to-date graph owns.
+    Nothing else is deleted: a file no manifest of ours recorded is not the build's to remove."""
+    if previous is None:
+        return
+    owned = {g.hlo_file for g in previous.graphs if g.hlo_file} | {f for g in previous.graphs for f in g.files}
+    for name in sorted(owned - keep):
+        path = out / name
+        if Path(name).parts[0] not in (HLO_DIR, XLA_CACHE_DIR, NEURON_DIR) or not path.exists():
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+# What a build writes into its output directory (and an interrupted build may leave without a manifest).
+OWN_ENTRIES = {MANIFEST_NAME, MANIFEST_NAME + ".tmp", LOG_NAME, HLO_DIR, XLA_CACHE_DIR, NEURON_DIR, COMPILE_CACHE_DIR,
+               PORTABLE_CACHE_FILE, PORTABLE_CACHE_FILE + ".tmp"}
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an output that is a file, or a directory of someone else's: one that holds no manifest and
+    files that no build writes. A build only ever writes into a new or empty directory, or one it built."""
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"--out {out} is a file, not an artifact directory")
+    if out.is_dir() and not (out / MANIFEST_NAME).is_file():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_ENTRIES)
+        if foreign:
+            raise ArtifactError(f"{out} holds files of its own ({', '.join(foreign[:5])}"
+                                f"{', ...' if len(foreign) > 5 else ''}) and no {MANIFEST_NAME}: it is not an artifact "
+                                "directory, and the build writes only into a new or empty directory or one it built "
+                                "before")
 
 
 def engine_for(request: BuildRequest, backend: str) -> Engine:
@@ -203,6 +227,7 @@ def engine_for(request: BuildRequest, backend: str) -> Engine:
 def build_artifacts(request: BuildRequest) -> BuildReport:
     started = time.perf_counter()
     out = request.out_dir
+    check_out_dir(out)
     if request.backend in COMPILE_BACKENDS:
         return _build_compiled(request, started)
     (out / HLO_DIR).mkdir(parents=True, exist_ok=True)
@@ -235,7 +260,7 @@ def build_artifacts(request: BuildRequest) -> BuildReport:
         if old is not None and old.fingerprint == item.fingerprint and all((out / f).is_file() for f in old.files):
             fresh[spec.name] = old
             log.write({"event": "graph", "graph": spec.name, "status": "up to date"}, f"{spec.name}: up to date")
-    _prune(out, {t.hlo_file for t in traced} | {f for record in fresh.values() for f in record.files})
+    _prune(out, previous, {t.hlo_file for t in traced} | {f for record in fresh.values() for f in record.files})
 
     records: list[GraphRecord] = []
     stale = [t for t in traced if t.spec.name not in fresh]

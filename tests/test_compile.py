@@ -428,3 +428,20 @@ def test_default_model_artifacts_generate_the_eager_tokens(default_model_dir, tm
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded["graphs"] == sorted(graphs) and loaded["compiled"] == 0
     assert loaded["ids"] == want
+
+
+@pytest.mark.parametrize("backend", ["inductor", "xla"])
+def test_a_build_refuses_a_directory_of_the_users_and_deletes_nothing(tiny_llama_dir, tmp_path, backend):
+    out = tmp_path / "mine"
+    (out / "hlo").mkdir(parents=True)
+    (out / "hlo" / "notes.txt").write_text("mine")
+    (out / "thesis.tex").write_text("mine too")
+    request = BuildRequest(tiny_llama_dir, None, out, backend=backend, mode="plain",
+                           build=BuildConfig(max_length=64, prefill_buckets=(16,)))
+    with pytest.raises(ArtifactError, match=r"holds files of its own \(thesis.tex\) and no manifest.json"):
+        build_artifacts(request)
+    assert (out / "hlo" / "notes.txt").read_text() == "mine" and (out / "thesis.tex").read_text() == "mine too"
+    assert sorted(p.name for p in out.rglob("*")) == ["hlo", "notes.txt", "thesis.tex"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArtifactError, match="is a file"):
+        build_artifacts(BuildRequest(tiny_llama_dir, None, tmp_path / "file", backend=backend, mode="plain"))
