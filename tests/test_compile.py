@@ -445,3 +445,12 @@ def test_a_build_refuses_a_directory_of_the_users_and_deletes_nothing(tiny_llama
     (tmp_path / "file").write_text("x")
     with pytest.raises(ArtifactError, match="is a file"):
         build_artifacts(BuildRequest(tiny_llama_dir, None, tmp_path / "file", backend=backend, mode="plain"))
+
+
+def test_artifacts_of_the_old_neuron_backend_name_are_refused_with_the_new_name(tmp_path):
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format_version": 1, "backend": "neuron"}))
+    with pytest.raises(ArtifactError, match="now called nxd .* --backend nxd"):
+        Manifest.load(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format_version": 1, "backend": "xla"}))
+    with pytest.raises(ArtifactError, match="format version 1, this version reads 2; rebuild"):
+        Manifest.load(tmp_path)
