@@ -51,6 +51,7 @@ from neuron_peagle.config import BuildConfig
 from neuron_peagle.default_model import require_default_model
 from neuron_peagle.errors import ArtifactError, ConfigError, NeuronPeagleError
 from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter, resolve_speculation
+from neuron_peagle.runtime.artifacts import engine_for_build
 from neuron_peagle.runtime.engine import MODES, Engine
 
 ARTIFACT_BACKENDS = ("inductor", "neuron", "xla", "nxd")
@@ -215,13 +216,8 @@ def check_out_dir(out: Path) -> None:
 
 def engine_for(request: BuildRequest, backend: str) -> Engine:
     """The engine the request describes, loaded exactly as `Engine.from_pretrained` loads it."""
-    build = request.build
-    return Engine.from_pretrained(request.model_dir, request.drafter_dir, mode=request.mode,
-                                  num_speculative_tokens=request.num_draft_tokens, batch_size=build.batch_size,
-                                  max_length=build.max_length, prefill_buckets=build.prefill_buckets,
-                                  dtype=build.dtype, backend=backend, kernels=build.kernels,
-                                  lookup_ngram=build.lookup_ngram, short_draft_tokens=build.short_draft_tokens,
-                                  datastore=build.datastore)
+    return engine_for_build(Engine, request.model_dir, request.drafter_dir, request.mode, request.num_draft_tokens,
+                            request.build, backend)
 
 
 def build_artifacts(request: BuildRequest) -> BuildReport:

@@ -28,7 +28,6 @@ from tqdm import tqdm
 from compile.manifest import COMPILE_CACHE_DIR, PORTABLE_CACHE_FILE, GraphRecord, Manifest, TensorInfo, fingerprint
 from compile.plan import GraphSpec, plan_graphs
 from neuron_peagle.backends.compiled import compiled_graph_count
-from neuron_peagle.errors import ArtifactError
 
 # Where each compiler keeps its cache (read when it first needs the cache).
 CACHE_ENV = {"inductor": "TORCHINDUCTOR_CACHE_DIR", "neuron": "TORCH_NEURONX_NEFF_CACHE_DIR"}

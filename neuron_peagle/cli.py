@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from neuron_peagle.backends import BACKEND_HELP
+from neuron_peagle.backends import BACKEND_HELP, NEURON_BACKENDS
 from neuron_peagle.config import DEFAULT_BACKEND, DEFAULT_LOOKUP_NGRAM, DEFAULT_SHORT_DRAFT_TOKENS, KERNEL_MODES
 from neuron_peagle.errors import NeuronPeagleError
 
@@ -199,8 +199,9 @@ def _engine_and_prompts(args: argparse.Namespace, quiet: bool):
     ids = [engine.encode(p, not args.no_chat_template) if p else [] for p in prompts]
     for i, prompt_ids in enumerate(ids):
         engine.validate(prompt_ids, params, i)
-    # Compile (or load) the graphs these prompts need now, so that no decode step waits on a compiler.
-    engine.warm(greedy=params.temperature == 0, buckets={engine.build.bucket_for(len(p)) for p in ids})
+    if args.artifacts is None:  # from_compiled has warmed every graph already
+        # Compile (or load) the graphs these prompts need now, so that no decode step waits on a compiler.
+        engine.warm(greedy=params.temperature == 0, buckets={engine.build.bucket_for(len(p)) for p in ids})
     return engine, params, prompts, ids
 
 
@@ -209,14 +210,14 @@ def profile(args: argparse.Namespace) -> None:
 
     if args.out.exists() and not args.out.is_dir():
         raise NeuronPeagleError(f"--out {str(args.out)!r} is a file, not a session directory")
-    if backend_of(args) in ("neuron", "nxd") or args.artifacts is not None:
+    if backend_of(args) in NEURON_BACKENDS or args.artifacts is not None:
         # Read by the Neuron runtime when it starts, so before the engine loads anything.
         os.environ.update(neuron_capture_env(args.out.resolve()))
     engine, params, _, ids = _engine_and_prompts(args, quiet=False)
     _, report = profile_generation(engine, ids, params, args.out.resolve(), warmup=not args.no_warmup,
                                    trace=not args.no_trace)
     print(report.describe(), flush=True)
-    if engine.build.backend in ("neuron", "nxd"):
+    if engine.build.backend in NEURON_BACKENDS:
         print(f"device profiles: neuron-explorer view -d {args.out / NEURON_PROFILE_DIR}", flush=True)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from neuron_peagle.backends import BACKEND_HELP, NEURON_BACKENDS
 from neuron_peagle.errors import ConfigError, ModelDirError, UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = {
@@ -22,10 +23,10 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BACKENDS = ("eager", "inductor", "neuron", "xla", "nxd")  # see neuron_peagle.backends
-KERNEL_MODES = ("reference", "nki", "interpreter")
-# The command line's backend: the fastest exact path measured on CPU (BENCHMARKS.md, round 14).
-DEFAULT_BACKEND = "inductor"  # see neuron_peagle.kernels
+BACKENDS = tuple(BACKEND_HELP)
+KERNEL_MODES = ("reference", "nki", "interpreter")  # see neuron_peagle.kernels
+# The command line's backend: the fastest exact path measured on CPU (BENCHMARKS.md, "Compiled graphs").
+DEFAULT_BACKEND = "inductor"
 
 
 def read_config_json(directory: str | Path, kind: str) -> tuple[dict[str, Any], str]:
@@ -209,7 +210,7 @@ class BuildConfig:
         buckets = tuple(int(b) for b in self.prefill_buckets)
         object.__setattr__(self, "prefill_buckets", buckets)
         if self.kernels == "auto":
-            object.__setattr__(self, "kernels", "nki" if self.backend in ("neuron", "nxd") else "reference")
+            object.__setattr__(self, "kernels", "nki" if self.backend in NEURON_BACKENDS else "reference")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_length < 2:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from neuron_peagle.backends import NEURON_BACKENDS
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.runtime.host_loop import StepRecord
 from neuron_peagle.runtime.step_parts import PARTS
@@ -137,7 +138,7 @@ def profile_generation(engine: "Engine", prompts: Sequence[Sequence[int]], param
         import torch_xla.debug.metrics as metrics
 
         write("xla_metrics.txt", metrics.metrics_report())
-    if backend in ("neuron", "nxd"):
+    if backend in NEURON_BACKENDS:
         device_dir = out_dir / NEURON_PROFILE_DIR
         device_files = sorted(str(p.relative_to(out_dir)) for p in device_dir.rglob("*") if p.is_file()) \
             if device_dir.is_dir() else []

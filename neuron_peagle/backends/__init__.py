@@ -28,6 +28,8 @@ BACKEND_HELP = {
 }
 # Backends that turn graphs into compiled code through torch.compile.
 COMPILE_BACKENDS = ("inductor", "neuron")
+# Backends that run on NeuronCores (NKI kernels, the Neuron runtime's device profiles).
+NEURON_BACKENDS = ("neuron", "nxd")
 
 
 def get_backend(name: str) -> Backend:
@@ -55,4 +57,4 @@ def get_backend(name: str) -> Backend:
     raise ConfigError(f"unknown backend {name!r} (choose one of {', '.join(BACKEND_HELP)})")
 
 
-__all__ = ["BACKEND_HELP", "COMPILE_BACKENDS", "Backend", "get_backend"]
+__all__ = ["BACKEND_HELP", "COMPILE_BACKENDS", "NEURON_BACKENDS", "Backend", "get_backend"]

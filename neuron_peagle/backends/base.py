@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 Outputs = TypeVar("Outputs", bound=tuple)
+Shapes = tuple[tuple[int, ...], ...]
+
+
+def shapes_of(inputs: Sequence[Tensor]) -> Shapes:
+    """The shapes of a graph call's inputs: with the graph, what picks its compiled form."""
+    return tuple(tuple(t.shape) for t in inputs)
 
 
 class Backend(Protocol):

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from neuron_peagle.backends.base import Shapes, shapes_of
 from neuron_peagle.errors import BackendUnavailableError
 
 NEURON_INSTALL_HINT = (
@@ -37,7 +38,6 @@ NEURON_INSTALL_HINT = (
     "--backend inductor or eager"
 )
 
-Shapes = tuple[tuple[int, ...], ...]
 
 
 def _fresh_entry(graph: nn.Module, tag: str) -> Callable:
@@ -67,8 +67,6 @@ class CompiledBackend:
         # A line on stderr per graph compiled: a compile takes seconds to minutes, never silently.
         self.progress = progress
         self._compiled: dict[tuple[int, Shapes], Callable] = {}
-        self._count = 0
-        self.compile_seconds = 0.0
 
     def prepare(self, module: nn.Module) -> nn.Module:
         module = module.to(self.device)
@@ -78,17 +76,13 @@ class CompiledBackend:
             cpu_weight_layout(module)
         return module
 
-    def is_compiled(self, graph: nn.Module, inputs: tuple[Tensor, ...]) -> bool:
-        return (id(graph), _shapes(inputs)) in self._compiled
-
     def run(self, graph: nn.Module, inputs: NamedTuple):
-        key = (id(graph), _shapes(inputs))
+        key = (id(graph), shapes_of(inputs))
         fn = self._compiled.get(key)
         fresh = fn is None
         if fresh:
             tag = f"{type(graph).__name__}_{len(self._compiled)}"
             fn = torch.compile(_fresh_entry(graph, tag), backend=self.compiler, fullgraph=True, dynamic=False)
-            self._compiled[key] = fn
             label = f"{type(graph).__name__} for inputs {[list(s) for s in key[1]]}"
             if self.progress:
                 print(f"[{self.name}: compiling {label} (or loading it from the compile cache) ...]", file=sys.stderr, flush=True)
@@ -96,26 +90,21 @@ class CompiledBackend:
         with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
             outputs = fn(*(_fresh(t, self.device) for t in inputs))
         if fresh:
+            self._compiled[key] = fn  # only once it compiled and ran
             seconds = time.perf_counter() - start
-            self._count += 1
-            self.compile_seconds += seconds
             if self.progress:
                 print(f"[{self.name}: {label} ready in {seconds:.1f} s]", file=sys.stderr, flush=True)
         return graph.Outputs(*(t.cpu() for t in outputs))
 
     def compile_count(self) -> int:
         """Graphs this backend has compiled (one per graph and input shapes)."""
-        return self._count
+        return len(self._compiled)
 
 
 def _fresh(t: Tensor, device: torch.device) -> Tensor:
     """`t` on `device` with the default strides: dynamo guards on strides, the decoders may pass slices
     of one tensor, and `contiguous()` keeps odd strides on size-1 dimensions."""
     return torch.empty(t.shape, dtype=t.dtype, device=device).copy_(t)
-
-
-def _shapes(inputs: tuple[Tensor, ...]) -> Shapes:
-    return tuple(tuple(t.shape) for t in inputs)
 
 
 def inductor_backend() -> CompiledBackend:

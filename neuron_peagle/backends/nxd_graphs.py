@@ -26,23 +26,13 @@ import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 from torch import Tensor, nn
 
+from neuron_peagle.backends.base import Shapes, shapes_of
 from neuron_peagle.errors import ArtifactError
-
-Shapes = tuple[tuple[int, ...], ...]
-
-
-class PlannedGraph(Protocol):
-    """What the bundle needs of a planned graph (compile.plan.GraphSpec provides it)."""
-
-    name: str
-    module: nn.Module
-    example_inputs: NamedTuple
-    state_names: tuple[str, ...]
-
+from neuron_peagle.graphs.interface import PlannedGraph
 
 class NxdGraph(nn.Module):
     """One planned graph as neuronx-distributed traces it: keyword inputs, outputs as a plain tuple,
@@ -75,10 +65,6 @@ INPUT_NAMES: tuple[str, ...] = tuple(p for p in inspect.signature(NxdGraph.forwa
 def graph_kwargs(inputs: NamedTuple) -> dict[str, Tensor]:
     """A graph's `Inputs` tuple as the keyword arguments its NxD key was traced with."""
     return dict(inputs._asdict())
-
-
-def shapes_of(inputs: Sequence[Tensor]) -> Shapes:
-    return tuple(tuple(t.shape) for t in inputs)
 
 
 class GraphRouter:

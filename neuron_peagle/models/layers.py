@@ -132,7 +132,7 @@ def write_slots(cache: Tensor, index: Tensor, new: Tensor) -> None:
     On CPU, PyTorch's scatter over 16-bit floats copies the whole cache on every call (1.7 ms for a
     [32, 3, 512, 64] bf16 cache against 0.013 ms in float32), so eager writes the same bits through an
     int16 view. Compiled graphs (inductor, neuron, xla) keep the plain scatter, which their compilers
-write in place.
+    write in place.
     """
     new = new.to(cache.dtype)
     if cache.device.type == "cpu" and cache.element_size() == 2 and not torch.compiler.is_compiling():

@@ -42,8 +42,8 @@ from torch import Tensor
 from compile.manifest import (NEURON_MODEL_FILE, XLA_CACHE_DIR, Manifest, TensorInfo, WeightsInfo, installed_versions,
                               tensor_infos)
 from compile.plan import GraphSpec, neuron_compiler_args, plan_graphs, trace_hlo
-from neuron_peagle.backends.xla import XlaBackend, initialize_persistent_cache
 from neuron_peagle.backends import COMPILE_BACKENDS
+from neuron_peagle.backends.xla import XlaBackend, initialize_persistent_cache
 from neuron_peagle.errors import ArtifactError
 
 # How a graph reached the device at load, from torch-xla's counters.
@@ -204,14 +204,20 @@ def _warm(engine, manifest: Manifest, report: LoadReport) -> None:
             report.graphs[spec.name] = UNLOADABLE if delta["PersistentCacheDeserializeFailure"] else MISSING
 
 
-def engine_from_manifest(engine_cls, manifest: Manifest, model_dir: Path, drafter_dir: Path | None, backend: str):
-    build = manifest.build
-    return engine_cls.from_pretrained(model_dir, drafter_dir, mode=manifest.mode,
-                                      num_speculative_tokens=manifest.num_speculative_tokens,
+def engine_for_build(engine_cls, model_dir: Path, drafter_dir: Path | None, mode: str, num_speculative_tokens: int,
+                     build, backend: str):
+    """The engine a build's settings describe (a BuildConfig, mode and K), loaded as `from_pretrained` loads
+    it, on `backend`: what compile.build compiles and what loading its artifacts rebuilds."""
+    return engine_cls.from_pretrained(model_dir, drafter_dir, mode=mode, num_speculative_tokens=num_speculative_tokens,
                                       batch_size=build.batch_size, max_length=build.max_length,
                                       prefill_buckets=build.prefill_buckets, dtype=build.dtype, backend=backend,
                                       kernels=build.kernels, lookup_ngram=build.lookup_ngram,
                                       short_draft_tokens=build.short_draft_tokens, datastore=build.datastore)
+
+
+def engine_from_manifest(engine_cls, manifest: Manifest, model_dir: Path, drafter_dir: Path | None, backend: str):
+    return engine_for_build(engine_cls, model_dir, drafter_dir, manifest.mode, manifest.num_speculative_tokens,
+                            manifest.build, backend)
 
 
 def _load_nxd(engine_cls, artifact_dir: Path, manifest: Manifest, model_dir: Path, drafter_dir: Path | None):
