@@ -46,10 +46,11 @@ from compile.manifest import (COMPILE_CACHE_DIR, HLO_DIR, LOG_NAME, MANIFEST_NAM
 from compile.plan import TARGETS, GraphSpec, neuron_compiler_args, plan_graphs, trace_hlo
 from neuron_peagle.backends.xla import XlaBackend, initialize_persistent_cache
 from neuron_peagle.backends import BACKEND_HELP, COMPILE_BACKENDS
-from neuron_peagle.cli import _buckets, add_speculation_options, speculation_options
+from neuron_peagle.cli import add_speculation_options, speculation_options
+from neuron_peagle.cli_args import Parser, buckets, run
 from neuron_peagle.config import BuildConfig
 from neuron_peagle.default_model import require_default_model
-from neuron_peagle.errors import ArtifactError, ConfigError, NeuronPeagleError
+from neuron_peagle.errors import ArtifactError, ConfigError
 from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter, resolve_speculation
 from neuron_peagle.runtime.artifacts import engine_for_build
 from neuron_peagle.runtime.engine import MODES, Engine
@@ -335,8 +336,8 @@ def _build_compiled(request: BuildRequest, started: float) -> BuildReport:
     return report
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neuron-peagle-compile", description=(
+def build_parser() -> Parser:
+    parser = Parser(prog="neuron-peagle-compile", description=(
         "Trace, audit and compile every fixed-shape graph an engine needs into an artifact directory."))
     parser.add_argument("--out", type=Path, required=True, help="artifact directory (created or updated)")
     parser.add_argument("--model", type=Path, default=None, help="Hugging Face target directory "
@@ -350,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-speculative-tokens", "-k", type=int, default=7, help="K, drafts per step")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=1024, help="KV cache length (prompt + output)")
-    parser.add_argument("--buckets", type=_buckets, default=(128, 512), help="prefill buckets, e.g. 128,512")
+    parser.add_argument("--buckets", type=buckets, default=(128, 512), help="prefill buckets, e.g. 128,512")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--kernels", default="auto", choices=("auto", "reference", "nki"),
                         help="draft-pass kernels: NKI custom calls or plain PyTorch (auto: nki on neuron)")
@@ -376,14 +377,13 @@ def request_from_args(args: argparse.Namespace) -> BuildRequest:
                         args.tp_degree, args.target)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        build_artifacts(request_from_args(args))
-    except NeuronPeagleError as err:
-        print(f"neuron-peagle-compile: error: {err}", file=sys.stderr)
-        return 2
+def _build(args: argparse.Namespace, given: set[str]) -> int:
+    build_artifacts(request_from_args(args))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run("neuron-peagle-compile", build_parser, argv, _build)
 
 
 if __name__ == "__main__":

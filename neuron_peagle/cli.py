@@ -9,25 +9,24 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
+from neuron_peagle import checks
 from neuron_peagle.backends import BACKEND_HELP, NEURON_BACKENDS
-from neuron_peagle.config import DEFAULT_BACKEND, DEFAULT_LOOKUP_NGRAM, DEFAULT_SHORT_DRAFT_TOKENS, KERNEL_MODES
-from neuron_peagle.errors import NeuronPeagleError
+from neuron_peagle.cli_args import EXIT_INTERRUPTED, Parser, buckets, run
+from neuron_peagle.config import (DEFAULT_BACKEND, DEFAULT_LOOKUP_NGRAM, DEFAULT_SHORT_DRAFT_TOKENS, KERNEL_MODES,
+                                  BuildConfig, ModelConfig)
+from neuron_peagle.errors import ConfigError
+from neuron_peagle.prompt_files import STDIN, read_prompts_file
 
 
-def _buckets(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"buckets must be comma-separated integers, got {text!r}") from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neuron-peagle", description="P-EAGLE speculative decoding")
+def build_parser() -> Parser:
+    parser = Parser(prog="neuron-peagle", description="P-EAGLE speculative decoding")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text for one prompt or a file of prompts")
     _add_engine_options(gen)
@@ -50,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_engine_options(gen: argparse.ArgumentParser) -> None:
     """The prompt, engine and sampling options `generate` and `profile` share."""
     gen.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file)")
-    gen.add_argument("--prompts-file", type=Path, help='JSONL file, one {"prompt": ...} per line')
+    gen.add_argument("--prompts-file", type=Path, help='JSONL file, one {"prompt": ...} per line; - reads '
+                     "standard input")
     gen.add_argument("--model", type=Path, default=None, help="Hugging Face model directory "
                      "(default: the embedded SmolLM2-135M-Instruct)")
     gen.add_argument("--drafter", type=Path, default=None, help="speculators-format P-EAGLE drafter "
@@ -65,7 +65,7 @@ def _add_engine_options(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--batch-size", type=int, default=1)
     gen.add_argument("--max-length", type=int, default=1024, help="KV cache length (prompt + output)")
-    gen.add_argument("--buckets", type=_buckets, default=(128, 512), help="prefill buckets, e.g. 128,512")
+    gen.add_argument("--buckets", type=buckets, default=(128, 512), help="prefill buckets, e.g. 128,512")
     gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     gen.add_argument("--backend", default=None, choices=tuple(BACKEND_HELP), metavar="NAME",
                      help="; ".join(f"{name}: {text}" for name, text in BACKEND_HELP.items())
@@ -76,8 +76,10 @@ def _add_engine_options(gen: argparse.ArgumentParser) -> None:
     add_speculation_options(gen)
     gen.add_argument("--artifacts", type=Path, default=None, help="run the graphs compiled into DIR by "
                      "`python -m compile.build`; model, drafter, mode, K and shapes come from its manifest "
-                     "(options left at their defaults take the manifest's values, others must match it)")
+                     "(options not given take the manifest's values; an option given must match it)")
     gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt text as it is")
+    gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's end-of-sequence tokens "
+                     "(always generate --max-new-tokens)")
 
 
 def add_speculation_options(parser: argparse.ArgumentParser) -> None:
@@ -111,31 +113,6 @@ def _datastore_choice(value: str) -> bool | str:
     return choices[value]
 
 
-def _read_prompts(args: argparse.Namespace) -> list[str]:
-    if args.prompts_file is None:
-        if args.prompt is None:
-            raise NeuronPeagleError("give a prompt or --prompts-file")
-        return [args.prompt]
-    if args.prompt is not None:
-        raise NeuronPeagleError("give either a prompt or --prompts-file, not both")
-    if not args.prompts_file.is_file():
-        raise NeuronPeagleError(f"prompts file {str(args.prompts_file)!r} does not exist")
-    prompts = []
-    for number, line in enumerate(args.prompts_file.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            prompts.append(str(record["prompt"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise NeuronPeagleError(
-                f'{args.prompts_file}:{number}: expected a JSON object with a "prompt" field'
-            ) from None
-    if not prompts:
-        raise NeuronPeagleError(f"prompts file {str(args.prompts_file)!r} holds no prompt")
-    return prompts
-
-
 def speculation_options(mode: str, lookup_ngram: int, short_draft_tokens: int | None,
                         datastore: bool | str = "auto") -> dict:
     """The command lines' `--lookup-ngram`, `--short-draft-tokens` and `--datastore` as engine keyword
@@ -150,112 +127,224 @@ def speculation_options(mode: str, lookup_ngram: int, short_draft_tokens: int | 
 # generate option -> the ArtifactRequest field it is checked against when running from artifacts
 ARTIFACT_OPTIONS = {"model": "model_dir", "drafter": "drafter_dir", "backend": "backend", "mode": "mode",
                     "num_speculative_tokens": "num_speculative_tokens", "batch_size": "batch_size",
-                    "max_length": "max_length", "buckets": "prefill_buckets", "dtype": "dtype",
+                    "max_length": "max_length", "buckets": "prefill_buckets", "dtype": "dtype", "kernels": "kernels",
                     "lookup_ngram": "lookup_ngram", "short_draft_tokens": "short_draft_tokens",
                     "datastore": "datastore"}
 
 
-def _expected_by_options(args: argparse.Namespace) -> dict:
-    """The artifact-related options the user changed from their defaults."""
-    defaults = build_parser().parse_args(["generate"])
+def _check_paths(args: argparse.Namespace) -> None:
+    """Every path option names what exists and is readable: a directory or a file, as the option needs."""
+    for flag, path, want in (("--model", args.model, "directory"), ("--drafter", args.drafter, "directory"),
+                             ("--artifacts", args.artifacts, "directory"), ("--prompts-file", args.prompts_file, "file")):
+        if path is None or (want == "file" and str(path) == STDIN):
+            continue
+        problem = checks.utf8_problem(str(path))
+        if problem or not path.exists():
+            raise ConfigError(f"{flag} {str(path)!r} does not exist")
+        if (want == "directory") != path.is_dir():
+            raise ConfigError(f"{flag} {str(path)!r} is a {'directory' if path.is_dir() else 'file'}, not a {want}")
+        if not os.access(path, os.R_OK | (os.X_OK if want == "directory" else 0)):
+            raise ConfigError(f"{flag} {str(path)!r} is not readable")
+    out = getattr(args, "out", None)
+    if out is not None and out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file, not a session directory")
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompts_file is None:
+        if args.prompt is None:
+            raise ConfigError("give a prompt or --prompts-file")
+        return [checks.prompt_text(1, args.prompt)]
+    if args.prompt is not None:
+        raise ConfigError("give either a prompt or --prompts-file, not both")
+    return read_prompts_file(args.prompts_file)
+
+
+def _artifact_request(args: argparse.Namespace, given: set[str]) -> dict:
+    """What the options ask of artifacts: every option given, even at its default value ("auto" asks nothing)."""
+    if args.tp_degree != 1:
+        raise ConfigError("--tp-degree shards a model loaded here; --artifacts holds graphs built without "
+                          "tensor parallelism")
     return {field: getattr(args, option) for option, field in ARTIFACT_OPTIONS.items()
-            if getattr(args, option) != getattr(defaults, option)}
+            if option in given and getattr(args, option) != "auto"}
 
 
-def _engine_and_prompts(args: argparse.Namespace, quiet: bool):
-    """The engine the options describe, the sampling parameters, and the prompts as checked token ids.
-    Everything is checked before the first prompt runs, so an error never discards finished work."""
-    from neuron_peagle.runtime.engine import Engine, SamplingParams
+def _limits(args: argparse.Namespace, given: set[str]) -> tuple[Path, BuildConfig, int]:
+    """The model directory, the built shapes and K the prompts must fit, known before any model loads:
+    from the artifacts' manifest (checked against the options given), or from the options (checked here)."""
+    from neuron_peagle.default_model import require_default_model
 
-    prompts = _read_prompts(args)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed)
-    if args.artifacts is not None and args.tp_degree != 1:
-        raise NeuronPeagleError("--tp-degree shards a model loaded here; --artifacts holds graphs built "
-                                "without tensor parallelism")
     if args.artifacts is not None:
-        engine = Engine.from_compiled(args.artifacts, **_expected_by_options(args))
-        if not quiet:
-            print(f"[{engine.artifacts.describe()}]", flush=True)
-    else:
-        engine = Engine.from_pretrained(args.model, args.drafter, mode=args.mode,
-                                        num_speculative_tokens=args.num_speculative_tokens,
-                                        batch_size=args.batch_size, max_length=args.max_length,
-                                        prefill_buckets=args.buckets, dtype=args.dtype, backend=backend_of(args),
-                                        kernels=args.kernels, tp_degree=args.tp_degree,
-                                        **speculation_options(args.mode, args.lookup_ngram,
-                                                              args.short_draft_tokens, args.datastore))
+        from compile.manifest import Manifest
+        from neuron_peagle.runtime.artifacts import ArtifactRequest, check_request
+
+        manifest = Manifest.load(args.artifacts)
+        check_request(manifest, ArtifactRequest(**_artifact_request(args, given)))
+        model_dir = args.model if args.model is not None else Path(manifest.model.path)
+        return model_dir, manifest.build, manifest.num_speculative_tokens
+    checks.integer("tp_degree", args.tp_degree, minimum=1)
+    if args.mode != "plain":
+        checks.integer("num_speculative_tokens", args.num_speculative_tokens, minimum=1)
+    build = BuildConfig(batch_size=args.batch_size, max_length=args.max_length, prefill_buckets=args.buckets,
+                        dtype=args.dtype, backend=backend_of(args), kernels=args.kernels,
+                        lookup_ngram=max(args.lookup_ngram, 0))
+    model_dir = args.model if args.model is not None else require_default_model()
+    return model_dir, build, 0 if args.mode == "plain" else args.num_speculative_tokens
+
+
+def _encode_checked(args: argparse.Namespace, given: set[str], prompts: list[str], params) -> list[list[int]]:
+    """The prompts as token ids, each checked against the shapes it will run in, before any model loads
+    (only the tokenizer and config.json are read)."""
+    from neuron_peagle.runtime.requests import check_prompt, check_stop_token_ids
+    from neuron_peagle.tokenizer import encode_prompt, load_tokenizer
+
+    model_dir, build, num_speculative_tokens = _limits(args, given)
+    vocab_size = ModelConfig.from_dir(model_dir).vocab_size
+    tokenizer = load_tokenizer(model_dir)
+    ids = [encode_prompt(tokenizer, p, not args.no_chat_template) if p else [] for p in prompts]
+    for number, prompt_ids in enumerate(ids, start=1):
+        check_prompt(number, prompt_ids, params.max_new_tokens, build, num_speculative_tokens, vocab_size)
+    check_stop_token_ids(params.stop_token_ids, vocab_size)
+    return ids
+
+
+def _load_engine(args: argparse.Namespace, given: set[str]):
+    from neuron_peagle.runtime.engine import Engine
+
+    if args.artifacts is not None:
+        return Engine.from_compiled(args.artifacts, **_artifact_request(args, given))
+    return Engine.from_pretrained(args.model, args.drafter, mode=args.mode,
+                                  num_speculative_tokens=args.num_speculative_tokens, batch_size=args.batch_size,
+                                  max_length=args.max_length, prefill_buckets=args.buckets, dtype=args.dtype,
+                                  backend=backend_of(args), kernels=args.kernels, tp_degree=args.tp_degree,
+                                  **speculation_options(args.mode, args.lookup_ngram, args.short_draft_tokens,
+                                                        args.datastore))
+
+
+def _engine_and_prompts(args: argparse.Namespace, given: set[str], quiet: bool):
+    """The engine the options describe, the sampling parameters, and the prompts as checked token ids.
+    Every option, file and prompt is checked before a model loads, so an error costs nothing and never
+    discards finished work."""
+    from neuron_peagle.runtime.engine import SamplingParams
+
+    _check_paths(args)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
+    prompts = _read_prompts(args)
+    ids = _encode_checked(args, given, prompts, params)
+    engine = _load_engine(args, given)
     quiet = quiet or engine.target.tp.rank != 0  # under tensor parallelism, rank 0 speaks for all
-    if engine.drafter is not None and not quiet:
-        lookup = f", context lookup of up to {engine.build.lookup_ngram}-grams" if engine.build.lookup_ngram else ""
-        if engine.build.short_draft_tokens:
-            lookup += f", K={engine.build.short_draft_tokens} where it finds nothing"
-        if engine.build.datastore:
-            lookup += ", n-gram datastore"
-        print(f"[{engine.mode} speculative decoding, K={engine.num_speculative_tokens}, "
-              f"{engine.drafter.describe()}{lookup}; backend {engine.build.backend}, {engine.build.dtype}]", flush=True)
-    elif not quiet:
-        print(f"[plain decoding; backend {engine.build.backend}, {engine.build.dtype}]", flush=True)
-    ids = [engine.encode(p, not args.no_chat_template) if p else [] for p in prompts]
-    for i, prompt_ids in enumerate(ids):
-        engine.validate(prompt_ids, params, i)
+    if not quiet:
+        if engine.artifacts is not None:
+            print(f"[{engine.artifacts.describe()}]", flush=True)
+        print(f"[{_describe(engine)}]", flush=True)
+    for number, prompt_ids in enumerate(ids, start=1):
+        engine.validate(prompt_ids, params, number)
     if args.artifacts is None:  # from_compiled has warmed every graph already
         # Compile (or load) the graphs these prompts need now, so that no decode step waits on a compiler.
         engine.warm(greedy=params.temperature == 0, buckets={engine.build.bucket_for(len(p)) for p in ids})
     return engine, params, prompts, ids
 
 
-def profile(args: argparse.Namespace) -> None:
+def _describe(engine) -> str:
+    backend = f"backend {engine.build.backend}, {engine.build.dtype}"
+    if engine.drafter is None:
+        return f"plain decoding; {backend}"
+    build = engine.build
+    lookup = f", context lookup of up to {build.lookup_ngram}-grams" if build.lookup_ngram else ""
+    if build.short_draft_tokens:
+        lookup += f", K={build.short_draft_tokens} where it finds nothing"
+    if build.datastore:
+        lookup += ", n-gram datastore"
+    return (f"{engine.mode} speculative decoding, K={engine.num_speculative_tokens}, {engine.drafter.describe()}"
+            f"{lookup}; {backend}")
+
+
+def profile(args: argparse.Namespace, given: set[str]) -> int:
     from neuron_peagle.profiling import NEURON_PROFILE_DIR, neuron_capture_env, profile_generation
 
-    if args.out.exists() and not args.out.is_dir():
-        raise NeuronPeagleError(f"--out {str(args.out)!r} is a file, not a session directory")
+    _check_paths(args)
     if backend_of(args) in NEURON_BACKENDS or args.artifacts is not None:
         # Read by the Neuron runtime when it starts, so before the engine loads anything.
         os.environ.update(neuron_capture_env(args.out.resolve()))
-    engine, params, _, ids = _engine_and_prompts(args, quiet=False)
+    engine, params, _, ids = _engine_and_prompts(args, given, quiet=False)
     _, report = profile_generation(engine, ids, params, args.out.resolve(), warmup=not args.no_warmup,
                                    trace=not args.no_trace)
     print(report.describe(), flush=True)
     if engine.build.backend in NEURON_BACKENDS:
         print(f"device profiles: neuron-explorer view -d {args.out / NEURON_PROFILE_DIR}", flush=True)
+    return 0
 
 
-def generate(args: argparse.Namespace) -> None:
-    engine, params, prompts, ids = _engine_and_prompts(args, quiet=args.json)
-    backend = engine.build.backend
-    outputs = engine.generate(ids, params)
-    if engine.target.tp.rank != 0:  # every rank decoded the same tokens; rank 0 prints them
+class _Records:
+    """Prints each prompt's record (text, or a JSON line) the moment it is finished, flushed, with Ctrl-C
+    held back while a record is written, so a record is never cut in half."""
+
+    def __init__(self, args: argparse.Namespace, engine, prompts: list[str]) -> None:
+        self.args, self.engine, self.prompts = args, engine, prompts
+        self.printed: set[int] = set()
+
+    def write(self, index: int, out) -> None:
+        if index in self.printed or self.engine.target.tp.rank != 0:  # rank 0 prints for every rank
+            return
+        with _sigint_held():
+            print(self._format(index, out), flush=True)
+            self.printed.add(index)
+
+    def _format(self, index: int, out) -> str:
+        engine, number = self.engine, index + 1
+        if self.args.json:
+            build = engine.build
+            return json.dumps({
+                "prompt_number": number, "prompt": self.prompts[index], "prompt_ids": out.prompt_ids,
+                "output_ids": out.output_ids, "text": out.text, "model_dir": str(engine.model_dir),
+                "backend": build.backend, "mode": engine.mode, "lookup_ngram": build.lookup_ngram,
+                "short_draft_tokens": build.short_draft_tokens, "datastore": build.datastore,
+                "drafter": engine.drafter.describe() if engine.drafter is not None else None,
+                **out.stats.to_dict()})
+        stats = out.stats
+        accept = f", acceptance length {stats.acceptance_length:.2f}" if stats.num_draft_tokens else ""
+        which = f"prompt {number} of {len(self.prompts)}: " if len(self.prompts) > 1 else ""
+        return (f"{out.text}\n[{which}{stats.num_new_tokens} tokens, {stats.tokens_per_s:.1f} tokens/s decode"
+                f"{accept}, {engine.build.backend}, finish: {stats.finish_reason}]")
+
+
+@contextlib.contextmanager
+def _sigint_held():
+    """Defer SIGINT until the block is done (then raise KeyboardInterrupt as it would have)."""
+    pending: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    except ValueError:  # not the main thread: nothing to hold
+        yield
         return
-    for prompt, out in zip(prompts, outputs):
-        if args.json:
-            record = {"prompt": prompt, "prompt_ids": out.prompt_ids, "output_ids": out.output_ids,
-                      "text": out.text, "model_dir": str(engine.model_dir), "backend": backend,
-                      "mode": engine.mode, "lookup_ngram": engine.build.lookup_ngram,
-                      "short_draft_tokens": engine.build.short_draft_tokens,
-                      "datastore": engine.build.datastore,
-                      "drafter": engine.drafter.describe() if engine.drafter is not None else None,
-                      **out.stats.to_dict()}
-            print(json.dumps(record), flush=True)
-        else:
-            print(out.text)
-            accept = (f", acceptance length {out.stats.acceptance_length:.2f}"
-                      if out.stats.num_draft_tokens else "")
-            print(f"[{out.stats.num_new_tokens} tokens, {out.stats.tokens_per_s:.1f} tokens/s decode{accept}, "
-                  f"{backend}, finish: {out.stats.finish_reason}]", flush=True)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            raise KeyboardInterrupt
+
+
+def generate(args: argparse.Namespace, given: set[str]) -> int:
+    from neuron_peagle.runtime.engine import GenerationInterrupted
+
+    engine, params, prompts, ids = _engine_and_prompts(args, given, quiet=args.json)
+    records = _Records(args, engine, prompts)
+    try:
+        engine.generate(ids, params, on_output=records.write)
+    except GenerationInterrupted as stop:
+        for index in sorted(stop.outputs):  # finished, but held back for an earlier prompt still running
+            records.write(index, stop.outputs[index])
+        print(f"neuron-peagle: interrupted: {len(stop.outputs)} of {len(prompts)} prompts finished "
+              f"(their records are printed)", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "generate":
-            generate(args)
-        elif args.command == "profile":
-            profile(args)
-    except NeuronPeagleError as err:
-        print(f"neuron-peagle: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run("neuron-peagle", build_parser, argv,
+               lambda args, given: (generate if args.command == "generate" else profile)(args, given))
 
 
 if __name__ == "__main__":

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from neuron_peagle import checks
 from neuron_peagle.backends import BACKEND_HELP, NEURON_BACKENDS
 from neuron_peagle.errors import ConfigError, ModelDirError, UnsupportedModelError
 
@@ -182,6 +184,13 @@ def default_short_draft_tokens(lookup_ngram: int, num_draft_tokens: int, datasto
     return 0
 
 
+def resolve_kernels(kernels: str, backend: str) -> str:
+    """The draft-pass kernels "auto" means on `backend`: NKI on the Neuron backends, plain PyTorch elsewhere."""
+    if kernels == "auto":
+        return "nki" if backend in NEURON_BACKENDS else "reference"
+    return kernels
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """Every shape the traced graphs are built for."""
@@ -207,14 +216,18 @@ class BuildConfig:
     datastore: bool = False
 
     def __post_init__(self) -> None:
-        buckets = tuple(int(b) for b in self.prefill_buckets)
+        if isinstance(self.prefill_buckets, (str, bytes)) or not isinstance(self.prefill_buckets, Sequence):
+            raise ConfigError(f"prefill_buckets must be a sequence of integers, got {self.prefill_buckets!r}")
+        buckets = tuple(checks.integer("prefill_buckets", b) for b in self.prefill_buckets)
         object.__setattr__(self, "prefill_buckets", buckets)
-        if self.kernels == "auto":
-            object.__setattr__(self, "kernels", "nki" if self.backend in NEURON_BACKENDS else "reference")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.max_length < 2:
-            raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
+        checks.choice("backend", self.backend, BACKENDS)
+        object.__setattr__(self, "kernels", resolve_kernels(self.kernels, self.backend))
+        checks.integer("batch_size", self.batch_size, minimum=1)
+        checks.integer("max_length", self.max_length, minimum=2)
+        checks.integer("lookup_ngram", self.lookup_ngram, minimum=0)
+        checks.integer("short_draft_tokens", self.short_draft_tokens, minimum=0)
+        if not isinstance(self.datastore, bool):
+            raise ConfigError(f"datastore must be True or False, got {self.datastore!r}")
         if not buckets:
             raise ConfigError("prefill_buckets must name at least one bucket")
         if list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
@@ -225,14 +238,8 @@ class BuildConfig:
             )
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.kernels not in KERNEL_MODES:
             raise ConfigError(f"kernels must be 'auto' or one of {KERNEL_MODES}, got {self.kernels!r}")
-        if self.lookup_ngram < 0:
-            raise ConfigError(f"lookup_ngram must be >= 0 (0 = no context lookup), got {self.lookup_ngram}")
-        if self.short_draft_tokens < 0:
-            raise ConfigError(f"short_draft_tokens must be >= 0 (0 = no adaptive K), got {self.short_draft_tokens}")
         if self.short_draft_tokens and not self.lookup_ngram:
             raise ConfigError("short_draft_tokens (adaptive K) needs context lookup: it picks K by whether the "
                               "lookup found a copy; set lookup_ngram too")

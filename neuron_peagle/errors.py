@@ -40,3 +40,7 @@ class BackendUnavailableError(NeuronPeagleError):
 class ArtifactError(NeuronPeagleError):
     """Compiled artifacts cannot be built or used: a failed HLO audit, or a manifest that does not
     match the installed versions, the weights on disk or the requested shapes."""
+
+
+class UsageError(ConfigError):
+    """A command-line option is malformed: not a number, not one of its choices, missing its value."""

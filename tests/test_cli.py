@@ -101,8 +101,7 @@ def test_datastore_option_is_auto_by_default_and_refused_where_there_is_none(tin
     assert datastore("--datastore", "off") is False
     assert main(["generate", "hi", "--model", str(tiny_llama_dir), "--datastore", "on", *TINY_ARGS]) == 2
     assert "drafter is random-init" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["generate", "hi", "--datastore", "maybe"])
+    assert main(["generate", "hi", "--datastore", "maybe"]) == 2
     assert "expected auto, on or off" in capsys.readouterr().err
 
 

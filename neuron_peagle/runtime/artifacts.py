@@ -44,6 +44,7 @@ from compile.manifest import (NEURON_MODEL_FILE, XLA_CACHE_DIR, Manifest, Tensor
 from compile.plan import GraphSpec, neuron_compiler_args, plan_graphs, trace_hlo
 from neuron_peagle.backends import COMPILE_BACKENDS
 from neuron_peagle.backends.xla import XlaBackend, initialize_persistent_cache
+from neuron_peagle.config import resolve_kernels
 from neuron_peagle.errors import ArtifactError
 
 # How a graph reached the device at load, from torch-xla's counters.
@@ -68,6 +69,7 @@ class ArtifactRequest:
     max_length: int | None = None
     prefill_buckets: tuple[int, ...] | None = None
     dtype: str | None = None
+    kernels: str | None = None  # "auto": what auto means on the artifacts' backend
     lookup_ngram: int | None = None
     short_draft_tokens: int | None = None
     datastore: bool | None = None
@@ -96,15 +98,18 @@ def _check_versions(manifest: Manifest) -> None:
                             + "; rebuild them with `python -m compile.build` in this environment")
 
 
-def _check_request(manifest: Manifest, request: ArtifactRequest) -> None:
+def check_request(manifest: Manifest, request: ArtifactRequest) -> None:
+    """Every setting the request asks for is the one the artifacts were built with."""
     built = {"backend": manifest.backend, "mode": manifest.mode,
              "num_speculative_tokens": manifest.num_speculative_tokens, "batch_size": manifest.build.batch_size,
              "max_length": manifest.build.max_length, "prefill_buckets": manifest.build.prefill_buckets,
-             "dtype": manifest.build.dtype, "lookup_ngram": manifest.build.lookup_ngram,
+             "dtype": manifest.build.dtype, "kernels": manifest.build.kernels, "lookup_ngram": manifest.build.lookup_ngram,
              "short_draft_tokens": manifest.build.short_draft_tokens, "datastore": manifest.build.datastore}
     wrong = []
     for name, value in built.items():
         asked = getattr(request, name)
+        if name == "kernels" and asked is not None:
+            asked = resolve_kernels(asked, manifest.backend)
         if asked is not None and (tuple(asked) if name == "prefill_buckets" else asked) != value:
             wrong.append(f"{name} {value} (requested: {asked})")
     if wrong:
@@ -133,7 +138,7 @@ def _checked_dirs(manifest: Manifest, request: ArtifactRequest) -> tuple[Path, P
 
         require_sdk()
     _check_versions(manifest)
-    _check_request(manifest, request)
+    check_request(manifest, request)
     model_dir = request.model_dir or Path(manifest.model.path)
     _check_weights(manifest.model, model_dir, "model")
     drafter_dir = None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from neuron_peagle import checks
 from neuron_peagle.config import BuildConfig, DrafterConfig, ModelConfig, default_short_draft_tokens
 from neuron_peagle.datastore import DATASTORE_FILE, load_datastore
 from neuron_peagle.errors import ConfigError
@@ -58,8 +59,11 @@ def resolve_speculation(lookup_ngram: int, num_draft_tokens: int, short_draft_to
     """An engine's adaptive-K and datastore options as the build's values: "auto" datastore is on where
     lookup is and the drafter directory has one; an unset short K (None) is the configuration's
     default (config.default_short_draft_tokens); values given stand, checked here or by BuildConfig."""
-    if datastore not in (True, False, "auto"):
+    if datastore not in (True, False, "auto") or isinstance(datastore, int) and not isinstance(datastore, bool):
         raise ConfigError(f"datastore must be True, False or 'auto', got {datastore!r}")
+    checks.integer("lookup_ngram", lookup_ngram, minimum=0)
+    if short_draft_tokens is not None:
+        checks.integer("short_draft_tokens", short_draft_tokens, minimum=0)
     if datastore == "auto":
         datastore = bool(lookup_ngram) and choice is not None and choice.has_datastore
     if short_draft_tokens is None:

@@ -11,8 +11,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from neuron_peagle import checks, memory
 from neuron_peagle.backends import get_backend
-from neuron_peagle.config import BuildConfig
+from neuron_peagle.config import BuildConfig, ModelConfig
 from neuron_peagle.default_model import require_default_model
 from neuron_peagle.errors import ConfigError, PromptError
 from neuron_peagle.models.target import TargetModel
@@ -21,6 +22,7 @@ from neuron_peagle.runtime.batch import BatchSampling
 from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter, resolve_speculation
 from neuron_peagle.runtime.host_loop import Decoder, StepCallback, run_batch
 from neuron_peagle.runtime.plain_decoder import PlainDecoder
+from neuron_peagle.runtime.requests import check_prompt, check_stop_token_ids, prompt_inputs
 from neuron_peagle.runtime.spec_decoder import SpecDecoder
 from neuron_peagle.runtime.stats import RequestStats
 from neuron_peagle.tokenizer import encode_prompt, load_tokenizer
@@ -40,14 +42,35 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        checks.integer("max_new_tokens", self.max_new_tokens, minimum=1)
+        checks.real("temperature", self.temperature, minimum=0)
+        checks.integer("top_k", self.top_k, minimum=0)
+        checks.real("top_p", self.top_p, above=0, maximum=1)
+        if self.seed is not None:
+            checks.integer("seed", self.seed, minimum=0, maximum=2**63 - 1)
+        if self.stop_token_ids is not None:
+            ids = (self.stop_token_ids,) if isinstance(self.stop_token_ids, int) else self.stop_token_ids
+            object.__setattr__(self, "stop_token_ids",
+                               tuple(checks.integer("stop_token_ids", t, minimum=0) for t in _sequence("stop_token_ids", ids)))
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        object.__setattr__(self, "stop", tuple(_stop_string(s) for s in _sequence("stop", stop)))
+        if not isinstance(self.ignore_eos, bool):
+            raise ConfigError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+
+
+def _sequence(field_name: str, value) -> Sequence:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ConfigError(f"{field_name} must be a list, got {value!r}")
+    return value
+
+
+def _stop_string(text) -> str:
+    if not isinstance(text, str) or not text:
+        raise ConfigError(f"stop strings must be non-empty text, got {text!r}")
+    problem = checks.utf8_problem(text)
+    if problem:
+        raise ConfigError(f"stop string {text!r}: {problem}")
+    return text
 
 
 @dataclass
@@ -61,6 +84,34 @@ class RequestOutput:
 
 # Streaming callback: (request index, newly committed token ids).
 TokenCallback = Callable[[int, list[int]], None]
+# Finished-request callback: (request index, its output), in input order.
+OutputCallback = Callable[[int, RequestOutput], None]
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """Generation stopped by KeyboardInterrupt; `outputs` maps request index -> output for every request
+    finished before it (in input order or not), `total` is how many were asked for."""
+
+    def __init__(self, outputs: dict[int, RequestOutput], total: int) -> None:
+        super().__init__(f"interrupted: {len(outputs)} of {total} requests finished")
+        self.outputs = outputs
+        self.total = total
+
+
+class _InOrder:
+    """Collects finished outputs and passes them on in input order, each as soon as it can be."""
+
+    def __init__(self, on_output: OutputCallback | None) -> None:
+        self.on_output = on_output
+        self.outputs: dict[int, RequestOutput] = {}
+        self.passed = 0
+
+    def add(self, index: int, output: RequestOutput) -> None:
+        self.outputs[index] = output
+        while self.passed in self.outputs:
+            if self.on_output is not None:
+                self.on_output(self.passed, self.outputs[self.passed])
+            self.passed += 1
 
 
 class Engine:
@@ -82,6 +133,7 @@ class Engine:
         self.mode = mode
         self.num_speculative_tokens = num_speculative_tokens
         self.drafter = drafter
+        self.artifacts = None  # runtime.artifacts.LoadReport when loaded by from_compiled
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path | None = None, drafter_dir: str | Path | None = None, *,
@@ -107,21 +159,23 @@ class Engine:
         backend; run under `torchrun --nproc-per-node n`): every rank returns the same outputs."""
         if parallel_drafting is not None and mode != "plain":
             mode = "parallel" if parallel_drafting else "sequential"
-        if mode not in MODES:
-            raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode != "plain" and num_speculative_tokens < 1:
-            raise ConfigError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+        checks.choice("mode", mode, MODES)
+        checks.integer("num_speculative_tokens", num_speculative_tokens, minimum=1 if mode != "plain" else 0)
+        checks.integer("tp_degree", tp_degree, minimum=1)
         path = Path(model_dir) if model_dir is not None else require_default_model()
+        model_config = ModelConfig.from_dir(path)
         choice = None if mode == "plain" else choose_drafter(path, drafter_dir, is_default_target=model_dir is None)
         short_draft_tokens, datastore = resolve_speculation(lookup_ngram, num_speculative_tokens, short_draft_tokens,
                                                             datastore, choice)
         build = BuildConfig(batch_size=batch_size, max_length=max_length,
-                            prefill_buckets=tuple(prefill_buckets), dtype=dtype, backend=backend, kernels=kernels,
+                            prefill_buckets=prefill_buckets, dtype=dtype, backend=backend, kernels=kernels,
                             lookup_ngram=lookup_ngram, short_draft_tokens=short_draft_tokens,
                             datastore=datastore)
         if tp_degree != 1 and build.backend != "eager":
             raise ConfigError(f"tensor parallelism (tp_degree {tp_degree}) runs on the eager backend so far, "
                               f"not on {build.backend!r}")
+        memory.check_fits(model_config, build, choice.config if choice is not None else None,
+                          sum(f.stat().st_size for f in path.glob("*.safetensors")))
         tp = TensorParallel.from_process_group(tp_degree)
         runner = get_backend(build.backend)
         if mode == "plain":
@@ -181,28 +235,11 @@ class Engine:
     def encode(self, prompt: str, chat_template: bool = True) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, chat_template)
 
-    def validate(self, prompt_ids: Sequence[int], params: SamplingParams, index: int = 0) -> None:
-        largest = self.build.prefill_buckets[-1]
-        if len(prompt_ids) == 0:
-            raise PromptError(f"prompt {index} is empty")
-        if len(prompt_ids) > largest:
-            raise PromptError(
-                f"prompt {index} has {len(prompt_ids)} tokens, more than the largest prefill bucket "
-                f"({largest}); build with a larger bucket or shorten the prompt"
-            )
-        # A speculative step writes K+1 cache entries past the last committed token, and the
-        # drafter keeps one trash slot at the end of its cache.
-        room = self.build.max_length - (self.num_speculative_tokens + 1 if self.num_speculative_tokens else 0)
-        if len(prompt_ids) + params.max_new_tokens > room:
-            extra = (f" (less {self.num_speculative_tokens + 1} slots that speculative steps need)"
-                     if self.num_speculative_tokens else "")
-            raise PromptError(
-                f"prompt {index}: {len(prompt_ids)} prompt tokens + max_new_tokens "
-                f"{params.max_new_tokens} exceed max_length {self.build.max_length}{extra}"
-            )
-        vocab = self.target.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise PromptError(f"prompt {index} has token ids outside the vocabulary [0, {vocab})")
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams, number: int = 1) -> None:
+        """Prompt `number` (counted from 1) and the parameters fit this engine (runtime.requests)."""
+        check_prompt(number, prompt_ids, params.max_new_tokens, self.build, self.num_speculative_tokens,
+                     self.target.config.vocab_size)
+        check_stop_token_ids(params.stop_token_ids, self.target.config.vocab_size)
 
     def stop_token_ids(self, params: SamplingParams) -> set[int]:
         if params.ignore_eos:
@@ -216,37 +253,41 @@ class Engine:
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  params: SamplingParams | None = None, *, chat_template: bool = True,
-                 on_tokens: TokenCallback | None = None, on_step: StepCallback | None = None) -> list[RequestOutput]:
-        """Generate for every prompt (text, or token ids used as they are). `on_tokens(request, tokens)`
-        streams each request's committed tokens; `on_step(StepRecord)` sees every decode step."""
+                 on_tokens: TokenCallback | None = None, on_step: StepCallback | None = None,
+                 on_output: OutputCallback | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (text, or token ids used as they are). Every prompt is checked
+        before any work starts. `on_tokens(request, tokens)` streams each request's committed tokens;
+        `on_step(StepRecord)` sees every decode step; `on_output(request, output)` gets each request's
+        output as soon as it and every request before it are finished (input order, counted from 0).
+        Interrupted (KeyboardInterrupt, e.g. Ctrl-C), it raises GenerationInterrupted, which holds every
+        output finished by then."""
         params = params or SamplingParams()
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        texts: list[str | None] = []
-        all_ids: list[list[int]] = []
-        for prompt in prompts:
-            if isinstance(prompt, str):
-                texts.append(prompt)
-                all_ids.append(self.encode(prompt, chat_template) if prompt else [])
-            else:
-                texts.append(None)
-                all_ids.append([int(t) for t in prompt])
-        for i, ids in enumerate(all_ids):
-            self.validate(ids, params, i)
+        if not isinstance(params, SamplingParams):
+            raise ConfigError(f"params must be a SamplingParams, got {type(params).__name__}")
+        inputs = prompt_inputs(prompts)
+        all_ids = [(self.encode(p, chat_template) if p else []) if isinstance(p, str) else p for p in inputs]
+        for number, ids in enumerate(all_ids, start=1):
+            self.validate(ids, params, number)
 
         stop_ids = self.stop_token_ids(params)
-        outputs: list[RequestOutput] = []
+        finished = _InOrder(on_output)
         batch = self.build.batch_size
-        for first in range(0, len(all_ids), batch):
-            group = all_ids[first:first + batch]
-            sampling = BatchSampling.from_params([params] * len(group), batch)
-            rows = run_batch(self.decoder, group, [params.max_new_tokens] * len(group), stop_ids, sampling,
-                             self._commit_callback(first, params, on_tokens), on_step)
-            for offset, row in enumerate(rows):
-                text = self._final_text(row.output_ids, params)
-                outputs.append(RequestOutput(texts[first + offset], group[offset], row.output_ids,
-                                             text, row.stats))
-        return outputs
+        try:
+            for first in range(0, len(all_ids), batch):
+                group = all_ids[first:first + batch]
+                sampling = BatchSampling.from_params([params] * len(group), batch)
+
+                def on_finish(row: int, state, first: int = first) -> None:
+                    index = first + row
+                    text = inputs[index] if isinstance(inputs[index], str) else None
+                    finished.add(index, RequestOutput(text, all_ids[index], state.output_ids,
+                                                      self._final_text(state.output_ids, params), state.stats))
+
+                run_batch(self.decoder, group, [params.max_new_tokens] * len(group), stop_ids, sampling,
+                          self._commit_callback(first, params, on_tokens), on_step, on_finish)
+        except KeyboardInterrupt:
+            raise GenerationInterrupted(dict(finished.outputs), len(all_ids)) from None
+        return [finished.outputs[i] for i in range(len(all_ids))]
 
     # ---- text ----------------------------------------------------------------------------------
 

@@ -60,12 +60,16 @@ class StepRecord:
 
 
 StepCallback = Callable[[StepRecord], None]
+# Called once per row when it is finished, with its final state.
+FinishCallback = Callable[[int, "RowState"], None]
 
 
 def run_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
               stop_token_ids: set[int], sampling: BatchSampling,
-              on_commit: CommitCallback | None = None, on_step: StepCallback | None = None) -> list[RowState]:
-    """Generate for one batch of at most `decoder.batch_size` prompts (already validated).
+              on_commit: CommitCallback | None = None, on_step: StepCallback | None = None,
+              on_finish: FinishCallback | None = None) -> list[RowState]:
+    """Generate for one batch of at most `decoder.batch_size` prompts (already validated); `on_finish`
+    hears of each row the moment it is finished.
     The prefill and every step are named `peagle::prefill` / `peagle::step` for a profiler."""
     rows = [RowState(list(p), n) for p, n in zip(prompts, max_new_tokens)]
     for row in rows:
@@ -80,7 +84,7 @@ def run_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens
         row.stats.prefill_time_s = prefill_time
         _commit(row, i, [int(first[i])], stop_token_ids, on_commit)
         if row.done:
-            decoder.retire(i)
+            _finish(decoder, row, i, on_finish)
 
     step = 0
     while not all(row.done for row in rows):
@@ -106,8 +110,14 @@ def run_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens
             committed = tokens[i, : int(counts[i])].tolist()
             stats.num_decoded_tokens += _commit(row, i, committed, stop_token_ids, on_commit)
             if row.done:
-                decoder.retire(i)
+                _finish(decoder, row, i, on_finish)
     return rows
+
+
+def _finish(decoder: Decoder, row: RowState, index: int, on_finish: FinishCallback | None) -> None:
+    decoder.retire(index)
+    if on_finish is not None:
+        on_finish(index, row)
 
 
 def _commit(row: RowState, index: int, tokens: list[int], stop_token_ids: set[int],

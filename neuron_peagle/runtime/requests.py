@@ -1,0 +1,66 @@
+"""The checks every request passes before any work starts, as functions of the settings alone, so the
+command line runs them before a model is loaded and the engine runs them again on what it is given.
+
+Prompts are counted from 1 in every message, by the API and the command line alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from neuron_peagle import checks
+from neuron_peagle.config import BuildConfig
+from neuron_peagle.errors import ConfigError, PromptError
+
+
+def prompt_inputs(prompts: Any) -> list[str | list[int]]:
+    """The API's `prompts` argument as a list: one text, texts, or token-id lists (tensors allowed),
+    each checked for its type (text must be valid UTF-8; ids must be integers)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if hasattr(prompts, "tolist") and not isinstance(prompts, list):  # a tensor or array of ids
+        prompts = prompts.tolist()
+    if isinstance(prompts, bytes) or not isinstance(prompts, Sequence):
+        raise PromptError(f"prompts must be text, a list of texts or a list of token-id lists, got {prompts!r:.60}")
+    checked: list[str | list[int]] = []
+    for number, prompt in enumerate(prompts, start=1):
+        if hasattr(prompt, "tolist"):
+            prompt = prompt.tolist()
+        if isinstance(prompt, str):
+            checked.append(checks.prompt_text(number, prompt))
+        else:
+            checked.append(checks.token_ids(number, prompt))
+    return checked
+
+
+def check_prompt(number: int, prompt_ids: Sequence[int], max_new_tokens: int, build: BuildConfig,
+                 num_speculative_tokens: int, vocab_size: int) -> None:
+    """Prompt `number` fits the built shapes: not empty, within the largest prefill bucket, with room
+    for max_new_tokens (and a speculative step's K+1 slots) in the cache, ids in the vocabulary."""
+    largest = build.prefill_buckets[-1]
+    if len(prompt_ids) == 0:
+        raise PromptError(f"prompt {number} is empty")
+    if len(prompt_ids) > largest:
+        raise PromptError(
+            f"prompt {number} has {len(prompt_ids)} tokens, more than the largest prefill bucket "
+            f"({largest}); build with a larger bucket or shorten the prompt"
+        )
+    # A speculative step writes K+1 cache entries past the last committed token, and the
+    # drafter keeps one trash slot at the end of its cache.
+    room = build.max_length - (num_speculative_tokens + 1 if num_speculative_tokens else 0)
+    if len(prompt_ids) + max_new_tokens > room:
+        extra = (f" (less {num_speculative_tokens + 1} slots that speculative steps need)"
+                 if num_speculative_tokens else "")
+        raise PromptError(
+            f"prompt {number}: {len(prompt_ids)} prompt tokens + max_new_tokens "
+            f"{max_new_tokens} exceed max_length {build.max_length}{extra}"
+        )
+    if any(not 0 <= t < vocab_size for t in prompt_ids):
+        raise PromptError(f"prompt {number} has token ids outside the vocabulary [0, {vocab_size})")
+
+
+def check_stop_token_ids(stop_token_ids: Sequence[int] | None, vocab_size: int) -> None:
+    outside = [t for t in stop_token_ids or () if t >= vocab_size]
+    if outside:
+        raise ConfigError(f"stop_token_ids {outside} are outside the vocabulary [0, {vocab_size})")
