@@ -18,7 +18,7 @@ import torch
 
 from neuron_peagle import checks
 from neuron_peagle.backends import BACKEND_HELP, NEURON_BACKENDS
-from neuron_peagle.errors import ConfigError, ModelDirError, UnsupportedModelError
+from neuron_peagle.errors import ConfigError, ModelDirError, NeuronPeagleError, UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -40,9 +40,12 @@ def read_config_json(directory: str | Path, kind: str) -> tuple[dict[str, Any], 
     if not config_path.is_file():
         raise ModelDirError(f"{kind} directory {str(path)!r} has no config.json")
     try:
-        return json.loads(config_path.read_text()), str(config_path)
-    except json.JSONDecodeError as err:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{config_path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{config_path}: expected a JSON object, got {type(data).__name__}")
+    return data, str(config_path)
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,10 @@ class ModelConfig:
             )
         except KeyError as err:
             raise ConfigError(f"{source}: required field {err.args[0]!r} is missing") from None
+        except NeuronPeagleError:
+            raise
+        except (TypeError, ValueError, AttributeError) as err:
+            raise ConfigError(f"{source}: a field has a value of the wrong type ({err})") from None
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":

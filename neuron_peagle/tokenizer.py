@@ -13,7 +13,11 @@ def load_tokenizer(model_dir: str | Path):
     path = Path(model_dir)
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise ModelDirError(f"model directory {str(path)!r} has no tokenizer files (tokenizer.json)")
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as err:  # a corrupt tokenizer file surfaces as any of tokenizers' or transformers' errors
+        raise ModelDirError(f"model directory {str(path)!r}: its tokenizer cannot be loaded "
+                            f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
 
 
 def encode_prompt(tokenizer, prompt: str, chat_template: bool = True) -> list[int]:

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -404,3 +405,30 @@ def test_an_option_given_at_its_default_value_must_match_the_artifacts(option, m
                                                                        no_model_loads):
     line = _refused(capsys, ["generate", "hi", "--artifacts", str(k3_artifacts), *option])
     assert "the artifacts were built for" in line and message in line
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: [c], "expected a JSON object"),
+    (lambda c: {**c, "hidden_size": "wide"}, "a field has a value of the wrong type"),
+    (lambda c: {**c, "eos_token_id": "two"}, "a field has a value of the wrong type"),
+])
+def test_a_malformed_model_config_is_refused_naming_it(edit, match, tmp_path, tiny_llama_dir, capsys, no_model_loads):
+    model = tmp_path / "model"
+    model.mkdir()
+    for item in tiny_llama_dir.iterdir():
+        (model / item.name).symlink_to(item)
+    (model / "config.json").unlink()
+    (model / "config.json").write_text(json.dumps(edit(json.loads((tiny_llama_dir / "config.json").read_text()))))
+    line = _refused(capsys, ["generate", "hi", "--model", str(model), *TINY])
+    assert "config.json" in line and re.search(match, line)
+
+
+def test_a_corrupt_tokenizer_is_refused_naming_the_model(tmp_path, tiny_llama_dir, capsys, no_model_loads):
+    model = tmp_path / "model"
+    model.mkdir()
+    for item in tiny_llama_dir.iterdir():
+        if item.name != "tokenizer.json":
+            (model / item.name).symlink_to(item)
+    (model / "tokenizer.json").write_text("{not json")
+    line = _refused(capsys, ["generate", "hi", "--model", str(model), *TINY])
+    assert "its tokenizer cannot be loaded" in line
