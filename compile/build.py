@@ -17,7 +17,9 @@ xla / nxd (the torch-xla environment):
    NxDModel, the stale ones compiled by neuronx-cc, and the NxDModel saved as `neuron/model.pt`,
    so that all graphs share one device copy of the weights, KV caches and speculative state.
    Files of graphs no longer planned are removed.
-4. Write manifest.json. Progress shows on a tqdm bar and goes to compile_log.jsonl as it happens.
+4. Write manifest.json, last, with the sha256 of every file the loader reads. Every file is written
+   whole or not at all (neuron_peagle.files). Progress shows on a tqdm bar and goes to
+   compile_log.jsonl as it happens.
 
 Every build must run in a fresh process: torch-xla fixes its persistent cache when it compiles its
 first graph, and a compiler's cache directory must be set before it first compiles, so the build
@@ -41,8 +43,8 @@ from tqdm import tqdm
 
 from compile import audit
 from compile.manifest import (COMPILE_CACHE_DIR, HLO_DIR, LOG_NAME, MANIFEST_NAME, NEURON_DIR, PORTABLE_CACHE_FILE,
-                              XLA_CACHE_DIR, GraphRecord, Manifest, TensorInfo, WeightsInfo, fingerprint,
-                              installed_versions)
+                              XLA_CACHE_DIR, GraphRecord, Manifest, TensorInfo, WeightsInfo, artifact_checksums,
+                              fingerprint, installed_versions)
 from compile.plan import TARGETS, GraphSpec, neuron_compiler_args, plan_graphs, trace_hlo
 from neuron_peagle.backends.xla import XlaBackend, initialize_persistent_cache
 from neuron_peagle.backends import BACKEND_HELP, COMPILE_BACKENDS
@@ -51,6 +53,7 @@ from neuron_peagle.cli_args import Parser, buckets, run
 from neuron_peagle.config import BuildConfig
 from neuron_peagle.default_model import require_default_model
 from neuron_peagle.errors import ArtifactError, ConfigError
+from neuron_peagle.files import atomic_write_text, temporary_of
 from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter, resolve_speculation
 from neuron_peagle.runtime.artifacts import engine_for_build
 from neuron_peagle.runtime.engine import MODES, Engine
@@ -131,7 +134,7 @@ def _trace(spec: GraphSpec, backend: XlaBackend, out: Path, versions: dict, weig
            vocab_sizes: tuple[int, ...]) -> _Traced:
     hlo, outputs = trace_hlo(spec, backend)
     hlo_file = f"{HLO_DIR}/{spec.name}.hlo.txt"
-    (out / hlo_file).write_text(hlo)
+    atomic_write_text(out / hlo_file, hlo)
     result = audit.audit_hlo(hlo, vocab_sizes)
     audit.check(spec.name, result, str(out / hlo_file))
     digest = hashlib.sha256(hlo.encode()).hexdigest()
@@ -196,9 +199,16 @@ def _prune(out: Path, previous: Manifest | None, keep: set[str]) -> None:
             path.unlink()
 
 
-# What a build writes into its output directory (and an interrupted build may leave without a manifest).
+# What a build writes into its output directory (and an interrupted build may leave without a manifest),
+# besides the temporary siblings of these files (`.manifest.json.tmp-<pid>`, neuron_peagle.files) that an
+# interrupted write leaves behind; the ".tmp" names are those of builds before neuron_peagle.files.
 OWN_ENTRIES = {MANIFEST_NAME, MANIFEST_NAME + ".tmp", LOG_NAME, HLO_DIR, XLA_CACHE_DIR, NEURON_DIR, COMPILE_CACHE_DIR,
                PORTABLE_CACHE_FILE, PORTABLE_CACHE_FILE + ".tmp"}
+
+
+def is_own_entry(name: str) -> bool:
+    """Whether an entry of an output directory is one a build writes, or the temporary of one."""
+    return name in OWN_ENTRIES or temporary_of(name) in OWN_ENTRIES
 
 
 def check_out_dir(out: Path) -> None:
@@ -207,7 +217,7 @@ def check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"--out {out} is a file, not an artifact directory")
     if out.is_dir() and not (out / MANIFEST_NAME).is_file():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_ENTRIES)
+        foreign = sorted(p.name for p in out.iterdir() if not is_own_entry(p.name))
         if foreign:
             raise ArtifactError(f"{out} holds files of its own ({', '.join(foreign[:5])}"
                                 f"{', ...' if len(foreign) > 5 else ''}) and no {MANIFEST_NAME}: it is not an artifact "
@@ -292,7 +302,8 @@ def build_artifacts(request: BuildRequest) -> BuildReport:
         num_speculative_tokens=request.num_draft_tokens, tp_degree=request.tp_degree, target=request.target,
         model=model, drafter=drafter, graphs=tuple(records),
         audit_notes=tuple(audit.notes({t.spec.name: t.audit.findings for t in traced})),
-        neuron_checkpoint=neuron.checkpoint if neuron is not None else ())
+        neuron_checkpoint=neuron.checkpoint if neuron is not None else (),
+        checksums=artifact_checksums(out, records))
     manifest.save(out)
     planned = {s.name for s in specs}
     report = BuildReport(
@@ -324,7 +335,8 @@ def _build_compiled(request: BuildRequest, started: float) -> BuildReport:
     manifest = Manifest(
         backend=request.backend, versions=versions, build=dataclasses.replace(request.build, backend=request.backend),
         mode=request.mode, num_speculative_tokens=request.num_draft_tokens, tp_degree=request.tp_degree,
-        target=request.target, model=model, drafter=drafter, graphs=tuple(records), audit_notes=())
+        target=request.target, model=model, drafter=drafter, graphs=tuple(records), audit_notes=(),
+        checksums=artifact_checksums(out, records))
     manifest.save(out)
     planned = {r.name for r in records}
     report = BuildReport(compiled=compiled, up_to_date=[r.name for r in records if r.name not in compiled],

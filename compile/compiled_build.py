@@ -28,6 +28,7 @@ from tqdm import tqdm
 from compile.manifest import COMPILE_CACHE_DIR, PORTABLE_CACHE_FILE, GraphRecord, Manifest, TensorInfo, fingerprint
 from compile.plan import GraphSpec, plan_graphs
 from neuron_peagle.backends.compiled import compiled_graph_count
+from neuron_peagle.files import atomic_write_bytes
 
 # Where each compiler keeps its cache (read when it first needs the cache).
 CACHE_ENV = {"inductor": "TORCHINDUCTOR_CACHE_DIR", "neuron": "TORCH_NEURONX_NEFF_CACHE_DIR"}
@@ -81,9 +82,7 @@ def compile_graphs(engine, out: Path, versions: dict, weights: list, log) -> tup
     if engine.build.backend == "inductor":
         saved = torch.compiler.save_cache_artifacts()
         if saved is not None:
-            tmp = out / (PORTABLE_CACHE_FILE + ".tmp")
-            tmp.write_bytes(saved[0])
-            tmp.replace(out / PORTABLE_CACHE_FILE)
+            atomic_write_bytes(out / PORTABLE_CACHE_FILE, saved[0])
     return records, compiled
 
 

@@ -17,6 +17,10 @@ Layout of an artifact directory:
                            without weights (nxd backend)
     neuron/<graph>.neff    each graph's NEFF as neuronx-cc wrote it (reused by rebuilds, for profiling)
 
+The manifest also records the sha256 of every file the loader reads from the artifact directory
+(`checksums`, see `artifact_checksums`): a file changed or lost since the build is refused at load.
+Every file is written whole or not at all (neuron_peagle.files), the manifest last.
+
 An nxd manifest also lists the weight dict its NxDModel reads (`neuron_checkpoint`: every tensor
 name, shape and dtype): the loader rebuilds that dict from the checked model directory and refuses
 one that differs.
@@ -27,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -34,9 +39,11 @@ from typing import Any
 
 from torch import Tensor
 
+from neuron_peagle.checksums import is_relative_name
 from neuron_peagle.config import BuildConfig
 from neuron_peagle.default_model import sha256_of
 from neuron_peagle.errors import ArtifactError
+from neuron_peagle.files import atomic_write_text
 
 FORMAT_VERSION = 2  # 2: backends inductor, neuron (TorchNeuron), xla, nxd (was "neuron")
 MANIFEST_NAME = "manifest.json"
@@ -153,6 +160,9 @@ class Manifest:
     audit_notes: tuple[str, ...]
     format_version: int = FORMAT_VERSION
     neuron_checkpoint: tuple[TensorInfo, ...] = ()  # neuron: the weight dict every graph reads; xla: empty
+    # sha256 of every file the build wrote that the loader reads (`artifact_checksums`), relative path ->
+    # hex; verified before anything loads. Empty in manifests written before it was recorded.
+    checksums: dict[str, str] = field(default_factory=dict)
 
     def graph(self, name: str) -> GraphRecord | None:
         return next((g for g in self.graphs if g.name == name), None)
@@ -174,13 +184,12 @@ class Manifest:
             "graphs": tuple(GraphRecord.from_dict(g) for g in data["graphs"]),
             "audit_notes": tuple(audit["notes"]),
             "neuron_checkpoint": tuple(TensorInfo.from_dict(t) for t in data.get("neuron_checkpoint", ())),
+            "checksums": _checksums_from(data.get("checksums", {})),
         })
 
     def save(self, directory: Path) -> None:
-        # Written whole, then renamed: an interrupted build never leaves half a manifest.
-        tmp = directory / (MANIFEST_NAME + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        tmp.replace(directory / MANIFEST_NAME)
+        # Written whole, then renamed (neuron_peagle.files): an interrupted build never leaves half a manifest.
+        atomic_write_text(directory / MANIFEST_NAME, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, directory: Path) -> "Manifest":
@@ -201,6 +210,27 @@ class Manifest:
             return cls.from_dict(data)
         except (KeyError, TypeError, ValueError) as err:
             raise ArtifactError(f"{path}: malformed manifest ({err!r})") from None
+
+
+def _checksums_from(data: Any) -> dict[str, str]:
+    """The manifest's checksums, checked: relative paths inside the artifact directory -> sha256 hex."""
+    if not isinstance(data, dict) or not all(isinstance(k, str) and is_relative_name(k) and isinstance(v, str)
+                                             for k, v in data.items()):
+        raise ValueError("checksums must map relative file paths to sha256 hex strings")
+    return dict(data)
+
+
+def artifact_checksums(out: Path, graphs: Sequence[GraphRecord]) -> dict[str, str]:
+    """sha256 of every regular file of `out` that the build wrote and the loader reads: the graphs' HLO
+    (xla, nxd), their compiled files (xla: the persistent cache entries each graph added, one or two per
+    graph; nxd: its NEFF and neuron/model.pt) and portable_cache.bin (inductor).
+
+    Not compile_cache/ (inductor, neuron, recorded as a graph's file): the compiler writes and reads it
+    itself, keyed by the content of what it caches, thousands of small files that it may add to at
+    load; a corrupt entry there costs a recompile at worst, never other results."""
+    names = {g.hlo_file for g in graphs if g.hlo_file} | {f for g in graphs for f in g.files}
+    names.add(PORTABLE_CACHE_FILE)
+    return {name: sha256_of(out / name) for name in sorted(names) if (out / name).is_file()}
 
 
 def fingerprint(hlo_sha256: str, compiler_args: tuple[str, ...], versions: dict[str, str | None],

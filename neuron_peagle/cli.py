@@ -32,8 +32,8 @@ def build_parser() -> Parser:
     _add_engine_options(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt per line")
     gen.add_argument("--tp-degree", type=int, default=1, metavar="N",
-                     help="shard the target over N processes (eager backend; run under `torchrun "
-                          "--nproc-per-node N`; rank 0 prints)")
+                     help="shard the target over N processes (DTensor; eager, inductor and neuron backends; run "
+                          "under `torchrun --nproc-per-node N`; rank 0 prints)")
     prof = sub.add_parser("profile", help="generate under the backend's profilers and write a profiler session")
     _add_engine_options(prof)
     prof.set_defaults(tp_degree=1)  # a profiler session is one process
@@ -69,7 +69,7 @@ def _add_engine_options(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     gen.add_argument("--backend", default=None, choices=tuple(BACKEND_HELP), metavar="NAME",
                      help="; ".join(f"{name}: {text}" for name, text in BACKEND_HELP.items())
-                     + f" (default: {DEFAULT_BACKEND}, or eager with --tp-degree above 1)")
+                     + f" (default: {DEFAULT_BACKEND})")
     gen.add_argument("--kernels", default="auto", choices=("auto", *KERNEL_MODES),
                      help="draft-pass kernels (auto: NKI on neuron and nxd, else PyTorch; interpreter: the kernel "
                           "source on the CPU interpreter, slow, eager only)")
@@ -100,10 +100,8 @@ def add_speculation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def backend_of(args: argparse.Namespace) -> str:
-    """--backend, or the default: the fastest exact CPU path, except that tensor parallelism runs on eager."""
-    if args.backend is not None:
-        return args.backend
-    return "eager" if getattr(args, "tp_degree", 1) > 1 else DEFAULT_BACKEND
+    """--backend, or the default: the fastest exact CPU path."""
+    return args.backend if args.backend is not None else DEFAULT_BACKEND
 
 
 def _datastore_choice(value: str) -> bool | str:

@@ -5,7 +5,8 @@ n-gram of orders `min_order..max_order` seen at least `min_count` times, the tok
 after it (the lookup chains them into drafts). Saved as safetensors (`order<n>.keys` [E, n],
 `order<n>.next` [E], int32, entries in descending count) with one metadata entry, `datastore`: a
 JSON object holding the vocabulary size (one key, so the same build writes the same bytes);
-loaded into one hash table of every order, sized for a load factor of at most one half.
+loaded into one hash table of every order, sized for a load factor of at most one half. In a drafter
+directory with a checksums.json, saving records the file's sha256 there and loading verifies it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from neuron_peagle.checksums import read_checksums, record_checksums, verify_checksums
 from neuron_peagle.errors import ConfigError, ModelDirError
+from neuron_peagle.files import atomic_path
 from neuron_peagle.graphs.datastore import EMPTY, MAX_VOCAB, PAD, PROBES, NgramDatastore, NgramTable, ngram_hash
 
 DATASTORE_FILE = "datastore.safetensors"
@@ -79,6 +82,8 @@ def read_response_sequences(path: Path, context_tokens: int) -> list[list[int]]:
 
 def save_datastore(entries: dict[int, tuple[torch.Tensor, torch.Tensor]], path: Path, vocab_size: int,
                    config: DatastoreConfig, source: str) -> None:
+    """Write the datastore to `path`, whole or not at all; where its directory has a checksums.json
+    (a drafter directory), its sha256 is recorded there too."""
     tensors = {}
     for n, (keys, next_tokens) in entries.items():
         tensors[f"order{n}.keys"] = keys.contiguous()
@@ -86,13 +91,19 @@ def save_datastore(entries: dict[int, tuple[torch.Tensor, torch.Tensor]], path: 
     about = {"vocab_size": vocab_size, "min_count": config.min_count, "orders": sorted(entries), "source": source}
     metadata = {"datastore": json.dumps(about, sort_keys=True)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    recorded = read_checksums(path.parent)  # a corrupt record is refused before anything is written
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    if recorded is not None:  # a drafter directory save_drafter wrote: its record now vouches for this file too
+        record_checksums(path.parent, (path.name,), create=False)
 
 
 def load_datastore(path: Path, vocab_size: int) -> NgramDatastore:
-    """The datastore at `path` as a hash table, checked against the target's vocabulary size."""
+    """The datastore at `path` as a hash table, checked against the target's vocabulary size (and against
+    its sha256 where its directory's checksums.json records one)."""
     if not path.is_file():
         raise ModelDirError(f"no n-gram datastore at {path}")
+    verify_checksums(path.parent, names=(path.name,))
     try:
         with safe_open(str(path), "pt") as handle:
             metadata = handle.metadata() or {}

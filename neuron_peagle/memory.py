@@ -68,11 +68,13 @@ def available_bytes() -> int | None:
 
 
 def check_fits(model: ModelConfig, build: BuildConfig, drafter: DrafterConfig | None = None,
-               checkpoint_bytes: int = 0) -> MemoryEstimate:
-    """Raise ConfigError, naming the numbers and the settings that drive them, if the engine cannot fit."""
+               checkpoint_bytes: int = 0, copies: int = 1) -> MemoryEstimate:
+    """Raise ConfigError, naming the numbers and the settings that drive them, if the engine (`copies`
+    of it at once: one per tensor-parallel rank on this host, each loading the whole model) cannot fit."""
     need = estimate(model, build, drafter, checkpoint_bytes)
     have = available_bytes()
-    if have is not None and need.total > have:
-        raise ConfigError(f"this engine needs about {need.describe()}, more than the {have / GIB:.2f} GiB of memory "
+    if have is not None and need.total * copies > have:
+        times = f"{copies} x " if copies > 1 else ""
+        raise ConfigError(f"this engine needs about {times}{need.describe()}, more than the {have / GIB:.2f} GiB of memory "
                           f"available; lower max_length ({build.max_length}) or batch_size ({build.batch_size})")
     return need

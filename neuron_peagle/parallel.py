@@ -1,17 +1,21 @@
-"""Tensor parallelism of the target model: which shard of each weight a rank holds, and the sum that
-joins the shards.
+"""Tensor parallelism of the target model with PyTorch's own engine, `torch.distributed.tensor.parallel`.
 
-Megatron-style, as neuronx-distributed lays out Llama: the fused q/k/v and gate/up projections are
-split by output (whole attention heads, whole KV heads, a slice of the MLP's intermediate width), so
-attention and the SwiGLU run locally on a rank's heads; the o and down projections are split by
-input, and their partial outputs are summed across ranks before the bias and the residual. Embedding,
-norms, LM head and the drafter stay whole on every rank (after each sum every rank holds the same
-hidden states, so every rank computes the same tokens and the host loops stay in step). A rank's KV
-cache holds only its KV heads.
+Megatron-style, as neuronx-distributed lays out Llama: in every decoder layer the fused q/k/v and
+gate/up projections are split by output (`ColwiseParallel`: whole attention heads, whole KV heads, a
+slice of the MLP's width), so attention and the SwiGLU run on a rank's own heads; the o and down
+projections are split by input (`RowwiseParallel`), and their partial outputs are summed across ranks
+(an all-reduce) before the residual. Embedding, norms, LM head and the drafter stay whole on every
+rank, so after each sum every rank holds the same hidden states and computes the same tokens, and
+the host loops stay in step. A rank's KV cache holds only its KV heads. Where there are fewer KV heads
+than ranks (the degree a multiple of them), each KV head is replicated on the ranks whose query heads
+read it.
 
-On the eager backend the sum is a `torch.distributed` all-reduce over the default process group (one
-process per rank: `torchrun --nproc-per-node N`, gloo on CPU). Partial sums are reduced in float32,
-so a bf16 model rounds once, after the sum, as it does unsharded.
+The sharded projections are `nn.Linear` modules ([out, in], the layout the parallel styles shard),
+built whole on every rank with their rows in rank order (rank 0's q, k, v rows, then rank 1's, ...;
+rank 0's gate and up rows, then rank 1's) so that an even split by output gives each rank its own
+heads; `parallelize` then keeps each rank's shard as a DTensor. The same code runs in eager and inside
+torch.compile'd graphs (dynamo traces DTensor into functional collectives), on the gloo process group
+on CPU and the Neuron device's on trn2/trn3: one process per rank, under `torchrun`.
 """
 
 from __future__ import annotations
@@ -20,32 +24,77 @@ import os
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from neuron_peagle.errors import ConfigError
+
+# Which parallel style each sharded projection of a decoder layer gets.
+LAYER_PLAN = {"self_attn.qkv_proj": "colwise", "mlp.gate_up_proj": "colwise",
+              "self_attn.o_proj": "rowwise", "mlp.down_proj": "rowwise"}
 
 
 @dataclass(frozen=True)
 class TensorParallel:
     degree: int = 1
     rank: int = 0
+    device_type: str = "cpu"  # of the device mesh: "cpu" (gloo) or "neuron"
 
     def __post_init__(self) -> None:
-        if self.degree < 1:
+        if isinstance(self.degree, bool) or not isinstance(self.degree, int) or self.degree < 1:
             raise ConfigError(f"tp_degree must be >= 1, got {self.degree}")
         if not 0 <= self.rank < self.degree:
             raise ConfigError(f"tensor-parallel rank {self.rank} is outside [0, {self.degree})")
 
     def local(self, total: int, what: str) -> int:
-        """This rank's share of `total` (heads, KV heads, intermediate width); it must divide evenly."""
+        """This rank's share of `total` (heads, intermediate width); it must divide evenly."""
         if total % self.degree:
             raise ConfigError(f"the target's {what} ({total}) is not divisible by tp_degree {self.degree}")
         return total // self.degree
 
+    def kv_heads(self, num_kv_heads: int) -> range:
+        """The KV heads (global indices) this rank holds: an even share, or, where the degree is a
+        multiple of their number, the one KV head its query heads read (replicated)."""
+        if num_kv_heads % self.degree == 0:
+            share = num_kv_heads // self.degree
+            return range(self.rank * share, (self.rank + 1) * share)
+        if self.degree % num_kv_heads == 0:
+            head = self.rank // (self.degree // num_kv_heads)
+            return range(head, head + 1)
+        raise ConfigError(f"the target's key-value heads ({num_kv_heads}) neither divide by tp_degree {self.degree} "
+                          "nor divide it (to be replicated)")
+
+    def check(self, num_heads: int, num_kv_heads: int, intermediate_size: int) -> None:
+        """Every split this degree needs is possible (checked before anything is loaded)."""
+        self.local(num_heads, "attention heads")
+        self.kv_heads(num_kv_heads)
+        self.local(intermediate_size, "intermediate size")
+
+    def rank_order(self, parts: list[Tensor], shares: list[list[range]]) -> Tensor:
+        """Rows of `parts` (each [rows, ...]) regrouped rank by rank: for each rank, part i's rows in
+        `shares[i][rank]` (in row units), concatenated; what an even split by rows hands each rank."""
+        return torch.cat([part[share[rank].start:share[rank].stop] for rank in range(self.degree)
+                          for part, share in zip(parts, shares)])
+
+    def for_rank(self, rank: int) -> "TensorParallel":
+        return TensorParallel(self.degree, rank, self.device_type)
+
+    def mesh(self):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(self.device_type, (self.degree,))
+
+    def parallelize(self, layer: nn.Module) -> None:
+        """Shard a decoder layer's projections (built whole, rows in rank order) over the mesh."""
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+        parallelize_module(layer, self.mesh(), {name: styles[style]() for name, style in LAYER_PLAN.items()})
+
     @classmethod
-    def from_process_group(cls, degree: int) -> "TensorParallel":
+    def from_process_group(cls, degree: int, device_type: str = "cpu") -> "TensorParallel":
         """The rank of this process in the default process group, which must have `degree` processes.
-        Under torchrun (its environment variables set) the group is created here if it is not yet."""
+        Under torchrun (its environment variables set) the group is created here if it is not yet:
+        gloo on CPU, the device's own backend elsewhere."""
         if degree == 1:
             return SINGLE
         cls(degree)  # checks the degree before any process group is touched
@@ -57,22 +106,11 @@ class TensorParallel:
             if "WORLD_SIZE" not in os.environ:
                 raise ConfigError(f"tp_degree {degree} needs one process per rank: run under "
                                   f"`torchrun --nproc-per-node {degree}` or initialize torch.distributed first")
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo" if device_type == "cpu" else None)
         if dist.get_world_size() != degree:
             raise ConfigError(f"tp_degree {degree} needs a process group of {degree} processes, "
                               f"this one has {dist.get_world_size()}")
-        return cls(degree, dist.get_rank())
+        return cls(degree, dist.get_rank(), device_type)
 
 
 SINGLE = TensorParallel()  # no tensor parallelism: one rank holds everything
-
-
-def all_reduce_sum(x: Tensor, tp: TensorParallel) -> Tensor:
-    """The sum of every rank's `x` (same shape on all), in x's dtype; x itself where degree is 1."""
-    if tp.degree == 1:
-        return x
-    import torch.distributed as dist
-
-    total = x.to(torch.float32, copy=True)  # the all-reduce writes into it
-    dist.all_reduce(total)
-    return total.to(x.dtype)

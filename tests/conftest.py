@@ -18,8 +18,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 
 def save_tiny_model(path: Path, family: str = "llama", tie: bool = True, seed: int = 0,
-                    rope_scaling: dict | None = None, vocab_size: int = 49152) -> Path:
+                    rope_scaling: dict | None = None, vocab_size: int = 49152, **shape) -> Path:
     """A small random model saved the way users bring theirs: config.json + model.safetensors.
+    `shape` overrides config fields (heads, head_dim, widths).
 
     It borrows the default model's tokenizer (same vocabulary size) so the whole engine runs on it.
     """
@@ -29,6 +30,7 @@ def save_tiny_model(path: Path, family: str = "llama", tie: bool = True, seed: i
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    common.update(shape)
     if family == "llama":
         config = LlamaConfig(**common, rope_theta=10000.0, rope_scaling=rope_scaling)
         model = LlamaForCausalLM(config)

@@ -112,7 +112,7 @@ def test_backend_is_inductor_by_default_and_help_names_every_backend(capsys):
     from neuron_peagle.cli import backend_of
 
     assert backend_of(build_parser().parse_args(["generate", "hi"])) == "inductor"
-    assert backend_of(build_parser().parse_args(["generate", "hi", "--tp-degree", "2"])) == "eager"
+    assert backend_of(build_parser().parse_args(["generate", "hi", "--tp-degree", "2"])) == "inductor"
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens

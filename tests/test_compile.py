@@ -454,3 +454,75 @@ def test_artifacts_of_the_old_neuron_backend_name_are_refused_with_the_new_name(
     (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format_version": 1, "backend": "xla"}))
     with pytest.raises(ArtifactError, match="format version 1, this version reads 2; rebuild"):
         Manifest.load(tmp_path)
+
+
+# ---- artifact checksums --------------------------------------------------------------------------
+
+def _hand_made_artifacts(out: Path, model_dir: Path) -> Manifest:
+    """An xla-style artifact directory written by hand (HLO, a cache entry, a compile_cache folder and a
+    portable cache) and its manifest as a build records it, for the loader's file checks (no compile)."""
+    from compile.manifest import GraphRecord, artifact_checksums, installed_versions
+
+    (out / "hlo").mkdir(parents=True)
+    (out / "hlo" / "decode_greedy.hlo.txt").write_text("HloModule decode_greedy\n")
+    (out / "xla_cache").mkdir()
+    (out / "xla_cache" / "1234").write_bytes(b"compiled graph")
+    (out / "compile_cache" / "fxgraph").mkdir(parents=True)  # the compiler's own: not recorded
+    (out / "compile_cache" / "fxgraph" / "entry").write_bytes(b"cached")
+    (out / "portable_cache.bin").write_bytes(b"portable")
+    graph = GraphRecord(name="decode_greedy", kind="decode", bucket=None, greedy=True, inputs=(), outputs=(), state=(),
+                        compiler_args=(), hlo_file="hlo/decode_greedy.hlo.txt", hlo_sha256="", fingerprint="",
+                        files=("xla_cache/1234", "compile_cache"), compile_time_s=0.0, audit={})
+    manifest = Manifest(backend="inductor", versions=installed_versions("inductor"),
+                        build=BuildConfig(max_length=64, prefill_buckets=(16,), backend="inductor"), mode="plain",
+                        num_speculative_tokens=0, tp_degree=1, target="trn1", model=WeightsInfo.of_dir(model_dir),
+                        drafter=None, graphs=(graph,), audit_notes=(),
+                        checksums=artifact_checksums(out, (graph,)))
+    manifest.save(out)
+    return manifest
+
+
+def test_manifest_records_the_sha256_of_every_file_the_loader_reads(tiny_llama_dir, tmp_path):
+    from compile.manifest import artifact_checksums
+    from neuron_peagle.default_model import sha256_of
+    from neuron_peagle.runtime.artifacts import check_artifact_files
+
+    manifest = _hand_made_artifacts(tmp_path, tiny_llama_dir)
+    assert set(manifest.checksums) == {"hlo/decode_greedy.hlo.txt", "xla_cache/1234", "portable_cache.bin"}
+    assert manifest.checksums["xla_cache/1234"] == sha256_of(tmp_path / "xla_cache" / "1234")
+    assert Manifest.load(tmp_path) == manifest  # saved and read back
+    check_artifact_files(tmp_path, manifest)  # as built
+    (tmp_path / "compile_cache" / "fxgraph" / "entry").write_bytes(b"the compiler's business")
+    check_artifact_files(tmp_path, manifest)
+    assert artifact_checksums(tmp_path, ()) == {"portable_cache.bin": manifest.checksums["portable_cache.bin"]}
+
+
+@pytest.mark.parametrize("damage", ["changed", "missing"])
+def test_a_changed_or_missing_artifact_file_is_refused_before_any_model_loads(tiny_llama_dir, tmp_path, damage,
+                                                                              monkeypatch):
+    from neuron_peagle.runtime import artifacts
+
+    _hand_made_artifacts(tmp_path, tiny_llama_dir)
+    hlo = tmp_path / "hlo" / "decode_greedy.hlo.txt"
+    if damage == "changed":
+        hlo.write_text("HloModule something_else\n")
+        match = r"artifact file .*hlo/decode_greedy\.hlo\.txt changed since the build \(sha256 [0-9a-f]{16}\.\.\., " \
+                r"built as [0-9a-f]{16}\.\.\.\): it was modified or corrupted; rebuild the artifacts"
+    else:
+        hlo.unlink()
+        match = r"artifact file .*hlo/decode_greedy\.hlo\.txt is missing \(the build wrote it\); rebuild the artifacts"
+    monkeypatch.setattr(artifacts, "engine_from_manifest", lambda *args: pytest.fail("a model was loaded"))
+    with pytest.raises(ArtifactError, match=match):
+        Engine.from_compiled(tmp_path)
+
+
+def test_a_manifest_without_checksums_still_reads(tiny_llama_dir, tmp_path):
+    _hand_made_artifacts(tmp_path, tiny_llama_dir)
+    data = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    del data["checksums"]  # written before they were recorded
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    assert Manifest.load(tmp_path).checksums == {}
+    data["checksums"] = {"../elsewhere": "0" * 64}
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="malformed manifest"):
+        Manifest.load(tmp_path)

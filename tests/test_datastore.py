@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from conftest import save_tiny_model
+from neuron_peagle.checksums import CHECKSUMS_FILE
 from neuron_peagle.config import DrafterConfig, ModelConfig
 from neuron_peagle.datastore import (DATASTORE_FILE, DatastoreConfig, build_entries, datastore_from_entries,
                                      hash_table, load_datastore, save_datastore)
-from neuron_peagle.errors import ConfigError, ModelDirError
+from neuron_peagle.errors import ConfigError, ModelDirError, WeightsError
 from neuron_peagle.graphs.datastore import EMPTY, PAD
 from neuron_peagle.models.drafter_io import save_drafter
 from neuron_peagle.models.target import default_feature_layers
@@ -174,3 +175,26 @@ def test_datastore_needs_lookup_and_a_file(small_model_with_datastore, tiny_llam
         Engine.from_pretrained(model_dir, drafter_dir, lookup_ngram=2, datastore="yes", **shapes)
     assert Engine.from_pretrained(model_dir, drafter_dir, lookup_ngram=2, datastore="auto", **shapes).build.datastore
     assert not Engine.from_pretrained(tiny_llama_dir, lookup_ngram=2, datastore="auto", **shapes).build.datastore
+
+
+def test_a_datastore_written_into_a_drafter_directory_is_recorded_and_verified(tmp_path):
+    target_config = ModelConfig.from_dir(save_tiny_model(tmp_path / "model", "llama", vocab_size=64, seed=5))
+    drafter_config = DrafterConfig.for_target(target_config, default_feature_layers(target_config.num_hidden_layers),
+                                              draft_vocab_size=64)
+    drafter_dir = save_drafter(random_drafter(drafter_config, 64, seed=3), tmp_path / "drafter")
+    config = DatastoreConfig(max_order=2, min_order=2, min_count=1)
+    path = drafter_dir / DATASTORE_FILE
+    save_datastore(build_entries([[1, 2, 3, 4, 5]], config), path, 64, config, "test")
+    record = json.loads((drafter_dir / CHECKSUMS_FILE).read_text())
+    assert set(record) == {"config.json", "model.safetensors", DATASTORE_FILE}
+    load_datastore(path, 64)
+    save_drafter(random_drafter(drafter_config, 64, seed=4), drafter_dir)  # a new save keeps the datastore's entry
+    assert json.loads((drafter_dir / CHECKSUMS_FILE).read_text())[DATASTORE_FILE] == record[DATASTORE_FILE]
+    save_file({"order2.keys": torch.tensor([[1, 2]], dtype=torch.int32),
+               "order2.next": torch.tensor([3], dtype=torch.int32)}, str(path),
+              metadata={"datastore": json.dumps({"vocab_size": 64})})  # replaced by hand, not recorded
+    with pytest.raises(WeightsError, match=rf"{DATASTORE_FILE} has sha256 .* modified or corrupted since it was saved"):
+        load_datastore(path, 64)
+    plain = tmp_path / "plain"  # a directory without a record gets none
+    save_datastore(build_entries([[1, 2, 3]], config), plain / DATASTORE_FILE, 64, config, "test")
+    assert sorted(p.name for p in plain.iterdir()) == [DATASTORE_FILE]

@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from neuron_peagle.config import DrafterConfig, ModelConfig
 from neuron_peagle.errors import ConfigError, DrafterMismatchError, WeightsError
 from neuron_peagle.graphs.proposers import DrafterProposer, SpecState
+from neuron_peagle.checksums import CHECKSUMS_FILE
 from neuron_peagle.models.drafter_io import load_drafter, save_drafter
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.runtime.drafter_choice import random_drafter
@@ -115,6 +116,9 @@ def test_corrupt_and_incomplete_checkpoints(tmp_path, target):
     weights = tmp_path / "model.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(good[: len(good) // 3])
+    with pytest.raises(WeightsError, match="model.safetensors has sha256 .* modified or corrupted since it was saved"):
+        load_drafter(tmp_path, target.config, MAX_LENGTH)
+    (tmp_path / CHECKSUMS_FILE).unlink()  # no record (another tool's drafter): the reader still refuses it
     with pytest.raises(WeightsError, match="cannot read"):
         load_drafter(tmp_path, target.config, MAX_LENGTH)
     weights.write_bytes(good)
@@ -122,4 +126,55 @@ def test_corrupt_and_incomplete_checkpoints(tmp_path, target):
     config["speculators_model_type"] = "medusa"
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="expected 'peagle'"):
+        load_drafter(tmp_path, target.config, MAX_LENGTH)
+
+
+def test_save_records_checksums_and_a_file_edited_after_saving_is_refused(tmp_path, target):
+    save_drafter(_drafter(target), tmp_path)
+    record = json.loads((tmp_path / CHECKSUMS_FILE).read_text())
+    assert set(record) == {"config.json", "model.safetensors"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checksums.json", "config.json", "model.safetensors"]
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["norm.weight"] = tensors["norm.weight"] + 1  # still a valid checkpoint, just not the saved one
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(WeightsError) as info:
+        load_drafter(tmp_path, target.config, MAX_LENGTH)
+    message = str(info.value)
+    assert "model.safetensors has sha256" in message and "expected " + record["model.safetensors"][:16] in message
+    assert "modified or corrupted since it was saved" in message
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match=r"model\.safetensors is missing"):
+        load_drafter(tmp_path, target.config, MAX_LENGTH)
+
+
+def test_saving_again_rewrites_the_record(tmp_path, target):
+    save_drafter(_drafter(target), tmp_path)
+    save_drafter(_drafter(target, num_layers=2), tmp_path)
+    assert load_drafter(tmp_path, target.config, MAX_LENGTH).config.num_layers == 2
+
+
+@pytest.mark.parametrize("garbage", ["not json at all", '["model.safetensors"]', '{"model.safetensors": 1}'])
+def test_a_garbage_checksum_record_is_refused_naming_it(tmp_path, target, garbage):
+    save_drafter(_drafter(target), tmp_path)
+    (tmp_path / CHECKSUMS_FILE).write_text(garbage)
+    with pytest.raises(WeightsError, match=r"checksums\.json: .*corrupt"):
+        load_drafter(tmp_path, target.config, MAX_LENGTH)
+
+
+def test_a_drafter_without_checksums_loads(tmp_path, target):
+    drafter = _drafter(target)
+    save_drafter(drafter, tmp_path, dtype=torch.float32)
+    (tmp_path / CHECKSUMS_FILE).unlink()  # as another tool writes a drafter
+    loaded = load_drafter(tmp_path, target.config, MAX_LENGTH)
+    assert torch.equal(loaded.fc.weight, drafter.fc.weight)
+
+
+def test_a_nan_weight_is_refused_naming_the_tensor(tmp_path, target):
+    save_drafter(_drafter(target), tmp_path)
+    (tmp_path / CHECKSUMS_FILE).unlink()  # written by hand, as another tool would: no record
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["layers.0.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(WeightsError, match=r"model\.safetensors: tensor layers\.0\.mlp\.down_proj\.weight holds NaN "
+                                           r"or inf values; the checkpoint is corrupt"):
         load_drafter(tmp_path, target.config, MAX_LENGTH)

@@ -99,6 +99,19 @@ def test_missing_and_misshaped_tensors_are_named(tmp_path, tiny_llama_dir):
     assert "model.norm.weight has shape (63,), expected (64,)" in message
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_weight_is_refused_naming_the_tensor(tmp_path, tiny_llama_dir, value):
+    from safetensors.torch import load_file, save_file
+
+    target = _copy(tiny_llama_dir, tmp_path / "m")
+    tensors = load_file(str(target / "model.safetensors"))
+    tensors["model.layers.2.self_attn.k_proj.weight"][0, -1] = value
+    save_file(tensors, str(target / "model.safetensors"))
+    with pytest.raises(WeightsError, match=r"model\.safetensors: tensor model\.layers\.2\.self_attn\.k_proj\.weight "
+                                           r"holds NaN or inf values; the checkpoint is corrupt"):
+        TargetModel.from_pretrained(target, max_length=32)
+
+
 def test_config_missing_field(tmp_path):
     with pytest.raises(ConfigError, match="'hidden_size' is missing"):
         ModelConfig.from_hf_dict({"architectures": ["LlamaForCausalLM"], "vocab_size": 10})

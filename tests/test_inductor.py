@@ -159,6 +159,7 @@ def test_artifacts_load_from_the_compile_cache_in_a_fresh_process(tmp_path, tiny
     assert sorted(g.name for g in manifest.graphs) == ["decode_greedy", "decode_sampling", "prefill_b16_greedy",
                                                        "prefill_b16_sampling"]
     assert (out / "portable_cache.bin").stat().st_size > 0 and any((out / "compile_cache").iterdir())
+    assert list(manifest.checksums) == ["portable_cache.bin"]  # compile_cache/ is the compiler's own
 
     run = subprocess.run([sys.executable, "-m", "neuron_peagle.cli", "generate", "--artifacts", str(out),
                           "--no-chat-template", "--max-new-tokens", "12", "Once upon a time"],

@@ -1,6 +1,7 @@
-"""Tensor parallelism (neuron_peagle.parallel) on CPU: two processes under torchrun, each holding half
-of every decoder layer's heads and MLP width, decode the tokens one process holding all of it does,
-in plain decoding and in P-EAGLE speculative decoding with context lookup, greedy and sampled."""
+"""Tensor parallelism with DTensor (neuron_peagle.parallel) on CPU: two and three processes under
+torchrun (gloo), each holding its share of every decoder layer's heads and MLP width, decode exactly
+the tokens one process holding all of it does: eagerly and compiled with inductor, plain and P-EAGLE
+with context lookup and the n-gram datastore, greedy and sampled with a seed."""
 
 from __future__ import annotations
 
@@ -11,82 +12,110 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
+from conftest import save_tiny_model
 from neuron_peagle.cli import main as cli_main
+from neuron_peagle.config import DrafterConfig, ModelConfig
+from neuron_peagle.datastore import DATASTORE_FILE, DatastoreConfig, build_entries, save_datastore
 from neuron_peagle.errors import ConfigError
-from neuron_peagle.models.target import TargetModel
+from neuron_peagle.models.drafter_io import save_drafter
+from neuron_peagle.models.target import TargetModel, default_feature_layers
 from neuron_peagle.parallel import TensorParallel
+from neuron_peagle.runtime.drafter_choice import random_drafter
 from neuron_peagle.runtime.engine import Engine
+from tp_cases import CASES, GREEDY, PROMPTS, generate_case
 
 REPO = Path(__file__).resolve().parent.parent
-# Tensor parallelism runs on the eager backend (the command line's default is inductor).
+WORKER = Path(__file__).resolve().parent / "tp_worker.py"
+# The command line's tensor parallelism, on the eager backend.
 SHAPES = ["--max-length", "96", "--buckets", "16,32", "--max-new-tokens", "24", "--batch-size", "2", "--json",
           "--no-chat-template", "--backend", "eager"]
-PROMPTS = ["Write a haiku about the sea.", "List three prime numbers.", "Hi"]
+TEXT_PROMPTS = ["Write a haiku about the sea.", "List three prime numbers.", "Hi"]
 
 
-def _cli_json(argv: list[str], capsys) -> list[dict]:
-    assert cli_main(argv) == 0
-    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+def _torchrun(ranks: int, *args: str, timeout: int = 1200) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
 
 
 @pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tp") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    return path
+def tp_model(tmp_path_factory):
+    """A 64-token random target whose 6 query heads and width 96 split over 2 and 3 ranks and whose one
+    KV head is replicated on every rank, a random drafter, and a datastore of the target's answers."""
+    root = tmp_path_factory.mktemp("tp_model")
+    model_dir = save_tiny_model(root / "model", "llama", vocab_size=64, seed=7, num_hidden_layers=3, hidden_size=96,
+                                num_attention_heads=6, num_key_value_heads=1, head_dim=16, intermediate_size=96)
+    target = ModelConfig.from_dir(model_dir)
+    drafter = DrafterConfig.for_target(target, default_feature_layers(target.num_hidden_layers), draft_vocab_size=64,
+                                       intermediate_size=128)
+    drafter_dir = save_drafter(random_drafter(drafter, 128, seed=3), root / "drafter")
+    answers = generate_case(model_dir, drafter_dir, CASES["plain greedy"], "eager")
+    config = DatastoreConfig(max_order=3, min_order=2, min_count=1)
+    save_datastore(build_entries([p + a for p, a in zip(PROMPTS, answers)], config), drafter_dir / DATASTORE_FILE,
+                   64, config, "test")
+    want = {name: generate_case(model_dir, drafter_dir, case, "eager") for name, case in CASES.items()}
+    return model_dir, drafter_dir, want
 
 
-CASES = {
-    "plain greedy": ["--mode", "plain"],
-    "parallel greedy, lookup": ["--mode", "parallel", "-k", "3", "--lookup-ngram", "2"],
-    "parallel sampled": ["--mode", "parallel", "-k", "3", "--temperature", "0.8", "--top-p", "0.9", "--seed", "4"],
-}
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_ranks_compiled_with_inductor_decode_what_one_process_does(tp_model, ranks):
+    model_dir, drafter_dir, want = tp_model
+    got = json.loads(_torchrun(ranks, str(WORKER), "generate", str(model_dir), str(drafter_dir), "inductor"))
+    for name in CASES:
+        assert got[name] == want[name], name
+    assert got["P-EAGLE + lookup + datastore, greedy"] == got["plain greedy"]  # lossless, sharded too
 
 
-def test_two_ranks_decode_what_one_process_does(tiny_llama_dir, prompts_file, capsys):
-    for name, options in CASES.items():
-        argv = ["generate", "--prompts-file", str(prompts_file), "--model", str(tiny_llama_dir), *SHAPES, *options]
-        want = _cli_json(argv, capsys)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "neuron_peagle.cli", *argv, "--tp-degree", "2"]
-        result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert result.returncode == 0, result.stderr[-4000:]
-        got = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-        assert len(got) == len(PROMPTS), result.stdout  # rank 0 alone prints
-        assert [r["output_ids"] for r in got] == [r["output_ids"] for r in want], name
-        assert all(len(r["output_ids"]) == 24 for r in got)
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_each_rank_holds_the_slices_of_its_heads_and_width(tp_model, ranks):
+    model_dir, _, _ = tp_model
+    ranks_report = json.loads(_torchrun(ranks, str(WORKER), "shards", str(model_dir)))
+    assert [r["rank"] for r in ranks_report] == list(range(ranks))
+    assert all(r["kv_heads"] == [0] for r in ranks_report)  # the one KV head, replicated
 
 
-def test_a_rank_holds_its_share_of_every_layer(tiny_llama_dir):
-    whole = TargetModel.from_pretrained(tiny_llama_dir, 64)
-    halves = [TargetModel.from_pretrained(tiny_llama_dir, 64, tp=TensorParallel(2, rank)) for rank in (0, 1)]
-    attn, mlp = whole.layers[1].self_attn, whole.layers[1].mlp
-    nh, nkv, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    q, k, v = attn.qkv_proj.weight.split([nh * hd, nkv * hd, nkv * hd], dim=1)
-    for rank, half in enumerate(halves):
-        shard = half.layers[1].self_attn
-        assert (shard.num_heads, shard.num_kv_heads) == (nh // 2, nkv // 2)
-        q_r, k_r, v_r = shard.qkv_proj.weight.split([nh // 2 * hd, nkv // 2 * hd, nkv // 2 * hd], dim=1)
-        assert torch.equal(q_r, q.chunk(2, dim=1)[rank]) and torch.equal(k_r, k.chunk(2, dim=1)[rank])
-        assert torch.equal(v_r, v.chunk(2, dim=1)[rank])
-        assert torch.equal(shard.o_proj.weight, attn.o_proj.weight.chunk(2, dim=0)[rank])
-        assert torch.equal(half.layers[1].mlp.down_proj.weight, mlp.down_proj.weight.chunk(2, dim=0)[rank])
-        assert half.new_cache(1).layer(0)[0].shape[1] == nkv // 2
-        assert torch.equal(half.lm_head.weight, whole.lm_head.weight)  # the LM head stays whole
+def test_two_ranks_on_the_command_line_decode_what_one_process_does(tiny_llama_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in TEXT_PROMPTS))
+    argv = ["generate", "--prompts-file", str(prompts), "--model", str(tiny_llama_dir), *SHAPES, "--mode", "parallel",
+            "-k", "3", "--lookup-ngram", "2", "--temperature", "0.8", "--top-p", "0.9", "--seed", "4"]
+    assert cli_main(argv) == 0
+    want = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    out = _torchrun(2, "-m", "neuron_peagle.cli", *argv, "--tp-degree", "2")
+    got = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(got) == len(TEXT_PROMPTS)  # rank 0 alone prints
+    assert [r["output_ids"] for r in got] == [r["output_ids"] for r in want]
 
 
-def test_tensor_parallel_errors_name_the_problem(tiny_llama_dir):
-    with pytest.raises(ConfigError, match=r"key-value heads \(2\) is not divisible by tp_degree 4"):
-        TargetModel.from_pretrained(tiny_llama_dir, 64, tp=TensorParallel(4, 0))
+def test_kv_heads_split_or_replicate_by_rank():
+    assert [list(TensorParallel(2, r).kv_heads(4)) for r in range(2)] == [[0, 1], [2, 3]]
+    assert [list(TensorParallel(4, r).kv_heads(2)) for r in range(4)] == [[0], [0], [1], [1]]
+    with pytest.raises(ConfigError, match=r"key-value heads \(2\) neither divide by tp_degree 3 nor divide it"):
+        TensorParallel(3, 0).kv_heads(2)
+
+
+def test_a_degree_that_does_not_divide_is_refused_before_any_work(tiny_llama_dir, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(TargetModel, "from_pretrained", refuse)
+    with pytest.raises(ConfigError, match=r"attention heads \(4\) is not divisible by tp_degree 3"):
+        Engine.from_pretrained(tiny_llama_dir, mode="plain", tp_degree=3)
     with pytest.raises(ConfigError, match="tp_degree must be >= 1"):
         TensorParallel(0)
-    with pytest.raises(ConfigError, match="runs on the eager backend so far, not on 'xla'"):
+    with pytest.raises(ConfigError, match="runs on backends eager, inductor, neuron, not on 'xla'"):
         Engine.from_pretrained(tiny_llama_dir, mode="plain", backend="xla", tp_degree=2)
     env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
     code = ("import sys; from neuron_peagle.parallel import TensorParallel\n"
             "try:\n    TensorParallel.from_process_group(2)\nexcept Exception as err:\n    print(err); sys.exit(3)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
     assert result.returncode == 3 and "torchrun --nproc-per-node 2" in result.stdout
+
+
+def test_greedy_cases_are_nontrivial(tp_model):
+    _, _, want = tp_model
+    assert len({tuple(ids) for ids in want["plain greedy"]}) == len(PROMPTS)
+    assert all(len(ids) == GREEDY.max_new_tokens for ids in want["plain greedy"])

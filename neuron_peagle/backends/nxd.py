@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from neuron_peagle.backends.nxd_graphs import NxdBundle, NxdGraph, graph_kwargs
 from neuron_peagle.errors import ArtifactError, BackendUnavailableError
+from neuron_peagle.files import atomic_path
 
 INSTALL_HINT = (
     "the nxd backend needs the Neuron SDK 2.31 torch-xla stack (torch-neuronx 2.9, neuronx-cc 2.26, "
@@ -118,7 +119,7 @@ def trace_graph(api: NxdApi, name: str, graph: NxdGraph, kwargs: dict[str, Tenso
 
 def compile_graph(api: NxdApi, name: str, traced, compiler_args: tuple[str, ...], workdir: Path,
                   neff_path: Path) -> None:
-    """neuronx-cc on one traced graph; its NEFF is copied to `neff_path`."""
+    """neuronx-cc on one traced graph; its NEFF is copied to `neff_path` (whole or not at all)."""
     try:
         artifacts = api.compile(traced.hlo, traced.metaneff, compiler_workdir=str(workdir),
                                 compiler_args=" ".join(compiler_args), key=name)
@@ -126,13 +127,16 @@ def compile_graph(api: NxdApi, name: str, traced, compiler_args: tuple[str, ...]
         raise ArtifactError(f"neuronx-cc failed on graph {name} ({err}); its log-neuron-cc.txt is under "
                             f"{workdir / name}") from err
     neff_path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(artifacts.neff_filepath, neff_path)
+    with atomic_path(neff_path) as tmp:
+        shutil.copyfile(artifacts.neff_filepath, tmp)
 
 
 def save_model(api: NxdApi, traced: dict[str, Any], neffs: dict[str, Path], path: Path) -> None:
-    """One NxDModel holding every graph under its planned name, saved without weights."""
+    """One NxDModel holding every graph under its planned name, saved without weights (whole or not at
+    all: a previous build's model.pt stays until the new one is complete)."""
     model = api.NxDModel(world_size=1)
     for name, artifacts in traced.items():
         model.add(key=name, trace_artifacts=artifacts,
                   compilation_artifacts=api.CompilationArtifacts(neff_filepath=str(neffs[name])))
-    model.save(str(path), save_weights=False)
+    with atomic_path(path) as tmp:
+        model.save(str(tmp), save_weights=False)

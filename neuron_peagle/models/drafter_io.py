@@ -10,6 +10,10 @@ When the drafter shares the target's embedding (the default, to keep checkpoints
 mask token embedding is stored as one extra tensor, `mask_embedding`; `save_drafter(...,
 full_embedding=True)` writes instead a complete `embed_tokens.weight` with that row patched in, which
 other speculators consumers load as they are.
+
+`save_drafter` also writes `checksums.json` (file name -> sha256, neuron_peagle.checksums), last;
+`load_drafter` then refuses a file modified or corrupted since. A directory without one (a drafter
+saved by another tool) loads unverified; a NaN or inf in any weight is refused either way.
 """
 
 from __future__ import annotations
@@ -21,14 +25,17 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from neuron_peagle.checksums import record_checksums, verify_checksums
 from neuron_peagle.config import DrafterConfig, ModelConfig, RopeConfig, read_config_json
 from neuron_peagle.datastore import DATASTORE_FILE
 from neuron_peagle.errors import ConfigError
+from neuron_peagle.files import atomic_path, atomic_write_text
 from neuron_peagle.models.drafter import Drafter, draft_target_ids
 from neuron_peagle.models.weights import (check_names_and_shapes, decoder_layer_shapes, export_decoder_layer,
                                           load_decoder_layer, read_safetensors_dir, to_in_out)
 
 SPECULATORS_VERSION = "0.3.0"
+WEIGHTS_FILE = "model.safetensors"
 
 
 def config_to_speculators(config: DrafterConfig, verifier: str = "", verifier_config: ModelConfig | None = None
@@ -147,10 +154,12 @@ def _expected_shapes(c: DrafterConfig) -> dict[str, tuple[int, ...]]:
 
 def load_drafter(drafter_dir: str | Path, target_config: ModelConfig, max_length: int,
                  dtype: torch.dtype = torch.float32) -> Drafter:
-    """Load a speculators-format drafter and check it fits the target."""
+    """Load a speculators-format drafter and check it fits the target. Where the directory has a
+    checksums.json (every drafter `save_drafter` wrote), each file it lists must be as recorded."""
     path = Path(drafter_dir)
     config = read_drafter_config(path)
     config.check_fits(target_config)
+    verify_checksums(path)
     tensors = read_safetensors_dir(path, exclude=(DATASTORE_FILE,))
     optional = {"t2d", "d2t", "verifier_lm_head.weight"}
     if config.shares_target_embedding:
@@ -221,8 +230,10 @@ def drafter_state(drafter: Drafter, target_embedding: torch.Tensor | None = None
 def save_drafter(drafter: Drafter, out_dir: str | Path, verifier: str = "",
                  verifier_config: ModelConfig | None = None, dtype: torch.dtype = torch.bfloat16,
                  full_embedding_from: torch.Tensor | None = None) -> Path:
-    """Write config.json + model.safetensors. With `full_embedding_from` (the target's embedding
-    table) the checkpoint carries a complete embed_tokens.weight and no extension tensor."""
+    """Write model.safetensors, config.json and, last, checksums.json (their sha256, which
+    `load_drafter` verifies; entries of other files already recorded there, such as a datastore, are
+    kept), each file whole or not at all. With `full_embedding_from` (the target's embedding table) the
+    checkpoint carries a complete embed_tokens.weight and no extension tensor."""
     path = Path(out_dir)
     path.mkdir(parents=True, exist_ok=True)
     config = drafter.config
@@ -232,6 +243,10 @@ def save_drafter(drafter: Drafter, out_dir: str | Path, verifier: str = "",
         config = replace(config, shares_target_embedding=False)
     data = config_to_speculators(config, verifier, verifier_config)
     state = drafter_state(drafter, full_embedding_from, dtype)
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(data, indent=2) + "\n")
+    with atomic_path(path / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    atomic_write_text(path / "config.json", json.dumps(data, indent=2) + "\n")
+    # Last: a save interrupted before this leaves files that no record vouches for, never a record of
+    # files that were not written.
+    record_checksums(path, (WEIGHTS_FILE, "config.json"))
     return path

@@ -1,8 +1,9 @@
 """Building blocks of Llama-style decoders, written for fixed-shape tracing.
 
-Linear and embedding layers are created only through `make_linear` / `make_embedding`; tensor
-parallelism (neuron_peagle.parallel) shards attention heads and the MLP's width, and the layers that
-join the shards sum their partial outputs across ranks (`RowParallelLinear`).
+Linear and embedding layers are created only through `make_linear` / `make_embedding`. With tensor
+parallelism (neuron_peagle.parallel) a decoder layer's four projections are `nn.Linear` modules built
+whole, rows in rank order, that `TensorParallel.parallelize` shards (attention heads, KV heads, MLP
+width); the attention and MLP code sees only this rank's heads and width.
 
 Linear weights are stored [in_features, out_features] and applied as `x @ weight`: on CPU a matmul
 over that layout streams the weights about twice as fast at one token as `F.linear` over the usual
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from neuron_peagle.config import RopeConfig
-from neuron_peagle.parallel import SINGLE, TensorParallel, all_reduce_sum
+from neuron_peagle.parallel import SINGLE, TensorParallel
 
 
 class Linear(nn.Module):
@@ -35,20 +36,6 @@ class Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class RowParallelLinear(Linear):
-    """A linear layer split by input across tensor-parallel ranks: each rank multiplies its slice of
-    the input by its rows of the weight, the partial outputs are summed across ranks, then the bias
-    (whole on every rank) is added once. weight: [in_features / degree, out_features]."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel) -> None:
-        super().__init__(in_features, out_features, bias)
-        self.tp = tp
-
-    def forward(self, x: Tensor) -> Tensor:  # [..., in / degree] -> [..., out]
-        y = all_reduce_sum(torch.matmul(x, self.weight), self.tp)
-        return y if self.bias is None else y + self.bias
-
-
 class Embedding(nn.Module):
     """Token embedding table; weight: [vocab_size, hidden_size]."""
 
@@ -60,11 +47,14 @@ class Embedding(nn.Module):
         return self.weight[ids]
 
 
-def make_linear(in_features: int, out_features: int, bias: bool = False, tp: TensorParallel = SINGLE) -> Linear:
-    """A linear layer; with a tensor-parallel degree above 1, one split by input (`in_features` is then
-    this rank's share) whose outputs are summed across ranks."""
+def make_linear(in_features: int, out_features: int, bias: bool = False,
+                tp: TensorParallel = SINGLE) -> nn.Module:
+    """A linear layer; with a tensor-parallel degree above 1, a whole `nn.Linear` ([out, in]: the layout
+    PyTorch's parallel styles shard) for `TensorParallel.parallelize` to split across ranks."""
     if tp.degree > 1:
-        return RowParallelLinear(in_features, out_features, bias, tp)
+        layer = nn.Linear(in_features, out_features, bias=bias)
+        layer.requires_grad_(False)
+        return layer
     return Linear(in_features, out_features, bias)
 
 
@@ -152,12 +142,13 @@ class Attention(nn.Module):
     def __init__(self, hidden_in: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  hidden_out: int, qkv_bias: bool, o_bias: bool, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        # This rank's heads (all of them without tensor parallelism)
+        # This rank's heads (all of them without tensor parallelism); the projections are built whole.
         self.num_heads = tp.local(num_heads, "attention heads")
-        self.num_kv_heads = tp.local(num_kv_heads, "key-value heads")
+        self.num_kv_heads = len(tp.kv_heads(num_kv_heads))
         self.head_dim = head_dim
-        self.qkv_proj = make_linear(hidden_in, (self.num_heads + 2 * self.num_kv_heads) * head_dim, qkv_bias)
-        self.o_proj = make_linear(self.num_heads * head_dim, hidden_out, o_bias, tp)
+        self.qkv_proj = make_linear(hidden_in, tp.degree * (self.num_heads + 2 * self.num_kv_heads) * head_dim,
+                                    qkv_bias, tp)
+        self.o_proj = make_linear(tp.degree * self.num_heads * head_dim, hidden_out, o_bias, tp)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor,
                 key_cache: Tensor | None, value_cache: Tensor | None, visible: Tensor | None = None,
@@ -205,8 +196,8 @@ class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.intermediate_size = tp.local(intermediate_size, "intermediate size")  # this rank's share
-        self.gate_up_proj = make_linear(hidden_size, 2 * self.intermediate_size, bias)
-        self.down_proj = make_linear(self.intermediate_size, hidden_size, bias, tp)
+        self.gate_up_proj = make_linear(hidden_size, 2 * intermediate_size, bias, tp)
+        self.down_proj = make_linear(intermediate_size, hidden_size, bias, tp)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)

@@ -46,7 +46,7 @@ class TargetModel(nn.Module):
         super().__init__()
         self.config = config
         self.max_length = max_length
-        # With a degree above 1, this rank's shard of every decoder layer (neuron_peagle.parallel)
+        # With a degree above 1, every decoder layer is sharded once loaded (neuron_peagle.parallel)
         self.tp = tp
         self.feature_layers = tuple(feature_layers or default_feature_layers(config.num_hidden_layers))
         if any(not 0 <= i < config.num_hidden_layers for i in self.feature_layers):
@@ -54,6 +54,7 @@ class TargetModel(nn.Module):
                 f"feature layers {self.feature_layers} must lie in [0, {config.num_hidden_layers})"
             )
         c = config
+        tp.check(c.num_attention_heads, c.num_key_value_heads, c.intermediate_size)
         self.embed_tokens = make_embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(c.hidden_size, c.intermediate_size, c.num_attention_heads,
@@ -70,7 +71,7 @@ class TargetModel(nn.Module):
     def new_cache(self, batch_size: int) -> KVCache:
         c = self.config
         dtype = self.embed_tokens.weight.dtype
-        kv_heads = self.tp.local(c.num_key_value_heads, "key-value heads")  # this rank's
+        kv_heads = len(self.tp.kv_heads(c.num_key_value_heads))  # this rank's
         return KVCache(c.num_hidden_layers, batch_size, kv_heads, self.max_length, c.head_dim,
                        dtype).to(self.embed_tokens.weight.device)
 
@@ -124,6 +125,9 @@ class TargetModel(nn.Module):
         model.load_hf_state(read_safetensors_dir(model_dir), source=str(model_dir))
         model.to(dtype)
         model.rotary.float()  # positions' angles stay float32 in every dtype
+        if tp.degree > 1:
+            for layer in model.layers:
+                tp.parallelize(layer)
         return model
 
     def expected_hf_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -36,10 +36,31 @@ def read_safetensors_dir(model_dir: str | Path, exclude: tuple[str, ...] = ()) -
         if not file.is_file():
             raise WeightsError(f"weight shard {file.name} named by the index is missing in {path}")
         try:
-            tensors.update(load_file(str(file)))
+            loaded = load_file(str(file))
         except (SafetensorError, OSError, ValueError) as err:
             raise WeightsError(f"{file}: cannot read safetensors file (truncated or corrupt?): {err}") from None
+        check_finite(loaded, file)
+        tensors.update(loaded)
     return tensors
+
+
+def check_finite(tensors: dict[str, Tensor], source: str | Path) -> None:
+    """Refuse a floating tensor holding NaN or inf (a corrupt checkpoint), naming the file and the tensor."""
+    for name in sorted(tensors):
+        if not is_finite(tensors[name]):
+            raise WeightsError(f"{source}: tensor {name} holds NaN or inf values; the checkpoint is corrupt")
+
+
+def is_finite(tensor: Tensor) -> bool:
+    """Whether a tensor holds no NaN or inf (integer and boolean tensors always do). Its least and greatest
+    values are checked: aminmax propagates NaN and reads the tensor once, many times faster than the
+    boolean copy `torch.isfinite` makes (milliseconds for a 135M-parameter model)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    if tensor.element_size() == 1:  # float8: no aminmax on the CPU
+        tensor = tensor.float()
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def check_names_and_shapes(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]],
@@ -99,25 +120,53 @@ def decoder_layer_shapes(prefix: str, hidden_in: int, hidden: int, num_heads: in
 @torch.no_grad()
 def load_decoder_layer(layer, t: dict[str, Tensor], prefix: str, tp: TensorParallel = SINGLE) -> None:
     """Copy one layer's Hugging Face tensors (checked beforehand) into our fused [in, out] layout; with
-    tensor parallelism, this rank's shard (neuron_peagle.parallel: q/k/v and gate/up by output, o and
-    down by input; their biases whole)."""
-
-    def part(name: str, dim: int = 0) -> Tensor:  # this rank's share of a tensor along dim
-        return t[prefix + name].chunk(tp.degree, dim=dim)[tp.rank]
-
+    tensor parallelism, into the whole [out, in] projections with their rows in rank order, for
+    `TensorParallel.parallelize` to shard (neuron_peagle.parallel)."""
     attn, mlp = layer.self_attn, layer.mlp
     layer.input_layernorm.weight.copy_(t[prefix + "input_layernorm.weight"])
     layer.post_attention_layernorm.weight.copy_(t[prefix + "post_attention_layernorm.weight"])
-    attn.qkv_proj.weight.copy_(to_in_out(*(part(f"self_attn.{n}_proj.weight") for n in "qkv")))
-    attn.o_proj.weight.copy_(to_in_out(part("self_attn.o_proj.weight", dim=1)))
-    mlp.gate_up_proj.weight.copy_(to_in_out(part("mlp.gate_proj.weight"), part("mlp.up_proj.weight")))
-    mlp.down_proj.weight.copy_(to_in_out(part("mlp.down_proj.weight", dim=1)))
+    if tp.degree > 1:
+        _load_sharded_projections(layer, t, prefix, tp)
+        return
+    attn.qkv_proj.weight.copy_(to_in_out(*(t[f"{prefix}self_attn.{n}_proj.weight"] for n in "qkv")))
+    attn.o_proj.weight.copy_(to_in_out(t[prefix + "self_attn.o_proj.weight"]))
+    mlp.gate_up_proj.weight.copy_(to_in_out(t[prefix + "mlp.gate_proj.weight"], t[prefix + "mlp.up_proj.weight"]))
+    mlp.down_proj.weight.copy_(to_in_out(t[prefix + "mlp.down_proj.weight"]))
     if attn.qkv_proj.bias is not None:
-        attn.qkv_proj.bias.copy_(torch.cat([part(f"self_attn.{n}_proj.bias") for n in "qkv"]))
+        attn.qkv_proj.bias.copy_(torch.cat([t[f"{prefix}self_attn.{n}_proj.bias"] for n in "qkv"]))
     if attn.o_proj.bias is not None:
         attn.o_proj.bias.copy_(t[prefix + "self_attn.o_proj.bias"])
     if mlp.gate_up_proj.bias is not None:
-        mlp.gate_up_proj.bias.copy_(torch.cat([part("mlp.gate_proj.bias"), part("mlp.up_proj.bias")]))
+        mlp.gate_up_proj.bias.copy_(torch.cat([t[prefix + "mlp.gate_proj.bias"], t[prefix + "mlp.up_proj.bias"]]))
+        mlp.down_proj.bias.copy_(t[prefix + "mlp.down_proj.bias"])
+
+
+def _load_sharded_projections(layer, t: dict[str, Tensor], prefix: str, tp: TensorParallel) -> None:
+    """q/k/v and gate/up rows regrouped rank by rank (each rank's q heads, its KV heads, replicated
+    where it shares one; its slice of gate and of up); o and down whole (split by input later)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    hd, nh, width = attn.head_dim, attn.num_heads, mlp.intermediate_size  # this rank's counts
+    num_kv_heads = t[prefix + "self_attn.k_proj.weight"].shape[0] // hd
+    q_rows = [range(r * nh * hd, (r + 1) * nh * hd) for r in range(tp.degree)]
+    kv = [tp.for_rank(r).kv_heads(num_kv_heads) for r in range(tp.degree)]
+    kv_rows = [range(heads.start * hd, heads.stop * hd) for heads in kv]
+    mlp_rows = [range(r * width, (r + 1) * width) for r in range(tp.degree)]
+
+    def regroup(kind: str, names: list[str], shares: list[list[range]]) -> Tensor:
+        return tp.rank_order([t[f"{prefix}{name}.{kind}"] for name in names], shares)
+
+    qkv = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    gate_up = ["mlp.gate_proj", "mlp.up_proj"]
+    attn.qkv_proj.weight.copy_(regroup("weight", qkv, [q_rows, kv_rows, kv_rows]))
+    mlp.gate_up_proj.weight.copy_(regroup("weight", gate_up, [mlp_rows, mlp_rows]))
+    attn.o_proj.weight.copy_(t[prefix + "self_attn.o_proj.weight"])
+    mlp.down_proj.weight.copy_(t[prefix + "mlp.down_proj.weight"])
+    if attn.qkv_proj.bias is not None:
+        attn.qkv_proj.bias.copy_(regroup("bias", qkv, [q_rows, kv_rows, kv_rows]))
+    if attn.o_proj.bias is not None:
+        attn.o_proj.bias.copy_(t[prefix + "self_attn.o_proj.bias"])
+    if mlp.gate_up_proj.bias is not None:
+        mlp.gate_up_proj.bias.copy_(regroup("bias", gate_up, [mlp_rows, mlp_rows]))
         mlp.down_proj.bias.copy_(t[prefix + "mlp.down_proj.bias"])
 
 

@@ -3,7 +3,9 @@
 Refused, each with an ArtifactError that names the problem, before any model is loaded:
 - a package version differing from the one the graphs were compiled with;
 - a weight or config file (target or drafter) whose sha256 is not the recorded one;
-- a requested shape, mode or backend other than the one built.
+- a requested shape, mode or backend other than the one built;
+- a file of the artifacts (HLO, compiled graph, portable cache) missing or not as built (the
+  manifest's `checksums`).
 Then the engine is built on the recorded settings, its graphs planned by the build's own code
 (compile/plan.py), and every planned graph must be one the artifacts hold.
 
@@ -44,6 +46,7 @@ from compile.manifest import (NEURON_MODEL_FILE, XLA_CACHE_DIR, Manifest, Tensor
 from compile.plan import GraphSpec, neuron_compiler_args, plan_graphs, trace_hlo
 from neuron_peagle.backends import COMPILE_BACKENDS
 from neuron_peagle.backends.xla import XlaBackend, initialize_persistent_cache
+from neuron_peagle.checksums import find_mismatch
 from neuron_peagle.config import resolve_kernels
 from neuron_peagle.errors import ArtifactError
 
@@ -131,7 +134,20 @@ def _check_weights(info: WeightsInfo, directory: Path, kind: str) -> None:
                                 f"sha256 {now[name][:16]}..., built with {info.files[name][:16]}...; rebuild them")
 
 
-def _checked_dirs(manifest: Manifest, request: ArtifactRequest) -> tuple[Path, Path | None]:
+def check_artifact_files(artifact_dir: Path, manifest: Manifest) -> None:
+    """Every file the manifest records a sha256 for (what the loader reads) is there and as built."""
+    mismatch = find_mismatch(artifact_dir, manifest.checksums)
+    if mismatch is None:
+        return
+    if mismatch.actual is None:
+        raise ArtifactError(f"artifact file {mismatch.path} is missing (the build wrote it); rebuild the artifacts "
+                            "with `python -m compile.build`")
+    raise ArtifactError(f"artifact file {mismatch.path} changed since the build (sha256 {mismatch.actual[:16]}..., "
+                        f"built as {mismatch.expected[:16]}...): it was modified or corrupted; rebuild the artifacts "
+                        "with `python -m compile.build`")
+
+
+def _checked_dirs(artifact_dir: Path, manifest: Manifest, request: ArtifactRequest) -> tuple[Path, Path | None]:
     """Run every check that needs no model loaded; returns the model and drafter directories."""
     if manifest.backend == "nxd":
         from neuron_peagle.backends.nxd import require_sdk
@@ -139,6 +155,7 @@ def _checked_dirs(manifest: Manifest, request: ArtifactRequest) -> tuple[Path, P
         require_sdk()
     _check_versions(manifest)
     check_request(manifest, request)
+    check_artifact_files(artifact_dir, manifest)
     model_dir = request.model_dir or Path(manifest.model.path)
     _check_weights(manifest.model, model_dir, "model")
     drafter_dir = None
@@ -243,7 +260,7 @@ def _load_nxd(engine_cls, artifact_dir: Path, manifest: Manifest, model_dir: Pat
 
 def load_engine(engine_cls, artifact_dir: Path, request: ArtifactRequest):
     manifest = Manifest.load(artifact_dir)
-    model_dir, drafter_dir = _checked_dirs(manifest, request)
+    model_dir, drafter_dir = _checked_dirs(artifact_dir, manifest, request)
     if manifest.backend == "nxd":
         return _load_nxd(engine_cls, artifact_dir, manifest, model_dir, drafter_dir)
     if manifest.backend in COMPILE_BACKENDS:

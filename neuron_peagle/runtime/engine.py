@@ -28,6 +28,8 @@ from neuron_peagle.runtime.stats import RequestStats
 from neuron_peagle.tokenizer import encode_prompt, load_tokenizer
 
 MODES = ("plain", "sequential", "parallel")
+# Backends whose graphs run sharded models (DTensor; trn1's nxd shards at build time instead).
+TP_BACKENDS = ("eager", "inductor", "neuron")
 
 
 @dataclass(frozen=True)
@@ -155,8 +157,9 @@ class Engine:
         command line's default for the configuration (config.default_short_draft_tokens).
         `datastore=True` (with lookup) also drafts from the drafter directory's n-gram datastore of the
         target's answers (`datastore.safetensors`; graphs.datastore); "auto": where the drafter has one.
-        `tp_degree=n` shards the target over n processes, one rank each (neuron_peagle.parallel; eager
-        backend; run under `torchrun --nproc-per-node n`): every rank returns the same outputs."""
+        `tp_degree=n` shards the target over n processes, one rank each (neuron_peagle.parallel: DTensor;
+        eager, inductor and neuron backends; run under `torchrun --nproc-per-node n`): every rank returns
+        the same outputs."""
         if parallel_drafting is not None and mode != "plain":
             mode = "parallel" if parallel_drafting else "sequential"
         checks.choice("mode", mode, MODES)
@@ -171,12 +174,17 @@ class Engine:
                             prefill_buckets=prefill_buckets, dtype=dtype, backend=backend, kernels=kernels,
                             lookup_ngram=lookup_ngram, short_draft_tokens=short_draft_tokens,
                             datastore=datastore)
-        if tp_degree != 1 and build.backend != "eager":
-            raise ConfigError(f"tensor parallelism (tp_degree {tp_degree}) runs on the eager backend so far, "
-                              f"not on {build.backend!r}")
+        if tp_degree != 1:
+            if build.backend not in TP_BACKENDS:
+                raise ConfigError(f"tensor parallelism (tp_degree {tp_degree}) runs on backends {', '.join(TP_BACKENDS)}"
+                                  f", not on {build.backend!r}; on trn1 build sharded graphs with "
+                                  "`python -m compile.build --backend nxd --tp-degree N`")
+            TensorParallel(tp_degree).check(model_config.num_attention_heads, model_config.num_key_value_heads,
+                                            model_config.intermediate_size)
+        # Every rank builds the whole model before sharding it: on one host, tp_degree copies at once.
         memory.check_fits(model_config, build, choice.config if choice is not None else None,
-                          sum(f.stat().st_size for f in path.glob("*.safetensors")))
-        tp = TensorParallel.from_process_group(tp_degree)
+                          sum(f.stat().st_size for f in path.glob("*.safetensors")), copies=tp_degree)
+        tp = TensorParallel.from_process_group(tp_degree, "neuron" if build.backend == "neuron" else "cpu")
         runner = get_backend(build.backend)
         if mode == "plain":
             if build.lookup_ngram:

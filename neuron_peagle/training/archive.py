@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from neuron_peagle.errors import ModelDirError
+from neuron_peagle.files import atomic_path
 from neuron_peagle.training.data import Example, append_examples, read_examples
 
 DOMAINS = ("code", "math", "chat")
@@ -53,11 +54,10 @@ def write_archive(examples: Sequence[Example], path: Path) -> int:
         unique.setdefault(example.key, example)
     ordered = sorted(unique.values(), key=lambda e: (DOMAINS.index(e.domain), e.prompt_ids, e.sample))
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as handle:
-        for example in ordered:
-            handle.write((json.dumps(example.record(), separators=(",", ":")) + "\n").encode())
-    partial.replace(path)  # a crash mid-write leaves the old archive whole
+    with atomic_path(path) as partial:  # a crash mid-write leaves the old archive whole
+        with open(partial, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as handle:
+            for example in ordered:
+                handle.write((json.dumps(example.record(), separators=(",", ":")) + "\n").encode())
     return len(ordered)
 
 

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from neuron_peagle.files import atomic_path
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.training.prompt_sets import Prompt
 
@@ -134,7 +135,8 @@ def compute_features(target: TargetModel, examples: Sequence[Example], out_dir: 
             tensors[f"{offset}.features"] = features[0].to(dtype)
             tensors[f"{offset}.hidden"] = hidden[0].to(dtype)
             tensors[f"{offset}.prompt_length"] = torch.tensor(len(example.prompt_ids))
-        save_file(tensors, str(path))
+        with atomic_path(path) as tmp:  # a shard is whole or absent: the count above trusts what is there
+            save_file(tensors, str(tmp))
     return shards
 
 

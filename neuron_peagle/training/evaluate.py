@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from neuron_peagle.files import atomic_write_text
 from neuron_peagle.models.drafter import Drafter, draft_target_ids
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.training.data import Example, compute_features, load_shards
@@ -70,7 +71,8 @@ def build_heldout(make_engine: Callable[[], Any], target: TargetModel, out_dir: 
         outputs = engine.generate(ids, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True))
         examples += [Example(domain, i, o.output_ids) for i, o in zip(ids, outputs)]
     compute_features(target, examples, out_dir)
-    (out_dir / "domains.json").write_text(json.dumps([e.domain for e in examples]))
+    # Written last, whole: its presence says the set is complete.
+    atomic_write_text(out_dir / "domains.json", json.dumps([e.domain for e in examples]))
     return out_dir
 
 

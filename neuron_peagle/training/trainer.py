@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from neuron_peagle.config import DrafterConfig
 from neuron_peagle.errors import ConfigError
+from neuron_peagle.files import atomic_path, atomic_write_text
 from neuron_peagle.models.drafter import Drafter, draft_target_ids
 from neuron_peagle.models.drafter_io import load_drafter, save_drafter
 from neuron_peagle.models.target import TargetModel
@@ -198,10 +199,11 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
     def elapsed() -> float:  # seconds of training so far, across resumed runs
         return used + time.perf_counter() - start
 
-    def save() -> None:
-        torch.save({"drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "log": log,
-                    "generator": generator.get_state(), "seconds": elapsed(), "total_steps": total_steps,
-                    "config": asdict(config)}, checkpoint)
+    def save() -> None:  # whole or not at all: a stop mid-save keeps the previous checkpoint
+        with atomic_path(checkpoint) as tmp:
+            torch.save({"drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                        "log": log, "generator": generator.get_state(), "seconds": elapsed(),
+                        "total_steps": total_steps, "config": asdict(config)}, tmp)
 
     start = time.perf_counter()
     first_step = step
@@ -266,7 +268,7 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
     for param in drafter.parameters():
         param.requires_grad_(False)
     save_drafter(drafter, destination, verifier=Path(model_dir).name, verifier_config=target.config)
-    (destination / "training.json").write_text(json.dumps(
+    atomic_write_text(destination / "training.json", json.dumps(
         {"train_config": {**asdict(config), "init_from": Path(config.init_from).name if config.init_from else None},
          "steps": step, "examples": len(examples), "final": log[-1] if log else {}},
         indent=2) + "\n")
