@@ -54,28 +54,25 @@ def _refused(capsys, argv: list[str], command=main) -> str:
 
 # ---- the property: random bad values for every option -----------------------------------------------
 
-def _not_int(text: str) -> bool:
-    try:
-        int(text)
-    except ValueError:
-        return True
-    return False
+def _not(convert) -> callable:
+    """A filter: True where `convert(text)` fails, as argparse's type would."""
+
+    def fails(text: str) -> bool:
+        try:
+            convert(text)
+        except ValueError:
+            return True
+        return False
+
+    return fails
 
 
-NON_INTEGER = st.one_of(st.text(max_size=8).filter(_not_int),
+NON_INTEGER = st.one_of(st.text(max_size=8).filter(_not(int)),
                         st.floats(allow_nan=True).filter(lambda x: not x.is_integer() if math.isfinite(x) else True)
                         .map(repr))
 BELOW_ONE = st.integers(max_value=0).map(str)
 NEGATIVE = st.integers(max_value=-1).map(str)
-NON_FLOAT = st.text(max_size=8).filter(lambda t: _not_float(t))
-
-
-def _not_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return True
-    return False
+NON_FLOAT = st.text(max_size=8).filter(_not(float))
 
 
 def _paths(tmp: Path) -> dict[str, Path]:

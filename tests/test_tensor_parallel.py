@@ -35,8 +35,9 @@ TEXT_PROMPTS = ["Write a haiku about the sea.", "List three prime numbers.", "Hi
 
 def _torchrun(ranks: int, *args: str, timeout: int = 1200) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), *args]
+    # One thread and no compile workers per rank: the ranks share the machine's cores.
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
 
@@ -46,7 +47,7 @@ def tp_model(tmp_path_factory):
     """A 64-token random target whose 6 query heads and width 96 split over 2 and 3 ranks and whose one
     KV head is replicated on every rank, a random drafter, and a datastore of the target's answers."""
     root = tmp_path_factory.mktemp("tp_model")
-    model_dir = save_tiny_model(root / "model", "llama", vocab_size=64, seed=7, num_hidden_layers=3, hidden_size=96,
+    model_dir = save_tiny_model(root / "model", "llama", vocab_size=64, seed=7, num_hidden_layers=2, hidden_size=96,
                                 num_attention_heads=6, num_key_value_heads=1, head_dim=16, intermediate_size=96)
     target = ModelConfig.from_dir(model_dir)
     drafter = DrafterConfig.for_target(target, default_feature_layers(target.num_hidden_layers), draft_vocab_size=64,
@@ -60,13 +61,14 @@ def tp_model(tmp_path_factory):
     return model_dir, drafter_dir, want
 
 
-@pytest.mark.parametrize("ranks", [2, 3])
-def test_ranks_compiled_with_inductor_decode_what_one_process_does(tp_model, ranks):
+@pytest.mark.parametrize("ranks, cases", [(2, list(CASES)), (3, [name for name in CASES if "P-EAGLE" in name])])
+def test_ranks_compiled_with_inductor_decode_what_one_process_does(tp_model, ranks, cases):
     model_dir, drafter_dir, want = tp_model
-    got = json.loads(_torchrun(ranks, str(WORKER), "generate", str(model_dir), str(drafter_dir), "inductor"))
-    for name in CASES:
+    got = json.loads(_torchrun(ranks, str(WORKER), "generate", str(model_dir), str(drafter_dir), "inductor", *cases))
+    assert sorted(got) == sorted(cases)
+    for name in cases:
         assert got[name] == want[name], name
-    assert got["P-EAGLE + lookup + datastore, greedy"] == got["plain greedy"]  # lossless, sharded too
+    assert got["P-EAGLE + lookup + datastore, greedy"] == want["plain greedy"]  # lossless, sharded too
 
 
 @pytest.mark.parametrize("ranks", [2, 3])

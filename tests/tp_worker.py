@@ -2,7 +2,8 @@
 parallel engine. Rank 0 prints one JSON line; a failed check exits non-zero with its message.
 
     tp_worker.py shards MODEL_DIR                       each rank checks the shards it holds
-    tp_worker.py generate MODEL_DIR DRAFTER_DIR BACKEND  token ids of every case (tp_cases.CASES)
+    tp_worker.py generate MODEL_DIR DRAFTER_DIR BACKEND [CASE ...]  token ids of each case (default: all of
+                                                                 tp_cases.CASES)
 """
 
 from __future__ import annotations
@@ -66,9 +67,9 @@ def main() -> None:
         dist.all_gather_object(gathered, result)
         result = gathered
     else:
-        drafter_dir, backend = Path(sys.argv[3]), sys.argv[4]
+        drafter_dir, backend, names = Path(sys.argv[3]), sys.argv[4], sys.argv[5:] or list(CASES)
         degree = int(os.environ["WORLD_SIZE"])
-        result = {name: generate_case(model_dir, drafter_dir, case, backend, degree) for name, case in CASES.items()}
+        result = {name: generate_case(model_dir, drafter_dir, CASES[name], backend, degree) for name in names}
     if dist.get_rank() == 0:
         print(json.dumps(result), flush=True)
 
