@@ -16,6 +16,9 @@ xla / nxd (the torch-xla environment):
    with neuronx-distributed (compile/nxd_build.py): every graph is traced as a key of one
    NxDModel, the stale ones compiled by neuronx-cc, and the NxDModel saved as `neuron/model.pt`,
    so that all graphs share one device copy of the weights, KV caches and speculative state.
+   With `--tp-degree N` (nxd only) the target's decoder layers are put on neuronx-distributed's
+   parallel layers first, under NxD's parallel state (neuron_peagle/backends/nxd_parallel.py): the
+   graphs traced, audited and compiled are a rank's, and the NxDModel runs on N NeuronCores.
    Files of graphs no longer planned are removed.
 4. Write manifest.json, last, with the sha256 of every file the loader reads. Every file is written
    whole or not at all (neuron_peagle.files). Progress shows on a tqdm bar and goes to
@@ -50,10 +53,11 @@ from neuron_peagle.backends.xla import XlaBackend, initialize_persistent_cache
 from neuron_peagle.backends import BACKEND_HELP, COMPILE_BACKENDS
 from neuron_peagle.cli import add_speculation_options, speculation_options
 from neuron_peagle.cli_args import Parser, buckets, run
-from neuron_peagle.config import BuildConfig
+from neuron_peagle.config import BuildConfig, ModelConfig
 from neuron_peagle.default_model import require_default_model
 from neuron_peagle.errors import ArtifactError, ConfigError
 from neuron_peagle.files import atomic_write_text, temporary_of
+from neuron_peagle.parallel import TensorParallel
 from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter, resolve_speculation
 from neuron_peagle.runtime.artifacts import engine_for_build
 from neuron_peagle.runtime.engine import MODES, Engine
@@ -80,16 +84,24 @@ class BuildRequest:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.mode != "plain" and self.num_speculative_tokens < 1:
             raise ConfigError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
-        if self.tp_degree < 1:
+        if isinstance(self.tp_degree, bool) or not isinstance(self.tp_degree, int) or self.tp_degree < 1:
             raise ConfigError(f"tp_degree must be >= 1, got {self.tp_degree}")
         if self.tp_degree > 1:
-            raise ConfigError(
-                f"tensor parallelism in compiled graphs (tp_degree {self.tp_degree}) is not supported yet: it "
-                "needs neuronx-distributed's collectives on the nxd backend, which this version does not "
-                "build (the eager engine shards the target already: `neuron-peagle generate --tp-degree N` "
-                "under torchrun); use --tp-degree 1"
-            )
+            self._check_tensor_parallel()
         neuron_compiler_args(self.target)  # validates the target
+
+    def _check_tensor_parallel(self) -> None:
+        """Sharded artifacts are NxD's (trn1), for a degree that splits the target's heads, KV heads and
+        MLP width (checked on its config.json, before anything loads)."""
+        if self.backend != "nxd":
+            raise ConfigError(
+                f"tensor-parallel artifacts (tp_degree {self.tp_degree}) are built for the nxd backend only "
+                f"(neuronx-distributed's parallel layers, trn1), not {self.backend!r}; TorchNeuron and the CPU "
+                "backends shard at run time instead: `torchrun --nproc-per-node N -m neuron_peagle.cli generate "
+                "--tp-degree N`")
+        config = ModelConfig.from_dir(self.model_dir)
+        TensorParallel(self.tp_degree).check(config.num_attention_heads, config.num_key_value_heads,
+                                             config.intermediate_size)
 
     @property
     def num_draft_tokens(self) -> int:
@@ -233,16 +245,29 @@ def engine_for(request: BuildRequest, backend: str) -> Engine:
 
 def build_artifacts(request: BuildRequest) -> BuildReport:
     started = time.perf_counter()
-    out = request.out_dir
-    check_out_dir(out)
-    if request.backend in COMPILE_BACKENDS:
-        return _build_compiled(request, started)
-    (out / HLO_DIR).mkdir(parents=True, exist_ok=True)
     if request.backend == "nxd":
+        # Before any work: the SDK (and, sharded, NxD's parallel layers), then everything runs under NxD's
+        # parallel state, which tensor-parallel layers need while they are built, traced and sharded.
         from neuron_peagle.backends.nxd import require_sdk
+        from neuron_peagle.backends.nxd_parallel import parallel_state, require_parallel_layers
 
         require_sdk()
-    elif not initialize_persistent_cache(out / XLA_CACHE_DIR, readonly=False):
+        if request.tp_degree > 1:
+            require_parallel_layers()
+        check_out_dir(request.out_dir)
+        with parallel_state(request.tp_degree):
+            return _build_traced(request, started)
+    check_out_dir(request.out_dir)
+    if request.backend in COMPILE_BACKENDS:
+        return _build_compiled(request, started)
+    return _build_traced(request, started)
+
+
+def _build_traced(request: BuildRequest, started: float) -> BuildReport:
+    """xla / nxd: trace, audit and compile every planned graph (see the module docstring)."""
+    out = request.out_dir
+    (out / HLO_DIR).mkdir(parents=True, exist_ok=True)
+    if request.backend != "nxd" and not initialize_persistent_cache(out / XLA_CACHE_DIR, readonly=False):
         raise ArtifactError(
             f"this process has already compiled XLA graphs, so torch-xla's persistent cache can no longer "
             f"be pointed at {out / XLA_CACHE_DIR}; run the build in a fresh process (python -m compile.build)"
@@ -254,7 +279,16 @@ def build_artifacts(request: BuildRequest) -> BuildReport:
     model, drafter = WeightsInfo.of_dir(request.model_dir), _drafter_weights(engine.drafter)
     vocab_sizes = (engine.target.config.vocab_size,) + ((engine.drafter.config.draft_vocab_size,)
                                                         if engine.drafter else ())
+    sharding = None
+    if request.backend == "nxd" and request.tp_degree > 1:
+        from neuron_peagle.backends.nxd_parallel import NxdTensorParallel
+
+        # The target's layers on NxD's parallel layers before anything is traced: the HLO, its audit and
+        # the NEFFs are those of a rank's graph.
+        sharding = NxdTensorParallel.of(engine, request.tp_degree)
     specs = plan_graphs(engine.decoder, neuron_compiler_args(request.target))
+    if sharding is not None:
+        sharding.persist_tables(specs)
     previous = _previous(out, request.backend)
     log = _Log(out / LOG_NAME)
 
@@ -275,7 +309,7 @@ def build_artifacts(request: BuildRequest) -> BuildReport:
     if request.backend == "nxd":
         from compile.nxd_build import NxdBuild
 
-        neuron = NxdBuild(specs, out)
+        neuron = NxdBuild(specs, out, sharding)
     bar = tqdm(total=len(stale), desc=f"compile ({request.backend})", unit="graph", file=sys.stderr)
     for item in traced:
         spec = item.spec
@@ -368,7 +402,8 @@ def build_parser() -> Parser:
     parser.add_argument("--kernels", default="auto", choices=("auto", "reference", "nki"),
                         help="draft-pass kernels: NKI custom calls or plain PyTorch (auto: nki on neuron)")
     add_speculation_options(parser)  # as `neuron-peagle generate`, baked into the step graphs
-    parser.add_argument("--tp-degree", type=int, default=1, help="tensor-parallel degree (only 1 so far)")
+    parser.add_argument("--tp-degree", type=int, default=1, metavar="N", help="tensor-parallel degree: nxd builds "
+                        "graphs sharded over N NeuronCores (default 1)")
     parser.add_argument("--target", default="trn1", choices=TARGETS, help="neuronx-cc --target")
     return parser
 

@@ -53,10 +53,11 @@ XLA_CACHE_DIR = "xla_cache"
 NEURON_DIR = "neuron"
 NEURON_MODEL_FILE = f"{NEURON_DIR}/model.pt"
 # The packages whose versions a compiled graph is tied to, per backend.
+# neuron and nxd graphs call the NKI kernels (`--kernels auto` is nki there), so nki is among them.
 PACKAGES = {"inductor": ("torch",),
-            "neuron": ("torch", "torch-neuronx", "neuronx-cc"),
+            "neuron": ("torch", "torch-neuronx", "neuronx-cc", "nki"),
             "xla": ("torch", "torch-xla"),
-            "nxd": ("torch", "torch-xla", "torch-neuronx", "neuronx-cc", "neuronx-distributed")}
+            "nxd": ("torch", "torch-xla", "torch-neuronx", "neuronx-cc", "neuronx-distributed", "nki")}
 # inductor / neuron: the compiler's own cache directory, pointed here while building and loading (on
 # CPU it holds the built C++ kernels, so the same machine loads without compiling), and PyTorch's
 # portable cache artifacts (torch.compiler.save_cache_artifacts: graphs and kernel sources, for

@@ -23,6 +23,7 @@ from neuron_peagle.errors import ConfigError, ModelDirError, NeuronPeagleError, 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKENDS = tuple(BACKEND_HELP)
@@ -85,9 +86,9 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The decoder-only target model: Llama or Qwen2 family."""
+    """The decoder-only target model: Llama, Qwen2 or Qwen3 (dense) family."""
 
-    architecture: str  # "llama" | "qwen2"
+    architecture: str  # "llama" | "qwen2" | "qwen3"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -104,6 +105,7 @@ class ModelConfig:
     mlp_bias: bool
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    qk_norm: bool = False  # Qwen3: RMSNorm over every query and key head before rope
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES.values():
@@ -133,11 +135,13 @@ class ModelConfig:
                 f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
             )
         arch = SUPPORTED_ARCHITECTURES[known[0]]
+        if hf.get("use_sliding_window"):
+            raise UnsupportedModelError(f"{source}: sliding-window attention (use_sliding_window) is not supported")
         try:
             hidden = int(hf["hidden_size"])
             heads = int(hf["num_attention_heads"])
             eos = hf.get("eos_token_id")
-            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+            eos_ids = tuple(int(e) for e in eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
             return cls(
                 architecture=arch,
                 vocab_size=int(hf["vocab_size"]),
@@ -156,6 +160,7 @@ class ModelConfig:
                 mlp_bias=bool(hf.get("mlp_bias", False)),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=eos_ids,
+                qk_norm=arch == "qwen3",
             )
         except KeyError as err:
             raise ConfigError(f"{source}: required field {err.args[0]!r} is missing") from None
@@ -166,11 +171,32 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+        """config.json, plus the stop tokens of generation_config.json where the directory has one (Hub
+        models often list more end-of-sequence tokens there, e.g. Qwen3's <|im_end|> and <|endoftext|>)."""
         hf, source = read_config_json(model_dir, "model")
-        return cls.from_hf_dict(hf, source=source)
+        config = cls.from_hf_dict(hf, source=source)
+        extra = _generation_eos_ids(Path(model_dir) / "generation_config.json")
+        if extra:
+            ids = config.eos_token_ids + tuple(i for i in extra if i not in config.eos_token_ids)
+            config = dataclasses.replace(config, eos_token_ids=ids)
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _generation_eos_ids(path: Path) -> tuple[int, ...]:
+    """eos_token_id of a generation_config.json (an id or a list of ids); () where there is none."""
+    if not path.is_file():
+        return ()
+    try:
+        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+        ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+            raise ValueError(f"eos_token_id {eos!r}")
+        return tuple(ids)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, ValueError) as err:
+        raise ConfigError(f"{path}: not a valid generation config ({err})") from None
 
 
 # The command line's context-lookup n-gram: on held-out prompts, 5 backing off to 2 accepted the most
@@ -279,13 +305,19 @@ class BuildConfig:
         return cls(**data)
 
 
+# Drafter decoder layers (speculators' transformer_layer_config.model_type): Llama's, or Qwen3's with
+# per-head q/k RMSNorm.
+DRAFTER_LAYER_TYPES = ("llama", "qwen3")
+
+
 @dataclass(frozen=True)
 class DrafterConfig:
-    """A P-EAGLE (or EAGLE-3) drafter: `fc` over three target feature layers, `num_layers` Llama
-    layers (layer 0 with a 2H input), final norm and LM head over a (possibly reduced) draft vocabulary.
+    """A P-EAGLE (or EAGLE-3) drafter: `fc` over three target feature layers, `num_layers` decoder
+    layers of `layer_type` (layer 0 with a 2H input), final norm and LM head over a (possibly reduced)
+    draft vocabulary.
 
     Saved as a speculators-format config (`speculators_model_type: "peagle"`); the fields below are
-    read from / written to that layout by `drafter_io.py`.
+    read from / written to that layout by `drafter_io.py` (speculators' names in the comments).
     """
 
     hidden_size: int
@@ -305,6 +337,13 @@ class DrafterConfig:
     shares_target_embedding: bool = True  # embed_tokens comes from the target, not the checkpoint
     trained_with: str = "peagle"  # "peagle" (parallel) or "eagle3" (sequential)
     num_speculative_tokens: int = 7  # what it was trained for; a hint, not a limit
+    # transformer_layer_config.model_type: "llama", or "qwen3" (an RMSNorm over every query and key head).
+    layer_type: str = "llama"
+    norm_before_fc: bool = False  # one RMSNorm over the concatenated features before fc (input_norm)
+    fc_norm: bool = False  # an RMSNorm over each feature layer's part before fc (fc_norm.N)
+    # Eagle 3.1: the final norm's output, not the last layer's, is the hidden state fed back across
+    # sequential drafting steps (the logits are lm_head(norm(h)) either way).
+    norm_output: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "feature_layers", tuple(int(i) for i in self.feature_layers))
@@ -320,16 +359,27 @@ class DrafterConfig:
             raise ConfigError(f"mask_token_id {self.mask_token_id} is outside the vocabulary")
         if self.trained_with not in ("peagle", "eagle3"):
             raise ConfigError(f"trained_with must be 'peagle' or 'eagle3', got {self.trained_with!r}")
+        if self.layer_type not in DRAFTER_LAYER_TYPES:
+            raise ConfigError(f"layer_type must be one of {DRAFTER_LAYER_TYPES}, got {self.layer_type!r}")
+        if self.norm_before_fc and self.fc_norm:
+            raise ConfigError("norm_before_fc and fc_norm are mutually exclusive (one norm over all features, "
+                              "or one per feature layer)")
 
     @property
     def reduced_vocab(self) -> bool:
         return self.draft_vocab_size < self.vocab_size
 
+    @property
+    def qk_norm(self) -> bool:
+        """Whether the layers normalize every query and key head (Qwen3 layers)."""
+        return self.layer_type == "qwen3"
+
     @classmethod
     def for_target(cls, target: ModelConfig, feature_layers: tuple[int, ...], num_layers: int = 1,
                    draft_vocab_size: int | None = None, mask_token_id: int | None = None,
                    intermediate_size: int | None = None, **kwargs: Any) -> "DrafterConfig":
-        """A drafter shaped like its target's layers (the usual EAGLE-3 / P-EAGLE choice)."""
+        """A drafter shaped like its target's layers (the usual EAGLE-3 / P-EAGLE choice): Qwen3 layers
+        for a Qwen3 target (as speculators trains them), Llama layers otherwise."""
         return cls(
             hidden_size=target.hidden_size,
             intermediate_size=intermediate_size or target.intermediate_size,
@@ -344,25 +394,27 @@ class DrafterConfig:
             target_hidden_size=target.hidden_size,
             feature_layers=feature_layers,
             mask_token_id=target.vocab_size - 1 if mask_token_id is None else mask_token_id,
-            **kwargs,
+            **{"layer_type": "qwen3" if target.qk_norm else "llama", **kwargs},
         )
 
     def check_fits(self, target: ModelConfig) -> None:
         """Raise DrafterMismatchError naming every way this drafter does not fit `target`."""
         from neuron_peagle.errors import DrafterMismatchError
 
+        # Each problem names the drafter's config.json field (speculators' names) that does not fit.
         problems = []
         if self.target_hidden_size != target.hidden_size:
-            problems.append(f"it expects target hidden size {self.target_hidden_size}, the target has "
+            problems.append(f"target_hidden_size is {self.target_hidden_size}, the target's hidden size "
                             f"{target.hidden_size}")
         if self.vocab_size != target.vocab_size:
-            problems.append(f"its vocabulary has {self.vocab_size} tokens, the target's {target.vocab_size}")
+            problems.append(f"transformer_layer_config.vocab_size is {self.vocab_size}, the target's vocabulary "
+                            f"{target.vocab_size}")
         if any(not 0 <= i < target.num_hidden_layers for i in self.feature_layers):
-            problems.append(f"its feature layers {list(self.feature_layers)} are not all layers of a "
+            problems.append(f"eagle_aux_hidden_state_layer_ids {list(self.feature_layers)} are not all layers of a "
                             f"{target.num_hidden_layers}-layer target")
         if self.shares_target_embedding and self.hidden_size != target.hidden_size:
-            problems.append(f"it shares the target's embedding but its hidden size {self.hidden_size} "
-                            f"differs from {target.hidden_size}")
+            problems.append(f"it shares the target's embedding but transformer_layer_config.hidden_size "
+                            f"{self.hidden_size} differs from the target's {target.hidden_size}")
         if problems:
             raise DrafterMismatchError("the drafter does not fit the target: " + "; ".join(problems))
 

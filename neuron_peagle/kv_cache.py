@@ -4,7 +4,8 @@ Layout: one key and one value buffer per layer, each `[batch, kv_heads, max_leng
 Entries are written by scatter at their position ids (see `models.layers.Attention`); attention
 reads the slots [0, read_length) and masks by position, so a slot past a sequence's committed length
 is never read and needs no clearing. On a device backend the buffers are the graphs' aliased state:
-they stay resident and are updated in place, and read_length stays max_length (one shape per graph).
+they stay resident and are updated in place (rebound to out-of-place updates for the nxd trace:
+graphs/state.py), and read_length stays max_length (one shape per graph).
 On eager, where shapes cost nothing, the backend lets the decoders narrow read_length to the live
 context (`read_up_to`).
 """

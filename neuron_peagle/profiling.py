@@ -13,12 +13,16 @@ A session directory holds (`session.json` lists what was written):
 - `trace.json`: the host timeline recorded by torch.profiler, in Chrome trace format (Perfetto or
   chrome://tracing), with `peagle::prefill` and `peagle::step` ranges and, on eager,
   `peagle::draft` / `peagle::verify` / `peagle::accept` around the operators; `ops.txt`: its
-  operators by self time;
+  operators by self time (not on the Neuron backends, below);
 - backend xla: `xla_metrics.txt`, torch-xla's metrics report (compilations, executions, transfers);
-- backend neuron: `neuron/`, the Neuron runtime's device profiles, captured through the runtime's
-  inspect settings (`neuron_capture_env`), to open with `neuron-explorer view -d <session>/neuron`.
-  They must be in the environment before the runtime starts: the command line sets them before it
-  builds the engine; from Python, set them before the first Neuron call.
+- Neuron backends (neuron, nxd): `neuron/`, the Neuron runtime's own capture, switched on by its
+  inspect settings (`neuron_capture_env`) in session mode: one device trace of everything the
+  NeuronCores ran in the process (the warm-up included), to open with
+  `neuron-explorer view -d <session>/neuron`. Not the per-NEFF mode (`=1`), which records only the
+  first run of each NEFF, here the warm-up's. The settings must be in the environment before the
+  runtime starts: the command line sets them before it builds the engine; from Python, set them
+  before the first Neuron call. torch.profiler is not run there: the Neuron docs say not to combine
+  it with the runtime's inspect capture, so those sessions have no trace.json / ops.txt.
 
 A warm-up generation runs first, outside the profile, so graph compilation and first-call costs stay
 out of the numbers. torch.profiler records every operator, which slows a CPU step (a bf16 step of
@@ -52,10 +56,19 @@ NEURON_PROFILE_DIR = "neuron"
 
 
 def neuron_capture_env(out_dir: Path) -> dict[str, str]:
-    """Environment that makes the Neuron runtime write device profiles of every graph it runs into
-    `out_dir/neuron` (read once, when the runtime starts)."""
-    return {"NEURON_RT_INSPECT_ENABLE": "1", "NEURON_RT_INSPECT_DEVICE_PROFILE": "1",
+    """Environment that makes the Neuron runtime capture the whole session (system trace and one device
+    trace of everything it runs) into `out_dir/neuron`; read once, when the runtime starts.
+
+    `NEURON_RT_INSPECT_DEVICE_PROFILE=session`, not `1`: mode 1 records only the first execution of each
+    NEFF, which a profile session spends on its warm-up."""
+    return {"NEURON_RT_INSPECT_ENABLE": "1", "NEURON_RT_INSPECT_DEVICE_PROFILE": "session",
             "NEURON_RT_INSPECT_OUTPUT_DIR": str(out_dir / NEURON_PROFILE_DIR)}
+
+
+def runs_torch_profiler(backend: str, trace: bool) -> bool:
+    """Whether a session records a torch.profiler trace: when asked, except on the Neuron backends, where
+    the runtime's inspect capture records the session and the Neuron docs say not to combine the two."""
+    return trace and backend not in NEURON_BACKENDS
 
 
 @dataclass(frozen=True)
@@ -111,14 +124,17 @@ def profile_generation(engine: "Engine", prompts: Sequence[Sequence[int]], param
                        ) -> tuple[list["RequestOutput"], SessionReport]:
     """Generate for `prompts` (token ids, already validated) under the profilers of the engine's
     backend, and write the session into `out_dir` (created; files of an earlier session replaced).
-    `trace=False`: no torch.profiler (no trace.json, ops.txt), so step times carry no overhead."""
+    `trace=False`: no torch.profiler (no trace.json, ops.txt), so step times carry no overhead; on the
+    Neuron backends it never runs (`runs_torch_profiler`)."""
     from neuron_peagle.runtime.engine import SamplingParams
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if warmup:
         engine.generate(list(prompts[: engine.build.batch_size]), SamplingParams(max_new_tokens=2, ignore_eos=True))
     records: list[StepRecord] = []
-    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if trace else None
+    backend = engine.build.backend
+    traced = runs_torch_profiler(backend, trace)
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if traced else None
     with profiler if profiler is not None else contextlib.nullcontext():
         outputs = engine.generate(list(prompts), params, on_step=records.append)
     files = []
@@ -132,8 +148,10 @@ def profile_generation(engine: "Engine", prompts: Sequence[Sequence[int]], param
         profiler.export_chrome_trace(str(out_dir / "trace.json"))
         files.append("trace.json")
         write("ops.txt", profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40) + "\n")
-    backend = engine.build.backend
     notes = []
+    if trace and not traced:
+        notes.append("no torch.profiler trace on a Neuron backend: the Neuron runtime's session capture "
+                     f"({NEURON_PROFILE_DIR}/) records the session, and the two are not to be combined")
     if backend == "xla":
         import torch_xla.debug.metrics as metrics
 
@@ -150,7 +168,7 @@ def profile_generation(engine: "Engine", prompts: Sequence[Sequence[int]], param
             notes.append("device profiles found, but this process's NEURON_RT_INSPECT_OUTPUT_DIR points elsewhere")
     summary = summarize(records)
     session = {"engine": engine_description(engine), "num_prompts": len(prompts),
-               "max_new_tokens": params.max_new_tokens, "temperature": params.temperature, "traced": trace,
+               "max_new_tokens": params.max_new_tokens, "temperature": params.temperature, "traced": traced,
                "summary": summary, "notes": notes, "files": sorted(files + ["session.json"])}
     write("session.json", json.dumps(session, indent=2) + "\n")
     return outputs, SessionReport(out_dir, summary, sorted(files))

@@ -24,7 +24,8 @@ def save_tiny_model(path: Path, family: str = "llama", tie: bool = True, seed: i
 
     It borrows the default model's tokenizer (same vocabulary size) so the whole engine runs on it.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -34,9 +35,12 @@ def save_tiny_model(path: Path, family: str = "llama", tie: bool = True, seed: i
     if family == "llama":
         config = LlamaConfig(**common, rope_theta=10000.0, rope_scaling=rope_scaling)
         model = LlamaForCausalLM(config)
-    else:
+    elif family == "qwen2":
         config = Qwen2Config(**common, rope_theta=10000.0)
         model = Qwen2ForCausalLM(config)
+    else:  # qwen3: q/k norms per head; head_dim is its own field (its default, 128, is too big here)
+        config = Qwen3Config(**{"head_dim": 16, **common}, rope_theta=10000.0)
+        model = Qwen3ForCausalLM(config)
     # Random init is small around zero; widen it so logits are well separated and argmax is stable.
     with torch.no_grad():
         for p in model.parameters():

@@ -103,11 +103,12 @@ def _mismatch(target_config: ModelConfig, **changes) -> ModelConfig:
 
 def test_mismatched_target_is_refused_with_reasons(tmp_path, target):
     save_drafter(_drafter(target), tmp_path)
-    with pytest.raises(DrafterMismatchError, match="target hidden size 64, the target has 128"):
+    with pytest.raises(DrafterMismatchError, match="target_hidden_size is 64, the target's hidden size 128"):
         load_drafter(tmp_path, _mismatch(target.config, hidden_size=128, head_dim=16), MAX_LENGTH)
-    with pytest.raises(DrafterMismatchError, match="vocabulary has 49152 tokens, the target's 1000"):
+    with pytest.raises(DrafterMismatchError, match="vocab_size is 49152, the target's vocabulary 1000"):
         load_drafter(tmp_path, _mismatch(target.config, vocab_size=1000), MAX_LENGTH)
-    with pytest.raises(DrafterMismatchError, match="feature layers"):
+    with pytest.raises(DrafterMismatchError, match=r"eagle_aux_hidden_state_layer_ids \[.*\] are not all layers of a "
+                       "2-layer target"):
         load_drafter(tmp_path, _mismatch(target.config, num_hidden_layers=2), MAX_LENGTH)
 
 

@@ -4,6 +4,8 @@ refuses, and the speculative step gives the same tokens with the kernels as the 
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -267,11 +269,12 @@ def test_interpreter_refuses_out_of_bounds_and_nested_slices():
         interpreter.run(nested, _zeros(4, 8))
 
 
-def test_affine_range_exposes_a_loop_carried_dependency():
-    # A running sum needs sequential_range: affine_range promises independent iterations.
-    def running_sum(a, loop):
+def test_range_loops_carry_state_in_order():
+    # A running sum carries its accumulator from one iteration to the next: a plain range loop (what NKI
+    # compiles as a sequential loop) keeps the order; the deprecated nl.*_range names are range itself.
+    def running_sum(a):
         acc = nl.ndarray((4, 1), dtype=nl.float32, buffer=nl.sbuf)
-        for i in loop(3):
+        for i in range(3):
             col = nl.ndarray((4, 1), dtype=nl.float32, buffer=nl.sbuf)
             nisa.dma_copy(dst=col, src=a[0:4, i:i + 1])
             if i == 0:
@@ -283,10 +286,21 @@ def test_affine_range_exposes_a_loop_carried_dependency():
         return out
 
     a = _zeros(4, 3)
-    np.testing.assert_allclose(interpreter.run(running_sum, a, nl.sequential_range), a.sum(1, keepdims=True),
-                               rtol=1e-6)
-    with pytest.raises(NkiInterpreterError, match="reads data1 .* never written"):
-        interpreter.run(running_sum, a, nl.affine_range)
+    np.testing.assert_allclose(interpreter.run(running_sum, a), a.sum(1, keepdims=True), rtol=1e-6)
+    assert [list(interpreter.nl.affine_range(2, 5)), list(interpreter.nl.sequential_range(3))] == [[2, 3, 4], [0, 1, 2]]
+
+
+@pytest.mark.parametrize("module", ["tiles", "first_layer_input", "lm_head"])
+def test_kernel_source_is_in_the_documented_nki_subset(module):
+    # The NKI front end documents named functions only and plain range loops (affine_range and
+    # sequential_range are deprecated aliases of range): no lambda, no nl.*_range in kernel code.
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(importlib.import_module(f"neuron_peagle.kernels.{module}")))
+    assert not [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Lambda)]
+    assert not [node.lineno for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute) and node.attr in ("affine_range", "sequential_range", "static_range")]
 
 
 def test_the_kernels_own_tiling_keeps_them_within_limits(monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -31,6 +33,8 @@ def _compare(model_dir, seq_len: int = 24, batch: int = 2, seed: int = 0):
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
     ("qwen2", True, None),
     ("qwen2", False, None),
+    ("qwen3", True, None),
+    ("qwen3", False, None),
 ])
 def test_tiny_models_match_transformers(tmp_path, family, tie, rope_scaling):
     model_dir = save_tiny_model(tmp_path, family, tie=tie, rope_scaling=rope_scaling, seed=3)
@@ -38,6 +42,17 @@ def test_tiny_models_match_transformers(tmp_path, family, tie, rope_scaling):
     assert (out.logits - ref.logits).abs().max() <= 1e-3
     assert torch.equal(out.logits.argmax(-1), ref.logits.argmax(-1))
     assert torch.allclose(out.features, features, atol=1e-4, rtol=1e-4)
+
+
+def test_qwen3_head_norms_are_loaded_and_head_dim_is_its_own(tmp_path):
+    model_dir = save_tiny_model(tmp_path, "qwen3", tie=False, seed=4, head_dim=24)
+    model = TargetModel.from_pretrained(model_dir, max_length=64)
+    attn = model.layers[0].self_attn
+    assert model.config.head_dim == 24 and attn.qkv_proj.weight.shape == (64, (4 + 2 * 2) * 24)
+    assert attn.q_norm.weight.shape == (24,) and not torch.equal(attn.q_norm.weight, attn.k_norm.weight)
+    assert attn.qkv_proj.bias is None and attn.o_proj.bias is None
+    out, ref, _ = _compare(model_dir, seq_len=20)
+    assert torch.equal(out.logits.argmax(-1), ref.logits.argmax(-1))
 
 
 def test_qwen2_biases_are_loaded(tmp_path):
@@ -103,3 +118,77 @@ def test_kv_writes_put_the_same_bits_where_scatter_puts_them(dtype):
     expected.scatter_(2, index, new.to(dtype))
     assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))  # every bit, NaN-safe
     assert torch.equal(cache.gather(2, index), new.to(dtype))
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_qwen3_greedy_generation_equals_transformers(tmp_path, batch_size):
+    """Plain and P-EAGLE (a random drafter, K=3, with context lookup) on a tiny Qwen3 decode exactly
+    transformers' greedy tokens, batch 1 and 4 with prompts of different lengths."""
+    from transformers import AutoModelForCausalLM
+
+    from neuron_peagle.runtime.engine import Engine, SamplingParams
+
+    model_dir = save_tiny_model(tmp_path, "qwen3", tie=True, seed=6)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompts = [[5, 9, 13, 40], [7, 300, 11], [900, 901, 902, 903, 904, 905], [31, 32]]
+    want = []
+    with torch.no_grad():
+        for ids in prompts:
+            ids_t = torch.tensor([ids])
+            out = hf.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=24, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+            want.append(out[0, len(ids):].tolist())
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    shapes = dict(batch_size=batch_size, max_length=64, prefill_buckets=(16,))
+    for options in (dict(mode="plain"), dict(mode="parallel", num_speculative_tokens=3, lookup_ngram=2)):
+        engine = Engine.from_pretrained(model_dir, **shapes, **options)
+        assert [o.output_ids for o in engine.generate(prompts, params)] == want, options
+
+
+def test_a_hub_style_directory_sharded_bf16_with_generation_config_stops(tmp_path):
+    """Sharded bf16 safetensors with an index, and generation_config.json's extra stop token: the
+    model loads as the single-file one does, and generation stops at the extra token."""
+    from transformers import AutoModelForCausalLM
+
+    from neuron_peagle.runtime.engine import Engine, SamplingParams
+
+    single = save_tiny_model(tmp_path / "single", "qwen3", tie=False, seed=8)
+    hf = AutoModelForCausalLM.from_pretrained(single, dtype=torch.bfloat16)
+    hub = tmp_path / "hub"
+    hf.save_pretrained(hub, max_shard_size="200KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (single / name).is_file():
+            (hub / name).write_bytes((single / name).read_bytes())
+    assert (hub / "model.safetensors.index.json").is_file() and len(list(hub.glob("*.safetensors"))) > 1
+    shapes = dict(mode="plain", max_length=64, prefill_buckets=(16,), dtype="bfloat16")
+    params = SamplingParams(max_new_tokens=12)
+    first = Engine.from_pretrained(single, **shapes).generate([[5, 9, 13]], SamplingParams(max_new_tokens=12,
+                                                                                         ignore_eos=True))[0]
+    hub_run = Engine.from_pretrained(hub, **shapes).generate([[5, 9, 13]], SamplingParams(max_new_tokens=12,
+                                                                                         ignore_eos=True))[0]
+    assert hub_run.output_ids == first.output_ids
+    stop_at = first.output_ids[3]
+    (hub / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, stop_at]}))
+    stopped = Engine.from_pretrained(hub, **shapes).generate([[5, 9, 13]], params)[0]
+    cut = first.output_ids.index(stop_at) + 1
+    assert stopped.output_ids == first.output_ids[:cut] and stopped.stats.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("architecture, model_type", [("GptOssForCausalLM", "gpt_oss"),
+                                                      ("Qwen3MoeForCausalLM", "qwen3_moe"),
+                                                      ("MistralForCausalLM", "mistral")])
+def test_architectures_we_do_not_run_are_refused_naming_them(tmp_path, tiny_llama_dir, capsys, architecture,
+                                                             model_type):
+    from neuron_peagle.cli import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for item in tiny_llama_dir.iterdir():
+        (model / item.name).symlink_to(item)
+    (model / "config.json").unlink()
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "architectures": [architecture],
+                                                   "model_type": model_type}))
+    assert main(["generate", "hi", "--model", str(model), "--backend", "eager"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and model_type in err and "Qwen3ForCausalLM" in err

@@ -1,7 +1,7 @@
 """The plain-PyTorch half of the nxd backend (backends/nxd_graphs.py), on CPU: the wrapper NxD
 traces computes exactly what each planned graph computes and leaves its state rebound (the update
-NxD aliases), one weight dict serves every graph, and every call a decoder makes routes to the
-planned graph of its kind, variant and bucket.
+NxD aliases), one weight dict serves every graph (weights and read-only tables, no state), and
+every call a decoder makes routes to the planned graph of its kind, variant and bucket.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import torch
 from compile.plan import GRAPH_KINDS, PREFILL_KINDS, neuron_compiler_args, plan_graphs
 from neuron_peagle.backends.nxd_graphs import INPUT_NAMES, GraphRouter, NxdBundle, NxdGraph
 from neuron_peagle.errors import ArtifactError
+from neuron_peagle.graphs.state import functional_state
 from neuron_peagle.runtime.batch import pad_prompts
 from neuron_peagle.runtime.engine import Engine, SamplingParams
 from neuron_peagle.runtime.step_parts import TimedStep
+from test_datastore import small_model_with_datastore  # noqa: F401  (a fixture)
 
 # The nxd backend (NxDModel, trn1) lives in the torch-xla environment, and so do its tests.
 pytestmark = pytest.mark.xla
@@ -46,8 +48,9 @@ def test_the_shared_signature_takes_every_input_of_every_graph_as_an_optional_ke
 @pytest.mark.parametrize("mode", ["plain", "parallel"])
 def test_the_traced_wrapper_computes_the_graph_and_rebinds_its_updated_state(tiny_llama_dir, mode):
     """Graph by graph in plan order (so each step graph starts from its prefill's state): the graph
-    run as it is and run through NxdGraph from the same state give the same outputs and the same new
-    state, and the wrapper leaves every state buffer rebound to a new tensor."""
+    run as it is and run through NxdGraph from the same state, under functional_state as
+    backends/nxd.py traces it, give the same outputs and the same new state, and the wrapper leaves
+    every state buffer rebound to a new tensor."""
     _, specs = planned(tiny_llama_dir, mode)
     bundle = NxdBundle.of(specs)
     for spec in specs:
@@ -66,8 +69,9 @@ def test_the_traced_wrapper_computes_the_graph_and_rebinds_its_updated_state(tin
         for name, value in start.items():
             spec.module.get_buffer(name).copy_(value)
         before = dict(spec.state_buffers)
-        with torch.no_grad():
-            got = bundle.graphs[spec.name](**bundle.example_inputs[spec.name])
+        graph = bundle.graphs[spec.name]
+        with torch.no_grad(), functional_state(graph):
+            got = graph(**bundle.example_inputs[spec.name])
         assert isinstance(got, tuple) and len(got) == len(spec.module.Outputs._fields)
         assert all(torch.equal(g, w) for g, w in zip(got, want)), spec.name
         for name, buffer in spec.state_buffers.items():
@@ -81,12 +85,13 @@ def test_one_weight_dict_holds_every_tensor_of_every_graph_once(tiny_llama_dir):
     bundle = NxdBundle.of(specs)
     checkpoint = bundle.checkpoint
     for graph in bundle.graphs.values():
+        state = {id(graph.graph.get_buffer(name)) for name in graph.state_names}
         for name, tensor in chain(graph.named_parameters(remove_duplicate=False),
                                   graph.named_buffers(remove_duplicate=False)):
-            assert torch.equal(checkpoint[name], tensor), name
+            if id(tensor) not in state:
+                assert torch.equal(checkpoint[name], tensor), name
     step = next(s for s in specs if s.name == "spec_step_greedy")
-    assert {f"graph.{name}" for name in step.state_names} <= set(checkpoint)
-    assert {"graph.cache.key_0", "graph.proposer.cache.key_0", "graph.state.pending_features"} <= set(checkpoint)
+    assert not {f"graph.{name}" for name in step.state_names} & set(checkpoint)
     # The drafter reads the target's embedding: one tensor under both names, not a copy.
     assert (checkpoint["graph.target.embed_tokens.weight"].data_ptr()
             == checkpoint["graph.proposer.target_embedding.weight"].data_ptr())
@@ -128,3 +133,34 @@ def test_every_decoder_call_routes_to_its_planned_graph(tiny_llama_dir):
         router.key(prefill, example._replace(input_ids=ids, lengths=lengths))
     with pytest.raises(ArtifactError, match="could not tell them apart"):
         GraphRouter.of([*specs, dataclasses.replace(specs[0], name="twin")])
+
+
+@pytest.mark.parametrize("engine_kind", ["speculative", "plain"])
+def test_the_weight_dict_holds_the_read_only_tables_and_no_state(small_model_with_datastore, tiny_llama_dir,
+                                                                 engine_kind):
+    """NxD makes the state buffers itself, zeroed on the device: a copy of them (KV caches above all)
+    in the weight dict would only take HBM. Every read-only table is a weight and must be there: the
+    rotary tables, the datastore's hash table, the drafter's d2t, the precomputed mask row."""
+    if engine_kind == "speculative":
+        model_dir, drafter_dir = small_model_with_datastore
+        engine = Engine.from_pretrained(model_dir, drafter_dir, short_draft_tokens=2, lookup_ngram=2, datastore=True,
+                                        **SHAPES)
+    else:
+        engine = Engine.from_pretrained(tiny_llama_dir, **{**SHAPES, "mode": "plain"})
+    specs = plan_graphs(engine.decoder, neuron_compiler_args("trn1"))
+    checkpoint = NxdBundle.of(specs).checkpoint
+    state = {b.untyped_storage().data_ptr(): f"{s.name}: {n}" for s in specs for n, b in s.state_buffers.items()}
+    assert not {name: state[t.untyped_storage().data_ptr()] for name, t in checkpoint.items()
+                if t.untyped_storage().data_ptr() in state}
+    assert not {f"graph.{name}" for spec in specs for name in spec.state_names} & set(checkpoint)
+    tables = {f"graph.{name}" for spec in specs for name, _ in spec.module.named_buffers()
+              if name not in spec.state_names}
+    assert tables <= set(checkpoint)
+    expected = {"graph.target.rotary.cos", "graph.target.rotary.sin"}
+    if engine_kind == "speculative":
+        datastore = "graph.proposer.datastore."
+        expected |= {datastore + "key_columns", datastore + "table.slot_keys", datastore + "table.slot_next",
+                     datastore + "table.hash_weights", datastore + "table.probe_offsets",
+                     "graph.proposer.inner.drafter.d2t", "graph.proposer.inner.fc_mask_row",
+                     "graph.proposer.inner.drafter.rotary.cos"}
+    assert expected <= tables

@@ -3,15 +3,18 @@ with the generation it profiled, on eager and xla; the Neuron capture is set up 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
+from neuron_peagle.backends import NEURON_BACKENDS
 from neuron_peagle.cli import main
-from neuron_peagle.profiling import neuron_capture_env, profile_generation
+from neuron_peagle.profiling import neuron_capture_env, profile_generation, runs_torch_profiler
 from neuron_peagle.runtime.engine import Engine, SamplingParams
 
 SHAPES = dict(batch_size=2, max_length=96, prefill_buckets=(32,))
@@ -80,10 +83,37 @@ def test_cli_profile_writes_a_session_and_refuses_a_file_as_out(tiny_llama_dir, 
     assert "is a file" in capsys.readouterr().err
 
 
-def test_neuron_capture_points_the_runtime_at_the_session(tmp_path):
-    env = neuron_capture_env(tmp_path)
-    assert env["NEURON_RT_INSPECT_ENABLE"] == "1" and env["NEURON_RT_INSPECT_DEVICE_PROFILE"] == "1"
-    assert env["NEURON_RT_INSPECT_OUTPUT_DIR"] == str(tmp_path / "neuron")
+def test_neuron_capture_records_the_session_into_it(tmp_path):
+    # Session mode: one device trace of everything the runtime runs. Mode 1 would record only the first
+    # run of each NEFF, which a profile session spends on its warm-up.
+    assert neuron_capture_env(tmp_path) == {"NEURON_RT_INSPECT_ENABLE": "1",
+                                            "NEURON_RT_INSPECT_DEVICE_PROFILE": "session",
+                                            "NEURON_RT_INSPECT_OUTPUT_DIR": str(tmp_path / "neuron")}
+    # torch.profiler where asked, except on the Neuron backends (not to be combined with the inspect capture).
+    assert runs_torch_profiler("eager", True) and runs_torch_profiler("xla", True)
+    assert not runs_torch_profiler("eager", False)
+    assert not any(runs_torch_profiler(backend, True) for backend in NEURON_BACKENDS)
+
+
+@pytest.mark.parametrize("backend", NEURON_BACKENDS)
+def test_neuron_backend_sessions_start_no_torch_profiler(tiny_llama_dir, tmp_path, monkeypatch, backend):
+    """What a session chooses depends on the engine's backend name only, so an eager engine labelled with
+    a Neuron backend shows it without hardware: torch.profiler is never started, and the session says why."""
+    engine = Engine.from_pretrained(tiny_llama_dir, mode="plain", **SHAPES)
+    engine.build = dataclasses.replace(engine.build, backend=backend)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.profiler started on a Neuron backend")
+
+    monkeypatch.setattr(torch.profiler, "profile", refuse)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    profile_generation(engine, PROMPTS[:2], params, tmp_path, trace=True)
+    session = json.loads((tmp_path / "session.json").read_text())
+    assert not session["traced"] and set(session["files"]) == {"session.json", "steps.jsonl"}
+    assert not (tmp_path / "trace.json").exists() and not (tmp_path / "ops.txt").exists()
+    assert any("no torch.profiler trace" in note for note in session["notes"])
+    # No runtime ran here, so no device profile either, and the session says so instead of pretending.
+    assert any("wrote no device profile" in note for note in session["notes"])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch_neuronx") is not None, reason="the Neuron SDK is installed")

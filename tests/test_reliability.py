@@ -429,3 +429,12 @@ def test_a_corrupt_tokenizer_is_refused_naming_the_model(tmp_path, tiny_llama_di
     (model / "tokenizer.json").write_text("{not json")
     line = _refused(capsys, ["generate", "hi", "--model", str(model), *TINY])
     assert "its tokenizer cannot be loaded" in line
+
+
+def test_the_public_api_is_importable_from_the_package():
+    import neuron_peagle
+
+    assert neuron_peagle.Engine is Engine and neuron_peagle.SamplingParams is SamplingParams
+    assert neuron_peagle.GenerationInterrupted is GenerationInterrupted
+    with pytest.raises(AttributeError):
+        neuron_peagle.NoSuchThing  # noqa: B018

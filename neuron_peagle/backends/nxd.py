@@ -5,20 +5,20 @@ The Neuron SDK is imported only inside `require_sdk`, so everything else runs (a
 without it; with it missing, every entry point raises BackendUnavailableError with INSTALL_HINT.
 The plain-PyTorch half (the traced wrapper, the shared weight dict, the call router) is in
 `nxd_graphs.py`; this module is only the SDK calls (ModelBuilderV2's units, neuronx-distributed
-`trace/model_builder.py`, `trace/nxd_model/nxd_model.py`):
+`trace/functions.py`, `trace/nxd_model/nxd_model.py`):
 
 - build: `trace(NxdGraph, kwargs=example inputs)` per graph; `compile(hlo, metaneff,
   compiler_workdir=..., compiler_args="...", key=name)` -> a NEFF per graph; then
-  `NxDModel(world_size=1).add(key, trace_artifacts, CompilationArtifacts(neff_filepath=...))` for
+  `NxDModel(world_size=N).add(key, trace_artifacts, CompilationArtifacts(neff_filepath=...))` for
   every graph and `save(path, save_weights=False)`: one TorchScript file, no weights in it.
-- load: `NxDModel.load(path)`, `set_weights([weight dict])` (the engine's own modules, built from
-  the checked model directory, provide it), `to_neuron()`: one device copy of the weights and of
-  every state buffer, passed to every key.
+- load: `NxDModel.load(path)`, `set_weights([one weight dict per rank])` (the engine's own modules,
+  built from the checked model directory, provide it), `to_neuron()`: one device copy of the weights
+  and of every state buffer per rank, passed to every key.
 - run: `model(model_name=key, **inputs)`, the key picked by `GraphRouter` from the graph module the
   decoder calls and its input shapes; host tensors in and out, as on the other backends.
 
-Tensor parallelism is not built yet: world_size stays 1 (`shard_checkpoint` under
-`NxDParallelState` would make the per-rank weight dicts once the models use parallel layers).
+Tensor parallelism (world_size N > 1): the target's decoder layers run on NxD's parallel layers and
+the per-rank weight dicts come from NxD's `shard_checkpoint` (`nxd_parallel.py`).
 """
 
 from __future__ import annotations
@@ -34,12 +34,13 @@ from torch import Tensor, nn
 from neuron_peagle.backends.nxd_graphs import NxdBundle, NxdGraph, graph_kwargs
 from neuron_peagle.errors import ArtifactError, BackendUnavailableError
 from neuron_peagle.files import atomic_path
+from neuron_peagle.graphs.state import functional_state
 
 INSTALL_HINT = (
     "the nxd backend needs the Neuron SDK 2.31 torch-xla stack (torch-neuronx 2.9, neuronx-cc 2.26, "
-    "neuronx-distributed 0.19) on a trn1/trn2 instance, installed from the Neuron SDK's own pip repository into "
-    "the torch-xla environment (make setup-xla); on other machines use --backend xla there, or inductor/eager "
-    "in the main environment"
+    "neuronx-distributed 0.19, nki 0.5: the neuron-trn1 extra) on a trn1/trn2 instance, installed from the Neuron "
+    "SDK's own pip repository into the torch-xla environment (make setup-xla); on other machines use --backend xla "
+    "there, or inductor/eager in the main environment"
 )
 NEEDS_ARTIFACTS = (
     "the nxd backend runs graphs compiled ahead of time: build them with `python -m compile.build "
@@ -53,8 +54,8 @@ class NxdApi:
     """The neuronx-distributed entry points this backend uses, imported once."""
 
     NxDModel: Any  # neuronx_distributed.NxDModel
-    trace: Callable  # neuronx_distributed.trace.model_builder.trace
-    compile: Callable  # neuronx_distributed.trace.model_builder.compile
+    trace: Callable  # neuronx_distributed.trace.functions.trace
+    compile: Callable  # neuronx_distributed.trace.functions.compile
     CompilationArtifacts: Any  # neuronx_distributed.trace.model_builder_utils.CompilationArtifacts
 
 
@@ -63,8 +64,9 @@ def require_sdk() -> NxdApi:
     try:
         import torch_neuronx  # noqa: F401  (the runtime NxD drives; checked here for a clear message)
         from neuronx_distributed import NxDModel
-        from neuronx_distributed.trace.model_builder import compile as nxd_compile
-        from neuronx_distributed.trace.model_builder import trace as nxd_trace
+        # The fundamental units; `trace.model_builder` keeps only deprecated wrappers of these.
+        from neuronx_distributed.trace.functions import compile as nxd_compile
+        from neuronx_distributed.trace.functions import trace as nxd_trace
         from neuronx_distributed.trace.model_builder_utils import CompilationArtifacts
     except ImportError:
         raise BackendUnavailableError(INSTALL_HINT) from None
@@ -84,8 +86,10 @@ class NxdBackend:
         """Weights stay on the host: `load` hands them, as one dict, to the NxDModel."""
         return module
 
-    def load(self, model_path: Path, bundle: NxdBundle) -> None:
-        """Load the saved NxDModel, give it the bundle's weights and put it on the NeuronCore."""
+    def load(self, model_path: Path, bundle: NxdBundle, weights: list[dict[str, Tensor]] | None = None) -> None:
+        """Load the saved NxDModel, give it one weight dict per rank (default: the bundle's, for one rank)
+        and put it on the NeuronCores."""
+        weights = weights if weights is not None else [bundle.checkpoint]
         model = self._api.NxDModel.load(str(model_path))
         if not isinstance(model, self._api.NxDModel):
             raise ArtifactError(f"{model_path} does not restore as an NxDModel with the installed neuronx-distributed "
@@ -93,7 +97,12 @@ class NxdBackend:
         missing = set(bundle.graphs) - set(model.get_available_keys())
         if missing:
             raise ArtifactError(f"{model_path} lacks the graphs {sorted(missing)}; rebuild the artifacts")
-        model.set_weights([bundle.checkpoint])
+        world_size = getattr(model, "world_size", len(weights))
+        if world_size != len(weights):
+            raise ArtifactError(f"{model_path} holds graphs for {world_size} ranks, the engine made weights for "
+                                f"{len(weights)}: the manifest's tp_degree and the NxDModel disagree; rebuild the "
+                                "artifacts")
+        model.set_weights(weights)
         model.to_neuron()
         self._model, self._bundle = model, bundle
 
@@ -110,9 +119,14 @@ class NxdBackend:
 
 
 def trace_graph(api: NxdApi, name: str, graph: NxdGraph, kwargs: dict[str, Tensor]):
-    """NxD's TraceArtifacts of one graph (module on the CPU; nothing is compiled)."""
+    """NxD's TraceArtifacts of one graph (module on the CPU; nothing is compiled).
+
+    Traced under `functional_state`: NxD aliases a state buffer to its update (keeps it on the
+    device, written in place) only when the forward rebinds the buffer to an out-of-place result;
+    an in-place update of a buffer is not supported and could be lost on the device."""
     try:
-        return api.trace(graph, kwargs=kwargs)
+        with functional_state(graph):
+            return api.trace(graph, kwargs=kwargs)
     except RuntimeError as err:
         raise ArtifactError(f"neuronx-distributed could not trace graph {name}: {err}") from err
 
@@ -131,10 +145,10 @@ def compile_graph(api: NxdApi, name: str, traced, compiler_args: tuple[str, ...]
         shutil.copyfile(artifacts.neff_filepath, tmp)
 
 
-def save_model(api: NxdApi, traced: dict[str, Any], neffs: dict[str, Path], path: Path) -> None:
-    """One NxDModel holding every graph under its planned name, saved without weights (whole or not at
-    all: a previous build's model.pt stays until the new one is complete)."""
-    model = api.NxDModel(world_size=1)
+def save_model(api: NxdApi, traced: dict[str, Any], neffs: dict[str, Path], path: Path, world_size: int = 1) -> None:
+    """One NxDModel for `world_size` ranks holding every graph under its planned name, saved without
+    weights (whole or not at all: a previous build's model.pt stays until the new one is complete)."""
+    model = api.NxDModel(world_size=world_size)
     for name, artifacts in traced.items():
         model.add(key=name, trace_artifacts=artifacts,
                   compilation_artifacts=api.CompilationArtifacts(neff_filepath=str(neffs[name])))

@@ -6,16 +6,19 @@ is tested, on CPU; `backends/nxd.py` hands it to the SDK.
 Why an NxDModel: it holds several compiled graphs under string keys, loads one weight dict and one
 set of state tensors to the device, and passes the same tensors to every graph (`set_weights`,
 `to_neuron`); `model(model_name=key, **inputs)` runs one graph. Its keys must share one forward
-signature, and it aliases a buffer only when the forward ends with the buffer rebound to a new
-tensor (ModelBuilderV2's rule: in-place updates of the buffer it started with are not detected).
-Hence the three pieces:
+signature, and it aliases a buffer only when the forward rebinds the buffer to the result of an
+out-of-place op (ModelBuilderV2's rule: in-place updates of a buffer are not supported), so
+`backends/nxd.py` traces every graph under `graphs.state.functional_state`, where the graphs update
+their state that way. Hence the three pieces:
 
 - `NxdGraph`: a planned graph behind the forward signature every key shares (the union of the
-  graphs' declared inputs, each an optional keyword), its state buffers rebound to fresh copies
-  that the graph then updates in place. Parameter and buffer names are the graph's, under `graph.`,
-  so the same weight or cache has the same name in every key.
-- `NxdBundle.checkpoint`: the one weight dict for all keys, every parameter and buffer by name,
-  state included at its initial value; a name that means two different tensors is refused.
+  graphs' declared inputs, each an optional keyword); a state buffer the graph leaves alone is
+  rebound to a copy, so that every key aliases the same state. Parameter and buffer names are the
+  graph's, under `graph.`, so the same weight or cache has the same name in every key.
+- `NxdBundle.checkpoint`: the one weight dict for all keys, every parameter and read-only buffer
+  (rotary tables, datastore tables, d2t) by name; a name that means two different tensors is
+  refused. No state buffer: NxD makes the state itself, zeroed on the device, and a second copy
+  in the weights would only take HBM.
 - `GraphRouter`: which key a decoder call means, from the graph module it calls and its input
   shapes (the shapes pick the prefill bucket, the module picks greedy or sampling and the kind).
 """
@@ -36,7 +39,8 @@ from neuron_peagle.graphs.interface import PlannedGraph
 
 class NxdGraph(nn.Module):
     """One planned graph as neuronx-distributed traces it: keyword inputs, outputs as a plain tuple,
-    every state buffer rebound to an updated copy (the out-of-place update NxD aliases)."""
+    every state buffer rebound to a new tensor (the out-of-place update NxD aliases): by the graph's
+    own updates under `functional_state`, else to a copy at the end."""
 
     def __init__(self, graph: nn.Module, state_names: tuple[str, ...]) -> None:
         super().__init__()
@@ -51,11 +55,13 @@ class NxdGraph(nn.Module):
                  "temperature": temperature, "top_k": top_k, "top_p": top_p, "accept_uniform": accept_uniform,
                  "sample_uniform": sample_uniform}
         inputs = self.graph.Inputs(**{name: given[name] for name in self.graph.Inputs._fields})
-        for name in self.state_names:
-            owner_name, _, attr = name.rpartition(".")
-            owner = self.graph.get_submodule(owner_name)
-            setattr(owner, attr, getattr(owner, attr).clone())
-        return tuple(self.graph(*inputs))
+        before = {name: self.graph.get_buffer(name) for name in self.state_names}
+        outputs = tuple(self.graph(*inputs))
+        for name, buffer in before.items():
+            if self.graph.get_buffer(name) is buffer:  # not rebound by the graph: alias it all the same
+                owner_name, _, attr = name.rpartition(".")
+                setattr(self.graph.get_submodule(owner_name), attr, buffer.clone())
+        return outputs
 
 
 # The keyword inputs every NxdGraph accepts, in signature order.
@@ -95,14 +101,18 @@ class GraphRouter:
 
 
 def shared_checkpoint(graphs: Sequence[NxdGraph]) -> dict[str, Tensor]:
-    """Every parameter and buffer of every graph by name (aliases of one tensor included), once.
+    """Every parameter and read-only buffer of every graph by name (aliases of one tensor included),
+    once; no state buffer (under any of its names), which NxD keeps apart, zeroed on the device.
 
     All keys of the NxDModel read this one dict, so a name must mean the same tensor in every graph
     it appears in."""
     held: dict[str, Tensor] = {}
     for graph in graphs:
+        state = {id(graph.graph.get_buffer(name)) for name in graph.state_names}
         for name, tensor in chain(graph.named_parameters(remove_duplicate=False),
                                   graph.named_buffers(remove_duplicate=False)):
+            if id(tensor) in state:
+                continue
             if held.setdefault(name, tensor) is not tensor:
                 raise ArtifactError(f"{name} names two different tensors in two graphs of one engine: they cannot "
                                     "share one weight dict")

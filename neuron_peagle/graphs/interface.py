@@ -4,7 +4,8 @@ A graph is a module whose class declares its interface:
 - `Inputs` / `Outputs`: NamedTuples of fixed-shape tensors, in call order (the decoders build their
   inputs with `Inputs`, every backend returns `Outputs`);
 - its state: the buffers of the `STATE_MODULES` it reaches (KV caches, speculative state, lookup
-  history), which it updates in place and which stay on the device between calls.
+  history), which stay on the device between calls and which it updates only through
+  graphs/state.py (in place, or rebound to out-of-place results while the nxd backend traces it).
 `example_inputs` gives inputs of the exact shapes and dtypes the decoders feed, for given build
 shapes (values do not matter to a fixed-shape graph), and `plan` lists every graph a decoder runs
 with its planned name. Compiled backends warm graphs from this list (`Engine.warm`), the artifact
@@ -26,7 +27,7 @@ from neuron_peagle.graphs.proposers import SpecState
 from neuron_peagle.graphs.speculative import SpecPrefillGraph, SpecStepGraph, SpecStepInputs
 from neuron_peagle.kv_cache import KVCache
 
-# Modules whose buffers a graph updates in place: on a device these are aliased input -> output.
+# Modules whose buffers are a graph's state: on a device these are aliased input -> output.
 STATE_MODULES = (KVCache, SpecState, LookupProposer)
 
 GRAPH_KINDS: dict[type, str] = {
@@ -55,7 +56,7 @@ class PlannedGraph:
     greedy: bool
     module: nn.Module
     example_inputs: NamedTuple  # the graph's `Inputs`, host tensors
-    state_names: tuple[str, ...]  # buffers (dotted names in `module`) the graph updates in place
+    state_names: tuple[str, ...]  # buffers (dotted names in `module`) the graph updates (graphs/state.py)
 
     @property
     def state_buffers(self) -> dict[str, Tensor]:

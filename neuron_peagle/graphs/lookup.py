@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.graphs.datastore import NgramDatastore
 from neuron_peagle.graphs.proposers import SpecState
+from neuron_peagle.graphs.state import assign_state, scatter_state, write_state_slice
 
 
 def context_lookup(history: Tensor, last_position: Tensor, ngram: int, num_draft_tokens: int,
@@ -99,15 +100,15 @@ class LookupProposer(nn.Module):
     def prefill(self, features: Tensor, input_ids: Tensor, lengths: Tensor) -> None:
         # input_ids [B, bucket]: the prompt; the first new token arrives with the prefill's commit.
         self.inner.prefill(features, input_ids, lengths)
-        self.history[:, : input_ids.shape[1]].copy_(input_ids)
+        write_state_slice(self, "history", 1, 0, input_ids)
 
     def commit(self, state: SpecState) -> Tensor:  # -> [B] int64: leading drafts the lookup supplies
         positions, valid = state.pending_positions()  # [B, S]
-        self.history.scatter_(1, torch.where(valid, positions, torch.full_like(positions, self.max_length)),
-                              state.pending_tokens)
+        scatter_state(self, "history", 1, torch.where(valid, positions, torch.full_like(positions, self.max_length)),
+                      state.pending_tokens)
         copied, found = context_lookup(self.history[:, : self.max_length], state.last_position, self.ngram,
                                        self.num_draft_tokens, self.min_ngram)
-        self.copied.copy_(torch.where(found, copied, torch.full_like(copied, -1)))
+        assign_state(self, "copied", torch.where(found, copied, torch.full_like(copied, -1)))
         # `found` is a prefix of the K positions (a match supplies the tokens up to last_position).
         return found.sum(dim=-1)
 

@@ -2,7 +2,8 @@
 
 One step = draft (the proposer: one P-EAGLE drafter pass, or K sequential passes) + verify (one
 target pass over [y, d_1..d_K]) + accept (greedy prefix rule or lossless rejection sampling), with
-the target KV cache, the drafter KV cache and the pending-feature state all updated in place.
+the target KV cache, the drafter KV cache and the pending-feature state all updated (in place, or by
+rebinding for the nxd trace: graphs/state.py).
 Outputs are the committed tokens `[B, K+1]` padded with -1 and their count (1..K+1 per row).
 
 Terms (as in the rejection-sampling literature): the draft tokens d_1..d_K are *accepted* while they
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from neuron_peagle.graphs.proposers import SpecState
+from neuron_peagle.graphs.state import assign_state
 from neuron_peagle.kernels import check_kernel_mode, lm_head_argmax
 from neuron_peagle.kv_cache import KVCache
 from neuron_peagle.models.target import TargetModel
@@ -86,12 +88,15 @@ class SpecPrefillGraph(nn.Module):
         self.proposer.prefill(out.features, input_ids, lengths)
         last = (lengths - 1).view(batch, 1, 1).expand(batch, 1, out.features.shape[-1])
         state = self.state
-        state.pending_features.zero_()
-        state.pending_features[:, -1:].copy_(out.features.gather(1, last))
-        state.pending_tokens.zero_()
-        state.pending_tokens[:, -1].copy_(first)
-        state.pending_count.fill_(1)
-        state.last_position.copy_(lengths)
+        features = state.pending_features
+        slots = features.shape[1]
+        # One pending pair, right-aligned: the last prompt position's features and the first new token.
+        assign_state(state, "pending_features", torch.cat(
+            [features.new_zeros(batch, slots - 1, features.shape[-1]), out.features.gather(1, last)], dim=1))
+        assign_state(state, "pending_tokens", torch.cat(
+            [torch.zeros(batch, slots - 1, dtype=first.dtype, device=first.device), first.unsqueeze(-1)], dim=1))
+        assign_state(state, "pending_count", torch.ones_like(state.pending_count))
+        assign_state(state, "last_position", lengths)
         return SpecPrefillOutputs(first, self.proposer.commit(state))
 
 
@@ -125,7 +130,8 @@ class SpecStepGraph(nn.Module):
         state = self.state
         # Rows past their end (finished, or padding of a short batch) must keep writes in range (for
         # the longest K the state serves, so that every step graph clamps alike).
-        state.last_position.clamp_(max=self.cache.max_length - state.pending_tokens.shape[1] - 1)
+        assign_state(state, "last_position",
+                     state.last_position.clamp(max=self.cache.max_length - state.pending_tokens.shape[1] - 1))
         return self.proposer.propose(state, self.num_draft_tokens)
 
     def verify(self, drafts: Tensor) -> Verified:  # drafts [B, K]
@@ -158,9 +164,10 @@ class SpecStepGraph(nn.Module):
         # each with the token committed after it, right-aligned in the S slots, for the next step.
         features = verified.features
         source = (torch.arange(slots, device=drafts.device) - (slots - counts).unsqueeze(-1)).clamp(min=0)  # [B, S]
-        state.pending_features.copy_(features.gather(1, source.unsqueeze(-1).expand(-1, -1, features.shape[-1])))
-        state.pending_tokens.copy_(tokens.gather(1, source))
-        state.pending_count.copy_(counts)
-        state.last_position.add_(counts)
+        assign_state(state, "pending_features",
+                     features.gather(1, source.unsqueeze(-1).expand(-1, -1, features.shape[-1])))
+        assign_state(state, "pending_tokens", tokens.gather(1, source))
+        assign_state(state, "pending_count", counts)
+        assign_state(state, "last_position", state.last_position + counts)
         known = self.proposer.commit(state)
         return SpecStepOutputs(tokens, counts, known)

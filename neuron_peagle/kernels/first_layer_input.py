@@ -55,13 +55,13 @@ def draft_input_kernel(embeds, features, is_mask, fc_weight, fc_mask_row, mask_e
     inputs = (embeds, features, is_mask)
     weights = (fc_weight, fc_mask_row, mask_embedding, input_norm_weight, hidden_norm_weight)
     options = (input_eps, hidden_eps, norm_before_residual)
-    for_each_tile(n, nl.tile_size.pmax,
-                  lambda _, start, rows: _slots(x, residual, inputs, weights, options, start, rows))
+    for_each_tile(n, nl.tile_size.pmax, _slots, (x, residual, inputs, weights, options))
     return x, residual
 
 
-def _slots(x, residual, inputs, weights, options, start, rows: int) -> None:
+def _slots(operands, index, start, rows: int) -> None:
     """Slots start .. start + rows (at most 128), one per partition."""
+    x, residual, inputs, weights, options = operands
     embeds, features, is_mask = inputs
     fc_weight, fc_mask_row, mask_embedding, input_norm_weight, hidden_norm_weight = weights
     input_eps, hidden_eps, norm_before_residual = options
@@ -81,7 +81,7 @@ def _slots(x, residual, inputs, weights, options, start, rows: int) -> None:
     feats_t = nl.ndarray((pmax, chunks(width, pmax), rows), dtype=features.dtype, buffer=nl.sbuf)
     transpose_into(feats_t, feats, rows, width)
     h = nl.ndarray((rows, hidden), dtype=nl.float32, buffer=nl.sbuf)
-    for_each_tile(hidden, columns, lambda _, col, size: _fc_columns(h, feats_t, fc_weight, rows, col, size))
+    for_each_tile(hidden, columns, _fc_columns, (h, feats_t, fc_weight, rows))
     select_rows(h, h, fc_mask_row, mask, keep, rows, hidden)
 
     emb_in = nl.ndarray((rows, hidden), dtype=embeds.dtype, buffer=nl.sbuf)
@@ -102,7 +102,8 @@ def _slots(x, residual, inputs, weights, options, start, rows: int) -> None:
     nisa.dma_copy(dst=residual[start:start + rows, 0:hidden], src=res)
 
 
-def _fc_columns(h, feats_t, fc_weight, rows: int, start, size: int) -> None:
+def _fc_columns(operands, index, start, size: int) -> None:
+    h, feats_t, fc_weight, rows = operands
     acc = nl.ndarray((rows, size), dtype=nl.float32, buffer=nl.psum)
     matmul_columns(acc, feats_t, fc_weight, rows, start, size)
     nisa.tensor_copy(dst=h[0:rows, start:start + size], src=acc)

@@ -15,9 +15,9 @@ the loop forgot). It checks the logic and the tiling of our kernels; it is not a
 timing, no SBUF capacity beyond one tile, no engine or bank assignment, float32 arithmetic on every
 engine, and bfloat16 modelled by rounding to nearest-even whenever a bfloat16 tile is written.
 
-`nl.affine_range` loops run backwards: their iterations are promised independent, so a hidden
-loop-carried dependency shows up as a wrong result or an unwritten read instead of passing silently.
-`nl.sequential_range` keeps its order (it is the loop for carried state, such as a running maximum).
+The kernels loop with plain `range`, which NKI compiles as a sequential loop and this interpreter runs
+as Python does, in order. `nl.affine_range`, `nl.sequential_range` and `nl.static_range` are here only
+as what NKI keeps them as, deprecated aliases of `range`.
 """
 
 from __future__ import annotations
@@ -486,11 +486,8 @@ def ndarray(shape: tuple[int, ...], dtype: DType, buffer: Memory = sbuf, name: s
     return Tensor(shape, dtype, buffer, name)
 
 
-def affine_range(*args: int) -> Iterator[int]:
-    return reversed(range(*args))
-
-
-def sequential_range(*args: int) -> Iterator[int]:
+def deprecated_range(*args: int) -> Iterator[int]:
+    """nl.affine_range / sequential_range / static_range: deprecated aliases of `range`, in order."""
     return iter(range(*args))
 
 
@@ -569,7 +566,7 @@ def run(kernel: Callable, *args: Any) -> Any:
 
 
 nl = SimpleNamespace(
-    ndarray=ndarray, affine_range=affine_range, sequential_range=sequential_range, static_range=sequential_range,
+    ndarray=ndarray, affine_range=deprecated_range, sequential_range=deprecated_range, static_range=deprecated_range,
     tile_size=tile_size, float32=float32, bfloat16=bfloat16, int32=int32,
     hbm=hbm, shared_hbm=shared_hbm, sbuf=sbuf, psum=psum,
     add=add, subtract=subtract, multiply=multiply, maximum=maximum, minimum=minimum, greater=greater,

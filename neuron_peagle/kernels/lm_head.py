@@ -36,16 +36,14 @@ def lm_head_argmax_reference(hidden: Tensor, weight: Tensor, d2t: Tensor | None 
 def lm_head_argmax_kernel(hidden, weight):
     # hidden [R, H]; weight [H, V] -> ids [R, 1] int32, logits [R, 1] float32
     ids, best = _outputs(hidden)
-    for_each_tile(hidden.shape[0], nl.tile_size.pmax,
-                  lambda _, start, rows: _store_rows(ids, best, hidden, weight, start, rows))
+    for_each_tile(hidden.shape[0], nl.tile_size.pmax, _store_rows, (ids, best, hidden, weight))
     return ids, best
 
 
 def lm_head_argmax_d2t_kernel(hidden, weight, d2t):
     # hidden [R, H]; weight [H, V_draft]; d2t [V_draft, 1] int32 -> target ids [R, 1] int32, logits [R, 1] float32
     ids, best = _outputs(hidden)
-    for_each_tile(hidden.shape[0], nl.tile_size.pmax,
-                  lambda _, start, rows: _store_mapped_rows(ids, best, hidden, weight, d2t, start, rows))
+    for_each_tile(hidden.shape[0], nl.tile_size.pmax, _store_mapped_rows, (ids, best, hidden, weight, d2t))
     return ids, best
 
 
@@ -56,13 +54,15 @@ def _outputs(hidden):
     return ids, best
 
 
-def _store_rows(ids, best, hidden, weight, start, rows: int) -> None:
+def _store_rows(operands, index, start, rows: int) -> None:
+    ids, best, hidden, weight = operands
     row_ids, row_best = _argmax_rows(hidden, weight, start, rows)
     nisa.dma_copy(dst=ids[start:start + rows, 0:1], src=row_ids)
     nisa.dma_copy(dst=best[start:start + rows, 0:1], src=row_best)
 
 
-def _store_mapped_rows(ids, best, hidden, weight, d2t, start, rows: int) -> None:
+def _store_mapped_rows(operands, index, start, rows: int) -> None:
+    ids, best, hidden, weight, d2t = operands
     row_ids, row_best = _argmax_rows(hidden, weight, start, rows)
     offset = nl.ndarray((rows, 1), dtype=nl.int32, buffer=nl.sbuf)
     nisa.dma_copy(dst=offset, src=d2t.ap(pattern=[[1, rows], [1, 1]], offset=0, vector_offset=row_ids,
@@ -92,17 +92,17 @@ def _argmax_rows(hidden, weight, start, rows: int):
     column = nl.ndarray((rows, columns), dtype=nl.float32, buffer=nl.sbuf)
     nisa.iota(dst=column, pattern=[[1, columns]], offset=0, channel_multiplier=0)
 
-    state = (h_t, column, tile_start, best, best_index)
-    # The running maximum is carried from tile to tile, so the loop runs in order.
-    for_each_tile(vocab, columns, lambda _, start, size: _vocab_tile(weight, state, rows, start, size),
-                  loop=nl.sequential_range)
+    # The running maximum is carried from tile to tile: a plain range loop keeps the order (NKI compiles
+    # `range` as a sequential loop).
+    for_each_tile(vocab, columns, _vocab_tile, (weight, (h_t, column, tile_start, best, best_index), rows))
 
     ids = nl.ndarray((rows, 1), dtype=nl.int32, buffer=nl.sbuf)
     nisa.tensor_copy(dst=ids, src=best_index)
     return ids, best
 
 
-def _vocab_tile(weight, state, rows: int, start, size: int) -> None:
+def _vocab_tile(operands, index, start, size: int) -> None:
+    weight, state, rows = operands
     h_t, column, tile_start, best, best_index = state
     logits = nl.ndarray((rows, size), dtype=nl.float32, buffer=nl.psum)
     matmul_columns(logits, h_t, weight, rows, start, size)

@@ -8,7 +8,9 @@ while weight tiles [128, <=512] stream through the Tensor Engine as the *moving*
 weight element crosses HBM exactly once, which is what bounds these decode-time matmuls.
 
 Every loop covers full tiles and then the remainder tile, so any size works, not only multiples
-of 128 or 512.
+of 128 or 512. Loops are plain `range` loops (NKI's `affine_range` / `sequential_range` are deprecated
+aliases of it) and every function handed to another is a named one: the NKI front end compiles a
+Python subset that documents named functions only, no lambdas.
 """
 
 from __future__ import annotations
@@ -20,24 +22,25 @@ def chunks(size: int, chunk: int) -> int:
     return (size + chunk - 1) // chunk
 
 
-def for_each_tile(size: int, tile: int, body, loop=None) -> None:
-    """body(index, start, length) for the full tiles of `size` (a `loop` over them, default
-    nl.affine_range), then once for the remainder tile if there is one."""
+def for_each_tile(size: int, tile: int, body, operands) -> None:
+    """body(operands, index, start, length) for the full tiles of `size`, in order, then once for the
+    remainder tile if there is one. `body` is a named function; `operands` is the tuple it unpacks."""
     full, rest = size // tile, size % tile
-    for i in (loop or nl.affine_range)(full):
-        body(i, i * tile, tile)
+    for i in range(full):
+        body(operands, i, i * tile, tile)
     if rest:
-        body(full, full * tile, rest)
+        body(operands, full, full * tile, rest)
 
 
 def transpose_into(dst, src, rows: int, width: int) -> None:
     """dst[0:kc, k, 0:rows] = src[0:rows, k*128 : k*128 + kc].T for every 128-wide chunk k.
 
     src: [rows, width] SBUF; dst: [128, chunks(width, 128), rows] SBUF, same dtype."""
-    for_each_tile(width, nl.tile_size.pmax, lambda k, start, size: _transpose_chunk(dst, src, rows, k, start, size))
+    for_each_tile(width, nl.tile_size.pmax, _transpose_chunk, (dst, src, rows))
 
 
-def _transpose_chunk(dst, src, rows: int, k, start, size: int) -> None:
+def _transpose_chunk(operands, k, start, size: int) -> None:
+    dst, src, rows = operands
     chunk = nl.ndarray((size, rows), dtype=src.dtype, buffer=nl.psum)
     nisa.nc_transpose(dst=chunk, data=src[0:rows, start:start + size])
     nisa.tensor_copy(dst=dst[0:size, k, 0:rows], src=chunk)
@@ -48,11 +51,11 @@ def matmul_columns(acc, lhs_t, weight, rows: int, start, size: int) -> None:
 
     acc: [rows, size <= 512] float32 PSUM; lhs_t: lhs transposed by `transpose_into`;
     weight: [K, N] in HBM ([in, out], as our Linear layers store it)."""
-    for_each_tile(weight.shape[0], nl.tile_size.pmax,
-                  lambda k, k_start, k_size: _accumulate(acc, lhs_t, weight, rows, k, k_start, k_size, start, size))
+    for_each_tile(weight.shape[0], nl.tile_size.pmax, _accumulate, (acc, lhs_t, weight, rows, start, size))
 
 
-def _accumulate(acc, lhs_t, weight, rows: int, k, k_start, k_size: int, start, size: int) -> None:
+def _accumulate(operands, k, k_start, k_size: int) -> None:
+    acc, lhs_t, weight, rows, start, size = operands
     w = nl.ndarray((k_size, size), dtype=weight.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=w, src=weight[k_start:k_start + k_size, start:start + size])
     # The first matmul into a PSUM element overwrites it, the later ones accumulate.

@@ -6,6 +6,11 @@ slots, which stand for positions whose token and feature are not known yet, take
 token embedding and h = fc(mask_hidden) instead; so one forward over [real slots + K-1 mask slots]
 proposes K tokens. Sequential (EAGLE-style) drafting instead feeds the drafter's own output hidden
 state back as h, one slot per pass.
+
+As speculators builds them (speculators.models.eagle3): the layers are Llama's or Qwen3's (per-head
+q/k RMSNorm); fc's input may first pass one RMSNorm over all features (`norm_before_fc`, the
+checkpoint's input_norm) or one per feature layer (`fc_norm`), mask_hidden included; with
+`norm_output` the hidden state fed back across sequential steps is the final norm's output.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from neuron_peagle.config import DrafterConfig
+from neuron_peagle.errors import ConfigError
 from neuron_peagle.kernels import DraftInputParams
 from neuron_peagle.kv_cache import KVCache
 from neuron_peagle.models.layers import (MLP, Attention, DecoderLayer, RMSNorm, RotaryTable, make_embedding,
@@ -30,7 +36,8 @@ class DrafterFirstLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.self_attn = Attention(2 * c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
-                                   c.head_dim, c.hidden_size, qkv_bias=False, o_bias=False)
+                                   c.head_dim, c.hidden_size, qkv_bias=False, o_bias=False,
+                                   qk_norm_eps=c.rms_norm_eps if c.qk_norm else None)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c.hidden_size, c.intermediate_size, bias=False)
 
@@ -54,13 +61,17 @@ class Drafter(nn.Module):
         self.config = config
         self.max_length = max_length
         self.fc = make_linear(3 * c.target_hidden_size, c.hidden_size)
+        # Norms over fc's input (speculators' input_norm / fc_norm.N), where the drafter has them.
+        self.input_norm = RMSNorm(3 * c.target_hidden_size, c.rms_norm_eps) if c.norm_before_fc else None
+        self.fc_norm = (nn.ModuleList(RMSNorm(c.target_hidden_size, c.rms_norm_eps) for _ in range(3))
+                        if c.fc_norm else None)
         self.mask_hidden = nn.Parameter(torch.zeros(3 * c.target_hidden_size), requires_grad=False)
         self.mask_embedding = nn.Parameter(torch.zeros(c.hidden_size), requires_grad=False)
         self.embed_tokens = None if c.shares_target_embedding else make_embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(
             [DrafterFirstLayer(c)]
             + [DecoderLayer(c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
-                            c.head_dim, c.rms_norm_eps) for _ in range(c.num_layers - 1)]
+                            c.head_dim, c.rms_norm_eps, qk_norm=c.qk_norm) for _ in range(c.num_layers - 1)]
         )
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = make_linear(c.hidden_size, c.draft_vocab_size)
@@ -82,13 +93,35 @@ class Drafter(nn.Module):
         embeds = self.token_embeddings(token_ids, target_embedding)
         return torch.where(is_mask.unsqueeze(-1), self.mask_embedding.to(embeds.dtype), embeds)
 
+    @property
+    def normalizes_features(self) -> bool:
+        """Whether fc's input passes a norm first (norm_before_fc or fc_norm)."""
+        return self.input_norm is not None or self.fc_norm is not None
+
+    def project_features(self, features: Tensor) -> Tensor:  # [..., 3H_target] -> [..., H]
+        """fc over the features, after the drafter's input norms where it has them."""
+        if self.input_norm is not None:
+            features = self.input_norm(features)
+        if self.fc_norm is not None:
+            parts = features.chunk(len(self.fc_norm), dim=-1)
+            features = torch.cat([norm(part) for norm, part in zip(self.fc_norm, parts)], dim=-1)
+        return self.fc(features)
+
     def project(self, features: Tensor, is_mask: Tensor) -> Tensor:
         # features [B, S, 3H_target], is_mask [B, S] -> fc input for real slots, fc(mask_hidden) else
-        hidden = self.fc(features)
-        return torch.where(is_mask.unsqueeze(-1), self.fc(self.mask_hidden.to(hidden.dtype)), hidden)
+        hidden = self.project_features(features)
+        return torch.where(is_mask.unsqueeze(-1), self.project_features(self.mask_hidden.to(hidden.dtype)), hidden)
 
     def draft_input_params(self, fc_mask_row: Tensor) -> DraftInputParams:
-        """What the fused layer-0 input (`kernels.draft_input`) reads; fc_mask_row [H] = fc(mask_hidden)."""
+        """What the fused layer-0 input (`kernels.draft_input`) reads; fc_mask_row [H] = fc(mask_hidden).
+
+        The fused input multiplies the raw features by fc: a drafter whose fc input is normalized first
+        is refused here rather than drafted from wrong hidden states."""
+        if self.normalizes_features:
+            field = "norm_before_fc" if self.input_norm is not None else "fc_norm"
+            raise ConfigError(f"drafter config {field} is true: the step graphs' fused layer-0 input "
+                              "(kernels.draft_input) has no norm over fc's input, so this drafter can be loaded "
+                              "and trained (Drafter.project) but not served")
         first = self.layers[0]
         return DraftInputParams(self.fc.weight, fc_mask_row, self.mask_embedding, first.input_layernorm,
                                 first.hidden_norm, first.norm_before_residual)
@@ -96,13 +129,15 @@ class Drafter(nn.Module):
     def forward(self, embeds: Tensor, hidden: Tensor, position_ids: Tensor, cache: KVCache | None,
                 logit_rows: Tensor | None, visible: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
         # embeds, hidden: [B, S, H]; position_ids: [B, S]; logit_rows: [B, R], or None to only fill
-        # the cache -> draft-vocabulary logits [B, R, draft_vocab] (float32), hidden [B, R, H] (pre-norm).
-        # Training passes cache=None and the attention pattern `visible` [B, S, S] instead.
+        # the cache -> draft-vocabulary logits [B, R, draft_vocab] (float32), and the hidden state [B, R, H]
+        # sequential drafting feeds back: the last layer's output (pre-norm), or with norm_output the
+        # final norm's. Training passes cache=None and the attention pattern `visible` [B, S, S] instead.
         h = self.run_layers(*self.layers[0].build_input(embeds, hidden), position_ids, cache, visible)
         if logit_rows is None:
             return None, h
         picked = pick_rows(h, logit_rows)
-        return self.lm_head(self.norm(picked)).float(), picked
+        normed = self.norm(picked)
+        return self.lm_head(normed).float(), normed if self.config.norm_output else picked
 
     def run_layers(self, x: Tensor, residual: Tensor, position_ids: Tensor, cache: KVCache | None,
                    visible: Tensor | None = None) -> Tensor:

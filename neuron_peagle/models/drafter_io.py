@@ -1,15 +1,16 @@
-"""Drafter checkpoints in the speculators P-EAGLE layout.
+"""Drafter checkpoints in the speculators P-EAGLE / EAGLE-3 layout.
 
-A drafter directory holds `config.json` (`speculators_model_type: "peagle"`, architectures
-["PEagleSpeculator"], a `transformer_layer_config` describing the drafter layers, the draft vocabulary
-size, the target's feature layer ids and the mask token id) and `model.safetensors` with the
-speculators tensor names: fc.weight, layers.N.* (layer 0 with hidden_norm and 2H-wide q/k/v),
-norm.weight, lm_head.weight, mask_hidden, optional d2t / t2d, optional embed_tokens.weight.
+A drafter directory holds `config.json` (speculators' layout, read and written by
+`speculators_config.py`) and `model.safetensors` with the speculators tensor names: fc.weight,
+optional input_norm.weight (norm_before_fc) or fc_norm.N.weight (fc_norm), layers.N.* (layer 0 with
+hidden_norm and 2H-wide q/k/v; self_attn.q_norm / k_norm in Qwen3 layers), norm.weight,
+lm_head.weight, mask_hidden (P-EAGLE), optional d2t / t2d, embed_tokens.weight.
 
-When the drafter shares the target's embedding (the default, to keep checkpoints small), the learned
-mask token embedding is stored as one extra tensor, `mask_embedding`; `save_drafter(...,
-full_embedding=True)` writes instead a complete `embed_tokens.weight` with that row patched in, which
-other speculators consumers load as they are.
+speculators saves the whole embed_tokens.weight (P-EAGLE trains it: the mask slots take the mask
+token's row). When one of our drafters shares the target's embedding (the default, to keep
+checkpoints small), the learned mask token embedding is stored instead as one extra tensor,
+`mask_embedding`; `save_drafter(..., full_embedding_from=target_embedding)` writes a complete
+`embed_tokens.weight` with that row patched in, which speculators and vLLM load as they are.
 
 `save_drafter` also writes `checksums.json` (file name -> sha256, neuron_peagle.checksums), last;
 `load_drafter` then refuses a file modified or corrupted since. A directory without one (a drafter
@@ -26,103 +27,19 @@ import torch
 from safetensors.torch import save_file
 
 from neuron_peagle.checksums import record_checksums, verify_checksums
-from neuron_peagle.config import DrafterConfig, ModelConfig, RopeConfig, read_config_json
+from neuron_peagle.config import DrafterConfig, ModelConfig, read_config_json
 from neuron_peagle.datastore import DATASTORE_FILE
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.files import atomic_path, atomic_write_text
 from neuron_peagle.models.drafter import Drafter, draft_target_ids
+from neuron_peagle.models.speculators_config import SPECULATORS_VERSION, config_from_speculators, config_to_speculators
 from neuron_peagle.models.weights import (check_names_and_shapes, decoder_layer_shapes, export_decoder_layer,
                                           load_decoder_layer, read_safetensors_dir, to_in_out)
 
-SPECULATORS_VERSION = "0.3.0"
+__all__ = ["SPECULATORS_VERSION", "WEIGHTS_FILE", "config_from_speculators", "config_to_speculators", "load_drafter",
+           "read_drafter_config", "save_drafter"]
+
 WEIGHTS_FILE = "model.safetensors"
-
-
-def config_to_speculators(config: DrafterConfig, verifier: str = "", verifier_config: ModelConfig | None = None
-                          ) -> dict[str, Any]:
-    c = config
-    layer = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_key_value_heads,
-        "head_dim": c.head_dim,
-        "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope.theta,
-        "rope_scaling": None if c.rope.rope_type == "default" else {
-            "rope_type": c.rope.rope_type, "factor": c.rope.factor, "low_freq_factor": c.rope.low_freq_factor,
-            "high_freq_factor": c.rope.high_freq_factor,
-            "original_max_position_embeddings": c.rope.original_max_position_embeddings},
-        "max_position_embeddings": verifier_config.max_position_embeddings if verifier_config else 8192,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
-    }
-    return {
-        "architectures": ["PEagleSpeculator"],
-        "speculators_model_type": "peagle",
-        "speculators_version": SPECULATORS_VERSION,
-        "transformer_layer_config": layer,
-        "draft_vocab_size": c.draft_vocab_size,
-        "norm_before_residual": c.norm_before_residual,
-        "target_hidden_size": c.target_hidden_size,
-        "eagle_aux_hidden_state_layer_ids": list(c.feature_layers),
-        "mask_token_id": c.mask_token_id,
-        "ptd_token_id": c.mask_token_id,
-        "para_depths": c.num_speculative_tokens,
-        "speculators_config": {
-            "algorithm": "peagle",
-            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": c.num_speculative_tokens}],
-            "default_proposal_method": "greedy",
-            "verifier": {"name_or_path": verifier,
-                         "architectures": ["LlamaForCausalLM" if not verifier_config
-                                           or verifier_config.architecture == "llama" else "Qwen2ForCausalLM"]},
-        },
-        # Fields of this library that the speculators layout has no place for.
-        "neuron_peagle": {"shares_target_embedding": c.shares_target_embedding, "trained_with": c.trained_with},
-    }
-
-
-def config_from_speculators(data: dict[str, Any], source: str) -> DrafterConfig:
-    if data.get("speculators_model_type") not in ("peagle", "eagle3"):
-        raise ConfigError(f"{source}: speculators_model_type is {data.get('speculators_model_type')!r}, "
-                          "expected 'peagle' (or 'eagle3')")
-    try:
-        layer = data["transformer_layer_config"]
-        ours = data.get("neuron_peagle", {})
-        heads = int(layer["num_attention_heads"])
-        hidden = int(layer["hidden_size"])
-        aux = data.get("eagle_aux_hidden_state_layer_ids")
-        if aux is None:
-            raise ConfigError(f"{source}: eagle_aux_hidden_state_layer_ids is missing (which target "
-                              "layers feed the drafter)")
-        mask_id = data.get("mask_token_id", data.get("ptd_token_id"))
-        proposal = (data.get("speculators_config", {}).get("proposal_methods") or [{}])[0]
-        return DrafterConfig(
-            hidden_size=hidden,
-            intermediate_size=int(layer["intermediate_size"]),
-            num_layers=int(layer.get("num_hidden_layers", 1)),
-            num_attention_heads=heads,
-            num_key_value_heads=int(layer.get("num_key_value_heads") or heads),
-            head_dim=int(layer.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(layer.get("rms_norm_eps", 1e-6)),
-            rope=RopeConfig.from_hf(layer),
-            vocab_size=int(layer["vocab_size"]),
-            draft_vocab_size=int(data.get("draft_vocab_size") or layer["vocab_size"]),
-            target_hidden_size=int(data.get("target_hidden_size") or hidden),
-            feature_layers=tuple(aux),
-            mask_token_id=int(mask_id if mask_id is not None else int(layer["vocab_size"]) - 1),
-            norm_before_residual=bool(data.get("norm_before_residual", False)),
-            shares_target_embedding=bool(ours.get("shares_target_embedding", False)),
-            trained_with=ours.get("trained_with", "peagle" if data["speculators_model_type"] == "peagle" else "eagle3"),
-            num_speculative_tokens=int(proposal.get("speculative_tokens", data.get("para_depths", 7))),
-        )
-    except KeyError as err:
-        raise ConfigError(f"{source}: required field {err.args[0]!r} is missing") from None
 
 
 def read_drafter_config(drafter_dir: str | Path) -> DrafterConfig:
@@ -131,17 +48,24 @@ def read_drafter_config(drafter_dir: str | Path) -> DrafterConfig:
 
 
 def _expected_shapes(c: DrafterConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name the checkpoint must hold, with its shape."""
+    features = 3 * c.target_hidden_size
     shapes: dict[str, tuple[int, ...]] = {
-        "fc.weight": (c.hidden_size, 3 * c.target_hidden_size),
-        "mask_hidden": (1, 1, 3 * c.target_hidden_size),
+        "fc.weight": (c.hidden_size, features),
+        "mask_hidden": (1, 1, features),
         "norm.weight": (c.hidden_size,),
         "lm_head.weight": (c.draft_vocab_size, c.hidden_size),
         "layers.0.hidden_norm.weight": (c.hidden_size,),
     }
+    if c.norm_before_fc:
+        shapes["input_norm.weight"] = (features,)
+    if c.fc_norm:
+        shapes.update({f"fc_norm.{i}.weight": (c.target_hidden_size,) for i in range(3)})
     for i in range(c.num_layers):
         hidden_in = 2 * c.hidden_size if i == 0 else c.hidden_size
         shapes.update(decoder_layer_shapes(f"layers.{i}.", hidden_in, c.hidden_size, c.num_attention_heads,
-                                           c.num_key_value_heads, c.head_dim, c.intermediate_size))
+                                           c.num_key_value_heads, c.head_dim, c.intermediate_size,
+                                           qk_norm=c.qk_norm))
     if c.shares_target_embedding:
         shapes["mask_embedding"] = (c.hidden_size,)
     else:
@@ -150,6 +74,18 @@ def _expected_shapes(c: DrafterConfig) -> dict[str, tuple[int, ...]]:
         shapes["d2t"] = (c.draft_vocab_size,)
         shapes["t2d"] = (c.vocab_size,)
     return shapes
+
+
+def _optional_names(c: DrafterConfig, tensors: dict[str, torch.Tensor]) -> set[str]:
+    """Names a checkpoint may hold or leave out: identity d2t / t2d of a full draft vocabulary (speculators
+    accepts them), a verifier head, the embedding of a drafter that shares the target's, and the
+    mask_hidden that an EAGLE-3 drafter (no mask slots) does not have."""
+    optional = {"verifier_lm_head.weight"} | (set() if c.reduced_vocab else {"t2d", "d2t"})
+    if c.shares_target_embedding:
+        optional.add("embed_tokens.weight")
+    if c.trained_with == "eagle3" and "mask_hidden" not in tensors:
+        optional.add("mask_hidden")
+    return optional
 
 
 def load_drafter(drafter_dir: str | Path, target_config: ModelConfig, max_length: int,
@@ -161,40 +97,57 @@ def load_drafter(drafter_dir: str | Path, target_config: ModelConfig, max_length
     config.check_fits(target_config)
     verify_checksums(path)
     tensors = read_safetensors_dir(path, exclude=(DATASTORE_FILE,))
-    optional = {"t2d", "d2t", "verifier_lm_head.weight"}
-    if config.shares_target_embedding:
-        optional.add("embed_tokens.weight")
-    check_names_and_shapes(tensors, _expected_shapes(config), optional, str(path))
+    optional = _optional_names(config, tensors)
+    expected = {name: shape for name, shape in _expected_shapes(config).items()
+                if name in tensors or name not in optional}
+    check_names_and_shapes(tensors, expected, optional, str(path))
 
     drafter = Drafter(config, max_length)
     t = {name: value.float() if value.is_floating_point() else value for name, value in tensors.items()}
     with torch.no_grad():
-        drafter.fc.weight.copy_(to_in_out(t["fc.weight"]))
-        drafter.mask_hidden.copy_(t["mask_hidden"].reshape(-1))
-        drafter.norm.weight.copy_(t["norm.weight"])
-        drafter.lm_head.weight.copy_(to_in_out(t["lm_head.weight"]))
-        drafter.layers[0].hidden_norm.weight.copy_(t["layers.0.hidden_norm.weight"])
-        for i, layer in enumerate(drafter.layers):
-            load_decoder_layer(layer, t, f"layers.{i}.")
-        if config.shares_target_embedding:
-            drafter.mask_embedding.copy_(t["mask_embedding"])
-        else:
-            drafter.embed_tokens.weight.copy_(t["embed_tokens.weight"])
-            drafter.mask_embedding.copy_(t["embed_tokens.weight"][config.mask_token_id])
+        _load_weights(drafter, t)
         if config.reduced_vocab:
             drafter.d2t.copy_(t["d2t"].long())
-            check_draft_vocab(drafter.d2t, config.vocab_size, str(path))
+            check_draft_vocab(drafter.d2t, t["t2d"], config.vocab_size, str(path))
     drafter.to(dtype)
     drafter.rotary.float()
     return drafter
 
 
-def check_draft_vocab(d2t: torch.Tensor, vocab_size: int, source: str) -> None:
+def _load_weights(drafter: Drafter, t: dict[str, torch.Tensor]) -> None:
+    """Copy the checkpoint's float32 tensors `t` (names checked) into the drafter's fused layout."""
+    config = drafter.config
+    drafter.fc.weight.copy_(to_in_out(t["fc.weight"]))
+    if "mask_hidden" in t:
+        drafter.mask_hidden.copy_(t["mask_hidden"].reshape(-1))
+    if drafter.input_norm is not None:
+        drafter.input_norm.weight.copy_(t["input_norm.weight"])
+    for i, norm in enumerate(drafter.fc_norm or ()):
+        norm.weight.copy_(t[f"fc_norm.{i}.weight"])
+    drafter.norm.weight.copy_(t["norm.weight"])
+    drafter.lm_head.weight.copy_(to_in_out(t["lm_head.weight"]))
+    drafter.layers[0].hidden_norm.weight.copy_(t["layers.0.hidden_norm.weight"])
+    for i, layer in enumerate(drafter.layers):
+        load_decoder_layer(layer, t, f"layers.{i}.")
+    if config.shares_target_embedding:
+        drafter.mask_embedding.copy_(t["mask_embedding"])
+    else:
+        drafter.embed_tokens.weight.copy_(t["embed_tokens.weight"])
+        drafter.mask_embedding.copy_(t["embed_tokens.weight"][config.mask_token_id])
+
+
+def check_draft_vocab(d2t: torch.Tensor, t2d: torch.Tensor, vocab_size: int, source: str) -> None:
+    """d2t (target id = draft id + d2t[draft id]) must map into the vocabulary, one to one, and t2d
+    [vocab] must mark exactly the target ids it maps to (as speculators builds both)."""
     target_ids = draft_target_ids(d2t)
     if bool((target_ids < 0).any() or (target_ids >= vocab_size).any()):
         raise ConfigError(f"{source}: d2t maps draft ids outside the target vocabulary")
     if len(set(target_ids.tolist())) != len(d2t):
         raise ConfigError(f"{source}: d2t maps two draft ids to the same target id")
+    marked = torch.zeros(vocab_size, dtype=torch.bool)
+    marked[target_ids.cpu()] = True
+    if not torch.equal(t2d.cpu().bool(), marked):
+        raise ConfigError(f"{source}: t2d does not mark the target ids d2t maps the draft vocabulary to")
 
 
 def drafter_state(drafter: Drafter, target_embedding: torch.Tensor | None = None,
@@ -203,6 +156,8 @@ def drafter_state(drafter: Drafter, target_embedding: torch.Tensor | None = None
     c = drafter.config
     state = {
         "fc.weight": drafter.fc.weight.t(),
+        **({"input_norm.weight": drafter.input_norm.weight} if drafter.input_norm is not None else {}),
+        **{f"fc_norm.{i}.weight": norm.weight for i, norm in enumerate(drafter.fc_norm or ())},
         "mask_hidden": drafter.mask_hidden.reshape(1, 1, -1),
         "norm.weight": drafter.norm.weight,
         "lm_head.weight": drafter.lm_head.weight.t(),

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from neuron_peagle.config import RopeConfig
+from neuron_peagle.graphs import state
 from neuron_peagle.parallel import SINGLE, TensorParallel
 
 
@@ -116,19 +117,25 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # x: [B, heads, 
     return (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)
 
 
-def write_slots(cache: Tensor, index: Tensor, new: Tensor) -> None:
-    """cache.scatter_(2, index, new) in the cache's dtype; cache: [B, kv_heads, max_length, hd].
+def write_slots(cache: Tensor, index: Tensor, new: Tensor) -> Tensor:
+    """The cache [B, kv_heads, max_length, hd] with `new` [B, kv_heads, T, hd] written at slots `index`
+    (`scatter` along dim 2) in the cache's dtype; returns the tensor that now holds the cache.
 
-    On CPU, PyTorch's scatter over 16-bit floats copies the whole cache on every call (1.7 ms for a
-    [32, 3, 512, 64] bf16 cache against 0.013 ms in float32), so eager writes the same bits through an
-    int16 view. Compiled graphs (inductor, neuron, xla) keep the plain scatter, which their compilers
-    write in place.
+    In place by default (the same tensor comes back). On CPU, PyTorch's scatter over 16-bit floats
+    copies the whole cache on every call (1.7 ms for a [32, 3, 512, 64] bf16 cache against 0.013 ms
+    in float32), so eager writes the same bits through an int16 view. Compiled graphs (inductor,
+    neuron, xla) keep the plain scatter, which their compilers write in place. Under
+    `graphs.state.functional_state` (the nxd trace) the cache buffer is instead rebound to an
+    out-of-place scatter, the update neuronx-distributed aliases, and that new tensor comes back.
     """
     new = new.to(cache.dtype)
+    if state.is_functional():
+        return state.replace_state(cache, torch.scatter(cache, 2, index, new))
     if cache.device.type == "cpu" and cache.element_size() == 2 and not torch.compiler.is_compiling():
         cache.view(torch.int16).scatter_(2, index, new.view(torch.int16))
     else:
         cache.scatter_(2, index, new)
+    return cache
 
 
 class Attention(nn.Module):
@@ -140,7 +147,8 @@ class Attention(nn.Module):
     """
 
     def __init__(self, hidden_in: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 hidden_out: int, qkv_bias: bool, o_bias: bool, tp: TensorParallel = SINGLE) -> None:
+                 hidden_out: int, qkv_bias: bool, o_bias: bool, tp: TensorParallel = SINGLE,
+                 qk_norm_eps: float | None = None) -> None:
         super().__init__()
         # This rank's heads (all of them without tensor parallelism); the projections are built whole.
         self.num_heads = tp.local(num_heads, "attention heads")
@@ -149,6 +157,9 @@ class Attention(nn.Module):
         self.qkv_proj = make_linear(hidden_in, tp.degree * (self.num_heads + 2 * self.num_kv_heads) * head_dim,
                                     qkv_bias, tp)
         self.o_proj = make_linear(tp.degree * self.num_heads * head_dim, hidden_out, o_bias, tp)
+        # Qwen3: an RMSNorm over each query and key head (one weight of head_dim for all heads), before rope.
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor,
                 key_cache: Tensor | None, value_cache: Tensor | None, visible: Tensor | None = None,
@@ -160,8 +171,12 @@ class Attention(nn.Module):
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = q.view(batch, seq, nh, hd).transpose(1, 2)  # [B, nh, T, hd]
-        k = k.view(batch, seq, nkv, hd).transpose(1, 2)  # [B, nkv, T, hd]
+        q = q.view(batch, seq, nh, hd)
+        k = k.view(batch, seq, nkv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.transpose(1, 2)  # [B, nh, T, hd]
+        k = k.transpose(1, 2)  # [B, nkv, T, hd]
         v = v.view(batch, seq, nkv, hd).transpose(1, 2)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
@@ -170,8 +185,8 @@ class Attention(nn.Module):
             keys, values = k, v
         else:
             index = position_ids.view(batch, 1, seq, 1).expand(batch, nkv, seq, hd)
-            write_slots(key_cache, index, k)
-            write_slots(value_cache, index, v)
+            key_cache = write_slots(key_cache, index, k)
+            value_cache = write_slots(value_cache, index, v)
             keys, values = key_cache, value_cache
             if read_length is not None and read_length < key_cache.shape[2]:
                 keys, values = key_cache[:, :, :read_length], value_cache[:, :, :read_length]
@@ -209,11 +224,11 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, eps: float, qkv_bias: bool = False, o_bias: bool = False,
-                 mlp_bias: bool = False, tp: TensorParallel = SINGLE) -> None:
+                 mlp_bias: bool = False, tp: TensorParallel = SINGLE, qk_norm: bool = False) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(hidden_size, eps)
         self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, hidden_size,
-                                   qkv_bias, o_bias, tp)
+                                   qkv_bias, o_bias, tp, eps if qk_norm else None)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
         self.mlp = MLP(hidden_size, intermediate_size, mlp_bias, tp)
 

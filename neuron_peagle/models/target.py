@@ -1,4 +1,4 @@
-"""The target model (Llama and Qwen2 families), written for fixed-shape tracing.
+"""The target model (Llama, Qwen2 and Qwen3 dense families), written for fixed-shape tracing.
 
 Besides logits, a forward can return the P-EAGLE drafter's features: the hidden states entering
 three chosen decoder layers (Hugging Face's `hidden_states[i]` for those i), concatenated.
@@ -59,7 +59,7 @@ class TargetModel(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(c.hidden_size, c.intermediate_size, c.num_attention_heads,
                          c.num_key_value_heads, c.head_dim, c.rms_norm_eps, c.qkv_bias, c.o_bias,
-                         c.mlp_bias, self.tp)
+                         c.mlp_bias, self.tp, c.qk_norm)
             for _ in range(c.num_hidden_layers)
         )
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
@@ -141,7 +141,8 @@ class TargetModel(nn.Module):
         for i in range(c.num_hidden_layers):
             shapes.update(decoder_layer_shapes(
                 f"model.layers.{i}.", c.hidden_size, c.hidden_size, c.num_attention_heads,
-                c.num_key_value_heads, c.head_dim, c.intermediate_size, c.qkv_bias, c.o_bias, c.mlp_bias))
+                c.num_key_value_heads, c.head_dim, c.intermediate_size, c.qkv_bias, c.o_bias, c.mlp_bias,
+                c.qk_norm))
         return shapes
 
     @torch.no_grad()

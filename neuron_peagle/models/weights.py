@@ -92,7 +92,7 @@ def to_in_out(*weights: Tensor) -> Tensor:
 
 def decoder_layer_shapes(prefix: str, hidden_in: int, hidden: int, num_heads: int, num_kv_heads: int,
                          head_dim: int, intermediate: int, qkv_bias: bool = False, o_bias: bool = False,
-                         mlp_bias: bool = False) -> dict[str, tuple[int, ...]]:
+                         mlp_bias: bool = False, qk_norm: bool = False) -> dict[str, tuple[int, ...]]:
     """Hugging Face names and shapes of one Llama-style decoder layer's tensors."""
     q_out, kv_out = num_heads * head_dim, num_kv_heads * head_dim
     shapes: dict[str, tuple[int, ...]] = {
@@ -111,6 +111,8 @@ def decoder_layer_shapes(prefix: str, hidden_in: int, hidden: int, num_heads: in
                        prefix + "self_attn.v_proj.bias": (kv_out,)})
     if o_bias:
         shapes[prefix + "self_attn.o_proj.bias"] = (hidden,)
+    if qk_norm:
+        shapes.update({prefix + "self_attn.q_norm.weight": (head_dim,), prefix + "self_attn.k_norm.weight": (head_dim,)})
     if mlp_bias:
         shapes.update({prefix + "mlp.gate_proj.bias": (intermediate,), prefix + "mlp.up_proj.bias": (intermediate,),
                        prefix + "mlp.down_proj.bias": (hidden,)})
@@ -125,6 +127,9 @@ def load_decoder_layer(layer, t: dict[str, Tensor], prefix: str, tp: TensorParal
     attn, mlp = layer.self_attn, layer.mlp
     layer.input_layernorm.weight.copy_(t[prefix + "input_layernorm.weight"])
     layer.post_attention_layernorm.weight.copy_(t[prefix + "post_attention_layernorm.weight"])
+    if attn.q_norm is not None:  # per head: the same on every rank
+        attn.q_norm.weight.copy_(t[prefix + "self_attn.q_norm.weight"])
+        attn.k_norm.weight.copy_(t[prefix + "self_attn.k_norm.weight"])
     if tp.degree > 1:
         _load_sharded_projections(layer, t, prefix, tp)
         return
@@ -141,16 +146,26 @@ def load_decoder_layer(layer, t: dict[str, Tensor], prefix: str, tp: TensorParal
         mlp.down_proj.bias.copy_(t[prefix + "mlp.down_proj.bias"])
 
 
+def rank_rows(tp: TensorParallel, num_heads: int, num_kv_heads: int, head_dim: int, intermediate: int
+              ) -> tuple[list[range], list[range], list[range]]:
+    """Per rank, the rows of q, of k (and of v) and of gate (and of up) it holds, in each matrix's own
+    rows ([out, in]): whole heads, its KV heads (`TensorParallel.kv_heads`: replicated where there are
+    fewer than ranks), its slice of the MLP's width. What `TensorParallel.rank_order` regroups."""
+    nh, width = tp.local(num_heads, "attention heads"), tp.local(intermediate, "intermediate size")
+    q_rows = [range(r * nh * head_dim, (r + 1) * nh * head_dim) for r in range(tp.degree)]
+    kv = [tp.for_rank(r).kv_heads(num_kv_heads) for r in range(tp.degree)]
+    kv_rows = [range(heads.start * head_dim, heads.stop * head_dim) for heads in kv]
+    mlp_rows = [range(r * width, (r + 1) * width) for r in range(tp.degree)]
+    return q_rows, kv_rows, mlp_rows
+
+
 def _load_sharded_projections(layer, t: dict[str, Tensor], prefix: str, tp: TensorParallel) -> None:
     """q/k/v and gate/up rows regrouped rank by rank (each rank's q heads, its KV heads, replicated
     where it shares one; its slice of gate and of up); o and down whole (split by input later)."""
     attn, mlp = layer.self_attn, layer.mlp
     hd, nh, width = attn.head_dim, attn.num_heads, mlp.intermediate_size  # this rank's counts
     num_kv_heads = t[prefix + "self_attn.k_proj.weight"].shape[0] // hd
-    q_rows = [range(r * nh * hd, (r + 1) * nh * hd) for r in range(tp.degree)]
-    kv = [tp.for_rank(r).kv_heads(num_kv_heads) for r in range(tp.degree)]
-    kv_rows = [range(heads.start * hd, heads.stop * hd) for heads in kv]
-    mlp_rows = [range(r * width, (r + 1) * width) for r in range(tp.degree)]
+    q_rows, kv_rows, mlp_rows = rank_rows(tp, nh * tp.degree, num_kv_heads, hd, width * tp.degree)
 
     def regroup(kind: str, names: list[str], shares: list[list[range]]) -> Tensor:
         return tp.rank_order([t[f"{prefix}{name}.{kind}"] for name in names], shares)
@@ -185,4 +200,7 @@ def export_decoder_layer(layer, prefix: str) -> dict[str, Tensor]:
         prefix + "mlp.gate_proj.weight": gate, prefix + "mlp.up_proj.weight": up,
         prefix + "mlp.down_proj.weight": mlp.down_proj.weight.t(),
     }
+    if attn.q_norm is not None:
+        out.update({prefix + "self_attn.q_norm.weight": attn.q_norm.weight,
+                    prefix + "self_attn.k_norm.weight": attn.k_norm.weight})
     return {name: value.detach().contiguous() for name, value in out.items()}

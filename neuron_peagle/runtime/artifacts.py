@@ -26,7 +26,9 @@ planned graph must take the inputs and hold the state it was built with, and the
 from the engine's own modules (from the checked model directory) must have the recorded names,
 shapes and dtypes; then the NxDModel gets that dict, goes onto the NeuronCore with one copy of
 the weights and of every state buffer shared by all keys, and each graph is run once. The decoders
-then call it through the same host loop as on eager and xla.
+then call it through the same host loop as on eager and xla. Built with a tp_degree N above 1, the
+target is put on NxD's parallel layers as the build did (backends/nxd_parallel.py) and the whole
+weight dict is split into N by NxD's `shard_checkpoint`, one per rank.
 
 The manifest format and the graph plan are the build's own (compile/), so that what is loaded is
 planned and checked by the very code that built it.
@@ -244,13 +246,23 @@ def engine_from_manifest(engine_cls, manifest: Manifest, model_dir: Path, drafte
 
 def _load_nxd(engine_cls, artifact_dir: Path, manifest: Manifest, model_dir: Path, drafter_dir: Path | None):
     from neuron_peagle.backends.nxd_graphs import NxdBundle
+    from neuron_peagle.backends.nxd_parallel import NxdTensorParallel, parallel_state
 
     engine = engine_from_manifest(engine_cls, manifest, model_dir, drafter_dir, "nxd")
-    specs = plan_graphs(engine.decoder, neuron_compiler_args(manifest.target))
-    bundle = NxdBundle.of(specs)
-    check_nxd_plan(specs, manifest, bundle.checkpoint)
-    engine.backend.load(artifact_dir / NEURON_MODEL_FILE, bundle)
-    report = LoadReport(artifact_dir, f"NxDModel {artifact_dir / NEURON_MODEL_FILE}, weights from {model_dir}")
+    # Sharded artifacts: the target on NxD's parallel layers as built, the whole weight dict checked against
+    # the recorded one, then split per rank by NxD's shard_checkpoint (all under NxD's parallel state).
+    with parallel_state(manifest.tp_degree):
+        sharding = NxdTensorParallel.of(engine, manifest.tp_degree) if manifest.tp_degree > 1 else None
+        specs = plan_graphs(engine.decoder, neuron_compiler_args(manifest.target))
+        if sharding is not None:
+            sharding.persist_tables(specs)
+        bundle = NxdBundle.of(specs)
+        checkpoint = sharding.whole_checkpoint(bundle) if sharding is not None else bundle.checkpoint
+        check_nxd_plan(specs, manifest, checkpoint)
+        weights = sharding.rank_checkpoints(bundle, checkpoint) if sharding is not None else [checkpoint]
+    engine.backend.load(artifact_dir / NEURON_MODEL_FILE, bundle, weights)
+    ranks = f" on {manifest.tp_degree} ranks" if manifest.tp_degree > 1 else ""
+    report = LoadReport(artifact_dir, f"NxDModel {artifact_dir / NEURON_MODEL_FILE}{ranks}, weights from {model_dir}")
     for spec in specs:
         engine.backend.run(spec.module, spec.example_inputs)
         report.graphs[spec.name] = ON_NEURON

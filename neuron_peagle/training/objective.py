@@ -146,7 +146,7 @@ def eagle3_loss(drafter: Drafter, target_embedding: torch.nn.Module, ids: Tensor
     tokens = ids[(elements.anchors + 1 + elements.depths).clamp(max=length - 1)]
     no_mask = torch.zeros(1, tokens.numel(), dtype=torch.bool)
     embeds = drafter.embed(tokens.unsqueeze(0), no_mask, target_embedding)[0]  # [E, H]
-    real_hidden = drafter.fc(features[elements.anchors].to(embeds.dtype))  # [E, H]
+    real_hidden = drafter.project_features(features[elements.anchors].to(embeds.dtype))  # [E, H]
     present_depths = int(elements.depths.max()) + 1
     parent = torch.full_like(elements.anchors, -1)  # index of element (a, d-1) for each (a, d)
     for d in range(1, present_depths):
