@@ -42,14 +42,15 @@ run: setup
 	$(VENV)/bin/neuron-peagle generate "$(PROMPT)" --artifacts $(RUN_ARTIFACTS) --max-new-tokens 128
 
 # Two streams side by side, one torch thread each (2 cores; the tests' small ops gain little from a
-# second thread): the tests marked xla (in .venv-xla), then the longest file of the main suite
-# (speculative decoding against transformers, token for token), against the rest of the main suite.
-SPLIT := tests/test_speculative_exact.py
+# second thread): the tests marked xla (in .venv-xla), then two long files of the main suite
+# (speculative decoding against transformers token for token, and tensor parallelism under torchrun),
+# against the rest of the main suite.
+SPLIT := tests/test_speculative_exact.py tests/test_tensor_parallel.py
 test: setup setup-xla
 	@export OMP_NUM_THREADS=1 NEURON_PEAGLE_TEST_THREADS=1; \
 	( $(XLA_PY) -m pytest -q --durations=10 -m xla tests; first=$$?; \
 	  $(PY) -m pytest -q --durations=10 -m "not xla" $(SPLIT); exit $$(( first || $$? )) ) > .test-stream.log 2>&1 & \
-	stream=$$!; $(PY) -m pytest -q --durations=10 -m "not xla" --ignore=$(SPLIT) tests; main=$$?; \
+	stream=$$!; $(PY) -m pytest -q --durations=10 -m "not xla" $(addprefix --ignore=,$(SPLIT)) tests; main=$$?; \
 	wait $$stream; stream=$$?; echo "---- tests marked xla (in $(XLA_VENV)), then $(SPLIT):"; \
 	cat .test-stream.log; test $$main -eq 0 -a $$stream -eq 0
 
