@@ -192,3 +192,42 @@ def test_architectures_we_do_not_run_are_refused_naming_them(tmp_path, tiny_llam
     assert main(["generate", "hi", "--model", str(model), "--backend", "eager"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and model_type in err and "Qwen3ForCausalLM" in err
+
+
+def test_a_four_layer_qwen3_drafter_in_speculators_format_drives_exact_generation(tmp_path, capsys):
+    """A P-EAGLE drafter with 4 Qwen3 layers, saved in the speculators layout, on a tiny random Qwen3
+    target: P-EAGLE's greedy output equals transformers' (a random drafter: few drafts accepted), from
+    the API and from `neuron-peagle generate --model QWEN3_DIR --drafter DRAFTER_DIR`."""
+    from transformers import AutoModelForCausalLM
+
+    from neuron_peagle.cli import main
+    from neuron_peagle.config import DrafterConfig, ModelConfig
+    from neuron_peagle.models.drafter_io import read_drafter_config, save_drafter
+    from neuron_peagle.models.target import default_feature_layers
+    from neuron_peagle.runtime.drafter_choice import random_drafter
+    from neuron_peagle.runtime.engine import Engine, SamplingParams
+
+    model_dir = save_tiny_model(tmp_path / "qwen3", "qwen3", tie=False, seed=9)
+    target = ModelConfig.from_dir(model_dir)
+    config = DrafterConfig.for_target(target, default_feature_layers(target.num_hidden_layers), num_layers=4)
+    drafter_dir = save_drafter(random_drafter(config, 128, seed=2), tmp_path / "drafter")
+    saved = json.loads((drafter_dir / "config.json").read_text())
+    assert saved["transformer_layer_config"]["model_type"] == "qwen3"
+    assert saved["transformer_layer_config"]["num_hidden_layers"] == 4 and read_drafter_config(drafter_dir).qk_norm
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompt = [5, 9, 13, 40, 41]
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    engine = Engine.from_pretrained(model_dir, drafter_dir, num_speculative_tokens=4, max_length=64,
+                                    prefill_buckets=(16,))
+    out = engine.generate([prompt], SamplingParams(max_new_tokens=20, ignore_eos=True))[0]
+    assert out.output_ids == want and out.stats.acceptance_length >= 1.0
+
+    assert main(["generate", "Hello", "--model", str(model_dir), "--drafter", str(drafter_dir), "--json",
+                 "--backend", "eager", "--max-length", "64", "--buckets", "32", "--max-new-tokens", "8",
+                 "--no-chat-template", "-k", "4"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(record["output_ids"]) >= 1 and str(drafter_dir) in record["drafter"]

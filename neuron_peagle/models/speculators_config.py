@@ -30,6 +30,9 @@ from neuron_peagle.errors import ConfigError, UnsupportedModelError
 
 SPECULATORS_VERSION = "0.9.0"  # the release whose layout this reads and writes (tests/fixtures/speculators)
 ALGORITHMS = ("peagle", "eagle3")
+# The architectures we write (speculators' config classes' own default; its save_pretrained writes the model
+# class instead, PEagleDraftModel / Eagle3DraftModel: no reader looks at it).
+ARCHITECTURES = {"peagle": "PEagleSpeculator", "eagle3": "Eagle3Speculator"}
 LAYER_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # transformers' LlamaConfig / Qwen3Config defaults for the fields a drafter reads (a None head_dim is
 # hidden_size // num_attention_heads, a None num_key_value_heads is num_attention_heads).
@@ -201,9 +204,10 @@ def config_to_speculators(config: DrafterConfig, verifier: str = "", verifier_co
     c = config
     architectures = {arch: name for name, arch in SUPPORTED_ARCHITECTURES.items()}
     verifier_arch = architectures[verifier_config.architecture] if verifier_config else "LlamaForCausalLM"
+    algorithm = c.trained_with  # an EAGLE-3-trained drafter is read by speculators and vLLM as one
     return {
-        "architectures": ["PEagleSpeculator"],
-        "speculators_model_type": "peagle",
+        "architectures": [ARCHITECTURES[algorithm]],
+        "speculators_model_type": algorithm,
         "speculators_version": SPECULATORS_VERSION,
         "transformer_layer_config": layer_config(c, verifier_config.max_position_embeddings if verifier_config
                                                  else 8192),
@@ -218,7 +222,7 @@ def config_to_speculators(config: DrafterConfig, verifier: str = "", verifier_co
         "ptd_token_id": c.mask_token_id,
         "para_depths": c.num_speculative_tokens,
         "speculators_config": {
-            "algorithm": "peagle",
+            "algorithm": algorithm,
             "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": c.num_speculative_tokens}],
             "default_proposal_method": "greedy",
             "verifier": {"name_or_path": verifier or None, "architectures": [verifier_arch]},

@@ -49,9 +49,25 @@ class DrafterChoice:
         return load_datastore(self.path / DATASTORE_FILE, target.config.vocab_size)
 
     def load(self, target: TargetModel, build: BuildConfig) -> Drafter:
+        check_servable(self.config)
         if self.path is not None:
             return load_drafter(self.path, target.config, build.max_length, build.torch_dtype)
         return random_drafter(self.config, build.max_length, self.seed).to(build.torch_dtype)
+
+
+def check_servable(config: DrafterConfig) -> None:
+    """Refuse, naming the drafter config field, a drafter the step graphs (graphs/proposers.py) would
+    draft from wrong hidden states: fc's input normalized first (the fused layer-0 input multiplies the
+    raw features), or an EAGLE-3 drafter trained to be fed its normed output back (sequential drafting
+    feeds the last layer's output). Such drafters still load for training and evaluation."""
+    for field in ("norm_before_fc", "fc_norm"):
+        if getattr(config, field):
+            raise ConfigError(f"drafter config {field} is true: the step graphs' fused layer-0 input has no norm "
+                              "over fc's input, so this drafter cannot be served yet")
+    if config.norm_output and config.trained_with == "eagle3":
+        raise ConfigError("drafter config norm_output is true: sequential drafting feeds the last layer's output "
+                          "back, not the final norm's this EAGLE-3 drafter was trained on, so it cannot be "
+                          "served yet")
 
 
 def resolve_speculation(lookup_ngram: int, num_draft_tokens: int, short_draft_tokens: int | None,
@@ -80,7 +96,7 @@ def random_drafter(config: DrafterConfig, max_length: int, seed: int = 0) -> Dra
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in drafter.named_parameters():
-            if name.endswith("norm.weight"):
+            if any("norm" in part for part in name.split(".")[:-1]):  # every norm, fc_norm.N included
                 param.fill_(1.0)
             else:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
