@@ -246,14 +246,12 @@ def engine_for(request: BuildRequest, backend: str) -> Engine:
 def build_artifacts(request: BuildRequest) -> BuildReport:
     started = time.perf_counter()
     if request.backend == "nxd":
-        # Before any work: the SDK (and, sharded, NxD's parallel layers), then everything runs under NxD's
-        # parallel state, which tensor-parallel layers need while they are built, traced and sharded.
+        # Before any work: the SDK (its parallel layers too), then everything runs under NxD's parallel
+        # state, which tensor-parallel layers need while they are built, traced and sharded.
         from neuron_peagle.backends.nxd import require_sdk
-        from neuron_peagle.backends.nxd_parallel import parallel_state, require_parallel_layers
+        from neuron_peagle.backends.nxd_parallel import parallel_state
 
         require_sdk()
-        if request.tp_degree > 1:
-            require_parallel_layers()
         check_out_dir(request.out_dir)
         with parallel_state(request.tp_degree):
             return _build_traced(request, started)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -56,6 +57,22 @@ def save_tiny_model(path: Path, family: str = "llama", tie: bool = True, seed: i
         if (source / name).is_file():
             shutil.copy(source / name, path / name)
     return path
+
+
+def edited_model_dir(source: Path, dest: Path, config_edit=None, files: dict[str, str] | None = None) -> Path:
+    """A model directory linking to `source`'s files, with config.json replaced by
+    `config_edit(config)` (a dict, or anything to write as JSON) and `files` (name -> text) written."""
+    dest.mkdir(parents=True)
+    replaced = set(files or {}) | ({"config.json"} if config_edit else set())
+    for item in source.iterdir():
+        if item.name not in replaced:
+            (dest / item.name).symlink_to(item)
+    if config_edit:
+        config = json.loads((source / "config.json").read_text())
+        (dest / "config.json").write_text(json.dumps(config_edit(config)))
+    for name, text in (files or {}).items():
+        (dest / name).write_text(text)
+    return dest
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import save_tiny_model
+from conftest import edited_model_dir, save_tiny_model
 from neuron_peagle.models.target import TargetModel
 
 
@@ -181,14 +181,8 @@ def test_architectures_we_do_not_run_are_refused_naming_them(tmp_path, tiny_llam
                                                              model_type):
     from neuron_peagle.cli import main
 
-    model = tmp_path / "model"
-    model.mkdir()
-    for item in tiny_llama_dir.iterdir():
-        (model / item.name).symlink_to(item)
-    (model / "config.json").unlink()
-    config = json.loads((tiny_llama_dir / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "architectures": [architecture],
-                                                   "model_type": model_type}))
+    model = edited_model_dir(tiny_llama_dir, tmp_path / "model",
+                             lambda c: {**c, "architectures": [architecture], "model_type": model_type})
     assert main(["generate", "hi", "--model", str(model), "--backend", "eager"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and model_type in err and "Qwen3ForCausalLM" in err

@@ -17,6 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import edited_model_dir
+
 from compile.build import build_parser as build_compile_parser
 from compile.build import main as build_main
 from compile.manifest import Manifest, WeightsInfo, installed_versions
@@ -280,13 +282,7 @@ def test_standard_input_as_a_prompts_file(monkeypatch, capsys, tiny_llama_dir):
 
 def test_ignore_eos_on_the_command_line(tmp_path, capsys, tiny_llama_dir):
     first = json.loads(_json_run(capsys, tiny_llama_dir, "--mode", "plain"))["output_ids"][0]
-    stops_at_first = tmp_path / "model"
-    stops_at_first.mkdir()
-    for item in tiny_llama_dir.iterdir():
-        (stops_at_first / item.name).symlink_to(item)
-    (stops_at_first / "config.json").unlink()
-    config = json.loads((tiny_llama_dir / "config.json").read_text())
-    (stops_at_first / "config.json").write_text(json.dumps({**config, "eos_token_id": first}))
+    stops_at_first = edited_model_dir(tiny_llama_dir, tmp_path / "model", lambda c: {**c, "eos_token_id": first})
     stopped = json.loads(_json_run(capsys, stops_at_first, "--mode", "plain"))
     assert stopped["output_ids"] == [first] and stopped["finish_reason"] == "stop"
     ignored = json.loads(_json_run(capsys, stops_at_first, "--mode", "plain", "--ignore-eos"))
@@ -410,23 +406,13 @@ def test_an_option_given_at_its_default_value_must_match_the_artifacts(option, m
     (lambda c: {**c, "eos_token_id": "two"}, "a field has a value of the wrong type"),
 ])
 def test_a_malformed_model_config_is_refused_naming_it(edit, match, tmp_path, tiny_llama_dir, capsys, no_model_loads):
-    model = tmp_path / "model"
-    model.mkdir()
-    for item in tiny_llama_dir.iterdir():
-        (model / item.name).symlink_to(item)
-    (model / "config.json").unlink()
-    (model / "config.json").write_text(json.dumps(edit(json.loads((tiny_llama_dir / "config.json").read_text()))))
+    model = edited_model_dir(tiny_llama_dir, tmp_path / "model", edit)
     line = _refused(capsys, ["generate", "hi", "--model", str(model), *TINY])
     assert "config.json" in line and re.search(match, line)
 
 
 def test_a_corrupt_tokenizer_is_refused_naming_the_model(tmp_path, tiny_llama_dir, capsys, no_model_loads):
-    model = tmp_path / "model"
-    model.mkdir()
-    for item in tiny_llama_dir.iterdir():
-        if item.name != "tokenizer.json":
-            (model / item.name).symlink_to(item)
-    (model / "tokenizer.json").write_text("{not json")
+    model = edited_model_dir(tiny_llama_dir, tmp_path / "model", files={"tokenizer.json": "{not json"})
     line = _refused(capsys, ["generate", "hi", "--model", str(model), *TINY])
     assert "its tokenizer cannot be loaded" in line
 

@@ -192,16 +192,6 @@ def test_inconsistent_t2d_is_refused(tmp_path):
         _load(copy, "peagle_reduced_vocab")
 
 
-@pytest.mark.parametrize("name, field", [("peagle_norm_before_fc", "norm_before_fc"),
-                                         ("eagle3_fc_norm_norm_output", "fc_norm")])
-def test_step_graphs_refuse_feature_norms(name, field):
-    drafter = _load(FIXTURES / name / "drafter", name)
-    with pytest.raises(ConfigError, match=field):
-        check_servable(drafter.config)
-    with pytest.raises(ConfigError, match=field):
-        drafter.draft_input_params(torch.zeros(drafter.config.hidden_size))
-
-
 def test_step_graphs_refuse_eagle3_norm_output():
     config = read_drafter_config(FIXTURES / "eagle3_fc_norm_norm_output" / "drafter")
     with pytest.raises(ConfigError, match="norm_output"):
@@ -209,7 +199,8 @@ def test_step_graphs_refuse_eagle3_norm_output():
     check_servable(read_drafter_config(FIXTURES / "peagle_qwen3_3layers" / "drafter"))
 
 
-@pytest.mark.parametrize("name", ["peagle_llama", "peagle_qwen3_3layers", "peagle_reduced_vocab"])
+@pytest.mark.parametrize("name", ["peagle_llama", "peagle_qwen3_3layers", "peagle_reduced_vocab",
+                                  "peagle_norm_before_fc"])
 def test_step_graphs_draft_what_the_drafter_computes(name):
     """The parallel proposer (prefill into the drafter's cache, then one pass over the pending pair and
     K-1 mask slots, fused layer-0 input, greedy head through d2t) drafts the argmax of the Drafter

@@ -57,6 +57,11 @@ class NxdApi:
     trace: Callable  # neuronx_distributed.trace.functions.trace
     compile: Callable  # neuronx_distributed.trace.functions.compile
     CompilationArtifacts: Any  # neuronx_distributed.trace.model_builder_utils.CompilationArtifacts
+    # Tensor parallelism (backends/nxd_parallel.py)
+    NxDParallelState: Any  # neuronx_distributed.trace.parallel_context.NxDParallelState
+    ColumnParallelLinear: Any  # neuronx_distributed.parallel_layers.layers.ColumnParallelLinear
+    RowParallelLinear: Any  # neuronx_distributed.parallel_layers.layers.RowParallelLinear
+    shard_checkpoint: Callable  # neuronx_distributed.trace.functions.shard_checkpoint
 
 
 def require_sdk() -> NxdApi:
@@ -68,9 +73,13 @@ def require_sdk() -> NxdApi:
         from neuronx_distributed.trace.functions import compile as nxd_compile
         from neuronx_distributed.trace.functions import trace as nxd_trace
         from neuronx_distributed.trace.model_builder_utils import CompilationArtifacts
+        from neuronx_distributed.parallel_layers.layers import ColumnParallelLinear, RowParallelLinear
+        from neuronx_distributed.trace.functions import shard_checkpoint
+        from neuronx_distributed.trace.parallel_context import NxDParallelState
     except ImportError:
         raise BackendUnavailableError(INSTALL_HINT) from None
-    return NxdApi(NxDModel, nxd_trace, nxd_compile, CompilationArtifacts)
+    return NxdApi(NxDModel, nxd_trace, nxd_compile, CompilationArtifacts, NxDParallelState, ColumnParallelLinear,
+                  RowParallelLinear, shard_checkpoint)
 
 
 class NxdBackend:

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from neuron_peagle.backends.nxd import INSTALL_HINT
+from neuron_peagle.backends.nxd import INSTALL_HINT, NxdApi, require_sdk
 from neuron_peagle.errors import ArtifactError, BackendUnavailableError
 from neuron_peagle.models.weights import rank_rows
 from neuron_peagle.parallel import LAYER_PLAN, TensorParallel
@@ -51,33 +51,11 @@ COLUMN, ROW = "colwise", "rowwise"  # LAYER_PLAN's styles: ColumnParallelLinear,
 KINDS = ("weight", "bias")
 
 
-@dataclass(frozen=True)
-class ParallelLayers:
-    """The neuronx-distributed 0.19 pieces tensor parallelism uses, imported once."""
-
-    NxDParallelState: Any  # neuronx_distributed.trace.parallel_context.NxDParallelState
-    ColumnParallelLinear: Any  # neuronx_distributed.parallel_layers.layers.ColumnParallelLinear
-    RowParallelLinear: Any  # neuronx_distributed.parallel_layers.layers.RowParallelLinear
-    shard_checkpoint: Callable  # neuronx_distributed.trace.functions.shard_checkpoint
-
-
-def require_parallel_layers() -> ParallelLayers:
-    """NxD's parallel state, layers and checkpoint sharding, or BackendUnavailableError saying what to install."""
-    try:
-        import torch_neuronx  # noqa: F401  (NxD's trace and sharding run on it)
-        from neuronx_distributed.parallel_layers.layers import ColumnParallelLinear, RowParallelLinear
-        from neuronx_distributed.trace.functions import shard_checkpoint
-        from neuronx_distributed.trace.parallel_context import NxDParallelState
-    except ImportError:
-        raise BackendUnavailableError(INSTALL_HINT) from None
-    return ParallelLayers(NxDParallelState, ColumnParallelLinear, RowParallelLinear, shard_checkpoint)
-
-
 def parallel_state(degree: int) -> contextlib.AbstractContextManager:
     """NxD's parallel state for `degree` ranks while the model is built, traced and sharded; nothing for one."""
     if degree == 1:
         return contextlib.nullcontext()
-    layers = require_parallel_layers()
+    layers = require_sdk()
     return layers.NxDParallelState(world_size=degree, tensor_model_parallel_size=degree)
 
 
@@ -173,7 +151,7 @@ class Swap:
     new: nn.Module
 
 
-def nxd_layer(layers: ParallelLayers, plan: ProjectionPlan) -> nn.Module:
+def nxd_layer(layers: NxdApi, plan: ProjectionPlan) -> nn.Module:
     """NxD's parallel layer for one plan, under its parallel state (uninitialised in AOT mode: the
     weights come from `shard_checkpoint`)."""
     if plan.style == COLUMN:
@@ -280,7 +258,7 @@ class NxdTensorParallel:
     @classmethod
     def of(cls, engine, degree: int) -> "NxdTensorParallel":
         """Swap NxD's parallel layers into the engine's target and shard its KV cache (the decoder's)."""
-        layers = require_parallel_layers()
+        layers = require_sdk()
         swaps = shard_target(engine.target, engine.decoder.cache, TensorParallel(degree),
                              functools.partial(nxd_layer, layers))
         return cls(degree, swaps, engine.target.config, layers.shard_checkpoint)

@@ -65,16 +65,18 @@ class DrafterProposer(nn.Module):
         self.parallel = parallel
         self.kernels = check_kernel_mode(kernels)
         self.trash = drafter.max_length - 1
-        # Every mask slot's hidden is fc(mask_hidden): computed once here, not in every step graph
-        # (a proposer serves the drafter's weights as they are when it is built).
+        # Every mask slot's hidden is fc(mask_hidden) (after the input norms, where the drafter has them):
+        # computed once here, not in every step graph (a proposer serves the drafter's weights as they
+        # are when it is built).
         with torch.no_grad():
-            fc_mask_row = drafter.fc(drafter.mask_hidden.to(drafter.fc.weight.dtype))
+            fc_mask_row = drafter.project_features(drafter.mask_hidden.to(drafter.fc.weight.dtype))
         self.register_buffer("fc_mask_row", fc_mask_row, persistent=False)
 
     def _first_layer_input(self, tokens: Tensor, features: Tensor, is_mask: Tensor) -> tuple[Tensor, Tensor]:
         # tokens, is_mask [B, S]; features [B, S, 3H] -> layer 0's input [B, S, 2H], residual [B, S, H]
         d = self.drafter
         embeds = d.token_embeddings(tokens, self.target_embedding)
+        features = d.normalize_features(features)  # norm_before_fc / fc_norm; as they are otherwise
         return draft_input(embeds, features, is_mask, d.draft_input_params(self.fc_mask_row), self.kernels)
 
     def _greedy(self, h: Tensor) -> Tensor:  # pre-norm hidden [B, R, H] -> drafts [B, R] (target ids)

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 
 from neuron_peagle.config import DrafterConfig
-from neuron_peagle.errors import ConfigError
 from neuron_peagle.kernels import DraftInputParams
 from neuron_peagle.kv_cache import KVCache
 from neuron_peagle.models.layers import (MLP, Attention, DecoderLayer, RMSNorm, RotaryTable, make_embedding,
@@ -93,19 +92,18 @@ class Drafter(nn.Module):
         embeds = self.token_embeddings(token_ids, target_embedding)
         return torch.where(is_mask.unsqueeze(-1), self.mask_embedding.to(embeds.dtype), embeds)
 
-    @property
-    def normalizes_features(self) -> bool:
-        """Whether fc's input passes a norm first (norm_before_fc or fc_norm)."""
-        return self.input_norm is not None or self.fc_norm is not None
-
-    def project_features(self, features: Tensor) -> Tensor:  # [..., 3H_target] -> [..., H]
-        """fc over the features, after the drafter's input norms where it has them."""
+    def normalize_features(self, features: Tensor) -> Tensor:  # [..., 3H_target] -> the same shape
+        """fc's input: the features through the drafter's input norms where it has them, else as they are."""
         if self.input_norm is not None:
             features = self.input_norm(features)
         if self.fc_norm is not None:
             parts = features.chunk(len(self.fc_norm), dim=-1)
             features = torch.cat([norm(part) for norm, part in zip(self.fc_norm, parts)], dim=-1)
-        return self.fc(features)
+        return features
+
+    def project_features(self, features: Tensor) -> Tensor:  # [..., 3H_target] -> [..., H]
+        """fc over the features, after the drafter's input norms where it has them."""
+        return self.fc(self.normalize_features(features))
 
     def project(self, features: Tensor, is_mask: Tensor) -> Tensor:
         # features [B, S, 3H_target], is_mask [B, S] -> fc input for real slots, fc(mask_hidden) else
@@ -113,15 +111,8 @@ class Drafter(nn.Module):
         return torch.where(is_mask.unsqueeze(-1), self.project_features(self.mask_hidden.to(hidden.dtype)), hidden)
 
     def draft_input_params(self, fc_mask_row: Tensor) -> DraftInputParams:
-        """What the fused layer-0 input (`kernels.draft_input`) reads; fc_mask_row [H] = fc(mask_hidden).
-
-        The fused input multiplies the raw features by fc: a drafter whose fc input is normalized first
-        is refused here rather than drafted from wrong hidden states."""
-        if self.normalizes_features:
-            field = "norm_before_fc" if self.input_norm is not None else "fc_norm"
-            raise ConfigError(f"drafter config {field} is true: the step graphs' fused layer-0 input "
-                              "(kernels.draft_input) has no norm over fc's input, so this drafter can be loaded "
-                              "and trained (Drafter.project) but not served")
+        """What the fused layer-0 input (`kernels.draft_input`) reads; fc_mask_row [H] = fc(mask_hidden),
+        after the input norms where the drafter has them (the caller normalizes the features too)."""
         first = self.layers[0]
         return DraftInputParams(self.fc.weight, fc_mask_row, self.mask_embedding, first.input_layernorm,
                                 first.hidden_norm, first.norm_before_residual)

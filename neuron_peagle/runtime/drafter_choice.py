@@ -57,13 +57,9 @@ class DrafterChoice:
 
 def check_servable(config: DrafterConfig) -> None:
     """Refuse, naming the drafter config field, a drafter the step graphs (graphs/proposers.py) would
-    draft from wrong hidden states: fc's input normalized first (the fused layer-0 input multiplies the
-    raw features), or an EAGLE-3 drafter trained to be fed its normed output back (sequential drafting
-    feeds the last layer's output). Such drafters still load for training and evaluation."""
-    for field in ("norm_before_fc", "fc_norm"):
-        if getattr(config, field):
-            raise ConfigError(f"drafter config {field} is true: the step graphs' fused layer-0 input has no norm "
-                              "over fc's input, so this drafter cannot be served yet")
+    draft from wrong hidden states: an EAGLE-3 drafter trained to be fed its normed output back
+    (sequential drafting feeds the last layer's output). Such drafters still load for training and
+    evaluation."""
     if config.norm_output and config.trained_with == "eagle3":
         raise ConfigError("drafter config norm_output is true: sequential drafting feeds the last layer's output "
                           "back, not the final norm's this EAGLE-3 drafter was trained on, so it cannot be "
