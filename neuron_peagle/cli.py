@@ -340,9 +340,17 @@ def generate(args: argparse.Namespace, given: set[str]) -> int:
     return 0
 
 
+def _command(args: argparse.Namespace, given: set[str]) -> int:
+    from neuron_peagle.parallel import shutdown
+
+    code = (generate if args.command == "generate" else profile)(args, given)
+    if args.command == "generate" and args.tp_degree > 1 and code == 0:
+        shutdown()  # every rank leaves the process group together (not after an error: others may be gone)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run("neuron-peagle", build_parser, argv,
-               lambda args, given: (generate if args.command == "generate" else profile)(args, given))
+    return run("neuron-peagle", build_parser, argv, _command)
 
 
 if __name__ == "__main__":

@@ -114,3 +114,13 @@ class TensorParallel:
 
 
 SINGLE = TensorParallel()  # no tensor parallelism: one rank holds everything
+
+
+def shutdown() -> None:
+    """Leave the process group together (a barrier, then destroy it), so that no rank exits while
+    another's collective threads still run (gloo aborts a process torn down mid-collective)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

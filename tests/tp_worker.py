@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tp_cases import CASES, generate_case  # noqa: E402
 
 from neuron_peagle.models.target import TargetModel  # noqa: E402
-from neuron_peagle.parallel import TensorParallel  # noqa: E402
+from neuron_peagle.parallel import TensorParallel, shutdown  # noqa: E402
 
 
 def check_shards(model_dir: Path) -> dict:
@@ -72,6 +72,7 @@ def main() -> None:
         result = {name: generate_case(model_dir, drafter_dir, CASES[name], backend, degree) for name in names}
     if dist.get_rank() == 0:
         print(json.dumps(result), flush=True)
+    shutdown()
 
 
 if __name__ == "__main__":
