@@ -236,8 +236,6 @@ def _engine_and_prompts(args: argparse.Namespace, given: set[str], quiet: bool):
         if engine.artifacts is not None:
             print(f"[{engine.artifacts.describe()}]", flush=True)
         print(f"[{_describe(engine)}]", flush=True)
-    for number, prompt_ids in enumerate(ids, start=1):
-        engine.validate(prompt_ids, params, number)
     if args.artifacts is None:  # from_compiled has warmed every graph already
         # Compile (or load) the graphs these prompts need now, so that no decode step waits on a compiler.
         engine.warm(greedy=params.temperature == 0, buckets={engine.build.bucket_for(len(p)) for p in ids})
