@@ -339,11 +339,12 @@ def generate(args: argparse.Namespace, given: set[str]) -> int:
 
 
 def _command(args: argparse.Namespace, given: set[str]) -> int:
-    from neuron_peagle.parallel import shutdown
+    from neuron_peagle.parallel import exit_rank, shutdown
 
     code = (generate if args.command == "generate" else profile)(args, given)
     if args.command == "generate" and args.tp_degree > 1 and code == 0:
         shutdown()  # every rank leaves the process group together (not after an error: others may be gone)
+        exit_rank(code)
     return code
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,10 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "GptOssForCausalLM": "gpt_oss",
 }
+MOE_ARCHITECTURES = ("qwen3_moe", "gpt_oss")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKENDS = tuple(BACKEND_HELP)
 KERNEL_MODES = ("reference", "nki", "interpreter")  # see neuron_peagle.kernels
@@ -51,7 +55,7 @@ def read_config_json(directory: str | Path, kind: str) -> tuple[dict[str, Any], 
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding parameters; `rope_type` is "default" or "llama3"."""
+    """Rotary embedding parameters; `rope_type` is "default", "llama3" or "yarn" (gpt-oss)."""
 
     theta: float = 10000.0
     rope_type: str = "default"
@@ -59,6 +63,12 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # YaRN: the band of dimensions between beta_fast and beta_slow rotations blends extrapolated and
+    # interpolated frequencies; cos and sin are scaled by attention_factor.
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "RopeConfig":
@@ -68,12 +78,14 @@ class RopeConfig:
         params = {**scaling, **params}
         theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
         rope_type = params.get("rope_type", params.get("type", "default")) or "default"
-        if rope_type not in ("default", "llama3"):
+        if rope_type not in ("default", "llama3", "yarn"):
             raise UnsupportedModelError(
-                f"rope type {rope_type!r} is not supported (supported: 'default', 'llama3')"
+                f"rope type {rope_type!r} is not supported (supported: 'default', 'llama3', 'yarn')"
             )
         if rope_type == "default":
             return cls(theta=theta)
+        if rope_type == "yarn":
+            return cls._yarn(theta, params, hf)
         return cls(
             theta=theta,
             rope_type="llama3",
@@ -82,6 +94,75 @@ class RopeConfig:
             high_freq_factor=float(params.get("high_freq_factor", 4.0)),
             original_max_position_embeddings=int(params["original_max_position_embeddings"]),
         )
+
+    @classmethod
+    def _yarn(cls, theta: float, params: dict[str, Any], hf: dict[str, Any]) -> "RopeConfig":
+        """YaRN as transformers reads it: factor defaults to max / original positions, attention_factor
+        to 0.1 ln(factor) + 1 (mscale / mscale_all_dim variants refused)."""
+        if params.get("mscale") or params.get("mscale_all_dim"):
+            raise UnsupportedModelError("yarn rope with mscale / mscale_all_dim is not supported")
+        if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise UnsupportedModelError("rope partial_rotary_factor other than 1 is not supported")
+        original = int(params["original_max_position_embeddings"])
+        factor = float(params.get("factor") or int(hf["max_position_embeddings"]) / original)
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        return cls(theta=theta, rope_type="yarn", factor=factor, original_max_position_embeddings=original,
+                   beta_fast=float(params.get("beta_fast") or 32.0), beta_slow=float(params.get("beta_slow") or 1.0),
+                   truncate=bool(params.get("truncate", True)), attention_factor=float(attention_factor))
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """The sparse MLP of a mixture-of-experts target: a router picks `num_experts_per_tok` of
+    `num_experts` SwiGLU experts per token and sums their outputs weighted by its scores.
+
+    - qwen3_moe: scores = softmax over all experts, the top k kept (renormalised when norm_topk_prob);
+      no biases; silu(gate) * up.
+    - gpt_oss: the top k router logits (router bias), softmax over those k; expert biases; the clamped
+      variant (gate <= limit, |up| <= limit, gate * sigmoid(alpha * gate) * (up + 1)).
+    """
+
+    num_experts: int
+    num_experts_per_tok: int
+    expert_intermediate_size: int
+    routing: str  # "softmax_topk" (qwen3_moe) | "topk_softmax" (gpt_oss)
+    norm_topk_prob: bool = False
+    router_bias: bool = False
+    expert_bias: bool = False
+    activation: str = "silu"  # "silu" | "clamped_swiglu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    sparse_layers: tuple[bool, ...] = ()  # per layer: MoE (True) or the dense MLP (qwen3_moe mlp_only_layers)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(f"model config: num_experts_per_tok ({self.num_experts_per_tok}) must lie in "
+                              f"[1, num_experts ({self.num_experts})]")
+        if self.expert_intermediate_size <= 0:
+            raise ConfigError(f"model config: the experts' intermediate size must be positive, "
+                              f"got {self.expert_intermediate_size}")
+
+    @classmethod
+    def from_hf(cls, arch: str, hf: dict[str, Any], num_layers: int) -> "MoeConfig":
+        if arch == "gpt_oss":
+            return cls(num_experts=int(hf["num_local_experts"]), num_experts_per_tok=int(hf["num_experts_per_tok"]),
+                       expert_intermediate_size=int(hf["intermediate_size"]), routing="topk_softmax",
+                       router_bias=True, expert_bias=True, activation="clamped_swiglu",
+                       swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
+                       swiglu_limit=float(hf.get("swiglu_limit", 7.0)), sparse_layers=(True,) * num_layers)
+        if hf.get("hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"hidden_act {hf['hidden_act']!r} is not supported (silu only)")
+        step = int(hf.get("decoder_sparse_step", 1))
+        dense = set(hf.get("mlp_only_layers") or [])
+        experts = int(hf.get("num_experts") or hf.get("num_local_experts") or 0)
+        if step < 1 or experts <= 0:
+            raise ConfigError(f"model config: num_experts ({experts}) and decoder_sparse_step ({step}) must be >= 1")
+        return cls(num_experts=experts, num_experts_per_tok=int(hf["num_experts_per_tok"]),
+                   expert_intermediate_size=int(hf["moe_intermediate_size"]), routing="softmax_topk",
+                   norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                   sparse_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers)))
 
 
 @dataclass(frozen=True)
@@ -106,6 +187,17 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     qk_norm: bool = False  # Qwen3: RMSNorm over every query and key head before rope
+    moe: MoeConfig | None = None  # mixture-of-experts MLPs (qwen3_moe, gpt_oss)
+    # gpt-oss: which layers attend to the last `sliding_window` positions only ("sliding_attention")
+    # and which to all ("full_attention"); empty: all full.
+    layer_types: tuple[str, ...] = ()
+    sliding_window: int | None = None
+    attention_sinks: bool = False  # gpt-oss: a learned logit per head that takes part in the softmax
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer: does it attend to a sliding window of the last `sliding_window` positions."""
+        return tuple(t == "sliding_attention" for t in self.layer_types) or (False,) * self.num_hidden_layers
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES.values():
@@ -114,6 +206,13 @@ class ModelConfig:
                      "num_attention_heads", "num_key_value_heads", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.layer_types and (len(self.layer_types) != self.num_hidden_layers or any(
+                t not in ("sliding_attention", "full_attention") for t in self.layer_types)):
+            raise ConfigError(f"model config: layer_types must name 'sliding_attention' or 'full_attention' for "
+                              f"each of the {self.num_hidden_layers} layers, got {list(self.layer_types)}")
+        if any(self.sliding_layers) and (self.sliding_window is None or self.sliding_window < 1):
+            raise ConfigError(f"model config: sliding-window layers need a sliding_window >= 1, "
+                              f"got {self.sliding_window}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"model config: num_attention_heads ({self.num_attention_heads}) is not a multiple "
@@ -137,6 +236,12 @@ class ModelConfig:
         arch = SUPPORTED_ARCHITECTURES[known[0]]
         if hf.get("use_sliding_window"):
             raise UnsupportedModelError(f"{source}: sliding-window attention (use_sliding_window) is not supported")
+        quantization = hf.get("quantization_config")
+        if quantization:
+            method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+            raise UnsupportedModelError(
+                f"{source}: quantized checkpoints ({method}) are not supported; save a dequantized copy first "
+                "(for gpt-oss's mxfp4: load it in transformers with Mxfp4Config(dequantize=True) and save_pretrained)")
         try:
             hidden = int(hf["hidden_size"])
             heads = int(hf["num_attention_heads"])
@@ -155,12 +260,16 @@ class ModelConfig:
                 rope=RopeConfig.from_hf(hf),
                 max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
-                o_bias=arch != "qwen2" and bool(hf.get("attention_bias", False)),
+                qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", arch == "gpt_oss")),
+                o_bias=arch != "qwen2" and bool(hf.get("attention_bias", arch == "gpt_oss")),
                 mlp_bias=bool(hf.get("mlp_bias", False)),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=eos_ids,
-                qk_norm=arch == "qwen3",
+                qk_norm=arch in ("qwen3", "qwen3_moe"),
+                moe=MoeConfig.from_hf(arch, hf, int(hf["num_hidden_layers"])) if arch in MOE_ARCHITECTURES else None,
+                layer_types=tuple(hf.get("layer_types") or ()) if arch == "gpt_oss" else (),
+                sliding_window=int(hf["sliding_window"]) if arch == "gpt_oss" and hf.get("sliding_window") else None,
+                attention_sinks=arch == "gpt_oss",
             )
         except KeyError as err:
             raise ConfigError(f"{source}: required field {err.args[0]!r} is missing") from None

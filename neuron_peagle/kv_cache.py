@@ -1,6 +1,7 @@
 """Fixed-shape KV cache buffers.
 
 Layout: one key and one value buffer per layer, each `[batch, kv_heads, max_length, head_dim]`.
+Sliding-window layers (gpt-oss) hold a ring of their own window's size instead (see `KVCache`).
 Entries are written by scatter at their position ids (see `models.layers.Attention`); attention
 reads the slots [0, read_length) and masks by position, so a slot past a sequence's committed length
 is never read and needs no clearing. On a device backend the buffers are the graphs' aliased state:
@@ -17,19 +18,31 @@ from torch import Tensor, nn
 
 
 WINDOW_STEP = 128
+# The position recorded for a ring slot that holds nothing: above every query, so never visible.
+NO_POSITION = 1 << 40
 
 
 class KVCache(nn.Module):
+    """`window_slots` S, with `sliding` flags per layer: those layers (gpt-oss's sliding-window ones)
+    hold a ring of S slots instead of max_length, and `window_positions` [batch, S] records the position
+    each ring slot holds (models.layers.WindowPlan)."""
+
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_length: int,
-                 head_dim: int, dtype: torch.dtype = torch.float32) -> None:
+                 head_dim: int, dtype: torch.dtype = torch.float32, sliding: tuple[bool, ...] = (),
+                 window_slots: int = 0) -> None:
         super().__init__()
         self.num_layers = num_layers
         self.shape = (batch_size, num_kv_heads, max_length, head_dim)
         self.read_length = max_length  # attention reads slots [0, read_length)
         self.narrows = False  # set by a backend whose graphs may change shape per step (eager)
+        self.sliding = tuple(sliding) or (False,) * num_layers
+        ring = (batch_size, num_kv_heads, window_slots, head_dim)
         for i in range(num_layers):
-            self.register_buffer(f"key_{i}", torch.zeros(self.shape, dtype=dtype), persistent=False)
-            self.register_buffer(f"value_{i}", torch.zeros(self.shape, dtype=dtype), persistent=False)
+            shape = ring if self.sliding[i] else self.shape
+            self.register_buffer(f"key_{i}", torch.zeros(shape, dtype=dtype), persistent=False)
+            self.register_buffer(f"value_{i}", torch.zeros(shape, dtype=dtype), persistent=False)
+        positions = torch.full((batch_size, window_slots), NO_POSITION, dtype=torch.int64) if any(self.sliding) else None
+        self.register_buffer("window_positions", positions, persistent=False)
 
     @property
     def max_length(self) -> int:
@@ -48,12 +61,14 @@ class KVCache(nn.Module):
         return getattr(self, f"key_{i}"), getattr(self, f"value_{i}")
 
     def buffers_in_order(self) -> list[Tensor]:
-        """key_0, value_0, key_1, ...: the order in which graphs alias them."""
+        """key_0, value_0, key_1, ..., then window_positions if any: the order in which graphs alias them."""
         out = []
         for i in range(self.num_layers):
             out.extend(self.layer(i))
-        return out
+        return out + ([self.window_positions] if self.window_positions is not None else [])
 
     def reset(self) -> None:
         for buf in self.buffers_in_order():
             buf.zero_()
+        if self.window_positions is not None:
+            self.window_positions.fill_(NO_POSITION)

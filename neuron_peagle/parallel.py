@@ -21,7 +21,9 @@ on CPU and the Neuron device's on trn2/trn3: one process per rank, under `torchr
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -124,3 +126,12 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End this rank's process with `code` once its output is flushed, skipping interpreter teardown:
+    the destructors of the collective library's threads can abort a process that has finished
+    (`terminate called without an active exception`, seen in about 1 of 30 three-rank runs on CPU)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -25,8 +25,8 @@ def save_tiny_model(path: Path, family: str = "llama", tie: bool = True, seed: i
 
     It borrows the default model's tokenizer (same vocabulary size) so the whole engine runs on it.
     """
-    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                              Qwen3ForCausalLM)
+    from transformers import (GptOssConfig, GptOssForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -39,9 +39,23 @@ def save_tiny_model(path: Path, family: str = "llama", tie: bool = True, seed: i
     elif family == "qwen2":
         config = Qwen2Config(**common, rope_theta=10000.0)
         model = Qwen2ForCausalLM(config)
-    else:  # qwen3: q/k norms per head; head_dim is its own field (its default, 128, is too big here)
+    elif family == "qwen3":  # q/k norms per head; head_dim is its own field (its default, 128, is too big here)
         config = Qwen3Config(**{"head_dim": 16, **common}, rope_theta=10000.0)
         model = Qwen3ForCausalLM(config)
+    elif family == "qwen3_moe":  # 8 experts of width 32, 2 per token, renormalised; q/k norms
+        config = Qwen3MoeConfig(**{"head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2,
+                                   "moe_intermediate_size": 32, "norm_topk_prob": True, **common}, rope_theta=10000.0)
+        model = Qwen3MoeForCausalLM(config)
+    elif family == "gpt_oss":  # sinks, sliding window 8 on even layers, YaRN, biases, 8 experts (2 per token)
+        common.pop("intermediate_size")
+        config = GptOssConfig(**{"head_dim": 16, "num_local_experts": 8, "num_experts_per_tok": 2,
+                                 "intermediate_size": 32, "sliding_window": 8, **common},
+                              rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0,
+                                               "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                               "original_max_position_embeddings": 64})
+        model = GptOssForCausalLM(config)
+    else:
+        raise ValueError(f"no tiny {family!r} model")
     # Random init is small around zero; widen it so logits are well separated and argmax is stable.
     with torch.no_grad():
         for p in model.parameters():

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tp_cases import CASES, generate_case  # noqa: E402
 
 from neuron_peagle.models.target import TargetModel  # noqa: E402
-from neuron_peagle.parallel import TensorParallel, shutdown  # noqa: E402
+from neuron_peagle.parallel import TensorParallel, exit_rank, shutdown  # noqa: E402
 
 
 def check_shards(model_dir: Path) -> dict:
@@ -73,6 +73,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         print(json.dumps(result), flush=True)
     shutdown()
+    exit_rank(0)
 
 
 if __name__ == "__main__":

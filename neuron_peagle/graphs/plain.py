@@ -63,7 +63,7 @@ class PrefillGraph(nn.Module):
         batch, bucket = input_ids.shape
         positions = torch.arange(bucket, device=input_ids.device).expand(batch, bucket)
         # Padding rows past a prompt's end write cache slots that decode overwrites before reading.
-        out = self.target(input_ids, positions, self.cache, (lengths - 1).unsqueeze(-1))
+        out = self.target(input_ids, positions, self.cache, (lengths - 1).unsqueeze(-1), valid_lengths=lengths)
         return TokenOutputs(_select(out.logits, self.greedy, temperature, top_k, top_p, sample_uniform))
 
 

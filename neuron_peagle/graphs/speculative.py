@@ -80,7 +80,8 @@ class SpecPrefillGraph(nn.Module):
                 sample_uniform: Tensor) -> SpecPrefillOutputs:
         batch, bucket = input_ids.shape
         positions = torch.arange(bucket, device=input_ids.device).expand(batch, bucket)
-        out = self.target(input_ids, positions, self.cache, (lengths - 1).unsqueeze(-1), return_features=True)
+        out = self.target(input_ids, positions, self.cache, (lengths - 1).unsqueeze(-1), return_features=True,
+                          valid_lengths=lengths)
         if self.greedy:
             first = out.logits[:, 0].argmax(-1)
         else:

@@ -13,12 +13,15 @@ over that layout streams the weights about twice as fast at one token as `F.line
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from neuron_peagle.config import RopeConfig
+from neuron_peagle.config import MoeConfig, RopeConfig
 from neuron_peagle.graphs import state
+from neuron_peagle.kv_cache import NO_POSITION
+from neuron_peagle.models.moe import SparseMoe
 from neuron_peagle.parallel import SINGLE, TensorParallel
 
 
@@ -80,6 +83,8 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:  # [head_dim // 2]
     inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if rope.rope_type == "default":
         return inv_freq
+    if rope.rope_type == "yarn":
+        return _yarn_inv_freq(rope, head_dim)
     # Llama 3 scaling: long wavelengths are slowed by `factor`, short ones kept, the band between
     # interpolated smoothly.
     old_len = rope.original_max_position_embeddings
@@ -93,6 +98,25 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:  # [head_dim // 2]
     return torch.where(is_medium, smoothed, scaled)
 
 
+def _yarn_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:
+    """YaRN: dimensions that turn fewer than beta_slow times over the original context are interpolated
+    (frequency / factor), those that turn more than beta_fast times kept, a linear ramp between."""
+    def dimension(rotations: float) -> float:
+        return head_dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+            2 * math.log(rope.theta))
+
+    low, high = dimension(rope.beta_fast), dimension(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    base = rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    extrapolated = 1 - ramp  # the share of the original frequency
+    return (1.0 / (rope.factor * base)) * ramp + (1.0 / base) * extrapolated
+
+
 class RotaryTable(nn.Module):
     """cos/sin for every position up to max_length, looked up by position id inside the graph."""
 
@@ -101,8 +125,8 @@ class RotaryTable(nn.Module):
         inv_freq = rope_inv_freq(rope, head_dim)
         freqs = torch.outer(torch.arange(max_length, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)  # [max_length, head_dim]
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("cos", emb.cos() * rope.attention_factor, persistent=False)
+        self.register_buffer("sin", emb.sin() * rope.attention_factor, persistent=False)
 
     def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:  # [B, T] -> 2 x [B, 1, T, hd]
         return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
@@ -138,6 +162,51 @@ def write_slots(cache: Tensor, index: Tensor, new: Tensor) -> Tensor:
     return cache
 
 
+class WindowPlan(NamedTuple):
+    """How one forward updates the rings of the sliding-window layers (all of one window size W).
+
+    A ring has S = W + T_step - 1 slots (T_step: the most tokens a decode or verify call writes); slot s
+    holds the newest position p with p % S == s. S >= W + T_step - 1 keeps every key a later query can
+    see, even after a verify wrote drafts that are then rejected (their positions are rewritten later).
+    The new entries are the T inputs (positions p0..p0+T-1; the first `valid` of them are written: a
+    prefill's prompt, not its padding). Computed once per forward by the target, shared by its layers.
+    """
+
+    old_positions: Tensor  # [B, S] the slots' positions before this call (NO_POSITION where stale or empty)
+    source: Tensor  # [B, S] which new entry (index into T) each slot takes
+    take_new: Tensor  # [B, S] bool: the slot takes that new entry (else it keeps its own)
+    positions: Tensor  # [B, S] the slots' positions after this call
+
+
+def plan_window(ring_positions: Tensor, position_ids: Tensor, valid: Tensor | None) -> WindowPlan:
+    """ring_positions [B, S]; position_ids [B, T] contiguous per row; valid [B] entries written (None: T)."""
+    slots = ring_positions.shape[1]
+    first = position_ids[:, :1]  # [B, 1]
+    last = position_ids[:, -1:] if valid is None else first + valid.unsqueeze(-1) - 1  # newest written position
+    # Entries at or after this call's first position are stale (rejected drafts, an earlier sequence).
+    old = torch.where(ring_positions >= first, torch.full_like(ring_positions, NO_POSITION), ring_positions)
+    slot = torch.arange(slots, device=position_ids.device).unsqueeze(0)  # [1, S]
+    newest = last - torch.remainder(last - slot, slots)  # [B, S] newest position <= last in each slot
+    take_new = newest >= first
+    source = (newest - first).clamp(min=0, max=position_ids.shape[1] - 1)
+    return WindowPlan(old, source, take_new, torch.where(take_new, newest, old))
+
+
+def write_ring(ring: Tensor, new: Tensor, window: WindowPlan) -> Tensor:
+    """The ring [B, nkv, S, hd] with each slot that takes a new entry (`new` [B, nkv, T, hd]) given it."""
+    batch, heads, slots, dim = ring.shape
+    index = window.source.view(batch, 1, slots, 1).expand(batch, heads, slots, dim)
+    updated = torch.where(window.take_new.view(batch, 1, slots, 1), new.to(ring.dtype).gather(2, index), ring)
+    return replace_buffer(ring, updated)
+
+
+def replace_buffer(buffer: Tensor, value: Tensor) -> Tensor:
+    """A state buffer := value (same shape): in place, or rebound under `graphs.state.functional_state`."""
+    if state.is_functional():
+        return state.replace_state(buffer, value.clone())
+    return buffer.copy_(value)
+
+
 class Attention(nn.Module):
     """Grouped-query attention over a fixed-length KV cache, masked by position.
 
@@ -148,8 +217,12 @@ class Attention(nn.Module):
 
     def __init__(self, hidden_in: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  hidden_out: int, qkv_bias: bool, o_bias: bool, tp: TensorParallel = SINGLE,
-                 qk_norm_eps: float | None = None) -> None:
+                 qk_norm_eps: float | None = None, sliding_window: int | None = None, sinks: bool = False) -> None:
         super().__init__()
+        # gpt-oss: a sliding-window layer attends to the last `sliding_window` positions, from a ring of
+        # its own (see `WindowPlan`); sinks are one learned logit per head that joins the softmax.
+        self.sliding_window = sliding_window
+        self.sinks = nn.Parameter(torch.zeros(num_heads), requires_grad=False) if sinks else None
         # This rank's heads (all of them without tensor parallelism); the projections are built whole.
         self.num_heads = tp.local(num_heads, "attention heads")
         self.num_kv_heads = len(tp.kv_heads(num_kv_heads))
@@ -163,7 +236,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor,
                 key_cache: Tensor | None, value_cache: Tensor | None, visible: Tensor | None = None,
-                read_length: int | None = None) -> Tensor:
+                read_length: int | None = None, window: "WindowPlan | None" = None) -> Tensor:
         # x: [B, T, hidden_in]; position_ids: [B, T]; caches: [B, kv_heads, max_length, hd].
         # Without caches (training) the T inputs attend to each other under `visible` [B, T, T].
         # With read_length < max_length only the cache slots [0, read_length) are read (eager only).
@@ -183,6 +256,8 @@ class Attention(nn.Module):
 
         if key_cache is None:
             keys, values = k, v
+        elif self.sliding_window is not None:
+            keys, values, visible = self._window_keys(key_cache, value_cache, k, v, position_ids, window)
         else:
             index = position_ids.view(batch, 1, seq, 1).expand(batch, nkv, seq, hd)
             key_cache = write_slots(key_cache, index, k)
@@ -199,10 +274,30 @@ class Attention(nn.Module):
         scores = torch.matmul(q, keys.transpose(-1, -2)).float() / math.sqrt(hd)
         scores = scores.view(batch, nkv, groups, seq, length)
         scores = scores.masked_fill(~visible.view(batch, 1, 1, seq, length), float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        if self.sinks is None:
+            probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        else:  # softmax over [scores, sink], the sink's share dropped
+            sink = self.sinks.float().view(1, nkv, groups, 1, 1)
+            top = torch.maximum(scores.amax(-1, keepdim=True), sink)
+            exp = torch.exp(scores - top)
+            probs = (exp / (exp.sum(-1, keepdim=True) + torch.exp(sink - top))).to(values.dtype)
         out = torch.matmul(probs.view(batch, nkv, groups * seq, length), values)
         out = out.view(batch, nh, seq, hd).transpose(1, 2).reshape(batch, seq, nh * hd)
         return self.o_proj(out.to(x.dtype))
+
+    def _window_keys(self, key_cache: Tensor, value_cache: Tensor, k: Tensor, v: Tensor, position_ids: Tensor,
+                     window: "WindowPlan") -> tuple[Tensor, Tensor, Tensor]:
+        """The ring's entries and the new ones side by side ([B, nkv, S + T, hd] each) with what each
+        query sees of them ([B, T, S + T]: positions in (q - sliding_window, q]); the ring then takes
+        the newest entry of each of its slots."""
+        keys = torch.cat([key_cache.to(k.dtype), k], dim=2)
+        values = torch.cat([value_cache.to(v.dtype), v], dim=2)
+        key_positions = torch.cat([window.old_positions, position_ids], dim=1).unsqueeze(1)  # [B, 1, S+T]
+        query = position_ids.unsqueeze(-1)  # [B, T, 1]
+        visible = (key_positions <= query) & (key_positions > query - self.sliding_window)
+        write_ring(key_cache, k, window)
+        write_ring(value_cache, v, window)
+        return keys, values, visible
 
 
 class MLP(nn.Module):
@@ -220,21 +315,22 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm Llama block."""
+    """Pre-norm Llama block; with `moe`, its MLP is a mixture of experts (models/moe.py)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, eps: float, qkv_bias: bool = False, o_bias: bool = False,
-                 mlp_bias: bool = False, tp: TensorParallel = SINGLE, qk_norm: bool = False) -> None:
+                 mlp_bias: bool = False, tp: TensorParallel = SINGLE, qk_norm: bool = False,
+                 moe: MoeConfig | None = None, sliding_window: int | None = None, sinks: bool = False) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(hidden_size, eps)
         self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, hidden_size,
-                                   qkv_bias, o_bias, tp, eps if qk_norm else None)
+                                   qkv_bias, o_bias, tp, eps if qk_norm else None, sliding_window, sinks)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
-        self.mlp = MLP(hidden_size, intermediate_size, mlp_bias, tp)
+        self.mlp = SparseMoe(hidden_size, moe) if moe is not None else MLP(hidden_size, intermediate_size, mlp_bias, tp)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor, key_cache: Tensor | None,
                 value_cache: Tensor | None, visible: Tensor | None = None,
-                read_length: int | None = None) -> Tensor:  # [B, T, H] -> [B, T, H]
+                read_length: int | None = None, window: WindowPlan | None = None) -> Tensor:  # [B, T, H] -> [B, T, H]
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, key_cache, value_cache, visible,
-                               read_length)
+                               read_length, window)
         return h + self.mlp(self.post_attention_layernorm(h))

@@ -164,9 +164,13 @@ def config_from_speculators(data: dict[str, Any], source: str) -> DrafterConfig:
 def _rope_fields(rope: RopeConfig) -> dict[str, Any]:
     """The rope as transformers 5 writes it (rope_parameters) and as 4.x reads it (rope_theta, rope_scaling)."""
     scaling = None if rope.rope_type == "default" else {
-        "rope_type": rope.rope_type, "factor": rope.factor, "low_freq_factor": rope.low_freq_factor,
-        "high_freq_factor": rope.high_freq_factor,
+        "rope_type": rope.rope_type, "factor": rope.factor,
         "original_max_position_embeddings": rope.original_max_position_embeddings}
+    if rope.rope_type == "llama3":
+        scaling.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor)
+    elif rope.rope_type == "yarn":
+        scaling.update(beta_fast=rope.beta_fast, beta_slow=rope.beta_slow, truncate=rope.truncate,
+                       attention_factor=rope.attention_factor)
     return {"rope_theta": rope.theta, "rope_scaling": scaling,
             "rope_parameters": {"rope_type": rope.rope_type, "rope_theta": rope.theta, **(scaling or {})}}
 

@@ -1,4 +1,5 @@
-"""The target model (Llama, Qwen2 and Qwen3 dense families), written for fixed-shape tracing.
+"""The target model (Llama, Qwen2, Qwen3; the mixture-of-experts Qwen3-MoE and gpt-oss), written for
+fixed-shape tracing.
 
 Besides logits, a forward can return the P-EAGLE drafter's features: the hidden states entering
 three chosen decoder layers (Hugging Face's `hidden_states[i]` for those i), concatenated.
@@ -17,7 +18,11 @@ from torch import Tensor, nn
 from neuron_peagle.config import ModelConfig
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.kv_cache import KVCache
-from neuron_peagle.models.layers import DecoderLayer, RMSNorm, RotaryTable, make_embedding, make_linear
+from neuron_peagle.graphs.state import assign_state
+from neuron_peagle.models.layers import (DecoderLayer, RMSNorm, RotaryTable, make_embedding, make_linear,
+                                         plan_window)
+from neuron_peagle.models.moe import SparseMoe
+from neuron_peagle.models.moe_weights import moe_shapes
 from neuron_peagle.models.weights import (check_names_and_shapes, decoder_layer_shapes, load_decoder_layer,
                                           read_safetensors_dir, to_in_out)
 from neuron_peagle.parallel import SINGLE, TensorParallel
@@ -54,13 +59,18 @@ class TargetModel(nn.Module):
                 f"feature layers {self.feature_layers} must lie in [0, {config.num_hidden_layers})"
             )
         c = config
+        if tp.degree > 1 and (c.moe is not None or c.attention_sinks):
+            raise ConfigError(f"tensor parallelism of {c.architecture} targets is not implemented yet: "
+                              "run them with tp_degree 1")
         tp.check(c.num_attention_heads, c.num_key_value_heads, c.intermediate_size)
         self.embed_tokens = make_embedding(c.vocab_size, c.hidden_size)
+        sparse = c.moe.sparse_layers if c.moe is not None else (False,) * c.num_hidden_layers
         self.layers = nn.ModuleList(
             DecoderLayer(c.hidden_size, c.intermediate_size, c.num_attention_heads,
                          c.num_key_value_heads, c.head_dim, c.rms_norm_eps, c.qkv_bias, c.o_bias,
-                         c.mlp_bias, self.tp, c.qk_norm)
-            for _ in range(c.num_hidden_layers)
+                         c.mlp_bias, self.tp, c.qk_norm, c.moe if sparse[i] else None,
+                         c.sliding_window if c.sliding_layers[i] else None, c.attention_sinks)
+            for i in range(c.num_hidden_layers)
         )
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         # Even when tied to the embedding, the head keeps its own [hidden, vocab] copy: the layout
@@ -68,45 +78,62 @@ class TargetModel(nn.Module):
         self.lm_head = make_linear(c.hidden_size, c.vocab_size)
         self.rotary = RotaryTable(c.rope, c.head_dim, max_length)
 
-    def new_cache(self, batch_size: int) -> KVCache:
+    def new_cache(self, batch_size: int, step_tokens: int = 1) -> KVCache:
+        """The KV cache for `batch_size` sequences; a decode or verify call writes at most `step_tokens`
+        tokens per sequence (K+1 for speculative decoding), which sizes the sliding-window rings."""
         c = self.config
         dtype = self.embed_tokens.weight.dtype
         kv_heads = len(self.tp.kv_heads(c.num_key_value_heads))  # this rank's
+        window = c.sliding_window + step_tokens - 1 if c.sliding_window else 0
         return KVCache(c.num_hidden_layers, batch_size, kv_heads, self.max_length, c.head_dim,
-                       dtype).to(self.embed_tokens.weight.device)
+                       dtype, c.sliding_layers, window).to(self.embed_tokens.weight.device)
 
     def embed(self, input_ids: Tensor) -> Tensor:  # [B, T] -> [B, T, H]
         return self.embed_tokens(input_ids)
 
-    def _run_layers(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache, features: bool
-                    ) -> tuple[Tensor, Tensor | None]:
-        # -> last layer's pre-norm hidden [B, T, H], and the features [B, T, 3H] if asked for
+    def _run_layers(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache, features: bool,
+                    valid_lengths: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        # -> last layer's pre-norm hidden [B, T, H], and the features [B, T, 3H] if asked for.
+        # valid_lengths [B]: how many of the T inputs are real (a prefill's prompt); None: all.
         h = self.embed(input_ids)
         cos, sin = self.rotary(position_ids)
+        window = None
+        if cache.window_positions is not None:
+            if input_ids.shape[1] > cache.window_positions.shape[1] - self.config.sliding_window + 1 and (
+                    valid_lengths is None):
+                raise ConfigError(f"a call writing {input_ids.shape[1]} tokens needs a cache made with "
+                                  f"new_cache(step_tokens >= {input_ids.shape[1]})")
+            window = plan_window(cache.window_positions, position_ids, valid_lengths)
         entering: dict[int, Tensor] = {}
         for i, layer in enumerate(self.layers):
             if features and i in self.feature_layers:
                 entering[i] = h
-            h = layer(h, cos, sin, position_ids, *cache.layer(i), read_length=cache.read_length)
+            h = layer(h, cos, sin, position_ids, *cache.layer(i), read_length=cache.read_length, window=window)
+        if window is not None:
+            assign_state(cache, "window_positions", window.positions)
         return h, torch.cat([entering[i] for i in self.feature_layers], dim=-1) if features else None
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache,
-                logit_index: Tensor, return_features: bool = False) -> TargetOutput:
+                logit_index: Tensor, return_features: bool = False,
+                valid_lengths: Tensor | None = None) -> TargetOutput:
         # input_ids, position_ids: [B, T]; logit_index: [B, R] rows of T whose logits are wanted
-        rows = self.normed_rows(input_ids, position_ids, cache, logit_index, return_features)
+        rows = self.normed_rows(input_ids, position_ids, cache, logit_index, return_features, valid_lengths)
         return TargetOutput(self.lm_head(rows.hidden).float(), rows.features)
 
     def normed_rows(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache,
-                    logit_index: Tensor, return_features: bool = False) -> TargetRows:
+                    logit_index: Tensor, return_features: bool = False,
+                    valid_lengths: Tensor | None = None) -> TargetRows:
         """The forward up to, not including, the LM head: for a fused LM head + argmax
         (`kernels.lm_head_argmax`) that never writes the [R, vocab] logits."""
-        h, features = self._run_layers(input_ids, position_ids, cache, return_features)
+        h, features = self._run_layers(input_ids, position_ids, cache, return_features, valid_lengths)
         picked = h.gather(1, logit_index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         return TargetRows(self.norm(picked), features)
 
     def features_and_hidden(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
         """For training data: features [B, T, 3H] and the last layer's pre-norm hidden [B, T, H]."""
-        h, features = self._run_layers(input_ids, position_ids, cache, True)
+        batch, seq = input_ids.shape
+        h, features = self._run_layers(input_ids, position_ids, cache, True, torch.full(
+            (batch,), seq, dtype=torch.int64, device=input_ids.device))
         return features, h
 
     # ---- loading -------------------------------------------------------------------------------
@@ -138,11 +165,17 @@ class TargetModel(nn.Module):
         }
         if not c.tie_word_embeddings:
             shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
-        for i in range(c.num_hidden_layers):
-            shapes.update(decoder_layer_shapes(
-                f"model.layers.{i}.", c.hidden_size, c.hidden_size, c.num_attention_heads,
-                c.num_key_value_heads, c.head_dim, c.intermediate_size, c.qkv_bias, c.o_bias, c.mlp_bias,
-                c.qk_norm))
+        for i, layer in enumerate(self.layers):
+            prefix = f"model.layers.{i}."
+            layer_shapes = decoder_layer_shapes(
+                prefix, c.hidden_size, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                c.intermediate_size, c.qkv_bias, c.o_bias, c.mlp_bias, c.qk_norm)
+            if isinstance(layer.mlp, SparseMoe):
+                layer_shapes = {name: shape for name, shape in layer_shapes.items() if ".mlp." not in name}
+                layer_shapes.update(moe_shapes(prefix + "mlp.", c.hidden_size, c.moe, c.architecture))
+            if c.attention_sinks:
+                layer_shapes[prefix + "self_attn.sinks"] = (c.num_attention_heads,)
+            shapes.update(layer_shapes)
         return shapes
 
     @torch.no_grad()
@@ -156,4 +189,5 @@ class TargetModel(nn.Module):
         head = t["model.embed_tokens.weight"] if self.config.tie_word_embeddings else t["lm_head.weight"]
         self.lm_head.weight.copy_(to_in_out(head))
         for i, layer in enumerate(self.layers):
-            load_decoder_layer(layer, t, f"model.layers.{i}.", self.tp)
+            load_decoder_layer(layer, t, f"model.layers.{i}.", self.tp,
+                               self.config.architecture if isinstance(layer.mlp, SparseMoe) else None)

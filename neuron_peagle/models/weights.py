@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from neuron_peagle.errors import ModelDirError, WeightsError
+from neuron_peagle.models.moe_weights import load_moe
 from neuron_peagle.parallel import SINGLE, TensorParallel
 
 
@@ -120,7 +121,8 @@ def decoder_layer_shapes(prefix: str, hidden_in: int, hidden: int, num_heads: in
 
 
 @torch.no_grad()
-def load_decoder_layer(layer, t: dict[str, Tensor], prefix: str, tp: TensorParallel = SINGLE) -> None:
+def load_decoder_layer(layer, t: dict[str, Tensor], prefix: str, tp: TensorParallel = SINGLE,
+                       moe_architecture: str | None = None) -> None:
     """Copy one layer's Hugging Face tensors (checked beforehand) into our fused [in, out] layout; with
     tensor parallelism, into the whole [out, in] projections with their rows in rank order, for
     `TensorParallel.parallelize` to shard (neuron_peagle.parallel)."""
@@ -130,20 +132,30 @@ def load_decoder_layer(layer, t: dict[str, Tensor], prefix: str, tp: TensorParal
     if attn.q_norm is not None:  # per head: the same on every rank
         attn.q_norm.weight.copy_(t[prefix + "self_attn.q_norm.weight"])
         attn.k_norm.weight.copy_(t[prefix + "self_attn.k_norm.weight"])
+    if getattr(attn, "sinks", None) is not None:
+        attn.sinks.copy_(t[prefix + "self_attn.sinks"])
+    if moe_architecture is not None:  # the sparse MLP: models/moe_weights.py; no tensor parallelism
+        load_moe(mlp, t, prefix + "mlp.", moe_architecture)
+        _load_attention(attn, t, prefix)
+        return
     if tp.degree > 1:
         _load_sharded_projections(layer, t, prefix, tp)
         return
-    attn.qkv_proj.weight.copy_(to_in_out(*(t[f"{prefix}self_attn.{n}_proj.weight"] for n in "qkv")))
-    attn.o_proj.weight.copy_(to_in_out(t[prefix + "self_attn.o_proj.weight"]))
+    _load_attention(attn, t, prefix)
     mlp.gate_up_proj.weight.copy_(to_in_out(t[prefix + "mlp.gate_proj.weight"], t[prefix + "mlp.up_proj.weight"]))
     mlp.down_proj.weight.copy_(to_in_out(t[prefix + "mlp.down_proj.weight"]))
+    if mlp.gate_up_proj.bias is not None:
+        mlp.gate_up_proj.bias.copy_(torch.cat([t[prefix + "mlp.gate_proj.bias"], t[prefix + "mlp.up_proj.bias"]]))
+        mlp.down_proj.bias.copy_(t[prefix + "mlp.down_proj.bias"])
+
+
+def _load_attention(attn, t: dict[str, Tensor], prefix: str) -> None:
+    attn.qkv_proj.weight.copy_(to_in_out(*(t[f"{prefix}self_attn.{n}_proj.weight"] for n in "qkv")))
+    attn.o_proj.weight.copy_(to_in_out(t[prefix + "self_attn.o_proj.weight"]))
     if attn.qkv_proj.bias is not None:
         attn.qkv_proj.bias.copy_(torch.cat([t[f"{prefix}self_attn.{n}_proj.bias"] for n in "qkv"]))
     if attn.o_proj.bias is not None:
         attn.o_proj.bias.copy_(t[prefix + "self_attn.o_proj.bias"])
-    if mlp.gate_up_proj.bias is not None:
-        mlp.gate_up_proj.bias.copy_(torch.cat([t[prefix + "mlp.gate_proj.bias"], t[prefix + "mlp.up_proj.bias"]]))
-        mlp.down_proj.bias.copy_(t[prefix + "mlp.down_proj.bias"])
 
 
 def rank_rows(tp: TensorParallel, num_heads: int, num_kv_heads: int, head_dim: int, intermediate: int

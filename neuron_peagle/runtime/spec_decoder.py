@@ -38,7 +38,7 @@ class SpecDecoder:
         self.step_ks = (num_draft_tokens,) + ((build.short_draft_tokens,) if build.short_draft_tokens else ())
         feature_size = 3 * target.config.hidden_size
         self.target = backend.prepare(target)
-        self.cache = backend.prepare(target.new_cache(build.batch_size))
+        self.cache = backend.prepare(target.new_cache(build.batch_size, step_tokens=num_draft_tokens + 1))
         self.state = backend.prepare(SpecState(build.batch_size, num_draft_tokens, feature_size,
                                                target.embed_tokens.weight.dtype))
         self.proposer = backend.prepare(proposer)
