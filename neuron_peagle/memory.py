@@ -33,15 +33,30 @@ def _layer_params(hidden_in: int, hidden: int, heads: int, kv_heads: int, head_d
     return attention + 3 * hidden * intermediate + 2 * hidden
 
 
+def _target_layer_params(model: ModelConfig) -> int:
+    """Every decoder layer's parameters; a mixture-of-experts layer holds all its experts and router."""
+    m = model
+    total = 0
+    for i in range(m.num_hidden_layers):
+        sparse = m.moe is not None and m.moe.sparse_layers[i]
+        total += _layer_params(m.hidden_size, m.hidden_size, m.num_attention_heads, m.num_key_value_heads,
+                               m.head_dim, 0 if sparse else m.intermediate_size)
+        if sparse:
+            total += m.moe.num_experts * (3 * m.hidden_size * m.moe.expert_intermediate_size + m.hidden_size)
+    return total
+
+
 def estimate(model: ModelConfig, build: BuildConfig, drafter: DrafterConfig | None = None,
              checkpoint_bytes: int = 0) -> MemoryEstimate:
     # The models are built in float32 and cast to the build's dtype once loaded: the peak is float32.
     itemsize = 4
-    params = 2 * model.vocab_size * model.hidden_size + model.hidden_size + model.num_hidden_layers * _layer_params(
-        model.hidden_size, model.hidden_size, model.num_attention_heads, model.num_key_value_heads, model.head_dim,
-        model.intermediate_size)
+    params = 2 * model.vocab_size * model.hidden_size + model.hidden_size + _target_layer_params(model)
     slots = build.batch_size * build.max_length
-    kv = 2 * model.num_hidden_layers * slots * model.num_key_value_heads * model.head_dim
+    # Sliding-window layers keep a ring of about the window's size (plus K), not max_length.
+    window = model.sliding_window or 0
+    layer_slots = sum(build.batch_size * min(build.max_length, window + 16) if sliding else slots
+                      for sliding in model.sliding_layers)
+    kv = 2 * layer_slots * model.num_key_value_heads * model.head_dim
     if drafter is not None:
         d = drafter
         params += (3 * d.target_hidden_size * d.hidden_size + d.draft_vocab_size * d.hidden_size

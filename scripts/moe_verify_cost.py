@@ -6,8 +6,8 @@
 A verify pass runs the last committed token and num_speculative_tokens (K) drafts, K+1 tokens, through
 the target at batch 1; K=0 is a plain decode step. Nothing here is measured. Bytes and FLOPs are counted
 from the model shapes below; a step's time is bytes / HBM bandwidth plus a fixed per-step overhead;
-tokens per step come from published acceptance lengths (see ACCEPTANCE). Prints the tables kept in
-BENCHMARKS.md ("MoE targets on paper"). Standard library only: it runs offline.
+tokens per step come from published acceptance lengths (see ACCEPTANCE). Prints the tables behind
+BENCHMARKS.md's "MoE targets on paper" section. Standard library only: it runs offline.
 """
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ class Trn2Example:
     fixed_ms: float = 19.0
     per_token_ms: float = 6.3
     base_tok_s: float = 52.0
-    sweep: tuple[tuple[int, float, float], ...] = (  # (K, acceptance length, decode tokens/s)
+    sweep: tuple[tuple[int, float, float], ...] = (  # (K, acceptance length, decode tokens/s; "~60" at K=3)
         (1, 1.94, 50.0), (2, 2.67, 52.6), (3, 3.31, 60.0), (4, 3.31, 49.5), (7, 4.33, 50.4))
     compared: tuple[int, int] = (3, 7)  # the K=3 vs K=7 comparison, also the two points the fit uses
 
