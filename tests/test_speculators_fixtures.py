@@ -155,7 +155,7 @@ REFUSALS = [
      "transformer_layer_config.layer_types"),
     ("use_sliding_window", lambda d: d["transformer_layer_config"].update(use_sliding_window=True),
      "transformer_layer_config.use_sliding_window"),
-    ("rope", lambda d: d["transformer_layer_config"].update(rope_parameters={"rope_type": "yarn", "factor": 2.0}),
+    ("rope", lambda d: d["transformer_layer_config"].update(rope_parameters={"rope_type": "longrope", "factor": 2.0}),
      "transformer_layer_config.rope_parameters"),
     ("unknown switch", lambda d: d.update(norm_after_everything=True), "norm_after_everything is set"),
     ("both fc norms", lambda d: d.update(norm_before_fc=True, fc_norm=True), "mutually exclusive"),

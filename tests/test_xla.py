@@ -87,3 +87,24 @@ def test_speculative_xla_tokens_equal_eager(tiny_llama_dir, mode):
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     got = [o.output_ids for o in xla.generate(SHORT + LONG, params)]
     assert got == [o.output_ids for o in eager.generate(SHORT + LONG, params)]
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe"])
+def test_moe_targets_on_xla_equal_eager_with_every_op_lowered(tmp_path, family):
+    """The trn1 path for the MoE targets: P-EAGLE graphs of a tiny gpt-oss (sinks, rings, grouped
+    experts) and Qwen3-MoE trace to XLA with no op left on the host, compile once per shape, and give
+    eager's tokens (a batch of 2 with a third prompt: the second batch reuses every graph)."""
+    import torch_xla.debug.metrics as metrics
+
+    from conftest import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model", family, tie=False, seed=5)
+    kwargs = dict(mode="parallel", num_speculative_tokens=3, batch_size=2, max_length=64, prefill_buckets=(16,))
+    xla = Engine.from_pretrained(model_dir, backend="xla", **kwargs)
+    start = xla.backend.compile_count()  # the backend counts for the whole process
+    prompts = [[5, 9, 13, 40], [7, 300, 11], [31, 32]]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    got = [o.output_ids for o in xla.generate(prompts, params)]
+    assert got == [o.output_ids for o in Engine.from_pretrained(model_dir, **kwargs).generate(prompts, params)]
+    assert xla.backend.compile_count() - start == 2  # prefill@16 and the step
+    assert metrics.executed_fallback_ops() == []
