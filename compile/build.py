@@ -1,7 +1,7 @@
 """`python -m compile.build` (console script `neuron-peagle-compile`): compile every graph an engine
 needs into an artifact directory that `Engine.from_compiled` loads.
 
-    python -m compile.build --out artifacts/ --backend inductor --batch-size 1 --buckets 128,512 -k 7
+    python -m compile.build --out artifacts/ --backend inductor --batch-size 1 --prefill-buckets 128,512 -k 7
 
 inductor / neuron (main environment; compile/compiled_build.py): torch.compile every planned graph
 with the compiler's cache pointed into `<out>/compile_cache`, then write PyTorch's portable cache
@@ -45,22 +45,23 @@ from pathlib import Path
 from tqdm import tqdm
 
 from compile import audit
-from compile.manifest import (COMPILE_CACHE_DIR, HLO_DIR, LOG_NAME, MANIFEST_NAME, NEURON_DIR, PORTABLE_CACHE_FILE,
+from neuron_peagle.runtime.manifest import (COMPILE_CACHE_DIR, HLO_DIR, LOG_NAME, MANIFEST_NAME, NEURON_DIR, PORTABLE_CACHE_FILE,
                               XLA_CACHE_DIR, GraphRecord, Manifest, TensorInfo, WeightsInfo, artifact_checksums,
                               fingerprint, installed_versions)
-from compile.plan import TARGETS, GraphSpec, neuron_compiler_args, plan_graphs, trace_hlo
+from neuron_peagle.runtime.graph_specs import TARGETS, GraphSpec, neuron_compiler_args, plan_graphs, trace_hlo
 from neuron_peagle.backends.xla import XlaBackend, initialize_persistent_cache
 from neuron_peagle.backends import BACKEND_HELP, COMPILE_BACKENDS
-from neuron_peagle.cli import add_speculation_options, speculation_options
+from neuron_peagle.cli import add_speculation_options, speculation_of
 from neuron_peagle.cli_args import Parser, buckets, run
 from neuron_peagle.config import BuildConfig, ModelConfig
 from neuron_peagle.default_model import require_default_model
 from neuron_peagle.errors import ArtifactError, ConfigError
 from neuron_peagle.files import atomic_write_text, temporary_of
 from neuron_peagle.parallel import TensorParallel
-from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter, resolve_speculation
+from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter
 from neuron_peagle.runtime.artifacts import engine_for_build
-from neuron_peagle.runtime.engine import MODES, Engine
+from neuron_peagle.runtime.engine import Engine
+from neuron_peagle.speculation import SpeculationConfig
 
 ARTIFACT_BACKENDS = ("inductor", "neuron", "xla", "nxd")
 
@@ -72,18 +73,13 @@ class BuildRequest:
     out_dir: Path
     backend: str = "inductor"  # one of ARTIFACT_BACKENDS
     build: BuildConfig = field(default_factory=BuildConfig)  # shapes; its backend field is ignored
-    mode: str = "parallel"
-    num_speculative_tokens: int = 7
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
     tp_degree: int = 1
     target: str = "trn1"
 
     def __post_init__(self) -> None:
         if self.backend not in ARTIFACT_BACKENDS:
             raise ConfigError(f"artifacts are built for backends {', '.join(ARTIFACT_BACKENDS)}, not {self.backend!r}")
-        if self.mode not in MODES:
-            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.mode != "plain" and self.num_speculative_tokens < 1:
-            raise ConfigError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if isinstance(self.tp_degree, bool) or not isinstance(self.tp_degree, int) or self.tp_degree < 1:
             raise ConfigError(f"tp_degree must be >= 1, got {self.tp_degree}")
         if self.tp_degree > 1:
@@ -103,9 +99,6 @@ class BuildRequest:
         TensorParallel(self.tp_degree).check(config.num_attention_heads, config.num_key_value_heads,
                                              config.intermediate_size)
 
-    @property
-    def num_draft_tokens(self) -> int:
-        return 0 if self.mode == "plain" else self.num_speculative_tokens
 
 
 @dataclass
@@ -239,8 +232,8 @@ def check_out_dir(out: Path) -> None:
 
 def engine_for(request: BuildRequest, backend: str) -> Engine:
     """The engine the request describes, loaded exactly as `Engine.from_pretrained` loads it."""
-    return engine_for_build(Engine, request.model_dir, request.drafter_dir, request.mode, request.num_draft_tokens,
-                            request.build, backend)
+    return engine_for_build(Engine, request.model_dir, request.drafter_dir, request.speculation, request.build,
+                            backend)
 
 
 def build_artifacts(request: BuildRequest) -> BuildReport:
@@ -330,8 +323,8 @@ def _build_traced(request: BuildRequest, started: float) -> BuildReport:
 
     manifest = Manifest(
         backend=request.backend, versions=versions,
-        build=dataclasses.replace(request.build, backend=request.backend), mode=request.mode,
-        num_speculative_tokens=request.num_draft_tokens, tp_degree=request.tp_degree, target=request.target,
+        build=dataclasses.replace(request.build, backend=request.backend), speculation=engine.speculation,
+        tp_degree=request.tp_degree, target=request.target,
         model=model, drafter=drafter, graphs=tuple(records),
         audit_notes=tuple(audit.notes({t.spec.name: t.audit.findings for t in traced})),
         neuron_checkpoint=neuron.checkpoint if neuron is not None else (),
@@ -350,7 +343,8 @@ def _build_traced(request: BuildRequest, started: float) -> BuildReport:
 
 def _build_compiled(request: BuildRequest, started: float) -> BuildReport:
     """inductor / neuron: torch.compile every graph into the artifact directory's compile cache."""
-    from compile.compiled_build import compile_graphs, use_artifact_cache
+    from compile.compiled_build import compile_graphs
+    from neuron_peagle.runtime.compiled_artifacts import use_artifact_cache
 
     out = request.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -366,7 +360,7 @@ def _build_compiled(request: BuildRequest, started: float) -> BuildReport:
     records, compiled = compile_graphs(engine, out, versions, [model, drafter], log)
     manifest = Manifest(
         backend=request.backend, versions=versions, build=dataclasses.replace(request.build, backend=request.backend),
-        mode=request.mode, num_speculative_tokens=request.num_draft_tokens, tp_degree=request.tp_degree,
+        speculation=engine.speculation, tp_degree=request.tp_degree,
         target=request.target, model=model, drafter=drafter, graphs=tuple(records), audit_notes=(),
         checksums=artifact_checksums(out, records))
     manifest.save(out)
@@ -391,11 +385,9 @@ def build_parser() -> Parser:
     parser.add_argument("--backend", default="inductor", choices=ARTIFACT_BACKENDS, metavar="NAME",
                         help="; ".join(f"{name}: {BACKEND_HELP[name]}" for name in ARTIFACT_BACKENDS)
                         + " (default: %(default)s)")
-    parser.add_argument("--mode", default="parallel", choices=MODES)
-    parser.add_argument("--num-speculative-tokens", "-k", type=int, default=7, help="K, drafts per step")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=1024, help="KV cache length (prompt + output)")
-    parser.add_argument("--buckets", type=buckets, default=(128, 512), help="prefill buckets, e.g. 128,512")
+    parser.add_argument("--prefill-buckets", type=buckets, default=(128, 512), help="prefill buckets, e.g. 128,512")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--kernels", default="auto", choices=("auto", "reference", "nki"),
                         help="draft-pass kernels: NKI custom calls or plain PyTorch (auto: nki on neuron)")
@@ -408,18 +400,15 @@ def build_parser() -> Parser:
 
 def request_from_args(args: argparse.Namespace) -> BuildRequest:
     model_dir = args.model if args.model is not None else require_default_model()
+    speculation = speculation_of(args)
     choice = None
-    if args.mode != "plain":
+    if not speculation.plain:
         choice = choose_drafter(model_dir, args.drafter, is_default_target=args.model is None)
-    options = speculation_options(args.mode, args.lookup_ngram, args.short_draft_tokens, args.datastore)
-    options["short_draft_tokens"], options["datastore"] = resolve_speculation(
-        options["lookup_ngram"], args.num_speculative_tokens, options["short_draft_tokens"], options["datastore"],
-        choice)
-    build = BuildConfig(batch_size=args.batch_size, max_length=args.max_length, prefill_buckets=args.buckets,
-                        dtype=args.dtype, backend=args.backend, kernels=args.kernels, **options)
+    build = BuildConfig(batch_size=args.batch_size, max_length=args.max_length, prefill_buckets=args.prefill_buckets,
+                        dtype=args.dtype, backend=args.backend, kernels=args.kernels)
     drafter_dir = choice.path if choice is not None else None
-    return BuildRequest(model_dir, drafter_dir, args.out, args.backend, build, args.mode, args.num_speculative_tokens,
-                        args.tp_degree, args.target)
+    return BuildRequest(model_dir, drafter_dir, args.out, args.backend, build,
+                        speculation.resolved(choice is not None and choice.has_datastore), args.tp_degree, args.target)
 
 
 def _build(args: argparse.Namespace, given: set[str]) -> int:

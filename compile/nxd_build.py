@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from compile.manifest import NEURON_DIR, NEURON_MODEL_FILE, TensorInfo, tensor_infos
-from compile.plan import GraphSpec, stand_in_state
+from neuron_peagle.runtime.manifest import NEURON_DIR, NEURON_MODEL_FILE, TensorInfo, tensor_infos
+from neuron_peagle.runtime.graph_specs import GraphSpec, stand_in_state
 from neuron_peagle.backends.nxd import compile_graph, require_sdk, save_model, trace_graph
 from neuron_peagle.backends.nxd_graphs import NxdBundle
 from neuron_peagle.backends.nxd_parallel import NxdTensorParallel

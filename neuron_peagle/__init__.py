@@ -14,7 +14,7 @@ import importlib
 
 _PUBLIC = {"Engine": "neuron_peagle.runtime.engine", "SamplingParams": "neuron_peagle.runtime.engine",
            "RequestOutput": "neuron_peagle.runtime.engine", "GenerationInterrupted": "neuron_peagle.runtime.engine",
-           "NeuronPeagleError": "neuron_peagle.errors"}
+           "SpeculationConfig": "neuron_peagle.speculation", "NeuronPeagleError": "neuron_peagle.errors"}
 __all__ = sorted(_PUBLIC)
 
 

@@ -19,10 +19,11 @@ from pathlib import Path
 from neuron_peagle import checks
 from neuron_peagle.backends import BACKEND_HELP, NEURON_BACKENDS
 from neuron_peagle.cli_args import EXIT_INTERRUPTED, Parser, buckets, run
-from neuron_peagle.config import (DEFAULT_BACKEND, DEFAULT_LOOKUP_NGRAM, DEFAULT_SHORT_DRAFT_TOKENS, KERNEL_MODES,
+from neuron_peagle.config import (DEFAULT_BACKEND, KERNEL_MODES,
                                   BuildConfig, ModelConfig)
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.prompt_files import STDIN, read_prompts_file
+from neuron_peagle.speculation import DEFAULT_SHORT_DRAFT_TOKENS, MODES, SpeculationConfig
 
 
 def build_parser() -> Parser:
@@ -55,9 +56,6 @@ def _add_engine_options(gen: argparse.ArgumentParser) -> None:
                      "(default: the embedded SmolLM2-135M-Instruct)")
     gen.add_argument("--drafter", type=Path, default=None, help="speculators-format P-EAGLE drafter "
                      "directory (default: the project's drafter for the default model)")
-    gen.add_argument("--mode", default="parallel", choices=("plain", "sequential", "parallel"),
-                     help="parallel = P-EAGLE (one drafter pass), sequential = EAGLE-style (K passes)")
-    gen.add_argument("--num-speculative-tokens", "-k", type=int, default=7, help="K, drafts per step")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -65,7 +63,7 @@ def _add_engine_options(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--batch-size", type=int, default=1)
     gen.add_argument("--max-length", type=int, default=1024, help="KV cache length (prompt + output)")
-    gen.add_argument("--buckets", type=buckets, default=(128, 512), help="prefill buckets, e.g. 128,512")
+    gen.add_argument("--prefill-buckets", type=buckets, default=(128, 512), help="prefill buckets, e.g. 128,512")
     gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     gen.add_argument("--backend", default=None, choices=tuple(BACKEND_HELP), metavar="NAME",
                      help="; ".join(f"{name}: {text}" for name, text in BACKEND_HELP.items())
@@ -83,9 +81,14 @@ def _add_engine_options(gen: argparse.ArgumentParser) -> None:
 
 
 def add_speculation_options(parser: argparse.ArgumentParser) -> None:
-    """`--lookup-ngram`, `--short-draft-tokens` and `--datastore`, shared by `neuron-peagle` and
+    """The fields of SpeculationConfig, with its defaults, shared by `neuron-peagle` and
     `python -m compile.build` (which bakes them into its step graphs)."""
-    parser.add_argument("--lookup-ngram", type=int, default=DEFAULT_LOOKUP_NGRAM, metavar="N",
+    default = SpeculationConfig()
+    parser.add_argument("--mode", default=default.mode, choices=MODES,
+                        help="parallel = P-EAGLE (one drafter pass), sequential = EAGLE-style (K passes)")
+    parser.add_argument("--num-speculative-tokens", "-k", type=int, default=default.num_speculative_tokens,
+                        help="K, drafts per step")
+    parser.add_argument("--lookup-ngram", type=int, default=default.lookup_ngram, metavar="N",
                         help="speculative modes: where the last N tokens (or failing that N-1, ... 2) occurred "
                              "earlier in the sequence, draft the tokens that followed them instead of the "
                              "drafter's (default %(default)s; 0: the drafter alone; plain mode: ignored)")
@@ -111,21 +114,19 @@ def _datastore_choice(value: str) -> bool | str:
     return choices[value]
 
 
-def speculation_options(mode: str, lookup_ngram: int, short_draft_tokens: int | None,
-                        datastore: bool | str = "auto") -> dict:
-    """The command lines' `--lookup-ngram`, `--short-draft-tokens` and `--datastore` as engine keyword
-    arguments. Plain decoding drafts nothing, so none applies there. An unset short K (None) and an
-    "auto" datastore are resolved where the drafter is known (runtime.drafter_choice.resolve_speculation);
-    a value given is passed on, and checked."""
-    if mode == "plain":
-        return {"lookup_ngram": 0, "short_draft_tokens": 0, "datastore": False}
-    return {"lookup_ngram": lookup_ngram, "short_draft_tokens": short_draft_tokens, "datastore": datastore}
+def speculation_of(args: argparse.Namespace) -> SpeculationConfig:
+    """The speculation options as a SpeculationConfig; in plain mode the drafting options do not apply."""
+    if args.mode == "plain":
+        return SpeculationConfig(mode="plain")
+    return SpeculationConfig(mode=args.mode, num_speculative_tokens=args.num_speculative_tokens,
+                             lookup_ngram=args.lookup_ngram, datastore=args.datastore,
+                             short_draft_tokens=args.short_draft_tokens)
 
 
 # generate option -> the ArtifactRequest field it is checked against when running from artifacts
 ARTIFACT_OPTIONS = {"model": "model_dir", "drafter": "drafter_dir", "backend": "backend", "mode": "mode",
                     "num_speculative_tokens": "num_speculative_tokens", "batch_size": "batch_size",
-                    "max_length": "max_length", "buckets": "prefill_buckets", "dtype": "dtype", "kernels": "kernels",
+                    "max_length": "max_length", "prefill_buckets": "prefill_buckets", "dtype": "dtype", "kernels": "kernels",
                     "lookup_ngram": "lookup_ngram", "short_draft_tokens": "short_draft_tokens",
                     "datastore": "datastore"}
 
@@ -173,7 +174,7 @@ def _limits(args: argparse.Namespace, given: set[str]) -> tuple[Path, BuildConfi
     from neuron_peagle.default_model import require_default_model
 
     if args.artifacts is not None:
-        from compile.manifest import Manifest
+        from neuron_peagle.runtime.manifest import Manifest
         from neuron_peagle.runtime.artifacts import ArtifactRequest, check_request
 
         manifest = Manifest.load(args.artifacts)
@@ -181,13 +182,11 @@ def _limits(args: argparse.Namespace, given: set[str]) -> tuple[Path, BuildConfi
         model_dir = args.model if args.model is not None else Path(manifest.model.path)
         return model_dir, manifest.build, manifest.num_speculative_tokens
     checks.integer("tp_degree", args.tp_degree, minimum=1)
-    if args.mode != "plain":
-        checks.integer("num_speculative_tokens", args.num_speculative_tokens, minimum=1)
-    build = BuildConfig(batch_size=args.batch_size, max_length=args.max_length, prefill_buckets=args.buckets,
-                        dtype=args.dtype, backend=backend_of(args), kernels=args.kernels,
-                        lookup_ngram=max(args.lookup_ngram, 0))
+    speculation = speculation_of(args)
+    build = BuildConfig(batch_size=args.batch_size, max_length=args.max_length, prefill_buckets=args.prefill_buckets,
+                        dtype=args.dtype, backend=backend_of(args), kernels=args.kernels)
     model_dir = args.model if args.model is not None else require_default_model()
-    return model_dir, build, 0 if args.mode == "plain" else args.num_speculative_tokens
+    return model_dir, build, 0 if speculation.plain else speculation.num_speculative_tokens
 
 
 def _encode_checked(args: argparse.Namespace, given: set[str], prompts: list[str], params) -> list[list[int]]:
@@ -211,12 +210,9 @@ def _load_engine(args: argparse.Namespace, given: set[str]):
 
     if args.artifacts is not None:
         return Engine.from_compiled(args.artifacts, **_artifact_request(args, given))
-    return Engine.from_pretrained(args.model, args.drafter, mode=args.mode,
-                                  num_speculative_tokens=args.num_speculative_tokens, batch_size=args.batch_size,
-                                  max_length=args.max_length, prefill_buckets=args.buckets, dtype=args.dtype,
-                                  backend=backend_of(args), kernels=args.kernels, tp_degree=args.tp_degree,
-                                  **speculation_options(args.mode, args.lookup_ngram, args.short_draft_tokens,
-                                                        args.datastore))
+    return Engine.from_pretrained(args.model, args.drafter, speculation_of(args), batch_size=args.batch_size,
+                                  max_length=args.max_length, prefill_buckets=args.prefill_buckets, dtype=args.dtype,
+                                  backend=backend_of(args), kernels=args.kernels, tp_degree=args.tp_degree)
 
 
 def _engine_and_prompts(args: argparse.Namespace, given: set[str], quiet: bool):
@@ -246,14 +242,7 @@ def _describe(engine) -> str:
     backend = f"backend {engine.build.backend}, {engine.build.dtype}"
     if engine.drafter is None:
         return f"plain decoding; {backend}"
-    build = engine.build
-    lookup = f", context lookup of up to {build.lookup_ngram}-grams" if build.lookup_ngram else ""
-    if build.short_draft_tokens:
-        lookup += f", K={build.short_draft_tokens} where it finds nothing"
-    if build.datastore:
-        lookup += ", n-gram datastore"
-    return (f"{engine.mode} speculative decoding, K={engine.num_speculative_tokens}, {engine.drafter.describe()}"
-            f"{lookup}; {backend}")
+    return f"{engine.speculation.describe()}, {engine.drafter.describe()}; {backend}"
 
 
 def profile(args: argparse.Namespace, given: set[str]) -> int:
@@ -294,12 +283,11 @@ class _Records:
             return json.dumps({
                 "prompt_number": number, "prompt": self.prompts[index], "prompt_ids": out.prompt_ids,
                 "output_ids": out.output_ids, "text": out.text, "model_dir": str(engine.model_dir),
-                "backend": build.backend, "mode": engine.mode, "lookup_ngram": build.lookup_ngram,
-                "short_draft_tokens": build.short_draft_tokens, "datastore": build.datastore,
+                "backend": build.backend, **engine.speculation.to_dict(),
                 "drafter": engine.drafter.describe() if engine.drafter is not None else None,
                 **out.stats.to_dict()})
         stats = out.stats
-        accept = f", acceptance length {stats.acceptance_length:.2f}" if stats.num_draft_tokens else ""
+        accept = f", acceptance length {stats.acceptance_length:.2f}" if stats.num_speculative_tokens else ""
         which = f"prompt {number} of {len(self.prompts)}: " if len(self.prompts) > 1 else ""
         return (f"{out.text}\n[{which}{stats.num_new_tokens} tokens, {stats.tokens_per_s:.1f} tokens/s decode"
                 f"{accept}, {engine.build.backend}, finish: {stats.finish_reason}]")

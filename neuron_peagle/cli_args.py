@@ -15,7 +15,7 @@ from neuron_peagle.errors import NeuronPeagleError, UsageError
 EXIT_REFUSED = 2
 EXIT_INTERRUPTED = 130
 # Library fields whose option has another name.
-FIELD_ALIASES = {"prefill_buckets": "buckets", "model_dir": "model", "drafter_dir": "drafter"}
+FIELD_ALIASES = {"model_dir": "model", "drafter_dir": "drafter"}
 
 
 class Parser(argparse.ArgumentParser):

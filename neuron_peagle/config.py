@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -308,24 +308,6 @@ def _generation_eos_ids(path: Path) -> tuple[int, ...]:
         raise ConfigError(f"{path}: not a valid generation config ({err})") from None
 
 
-# The command line's context-lookup n-gram: on held-out prompts, 5 backing off to 2 accepted the most
-# (BENCHMARKS.md, round 10).
-DEFAULT_LOOKUP_NGRAM = 5
-# The command line's adaptive K: steps whose context lookup found nothing to copy draft this many
-# tokens instead of K (BENCHMARKS.md, round 11).
-DEFAULT_SHORT_DRAFT_TOKENS = 3
-
-
-def default_short_draft_tokens(lookup_ngram: int, num_draft_tokens: int, datastore: bool) -> int:
-    """The adaptive K an unset `short_draft_tokens` means: DEFAULT_SHORT_DRAFT_TOKENS where lookup is
-    on, K is longer and there is no n-gram datastore; 0 (every step drafts K) elsewhere. With the
-    datastore, the drafts after the first are often a set phrase of the target's, so all K pay off in
-    steps without a copy too (BENCHMARKS.md, round 12: fixed K=7 was the faster on every domain)."""
-    if lookup_ngram and num_draft_tokens > DEFAULT_SHORT_DRAFT_TOKENS and not datastore:
-        return DEFAULT_SHORT_DRAFT_TOKENS
-    return 0
-
-
 def resolve_kernels(kernels: str, backend: str) -> str:
     """The draft-pass kernels "auto" means on `backend`: NKI on the Neuron backends, plain PyTorch elsewhere."""
     if kernels == "auto":
@@ -335,7 +317,8 @@ def resolve_kernels(kernels: str, backend: str) -> str:
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """Every shape the traced graphs are built for."""
+    """Every shape the traced graphs are built for, and how they run (dtype, backend, kernels). How an
+    engine speculates is neuron_peagle.speculation.SpeculationConfig."""
 
     batch_size: int = 1
     max_length: int = 1024
@@ -345,17 +328,6 @@ class BuildConfig:
     # Which implementation of the fused draft-pass kernels the graphs call (neuron_peagle.kernels):
     # "auto" resolves to "nki" on the Neuron backends (neuron, nxd) and "reference" (plain PyTorch) elsewhere.
     kernels: str = "auto"
-    # Speculative modes: longest n-gram of context lookup (neuron_peagle.graphs.lookup), whose copied
-    # drafts replace the drafter's where the last n tokens (or n-1, ... 2) occurred before; 0 = drafter
-    # only. The API's default is the method alone; the command line's is DEFAULT_LOOKUP_NGRAM.
-    lookup_ngram: int = 0
-    # Adaptive K (speculative modes with context lookup): a step whose lookup found nothing to copy
-    # drafts only this many tokens instead of K, through a second step graph; 0 = every step drafts K.
-    short_draft_tokens: int = 0
-    # With context lookup: where neither the sequence nor its lookup after the first draft knows what
-    # follows, drafts 2..K come from the drafter directory's n-gram datastore of the target's answers
-    # (neuron_peagle.graphs.datastore), when it has one.
-    datastore: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.prefill_buckets, (str, bytes)) or not isinstance(self.prefill_buckets, Sequence):
@@ -366,10 +338,6 @@ class BuildConfig:
         object.__setattr__(self, "kernels", resolve_kernels(self.kernels, self.backend))
         checks.integer("batch_size", self.batch_size, minimum=1)
         checks.integer("max_length", self.max_length, minimum=2)
-        checks.integer("lookup_ngram", self.lookup_ngram, minimum=0)
-        checks.integer("short_draft_tokens", self.short_draft_tokens, minimum=0)
-        if not isinstance(self.datastore, bool):
-            raise ConfigError(f"datastore must be True or False, got {self.datastore!r}")
         if not buckets:
             raise ConfigError("prefill_buckets must name at least one bucket")
         if list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
@@ -382,12 +350,6 @@ class BuildConfig:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.kernels not in KERNEL_MODES:
             raise ConfigError(f"kernels must be 'auto' or one of {KERNEL_MODES}, got {self.kernels!r}")
-        if self.short_draft_tokens and not self.lookup_ngram:
-            raise ConfigError("short_draft_tokens (adaptive K) needs context lookup: it picks K by whether the "
-                              "lookup found a copy; set lookup_ngram too")
-        if self.datastore and not self.lookup_ngram:
-            raise ConfigError("datastore needs context lookup (its continuations are drafted by the lookup); "
-                              "set lookup_ngram too")
         if self.kernels == "interpreter" and self.backend != "eager":
             raise ConfigError("kernels='interpreter' runs the kernel source on CPU tensors: only with backend 'eager'")
 

@@ -108,7 +108,7 @@ def summarize(records: Sequence[StepRecord]) -> dict:
         # Inside the graph (eager only), and the host's share: the step's wall time less its parts.
         "part_ms_mean": ({**{n: 1000 * t / len(records) for n, t in parts.items()},
                           "host": 1000 * (wall - sum(parts.values())) / len(records)} if timed else {}),
-        "steps_per_k": {str(k): n for k, n in sorted(Counter(r.num_draft_tokens for r in records).items())},
+        "steps_per_k": {str(k): n for k, n in sorted(Counter(r.num_speculative_tokens for r in records).items())},
     }
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from neuron_peagle.config import DEFAULT_LOOKUP_NGRAM, DEFAULT_SHORT_DRAFT_TOKENS
+from neuron_peagle.speculation import DEFAULT_LOOKUP_NGRAM, DEFAULT_SHORT_DRAFT_TOKENS, SpeculationConfig
 
 
 def parse_args() -> argparse.Namespace:
@@ -51,7 +51,7 @@ def parse_args() -> argparse.Namespace:
                              "their K from --ks is the long one (Ks at or below the short K are skipped)")
     parser.add_argument("--batch-sizes", default="1")
     parser.add_argument("--backends", default="eager", help="comma-separated backends (eager, inductor)")
-    parser.add_argument("--buckets", default="128,512", help="prefill buckets; longer prompts are left out")
+    parser.add_argument("--prefill-buckets", default="128,512", help="prefill buckets; longer prompts are left out")
     parser.add_argument("--repeats", type=int, default=1,
                         help="times every engine decodes every prompt group (median time per group)")
     parser.add_argument("--max-length", type=int, default=768)
@@ -98,7 +98,7 @@ def run_interleaved(engines: dict[str, object], prompt_ids: list[list[int]], new
     for name in names:
         stats = [o.stats for group in outputs[name] for o in group]
         steps = max(1, sum(s.num_steps for s in stats))
-        k = stats[0].num_draft_tokens
+        k = stats[0].num_speculative_tokens
         summaries[name] = {
             "outputs": [o.output_ids for group in outputs[name] for o in group],
             "group_time": group_time[name],
@@ -184,7 +184,7 @@ def agreement(outputs: list[list[int]], reference: list[list[int]]) -> dict:
 
 
 def split_mode(mode: str, lookup_ngram: int, short_k: int) -> tuple[str, dict]:
-    """mode -> (drafting mode, engine options): 'parallel' -> ('parallel', drafter alone); '+lookup' adds
+    """mode -> (drafting mode, SpeculationConfig fields): 'parallel' -> ('parallel', drafter alone); '+lookup' adds
     context lookup, '+adaptive' lookup and adaptive K, '+datastore' lookup and the drafter's n-gram
     datastore (suffixes combine: 'parallel+adaptive+datastore')."""
     base, *extras = mode.split("+")
@@ -207,7 +207,7 @@ def main() -> None:
     ks = [int(k) for k in args.ks.split(",")]
     modes = args.modes.split(",")
     rows = []
-    buckets = tuple(int(b) for b in args.buckets.split(","))
+    buckets = tuple(int(b) for b in args.prefill_buckets.split(","))
     common = dict(max_length=args.max_length, prefill_buckets=buckets, dtype=args.dtype)
     backends = args.backends.split(",")
     configs = [(mode, k) for mode in modes for k in ks
@@ -216,15 +216,15 @@ def main() -> None:
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         engines, compile_s = {}, {}
         for backend in backends:
-            engines[f"{backend} plain"] = Engine.from_pretrained(args.model, mode="plain", batch_size=batch_size,
-                                                                 backend=backend, **common)
+            engines[f"{backend} plain"] = Engine.from_pretrained(args.model, None, SpeculationConfig(mode="plain"),
+                                                                 batch_size=batch_size, backend=backend, **common)
             for mode, k in configs:
                 base_mode, options = split_mode(mode, args.lookup_ngram, args.short_k)
                 drafter = (args.sequential_drafter if base_mode == "sequential" and args.sequential_drafter
                            else args.drafter)
+                speculation = SpeculationConfig(mode=base_mode, num_speculative_tokens=k, **options)
                 engines[f"{backend} {mode} K={k}"] = Engine.from_pretrained(
-                    args.model, drafter, mode=base_mode, num_speculative_tokens=k, batch_size=batch_size,
-                    backend=backend, **options, **common)
+                    args.model, drafter, speculation, batch_size=batch_size, backend=backend, **common)
         for name, engine in engines.items():
             start = time.perf_counter()
             engine.warm(greedy=True)

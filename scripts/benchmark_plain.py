@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from neuron_peagle.models.layers import Linear, RMSNorm
 from neuron_peagle.runtime.engine import Engine, SamplingParams
+from neuron_peagle.speculation import SpeculationConfig
 
 PROMPTS = (
     "Explain to a ten-year-old why the sky is blue during the day and red at sunset.",
@@ -429,8 +430,9 @@ def main() -> None:
     n = args.max_new_tokens
     params = SamplingParams(max_new_tokens=n, ignore_eos=True)
 
-    engines = {b: Engine.from_pretrained(mode="plain", batch_size=b, max_length=args.max_length,
-                                         dtype="float32", backend="eager") for b in batch_sizes}
+    engines = {b: Engine.from_pretrained(speculation=SpeculationConfig(mode="plain"), batch_size=b,
+                                         max_length=args.max_length, dtype="float32", backend="eager")
+               for b in batch_sizes}
     clocks = {b: LoopClock(e.decoder) for b, e in engines.items()}
     prompt_ids = [engines[1].encode(p) for p in PROMPTS]
 

@@ -42,13 +42,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--buckets", default="128")
+    parser.add_argument("--prefill-buckets", default="128")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     artifacts = args.out / "artifacts"
     if artifacts.exists():
         raise SystemExit(f"{artifacts} exists: give an --out that holds no artifacts, so the build is cold")
-    shapes = ["--dtype", args.dtype, "--buckets", args.buckets]
+    shapes = ["--dtype", args.dtype, "--prefill-buckets", args.prefill_buckets]
     generate = [sys.executable, "-m", "neuron_peagle.cli", "generate", PROMPT, "--max-new-tokens",
                 str(args.max_new_tokens)]
     rows = []

@@ -1,6 +1,6 @@
 """On paper: HBM bytes, FLOPs and lower-bound times of the draft-pass kernels, fused and unfused.
 
-    python -m scripts.kernel_roofline [--num-draft-tokens 7] [--batch-size 1]
+    python -m scripts.kernel_roofline [--num-speculative-tokens 7] [--batch-size 1]
 
 Prints the markdown kept in BENCHMARKS.md ("NKI kernels on paper"). Shapes come from the shipped
 drafter's config (the default model) and from Llama-3.1-8B's public config; bf16 weights and
@@ -118,10 +118,10 @@ def markdown(models: list[ModelShape], k: int, batch: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-draft-tokens", type=int, default=7)
+    parser.add_argument("--num-speculative-tokens", type=int, default=7)
     parser.add_argument("--batch-size", type=int, default=1)
     args = parser.parse_args()
-    print(markdown([default_model(), LLAMA_8B], args.num_draft_tokens, args.batch_size))
+    print(markdown([default_model(), LLAMA_8B], args.num_speculative_tokens, args.batch_size))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from neuron_peagle.speculation import SpeculationConfig
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -76,7 +78,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in args.dtypes.split(","):
             common = dict(max_length=args.max_length, prefill_buckets=(128,), dtype=dtype)
-            plain = measure(Engine.from_pretrained(mode="plain", **common), args.steps, args.repeats)
+            plain = measure(Engine.from_pretrained(speculation=SpeculationConfig(mode="plain"), **common), args.steps,
+                            args.repeats)
             rows.append({"dtype": dtype, "mode": "plain", "k": 0, "layers": 0, "draft_vocab": 0, **plain})
             print(f"{dtype} plain: {plain['step_ms']:.1f} ms/step", flush=True)
             for layers in [int(x) for x in args.layers.split(",")]:
@@ -84,8 +87,9 @@ def main() -> None:
                     drafter = random_drafter_dir(Path(tmp), layers, vocab)
                     for mode in ("parallel", "sequential"):
                         for k in [int(x) for x in args.ks.split(",")]:
-                            engine = Engine.from_pretrained(None, drafter, mode=mode, num_speculative_tokens=k,
-                                                            **common)
+                            speculation = SpeculationConfig(mode=mode, num_speculative_tokens=k, lookup_ngram=0,
+                                                            datastore=False, short_draft_tokens=0)
+                            engine = Engine.from_pretrained(None, drafter, speculation, **common)
                             result = measure(engine, args.steps, args.repeats)
                             row = {"dtype": dtype, "mode": mode, "k": k, "layers": layers, "draft_vocab": vocab,
                                    **result, "break_even_al": result["step_ms"] / plain["step_ms"]}

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from neuron_peagle.default_model import cache_root
+from neuron_peagle.speculation import SpeculationConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ARCHIVE_DIR = Path(__file__).resolve().parents[1] / "training_data"
@@ -111,8 +112,8 @@ def main() -> None:
                 group.append(prompt)
         chosen = round_robin(list(by_source.values())) if args.interleave else [
             p for group in by_source.values() for p in group]
-        engine = Engine.from_pretrained(args.model, mode="plain", batch_size=args.batch_size, max_length=512,
-                                        prefill_buckets=(64, 128, 256), dtype=args.generation_dtype)
+        engine = Engine.from_pretrained(args.model, None, SpeculationConfig(mode="plain"), batch_size=args.batch_size,
+                                        max_length=512, prefill_buckets=(64, 128, 256), dtype=args.generation_dtype)
         try:
             generate_responses(engine, chosen, responses, args.max_new_tokens, args.sample, args.temperature,
                                args.top_p)
@@ -190,7 +191,8 @@ def evaluate(args: argparse.Namespace, model_dir: Path, work: Path) -> None:
                                                   heldout_accuracy)
 
     def make_engine() -> Engine:
-        return Engine.from_pretrained(args.model, mode="plain", batch_size=8, max_length=768, dtype="bfloat16")
+        return Engine.from_pretrained(args.model, None, SpeculationConfig(mode="plain"), batch_size=8, max_length=768,
+                                      dtype="bfloat16")
 
     target = TargetModel.from_pretrained(model_dir, 768)
     heldout = build_heldout(make_engine, target, work / HELDOUT_DIR, {"code": 16, "math": 8, "chat": 8}, 96)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from neuron_peagle.graphs.proposers import TableProposer
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.runtime.engine import Engine
 from neuron_peagle.runtime.spec_decoder import SpecDecoder
+from neuron_peagle.speculation import SpeculationConfig
 from neuron_peagle.tokenizer import load_tokenizer
 
 
@@ -21,7 +23,8 @@ def table_engine(model_dir: Path, k: int, batch_size: int, max_length: int = 256
     target = TargetModel.from_pretrained(model_dir, max_length)
     proposer = TableProposer(batch_size, max_length)
     decoder = SpecDecoder(target, proposer, build, get_backend(backend), k)
-    return Engine(Path(model_dir), target, load_tokenizer(model_dir), build, decoder, "parallel", k)
+    speculation = SpeculationConfig(num_speculative_tokens=k, **DRAFTER_ALONE)
+    return Engine(Path(model_dir), target, load_tokenizer(model_dir), build, decoder, speculation)
 
 
 def fill_table(engine: Engine, prompts: list[list[int]], continuations: list[list[int]],
@@ -44,3 +47,16 @@ def record_ks(engine: Engine) -> list[int]:
     next_k = engine.decoder.next_k
     engine.decoder.next_k = lambda: used.append(next_k()) or used[-1]
     return used
+
+
+SPECULATION_FIELDS = {f.name for f in dataclasses.fields(SpeculationConfig)}
+# What these tests were written against: the drafter alone (no context lookup, no datastore, every step K).
+DRAFTER_ALONE = {"lookup_ngram": 0, "datastore": False, "short_draft_tokens": 0}
+
+
+def make_engine(model_dir=None, drafter_dir=None, **options) -> Engine:
+    """`Engine.from_pretrained` with the speculation settings given flat, the tests' shorthand: the
+    SpeculationConfig fields among `options` (unset ones: DRAFTER_ALONE, K and mode at their defaults)
+    go into `speculation`, the rest are the build's."""
+    fields = {name: options.pop(name) for name in list(options) if name in SPECULATION_FIELDS}
+    return Engine.from_pretrained(model_dir, drafter_dir, SpeculationConfig(**{**DRAFTER_ALONE, **fields}), **options)

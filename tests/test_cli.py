@@ -7,8 +7,9 @@ import json
 import pytest
 
 from neuron_peagle.cli import main
+from spec_helpers import make_engine
 
-TINY_ARGS = ["--max-length", "64", "--buckets", "16,32", "--max-new-tokens", "5", "--backend", "eager"]
+TINY_ARGS = ["--max-length", "64", "--prefill-buckets", "16,32", "--max-new-tokens", "5", "--backend", "eager"]
 
 
 def test_generate_json_lines_from_a_prompts_file(tmp_path, tiny_llama_dir, capsys):
@@ -27,11 +28,11 @@ def test_generate_json_lines_from_a_prompts_file(tmp_path, tiny_llama_dir, capsy
 
 
 def test_cli_tokens_equal_api_tokens(tiny_llama_dir, capsys):
-    from neuron_peagle.runtime.engine import Engine, SamplingParams
+    from neuron_peagle.runtime.engine import SamplingParams
 
     main(["generate", "hello there", "--model", str(tiny_llama_dir), "--json", *TINY_ARGS])
     record = json.loads(capsys.readouterr().out)
-    engine = Engine.from_pretrained(tiny_llama_dir, max_length=64, prefill_buckets=(16, 32))
+    engine = make_engine(tiny_llama_dir, max_length=64, prefill_buckets=(16, 32))
     expected = engine.generate(["hello there"], SamplingParams(max_new_tokens=5))[0]
     assert record["output_ids"] == expected.output_ids
     assert record["prompt_ids"] == expected.prompt_ids
@@ -58,7 +59,7 @@ def test_missing_model_dir_is_a_clear_error(tmp_path, capsys):
 
 
 def test_context_lookup_is_on_by_default_in_speculative_modes_and_off_in_plain(tiny_llama_dir, capsys):
-    from neuron_peagle.config import DEFAULT_LOOKUP_NGRAM
+    from neuron_peagle.speculation import DEFAULT_LOOKUP_NGRAM
 
     records = {}
     for mode in ("parallel", "plain"):
@@ -75,7 +76,7 @@ def test_context_lookup_is_on_by_default_in_speculative_modes_and_off_in_plain(t
 
 
 def test_adaptive_k_is_on_by_default_where_lookup_is_and_k_is_longer(tiny_llama_dir, capsys):
-    from neuron_peagle.config import DEFAULT_SHORT_DRAFT_TOKENS
+    from neuron_peagle.speculation import DEFAULT_SHORT_DRAFT_TOKENS
 
     def short_k(*args: str) -> int:
         assert main(["generate", "hello there", "--model", str(tiny_llama_dir), "--json", *args, *TINY_ARGS]) == 0

@@ -25,16 +25,18 @@ import torch
 
 from compile import audit
 from compile.build import BuildRequest, build_artifacts, main as build_main
-from compile.manifest import LOG_NAME, MANIFEST_NAME, Manifest, WeightsInfo
-from compile.plan import NEURON_COMPILER_FLAGS, neuron_compiler_args, plan_graphs
+from neuron_peagle.runtime.manifest import LOG_NAME, MANIFEST_NAME, Manifest, WeightsInfo
+from neuron_peagle.runtime.graph_specs import NEURON_COMPILER_FLAGS, neuron_compiler_args, plan_graphs
 from neuron_peagle.backends.nxd import INSTALL_HINT
 from neuron_peagle.cli import main as cli_main
 from neuron_peagle.config import BuildConfig
 from neuron_peagle.errors import ArtifactError, BackendUnavailableError, ConfigError
 from neuron_peagle.runtime.engine import Engine, SamplingParams
-from spec_helpers import record_ks
+from neuron_peagle.speculation import SpeculationConfig
+from spec_helpers import DRAFTER_ALONE, make_engine, record_ks
 
 REPO = Path(__file__).resolve().parent.parent
+PLAIN = SpeculationConfig(mode="plain")
 SHAPES = dict(mode="parallel", num_speculative_tokens=3, batch_size=2, max_length=96, prefill_buckets=(16, 32),
               lookup_ngram=3, short_draft_tokens=2)
 BUILD_ARGS = ["--mode", "parallel", "-k", "3", "--batch-size", "2", "--max-length", "96", "--lookup-ngram", "3",
@@ -49,7 +51,7 @@ LONG = [list(range(20, 45)), list(range(50, 80))]  # bucket 32
 def run_build(model_dir: Path, out: Path, buckets: str = "16,32") -> dict:
     """Build in a fresh process; returns the build's summary record from the compile log."""
     cmd = [sys.executable, "-m", "compile.build", "--backend", "xla", "--model", str(model_dir), "--out", str(out),
-           *BUILD_ARGS, "--buckets", buckets]
+           *BUILD_ARGS, "--prefill-buckets", buckets]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900,
                             env={**os.environ, "PJRT_DEVICE": "CPU"})
     assert result.returncode == 0, result.stderr[-4000:]
@@ -143,7 +145,7 @@ def test_tensor_parallel_and_unknown_target_are_clear_errors(tiny_llama_dir, tmp
 def test_from_compiled_generates_the_eager_tokens_and_compiles_nothing(compiled_engine, tiny_llama_dir):
     engine = compiled_engine
     assert set(engine.artifacts.graphs) == GRAPHS
-    eager = Engine.from_pretrained(tiny_llama_dir, **SHAPES)
+    eager = make_engine(tiny_llama_dir, **SHAPES)
     greedy = SamplingParams(max_new_tokens=24, ignore_eos=True)
     sampled = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.95, seed=3, ignore_eos=True)
     start = engine.backend.compile_count()
@@ -160,7 +162,7 @@ def test_cli_generate_from_artifacts_equals_the_eager_cli(built, compiled_engine
     common = ["generate", "hello there", "--max-new-tokens", "8", "--json"]
     assert cli_main([*common, "--artifacts", str(built)]) == 0
     compiled = json.loads(capsys.readouterr().out)
-    assert cli_main([*common, "--model", str(tiny_llama_dir), *BUILD_ARGS, "--buckets", "16,32",
+    assert cli_main([*common, "--model", str(tiny_llama_dir), *BUILD_ARGS, "--prefill-buckets", "16,32",
                      "--backend", "eager"]) == 0
     eager = json.loads(capsys.readouterr().out)
     assert compiled["output_ids"] == eager["output_ids"] and compiled["prompt_ids"] == eager["prompt_ids"]
@@ -224,7 +226,7 @@ def test_declared_state_is_every_buffer_a_graph_updates(tiny_llama_dir, mode):
     """On a device only declared state is aliased and kept: a buffer updated but not declared
     would silently lose its update there. Checked by running each graph eagerly."""
     speculative = {key: SHAPES[key] if mode != "plain" else 0 for key in ("lookup_ngram", "short_draft_tokens")}
-    engine = Engine.from_pretrained(tiny_llama_dir, **{**SHAPES, "mode": mode, **speculative})
+    engine = make_engine(tiny_llama_dir, **{**SHAPES, "mode": mode, **speculative})
     specs = plan_graphs(engine.decoder, neuron_compiler_args("trn2"))
     prefix = "spec_" if mode != "plain" else ""
     steps = ("spec_step", "spec_step_k2") if mode != "plain" else ("decode",)
@@ -301,7 +303,7 @@ def test_audit_flags_vocabulary_argmax_and_sort_but_not_softmax():
 def test_nxd_without_the_sdk_says_what_to_install(built, tiny_llama_dir, tmp_path):
     request = BuildRequest(tiny_llama_dir, None, tmp_path / "out", backend="nxd",
                            build=BuildConfig(batch_size=2, max_length=96, prefill_buckets=(16, 32)),
-                           num_speculative_tokens=3)
+                           speculation=SpeculationConfig(num_speculative_tokens=3, **DRAFTER_ALONE))
     with pytest.raises(BackendUnavailableError) as err:
         build_artifacts(request)
     assert str(err.value) == INSTALL_HINT
@@ -315,11 +317,11 @@ def test_nxd_without_the_sdk_says_what_to_install(built, tiny_llama_dir, tmp_pat
 def test_nxd_loader_checks_the_plan_interfaces_and_weight_dict(built, tiny_llama_dir):
     """Before any SDK call, an nxd load checks what its NxDModel relies on and the process provides.
     An nxd manifest is the xla one plus the weight dict's layout, so the xla build stands in for it."""
-    from compile.manifest import tensor_infos
+    from neuron_peagle.runtime.manifest import tensor_infos
     from neuron_peagle.backends.nxd_graphs import NxdBundle
     from neuron_peagle.runtime.artifacts import check_nxd_plan
 
-    engine = Engine.from_pretrained(tiny_llama_dir, **SHAPES)
+    engine = make_engine(tiny_llama_dir, **SHAPES)
     specs = plan_graphs(engine.decoder, neuron_compiler_args("trn1"))
     checkpoint = NxdBundle.of(specs).checkpoint
     manifest = dataclasses.replace(Manifest.load(built), backend="nxd", neuron_checkpoint=tensor_infos(checkpoint))
@@ -358,7 +360,7 @@ def test_nxd_artifacts_generate_the_eager_tokens(tiny_llama_dir, tmp_path):
     from neuron_peagle.runtime.artifacts import ON_NEURON
 
     cmd = [sys.executable, "-m", "compile.build", "--backend", "nxd", "--model", str(tiny_llama_dir),
-           "--out", str(tmp_path), *BUILD_ARGS, "--buckets", "16,32", "--target", "trn1"]
+           "--out", str(tmp_path), *BUILD_ARGS, "--prefill-buckets", "16,32", "--target", "trn1"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=7200)
     assert result.returncode == 0, result.stderr[-4000:]
     manifest = Manifest.load(tmp_path)
@@ -372,7 +374,7 @@ def test_nxd_artifacts_generate_the_eager_tokens(tiny_llama_dir, tmp_path):
 
     engine = Engine.from_compiled(tmp_path)
     assert engine.artifacts.graphs == {name: ON_NEURON for name in GRAPHS}
-    eager = Engine.from_pretrained(tiny_llama_dir, **SHAPES)
+    eager = make_engine(tiny_llama_dir, **SHAPES)
     greedy = SamplingParams(max_new_tokens=24, ignore_eos=True)
     got = [o.output_ids for o in engine.generate(SHORT + LONG, greedy)]
     assert got == [o.output_ids for o in eager.generate(SHORT + LONG, greedy)]
@@ -407,7 +409,7 @@ def test_default_model_artifacts_generate_the_eager_tokens(default_model_dir, tm
     out = tmp_path / "default"
     # One bucket and one step graph (no adaptive K): the tiny model's build above covers several of each.
     cmd = [sys.executable, "-m", "compile.build", "--backend", "xla", "--out", str(out), "--mode", "parallel",
-           "-k", "5", "--batch-size", "2", "--max-length", "160", "--buckets", "64", "--short-draft-tokens", "0"]
+           "-k", "5", "--batch-size", "2", "--max-length", "160", "--prefill-buckets", "64", "--short-draft-tokens", "0"]
     env = {**os.environ, "PJRT_DEVICE": "CPU"}
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=1200, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -418,7 +420,7 @@ def test_default_model_artifacts_generate_the_eager_tokens(default_model_dir, tm
     for graph in manifest.graphs:
         assert (out / graph.hlo_file).read_text().startswith("HloModule") and graph.audit["passed"]
 
-    eager = Engine.from_pretrained(mode="parallel", num_speculative_tokens=5, batch_size=2, max_length=160,
+    eager = make_engine(mode="parallel", num_speculative_tokens=5, batch_size=2, max_length=160,
                                    prefill_buckets=(64,))
     prompts = [eager.encode("Write a Python function that reverses a string."),
                eager.encode("What is 12 times 7? Answer briefly, then explain.")]
@@ -437,7 +439,7 @@ def test_a_build_refuses_a_directory_of_the_users_and_deletes_nothing(tiny_llama
     (out / "hlo").mkdir(parents=True)
     (out / "hlo" / "notes.txt").write_text("mine")
     (out / "thesis.tex").write_text("mine too")
-    request = BuildRequest(tiny_llama_dir, None, out, backend=backend, mode="plain",
+    request = BuildRequest(tiny_llama_dir, None, out, backend=backend, speculation=PLAIN,
                            build=BuildConfig(max_length=64, prefill_buckets=(16,)))
     with pytest.raises(ArtifactError, match=r"holds files of its own \(thesis.tex\) and no manifest.json"):
         build_artifacts(request)
@@ -445,7 +447,7 @@ def test_a_build_refuses_a_directory_of_the_users_and_deletes_nothing(tiny_llama
     assert sorted(p.name for p in out.rglob("*")) == ["hlo", "notes.txt", "thesis.tex"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(ArtifactError, match="is a file"):
-        build_artifacts(BuildRequest(tiny_llama_dir, None, tmp_path / "file", backend=backend, mode="plain"))
+        build_artifacts(BuildRequest(tiny_llama_dir, None, tmp_path / "file", backend=backend, speculation=PLAIN))
 
 
 def test_artifacts_of_the_old_neuron_backend_name_are_refused_with_the_new_name(tmp_path):
@@ -453,7 +455,7 @@ def test_artifacts_of_the_old_neuron_backend_name_are_refused_with_the_new_name(
     with pytest.raises(ArtifactError, match="now called nxd .* --backend nxd"):
         Manifest.load(tmp_path)
     (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format_version": 1, "backend": "xla"}))
-    with pytest.raises(ArtifactError, match="format version 1, this version reads 2; rebuild"):
+    with pytest.raises(ArtifactError, match="format version 1, this version reads 3; rebuild"):
         Manifest.load(tmp_path)
 
 
@@ -462,7 +464,7 @@ def test_artifacts_of_the_old_neuron_backend_name_are_refused_with_the_new_name(
 def _hand_made_artifacts(out: Path, model_dir: Path) -> Manifest:
     """An xla-style artifact directory written by hand (HLO, a cache entry, a compile_cache folder and a
     portable cache) and its manifest as a build records it, for the loader's file checks (no compile)."""
-    from compile.manifest import GraphRecord, artifact_checksums, installed_versions
+    from neuron_peagle.runtime.manifest import GraphRecord, artifact_checksums, installed_versions
 
     (out / "hlo").mkdir(parents=True)
     (out / "hlo" / "decode_greedy.hlo.txt").write_text("HloModule decode_greedy\n")
@@ -475,8 +477,8 @@ def _hand_made_artifacts(out: Path, model_dir: Path) -> Manifest:
                         compiler_args=(), hlo_file="hlo/decode_greedy.hlo.txt", hlo_sha256="", fingerprint="",
                         files=("xla_cache/1234", "compile_cache"), compile_time_s=0.0, audit={})
     manifest = Manifest(backend="inductor", versions=installed_versions("inductor"),
-                        build=BuildConfig(max_length=64, prefill_buckets=(16,), backend="inductor"), mode="plain",
-                        num_speculative_tokens=0, tp_degree=1, target="trn1", model=WeightsInfo.of_dir(model_dir),
+                        build=BuildConfig(max_length=64, prefill_buckets=(16,), backend="inductor"),
+                        speculation=PLAIN.resolved(False), tp_degree=1, target="trn1", model=WeightsInfo.of_dir(model_dir),
                         drafter=None, graphs=(graph,), audit_notes=(),
                         checksums=artifact_checksums(out, (graph,)))
     manifest.save(out)
@@ -484,7 +486,7 @@ def _hand_made_artifacts(out: Path, model_dir: Path) -> Manifest:
 
 
 def test_manifest_records_the_sha256_of_every_file_the_loader_reads(tiny_llama_dir, tmp_path):
-    from compile.manifest import artifact_checksums
+    from neuron_peagle.runtime.manifest import artifact_checksums
     from neuron_peagle.default_model import sha256_of
     from neuron_peagle.runtime.artifacts import check_artifact_files
 

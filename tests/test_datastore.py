@@ -21,7 +21,8 @@ from neuron_peagle.graphs.datastore import EMPTY, PAD
 from neuron_peagle.models.drafter_io import save_drafter
 from neuron_peagle.models.target import default_feature_layers
 from neuron_peagle.runtime.drafter_choice import random_drafter
-from neuron_peagle.runtime.engine import Engine, SamplingParams
+from neuron_peagle.runtime.engine import SamplingParams
+from spec_helpers import make_engine
 
 
 def test_entries_keep_frequent_ngrams_and_their_most_frequent_next_token():
@@ -132,7 +133,7 @@ def small_model_with_datastore(tmp_path_factory):
     drafter_config = DrafterConfig.for_target(target_config, default_feature_layers(target_config.num_hidden_layers),
                                               draft_vocab_size=64)
     drafter_dir = save_drafter(random_drafter(drafter_config, 128, seed=3), root / "drafter")
-    plain = Engine.from_pretrained(model_dir, mode="plain", max_length=96, prefill_buckets=(16,))
+    plain = make_engine(model_dir, mode="plain", max_length=96, prefill_buckets=(16,))
     prompts = [[3 + i, 7, 11 + i] for i in range(6)]
     answers = plain.generate(prompts, SamplingParams(max_new_tokens=40, ignore_eos=True))
     config = DatastoreConfig(max_order=3, min_order=2, min_count=1)
@@ -147,10 +148,10 @@ def test_datastore_on_xla_compiles_once_equals_eager_and_plain(small_model_with_
     # max_length=88 is used by no other test, so none of these graphs can be in torch-xla's cache.
     kwargs = dict(num_speculative_tokens=4, batch_size=2, max_length=88, prefill_buckets=(16,), lookup_ngram=2,
                   datastore=True)
-    xla = Engine.from_pretrained(model_dir, drafter_dir, backend="xla", **kwargs)
-    eager = Engine.from_pretrained(model_dir, drafter_dir, **kwargs)
-    without = Engine.from_pretrained(model_dir, drafter_dir, **{**kwargs, "datastore": False})
-    plain = Engine.from_pretrained(model_dir, mode="plain", max_length=88, prefill_buckets=(16,))
+    xla = make_engine(model_dir, drafter_dir, backend="xla", **kwargs)
+    eager = make_engine(model_dir, drafter_dir, **kwargs)
+    without = make_engine(model_dir, drafter_dir, **{**kwargs, "datastore": False})
+    plain = make_engine(model_dir, mode="plain", max_length=88, prefill_buckets=(16,))
     prompts = [[4, 7, 12], [20, 21, 22, 23]]  # one the datastore was built from, one it was not
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     start = xla.backend.compile_count()
@@ -168,13 +169,13 @@ def test_datastore_needs_lookup_and_a_file(small_model_with_datastore, tiny_llam
     model_dir, drafter_dir = small_model_with_datastore
     shapes = dict(max_length=64, prefill_buckets=(16,))
     with pytest.raises(ConfigError, match="datastore needs context lookup"):
-        Engine.from_pretrained(model_dir, drafter_dir, datastore=True, **shapes)
+        make_engine(model_dir, drafter_dir, datastore=True, **shapes)
     with pytest.raises(ConfigError, match="drafter is random-init"):
-        Engine.from_pretrained(tiny_llama_dir, lookup_ngram=2, datastore=True, **shapes)
+        make_engine(tiny_llama_dir, lookup_ngram=2, datastore=True, **shapes)
     with pytest.raises(ConfigError, match="datastore must be True, False or 'auto'"):
-        Engine.from_pretrained(model_dir, drafter_dir, lookup_ngram=2, datastore="yes", **shapes)
-    assert Engine.from_pretrained(model_dir, drafter_dir, lookup_ngram=2, datastore="auto", **shapes).build.datastore
-    assert not Engine.from_pretrained(tiny_llama_dir, lookup_ngram=2, datastore="auto", **shapes).build.datastore
+        make_engine(model_dir, drafter_dir, lookup_ngram=2, datastore="yes", **shapes)
+    assert make_engine(model_dir, drafter_dir, lookup_ngram=2, datastore="auto", **shapes).speculation.datastore
+    assert not make_engine(tiny_llama_dir, lookup_ngram=2, datastore="auto", **shapes).speculation.datastore
 
 
 def test_a_datastore_written_into_a_drafter_directory_is_recorded_and_verified(tmp_path):

@@ -8,7 +8,8 @@ import pytest
 
 from neuron_peagle.default_model import sha256_of
 from neuron_peagle.runtime.drafter_choice import DEFAULT_DRAFTER_DIR
-from neuron_peagle.runtime.engine import Engine, SamplingParams
+from neuron_peagle.runtime.engine import SamplingParams
+from spec_helpers import make_engine
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +35,10 @@ def test_shipped_drafter_matches_its_record():
 
 
 def test_shipped_drafter_is_the_default_and_gets_accepted(default_model_dir):
-    engine = Engine.from_pretrained(num_speculative_tokens=5, batch_size=4, max_length=320,
+    engine = make_engine(num_speculative_tokens=5, batch_size=4, max_length=320,
                                     prefill_buckets=(128,))
     assert engine.drafter.path == DEFAULT_DRAFTER_DIR
-    plain = Engine.from_pretrained(mode="plain", batch_size=4, max_length=320, prefill_buckets=(128,))
+    plain = make_engine(mode="plain", batch_size=4, max_length=320, prefill_buckets=(128,))
     params = SamplingParams(max_new_tokens=96, ignore_eos=True)
     outputs = engine.generate(FIXED_PROMPTS, params)
     assert [o.output_ids for o in outputs] == [o.output_ids for o in plain.generate(FIXED_PROMPTS, params)]

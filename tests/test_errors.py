@@ -12,12 +12,13 @@ from neuron_peagle.config import BuildConfig, ModelConfig
 from neuron_peagle.errors import (ConfigError, ModelDirError, PromptError, UnsupportedModelError,
                                   WeightsError)
 from neuron_peagle.models.target import TargetModel
-from neuron_peagle.runtime.engine import Engine, SamplingParams
+from neuron_peagle.runtime.engine import SamplingParams
+from spec_helpers import make_engine
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir):
-    return Engine.from_pretrained(tiny_llama_dir, max_length=64, prefill_buckets=(16, 32))
+    return make_engine(tiny_llama_dir, max_length=64, prefill_buckets=(16, 32))
 
 
 def _copy(src, dst):
@@ -55,7 +56,7 @@ def test_token_ids_outside_vocabulary(engine):
 
 def test_missing_model_dir(tmp_path):
     with pytest.raises(ModelDirError, match="does not exist"):
-        Engine.from_pretrained(tmp_path / "nope")
+        make_engine(tmp_path / "nope")
 
 
 def test_model_dir_without_weights(tmp_path, tiny_llama_dir):
@@ -140,4 +141,4 @@ def test_neuron_backends_say_what_to_install(tiny_llama_dir, backend):
     from neuron_peagle.errors import BackendUnavailableError
 
     with pytest.raises(BackendUnavailableError, match="Neuron SDK"):
-        Engine.from_pretrained(tiny_llama_dir, max_length=64, prefill_buckets=(16,), backend=backend)
+        make_engine(tiny_llama_dir, max_length=64, prefill_buckets=(16,), backend=backend)

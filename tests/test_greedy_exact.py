@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 
 from conftest import NEW_TOKENS
+from spec_helpers import make_engine
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def engine_b1():
-    from neuron_peagle.runtime.engine import Engine
 
-    return Engine.from_pretrained(mode="plain", batch_size=1, max_length=256, prefill_buckets=(64, 128))
+    return make_engine(mode="plain", batch_size=1, max_length=256, prefill_buckets=(64, 128))
 
 
 def _params():
@@ -33,9 +33,8 @@ def test_batch1_matches_transformers(engine_b1, prompt_ids, hf_greedy):
 
 
 def test_batch4_with_different_lengths_matches_transformers(prompt_ids, hf_greedy):
-    from neuron_peagle.runtime.engine import Engine
 
-    engine = Engine.from_pretrained(mode="plain", batch_size=4, max_length=256, prefill_buckets=(64, 128))
+    engine = make_engine(mode="plain", batch_size=4, max_length=256, prefill_buckets=(64, 128))
     lengths = {len(ids) for ids in prompt_ids[:4]}
     assert len(lengths) > 1, "the first batch must mix prompt lengths"
     outs = engine.generate(prompt_ids, _params())

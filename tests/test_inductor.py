@@ -17,14 +17,14 @@ import torch
 from torch import Tensor, nn
 from torch._dynamo.utils import counters
 
-from compile.manifest import Manifest
+from neuron_peagle.runtime.manifest import Manifest
 from neuron_peagle.backends import get_backend
 from neuron_peagle.backends.compiled import compiled_graph_count
-from neuron_peagle.config import DEFAULT_LOOKUP_NGRAM
+from neuron_peagle.speculation import DEFAULT_LOOKUP_NGRAM
 from neuron_peagle.errors import BackendUnavailableError
 from neuron_peagle.graphs.interface import plan
 from neuron_peagle.runtime.engine import Engine, SamplingParams
-from spec_helpers import record_ks
+from spec_helpers import record_ks, make_engine
 from test_datastore import small_model_with_datastore  # noqa: F401  (a fixture)
 
 GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
@@ -44,8 +44,8 @@ def _state(engine: Engine) -> dict[str, Tensor]:
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_speculative_graphs_compile_once_and_equal_eager(small_model_with_datastore, batch_size):
     model_dir, drafter_dir = small_model_with_datastore
-    compiled = Engine.from_pretrained(model_dir, drafter_dir, backend="inductor", batch_size=batch_size, **SPEC)
-    eager = Engine.from_pretrained(model_dir, drafter_dir, batch_size=batch_size, **SPEC)
+    compiled = make_engine(model_dir, drafter_dir, backend="inductor", batch_size=batch_size, **SPEC)
+    eager = make_engine(model_dir, drafter_dir, batch_size=batch_size, **SPEC)
     graphs_before = compiled_graph_count()
     warmed = compiled.warm()
     # prefill, long-K step, short-K step; greedy and sampling: one dynamo graph each (fullgraph: no breaks)
@@ -72,8 +72,8 @@ def test_speculative_graphs_compile_once_and_equal_eager(small_model_with_datast
 
 def test_plain_graphs_compile_once_per_bucket(tiny_llama_dir):
     kwargs = dict(mode="plain", batch_size=2, max_length=96, prefill_buckets=(16, 32))
-    compiled = Engine.from_pretrained(tiny_llama_dir, backend="inductor", **kwargs)
-    eager = Engine.from_pretrained(tiny_llama_dir, **kwargs)
+    compiled = make_engine(tiny_llama_dir, backend="inductor", **kwargs)
+    eager = make_engine(tiny_llama_dir, **kwargs)
     before = compiled_graph_count()
     prompts = [[5, 6, 7], list(range(20, 45)), [8] * 9]  # buckets 16 and 32
     got = compiled.generate(prompts, GREEDY)
@@ -129,7 +129,7 @@ def test_a_recompilation_is_an_error():
 
 def test_neuron_backend_without_torchneuron_names_what_to_install(tiny_llama_dir):
     with pytest.raises(BackendUnavailableError, match="torch-neuronx 2.14"):
-        Engine.from_pretrained(tiny_llama_dir, mode="plain", max_length=64, prefill_buckets=(16,), backend="neuron")
+        make_engine(tiny_llama_dir, mode="plain", max_length=64, prefill_buckets=(16,), backend="neuron")
 
 
 @pytest.mark.slow
@@ -137,9 +137,9 @@ def test_default_model_compiled_peagle_equals_transformers_greedy(prompt_ids, hf
     from conftest import NEW_TOKENS
 
     # The command line's P-EAGLE defaults: the shipped drafter, context lookup, the datastore; float32.
-    engine = Engine.from_pretrained(backend="inductor", num_speculative_tokens=7, max_length=256,
+    engine = make_engine(backend="inductor", num_speculative_tokens=7, max_length=256,
                                     prefill_buckets=(128,), lookup_ngram=DEFAULT_LOOKUP_NGRAM, datastore="auto")
-    assert engine.build.datastore and engine.warm(greedy=True) == ["spec_prefill_b128_greedy", "spec_step_greedy"]
+    assert engine.speculation.datastore and engine.warm(greedy=True) == ["spec_prefill_b128_greedy", "spec_step_greedy"]
     outputs = engine.generate(prompt_ids[:6], SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
     assert engine.backend.compile_count() == 2
     mismatches = [i for i, (o, want) in enumerate(zip(outputs, hf_greedy)) if o.output_ids != want]
@@ -151,7 +151,7 @@ def test_artifacts_load_from_the_compile_cache_in_a_fresh_process(tmp_path, tiny
     out = tmp_path / "artifacts"
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     build = subprocess.run([sys.executable, "-m", "compile.build", "--backend", "inductor", "--out", str(out),
-                            "--model", str(tiny_llama_dir), "--mode", "plain", "--max-length", "64", "--buckets", "16"],
+                            "--model", str(tiny_llama_dir), "--mode", "plain", "--max-length", "64", "--prefill-buckets", "16"],
                            env=env, capture_output=True, text=True, timeout=1200)
     assert build.returncode == 0, build.stderr[-3000:]
     manifest = Manifest.load(out)
@@ -167,6 +167,6 @@ def test_artifacts_load_from_the_compile_cache_in_a_fresh_process(tmp_path, tiny
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"4 graphs from {out} (compile cache in {out / 'compile_cache'}): 4 loaded from the compile cache" \
         in run.stdout
-    eager = Engine.from_pretrained(tiny_llama_dir, mode="plain", max_length=64, prefill_buckets=(16,))
+    eager = make_engine(tiny_llama_dir, mode="plain", max_length=64, prefill_buckets=(16,))
     want = eager.generate(["Once upon a time"], SamplingParams(max_new_tokens=12), chat_template=False)[0].text
     assert want in run.stdout

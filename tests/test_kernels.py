@@ -25,8 +25,9 @@ from neuron_peagle.kernels.nki_api import HAVE_NKI
 from neuron_peagle.models.layers import RMSNorm
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.runtime.drafter_choice import random_drafter
-from neuron_peagle.runtime.engine import Engine, SamplingParams
+from neuron_peagle.runtime.engine import SamplingParams
 from neuron_peagle.sampling import greedy_accept
+from spec_helpers import make_engine
 
 RTOL = 1e-5
 
@@ -487,10 +488,10 @@ def test_step_with_kernels_on_the_default_model_and_its_drafter(default_model_di
 
 def test_engine_switch_runs_the_kernel_source_with_the_same_tokens(tiny_llama_dir):
     kwargs = dict(mode="parallel", num_speculative_tokens=3, batch_size=2, max_length=64, prefill_buckets=(16,))
-    fused = Engine.from_pretrained(tiny_llama_dir, kernels="interpreter", **kwargs)
+    fused = make_engine(tiny_llama_dir, kernels="interpreter", **kwargs)
     assert fused.decoder.proposer.kernels == "interpreter"
     assert {graph.kernels for _, steps in fused.decoder.graphs.values() for graph in steps.values()} == {"interpreter"}
-    plain = Engine.from_pretrained(tiny_llama_dir, **kwargs)
+    plain = make_engine(tiny_llama_dir, **kwargs)
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
     prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
     assert [o.output_ids for o in fused.generate(prompts, params)] == [o.output_ids for o in plain.generate(prompts, params)]

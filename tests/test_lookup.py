@@ -9,13 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import NEW_TOKENS, save_tiny_model
-from spec_helpers import record_ks
+from spec_helpers import record_ks, make_engine
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.datastore import datastore_from_entries
 from neuron_peagle.graphs.datastore import EMPTY
 from neuron_peagle.graphs.lookup import LookupProposer, context_lookup
 from neuron_peagle.graphs.proposers import SpecState
-from neuron_peagle.runtime.engine import Engine, SamplingParams
+from neuron_peagle.runtime.engine import SamplingParams
 
 PARAMS = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
 # Prompts with repeats; from a 64-token random model, outputs whose bigrams sometimes repeat too, so
@@ -126,17 +126,17 @@ def test_lookup_proposer_copies_after_the_committed_tokens_or_after_the_first_dr
 
 def test_lookup_needs_a_speculative_mode_and_a_positive_ngram(tiny_llama_dir):
     with pytest.raises(ConfigError, match="lookup_ngram needs a speculative mode"):
-        Engine.from_pretrained(tiny_llama_dir, mode="plain", lookup_ngram=2, max_length=64, prefill_buckets=(16,))
+        make_engine(tiny_llama_dir, mode="plain", lookup_ngram=2, max_length=64, prefill_buckets=(16,))
     with pytest.raises(ConfigError, match="lookup_ngram must be >= 0"):
-        Engine.from_pretrained(tiny_llama_dir, lookup_ngram=-1, max_length=64, prefill_buckets=(16,))
+        make_engine(tiny_llama_dir, lookup_ngram=-1, max_length=64, prefill_buckets=(16,))
 
 
 def test_adaptive_k_needs_lookup_and_a_shorter_k(tiny_llama_dir):
     shapes = dict(max_length=64, prefill_buckets=(16,))
     with pytest.raises(ConfigError, match="needs context lookup"):
-        Engine.from_pretrained(tiny_llama_dir, num_speculative_tokens=4, short_draft_tokens=2, **shapes)
+        make_engine(tiny_llama_dir, num_speculative_tokens=4, short_draft_tokens=2, **shapes)
     with pytest.raises(ConfigError, match="must be below num_speculative_tokens 4, got 4"):
-        Engine.from_pretrained(tiny_llama_dir, num_speculative_tokens=4, lookup_ngram=2, short_draft_tokens=4,
+        make_engine(tiny_llama_dir, num_speculative_tokens=4, lookup_ngram=2, short_draft_tokens=4,
                                **shapes)
 
 
@@ -144,15 +144,15 @@ def test_adaptive_k_runs_both_step_graphs_and_changes_no_token(small_vocab_dir):
     """Steps after a copy-able n-gram draft the long K, the others the short K; the tokens are plain
     greedy decoding's either way, batch 2 with rows of different lengths, and batch 1."""
     shapes = dict(batch_size=2, max_length=96, prefill_buckets=(16, 32))
-    plain = Engine.from_pretrained(small_vocab_dir, mode="plain", **shapes)
-    adaptive = Engine.from_pretrained(small_vocab_dir, num_speculative_tokens=4, lookup_ngram=2,
+    plain = make_engine(small_vocab_dir, mode="plain", **shapes)
+    adaptive = make_engine(small_vocab_dir, num_speculative_tokens=4, lookup_ngram=2,
                                       short_draft_tokens=1, **shapes)
     used = record_ks(adaptive)
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     for batch in (REPEATING, REPEATING[1:]):
         got = adaptive.generate(batch, params)
         assert [o.output_ids for o in got] == [o.output_ids for o in plain.generate(batch, params)]
-        assert all(o.stats.num_draft_tokens == 4 for o in got)
+        assert all(o.stats.num_speculative_tokens == 4 for o in got)
     assert set(used) == {4, 1}
 
 
@@ -166,7 +166,7 @@ def test_lookup_with_the_shipped_drafter_is_exact_and_accepts_more(prompt_ids, h
     # The drafter alone, and with lookup, adaptive K (whose long-K steps are lookup's own steps) and the
     # datastore.
     for ngram, short in ((0, 0), (2, 2)):
-        engine = Engine.from_pretrained(None, num_speculative_tokens=5, batch_size=4, max_length=256,
+        engine = make_engine(None, num_speculative_tokens=5, batch_size=4, max_length=256,
                                         prefill_buckets=(64, 128), lookup_ngram=ngram, short_draft_tokens=short,
                                         datastore=bool(ngram))
         used = record_ks(engine)
@@ -183,8 +183,8 @@ def test_lookup_with_the_shipped_drafter_is_exact_and_accepts_more(prompt_ids, h
 def test_lookup_on_xla_compiles_once_and_equals_eager(tiny_llama_dir):
     # max_length=80 is used by no other test, so none of these graphs can be in torch-xla's cache.
     kwargs = dict(num_speculative_tokens=3, batch_size=2, max_length=80, prefill_buckets=(16, 32), lookup_ngram=1)
-    xla = Engine.from_pretrained(tiny_llama_dir, backend="xla", **kwargs)
-    eager = Engine.from_pretrained(tiny_llama_dir, **kwargs)
+    xla = make_engine(tiny_llama_dir, backend="xla", **kwargs)
+    eager = make_engine(tiny_llama_dir, **kwargs)
     # Both prompts end in a token seen before, so the first step's drafts are copies (a random target
     # rejects them; the graph path is what is compared).
     prompts = [[1, 2, 3, 4, 1, 2, 3], [5, 6, 5, 6, 5, 6, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 9]]
@@ -204,7 +204,7 @@ def test_adaptive_k_is_chosen_by_live_rows_only(small_vocab_dir):
     """A padding row of a short batch, or a finished row, never makes the steps long."""
     from neuron_peagle.runtime.batch import BatchSampling
 
-    engine = Engine.from_pretrained(small_vocab_dir, num_speculative_tokens=3, lookup_ngram=2, short_draft_tokens=1,
+    engine = make_engine(small_vocab_dir, num_speculative_tokens=3, lookup_ngram=2, short_draft_tokens=1,
                                     batch_size=2, max_length=96, prefill_buckets=(32,))
     decoder = engine.decoder
     decoder.prefill([REPEATING[0]], BatchSampling.from_params([PARAMS], 2))  # row 1 pads the batch
@@ -221,8 +221,8 @@ def test_adaptive_k_on_xla_compiles_one_graph_per_k_and_equals_eager(small_vocab
     # max_length=88 is used by no other test, so none of these graphs can be in torch-xla's cache.
     kwargs = dict(num_speculative_tokens=3, batch_size=2, max_length=88, prefill_buckets=(32,), lookup_ngram=2,
                   short_draft_tokens=1)
-    xla = Engine.from_pretrained(small_vocab_dir, backend="xla", **kwargs)
-    eager = Engine.from_pretrained(small_vocab_dir, **kwargs)
+    xla = make_engine(small_vocab_dir, backend="xla", **kwargs)
+    eager = make_engine(small_vocab_dir, **kwargs)
     used = record_ks(xla)
     prompts = REPEATING
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)

@@ -9,6 +9,7 @@ import torch
 
 from conftest import edited_model_dir, save_tiny_model
 from neuron_peagle.models.target import TargetModel
+from spec_helpers import make_engine
 
 
 def _compare(model_dir, seq_len: int = 24, batch: int = 2, seed: int = 0):
@@ -90,17 +91,16 @@ def test_incremental_decode_equals_full_forward(tiny_llama_dir):
 def test_eager_backend_stores_bf16_linear_weights_column_major(tiny_llama_dir):
     """The same [in, out] weights, stored [out, in] for oneDNN's faster bf16 matmul; float32 untouched."""
     from neuron_peagle.models.layers import Linear
-    from neuron_peagle.runtime.engine import Engine
 
     loaded = TargetModel.from_pretrained(tiny_llama_dir, 64, torch.bfloat16)
-    engine = Engine.from_pretrained(tiny_llama_dir, mode="plain", dtype="bfloat16", max_length=64,
+    engine = make_engine(tiny_llama_dir, mode="plain", dtype="bfloat16", max_length=64,
                                     prefill_buckets=(16,))
     ours = {name: m.weight for name, m in engine.decoder.target.named_modules() if isinstance(m, Linear)}
     assert ours and all(w.stride(0) == 1 and w.shape[1] > 1 for w in ours.values())
     for name, m in loaded.named_modules():
         if isinstance(m, Linear):
             assert m.weight.stride(1) == 1 and torch.equal(m.weight, ours[name]), name
-    fp32 = Engine.from_pretrained(tiny_llama_dir, mode="plain", max_length=64, prefill_buckets=(16,))
+    fp32 = make_engine(tiny_llama_dir, mode="plain", max_length=64, prefill_buckets=(16,))
     assert all(m.weight.stride(1) == 1 for m in fp32.decoder.target.modules() if isinstance(m, Linear))
 
 
@@ -126,7 +126,7 @@ def test_qwen3_greedy_generation_equals_transformers(tmp_path, batch_size):
     transformers' greedy tokens, batch 1 and 4 with prompts of different lengths."""
     from transformers import AutoModelForCausalLM
 
-    from neuron_peagle.runtime.engine import Engine, SamplingParams
+    from neuron_peagle.runtime.engine import SamplingParams
 
     model_dir = save_tiny_model(tmp_path, "qwen3", tie=True, seed=6)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -141,7 +141,7 @@ def test_qwen3_greedy_generation_equals_transformers(tmp_path, batch_size):
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     shapes = dict(batch_size=batch_size, max_length=64, prefill_buckets=(16,))
     for options in (dict(mode="plain"), dict(mode="parallel", num_speculative_tokens=3, lookup_ngram=2)):
-        engine = Engine.from_pretrained(model_dir, **shapes, **options)
+        engine = make_engine(model_dir, **shapes, **options)
         assert [o.output_ids for o in engine.generate(prompts, params)] == want, options
 
 
@@ -150,7 +150,7 @@ def test_a_hub_style_directory_sharded_bf16_with_generation_config_stops(tmp_pat
     model loads as the single-file one does, and generation stops at the extra token."""
     from transformers import AutoModelForCausalLM
 
-    from neuron_peagle.runtime.engine import Engine, SamplingParams
+    from neuron_peagle.runtime.engine import SamplingParams
 
     single = save_tiny_model(tmp_path / "single", "qwen3", tie=False, seed=8)
     hf = AutoModelForCausalLM.from_pretrained(single, dtype=torch.bfloat16)
@@ -162,14 +162,14 @@ def test_a_hub_style_directory_sharded_bf16_with_generation_config_stops(tmp_pat
     assert (hub / "model.safetensors.index.json").is_file() and len(list(hub.glob("*.safetensors"))) > 1
     shapes = dict(mode="plain", max_length=64, prefill_buckets=(16,), dtype="bfloat16")
     params = SamplingParams(max_new_tokens=12)
-    first = Engine.from_pretrained(single, **shapes).generate([[5, 9, 13]], SamplingParams(max_new_tokens=12,
+    first = make_engine(single, **shapes).generate([[5, 9, 13]], SamplingParams(max_new_tokens=12,
                                                                                          ignore_eos=True))[0]
-    hub_run = Engine.from_pretrained(hub, **shapes).generate([[5, 9, 13]], SamplingParams(max_new_tokens=12,
+    hub_run = make_engine(hub, **shapes).generate([[5, 9, 13]], SamplingParams(max_new_tokens=12,
                                                                                          ignore_eos=True))[0]
     assert hub_run.output_ids == first.output_ids
     stop_at = first.output_ids[3]
     (hub / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, stop_at]}))
-    stopped = Engine.from_pretrained(hub, **shapes).generate([[5, 9, 13]], params)[0]
+    stopped = make_engine(hub, **shapes).generate([[5, 9, 13]], params)[0]
     cut = first.output_ids.index(stop_at) + 1
     assert stopped.output_ids == first.output_ids[:cut] and stopped.stats.finish_reason == "stop"
 
@@ -198,7 +198,7 @@ def test_a_four_layer_qwen3_drafter_in_speculators_format_drives_exact_generatio
     from neuron_peagle.models.drafter_io import read_drafter_config, save_drafter
     from neuron_peagle.models.target import default_feature_layers
     from neuron_peagle.runtime.drafter_choice import random_drafter
-    from neuron_peagle.runtime.engine import Engine, SamplingParams
+    from neuron_peagle.runtime.engine import SamplingParams
 
     model_dir = save_tiny_model(tmp_path / "qwen3", "qwen3", tie=False, seed=9)
     target = ModelConfig.from_dir(model_dir)
@@ -214,13 +214,13 @@ def test_a_four_layer_qwen3_drafter_in_speculators_format_drives_exact_generatio
         ids = torch.tensor([prompt])
         want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
                            eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    engine = Engine.from_pretrained(model_dir, drafter_dir, num_speculative_tokens=4, max_length=64,
+    engine = make_engine(model_dir, drafter_dir, num_speculative_tokens=4, max_length=64,
                                     prefill_buckets=(16,))
     out = engine.generate([prompt], SamplingParams(max_new_tokens=20, ignore_eos=True))[0]
     assert out.output_ids == want and out.stats.acceptance_length >= 1.0
 
     assert main(["generate", "Hello", "--model", str(model_dir), "--drafter", str(drafter_dir), "--json",
-                 "--backend", "eager", "--max-length", "64", "--buckets", "32", "--max-new-tokens", "8",
+                 "--backend", "eager", "--max-length", "64", "--prefill-buckets", "32", "--max-new-tokens", "8",
                  "--no-chat-template", "-k", "4"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(record["output_ids"]) >= 1 and str(drafter_dir) in record["drafter"]

@@ -15,8 +15,8 @@ from conftest import save_tiny_model
 from neuron_peagle.config import DrafterConfig, ModelConfig, MoeConfig
 from neuron_peagle.models.moe import Experts, SparseMoe
 from neuron_peagle.models.target import TargetModel, default_feature_layers
-from neuron_peagle.runtime.engine import Engine, SamplingParams
-from spec_helpers import fill_table, table_engine
+from neuron_peagle.runtime.engine import SamplingParams
+from spec_helpers import fill_table, table_engine, make_engine
 
 FAMILIES = ["qwen3_moe", "gpt_oss"]
 PROMPTS = [[5, 9, 13, 40], [7, 300, 11], [900, 901, 902, 903, 904, 905, 906, 907, 908, 909, 910], [31, 32]]
@@ -93,7 +93,7 @@ def test_greedy_generation_equals_transformers(moe_model, batch_size):
     params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     shapes = dict(batch_size=batch_size, max_length=64, prefill_buckets=(16,))
     for options in (dict(mode="plain"), dict(mode="parallel", num_speculative_tokens=3)):
-        engine = Engine.from_pretrained(model_dir, **shapes, **options)
+        engine = make_engine(model_dir, **shapes, **options)
         assert [o.output_ids for o in engine.generate(PROMPTS, params)] == want, options
     oracle = table_engine(model_dir, 3, batch_size, max_length=64, buckets=(16,))
     outputs = []
@@ -177,13 +177,13 @@ def test_inductor_compiles_each_moe_graph_once(moe_model):
 
     model_dir, _, want = moe_model
     spec = dict(mode="parallel", num_speculative_tokens=3, batch_size=2, max_length=64, prefill_buckets=(16,))
-    compiled = Engine.from_pretrained(model_dir, backend="inductor", **spec)
+    compiled = make_engine(model_dir, backend="inductor", **spec)
     before = compiled_graph_count()
     assert len(compiled.warm()) == 4 and compiled.backend.compile_count() == 4
     greedy = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     sampled = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True, temperature=0.8, top_k=30, seed=4)
     assert [o.output_ids for o in compiled.generate(PROMPTS, greedy)] == want
-    eager = Engine.from_pretrained(model_dir, **spec)
+    eager = make_engine(model_dir, **spec)
     assert ([o.output_ids for o in compiled.generate(PROMPTS, sampled)]
             == [o.output_ids for o in eager.generate(PROMPTS, sampled)])
     assert compiled.backend.compile_count() == 4 and compiled_graph_count() - before == 4
@@ -210,7 +210,7 @@ def test_cli_generates_on_a_tiny_gpt_oss_with_a_speculators_drafter(tmp_path, ca
     assert saved["speculators_config"]["verifier"]["architectures"] == ["GptOssForCausalLM"]
 
     assert main(["generate", "Hello there", "--model", str(model_dir), "--drafter", str(drafter_dir), "--json",
-                 "--backend", "eager", "--max-length", "64", "--buckets", "16", "--max-new-tokens", "20",
+                 "--backend", "eager", "--max-length", "64", "--prefill-buckets", "16", "--max-new-tokens", "20",
                  "--no-chat-template", "--ignore-eos", "-k", "3"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     prompt = load_tokenizer(model_dir).encode("Hello there")

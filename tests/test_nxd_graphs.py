@@ -14,14 +14,15 @@ from itertools import chain
 import pytest
 import torch
 
-from compile.plan import GRAPH_KINDS, PREFILL_KINDS, neuron_compiler_args, plan_graphs
+from neuron_peagle.runtime.graph_specs import GRAPH_KINDS, PREFILL_KINDS, neuron_compiler_args, plan_graphs
 from neuron_peagle.backends.nxd_graphs import INPUT_NAMES, GraphRouter, NxdBundle, NxdGraph
 from neuron_peagle.errors import ArtifactError
 from neuron_peagle.graphs.state import functional_state
 from neuron_peagle.runtime.batch import pad_prompts
-from neuron_peagle.runtime.engine import Engine, SamplingParams
+from neuron_peagle.runtime.engine import SamplingParams
 from neuron_peagle.runtime.step_parts import TimedStep
 from test_datastore import small_model_with_datastore  # noqa: F401  (a fixture)
+from spec_helpers import make_engine
 
 # The nxd backend (NxDModel, trn1) lives in the torch-xla environment, and so do its tests.
 pytestmark = pytest.mark.xla
@@ -32,7 +33,7 @@ LONG = [list(range(20, 45)), list(range(50, 80))]  # bucket 32
 
 
 def planned(model_dir, mode: str = "parallel"):
-    engine = Engine.from_pretrained(model_dir, **{**SHAPES, "mode": mode})
+    engine = make_engine(model_dir, **{**SHAPES, "mode": mode})
     return engine, plan_graphs(engine.decoder, neuron_compiler_args("trn1"))
 
 
@@ -143,10 +144,10 @@ def test_the_weight_dict_holds_the_read_only_tables_and_no_state(small_model_wit
     rotary tables, the datastore's hash table, the drafter's d2t, the precomputed mask row."""
     if engine_kind == "speculative":
         model_dir, drafter_dir = small_model_with_datastore
-        engine = Engine.from_pretrained(model_dir, drafter_dir, short_draft_tokens=2, lookup_ngram=2, datastore=True,
+        engine = make_engine(model_dir, drafter_dir, short_draft_tokens=2, lookup_ngram=2, datastore=True,
                                         **SHAPES)
     else:
-        engine = Engine.from_pretrained(tiny_llama_dir, **{**SHAPES, "mode": "plain"})
+        engine = make_engine(tiny_llama_dir, **{**SHAPES, "mode": "plain"})
     specs = plan_graphs(engine.decoder, neuron_compiler_args("trn1"))
     checkpoint = NxdBundle.of(specs).checkpoint
     state = {b.untyped_storage().data_ptr(): f"{s.name}: {n}" for s in specs for n, b in s.state_buffers.items()}

@@ -25,8 +25,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from compile.build import BuildRequest, build_artifacts
-from compile.manifest import Manifest, tensor_infos
-from compile.plan import neuron_compiler_args, plan_graphs
+from neuron_peagle.runtime.manifest import Manifest, tensor_infos
+from neuron_peagle.runtime.graph_specs import neuron_compiler_args, plan_graphs
 from conftest import save_tiny_model
 from neuron_peagle.backends.nxd import INSTALL_HINT
 from neuron_peagle.backends.nxd_graphs import NxdBundle
@@ -38,6 +38,8 @@ from neuron_peagle.models.target import TargetModel
 from neuron_peagle.models.weights import read_safetensors_dir
 from neuron_peagle.parallel import TensorParallel
 from neuron_peagle.runtime.engine import Engine, SamplingParams
+from neuron_peagle.speculation import SpeculationConfig
+from spec_helpers import DRAFTER_ALONE, make_engine
 
 # The nxd backend (NxD, trn1) lives in the torch-xla environment, and so do its tests.
 pytestmark = pytest.mark.xla
@@ -215,7 +217,7 @@ def test_ranks_on_their_shards_compute_the_whole_layer(models, family, degree):
 # ---- the weight dict of a sharded engine -------------------------------------------------------------
 
 def sharded_engine(model_dir: Path, degree: int):
-    engine = Engine.from_pretrained(model_dir, **ENGINE)
+    engine = make_engine(model_dir, **ENGINE)
     tp = TensorParallel(degree)
     wholes = wholes_of(engine.target, tp)
     swaps = shard_target(engine.target, engine.decoder.cache, tp, rank_layers(wholes, degree, 0))
@@ -272,10 +274,10 @@ def test_shard_checkpoint_would_drop_a_table_that_is_not_persistent(models):
 def test_the_surgery_on_the_xla_device_traces_a_ranks_graph(models):
     """As the build does it: the engine on the XLA device, layers swapped in place (on that device), the
     HLO then has a rank's shapes: its q/k/v rows and its smaller KV cache."""
-    from compile.plan import trace_hlo
+    from neuron_peagle.runtime.graph_specs import trace_hlo
 
     degree = 2
-    engine = Engine.from_pretrained(models["qwen2"], **{**ENGINE, "backend": "xla"})
+    engine = make_engine(models["qwen2"], **{**ENGINE, "backend": "xla"})
     tp = TensorParallel(degree)
     wholes = {name: {k: t.cpu() for k, t in tensors.items()} for name, tensors in wholes_of(engine.target, tp).items()}
     shard_target(engine.target, engine.decoder.cache, tp, rank_layers(wholes, degree, 0))
@@ -303,7 +305,7 @@ def test_a_sharded_build_without_the_sdk_says_what_to_install_before_any_work(mo
     out = tmp_path / "out"
     request = BuildRequest(models["llama"], None, out, backend="nxd", tp_degree=3,
                            build=BuildConfig(batch_size=2, max_length=64, prefill_buckets=(16,)),
-                           num_speculative_tokens=3)
+                           speculation=SpeculationConfig(num_speculative_tokens=3, **DRAFTER_ALONE))
     with pytest.raises(BackendUnavailableError) as err:
         build_artifacts(request)
     assert str(err.value) == INSTALL_HINT and "neuron-trn1" in INSTALL_HINT
@@ -325,7 +327,7 @@ def test_sharded_nxd_artifacts_generate_the_eager_tokens(models, tmp_path, degre
     model_dir = models["llama"]
     cmd = [sys.executable, "-m", "compile.build", "--backend", "nxd", "--model", str(model_dir), "--out",
            str(tmp_path), "--mode", "parallel", "-k", "3", "--batch-size", "2", "--max-length", "64",
-           "--buckets", "16", "--lookup-ngram", "2", "--tp-degree", str(degree), "--target", "trn1"]
+           "--prefill-buckets", "16", "--lookup-ngram", "2", "--tp-degree", str(degree), "--target", "trn1"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=7200)
     assert result.returncode == 0, result.stderr[-4000:]
     manifest = Manifest.load(tmp_path)
@@ -333,7 +335,7 @@ def test_sharded_nxd_artifacts_generate_the_eager_tokens(models, tmp_path, degre
     layout = {t.name: t.shape for t in manifest.neuron_checkpoint}
     assert layout["graph.target.layers.0.self_attn.qkv_proj.weight"] == (degree * (HEADS // degree + 2) * HD, 96)
     engine = Engine.from_compiled(tmp_path)
-    eager = Engine.from_pretrained(model_dir, **ENGINE)
+    eager = make_engine(model_dir, **ENGINE)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [20, 21, 22, 23, 24, 25]]
     greedy = SamplingParams(max_new_tokens=24, ignore_eos=True)
     assert [o.output_ids for o in engine.generate(prompts, greedy)] == \

@@ -15,7 +15,8 @@ import torch
 from neuron_peagle.backends import NEURON_BACKENDS
 from neuron_peagle.cli import main
 from neuron_peagle.profiling import neuron_capture_env, profile_generation, runs_torch_profiler
-from neuron_peagle.runtime.engine import Engine, SamplingParams
+from neuron_peagle.runtime.engine import SamplingParams
+from spec_helpers import make_engine
 
 SHAPES = dict(batch_size=2, max_length=96, prefill_buckets=(32,))
 PROMPTS = [[1, 2, 3, 4, 1, 2, 3], [5, 6, 5, 6, 5, 6, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 9], [7, 8, 9]]
@@ -28,7 +29,7 @@ def trace_names(path: Path) -> set[str]:
 
 
 def test_eager_session_agrees_with_the_generation_it_profiled(tiny_llama_dir, tmp_path):
-    engine = Engine.from_pretrained(tiny_llama_dir, num_speculative_tokens=3, lookup_ngram=2, short_draft_tokens=1,
+    engine = make_engine(tiny_llama_dir, num_speculative_tokens=3, lookup_ngram=2, short_draft_tokens=1,
                                     **SHAPES)
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     outputs, report = profile_generation(engine, PROMPTS, params, tmp_path / "session")
@@ -38,7 +39,7 @@ def test_eager_session_agrees_with_the_generation_it_profiled(tiny_llama_dir, tm
     # Three prompts at batch 2: two batches, each its own decode loop until its last row is done.
     assert len(steps) == max(o.stats.num_steps for o in outputs[:2]) + outputs[2].stats.num_steps
     assert sum(sum(s["counts"]) for s in steps) == sum(o.stats.committed_by_steps for o in outputs)
-    assert {s["num_draft_tokens"] for s in steps} <= {3, 1}
+    assert {s["num_speculative_tokens"] for s in steps} <= {3, 1}
     summary = session["summary"]
     assert summary == report.summary and summary["num_steps"] == len(steps)
     assert summary["decoded_tokens"] == sum(o.stats.committed_by_steps for o in outputs)
@@ -57,17 +58,17 @@ def test_eager_session_agrees_with_the_generation_it_profiled(tiny_llama_dir, tm
 
 @pytest.mark.xla
 def test_xla_session_writes_the_metrics_report_and_compiles_nothing_while_profiled(tiny_llama_dir, tmp_path):
-    engine = Engine.from_pretrained(tiny_llama_dir, mode="plain", backend="xla", **SHAPES)
+    engine = make_engine(tiny_llama_dir, mode="plain", backend="xla", **SHAPES)
     profile_generation(engine, PROMPTS[:2], SamplingParams(max_new_tokens=6, ignore_eos=True), tmp_path)
     assert "CompileTime" in (tmp_path / "xla_metrics.txt").read_text()
     steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
-    assert len(steps) == 5 and all(s["num_draft_tokens"] == 0 and s["parts_s"] == {} for s in steps)
+    assert len(steps) == 5 and all(s["num_speculative_tokens"] == 0 and s["parts_s"] == {} for s in steps)
     assert "peagle::step" in trace_names(tmp_path / "trace.json")
     assert json.loads((tmp_path / "session.json").read_text())["summary"]["part_ms_mean"] == {}
 
 
 def test_cli_profile_writes_a_session_and_refuses_a_file_as_out(tiny_llama_dir, tmp_path, capsys):
-    common = ["profile", "hello there", "--model", str(tiny_llama_dir), "--max-length", "64", "--buckets", "16,32",
+    common = ["profile", "hello there", "--model", str(tiny_llama_dir), "--max-length", "64", "--prefill-buckets", "16,32",
               "--max-new-tokens", "6", "--backend", "eager"]
     assert main([*common, "--out", str(tmp_path / "s")]) == 0
     printed = capsys.readouterr().out
@@ -99,7 +100,7 @@ def test_neuron_capture_records_the_session_into_it(tmp_path):
 def test_neuron_backend_sessions_start_no_torch_profiler(tiny_llama_dir, tmp_path, monkeypatch, backend):
     """What a session chooses depends on the engine's backend name only, so an eager engine labelled with
     a Neuron backend shows it without hardware: torch.profiler is never started, and the session says why."""
-    engine = Engine.from_pretrained(tiny_llama_dir, mode="plain", **SHAPES)
+    engine = make_engine(tiny_llama_dir, mode="plain", **SHAPES)
     engine.build = dataclasses.replace(engine.build, backend=backend)
 
     def refuse(*args, **kwargs):
@@ -138,7 +139,7 @@ def test_nxd_session_holds_device_profiles(default_model_dir, tmp_path):
 
     artifacts = tmp_path / "artifacts"
     subprocess.run([sys.executable, "-m", "compile.build", "--backend", "nxd", "--out", str(artifacts),
-                    "--max-length", "256", "--buckets", "128"], check=True, timeout=7200)
+                    "--max-length", "256", "--prefill-buckets", "128"], check=True, timeout=7200)
     session = tmp_path / "session"
     subprocess.run([sys.executable, "-m", "neuron_peagle.cli", "profile", "Write a haiku.", "--artifacts",
                     str(artifacts), "--out", str(session), "--max-new-tokens", "16"], check=True, timeout=1800)

@@ -21,15 +21,17 @@ from conftest import edited_model_dir
 
 from compile.build import build_parser as build_compile_parser
 from compile.build import main as build_main
-from compile.manifest import Manifest, WeightsInfo, installed_versions
+from neuron_peagle.runtime.manifest import Manifest, WeightsInfo, installed_versions
 from neuron_peagle.cli import build_parser, main
 from neuron_peagle.cli_args import given as given_options
 from neuron_peagle.config import BuildConfig
 from neuron_peagle.errors import ConfigError, PromptError
 from neuron_peagle.runtime.engine import Engine, GenerationInterrupted, SamplingParams
+from neuron_peagle.speculation import SpeculationConfig
+from spec_helpers import DRAFTER_ALONE, make_engine
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["--max-length", "64", "--buckets", "16,32", "--max-new-tokens", "5", "--backend", "eager", "--no-chat-template"]
+TINY = ["--max-length", "64", "--prefill-buckets", "16,32", "--max-new-tokens", "5", "--backend", "eager", "--no-chat-template"]
 
 
 @pytest.fixture
@@ -104,7 +106,7 @@ def _bad_values(paths: dict[str, Path]) -> dict[str, st.SearchStrategy[str]]:
         "--short-draft-tokens": st.one_of(NEGATIVE, NON_INTEGER, st.just("9")),  # 9: not below K=7
         "--temperature": st.one_of(st.sampled_from(["nan", "inf", "-inf", "-0.5"]), NON_FLOAT),
         "--top-p": st.one_of(st.sampled_from(["0", "1.5", "nan", "inf", "-1"]), NON_FLOAT),
-        "--buckets": st.sampled_from(["", "a,b", "0", "32,16", "16,16", "-4", "128", "1.5"]),
+        "--prefill-buckets": st.sampled_from(["", "a,b", "0", "32,16", "16,16", "-4", "128", "1.5"]),
         "--dtype": st.text(max_size=8).filter(lambda t: t not in ("float32", "bfloat16")),
         "--backend": st.text(max_size=8).filter(lambda t: t not in ("eager", "inductor", "neuron", "xla", "nxd")),
         "--kernels": st.text(max_size=8).filter(lambda t: t not in ("auto", "reference", "nki", "interpreter")),
@@ -149,7 +151,7 @@ def test_any_bad_value_of_any_option_is_one_line_and_exit_2(data, tiny_llama_dir
     options = sorted(_value_options(build_parser()) - ({"--tp-degree"} if command == "profile" else {"--out"}))
     option = data.draw(st.sampled_from(options))
     value = data.draw(bad[option])
-    args = {"prompt": "hello", "--model": str(tiny_llama_dir), "--max-length": "64", "--buckets": "16,32",
+    args = {"prompt": "hello", "--model": str(tiny_llama_dir), "--max-length": "64", "--prefill-buckets": "16,32",
             "--max-new-tokens": "5", "--backend": "eager", "--out": str(tmp_path_factory.mktemp("session"))}
     if command == "generate":
         del args["--out"]
@@ -172,7 +174,7 @@ def test_any_bad_value_of_any_build_option_is_one_line_and_exit_2(data, tiny_lla
     option = data.draw(st.sampled_from(sorted(_value_options(build_compile_parser()) - {"--target", "--out"})))
     value = data.draw(bad[option])
     args = {"--model": str(tiny_llama_dir), "--out": str(tmp_path_factory.mktemp("out")), "--max-length": "64",
-            "--buckets": "16,32", option: value}
+            "--prefill-buckets": "16,32", option: value}
     _refused(capsys, [f"{flag}={v}" for flag, v in args.items()], command=build_main)
 
 
@@ -216,7 +218,7 @@ def test_sampling_params_refuse_wrong_types_and_ranges(kwargs, match):
 ])
 def test_engine_refuses_wrong_types_ranges_and_sizes_before_loading(kwargs, match, tiny_llama_dir, no_model_loads):
     with pytest.raises(ConfigError, match=match):
-        Engine.from_pretrained(tiny_llama_dir, **{"max_length": 64, "prefill_buckets": (16, 32), **kwargs})
+        make_engine(tiny_llama_dir, **{"max_length": 64, "prefill_buckets": (16, 32), **kwargs})
 
 
 def test_memory_refusal_names_the_option_and_the_number(capsys, tiny_llama_dir, no_model_loads):
@@ -226,7 +228,7 @@ def test_memory_refusal_names_the_option_and_the_number(capsys, tiny_llama_dir, 
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir):
-    return Engine.from_pretrained(tiny_llama_dir, mode="plain", max_length=64, prefill_buckets=(16, 32))
+    return make_engine(tiny_llama_dir, mode="plain", max_length=64, prefill_buckets=(16, 32))
 
 
 @pytest.mark.parametrize("prompts, match", [
@@ -383,8 +385,8 @@ def k3_artifacts(tmp_path, tiny_llama_dir):
     out = tmp_path / "artifacts"
     out.mkdir()
     Manifest(backend="inductor", versions=installed_versions("inductor"),
-             build=BuildConfig(max_length=64, prefill_buckets=(16, 32), backend="inductor"), mode="parallel",
-             num_speculative_tokens=3, tp_degree=1, target="trn1", model=WeightsInfo.of_dir(tiny_llama_dir),
+             build=BuildConfig(max_length=64, prefill_buckets=(16, 32), backend="inductor"),
+             speculation=SpeculationConfig(num_speculative_tokens=3, **DRAFTER_ALONE), tp_degree=1, target="trn1", model=WeightsInfo.of_dir(tiny_llama_dir),
              drafter=WeightsInfo(None, random_seed=0), graphs=(), audit_notes=()).save(out)
     return out
 

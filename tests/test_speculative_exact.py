@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import NEW_TOKENS
-from neuron_peagle.runtime.engine import Engine, SamplingParams
-from spec_helpers import fill_table, table_engine
+from neuron_peagle.runtime.engine import SamplingParams
+from spec_helpers import fill_table, table_engine, make_engine
 
 pytestmark = pytest.mark.slow
 PARAMS = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
@@ -75,7 +75,7 @@ RANDOM_CASES = [("parallel", 7, 4, 12), ("parallel", 1, 4, 8), ("sequential", 3,
 
 @pytest.mark.parametrize("mode, k, batch_size, count", RANDOM_CASES)
 def test_random_drafter(random_drafter_dir, prompt_ids, hf_greedy, mode, k, batch_size, count):
-    engine = Engine.from_pretrained(None, random_drafter_dir, mode=mode, num_speculative_tokens=k,
+    engine = make_engine(None, random_drafter_dir, mode=mode, num_speculative_tokens=k,
                                     batch_size=batch_size, max_length=256, prefill_buckets=(64, 128))
     assert engine.drafter is not None
     outputs = engine.generate(prompt_ids[:count], PARAMS)

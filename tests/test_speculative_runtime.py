@@ -8,14 +8,14 @@ import torch
 
 from conftest import save_tiny_model
 from neuron_peagle.runtime.batch import BatchSampling
-from neuron_peagle.runtime.engine import Engine, SamplingParams
-from spec_helpers import fill_table, record_ks, table_engine
+from neuron_peagle.runtime.engine import SamplingParams
+from spec_helpers import fill_table, record_ks, table_engine, make_engine
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13]]
 
 
 def _plain_reference(model_dir, new_tokens):
-    engine = Engine.from_pretrained(model_dir, mode="plain", batch_size=2, max_length=96, prefill_buckets=(16,))
+    engine = make_engine(model_dir, mode="plain", batch_size=2, max_length=96, prefill_buckets=(16,))
     outputs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
     return [o.output_ids for o in outputs], engine.decoder.cache
 
@@ -25,7 +25,7 @@ def test_target_cache_at_committed_positions_equals_plain_decoding(tiny_llama_di
     new_tokens = 40
     reference, plain_cache = _plain_reference(tiny_llama_dir, new_tokens)
     if drafter == "random":
-        engine = Engine.from_pretrained(tiny_llama_dir, mode="parallel", num_speculative_tokens=3, batch_size=2,
+        engine = make_engine(tiny_llama_dir, mode="parallel", num_speculative_tokens=3, batch_size=2,
                                         max_length=96, prefill_buckets=(16,))
     else:
         engine = table_engine(tiny_llama_dir, 3, 2, max_length=96, buckets=(16,))
@@ -54,7 +54,7 @@ SAMPLED = SamplingParams(max_new_tokens=12, temperature=0.8, top_k=40, top_p=0.9
 
 @pytest.mark.parametrize("mode", ["plain", "parallel", "sequential"])
 def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_llama_dir, mode):
-    engine = Engine.from_pretrained(tiny_llama_dir, mode=mode, num_speculative_tokens=3, batch_size=2,
+    engine = make_engine(tiny_llama_dir, mode=mode, num_speculative_tokens=3, batch_size=2,
                                     max_length=64, prefill_buckets=(16,))
     first = engine.generate([[5, 6, 7], [40, 41]], SAMPLED)[0].output_ids
     again = engine.generate([[5, 6, 7], [90, 91, 92, 93]], SAMPLED)[0].output_ids
@@ -94,8 +94,8 @@ def _chi2_two_sample(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
 
 def test_speculative_sampling_matches_plain_sampling_distribution(small_vocab_dir):
     kwargs = dict(batch_size=16, max_length=32, prefill_buckets=(8,))
-    plain = Engine.from_pretrained(small_vocab_dir, mode="plain", **kwargs)
-    spec = Engine.from_pretrained(small_vocab_dir, mode="parallel", num_speculative_tokens=2, **kwargs)
+    plain = make_engine(small_vocab_dir, mode="plain", **kwargs)
+    spec = make_engine(small_vocab_dir, mode="parallel", num_speculative_tokens=2, **kwargs)
     samples, positions = 1600, 4
     hist_plain = _histograms(plain, samples, positions)
     hist_spec = _histograms(spec, samples, positions)
@@ -115,8 +115,8 @@ def test_sampling_with_context_lookup_drafts_matches_plain_sampling_distribution
     probability p(draft) and sampling the residual otherwise keeps the target's distribution."""
     kwargs = dict(batch_size=16, max_length=40, prefill_buckets=(16,))
     prompt = (3, 4, 5, 9, 3, 4, 5, 9, 3, 4, 5)  # the last token repeats: lookup drafts "9 3" at once
-    plain = Engine.from_pretrained(small_vocab_dir, mode="plain", **kwargs)
-    spec = Engine.from_pretrained(small_vocab_dir, mode="parallel", num_speculative_tokens=2, lookup_ngram=1, **kwargs)
+    plain = make_engine(small_vocab_dir, mode="plain", **kwargs)
+    spec = make_engine(small_vocab_dir, mode="parallel", num_speculative_tokens=2, lookup_ngram=1, **kwargs)
     samples, positions = 1600, 4
     hist_plain = _histograms(plain, samples, positions, prompt)
     hist_spec = _histograms(spec, samples, positions, prompt)
@@ -130,8 +130,8 @@ def test_sampling_with_adaptive_k_matches_plain_sampling_distribution(small_voca
     """Adaptive K picks each step's K from tokens already committed, never from the step's own
     randomness, so switching between the long and the short step graph keeps the distribution."""
     kwargs = dict(batch_size=16, max_length=40, prefill_buckets=(16,))
-    plain = Engine.from_pretrained(small_vocab_dir, mode="plain", **kwargs)
-    spec = Engine.from_pretrained(small_vocab_dir, mode="parallel", num_speculative_tokens=2, lookup_ngram=2,
+    plain = make_engine(small_vocab_dir, mode="plain", **kwargs)
+    spec = make_engine(small_vocab_dir, mode="parallel", num_speculative_tokens=2, lookup_ngram=2,
                                   short_draft_tokens=1, **kwargs)
     used = record_ks(spec)
     samples, positions = 1600, 4
@@ -163,10 +163,10 @@ def test_eager_attention_window_changes_no_token(tiny_llama_dir, mode, monkeypat
         return seen[-1]
 
     monkeypatch.setattr(KVCache, "window", spy)
-    engine = Engine.from_pretrained(tiny_llama_dir, **kwargs)
+    engine = make_engine(tiny_llama_dir, **kwargs)
     narrowed = [[o.output_ids for o in engine.generate(prompts, p)] for p in params]
     assert min(seen) == 128 and 256 in seen and max(seen) == 384  # narrow at first, full cache by the end
     monkeypatch.setattr(KVCache, "window", lambda self, last_slot: self.max_length)
-    engine = Engine.from_pretrained(tiny_llama_dir, **kwargs)
+    engine = make_engine(tiny_llama_dir, **kwargs)
     assert narrowed == [[o.output_ids for o in engine.generate(prompts, p)] for p in params]
     assert len(narrowed[0][0]) == 120

@@ -16,8 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from neuron_peagle.graphs.interface import PREFILL_KINDS, PlannedGraph, plan
 from neuron_peagle.graphs.state import assign_state, functional_state, is_functional, replace_state
-from neuron_peagle.runtime.engine import Engine, SamplingParams
+from neuron_peagle.runtime.engine import SamplingParams
 from test_datastore import small_model_with_datastore  # noqa: F401  (a fixture)
+from spec_helpers import make_engine
 
 SHAPES = dict(batch_size=2, max_length=96, prefill_buckets=(16, 32))
 
@@ -101,7 +102,7 @@ def check_functional_updates(specs: list[PlannedGraph], vocab_size: int) -> None
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_plain_graphs_update_state_out_of_place_when_functional(tiny_llama_dir, dtype):
     """bfloat16 too: eager writes its KV cache through an int16 view (models.layers.write_slots)."""
-    engine = Engine.from_pretrained(tiny_llama_dir, mode="plain", dtype=dtype, **SHAPES)
+    engine = make_engine(tiny_llama_dir, mode="plain", dtype=dtype, **SHAPES)
     specs = plan(engine.decoder)
     assert {spec.kind for spec in specs} == {"prefill", "decode"}
     check_functional_updates(specs, specs[0].module.target.config.vocab_size)
@@ -111,7 +112,7 @@ def test_plain_graphs_update_state_out_of_place_when_functional(tiny_llama_dir, 
 def test_speculative_graphs_with_lookup_and_datastore_update_state_out_of_place_when_functional(
         small_model_with_datastore, mode):
     model_dir, drafter_dir = small_model_with_datastore
-    engine = Engine.from_pretrained(model_dir, drafter_dir, mode=mode, num_speculative_tokens=4,
+    engine = make_engine(model_dir, drafter_dir, mode=mode, num_speculative_tokens=4,
                                     short_draft_tokens=2, lookup_ngram=2, datastore=True, **SHAPES)
     specs = plan(engine.decoder)
     assert {spec.name for spec in specs} >= {"spec_step_greedy", "spec_step_k2_sampling"}
@@ -123,7 +124,7 @@ def test_speculative_graphs_with_lookup_and_datastore_update_state_out_of_place_
 def test_generation_with_functional_updates_equals_in_place(small_model_with_datastore):
     """Whole requests, step after step, greedy and sampled: the rebound state carries over exactly."""
     model_dir, drafter_dir = small_model_with_datastore
-    engine = Engine.from_pretrained(model_dir, drafter_dir, num_speculative_tokens=4, short_draft_tokens=2,
+    engine = make_engine(model_dir, drafter_dir, num_speculative_tokens=4, short_draft_tokens=2,
                                     lookup_ngram=2, datastore=True, **SHAPES)
     prompts = [[4, 7, 12], [20, 21, 22, 23, 20, 21]]
     requests = [SamplingParams(max_new_tokens=16, ignore_eos=True),

@@ -22,13 +22,13 @@ from neuron_peagle.models.drafter_io import save_drafter
 from neuron_peagle.models.target import TargetModel, default_feature_layers
 from neuron_peagle.parallel import TensorParallel
 from neuron_peagle.runtime.drafter_choice import random_drafter
-from neuron_peagle.runtime.engine import Engine
 from tp_cases import CASES, GREEDY, PROMPTS, generate_case
+from spec_helpers import make_engine
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "tp_worker.py"
 # The command line's tensor parallelism, on the eager backend.
-SHAPES = ["--max-length", "96", "--buckets", "16,32", "--max-new-tokens", "24", "--batch-size", "2", "--json",
+SHAPES = ["--max-length", "96", "--prefill-buckets", "16,32", "--max-new-tokens", "24", "--batch-size", "2", "--json",
           "--no-chat-template", "--backend", "eager"]
 TEXT_PROMPTS = ["Write a haiku about the sea.", "List three prime numbers.", "Hi"]
 
@@ -105,11 +105,11 @@ def test_a_degree_that_does_not_divide_is_refused_before_any_work(tiny_llama_dir
 
     monkeypatch.setattr(TargetModel, "from_pretrained", refuse)
     with pytest.raises(ConfigError, match=r"attention heads \(4\) is not divisible by tp_degree 3"):
-        Engine.from_pretrained(tiny_llama_dir, mode="plain", tp_degree=3)
+        make_engine(tiny_llama_dir, mode="plain", tp_degree=3)
     with pytest.raises(ConfigError, match="tp_degree must be >= 1"):
         TensorParallel(0)
     with pytest.raises(ConfigError, match="runs on backends eager, inductor, neuron, not on 'xla'"):
-        Engine.from_pretrained(tiny_llama_dir, mode="plain", backend="xla", tp_degree=2)
+        make_engine(tiny_llama_dir, mode="plain", backend="xla", tp_degree=2)
     env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
     code = ("import sys; from neuron_peagle.parallel import TensorParallel\n"
             "try:\n    TensorParallel.from_process_group(2)\nexcept Exception as err:\n    print(err); sys.exit(3)")

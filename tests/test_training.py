@@ -12,11 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neuron_peagle.errors import ConfigError
-from neuron_peagle.runtime.engine import Engine, SamplingParams
+from neuron_peagle.runtime.engine import SamplingParams
 from neuron_peagle.training.data import compute_features, generate_responses, load_shards
 from neuron_peagle.training.objective import cod_elements, eagle3_loss, peagle_loss
 from neuron_peagle.training.prompt_sets import Prompt
 from neuron_peagle.training.trainer import TrainConfig, train
+from spec_helpers import make_engine
 
 
 def test_cod_elements_form_chains_and_see_only_their_context():
@@ -135,7 +136,7 @@ def test_a_grown_drafter_computes_what_it_did_and_its_new_layer_learns(tiny_llam
                                                                       ("eagle3", "sequential", 1.1, "bfloat16")])
 def test_training_lowers_the_loss_and_the_drafter_serves(tmp_path, tiny_llama_dir, objective, mode,
                                                          min_acceptance, precision):
-    engine = Engine.from_pretrained(tiny_llama_dir, mode="plain", batch_size=4, max_length=128,
+    engine = make_engine(tiny_llama_dir, mode="plain", batch_size=4, max_length=128,
                                     prefill_buckets=(64,))
     prompts = [Prompt("chat", "test", f"Tell me about the number {i}.") for i in range(8)]
     examples = generate_responses(engine, prompts, tmp_path / "responses.jsonl", max_new_tokens=24)
@@ -153,7 +154,7 @@ def test_training_lowers_the_loss_and_the_drafter_serves(tmp_path, tiny_llama_di
     assert log[-1]["loss0"] < log[0]["loss0"] * 0.7
     assert (out / "config.json").is_file() and (out / "accuracy.png").is_file()
 
-    spec = Engine.from_pretrained(tiny_llama_dir, out, mode=mode, num_speculative_tokens=3, batch_size=4,
+    spec = make_engine(tiny_llama_dir, out, mode=mode, num_speculative_tokens=3, batch_size=4,
                                   max_length=128, prefill_buckets=(64,))
     ids = [e.prompt_ids for e in examples[:4]]
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)
@@ -164,7 +165,7 @@ def test_training_lowers_the_loss_and_the_drafter_serves(tmp_path, tiny_llama_di
 
 
 def test_a_wall_clock_budget_ends_training_with_the_learning_rate_decayed(tmp_path, tiny_llama_dir):
-    engine = Engine.from_pretrained(tiny_llama_dir, mode="plain", batch_size=4, max_length=128,
+    engine = make_engine(tiny_llama_dir, mode="plain", batch_size=4, max_length=128,
                                     prefill_buckets=(64,))
     prompts = [Prompt("code", "test", f"Write code number {i}.") for i in range(4)]
     compute_features(engine.target, generate_responses(engine, prompts, tmp_path / "r.jsonl", 16),
@@ -191,7 +192,7 @@ def test_a_wall_clock_budget_ends_training_with_the_learning_rate_decayed(tmp_pa
 
 
 def test_more_prompts_add_only_new_responses_and_complete_the_last_shard(tmp_path, tiny_llama_dir):
-    engine = Engine.from_pretrained(tiny_llama_dir, mode="plain", batch_size=4, max_length=128,
+    engine = make_engine(tiny_llama_dir, mode="plain", batch_size=4, max_length=128,
                                     prefill_buckets=(64,))
     first = [Prompt("chat", "test", f"Say {i}.") for i in range(4)]
     examples = generate_responses(engine, first, tmp_path / "r.jsonl", 8)
@@ -208,7 +209,7 @@ def test_more_prompts_add_only_new_responses_and_complete_the_last_shard(tmp_pat
 
 
 def test_sampled_answers_are_reproducible_written_beside_the_greedy_ones_and_resume(tmp_path, tiny_llama_dir):
-    engine = Engine.from_pretrained(tiny_llama_dir, mode="plain", batch_size=4, max_length=128,
+    engine = make_engine(tiny_llama_dir, mode="plain", batch_size=4, max_length=128,
                                     prefill_buckets=(64,))
     prompts = [Prompt("chat", "test", f"Say {i}.") for i in range(3)]
     path = tmp_path / "r.jsonl"
@@ -263,7 +264,7 @@ def test_corpus_examples_keep_to_the_token_budget_and_the_sequence_length():
 def test_training_reads_every_named_feature_set_and_names_a_missing_one(tmp_path, tiny_llama_dir):
     from neuron_peagle.training.data import Example
 
-    engine = Engine.from_pretrained(tiny_llama_dir, mode="plain", batch_size=2, max_length=128,
+    engine = make_engine(tiny_llama_dir, mode="plain", batch_size=2, max_length=128,
                                     prefill_buckets=(64,))
     responses = generate_responses(engine, [Prompt("code", "test", f"Count to {i}.") for i in range(2)],
                                    tmp_path / "r.jsonl", 12)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from neuron_peagle.runtime.engine import Engine, SamplingParams
+from neuron_peagle.runtime.engine import SamplingParams
+from spec_helpers import make_engine
 
 pytestmark = pytest.mark.xla  # the whole file runs backend xla: the torch-xla environment (.venv-xla)
 
@@ -16,7 +17,7 @@ LONG = [list(range(20, 45)), list(range(50, 80))]  # bucket 32
 
 @pytest.fixture(scope="module")
 def xla_engine(tiny_llama_dir):
-    return Engine.from_pretrained(tiny_llama_dir, mode="plain", batch_size=2, max_length=64,
+    return make_engine(tiny_llama_dir, mode="plain", batch_size=2, max_length=64,
                                   prefill_buckets=(16, 32), backend="xla")
 
 
@@ -36,7 +37,7 @@ def test_compiles_one_graph_per_bucket_plus_decode_and_none_while_decoding(xla_e
 
 
 def test_xla_tokens_equal_eager(xla_engine, tiny_llama_dir):
-    eager = Engine.from_pretrained(tiny_llama_dir, mode="plain", batch_size=2, max_length=64,
+    eager = make_engine(tiny_llama_dir, mode="plain", batch_size=2, max_length=64,
                                    prefill_buckets=(16, 32))
     prompts = SHORT + LONG + [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
     got = [o.output_ids for o in xla_engine.generate(prompts, PARAMS)]
@@ -48,9 +49,9 @@ def test_xla_tokens_equal_eager(xla_engine, tiny_llama_dir):
 def test_default_model_xla_equals_eager(default_model_dir):
     prompts = ["What is the capital of France?", "Write a haiku about the sea, please, in English."]
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
-    xla = Engine.from_pretrained(mode="plain", batch_size=2, max_length=128, prefill_buckets=(32, 64),
+    xla = make_engine(mode="plain", batch_size=2, max_length=128, prefill_buckets=(32, 64),
                                  backend="xla")
-    eager = Engine.from_pretrained(mode="plain", batch_size=2, max_length=128, prefill_buckets=(32, 64))
+    eager = make_engine(mode="plain", batch_size=2, max_length=128, prefill_buckets=(32, 64))
     start = xla.backend.compile_count()
     got = [o.output_ids for o in xla.generate(prompts, params)]
     assert xla.backend.compile_count() - start == 2
@@ -60,7 +61,7 @@ def test_default_model_xla_equals_eager(default_model_dir):
 def test_speculative_generation_compiles_buckets_plus_one_step_graph(tiny_llama_dir):
     # The compile counter is per process and torch-xla caches graphs by HLO: these shapes (max_length=88)
     # are used by no other test, so no earlier test can have compiled these graphs already.
-    engine = Engine.from_pretrained(tiny_llama_dir, mode="parallel", num_speculative_tokens=3, batch_size=2,
+    engine = make_engine(tiny_llama_dir, mode="parallel", num_speculative_tokens=3, batch_size=2,
                                     max_length=88, prefill_buckets=(16, 32), backend="xla")
     import torch_xla.debug.metrics as metrics
 
@@ -82,8 +83,8 @@ def test_speculative_generation_compiles_buckets_plus_one_step_graph(tiny_llama_
 @pytest.mark.parametrize("mode", ["parallel", "sequential"])
 def test_speculative_xla_tokens_equal_eager(tiny_llama_dir, mode):
     kwargs = dict(mode=mode, num_speculative_tokens=3, batch_size=2, max_length=96, prefill_buckets=(16, 32))
-    xla = Engine.from_pretrained(tiny_llama_dir, backend="xla", **kwargs)
-    eager = Engine.from_pretrained(tiny_llama_dir, **kwargs)
+    xla = make_engine(tiny_llama_dir, backend="xla", **kwargs)
+    eager = make_engine(tiny_llama_dir, **kwargs)
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     got = [o.output_ids for o in xla.generate(SHORT + LONG, params)]
     assert got == [o.output_ids for o in eager.generate(SHORT + LONG, params)]
@@ -100,11 +101,11 @@ def test_moe_targets_on_xla_equal_eager_with_every_op_lowered(tmp_path, family):
 
     model_dir = save_tiny_model(tmp_path / "model", family, tie=False, seed=5)
     kwargs = dict(mode="parallel", num_speculative_tokens=3, batch_size=2, max_length=64, prefill_buckets=(16,))
-    xla = Engine.from_pretrained(model_dir, backend="xla", **kwargs)
+    xla = make_engine(model_dir, backend="xla", **kwargs)
     start = xla.backend.compile_count()  # the backend counts for the whole process
     prompts = [[5, 9, 13, 40], [7, 300, 11], [31, 32]]
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     got = [o.output_ids for o in xla.generate(prompts, params)]
-    assert got == [o.output_ids for o in Engine.from_pretrained(model_dir, **kwargs).generate(prompts, params)]
+    assert got == [o.output_ids for o in make_engine(model_dir, **kwargs).generate(prompts, params)]
     assert xla.backend.compile_count() - start == 2  # prefill@16 and the step
     assert metrics.executed_fallback_ops() == []

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from neuron_peagle.runtime.engine import Engine, SamplingParams
+from neuron_peagle.runtime.engine import SamplingParams
+from spec_helpers import make_engine
 
 PROMPTS = [[4, 7, 12], [20, 21, 22, 23], [5, 7, 13, 5, 7]]
 SHAPES = dict(max_length=96, prefill_buckets=(16,), batch_size=2)
@@ -22,6 +23,6 @@ CASES = {
 def generate_case(model_dir: Path, drafter_dir: Path, case: tuple[dict, SamplingParams], backend: str,
                   tp_degree: int = 1) -> list[list[int]]:
     options, params = case
-    engine = Engine.from_pretrained(model_dir, drafter_dir if options["mode"] != "plain" else None, backend=backend,
+    engine = make_engine(model_dir, drafter_dir if options["mode"] != "plain" else None, backend=backend,
                                     tp_degree=tp_degree, **SHAPES, **options)
     return [out.output_ids for out in engine.generate(PROMPTS, params)]

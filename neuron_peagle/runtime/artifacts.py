@@ -43,9 +43,9 @@ from pathlib import Path
 
 from torch import Tensor
 
-from compile.manifest import (NEURON_MODEL_FILE, XLA_CACHE_DIR, Manifest, TensorInfo, WeightsInfo, installed_versions,
+from neuron_peagle.runtime.manifest import (NEURON_MODEL_FILE, XLA_CACHE_DIR, Manifest, TensorInfo, WeightsInfo, installed_versions,
                               tensor_infos)
-from compile.plan import GraphSpec, neuron_compiler_args, plan_graphs, trace_hlo
+from neuron_peagle.runtime.graph_specs import GraphSpec, neuron_compiler_args, plan_graphs, trace_hlo
 from neuron_peagle.backends import COMPILE_BACKENDS
 from neuron_peagle.backends.xla import XlaBackend, initialize_persistent_cache
 from neuron_peagle.checksums import find_mismatch
@@ -105,11 +105,9 @@ def _check_versions(manifest: Manifest) -> None:
 
 def check_request(manifest: Manifest, request: ArtifactRequest) -> None:
     """Every setting the request asks for is the one the artifacts were built with."""
-    built = {"backend": manifest.backend, "mode": manifest.mode,
-             "num_speculative_tokens": manifest.num_speculative_tokens, "batch_size": manifest.build.batch_size,
+    built = {"backend": manifest.backend, **manifest.speculation.to_dict(), "batch_size": manifest.build.batch_size,
              "max_length": manifest.build.max_length, "prefill_buckets": manifest.build.prefill_buckets,
-             "dtype": manifest.build.dtype, "kernels": manifest.build.kernels, "lookup_ngram": manifest.build.lookup_ngram,
-             "short_draft_tokens": manifest.build.short_draft_tokens, "datastore": manifest.build.datastore}
+             "dtype": manifest.build.dtype, "kernels": manifest.build.kernels}
     wrong = []
     for name, value in built.items():
         asked = getattr(request, name)
@@ -228,20 +226,17 @@ def _warm(engine, manifest: Manifest, report: LoadReport) -> None:
             report.graphs[spec.name] = UNLOADABLE if delta["PersistentCacheDeserializeFailure"] else MISSING
 
 
-def engine_for_build(engine_cls, model_dir: Path, drafter_dir: Path | None, mode: str, num_speculative_tokens: int,
-                     build, backend: str):
-    """The engine a build's settings describe (a BuildConfig, mode and K), loaded as `from_pretrained` loads
-    it, on `backend`: what compile.build compiles and what loading its artifacts rebuilds."""
-    return engine_cls.from_pretrained(model_dir, drafter_dir, mode=mode, num_speculative_tokens=num_speculative_tokens,
-                                      batch_size=build.batch_size, max_length=build.max_length,
-                                      prefill_buckets=build.prefill_buckets, dtype=build.dtype, backend=backend,
-                                      kernels=build.kernels, lookup_ngram=build.lookup_ngram,
-                                      short_draft_tokens=build.short_draft_tokens, datastore=build.datastore)
+def engine_for_build(engine_cls, model_dir: Path, drafter_dir: Path | None, speculation, build, backend: str):
+    """The engine a build's settings describe (its SpeculationConfig and BuildConfig), loaded as
+    `from_pretrained` loads it, on `backend`: what compile.build compiles and what loading its artifacts
+    rebuilds."""
+    return engine_cls.from_pretrained(model_dir, drafter_dir, speculation, batch_size=build.batch_size,
+                                      max_length=build.max_length, prefill_buckets=build.prefill_buckets,
+                                      dtype=build.dtype, backend=backend, kernels=build.kernels)
 
 
 def engine_from_manifest(engine_cls, manifest: Manifest, model_dir: Path, drafter_dir: Path | None, backend: str):
-    return engine_for_build(engine_cls, model_dir, drafter_dir, manifest.mode, manifest.num_speculative_tokens,
-                            manifest.build, backend)
+    return engine_for_build(engine_cls, model_dir, drafter_dir, manifest.speculation, manifest.build, backend)
 
 
 def _load_nxd(engine_cls, artifact_dir: Path, manifest: Manifest, model_dir: Path, drafter_dir: Path | None):
@@ -276,7 +271,7 @@ def load_engine(engine_cls, artifact_dir: Path, request: ArtifactRequest):
     if manifest.backend == "nxd":
         return _load_nxd(engine_cls, artifact_dir, manifest, model_dir, drafter_dir)
     if manifest.backend in COMPILE_BACKENDS:
-        from compile.compiled_build import load_compiled
+        from neuron_peagle.runtime.compiled_artifacts import load_compiled
 
         return load_compiled(engine_cls, artifact_dir, manifest, model_dir, drafter_dir)
     cache_dir = artifact_dir / XLA_CACHE_DIR

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import torch
 
-from neuron_peagle import checks
-from neuron_peagle.config import BuildConfig, DrafterConfig, ModelConfig, default_short_draft_tokens
+from neuron_peagle.config import BuildConfig, DrafterConfig, ModelConfig
 from neuron_peagle.datastore import DATASTORE_FILE, load_datastore
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.graphs.datastore import NgramDatastore
@@ -64,26 +63,6 @@ def check_servable(config: DrafterConfig) -> None:
         raise ConfigError("drafter config norm_output is true: sequential drafting feeds the last layer's output "
                           "back, not the final norm's this EAGLE-3 drafter was trained on, so it cannot be "
                           "served yet")
-
-
-def resolve_speculation(lookup_ngram: int, num_draft_tokens: int, short_draft_tokens: int | None,
-                        datastore: bool | str, choice: DrafterChoice | None) -> tuple[int, bool]:
-    """An engine's adaptive-K and datastore options as the build's values: "auto" datastore is on where
-    lookup is and the drafter directory has one; an unset short K (None) is the configuration's
-    default (config.default_short_draft_tokens); values given stand, checked here or by BuildConfig."""
-    if datastore not in (True, False, "auto") or isinstance(datastore, int) and not isinstance(datastore, bool):
-        raise ConfigError(f"datastore must be True, False or 'auto', got {datastore!r}")
-    checks.integer("lookup_ngram", lookup_ngram, minimum=0)
-    if short_draft_tokens is not None:
-        checks.integer("short_draft_tokens", short_draft_tokens, minimum=0)
-    if datastore == "auto":
-        datastore = bool(lookup_ngram) and choice is not None and choice.has_datastore
-    if short_draft_tokens is None:
-        short_draft_tokens = default_short_draft_tokens(lookup_ngram, num_draft_tokens, datastore)
-    if short_draft_tokens and not 0 < short_draft_tokens < num_draft_tokens:
-        raise ConfigError(f"short_draft_tokens (adaptive K) must be below num_speculative_tokens "
-                          f"{num_draft_tokens}, got {short_draft_tokens}")
-    return short_draft_tokens, datastore
 
 
 def random_drafter(config: DrafterConfig, max_length: int, seed: int = 0) -> Drafter:

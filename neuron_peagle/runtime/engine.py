@@ -15,19 +15,20 @@ from neuron_peagle import checks, memory
 from neuron_peagle.backends import get_backend
 from neuron_peagle.config import BuildConfig, ModelConfig
 from neuron_peagle.default_model import require_default_model
-from neuron_peagle.errors import ConfigError, PromptError
+from neuron_peagle.errors import ConfigError
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.parallel import TensorParallel
 from neuron_peagle.runtime.batch import BatchSampling
-from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter, resolve_speculation
+from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter
 from neuron_peagle.runtime.host_loop import Decoder, StepCallback, run_batch
 from neuron_peagle.runtime.plain_decoder import PlainDecoder
 from neuron_peagle.runtime.requests import check_prompt, check_stop_token_ids, prompt_inputs
 from neuron_peagle.runtime.spec_decoder import SpecDecoder
 from neuron_peagle.runtime.stats import RequestStats
+from neuron_peagle.speculation import SpeculationConfig
 from neuron_peagle.tokenizer import encode_prompt, load_tokenizer
 
-MODES = ("plain", "sequential", "parallel")
+PLAIN = SpeculationConfig(mode="plain").resolved(False)
 # Backends whose graphs run sharded models (DTensor; trn1's nxd shards at build time instead).
 TP_BACKENDS = ("eager", "inductor", "neuron")
 
@@ -125,55 +126,48 @@ class Engine:
     """
 
     def __init__(self, model_dir: Path, target: TargetModel, tokenizer, build: BuildConfig, decoder: Decoder,
-                 mode: str = "plain", num_speculative_tokens: int = 0, drafter: DrafterChoice | None = None) -> None:
+                 speculation: SpeculationConfig = PLAIN, drafter: DrafterChoice | None = None) -> None:
         self.model_dir = model_dir
         self.target = target
         self.tokenizer = tokenizer
         self.build = build
         self.decoder = decoder
         self.backend = decoder.backend
-        self.mode = mode
-        self.num_speculative_tokens = num_speculative_tokens
+        self.speculation = speculation  # resolved: every value concrete
         self.drafter = drafter
         self.artifacts = None  # runtime.artifacts.LoadReport when loaded by from_compiled
 
+    @property
+    def mode(self) -> str:
+        return self.speculation.mode
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        return self.speculation.num_speculative_tokens
+
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path | None = None, drafter_dir: str | Path | None = None, *,
-                        mode: str = "parallel", num_speculative_tokens: int = 7,
-                        parallel_drafting: bool | None = None, batch_size: int = 1, max_length: int = 1024,
-                        prefill_buckets: Sequence[int] = (128, 512), dtype: str = "float32",
-                        backend: str = "eager", kernels: str = "auto", lookup_ngram: int = 0,
-                        short_draft_tokens: int | None = 0, datastore: bool | str = False,
-                        tp_degree: int = 1) -> "Engine":
+    def from_pretrained(cls, model_dir: str | Path | None = None, drafter_dir: str | Path | None = None,
+                        speculation: SpeculationConfig | dict | None = None, *, batch_size: int = 1,
+                        max_length: int = 1024, prefill_buckets: Sequence[int] = (128, 512), dtype: str = "float32",
+                        backend: str = "eager", kernels: str = "auto", tp_degree: int = 1) -> "Engine":
         """Load a Hugging Face target directory (default: the embedded SmolLM2-135M-Instruct) and a
         speculators-format drafter (default: the project's drafter for the default model).
 
-        `parallel_drafting=False` is the vLLM-style spelling of mode="sequential". `kernels` picks the
-        draft-pass kernels' implementation (BuildConfig.kernels; "auto": NKI on neuron, else PyTorch).
-        `lookup_ngram=n` (speculative modes) replaces drafts by tokens copied from earlier in the
-        sequence wherever its last n tokens occurred before (neuron_peagle.graphs.lookup).
-        `short_draft_tokens=k` (with lookup; adaptive K) drafts only k tokens in steps where the lookup
-        found nothing to copy, num_speculative_tokens where it did (runtime.spec_decoder); None: the
-        command line's default for the configuration (config.default_short_draft_tokens).
-        `datastore=True` (with lookup) also drafts from the drafter directory's n-gram datastore of the
-        target's answers (`datastore.safetensors`; graphs.datastore); "auto": where the drafter has one.
+        `speculation` (a SpeculationConfig, or a dict of its fields; default: SpeculationConfig(), the
+        command line's defaults) says how to draft: P-EAGLE, sequential or plain, K, context lookup, the
+        datastore, adaptive K. The rest are the graphs' shapes and how they run (BuildConfig); `kernels`
+        picks the draft-pass kernels' implementation ("auto": NKI on neuron, else PyTorch).
         `tp_degree=n` shards the target over n processes, one rank each (neuron_peagle.parallel: DTensor;
         eager, inductor and neuron backends; run under `torchrun --nproc-per-node n`): every rank returns
         the same outputs."""
-        if parallel_drafting is not None and mode != "plain":
-            mode = "parallel" if parallel_drafting else "sequential"
-        checks.choice("mode", mode, MODES)
-        checks.integer("num_speculative_tokens", num_speculative_tokens, minimum=1 if mode != "plain" else 0)
+        speculation = SpeculationConfig.of(speculation)
         checks.integer("tp_degree", tp_degree, minimum=1)
         path = Path(model_dir) if model_dir is not None else require_default_model()
         model_config = ModelConfig.from_dir(path)
-        choice = None if mode == "plain" else choose_drafter(path, drafter_dir, is_default_target=model_dir is None)
-        short_draft_tokens, datastore = resolve_speculation(lookup_ngram, num_speculative_tokens, short_draft_tokens,
-                                                            datastore, choice)
+        choice = None if speculation.plain else choose_drafter(path, drafter_dir, is_default_target=model_dir is None)
+        speculation = speculation.resolved(choice is not None and choice.has_datastore)
         build = BuildConfig(batch_size=batch_size, max_length=max_length,
-                            prefill_buckets=prefill_buckets, dtype=dtype, backend=backend, kernels=kernels,
-                            lookup_ngram=lookup_ngram, short_draft_tokens=short_draft_tokens,
-                            datastore=datastore)
+                            prefill_buckets=prefill_buckets, dtype=dtype, backend=backend, kernels=kernels)
         if tp_degree != 1:
             if build.backend not in TP_BACKENDS:
                 raise ConfigError(f"tensor parallelism (tp_degree {tp_degree}) runs on backends {', '.join(TP_BACKENDS)}"
@@ -186,25 +180,24 @@ class Engine:
                           sum(f.stat().st_size for f in path.glob("*.safetensors")), copies=tp_degree)
         tp = TensorParallel.from_process_group(tp_degree, "neuron" if build.backend == "neuron" else "cpu")
         runner = get_backend(build.backend)
-        if mode == "plain":
-            if build.lookup_ngram:
-                raise ConfigError("lookup_ngram needs a speculative mode: plain decoding drafts nothing")
+        if speculation.plain:
             target = TargetModel.from_pretrained(path, build.max_length, build.torch_dtype, tp=tp)
-            return cls(path, target, load_tokenizer(path), build, PlainDecoder(target, build, runner))
+            return cls(path, target, load_tokenizer(path), build, PlainDecoder(target, build, runner), speculation)
         target = TargetModel.from_pretrained(path, build.max_length, build.torch_dtype,
                                              feature_layers=choice.config.feature_layers, tp=tp)
         drafter = choice.load(target, build)
         from neuron_peagle.graphs.proposers import DrafterProposer
 
-        proposer = DrafterProposer(drafter, target, build.batch_size, parallel=mode == "parallel",
+        k = speculation.num_speculative_tokens
+        proposer = DrafterProposer(drafter, target, build.batch_size, parallel=speculation.mode == "parallel",
                                    kernels=build.kernels)
-        if build.lookup_ngram:
+        if speculation.lookup_ngram:
             from neuron_peagle.graphs.lookup import LookupProposer
 
-            proposer = LookupProposer(proposer, build.batch_size, build.max_length, num_speculative_tokens,
-                                      build.lookup_ngram, choice.load_datastore(target) if build.datastore else None)
-        decoder = SpecDecoder(target, proposer, build, runner, num_speculative_tokens)
-        return cls(path, target, load_tokenizer(path), build, decoder, mode, num_speculative_tokens, choice)
+            proposer = LookupProposer(proposer, build.batch_size, build.max_length, k, speculation.lookup_ngram,
+                                      choice.load_datastore(target) if speculation.datastore else None)
+        decoder = SpecDecoder(target, proposer, build, runner, k, speculation.short_draft_tokens)
+        return cls(path, target, load_tokenizer(path), build, decoder, speculation, choice)
 
     @classmethod
     def from_compiled(cls, artifact_dir: str | Path, **expected) -> "Engine":

@@ -53,7 +53,7 @@ class StepRecord:
     """One decode step of one batch, as the host loop saw it (for profiler sessions and monitoring)."""
 
     step: int  # index of the step in its batch's decode loop
-    num_draft_tokens: int  # K of the step graph that ran (adaptive K varies it; 0 for plain decoding)
+    num_speculative_tokens: int  # K of the step graph that ran (adaptive K varies it; 0 for plain decoding)
     counts: list[int]  # tokens the step committed per row; 0 for rows already finished
     wall_s: float  # host wall time of the step, graph call included
     parts_s: dict[str, float]  # draft / verify / accept seconds inside the graph (eager backend only)
@@ -74,7 +74,7 @@ def run_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens
     rows = [RowState(list(p), n) for p, n in zip(prompts, max_new_tokens)]
     for row in rows:
         row.stats.num_prompt_tokens = len(row.prompt_ids)
-        row.stats.num_draft_tokens = decoder.tokens_per_step - 1
+        row.stats.num_speculative_tokens = decoder.tokens_per_step - 1
 
     start = time.perf_counter()
     with torch.profiler.record_function("peagle::prefill"):

@@ -3,7 +3,7 @@
 The host only prepares inputs (sampling settings, seeded uniforms) and reads back the committed
 tokens; caches and the pending-feature state stay inside the graphs.
 
-Adaptive K (`BuildConfig.short_draft_tokens`): a second step graph drafts only the short K. Each
+Adaptive K (`SpeculationConfig.short_draft_tokens`): a second step graph drafts only the short K. Each
 graph call also returns how many of the next step's drafts context lookup already supplies; the
 next step runs the long K where any live row has one, the short K elsewhere (a drafter's later drafts are
 rarely accepted; copied spans often are, whole). Both graphs share the caches and a state sized for
@@ -28,18 +28,18 @@ from neuron_peagle.runtime.step_parts import TimedStep
 
 class SpecDecoder:
     def __init__(self, target: TargetModel, proposer: nn.Module, build: BuildConfig, backend: Backend,
-                 num_draft_tokens: int) -> None:
+                 num_speculative_tokens: int, short_draft_tokens: int = 0) -> None:
         self.build = build
         self.batch_size = build.batch_size
         self.backend = backend
-        self.num_draft_tokens = num_draft_tokens
-        self.tokens_per_step = num_draft_tokens + 1
+        self.num_speculative_tokens = num_speculative_tokens
+        self.tokens_per_step = num_speculative_tokens + 1
         # The K of each step graph, longest first (the short K only with adaptive K).
-        self.step_ks = (num_draft_tokens,) + ((build.short_draft_tokens,) if build.short_draft_tokens else ())
+        self.step_ks = (num_speculative_tokens,) + ((short_draft_tokens,) if short_draft_tokens else ())
         feature_size = 3 * target.config.hidden_size
         self.target = backend.prepare(target)
-        self.cache = backend.prepare(target.new_cache(build.batch_size, step_tokens=num_draft_tokens + 1))
-        self.state = backend.prepare(SpecState(build.batch_size, num_draft_tokens, feature_size,
+        self.cache = backend.prepare(target.new_cache(build.batch_size, step_tokens=num_speculative_tokens + 1))
+        self.state = backend.prepare(SpecState(build.batch_size, num_speculative_tokens, feature_size,
                                                target.embed_tokens.weight.dtype))
         self.proposer = backend.prepare(proposer)
         self.graphs = {
@@ -87,7 +87,7 @@ class SpecDecoder:
         inputs = SpecStepInputs(s.temperature, s.top_k, s.top_p, uniforms[:, :k], uniforms[:, k:])
         # The host's copy of the graph's last_position, clamped as the graph clamps it (for the
         # longest K): the step writes and reads the cache up to last_position + K.
-        last = self._last_position.clamp(max=self.build.max_length - self.num_draft_tokens - 2)
+        last = self._last_position.clamp(max=self.build.max_length - self.num_speculative_tokens - 2)
         self.cache.read_up_to(int(last.max()) + k)
         graph = self.graphs[sampling.greedy][1][k]
         tokens, counts, self._known_drafts = self.backend.run(self._timed.get(graph, graph), inputs)

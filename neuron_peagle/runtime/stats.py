@@ -20,7 +20,7 @@ class RequestStats:
     num_steps: int = 0
     # Tokens committed by decode steps (the first token comes from prefill and is not counted).
     num_decoded_tokens: int = 0
-    num_draft_tokens: int = 0  # K; 0 for plain decoding
+    num_speculative_tokens: int = 0  # K; 0 for plain decoding
     # Sum over steps of the tokens the step graph committed (accepted drafts + 1), before any
     # truncation by a stop token or the length limit.
     committed_by_steps: int = 0
@@ -51,9 +51,9 @@ class RequestStats:
     def record_step(self, committed: int) -> None:
         self.num_steps += 1
         self.committed_by_steps += committed
-        if self.num_draft_tokens:
+        if self.num_speculative_tokens:
             if not self.accepted_per_position:
-                self.accepted_per_position = [0] * self.num_draft_tokens
+                self.accepted_per_position = [0] * self.num_speculative_tokens
             for j in range(committed - 1):
                 self.accepted_per_position[j] += 1
 
@@ -64,7 +64,7 @@ class RequestStats:
             "prefill_time_s": self.prefill_time_s, "decode_time_s": self.decode_time_s,
             "draft_time_s": self.draft_time_s, "verify_time_s": self.verify_time_s,
             "accept_time_s": self.accept_time_s, "host_time_s": self.host_time_s,
-            "num_steps": self.num_steps, "num_draft_tokens": self.num_draft_tokens,
+            "num_steps": self.num_steps, "num_speculative_tokens": self.num_speculative_tokens,
             "acceptance_length": self.acceptance_length,
             "acceptance_per_position": self.acceptance_per_position,
         }

@@ -44,8 +44,11 @@ from neuron_peagle.config import BuildConfig
 from neuron_peagle.default_model import sha256_of
 from neuron_peagle.errors import ArtifactError
 from neuron_peagle.files import atomic_write_text
+from neuron_peagle.speculation import SpeculationConfig
 
-FORMAT_VERSION = 2  # 2: backends inductor, neuron (TorchNeuron), xla, nxd (was "neuron")
+# 2: backends inductor, neuron (TorchNeuron), xla, nxd (was "neuron"); 3: the speculation settings in their
+# own `speculation` record (neuron_peagle.speculation), out of `build`
+FORMAT_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 LOG_NAME = "compile_log.jsonl"
 HLO_DIR = "hlo"
@@ -151,8 +154,7 @@ class Manifest:
     backend: str  # "inductor" | "neuron" | "xla" | "nxd"
     versions: dict[str, str | None]
     build: BuildConfig
-    mode: str
-    num_speculative_tokens: int
+    speculation: SpeculationConfig  # resolved: every value concrete
     tp_degree: int
     target: str  # trn1 | trn2: the neuronx-cc target (recorded on xla too: it is in the fingerprints)
     model: WeightsInfo
@@ -164,6 +166,14 @@ class Manifest:
     # sha256 of every file the build wrote that the loader reads (`artifact_checksums`), relative path ->
     # hex; verified before anything loads. Empty in manifests written before it was recorded.
     checksums: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str:
+        return self.speculation.mode
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        return self.speculation.num_speculative_tokens
 
     def graph(self, name: str) -> GraphRecord | None:
         return next((g for g in self.graphs if g.name == name), None)
@@ -180,6 +190,7 @@ class Manifest:
         return cls(**{
             **data,
             "build": BuildConfig.from_dict(data["build"]),
+            "speculation": SpeculationConfig.from_dict(data["speculation"]),
             "model": WeightsInfo(**data["model"]),
             "drafter": WeightsInfo(**drafter) if drafter is not None else None,
             "graphs": tuple(GraphRecord.from_dict(g) for g in data["graphs"]),

@@ -1,0 +1,125 @@
+"""How an engine speculates: one config, one set of defaults, shared by the API, the command line and
+the build (`python -m compile.build`). BuildConfig holds the graphs' shapes; this holds the method.
+
+    SpeculationConfig()                                  P-EAGLE, K=7, context lookup, datastore where
+                                                         the drafter has one, adaptive K where it pays
+    SpeculationConfig(mode="sequential")                 EAGLE-style drafting (K drafter passes)
+    SpeculationConfig(mode="plain")                      no speculation: the reference
+    SpeculationConfig(lookup_ngram=0, datastore=False)   the drafter alone
+
+The defaults are the command line's, measured on held-out prompts (BENCHMARKS.md). `resolved()` turns
+"auto" and unset values into what they mean for a drafter, and is what a build records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from neuron_peagle import checks
+from neuron_peagle.errors import ConfigError
+
+MODES = ("parallel", "sequential", "plain")
+# Context lookup's longest n-gram: on held-out prompts, 5 backing off to 2 accepted the most
+# (BENCHMARKS.md, round 10).
+DEFAULT_LOOKUP_NGRAM = 5
+# Adaptive K: steps whose context lookup found nothing to copy draft this many tokens instead of K
+# (BENCHMARKS.md, round 11).
+DEFAULT_SHORT_DRAFT_TOKENS = 3
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    """- mode: "parallel" (P-EAGLE: all K drafts from one drafter pass), "sequential" (EAGLE-style: K
+      drafter passes) or "plain" (no drafter).
+    - num_speculative_tokens: K, the drafts per step.
+    - lookup_ngram: context lookup (graphs/lookup.py) replaces drafts by tokens copied from earlier in the
+      sequence wherever its last n tokens (backing off to 2) occurred before; 0: the drafter alone.
+    - datastore: with lookup, drafts 2..K may come from the drafter directory's n-gram datastore of the
+      target's answers (graphs/datastore.py); "auto": where the drafter has one.
+    - short_draft_tokens: adaptive K (with lookup): steps whose lookup found nothing draft this many
+      instead of K, through a second step graph; 0: every step drafts K; None: the default for the
+      configuration (DEFAULT_SHORT_DRAFT_TOKENS where lookup is on, K is longer and there is no datastore).
+    """
+
+    mode: str = "parallel"
+    num_speculative_tokens: int = 7
+    lookup_ngram: int = DEFAULT_LOOKUP_NGRAM
+    datastore: bool | str = "auto"
+    short_draft_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        checks.choice("mode", self.mode, MODES)
+        checks.integer("num_speculative_tokens", self.num_speculative_tokens, minimum=0 if self.plain else 1)
+        checks.integer("lookup_ngram", self.lookup_ngram, minimum=0)
+        if self.datastore not in (True, False, "auto") or isinstance(self.datastore, int) and not isinstance(
+                self.datastore, bool):
+            raise ConfigError(f"datastore must be True, False or 'auto', got {self.datastore!r}")
+        if self.short_draft_tokens is not None:
+            checks.integer("short_draft_tokens", self.short_draft_tokens, minimum=0)
+        if self.plain:
+            return
+        if self.short_draft_tokens and not self.lookup_ngram:
+            raise ConfigError("short_draft_tokens (adaptive K) needs context lookup: it picks K by whether the "
+                              "lookup found a copy; set lookup_ngram too")
+        if self.datastore is True and not self.lookup_ngram:
+            raise ConfigError("datastore needs context lookup (its continuations are drafted by the lookup); "
+                              "set lookup_ngram too")
+        if self.short_draft_tokens and not self.short_draft_tokens < self.num_speculative_tokens:
+            raise ConfigError(f"short_draft_tokens (adaptive K) must be below num_speculative_tokens "
+                              f"{self.num_speculative_tokens}, got {self.short_draft_tokens}")
+
+    @property
+    def plain(self) -> bool:
+        return self.mode == "plain"
+
+    def resolved(self, drafter_has_datastore: bool) -> "SpeculationConfig":
+        """Every value concrete: plain decoding drafts nothing (K 0, no lookup); an "auto" datastore is on
+        where lookup is and the drafter has one; an unset short K is the configuration's default."""
+        if self.plain:
+            return SpeculationConfig("plain", 0, 0, False, 0)
+        datastore = self.datastore
+        if datastore == "auto":
+            datastore = bool(self.lookup_ngram) and drafter_has_datastore
+        short = self.short_draft_tokens
+        if short is None:
+            short = (DEFAULT_SHORT_DRAFT_TOKENS if self.lookup_ngram and not datastore
+                     and self.num_speculative_tokens > DEFAULT_SHORT_DRAFT_TOKENS else 0)
+        return dataclasses.replace(self, datastore=datastore, short_draft_tokens=short)
+
+    def describe(self) -> str:
+        """One line for people: the method, K and what drafts besides the drafter."""
+        if self.plain:
+            return "plain decoding"
+        text = f"{'P-EAGLE' if self.mode == 'parallel' else 'sequential drafting'}, K={self.num_speculative_tokens}"
+        if self.lookup_ngram:
+            text += f", context lookup of up to {self.lookup_ngram}-grams"
+        if self.short_draft_tokens:
+            text += f", K={self.short_draft_tokens} where it finds nothing"
+        if self.datastore is True:
+            text += ", the drafter's n-gram datastore"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SpeculationConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"unknown speculation settings: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    @classmethod
+    def of(cls, value: "SpeculationConfig | dict[str, Any] | None") -> "SpeculationConfig":
+        """A config from itself, a dict of its fields, or None (the defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, dict):
+            return cls.from_dict(value)
+        if not isinstance(value, cls):
+            raise ConfigError(f"speculation must be a SpeculationConfig or a dict of its fields, got "
+                              f"{type(value).__name__}")
+        return value
