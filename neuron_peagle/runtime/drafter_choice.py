@@ -13,7 +13,7 @@ from neuron_peagle import checks
 from neuron_peagle.config import BuildConfig, DrafterConfig, ModelConfig, default_short_draft_tokens
 from neuron_peagle.datastore import DATASTORE_FILE, load_datastore
 from neuron_peagle.errors import ConfigError
-from neuron_peagle.graphs.datastore import NgramDatastore
+from neuron_peagle.graphs.datastore_lookup import NgramDatastore
 from neuron_peagle.models.drafter import Drafter
 from neuron_peagle.models.drafter_io import load_drafter, read_drafter_config
 from neuron_peagle.models.target import TargetModel, default_feature_layers
