@@ -1,4 +1,4 @@
-"""Build, save and load the n-gram datastore (host side; the lookup is graphs/datastore.py).
+"""Build, save and load the n-gram datastore (host side; the lookup is graphs/datastore_lookup.py).
 
 The datastore is made from the target's own answers (the drafter's training responses): for every
 n-gram of orders `min_order..max_order` seen at least `min_count` times, the token seen most often
@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from neuron_peagle.checksums import read_checksums, record_checksums, verify_checksums
 from neuron_peagle.errors import ConfigError, ModelDirError
 from neuron_peagle.files import atomic_path
-from neuron_peagle.graphs.datastore import EMPTY, MAX_VOCAB, PAD, PROBES, NgramDatastore, NgramTable, ngram_hash
+from neuron_peagle.graphs.datastore_lookup import EMPTY, MAX_VOCAB, PAD, PROBES, NgramDatastore, NgramTable, ngram_hash
 
 DATASTORE_FILE = "datastore.safetensors"
 

@@ -59,16 +59,3 @@ class KVCache(nn.Module):
 
     def layer(self, i: int) -> tuple[Tensor, Tensor]:
         return getattr(self, f"key_{i}"), getattr(self, f"value_{i}")
-
-    def buffers_in_order(self) -> list[Tensor]:
-        """key_0, value_0, key_1, ..., then window_positions if any: the order in which graphs alias them."""
-        out = []
-        for i in range(self.num_layers):
-            out.extend(self.layer(i))
-        return out + ([self.window_positions] if self.window_positions is not None else [])
-
-    def reset(self) -> None:
-        for buf in self.buffers_in_order():
-            buf.zero_()
-        if self.window_positions is not None:
-            self.window_positions.fill_(NO_POSITION)

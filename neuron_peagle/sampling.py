@@ -1,6 +1,6 @@
 """Token selection and speculative acceptance as fixed-shape tensor code (traceable, no RNG inside).
 
-Everything here except `sampling_tensors` and `HostRandom` is graph code: it is traced into XLA /
+Everything here except `HostRandom` is graph code: it is traced into XLA /
 Neuron graphs, so it has no `.item()`, no `nonzero`, no Python branch on a tensor value and no
 data-dependent shape. Randomness comes in as uniform tensors drawn on the host by `HostRandom`, so
 the graphs are pure functions of their inputs: a seeded request is reproducible on every backend and
@@ -33,7 +33,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from neuron_peagle.errors import ConfigError
 
 PAD_TOKEN = -1  # fills the committed-token slots after the n + 1 valid ones
 
@@ -42,22 +41,6 @@ class SamplingTensors(NamedTuple):
     temperature: Tensor  # [B] float32; 0 means greedy for that row
     top_k: Tensor  # [B] int64; 0 means no top-k
     top_p: Tensor  # [B] float32; 1.0 means no top-p
-
-
-def sampling_tensors(batch_size: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0
-                     ) -> SamplingTensors:
-    """Host helper: the same settings for every one of `batch_size` rows."""
-    if temperature < 0:
-        raise ConfigError(f"temperature must be >= 0, got {temperature}")
-    if top_k < 0:
-        raise ConfigError(f"top_k must be >= 0, got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
-    return SamplingTensors(
-        temperature=torch.full((batch_size,), float(temperature), dtype=torch.float32),
-        top_k=torch.full((batch_size,), int(top_k), dtype=torch.int64),
-        top_p=torch.full((batch_size,), float(top_p), dtype=torch.float32),
-    )
 
 
 def target_probs(logits: Tensor, sampling: SamplingTensors) -> Tensor:

@@ -37,7 +37,7 @@ class SpeculationConfig:
     - lookup_ngram: context lookup (graphs/lookup.py) replaces drafts by tokens copied from earlier in the
       sequence wherever its last n tokens (backing off to 2) occurred before; 0: the drafter alone.
     - datastore: with lookup, drafts 2..K may come from the drafter directory's n-gram datastore of the
-      target's answers (graphs/datastore.py); "auto": where the drafter has one.
+      target's answers (graphs/datastore_lookup.py); "auto": where the drafter has one.
     - short_draft_tokens: adaptive K (with lookup): steps whose lookup found nothing draft this many
       instead of K, through a second step graph; 0: every step drafts K; None: the default for the
       configuration (DEFAULT_SHORT_DRAFT_TOKENS where lookup is on, K is longer and there is no datastore).

@@ -4,7 +4,7 @@
 
 Reads a responses file of the training data format (JSON lines of "prompt_ids" / "response_ids",
 gzip or plain; default: the repository's archive for the default model, training_data/) and writes
-`datastore.safetensors` into --out (neuron_peagle.datastore; the lookup is graphs/datastore.py). A
+`datastore.safetensors` into --out (neuron_peagle.datastore; the lookup is graphs/datastore_lookup.py). A
 drafter directory's `checksums.json`, where it has one, records the new file's sha256 too.
 """
 

@@ -6,15 +6,38 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 
 from neuron_peagle.backends import get_backend
 from neuron_peagle.config import BuildConfig
-from neuron_peagle.graphs.proposers import TableProposer
+from neuron_peagle.graphs.spec_state import SpecState
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.runtime.engine import Engine
 from neuron_peagle.runtime.spec_decoder import SpecDecoder
 from neuron_peagle.speculation import SpeculationConfig
 from neuron_peagle.tokenizer import load_tokenizer
+
+
+class TableProposer(nn.Module):
+    """Proposes tokens read from a table of known continuations: `table[b, p]` is the draft for
+    position p. Filled with the target's own greedy output it is an oracle (everything accepted);
+    with some entries corrupted, a drafter that is right some of the time. For tests of the
+    verify/accept path, independent of any drafter's quality."""
+
+    def __init__(self, batch_size: int, max_length: int) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.zeros(batch_size, max_length, dtype=torch.int64), persistent=False)
+
+    def prefill(self, features: Tensor, input_ids: Tensor, lengths: Tensor) -> None:
+        pass
+
+    def propose(self, state: SpecState, num_draft_tokens: int) -> Tensor:  # -> drafts [B, K] (target ids)
+        offsets = torch.arange(1, num_draft_tokens + 1, device=state.last_position.device)
+        index = (state.last_position.unsqueeze(-1) + offsets).clamp(max=self.table.shape[1] - 1)
+        return self.table.gather(1, index)
+
+    def commit(self, state: SpecState) -> Tensor:  # -> [B] int64: drafts known in advance (none)
+        return torch.zeros_like(state.pending_count)
 
 
 def table_engine(model_dir: Path, k: int, batch_size: int, max_length: int = 256,

@@ -17,7 +17,7 @@ from neuron_peagle.config import DrafterConfig, ModelConfig
 from neuron_peagle.datastore import (DATASTORE_FILE, DatastoreConfig, build_entries, datastore_from_entries,
                                      hash_table, load_datastore, save_datastore)
 from neuron_peagle.errors import ConfigError, ModelDirError, WeightsError
-from neuron_peagle.graphs.datastore import EMPTY, PAD
+from neuron_peagle.graphs.datastore_lookup import EMPTY, PAD
 from neuron_peagle.models.drafter_io import save_drafter
 from neuron_peagle.models.target import default_feature_layers
 from neuron_peagle.runtime.drafter_choice import random_drafter

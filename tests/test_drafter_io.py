@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from neuron_peagle.config import DrafterConfig, ModelConfig
 from neuron_peagle.errors import ConfigError, DrafterMismatchError, WeightsError
-from neuron_peagle.graphs.proposers import DrafterProposer, SpecState
+from neuron_peagle.graphs.proposers import DrafterProposer
+from neuron_peagle.graphs.spec_state import SpecState
 from neuron_peagle.checksums import CHECKSUMS_FILE
 from neuron_peagle.models.drafter_io import load_drafter, save_drafter
 from neuron_peagle.models.target import TargetModel

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from neuron_peagle.config import BuildConfig, DrafterConfig
 from neuron_peagle.errors import BackendUnavailableError, ConfigError
-from neuron_peagle.graphs.proposers import DrafterProposer, SpecState
+from neuron_peagle.graphs.proposers import DrafterProposer
+from neuron_peagle.graphs.spec_state import SpecState
 from neuron_peagle.graphs.speculative import (SpecPrefillGraph, SpecPrefillInputs, SpecStepGraph, SpecStepInputs,
                                               SpecStepOutputs)
 from neuron_peagle.kernels import (DraftInputParams, check_kernel_mode, draft_input_call, draft_input_reference,

@@ -12,9 +12,9 @@ from conftest import NEW_TOKENS, save_tiny_model
 from spec_helpers import record_ks, make_engine
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.datastore import datastore_from_entries
-from neuron_peagle.graphs.datastore import EMPTY
+from neuron_peagle.graphs.datastore_lookup import EMPTY
 from neuron_peagle.graphs.lookup import LookupProposer, context_lookup
-from neuron_peagle.graphs.proposers import SpecState
+from neuron_peagle.graphs.spec_state import SpecState
 from neuron_peagle.runtime.engine import SamplingParams
 
 PARAMS = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)

@@ -17,9 +17,25 @@ from torch import Tensor
 
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.sampling import (HostRandom, SamplingTensors, greedy_accept, rejection_accept,
-                                    sample_from_probs, sample_tokens, sampling_tensors, target_probs)
+                                    sample_from_probs, sample_tokens, target_probs)
 
 PAD = -1
+
+
+def sampling_tensors(batch_size: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0
+                     ) -> SamplingTensors:
+    """The same settings for every one of `batch_size` rows."""
+    if temperature < 0:
+        raise ConfigError(f"temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise ConfigError(f"top_k must be >= 0, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+    return SamplingTensors(
+        temperature=torch.full((batch_size,), float(temperature), dtype=torch.float32),
+        top_k=torch.full((batch_size,), int(top_k), dtype=torch.int64),
+        top_p=torch.full((batch_size,), float(top_p), dtype=torch.float32),
+    )
 
 
 def one_hot_probs(tokens: Tensor, vocab: int) -> Tensor:  # [B, R] -> [B, R, V] float32

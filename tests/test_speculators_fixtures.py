@@ -207,7 +207,8 @@ def test_step_graphs_draft_what_the_drafter_computes(name):
     forward whose logits match speculators'."""
     from types import SimpleNamespace
 
-    from neuron_peagle.graphs.proposers import DrafterProposer, SpecState
+    from neuron_peagle.graphs.proposers import DrafterProposer
+    from neuron_peagle.graphs.spec_state import SpecState
     from neuron_peagle.models.drafter import draft_target_ids
 
     drafter = _load(FIXTURES / name / "drafter", name)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from neuron_peagle.config import BuildConfig
 from neuron_peagle.graphs.lookup import LookupProposer
 from neuron_peagle.graphs.plain import DecodeGraph, DecodeInputs, PrefillGraph
-from neuron_peagle.graphs.proposers import SpecState
+from neuron_peagle.graphs.spec_state import SpecState
 from neuron_peagle.graphs.speculative import SpecPrefillGraph, SpecStepGraph, SpecStepInputs
 from neuron_peagle.kv_cache import KVCache
 

@@ -9,7 +9,7 @@ proposes the copied token, elsewhere the wrapped proposer's draft. The match is 
 of the longest n-gram (up to `ngram`, down to 2) that occurred before. Where the committed tokens
 match nothing, the n-gram ending in the wrapped proposer's first draft is looked up instead, for the
 drafts after it: in the sequence, and failing that in an n-gram datastore of the target's answers to
-other prompts (graphs/datastore.py), when the engine has one.
+other prompts (graphs/datastore_lookup.py), when the engine has one.
 
 Because P-EAGLE's mask slots do not condition on the drafts before them, the drafter's guess for a
 later position stays a valid guess whatever was copied before it. Every draft is still verified by
@@ -27,8 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from neuron_peagle.errors import ConfigError
-from neuron_peagle.graphs.datastore import NgramDatastore
-from neuron_peagle.graphs.proposers import SpecState
+from neuron_peagle.graphs.datastore_lookup import NgramDatastore
+from neuron_peagle.graphs.proposers import Proposer
+from neuron_peagle.graphs.spec_state import SpecState
 from neuron_peagle.graphs.state import assign_state, scatter_state, write_state_slice
 
 
@@ -79,7 +80,7 @@ class LookupProposer(nn.Module):
     when drafting: its copies for the next step wait in `copied` ([B, K], -1 where nothing was found),
     and how many leading drafts they supply is known before that step runs (adaptive K)."""
 
-    def __init__(self, inner: nn.Module, batch_size: int, max_length: int, num_draft_tokens: int, ngram: int,
+    def __init__(self, inner: Proposer, batch_size: int, max_length: int, num_draft_tokens: int, ngram: int,
                  datastore: NgramDatastore | None = None) -> None:
         super().__init__()
         if ngram < 1:

@@ -1,18 +1,13 @@
 """Draft proposers: the part of a speculative step that guesses the next K tokens.
 
-All of them see the same `SpecState` (kept on the device by the step graphs), sized for the longest
-K the engine drafts (`S = K + 1` slots):
-
-    pending_features [B, S, 3H]  target features of the positions committed last step,
-    pending_tokens   [B, S]      and the token that followed each, right-aligned:
-    pending_count    [B]         the last `pending_count` slots are valid (1..S).
-    last_position    [B]         position of y, the last committed token (its target KV is not
-                                 written yet; y = pending_tokens[:, S-1]).
-
-A proposer drafts `num_draft_tokens` tokens per call (`propose(state, k)`, any k <= S-1: an engine
-with an adaptive K runs step graphs of two lengths on the same state). After each commit,
-`commit(state)` says how many leading drafts of the next step it already knows (context lookup's
-copies; 0 for a drafter alone): that count picks the next step's K.
+A proposer is an `nn.Module` (its buffers, such as a drafter's KV cache, are step-graph state) with
+the three methods of `Proposer`. All of them read the same `SpecState` (graphs/spec_state.py), sized
+for the longest K the engine drafts (`S = K + 1` slots). A proposer drafts `num_draft_tokens` tokens
+per call (`propose(state, k)`, any k <= S-1: an engine with an adaptive K runs step graphs of two
+lengths on the same state). After each commit, `commit(state)` says how many leading drafts of the
+next step it already knows (context lookup's copies; 0 for a drafter alone): that count picks the
+next step's K. The proposers: `DrafterProposer` (here) and `LookupProposer` (graphs/lookup.py),
+which wraps another proposer and consults the n-gram datastore (graphs/datastore_lookup.py).
 
 A drafter slot at position p pairs (feature f_p, token t_{p+1}); so the pending pairs sit at drafter
 positions last_position - pending_count .. last_position - 1, and the last one predicts draft 1.
@@ -22,31 +17,32 @@ drafter cache's last slot, a trash slot that no query ever reads.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor, nn
 
+from neuron_peagle.graphs.spec_state import SpecState
 from neuron_peagle.kernels import check_kernel_mode, draft_input, lm_head_argmax
-from neuron_peagle.kv_cache import KVCache
 from neuron_peagle.models.drafter import Drafter, pick_rows
 from neuron_peagle.models.target import TargetModel
 
 
-class SpecState(nn.Module):
-    def __init__(self, batch_size: int, num_draft_tokens: int, feature_size: int, dtype: torch.dtype) -> None:
-        super().__init__()
-        slots = num_draft_tokens + 1
-        self.register_buffer("pending_features", torch.zeros(batch_size, slots, feature_size, dtype=dtype),
-                             persistent=False)
-        self.register_buffer("pending_tokens", torch.zeros(batch_size, slots, dtype=torch.int64), persistent=False)
-        self.register_buffer("pending_count", torch.ones(batch_size, dtype=torch.int64), persistent=False)
-        self.register_buffer("last_position", torch.zeros(batch_size, dtype=torch.int64), persistent=False)
+class Proposer(Protocol):
+    """What the step graphs (graphs/speculative.py) call on a proposer. B = batch rows, T = prompt
+    bucket, K = draft tokens of this step (<= S-1), H = target hidden size."""
 
-    def pending_positions(self) -> tuple[Tensor, Tensor]:
-        """Sequence positions of the pending tokens [B, S] (slot S-1 is y, at last_position) and which
-        slots hold one [B, S] bool (the last pending_count)."""
-        slots = self.pending_tokens.shape[1]
-        j = torch.arange(slots, device=self.last_position.device)
-        return self.last_position.unsqueeze(-1) - (slots - 1) + j, j >= (slots - self.pending_count).unsqueeze(-1)
+    def prefill(self, features: Tensor, input_ids: Tensor, lengths: Tensor) -> None:
+        # features [B, T, 3H] (the target's prefill pass), input_ids [B, T] right-padded, lengths [B]:
+        # the prompt, before the first commit.
+        ...
+
+    def propose(self, state: SpecState, num_draft_tokens: int) -> Tensor:  # -> drafts [B, K] (target ids)
+        ...
+
+    def commit(self, state: SpecState) -> Tensor:  # -> [B] int64: leading drafts of the next step it knows
+        # After prefill's first token and after every step, with the newly committed tokens in `state`.
+        ...
 
 
 class DrafterProposer(nn.Module):
@@ -146,24 +142,3 @@ class DrafterProposer(nn.Module):
             drafts.append(self._greedy(h)[:, 0])
         return torch.stack(drafts, dim=1)
 
-
-class TableProposer(nn.Module):
-    """Proposes tokens read from a table of known continuations: `table[b, p]` is the draft for
-    position p. Filled with the target's own greedy output it is an oracle (everything accepted);
-    with some entries corrupted, a drafter that is right some of the time. For tests and benchmarks
-    of the verify/accept path, independent of any drafter's quality."""
-
-    def __init__(self, batch_size: int, max_length: int) -> None:
-        super().__init__()
-        self.register_buffer("table", torch.zeros(batch_size, max_length, dtype=torch.int64), persistent=False)
-
-    def prefill(self, features: Tensor, input_ids: Tensor, lengths: Tensor) -> None:
-        pass
-
-    def propose(self, state: SpecState, num_draft_tokens: int) -> Tensor:
-        offsets = torch.arange(1, num_draft_tokens + 1, device=state.last_position.device)
-        index = (state.last_position.unsqueeze(-1) + offsets).clamp(max=self.table.shape[1] - 1)
-        return self.table.gather(1, index)
-
-    def commit(self, state: SpecState) -> Tensor:
-        return torch.zeros_like(state.pending_count)

@@ -21,7 +21,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from neuron_peagle.graphs.proposers import SpecState
+from neuron_peagle.graphs.proposers import Proposer
+from neuron_peagle.graphs.spec_state import SpecState
 from neuron_peagle.graphs.state import assign_state
 from neuron_peagle.kernels import check_kernel_mode, lm_head_argmax
 from neuron_peagle.kv_cache import KVCache
@@ -70,7 +71,7 @@ class SpecPrefillGraph(nn.Module):
     Inputs = SpecPrefillInputs
     Outputs = SpecPrefillOutputs
 
-    def __init__(self, target: TargetModel, proposer: nn.Module, cache: KVCache, state: SpecState,
+    def __init__(self, target: TargetModel, proposer: Proposer, cache: KVCache, state: SpecState,
                  greedy: bool) -> None:
         super().__init__()
         self.target, self.proposer, self.cache, self.state = target, proposer, cache, state
@@ -108,7 +109,7 @@ class SpecStepGraph(nn.Module):
     Inputs = SpecStepInputs
     Outputs = SpecStepOutputs
 
-    def __init__(self, target: TargetModel, proposer: nn.Module, cache: KVCache, state: SpecState,
+    def __init__(self, target: TargetModel, proposer: Proposer, cache: KVCache, state: SpecState,
                  num_draft_tokens: int, greedy: bool, kernels: str = "reference") -> None:
         super().__init__()
         self.target, self.proposer, self.cache, self.state = target, proposer, cache, state

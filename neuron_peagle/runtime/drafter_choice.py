@@ -12,7 +12,7 @@ import torch
 from neuron_peagle.config import BuildConfig, DrafterConfig, ModelConfig
 from neuron_peagle.datastore import DATASTORE_FILE, load_datastore
 from neuron_peagle.errors import ConfigError
-from neuron_peagle.graphs.datastore import NgramDatastore
+from neuron_peagle.graphs.datastore_lookup import NgramDatastore
 from neuron_peagle.models.drafter import Drafter
 from neuron_peagle.models.drafter_io import load_drafter, read_drafter_config
 from neuron_peagle.models.target import TargetModel, default_feature_layers

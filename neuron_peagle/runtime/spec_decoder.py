@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from neuron_peagle.backends import Backend
 from neuron_peagle.config import BuildConfig
-from neuron_peagle.graphs.proposers import SpecState
+from neuron_peagle.graphs.spec_state import SpecState
 from neuron_peagle.graphs.speculative import SpecPrefillGraph, SpecPrefillInputs, SpecStepGraph, SpecStepInputs
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.runtime.batch import BatchSampling, pad_prompts
