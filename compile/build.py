@@ -277,7 +277,7 @@ def _build_traced(request: BuildRequest, started: float) -> BuildReport:
         # The target's layers on NxD's parallel layers before anything is traced: the HLO, its audit and
         # the NEFFs are those of a rank's graph.
         sharding = NxdTensorParallel.of(engine, request.tp_degree)
-    specs = plan_graphs(engine.decoder, neuron_compiler_args(request.target))
+    specs = plan_graphs(engine.runner, neuron_compiler_args(request.target))
     if sharding is not None:
         sharding.persist_tables(specs)
     previous = _previous(out, request.backend)

@@ -3,7 +3,7 @@ neuron_peagle/runtime/compiled_artifacts.py.
 
 Build: the compiler's cache directory is pointed into the artifact directory (`compile_cache/`)
 before anything compiles, every planned graph is compiled by running it once with its example
-inputs (exactly as `Engine.warm` and the decoders run it), and then PyTorch's portable cache
+inputs (exactly as `Engine.warm` and the runners run it), and then PyTorch's portable cache
 artifacts are written next to it (inductor). The manifest records versions, weights, shapes and
 every graph's interface, as for the other backends.
 
@@ -33,7 +33,7 @@ def compile_graphs(engine, out: Path, versions: dict, weights: list, log) -> tup
     by `use_artifact_cache`); returns the manifest's graph records and the names of the graphs that
     were compiled (not found in the cache)."""
     records, compiled = [], []
-    specs = plan_graphs(engine.decoder, ())
+    specs = plan_graphs(engine.runner, ())
     for spec in tqdm(specs, desc=f"compile ({engine.build.backend})", unit="graph", file=sys.stderr):
         outputs, seconds, how = run_timed(engine, spec)
         if how == "compiled":

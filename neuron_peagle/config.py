@@ -167,7 +167,7 @@ class MoeConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The decoder-only target model: Llama, Qwen2 or Qwen3 (dense) family."""
+    """The decoder-only target model: Llama, Qwen2, Qwen3 (dense), Qwen3-MoE or gpt-oss."""
 
     architecture: str  # "llama" | "qwen2" | "qwen3"
     vocab_size: int
@@ -383,7 +383,7 @@ DRAFTER_LAYER_TYPES = ("llama", "qwen3")
 
 @dataclass(frozen=True)
 class DrafterConfig:
-    """A P-EAGLE (or EAGLE-3) drafter: `fc` over three target feature layers, `num_layers` decoder
+    """A P-EAGLE (or EAGLE-3) drafter: `fc` over three target feature layers, `num_layers` runner
     layers of `layer_type` (layer 0 with a 2H input), final norm and LM head over a (possibly reduced)
     draft vocabulary.
 

@@ -7,7 +7,7 @@ reads the slots [0, read_length) and masks by position, so a slot past a sequenc
 is never read and needs no clearing. On a device backend the buffers are the graphs' aliased state:
 they stay resident and are updated in place (rebound to out-of-place updates for the nxd trace:
 graphs/state.py), and read_length stays max_length (one shape per graph).
-On eager, where shapes cost nothing, the backend lets the decoders narrow read_length to the live
+On eager, where shapes cost nothing, the backend lets the runners narrow read_length to the live
 context (`read_up_to`).
 """
 
@@ -20,6 +20,14 @@ from torch import Tensor, nn
 WINDOW_STEP = 128
 # The position recorded for a ring slot that holds nothing: above every query, so never visible.
 NO_POSITION = 1 << 40
+
+
+def step_room(num_speculative_tokens: int) -> int:
+    """Cache slots a decode step writes past a sequence's committed tokens: a speculative step writes the
+    pending token and its K drafts (K+1); plain decoding writes only what it commits (0). The one place
+    this limit is computed: prompts are checked against it, and the host loop and the step graph keep
+    positions of finished rows within it."""
+    return num_speculative_tokens + 1 if num_speculative_tokens else 0
 
 
 class KVCache(nn.Module):

@@ -104,12 +104,12 @@ def sample_tokens(logits: Tensor, sampling: SamplingTensors, uniform: Tensor) ->
 def _commit(draft_tokens: Tensor, accepted: Tensor, final_tokens: Tensor) -> tuple[Tensor, Tensor]:
     """draft_tokens [B, K], accepted [B, K] bool, final_tokens [B, K+1] (the token to emit if the run
     of accepts ends at that position) -> (tokens [B, K+1] int64 padded, counts [B] int64)."""
-    num_draft_tokens = draft_tokens.shape[1]
+    num_speculative_tokens = draft_tokens.shape[1]
     # Leading accepts = positions with no rejection at or before them. A cumsum of the rejections
     # rather than a cumprod of the accepts: torch-xla runs cumprod on the host.
     num_accepted = ((~accepted).long().cumsum(dim=1) == 0).sum(dim=1)  # [B]
     n = num_accepted.unsqueeze(1)  # [B, 1]
-    position = torch.arange(num_draft_tokens + 1, device=draft_tokens.device).unsqueeze(0)  # [1, K+1]
+    position = torch.arange(num_speculative_tokens + 1, device=draft_tokens.device).unsqueeze(0)  # [1, K+1]
     # Position K is never < n, so the value padding the drafts there is never used.
     drafts = torch.cat([draft_tokens, draft_tokens[:, :1]], dim=1).long()  # [B, K+1]
     final = final_tokens.long().gather(1, n)  # [B, 1]
@@ -140,7 +140,7 @@ def rejection_accept(draft_tokens: Tensor, target_probs: Tensor, accept_uniform:
 
     Rows whose target_probs are one-hot (greedy rows) give exactly `greedy_accept`'s result.
     """
-    num_draft_tokens = draft_tokens.shape[1]
+    num_speculative_tokens = draft_tokens.shape[1]
     vocab = target_probs.shape[-1]
     p = target_probs.float()  # [B, K+1, V]
     if draft_probs is None:
@@ -149,7 +149,7 @@ def rejection_accept(draft_tokens: Tensor, target_probs: Tensor, accept_uniform:
     else:
         q = draft_probs.float()  # [B, K, V]
     index = draft_tokens.long().unsqueeze(-1)  # [B, K, 1]
-    p_draft = p[:, :num_draft_tokens].gather(-1, index).squeeze(-1)  # [B, K]
+    p_draft = p[:, :num_speculative_tokens].gather(-1, index).squeeze(-1)  # [B, K]
     q_draft = q.gather(-1, index).squeeze(-1)  # [B, K]
     # u < min(1, p/q) without dividing (q may be 0 for a draft token a caller forced).
     accepted = accept_uniform.float() * q_draft < p_draft  # [B, K]

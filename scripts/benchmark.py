@@ -136,6 +136,9 @@ def hf_baselines(model_dir: Path, prompt_ids: list[list[int]], new_tokens: int, 
 
 
 def plot(results: dict, out: Path) -> None:
+    """One figure, a column per domain (smallest batch measured): the fraction of steps that accepted each
+    draft position (top; the largest K of every speculative configuration) and the speedup over plain
+    decoding against K (bottom). Written next to `out` as <stem>.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,33 +146,27 @@ def plot(results: dict, out: Path) -> None:
 
     rows = results["rows"]
     domains = sorted({r["domain"] for r in rows})
-    batch = min(r["batch_size"] for r in rows)  # the plots show the smallest batch measured
-    fig, axes = plt.subplots(1, len(domains), figsize=(4 * len(domains), 3.4), squeeze=False)
-    for ax, domain in zip(axes[0], domains):
+    batch = min(r["batch_size"] for r in rows)
+    fig, axes = plt.subplots(2, len(domains), figsize=(3.6 * len(domains), 6), squeeze=False, sharey="row")
+    for column, domain in enumerate(domains):
         speculative = [r for r in rows if r["k"] and r["domain"] == domain and r["batch_size"] == batch]
-        for label in sorted({f"{r['backend']} {r['mode']}" for r in speculative}):
-            points = sorted((r["k"], r["speedup"]) for r in speculative if f"{r['backend']} {r['mode']}" == label)
-            ax.plot(*zip(*points), marker="o", label=label)
-        ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_title(f"{domain}, batch {batch}")
-        ax.set_xlabel("K (draft tokens per step)")
-        ax.set_ylabel("speedup over plain decoding")
-        ax.legend(fontsize=8)
+        labels = sorted({f"{r['backend']} {r['mode']}" for r in speculative})
+        top, bottom = axes[0][column], axes[1][column]
+        for label in labels:
+            mine = sorted((r for r in speculative if f"{r['backend']} {r['mode']}" == label), key=lambda r: r["k"])
+            longest = mine[-1]
+            top.plot(range(1, longest["k"] + 1), longest["acceptance_per_position"], marker="o", label=label)
+            bottom.plot([r["k"] for r in mine], [r["speedup"] for r in mine], marker="o", label=label)
+        top.set_title(f"{domain}, batch {batch}")
+        top.set_xlabel("draft position")
+        top.set_ylim(0, 1)
+        bottom.axhline(1.0, color="grey", lw=0.8)
+        bottom.set_xlabel("K (num_speculative_tokens)")
+    axes[0][0].set_ylabel("steps accepting this position")
+    axes[1][0].set_ylabel("speedup over plain decoding")
+    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out.with_name(out.stem + "_speedup.png"), dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for r in rows:
-        if r["k"] and r["batch_size"] == batch and r["k"] == max(x["k"] for x in rows):
-            ax.plot(range(1, r["k"] + 1), r["acceptance_per_position"], marker="o",
-                    label=f"{r['domain']} {r['backend']} {r['mode']}")
-    ax.set_xlabel("draft position")
-    ax.set_ylabel("fraction of steps accepted")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out.with_name(out.stem + "_acceptance.png"), dpi=110)
+    fig.savefig(out.with_suffix(".png"), dpi=110)
     plt.close(fig)
 
 

@@ -61,18 +61,18 @@ def median(values) -> float:
 # ---- 1. our engine ---------------------------------------------------------------------------------
 
 class LoopClock:
-    """Timestamps the end of prefill and of every decode step of one engine's decoder.
+    """Timestamps the end of prefill and of every decode step of one engine's runner.
 
     Installed as instance attributes, so the engine's code is untouched; the host loop calls them as
-    it would the decoder's own methods."""
+    it would the runner's own methods."""
 
-    def __init__(self, decoder) -> None:
+    def __init__(self, runner) -> None:
         self.prefill_end = 0.0
         self.last_step_end = 0.0
-        self.step_time = 0.0  # inside decoder.step(), summed over steps
+        self.step_time = 0.0  # inside runner.step(), summed over steps
         self.steps = 0
         self.in_prefill = False
-        prefill, step = decoder.prefill, decoder.step
+        prefill, step = runner.prefill, runner.step
 
         def timed_prefill(*args, **kwargs):
             self.in_prefill = True
@@ -90,7 +90,7 @@ class LoopClock:
             self.steps += 1
             return out
 
-        decoder.prefill, decoder.step = timed_prefill, timed_step
+        runner.prefill, runner.step = timed_prefill, timed_step
 
     @property
     def loop_time(self) -> float:
@@ -274,9 +274,9 @@ class PartClock:
 def step_breakdown(engine: Engine, clock: LoopClock, prompt_ids: list[int], steps: int) -> dict:
     """Split `steps` decode steps into parts: each part is a module's time less its timed children's,
     so the rows add up to the host loop's wall time (timers included, which cost a little)."""
-    target = engine.decoder.target
+    target = engine.runner.target
     parts = PartClock(lambda: not clock.in_prefill)
-    parts.attach(engine.decoder.graphs[True][1], "graph")
+    parts.attach(engine.runner.graphs[True][1], "graph")
     parts.attach(target, "target")
     parts.attach(target.norm, "final_norm")
     parts.attach(target.lm_head, "lm_head")
@@ -311,7 +311,7 @@ def step_breakdown(engine: Engine, clock: LoopClock, prompt_ids: list[int], step
         "residual adds, layer glue": t["layer"] - t["attention"] - t["mlp"] - t["norm"],
         "embedding, RoPE lookup, logit gather": t["target"] - t["layer"] - t["lm_head"] - t["final_norm"],
         "argmax, graph glue": t["graph"] - t["target"],
-        "decoder.step host work (inputs, inference_mode)": clock.step_time - t["graph"],
+        "runner.step host work (inputs, inference_mode)": clock.step_time - t["graph"],
         "host loop (commit, stats)": clock.loop_time - clock.step_time,
     }
     total = clock.loop_time
@@ -433,7 +433,7 @@ def main() -> None:
     engines = {b: Engine.from_pretrained(speculation=SpeculationConfig(mode="plain"), batch_size=b,
                                          max_length=args.max_length, dtype="float32", backend="eager")
                for b in batch_sizes}
-    clocks = {b: LoopClock(e.decoder) for b, e in engines.items()}
+    clocks = {b: LoopClock(e.runner) for b, e in engines.items()}
     prompt_ids = [engines[1].encode(p) for p in PROMPTS]
 
     from transformers import AutoModelForCausalLM
@@ -479,7 +479,7 @@ def main() -> None:
     copies = copy_bandwidth(samples=5 * args.repeats)
     bw = median(copies) * 1e9
     floor = {"copy_gb_per_s": bw / 1e9, "copy_samples_gb_per_s": copies, "per_batch": {}}
-    target = engines[1].decoder.target
+    target = engines[1].runner.target
     for b in batch_sizes:
         nbytes = streamed_bytes(target, b, args.max_length)
         floor["per_batch"][str(b)] = {**nbytes, "weights_only_tokens_per_s": b * bw / nbytes["weight_bytes"],

@@ -13,7 +13,7 @@ from neuron_peagle.config import BuildConfig
 from neuron_peagle.graphs.spec_state import SpecState
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.runtime.engine import Engine
-from neuron_peagle.runtime.spec_decoder import SpecDecoder
+from neuron_peagle.runtime.spec_runner import SpecRunner
 from neuron_peagle.speculation import SpeculationConfig
 from neuron_peagle.tokenizer import load_tokenizer
 
@@ -31,8 +31,8 @@ class TableProposer(nn.Module):
     def prefill(self, features: Tensor, input_ids: Tensor, lengths: Tensor) -> None:
         pass
 
-    def propose(self, state: SpecState, num_draft_tokens: int) -> Tensor:  # -> drafts [B, K] (target ids)
-        offsets = torch.arange(1, num_draft_tokens + 1, device=state.last_position.device)
+    def propose(self, state: SpecState, num_speculative_tokens: int) -> Tensor:  # -> drafts [B, K] (target ids)
+        offsets = torch.arange(1, num_speculative_tokens + 1, device=state.last_position.device)
         index = (state.last_position.unsqueeze(-1) + offsets).clamp(max=self.table.shape[1] - 1)
         return self.table.gather(1, index)
 
@@ -45,15 +45,15 @@ def table_engine(model_dir: Path, k: int, batch_size: int, max_length: int = 256
     build = BuildConfig(batch_size=batch_size, max_length=max_length, prefill_buckets=buckets, backend=backend)
     target = TargetModel.from_pretrained(model_dir, max_length)
     proposer = TableProposer(batch_size, max_length)
-    decoder = SpecDecoder(target, proposer, build, get_backend(backend), k)
+    runner = SpecRunner(target, proposer, build, get_backend(backend), k)
     speculation = SpeculationConfig(num_speculative_tokens=k, **DRAFTER_ALONE)
-    return Engine(Path(model_dir), target, load_tokenizer(model_dir), build, decoder, speculation)
+    return Engine(Path(model_dir), target, load_tokenizer(model_dir), build, runner, speculation)
 
 
 def fill_table(engine: Engine, prompts: list[list[int]], continuations: list[list[int]],
                wrong_fraction: float = 0.0, seed: int = 0) -> None:
     """table[b, p] = the reference token at position p; a `wrong_fraction` of entries corrupted."""
-    proposer = engine.decoder.proposer
+    proposer = engine.runner.proposer
     table = torch.zeros_like(proposer.table, device="cpu")
     generator = torch.Generator().manual_seed(seed)
     for row, (prompt, cont) in enumerate(zip(prompts, continuations)):
@@ -67,8 +67,8 @@ def fill_table(engine: Engine, prompts: list[list[int]], continuations: list[lis
 def record_ks(engine: Engine) -> list[int]:
     """The K of every step `engine` runs from now on (adaptive K picks one per step)."""
     used: list[int] = []
-    next_k = engine.decoder.next_k
-    engine.decoder.next_k = lambda: used.append(next_k()) or used[-1]
+    next_k = engine.runner.next_k
+    engine.runner.next_k = lambda: used.append(next_k()) or used[-1]
     return used
 
 

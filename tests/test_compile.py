@@ -227,7 +227,7 @@ def test_declared_state_is_every_buffer_a_graph_updates(tiny_llama_dir, mode):
     would silently lose its update there. Checked by running each graph eagerly."""
     speculative = {key: SHAPES[key] if mode != "plain" else 0 for key in ("lookup_ngram", "short_draft_tokens")}
     engine = make_engine(tiny_llama_dir, **{**SHAPES, "mode": mode, **speculative})
-    specs = plan_graphs(engine.decoder, neuron_compiler_args("trn2"))
+    specs = plan_graphs(engine.runner, neuron_compiler_args("trn2"))
     prefix = "spec_" if mode != "plain" else ""
     steps = ("spec_step", "spec_step_k2") if mode != "plain" else ("decode",)
     assert {s.name for s in specs} == {f"{prefix}prefill_b{b}_{v}" for b in (16, 32) for v in ("greedy", "sampling")} | {
@@ -322,7 +322,7 @@ def test_nxd_loader_checks_the_plan_interfaces_and_weight_dict(built, tiny_llama
     from neuron_peagle.runtime.artifacts import check_nxd_plan
 
     engine = make_engine(tiny_llama_dir, **SHAPES)
-    specs = plan_graphs(engine.decoder, neuron_compiler_args("trn1"))
+    specs = plan_graphs(engine.runner, neuron_compiler_args("trn1"))
     checkpoint = NxdBundle.of(specs).checkpoint
     manifest = dataclasses.replace(Manifest.load(built), backend="nxd", neuron_checkpoint=tensor_infos(checkpoint))
     assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest

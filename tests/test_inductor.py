@@ -37,7 +37,7 @@ PROMPTS = [[4, 7, 12], [20, 21, 22, 23], [5, 7, 13, 5, 7], [30, 31]]
 
 def _state(engine: Engine) -> dict[str, Tensor]:
     """Every state buffer the engine's graphs update, by name (the step graph reaches all of them)."""
-    graph = plan(engine.decoder)[-1]
+    graph = plan(engine.runner)[-1]
     return {name: t.detach().clone() for name, t in graph.state_buffers.items()}
 
 

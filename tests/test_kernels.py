@@ -385,7 +385,7 @@ class UnfusedStep(SpecStepGraph):
     """The greedy step as it was before the kernels: argmax over the target's materialised logits."""
 
     def forward(self, temperature, top_k, top_p, accept_uniform, sample_uniform):
-        k, state = self.num_draft_tokens, self.state
+        k, state = self.num_speculative_tokens, self.state
         batch = state.pending_tokens.shape[0]
         state.last_position.clamp_(max=self.cache.max_length - k - 2)
         drafts = self.proposer.propose(state, k)
@@ -490,8 +490,8 @@ def test_step_with_kernels_on_the_default_model_and_its_drafter(default_model_di
 def test_engine_switch_runs_the_kernel_source_with_the_same_tokens(tiny_llama_dir):
     kwargs = dict(mode="parallel", num_speculative_tokens=3, batch_size=2, max_length=64, prefill_buckets=(16,))
     fused = make_engine(tiny_llama_dir, kernels="interpreter", **kwargs)
-    assert fused.decoder.proposer.kernels == "interpreter"
-    assert {graph.kernels for _, steps in fused.decoder.graphs.values() for graph in steps.values()} == {"interpreter"}
+    assert fused.runner.proposer.kernels == "interpreter"
+    assert {graph.kernels for _, steps in fused.runner.graphs.values() for graph in steps.values()} == {"interpreter"}
     plain = make_engine(tiny_llama_dir, **kwargs)
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
     prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]

@@ -73,8 +73,8 @@ class FixedDrafts(torch.nn.Module):
         super().__init__()
         self.drafts = drafts
 
-    def propose(self, state, num_draft_tokens: int) -> torch.Tensor:
-        return self.drafts[:, :num_draft_tokens]
+    def propose(self, state, num_speculative_tokens: int) -> torch.Tensor:
+        return self.drafts[:, :num_speculative_tokens]
 
 
 def reference_proposal(sequence: list[int], inner: list[int], ngram: int,
@@ -206,14 +206,14 @@ def test_adaptive_k_is_chosen_by_live_rows_only(small_vocab_dir):
 
     engine = make_engine(small_vocab_dir, num_speculative_tokens=3, lookup_ngram=2, short_draft_tokens=1,
                                     batch_size=2, max_length=96, prefill_buckets=(32,))
-    decoder = engine.decoder
-    decoder.prefill([REPEATING[0]], BatchSampling.from_params([PARAMS], 2))  # row 1 pads the batch
-    decoder._known_drafts = torch.tensor([0, 2])
-    assert decoder.next_k() == 1
-    decoder._known_drafts = torch.tensor([2, 0])
-    assert decoder.next_k() == 3
-    decoder.retire(0)
-    assert decoder.next_k() == 1
+    runner = engine.runner
+    runner.prefill([REPEATING[0]], BatchSampling.from_params([PARAMS], 2))  # row 1 pads the batch
+    runner._known_drafts = torch.tensor([0, 2])
+    assert runner.next_k() == 1
+    runner._known_drafts = torch.tensor([2, 0])
+    assert runner.next_k() == 3
+    runner.retire(0)
+    assert runner.next_k() == 1
 
 
 @pytest.mark.xla

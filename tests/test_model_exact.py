@@ -95,13 +95,13 @@ def test_eager_backend_stores_bf16_linear_weights_column_major(tiny_llama_dir):
     loaded = TargetModel.from_pretrained(tiny_llama_dir, 64, torch.bfloat16)
     engine = make_engine(tiny_llama_dir, mode="plain", dtype="bfloat16", max_length=64,
                                     prefill_buckets=(16,))
-    ours = {name: m.weight for name, m in engine.decoder.target.named_modules() if isinstance(m, Linear)}
+    ours = {name: m.weight for name, m in engine.runner.target.named_modules() if isinstance(m, Linear)}
     assert ours and all(w.stride(0) == 1 and w.shape[1] > 1 for w in ours.values())
     for name, m in loaded.named_modules():
         if isinstance(m, Linear):
             assert m.weight.stride(1) == 1 and torch.equal(m.weight, ours[name]), name
     fp32 = make_engine(tiny_llama_dir, mode="plain", max_length=64, prefill_buckets=(16,))
-    assert all(m.weight.stride(1) == 1 for m in fp32.decoder.target.modules() if isinstance(m, Linear))
+    assert all(m.weight.stride(1) == 1 for m in fp32.runner.target.modules() if isinstance(m, Linear))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -1,7 +1,7 @@
 """The plain-PyTorch half of the nxd backend (backends/nxd_graphs.py), on CPU: the wrapper NxD
 traces computes exactly what each planned graph computes and leaves its state rebound (the update
 NxD aliases), one weight dict serves every graph (weights and read-only tables, no state), and
-every call a decoder makes routes to the planned graph of its kind, variant and bucket.
+every call a runner makes routes to the planned graph of its kind, variant and bucket.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ LONG = [list(range(20, 45)), list(range(50, 80))]  # bucket 32
 
 def planned(model_dir, mode: str = "parallel"):
     engine = make_engine(model_dir, **{**SHAPES, "mode": mode})
-    return engine, plan_graphs(engine.decoder, neuron_compiler_args("trn1"))
+    return engine, plan_graphs(engine.runner, neuron_compiler_args("trn1"))
 
 
 def test_the_shared_signature_takes_every_input_of_every_graph_as_an_optional_keyword():
@@ -106,9 +106,9 @@ def test_one_weight_dict_holds_every_tensor_of_every_graph_once(tiny_llama_dir):
         NxdBundle.of([*specs, stateless])
 
 
-def test_every_decoder_call_routes_to_its_planned_graph(tiny_llama_dir):
+def test_every_runner_call_routes_to_its_planned_graph(tiny_llama_dir):
     """Each graph module serves several keys (buckets); the router tells them apart by input shape.
-    The decoders' real calls, greedy and sampling, both buckets, all land on planned names."""
+    The runners' real calls, greedy and sampling, both buckets, all land on planned names."""
     engine, specs = planned(tiny_llama_dir)
     router = GraphRouter.of(specs)
     routed: list[str] = []
@@ -116,7 +116,7 @@ def test_every_decoder_call_routes_to_its_planned_graph(tiny_llama_dir):
 
     def recording_run(graph, inputs):
         # The eager engine standing in here times its step graphs through TimedStep (runtime.step_parts);
-        # on nxd the decoder hands over the step graph itself, which is what the router knows.
+        # on nxd the runner hands over the step graph itself, which is what the router knows.
         routed.append(router.key(graph.graph if isinstance(graph, TimedStep) else graph, inputs))
         return run(graph, inputs)
 
@@ -127,7 +127,7 @@ def test_every_decoder_call_routes_to_its_planned_graph(tiny_llama_dir):
                            "spec_prefill_b32_sampling", "spec_step_sampling"}
     assert routed[0] == "spec_prefill_b16_greedy" and routed.count("spec_prefill_b32_greedy") == 1
 
-    prefill = engine.decoder.graphs[True][0]
+    prefill = engine.runner.graphs[True][0]
     example = next(s.example_inputs for s in specs if s.name == "spec_prefill_b16_greedy")
     ids, lengths = pad_prompts([[1] * 40], 2, 48)  # a bucket that was never built
     with pytest.raises(ArtifactError, match=r"no compiled graph takes SpecPrefillGraph inputs of shapes \[\(2, 48\)"):
@@ -148,7 +148,7 @@ def test_the_weight_dict_holds_the_read_only_tables_and_no_state(small_model_wit
                                         **SHAPES)
     else:
         engine = make_engine(tiny_llama_dir, **{**SHAPES, "mode": "plain"})
-    specs = plan_graphs(engine.decoder, neuron_compiler_args("trn1"))
+    specs = plan_graphs(engine.runner, neuron_compiler_args("trn1"))
     checkpoint = NxdBundle.of(specs).checkpoint
     state = {b.untyped_storage().data_ptr(): f"{s.name}: {n}" for s in specs for n, b in s.state_buffers.items()}
     assert not {name: state[t.untyped_storage().data_ptr()] for name, t in checkpoint.items()

@@ -220,8 +220,8 @@ def sharded_engine(model_dir: Path, degree: int):
     engine = make_engine(model_dir, **ENGINE)
     tp = TensorParallel(degree)
     wholes = wholes_of(engine.target, tp)
-    swaps = shard_target(engine.target, engine.decoder.cache, tp, rank_layers(wholes, degree, 0))
-    specs = plan_graphs(engine.decoder, neuron_compiler_args("trn1"))
+    swaps = shard_target(engine.target, engine.runner.cache, tp, rank_layers(wholes, degree, 0))
+    specs = plan_graphs(engine.runner, neuron_compiler_args("trn1"))
     return engine, NxdTensorParallel(degree, swaps, engine.target.config), specs, wholes
 
 
@@ -280,10 +280,10 @@ def test_the_surgery_on_the_xla_device_traces_a_ranks_graph(models):
     engine = make_engine(models["qwen2"], **{**ENGINE, "backend": "xla"})
     tp = TensorParallel(degree)
     wholes = {name: {k: t.cpu() for k, t in tensors.items()} for name, tensors in wholes_of(engine.target, tp).items()}
-    shard_target(engine.target, engine.decoder.cache, tp, rank_layers(wholes, degree, 0))
+    shard_target(engine.target, engine.runner.cache, tp, rank_layers(wholes, degree, 0))
     assert engine.target.layers[0].self_attn.qkv_proj.weight.device.type == "xla"
-    assert engine.decoder.cache.key_0.device.type == "xla"
-    spec = next(s for s in plan_graphs(engine.decoder, neuron_compiler_args("trn1")) if s.kind == "spec_step")
+    assert engine.runner.cache.key_0.device.type == "xla"
+    spec = next(s for s in plan_graphs(engine.runner, neuron_compiler_args("trn1")) if s.kind == "spec_step")
     hlo, _ = trace_hlo(spec, engine.backend)
     assert f"f32[{(HEADS // degree + 2 * 6 // degree) * HD},96]" in hlo  # a rank's q, k, v rows
     assert f"f32[2,{6 // degree},64,{HD}]" in hlo and f"f32[2,6,64,{HD}]" in hlo  # target cache: a rank's; drafter's: whole

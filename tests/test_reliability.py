@@ -329,10 +329,10 @@ def test_the_api_hands_over_finished_outputs_when_interrupted(engine, monkeypatc
     seen = []
     real = host_loop.run_batch
 
-    def run_batch(decoder, prompts, *args, **kwargs):
+    def run_batch(runner, prompts, *args, **kwargs):
         if len(seen) == 2:
             raise KeyboardInterrupt
-        return real(decoder, prompts, *args, **kwargs)
+        return real(runner, prompts, *args, **kwargs)
 
     monkeypatch.setattr("neuron_peagle.runtime.engine.run_batch", run_batch)
     with pytest.raises(GenerationInterrupted) as stop:

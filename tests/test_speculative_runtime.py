@@ -17,7 +17,7 @@ PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13]]
 def _plain_reference(model_dir, new_tokens):
     engine = make_engine(model_dir, mode="plain", batch_size=2, max_length=96, prefill_buckets=(16,))
     outputs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-    return [o.output_ids for o in outputs], engine.decoder.cache
+    return [o.output_ids for o in outputs], engine.runner.cache
 
 
 @pytest.mark.parametrize("drafter", ["random", "partly_right"])
@@ -30,18 +30,18 @@ def test_target_cache_at_committed_positions_equals_plain_decoding(tiny_llama_di
     else:
         engine = table_engine(tiny_llama_dir, 3, 2, max_length=96, buckets=(16,))
         fill_table(engine, PROMPTS, reference, wrong_fraction=0.3)
-    decoder = engine.decoder
-    decoder.prefill(PROMPTS, BatchSampling.from_params([SamplingParams()], 2))
+    runner = engine.runner
+    runner.prefill(PROMPTS, BatchSampling.from_params([SamplingParams()], 2))
     committed = [1, 1]
     for _ in range(12):
-        tokens, counts = decoder.step()
+        tokens, counts = runner.step()
         for row, prompt in enumerate(PROMPTS):
             got = tokens[row, : int(counts[row])].tolist()
             assert got == reference[row][committed[row]: committed[row] + len(got)]
             committed[row] += len(got)
             written = len(prompt) + committed[row] - 1  # every committed token but the last has KV
-            for layer in range(decoder.cache.num_layers):
-                for ours, theirs in zip(decoder.cache.layer(layer), plain_cache.layer(layer)):
+            for layer in range(runner.cache.num_layers):
+                for ours, theirs in zip(runner.cache.layer(layer), plain_cache.layer(layer)):
                     assert torch.allclose(ours[row, :, :written], theirs[row, :, :written], atol=1e-5), (
                         f"layer {layer} row {row} differs within the first {written} positions")
         if min(committed) >= new_tokens - 4:

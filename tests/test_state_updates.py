@@ -103,7 +103,7 @@ def check_functional_updates(specs: list[PlannedGraph], vocab_size: int) -> None
 def test_plain_graphs_update_state_out_of_place_when_functional(tiny_llama_dir, dtype):
     """bfloat16 too: eager writes its KV cache through an int16 view (models.layers.write_slots)."""
     engine = make_engine(tiny_llama_dir, mode="plain", dtype=dtype, **SHAPES)
-    specs = plan(engine.decoder)
+    specs = plan(engine.runner)
     assert {spec.kind for spec in specs} == {"prefill", "decode"}
     check_functional_updates(specs, specs[0].module.target.config.vocab_size)
 
@@ -114,7 +114,7 @@ def test_speculative_graphs_with_lookup_and_datastore_update_state_out_of_place_
     model_dir, drafter_dir = small_model_with_datastore
     engine = make_engine(model_dir, drafter_dir, mode=mode, num_speculative_tokens=4,
                                     short_draft_tokens=2, lookup_ngram=2, datastore=True, **SHAPES)
-    specs = plan(engine.decoder)
+    specs = plan(engine.runner)
     assert {spec.name for spec in specs} >= {"spec_step_greedy", "spec_step_k2_sampling"}
     assert all(spec.module.proposer.datastore is not None for spec in specs)
     assert {"proposer.history", "proposer.copied", "state.last_position"} <= set(specs[0].state_names)
@@ -130,7 +130,7 @@ def test_generation_with_functional_updates_equals_in_place(small_model_with_dat
     requests = [SamplingParams(max_new_tokens=16, ignore_eos=True),
                 SamplingParams(max_new_tokens=16, temperature=0.8, seed=3, ignore_eos=True)]
     want = [[o.output_ids for o in engine.generate(prompts, params)] for params in requests]
-    graphs = list({id(spec.module): spec.module for spec in plan(engine.decoder)}.values())
+    graphs = list({id(spec.module): spec.module for spec in plan(engine.runner)}.values())
     cache = graphs[0].cache.key_0
     with functional_state(*graphs):
         got = [[o.output_ids for o in engine.generate(prompts, params)] for params in requests]

@@ -102,7 +102,7 @@ class CompiledBackend:
 
 
 def _fresh(t: Tensor, device: torch.device) -> Tensor:
-    """`t` on `device` with the default strides: dynamo guards on strides, the decoders may pass slices
+    """`t` on `device` with the default strides: dynamo guards on strides, the runners may pass slices
     of one tensor, and `contiguous()` keeps odd strides on size-1 dimensions."""
     return torch.empty(t.shape, dtype=t.dtype, device=device).copy_(t)
 

@@ -15,7 +15,7 @@ The plain-PyTorch half (the traced wrapper, the shared weight dict, the call rou
   built from the checked model directory, provide it), `to_neuron()`: one device copy of the weights
   and of every state buffer per rank, passed to every key.
 - run: `model(model_name=key, **inputs)`, the key picked by `GraphRouter` from the graph module the
-  decoder calls and its input shapes; host tensors in and out, as on the other backends.
+  runner calls and its input shapes; host tensors in and out, as on the other backends.
 
 Tensor parallelism (world_size N > 1): the target's decoder layers run on NxD's parallel layers and
 the per-rank weight dicts come from NxD's `shard_checkpoint` (`nxd_parallel.py`).
@@ -84,7 +84,7 @@ def require_sdk() -> NxdApi:
 
 class NxdBackend:
     name = "nxd"
-    device = torch.device("cpu")  # decoders hand over host tensors; weights and state live in the NxDModel
+    device = torch.device("cpu")  # runners hand over host tensors; weights and state live in the NxDModel
 
     def __init__(self) -> None:
         self._api = require_sdk()

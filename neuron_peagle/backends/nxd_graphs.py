@@ -19,7 +19,7 @@ their state that way. Hence the three pieces:
   (rotary tables, datastore tables, d2t) by name; a name that means two different tensors is
   refused. No state buffer: NxD makes the state itself, zeroed on the device, and a second copy
   in the weights would only take HBM.
-- `GraphRouter`: which key a decoder call means, from the graph module it calls and its input
+- `GraphRouter`: which key a runner call means, from the graph module it calls and its input
   shapes (the shapes pick the prefill bucket, the module picks greedy or sampling and the kind).
 """
 

@@ -1,4 +1,4 @@
-"""Tensor parallelism on the nxd backend (trn1, Neuron 2.31's torch-xla stack): the target's decoder
+"""Tensor parallelism on the nxd backend (trn1, Neuron 2.31's torch-xla stack): the target's runner
 layers on neuronx-distributed's parallel layers, their weights sharded by NxD's own checkpoint sharding.
 
 The layout is the main stack's (neuron_peagle/parallel.py, DTensor on trn2/trn3), in NxD's terms. In
@@ -257,9 +257,9 @@ class NxdTensorParallel:
 
     @classmethod
     def of(cls, engine, degree: int) -> "NxdTensorParallel":
-        """Swap NxD's parallel layers into the engine's target and shard its KV cache (the decoder's)."""
+        """Swap NxD's parallel layers into the engine's target and shard its KV cache (the runner's)."""
         layers = require_sdk()
-        swaps = shard_target(engine.target, engine.decoder.cache, TensorParallel(degree),
+        swaps = shard_target(engine.target, engine.runner.cache, TensorParallel(degree),
                              functools.partial(nxd_layer, layers))
         return cls(degree, swaps, engine.target.config, layers.shard_checkpoint)
 

@@ -97,7 +97,7 @@ class NgramDatastore(nn.Module):
             token = torch.where(found[:, o] != EMPTY, found[:, o], token)
         return token
 
-    def lookup(self, history: Tensor, last_position: Tensor, num_draft_tokens: int) -> tuple[Tensor, Tensor]:
+    def lookup(self, history: Tensor, last_position: Tensor, num_speculative_tokens: int) -> tuple[Tensor, Tensor]:
         """history [B, L] int64, last_position [B] -> (tokens [B, K], found [B, K] bool): the chain of
         next tokens after last_position, each after the longest known n-gram ending before it (n-grams
         reaching before position 0 are not looked up). A chain stops at its first unknown token: every
@@ -106,7 +106,7 @@ class NgramDatastore(nn.Module):
         context = history.gather(1, window.clamp(min=0))  # [B, max_order]
         context = context.masked_fill(window < 0, EMPTY)
         tokens = []
-        for _ in range(num_draft_tokens):
+        for _ in range(num_speculative_tokens):
             token = self.next_token(context)  # [B]
             tokens.append(token)
             context = torch.cat([context[:, 1:], token.unsqueeze(-1)], dim=1)

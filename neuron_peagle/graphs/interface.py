@@ -1,13 +1,13 @@
-"""The graphs of an engine, declared once for the decoders, every backend and the build.
+"""The graphs of an engine, declared once for the runners, every backend and the build.
 
 A graph is a module whose class declares its interface:
-- `Inputs` / `Outputs`: NamedTuples of fixed-shape tensors, in call order (the decoders build their
+- `Inputs` / `Outputs`: NamedTuples of fixed-shape tensors, in call order (the runners build their
   inputs with `Inputs`, every backend returns `Outputs`);
 - its state: the buffers of the `STATE_MODULES` it reaches (KV caches, speculative state, lookup
   history), which stay on the device between calls and which it updates only through
   graphs/state.py (in place, or rebound to out-of-place results while the nxd backend traces it).
-`example_inputs` gives inputs of the exact shapes and dtypes the decoders feed, for given build
-shapes (values do not matter to a fixed-shape graph), and `plan` lists every graph a decoder runs
+`example_inputs` gives inputs of the exact shapes and dtypes the runners feed, for given build
+shapes (values do not matter to a fixed-shape graph), and `plan` lists every graph a runner runs
 with its planned name. Compiled backends warm graphs from this list (`Engine.warm`), the artifact
 build compiles it (compile/plan.py adds compiler arguments), the NxD bundle keys on its names.
 """
@@ -39,8 +39,8 @@ GRAPH_KINDS: dict[type, str] = {
 PREFILL_KINDS = ("prefill", "spec_prefill")
 
 
-class GraphDecoder(Protocol):
-    """What `plan` needs of a decoder: its build and `graphs[greedy] = (prefill, step or {K: step})`."""
+class GraphRunner(Protocol):
+    """What `plan` needs of a runner: its build and `graphs[greedy] = (prefill, step or {K: step})`."""
 
     build: BuildConfig
     graphs: dict
@@ -74,7 +74,7 @@ def state_names(module: nn.Module) -> tuple[str, ...]:
 
 
 def example_inputs(graph: nn.Module, batch_size: int, bucket: int | None) -> NamedTuple:
-    """Host inputs of the shapes and dtypes the decoders feed `graph` (bucket: prefill graphs only)."""
+    """Host inputs of the shapes and dtypes the runners feed `graph` (bucket: prefill graphs only)."""
     b = batch_size
     temperature = torch.zeros(b) if graph.greedy else torch.ones(b)  # [B] float32
     top_k, top_p = torch.zeros(b, dtype=torch.int64), torch.ones(b)  # [B] int64, [B] float32
@@ -86,23 +86,23 @@ def example_inputs(graph: nn.Module, batch_size: int, bucket: int | None) -> Nam
     if kind == "decode":
         zeros = torch.zeros(b, dtype=torch.int64)  # [B] tokens and positions
         return DecodeInputs(zeros, zeros.clone(), temperature, top_k, top_p, torch.rand(b, 1))
-    k = graph.num_draft_tokens
+    k = graph.num_speculative_tokens
     # [B, K] acceptance tests, [B, K+1] samples
     return SpecStepInputs(temperature, top_k, top_p, torch.rand(b, k), torch.rand(b, k + 1))
 
 
-def plan(decoder: GraphDecoder) -> list[PlannedGraph]:
-    """Every graph `decoder` runs: its prefill graph per bucket and its step graph(s), greedy and sampling.
+def plan(runner: GraphRunner) -> list[PlannedGraph]:
+    """Every graph `runner` runs: its prefill graph per bucket and its step graph(s), greedy and sampling.
 
     Both variants are planned because a batch picks one at run time (all rows greedy or not). A
-    speculative decoder with adaptive K keeps `{K: step graph}` for its two K: the long one is
+    speculative runner with adaptive K keeps `{K: step graph}` for its two K: the long one is
     "spec_step_<variant>", the short one "spec_step_k<K>_<variant>".
     """
-    build = decoder.build
+    build = runner.build
     planned = []
     for greedy in (True, False):
         variant = "greedy" if greedy else "sampling"
-        prefill, steps = decoder.graphs[greedy]
+        prefill, steps = runner.graphs[greedy]
         steps = steps if isinstance(steps, dict) else {None: steps}
         graphs = [(prefill, build.prefill_buckets, "")]
         graphs += [(step, (None,), f"k{k}_" if i else "") for i, (k, step) in enumerate(steps.items())]

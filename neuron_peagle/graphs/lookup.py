@@ -33,7 +33,7 @@ from neuron_peagle.graphs.spec_state import SpecState
 from neuron_peagle.graphs.state import assign_state, scatter_state, write_state_slice
 
 
-def context_lookup(history: Tensor, last_position: Tensor, ngram: int, num_draft_tokens: int,
+def context_lookup(history: Tensor, last_position: Tensor, ngram: int, num_speculative_tokens: int,
                    min_ngram: int | None = None) -> tuple[Tensor, Tensor]:
     """history [B, L] int64 (tokens at positions 0..last_position are the sequence), last_position [B]
     -> (tokens [B, K], found [B, K] bool): the K tokens after the most recent earlier occurrence of the
@@ -41,7 +41,7 @@ def context_lookup(history: Tensor, last_position: Tensor, ngram: int, num_draft
     only) that occurred before; `found` is False where there is none or it runs past last_position."""
     tokens = found = None
     for n in range(min_ngram or ngram, ngram + 1):  # a longer match, where there is one, overrides
-        n_tokens, n_found, matched = _lookup_one(history, last_position, n, num_draft_tokens)
+        n_tokens, n_found, matched = _lookup_one(history, last_position, n, num_speculative_tokens)
         if tokens is None:
             tokens, found = n_tokens, n_found
         else:
@@ -50,7 +50,7 @@ def context_lookup(history: Tensor, last_position: Tensor, ngram: int, num_draft
     return tokens, found
 
 
-def _lookup_one(history: Tensor, last_position: Tensor, ngram: int, num_draft_tokens: int
+def _lookup_one(history: Tensor, last_position: Tensor, ngram: int, num_speculative_tokens: int
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """context_lookup for one n-gram size; also `matched` [B, 1]: an earlier occurrence exists."""
     batch, length = history.shape
@@ -64,7 +64,7 @@ def _lookup_one(history: Tensor, last_position: Tensor, ngram: int, num_draft_to
     ends = torch.arange(ngram - 1, length, device=device).unsqueeze(0)  # [1, W]
     match = match & (ends < last) & (last >= ngram - 1)
     best = torch.where(match, ends, torch.full_like(ends, -1)).max(dim=-1).values.unsqueeze(-1)  # [B, 1]
-    follow = best + torch.arange(1, num_draft_tokens + 1, device=device)  # [B, K]
+    follow = best + torch.arange(1, num_speculative_tokens + 1, device=device)  # [B, K]
     found = (best >= 0) & (follow <= last)
     return history.gather(1, follow.clamp(0, length - 1)), found, best >= 0
 
@@ -80,13 +80,13 @@ class LookupProposer(nn.Module):
     when drafting: its copies for the next step wait in `copied` ([B, K], -1 where nothing was found),
     and how many leading drafts they supply is known before that step runs (adaptive K)."""
 
-    def __init__(self, inner: Proposer, batch_size: int, max_length: int, num_draft_tokens: int, ngram: int,
+    def __init__(self, inner: Proposer, batch_size: int, max_length: int, num_speculative_tokens: int, ngram: int,
                  datastore: NgramDatastore | None = None) -> None:
         super().__init__()
         if ngram < 1:
             raise ConfigError(f"lookup_ngram must be >= 1 to look anything up, got {ngram}")
         self.inner = inner
-        self.num_draft_tokens = num_draft_tokens  # the longest K any step drafts
+        self.num_speculative_tokens = num_speculative_tokens  # the longest K any step drafts
         self.ngram = ngram
         # Where the last `ngram` tokens never occurred before, shorter n-grams down to bigrams are tried
         # (single tokens match too often by chance: on held-out prompts they lowered acceptance).
@@ -95,7 +95,7 @@ class LookupProposer(nn.Module):
         self.datastore = datastore
         self.register_buffer("history", torch.zeros(batch_size, max_length + 1, dtype=torch.int64),
                              persistent=False)
-        self.register_buffer("copied", torch.full((batch_size, num_draft_tokens), -1, dtype=torch.int64),
+        self.register_buffer("copied", torch.full((batch_size, num_speculative_tokens), -1, dtype=torch.int64),
                              persistent=False)
 
     def prefill(self, features: Tensor, input_ids: Tensor, lengths: Tensor) -> None:
@@ -108,16 +108,16 @@ class LookupProposer(nn.Module):
         scatter_state(self, "history", 1, torch.where(valid, positions, torch.full_like(positions, self.max_length)),
                       state.pending_tokens)
         copied, found = context_lookup(self.history[:, : self.max_length], state.last_position, self.ngram,
-                                       self.num_draft_tokens, self.min_ngram)
+                                       self.num_speculative_tokens, self.min_ngram)
         assign_state(self, "copied", torch.where(found, copied, torch.full_like(copied, -1)))
         # `found` is a prefix of the K positions (a match supplies the tokens up to last_position).
         return found.sum(dim=-1)
 
-    def propose(self, state: SpecState, num_draft_tokens: int) -> Tensor:  # -> drafts [B, K] (target ids)
-        drafts = self.inner.propose(state, num_draft_tokens)
-        copied = self.copied[:, :num_draft_tokens]
+    def propose(self, state: SpecState, num_speculative_tokens: int) -> Tensor:  # -> drafts [B, K] (target ids)
+        drafts = self.inner.propose(state, num_speculative_tokens)
+        copied = self.copied[:, :num_speculative_tokens]
         drafts = torch.where(copied >= 0, copied, drafts)
-        if num_draft_tokens == 1:
+        if num_speculative_tokens == 1:
             return drafts
         return torch.cat([drafts[:, :1], self._after_first_draft(state, drafts)], dim=1)
 

@@ -2,7 +2,7 @@
 
 A proposer is an `nn.Module` (its buffers, such as a drafter's KV cache, are step-graph state) with
 the three methods of `Proposer`. All of them read the same `SpecState` (graphs/spec_state.py), sized
-for the longest K the engine drafts (`S = K + 1` slots). A proposer drafts `num_draft_tokens` tokens
+for the longest K the engine drafts (`S = K + 1` slots). A proposer drafts `num_speculative_tokens` tokens
 per call (`propose(state, k)`, any k <= S-1: an engine with an adaptive K runs step graphs of two
 lengths on the same state). After each commit, `commit(state)` says how many leading drafts of the
 next step it already knows (context lookup's copies; 0 for a drafter alone): that count picks the
@@ -37,7 +37,7 @@ class Proposer(Protocol):
         # the prompt, before the first commit.
         ...
 
-    def propose(self, state: SpecState, num_draft_tokens: int) -> Tensor:  # -> drafts [B, K] (target ids)
+    def propose(self, state: SpecState, num_speculative_tokens: int) -> Tensor:  # -> drafts [B, K] (target ids)
         ...
 
     def commit(self, state: SpecState) -> Tensor:  # -> [B] int64: leading drafts of the next step it knows
@@ -96,10 +96,10 @@ class DrafterProposer(nn.Module):
         positions = token_positions - 1  # a pair sits at its feature's position, one before its token
         return torch.where(valid, positions, torch.full_like(positions, self.trash)), valid
 
-    def propose(self, state: SpecState, num_draft_tokens: int) -> Tensor:  # -> drafts [B, K] (target ids)
+    def propose(self, state: SpecState, num_speculative_tokens: int) -> Tensor:  # -> drafts [B, K] (target ids)
         if self.parallel:
-            return self._propose_parallel(state, num_draft_tokens)
-        return self._propose_sequential(state, num_draft_tokens)
+            return self._propose_parallel(state, num_speculative_tokens)
+        return self._propose_sequential(state, num_speculative_tokens)
 
     def commit(self, state: SpecState) -> Tensor:  # -> [B] int64: drafts known in advance (none)
         return torch.zeros_like(state.pending_count)

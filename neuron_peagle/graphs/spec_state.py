@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 
 class SpecState(nn.Module):
-    def __init__(self, batch_size: int, num_draft_tokens: int, feature_size: int, dtype: torch.dtype) -> None:
+    def __init__(self, batch_size: int, num_speculative_tokens: int, feature_size: int, dtype: torch.dtype) -> None:
         super().__init__()
-        slots = num_draft_tokens + 1
+        slots = num_speculative_tokens + 1
         self.register_buffer("pending_features", torch.zeros(batch_size, slots, feature_size, dtype=dtype),
                              persistent=False)
         self.register_buffer("pending_tokens", torch.zeros(batch_size, slots, dtype=torch.int64), persistent=False)

@@ -25,7 +25,7 @@ from neuron_peagle.graphs.proposers import Proposer
 from neuron_peagle.graphs.spec_state import SpecState
 from neuron_peagle.graphs.state import assign_state
 from neuron_peagle.kernels import check_kernel_mode, lm_head_argmax
-from neuron_peagle.kv_cache import KVCache
+from neuron_peagle.kv_cache import KVCache, step_room
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.sampling import (SamplingTensors, greedy_accept, rejection_accept, sample_tokens,
                                     target_probs)
@@ -103,17 +103,17 @@ class SpecPrefillGraph(nn.Module):
 
 
 class SpecStepGraph(nn.Module):
-    """One speculative step drafting `num_draft_tokens` (K) tokens. The state may be sized for a longer
+    """One speculative step drafting `num_speculative_tokens` (K) tokens. The state may be sized for a longer
     K (S = K_max + 1 pending slots): an engine with an adaptive K keeps a step graph per K on one state."""
 
     Inputs = SpecStepInputs
     Outputs = SpecStepOutputs
 
     def __init__(self, target: TargetModel, proposer: Proposer, cache: KVCache, state: SpecState,
-                 num_draft_tokens: int, greedy: bool, kernels: str = "reference") -> None:
+                 num_speculative_tokens: int, greedy: bool, kernels: str = "reference") -> None:
         super().__init__()
         self.target, self.proposer, self.cache, self.state = target, proposer, cache, state
-        self.num_draft_tokens = num_draft_tokens
+        self.num_speculative_tokens = num_speculative_tokens
         self.greedy = greedy
         # Greedy verify takes the target's argmax through `kernels.lm_head_argmax` in this mode.
         self.kernels = check_kernel_mode(kernels)
@@ -132,12 +132,13 @@ class SpecStepGraph(nn.Module):
         state = self.state
         # Rows past their end (finished, or padding of a short batch) must keep writes in range (for
         # the longest K the state serves, so that every step graph clamps alike).
+        longest_k = state.pending_tokens.shape[1] - 1
         assign_state(state, "last_position",
-                     state.last_position.clamp(max=self.cache.max_length - state.pending_tokens.shape[1] - 1))
-        return self.proposer.propose(state, self.num_draft_tokens)
+                     state.last_position.clamp(max=self.cache.max_length - step_room(longest_k) - 1))
+        return self.proposer.propose(state, self.num_speculative_tokens)
 
     def verify(self, drafts: Tensor) -> Verified:  # drafts [B, K]
-        k, state = self.num_draft_tokens, self.state
+        k, state = self.num_speculative_tokens, self.state
         batch = drafts.shape[0]
         y = state.pending_tokens[:, -1:]
         verify_tokens = torch.cat([y, drafts], dim=1)  # [B, K+1]

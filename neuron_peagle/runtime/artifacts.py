@@ -25,7 +25,7 @@ nxd: the graphs are the keys of one NxDModel (`neuron/model.pt`, backends/nxd.py
 planned graph must take the inputs and hold the state it was built with, and the weight dict made
 from the engine's own modules (from the checked model directory) must have the recorded names,
 shapes and dtypes; then the NxDModel gets that dict, goes onto the NeuronCore with one copy of
-the weights and of every state buffer shared by all keys, and each graph is run once. The decoders
+the weights and of every state buffer shared by all keys, and each graph is run once. The runners
 then call it through the same host loop as on eager and xla. Built with a tp_degree N above 1, the
 target is put on NxD's parallel layers as the build did (backends/nxd_parallel.py) and the whole
 weight dict is split into N by NxD's `shard_checkpoint`, one per rank.
@@ -206,7 +206,7 @@ def check_nxd_plan(specs: list[GraphSpec], manifest: Manifest, checkpoint: dict[
 def _warm(engine, manifest: Manifest, report: LoadReport) -> None:
     """Check each graph's HLO against the built one, then run it once as the engine does."""
     backend: XlaBackend = engine.backend
-    specs = plan_graphs(engine.decoder, neuron_compiler_args(manifest.target))
+    specs = plan_graphs(engine.runner, neuron_compiler_args(manifest.target))
     check_plan(specs, manifest)
     for spec in specs:
         hlo, _ = trace_hlo(spec, backend)
@@ -248,7 +248,7 @@ def _load_nxd(engine_cls, artifact_dir: Path, manifest: Manifest, model_dir: Pat
     # the recorded one, then split per rank by NxD's shard_checkpoint (all under NxD's parallel state).
     with parallel_state(manifest.tp_degree):
         sharding = NxdTensorParallel.of(engine, manifest.tp_degree) if manifest.tp_degree > 1 else None
-        specs = plan_graphs(engine.decoder, neuron_compiler_args(manifest.target))
+        specs = plan_graphs(engine.runner, neuron_compiler_args(manifest.target))
         if sharding is not None:
             sharding.persist_tables(specs)
         bundle = NxdBundle.of(specs)

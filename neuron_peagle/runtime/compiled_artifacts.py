@@ -72,7 +72,7 @@ def load_compiled(engine_cls, artifact_dir: Path, manifest: Manifest, model_dir:
                       "pointed at its compile_cache: graphs not compiled already are compiled now instead; load "
                       "artifacts first thing in a process to skip that", RuntimeWarning, stacklevel=3)
     engine = engine_from_manifest(engine_cls, manifest, model_dir, drafter_dir, backend)
-    specs = plan_graphs(engine.decoder, ())
+    specs = plan_graphs(engine.runner, ())
     check_plan(specs, manifest)
     report = LoadReport(artifact_dir, cache)
     for spec in specs:

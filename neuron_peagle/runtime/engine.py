@@ -2,7 +2,7 @@
 
 The engine owns the tokenizer, validates every request before any work starts (so a bad prompt in a
 list never costs the others their output), batches requests to the built batch size, and hands each
-batch to the host loop with the decoder of the chosen mode.
+batch to the host loop with the runner of the chosen mode.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from neuron_peagle.models.target import TargetModel
 from neuron_peagle.parallel import TensorParallel
 from neuron_peagle.runtime.batch import BatchSampling
 from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter
-from neuron_peagle.runtime.host_loop import Decoder, StepCallback, run_batch
-from neuron_peagle.runtime.plain_decoder import PlainDecoder
+from neuron_peagle.runtime.host_loop import Runner, StepCallback, run_batch
+from neuron_peagle.runtime.plain_runner import PlainRunner
 from neuron_peagle.runtime.requests import check_prompt, check_stop_token_ids, prompt_inputs
-from neuron_peagle.runtime.spec_decoder import SpecDecoder
+from neuron_peagle.runtime.spec_runner import SpecRunner
 from neuron_peagle.runtime.stats import RequestStats
 from neuron_peagle.speculation import SpeculationConfig
 from neuron_peagle.tokenizer import encode_prompt, load_tokenizer
@@ -125,14 +125,14 @@ class Engine:
     greedy decoding, and identically distributed when sampling.
     """
 
-    def __init__(self, model_dir: Path, target: TargetModel, tokenizer, build: BuildConfig, decoder: Decoder,
+    def __init__(self, model_dir: Path, target: TargetModel, tokenizer, build: BuildConfig, runner: Runner,
                  speculation: SpeculationConfig = PLAIN, drafter: DrafterChoice | None = None) -> None:
         self.model_dir = model_dir
         self.target = target
         self.tokenizer = tokenizer
         self.build = build
-        self.decoder = decoder
-        self.backend = decoder.backend
+        self.runner = runner
+        self.backend = runner.backend
         self.speculation = speculation  # resolved: every value concrete
         self.drafter = drafter
         self.artifacts = None  # runtime.artifacts.LoadReport when loaded by from_compiled
@@ -179,10 +179,10 @@ class Engine:
         memory.check_fits(model_config, build, choice.config if choice is not None else None,
                           sum(f.stat().st_size for f in path.glob("*.safetensors")), copies=tp_degree)
         tp = TensorParallel.from_process_group(tp_degree, "neuron" if build.backend == "neuron" else "cpu")
-        runner = get_backend(build.backend)
+        graphs_backend = get_backend(build.backend)
         if speculation.plain:
             target = TargetModel.from_pretrained(path, build.max_length, build.torch_dtype, tp=tp)
-            return cls(path, target, load_tokenizer(path), build, PlainDecoder(target, build, runner), speculation)
+            return cls(path, target, load_tokenizer(path), build, PlainRunner(target, build, graphs_backend), speculation)
         target = TargetModel.from_pretrained(path, build.max_length, build.torch_dtype,
                                              feature_layers=choice.config.feature_layers, tp=tp)
         drafter = choice.load(target, build)
@@ -196,8 +196,8 @@ class Engine:
 
             proposer = LookupProposer(proposer, build.batch_size, build.max_length, k, speculation.lookup_ngram,
                                       choice.load_datastore(target) if speculation.datastore else None)
-        decoder = SpecDecoder(target, proposer, build, runner, k, speculation.short_draft_tokens)
-        return cls(path, target, load_tokenizer(path), build, decoder, speculation, choice)
+        runner = SpecRunner(target, proposer, build, graphs_backend, k, speculation.short_draft_tokens)
+        return cls(path, target, load_tokenizer(path), build, runner, speculation, choice)
 
     @classmethod
     def from_compiled(cls, artifact_dir: str | Path, **expected) -> "Engine":
@@ -222,7 +222,7 @@ class Engine:
         from neuron_peagle.graphs.interface import plan
 
         warmed = []
-        for graph in plan(self.decoder):
+        for graph in plan(self.runner):
             if greedy is not None and graph.greedy != greedy:
                 continue
             if graph.bucket is not None and buckets is not None and graph.bucket not in buckets:
@@ -284,7 +284,7 @@ class Engine:
                     finished.add(index, RequestOutput(text, all_ids[index], state.output_ids,
                                                       self._final_text(state.output_ids, params), state.stats))
 
-                run_batch(self.decoder, group, [params.max_new_tokens] * len(group), stop_ids, sampling,
+                run_batch(self.runner, group, [params.max_new_tokens] * len(group), stop_ids, sampling,
                           self._commit_callback(first, params, on_tokens), on_step, on_finish)
         except KeyboardInterrupt:
             raise GenerationInterrupted(dict(finished.outputs), len(all_ids)) from None

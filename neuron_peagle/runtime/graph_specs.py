@@ -19,7 +19,7 @@ from torch import Tensor
 
 from neuron_peagle.backends.xla import XlaBackend, hlo_text
 from neuron_peagle.errors import ConfigError
-from neuron_peagle.graphs.interface import GRAPH_KINDS, PREFILL_KINDS, GraphDecoder, PlannedGraph, plan
+from neuron_peagle.graphs.interface import GRAPH_KINDS, PREFILL_KINDS, GraphRunner, PlannedGraph, plan
 
 __all__ = ["GRAPH_KINDS", "PREFILL_KINDS", "GraphSpec", "neuron_compiler_args", "plan_graphs", "trace_hlo"]
 
@@ -42,10 +42,10 @@ class GraphSpec(PlannedGraph):
     compiler_args: tuple[str, ...] = ()
 
 
-def plan_graphs(decoder: GraphDecoder, compiler_args: tuple[str, ...]) -> list[GraphSpec]:
-    """Every graph `decoder` runs (graphs.interface.plan), each with `compiler_args`."""
+def plan_graphs(runner: GraphRunner, compiler_args: tuple[str, ...]) -> list[GraphSpec]:
+    """Every graph `runner` runs (graphs.interface.plan), each with `compiler_args`."""
     return [GraphSpec(**{f.name: getattr(p, f.name) for f in fields(PlannedGraph)}, compiler_args=tuple(compiler_args))
-            for p in plan(decoder)]
+            for p in plan(runner)]
 
 
 @contextmanager

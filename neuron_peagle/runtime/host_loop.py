@@ -1,9 +1,9 @@
 """The host loop: commits the tokens each graph step produces, row by row, and decides when to stop.
 
-It knows nothing of tokenisation or of how a step makes its tokens: a `Decoder` prefills a batch and
+It knows nothing of tokenisation or of how a step makes its tokens: a `Runner` prefills a batch and
 then, each step, returns the tokens it committed per row (`[batch, max_tokens_per_step]`, padded with
 -1) and their count. Rows accept different numbers of tokens per step; a finished row (or a padding
-row of an incomplete batch) keeps its place in the fixed-shape batch but is frozen by the decoder.
+row of an incomplete batch) keeps its place in the fixed-shape batch but is frozen by the runner.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from neuron_peagle.runtime.batch import BatchSampling
 from neuron_peagle.runtime.stats import RequestStats
 
 
-class Decoder(Protocol):
+class Runner(Protocol):
     batch_size: int
     tokens_per_step: int  # M: 1 for plain decoding, K+1 for speculative
     timings: dict[str, float]  # seconds per step part ("draft", "verify", "accept"), this batch
@@ -64,36 +64,36 @@ StepCallback = Callable[[StepRecord], None]
 FinishCallback = Callable[[int, "RowState"], None]
 
 
-def run_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
+def run_batch(runner: Runner, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
               stop_token_ids: set[int], sampling: BatchSampling,
               on_commit: CommitCallback | None = None, on_step: StepCallback | None = None,
               on_finish: FinishCallback | None = None) -> list[RowState]:
-    """Generate for one batch of at most `decoder.batch_size` prompts (already validated); `on_finish`
+    """Generate for one batch of at most `runner.batch_size` prompts (already validated); `on_finish`
     hears of each row the moment it is finished.
     The prefill and every step are named `peagle::prefill` / `peagle::step` for a profiler."""
     rows = [RowState(list(p), n) for p, n in zip(prompts, max_new_tokens)]
     for row in rows:
         row.stats.num_prompt_tokens = len(row.prompt_ids)
-        row.stats.num_speculative_tokens = decoder.tokens_per_step - 1
+        row.stats.num_speculative_tokens = runner.tokens_per_step - 1
 
     start = time.perf_counter()
     with torch.profiler.record_function("peagle::prefill"):
-        first = decoder.prefill([r.prompt_ids for r in rows], sampling)
+        first = runner.prefill([r.prompt_ids for r in rows], sampling)
     prefill_time = time.perf_counter() - start
     for i, row in enumerate(rows):
         row.stats.prefill_time_s = prefill_time
         _commit(row, i, [int(first[i])], stop_token_ids, on_commit)
         if row.done:
-            _finish(decoder, row, i, on_finish)
+            _finish(runner, row, i, on_finish)
 
     step = 0
     while not all(row.done for row in rows):
-        before = dict(decoder.timings)
+        before = dict(runner.timings)
         start = time.perf_counter()
         with torch.profiler.record_function("peagle::step"):
-            tokens, counts = decoder.step()
+            tokens, counts = runner.step()
         elapsed = time.perf_counter() - start
-        spent = {name: decoder.timings.get(name, 0.0) - before.get(name, 0.0) for name in decoder.timings}
+        spent = {name: runner.timings.get(name, 0.0) - before.get(name, 0.0) for name in runner.timings}
         if on_step is not None:
             live_counts = [0 if row.done else int(counts[i]) for i, row in enumerate(rows)]
             on_step(StepRecord(step, tokens.shape[1] - 1, live_counts, elapsed, spent))
@@ -110,12 +110,12 @@ def run_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens
             committed = tokens[i, : int(counts[i])].tolist()
             stats.num_decoded_tokens += _commit(row, i, committed, stop_token_ids, on_commit)
             if row.done:
-                _finish(decoder, row, i, on_finish)
+                _finish(runner, row, i, on_finish)
     return rows
 
 
-def _finish(decoder: Decoder, row: RowState, index: int, on_finish: FinishCallback | None) -> None:
-    decoder.retire(index)
+def _finish(runner: Runner, row: RowState, index: int, on_finish: FinishCallback | None) -> None:
+    runner.retire(index)
     if on_finish is not None:
         on_finish(index, row)
 

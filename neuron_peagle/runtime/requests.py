@@ -12,6 +12,7 @@ from typing import Any
 from neuron_peagle import checks
 from neuron_peagle.config import BuildConfig
 from neuron_peagle.errors import ConfigError, PromptError
+from neuron_peagle.kv_cache import step_room
 
 
 def prompt_inputs(prompts: Any) -> list[str | list[int]]:
@@ -48,7 +49,7 @@ def check_prompt(number: int, prompt_ids: Sequence[int], max_new_tokens: int, bu
         )
     # A speculative step writes K+1 cache entries past the last committed token, and the
     # drafter keeps one trash slot at the end of its cache.
-    room = build.max_length - (num_speculative_tokens + 1 if num_speculative_tokens else 0)
+    room = build.max_length - step_room(num_speculative_tokens)
     if len(prompt_ids) + max_new_tokens > room:
         extra = (f" (less {num_speculative_tokens + 1} slots that speculative steps need)"
                  if num_speculative_tokens else "")

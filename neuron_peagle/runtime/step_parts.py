@@ -2,7 +2,7 @@
 
 A compiled step graph is one call: its parts cannot be timed from inside without breaking the graph
 (a timer is Python, not a tensor op). So the graph exposes its parts as methods (`SpecStepGraph.draft`,
-`.verify`, `.accept`) and runs them in `forward`; on eager, where nothing is compiled, the decoder runs
+`.verify`, `.accept`) and runs them in `forward`; on eager, where nothing is compiled, the runner runs
 them through `TimedStep` instead, which does the same calls in the same order with a clock and a
 profiler range (`peagle::<part>`) around each. Compiled backends report the step's wall time only.
 """

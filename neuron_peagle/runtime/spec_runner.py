@@ -21,12 +21,13 @@ from neuron_peagle.backends import Backend
 from neuron_peagle.config import BuildConfig
 from neuron_peagle.graphs.spec_state import SpecState
 from neuron_peagle.graphs.speculative import SpecPrefillGraph, SpecPrefillInputs, SpecStepGraph, SpecStepInputs
+from neuron_peagle.kv_cache import step_room
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.runtime.batch import BatchSampling, pad_prompts
 from neuron_peagle.runtime.step_parts import TimedStep
 
 
-class SpecDecoder:
+class SpecRunner:
     def __init__(self, target: TargetModel, proposer: nn.Module, build: BuildConfig, backend: Backend,
                  num_speculative_tokens: int, short_draft_tokens: int = 0) -> None:
         self.build = build
@@ -87,7 +88,7 @@ class SpecDecoder:
         inputs = SpecStepInputs(s.temperature, s.top_k, s.top_p, uniforms[:, :k], uniforms[:, k:])
         # The host's copy of the graph's last_position, clamped as the graph clamps it (for the
         # longest K): the step writes and reads the cache up to last_position + K.
-        last = self._last_position.clamp(max=self.build.max_length - self.num_speculative_tokens - 2)
+        last = self._last_position.clamp(max=self.build.max_length - step_room(self.num_speculative_tokens) - 1)
         self.cache.read_up_to(int(last.max()) + k)
         graph = self.graphs[sampling.greedy][1][k]
         tokens, counts, self._known_drafts = self.backend.run(self._timed.get(graph, graph), inputs)

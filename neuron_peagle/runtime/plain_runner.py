@@ -14,7 +14,7 @@ from neuron_peagle.models.target import TargetModel
 from neuron_peagle.runtime.batch import BatchSampling, pad_prompts
 
 
-class PlainDecoder:
+class PlainRunner:
     tokens_per_step = 1
 
     def __init__(self, target: TargetModel, build: BuildConfig, backend: Backend) -> None:
