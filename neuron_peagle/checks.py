@@ -7,6 +7,8 @@ Integers must be integers: a float or a bool where a count is meant is refused, 
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import numbers
 from collections.abc import Sequence
@@ -82,3 +84,11 @@ def token_ids(number: int, ids: Any) -> list[int]:
 
 def _kind(value: Any) -> str:
     return "null" if value is None else f"a {type(value).__name__} ({value!r:.40})"
+
+
+def dataclass_from_dict(cls, data: dict[str, Any], what: str):
+    """`cls(**data)` for a dataclass, refusing keys that are none of its fields (naming them)."""
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"unknown {what}: {', '.join(sorted(unknown))}")
+    return cls(**data)

@@ -180,7 +180,7 @@ def _limits(args: argparse.Namespace, given: set[str]) -> tuple[Path, BuildConfi
         manifest = Manifest.load(args.artifacts)
         check_request(manifest, ArtifactRequest(**_artifact_request(args, given)))
         model_dir = args.model if args.model is not None else Path(manifest.model.path)
-        return model_dir, manifest.build, manifest.num_speculative_tokens
+        return model_dir, manifest.build, manifest.speculation.num_speculative_tokens
     checks.integer("tp_degree", args.tp_degree, minimum=1)
     speculation = speculation_of(args)
     build = BuildConfig(batch_size=args.batch_size, max_length=args.max_length, prefill_buckets=args.prefill_buckets,
@@ -295,8 +295,12 @@ class _Records:
 
 @contextlib.contextmanager
 def _sigint_held():
-    """Defer SIGINT until the block is done (then raise KeyboardInterrupt as it would have)."""
+    """Defer SIGINT until the block is done (then raise KeyboardInterrupt as it would have). A process
+    started with SIGINT ignored (a background job of a non-interactive shell) keeps ignoring it."""
     pending: list[int] = []
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield
+        return
     try:
         previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
     except ValueError:  # not the main thread: nothing to hold

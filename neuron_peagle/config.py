@@ -369,11 +369,7 @@ class BuildConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BuildConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ConfigError(f"unknown build config fields: {sorted(unknown)}")
-        return cls(**data)
+        return checks.dataclass_from_dict(cls, data, "build config fields")
 
 
 # Drafter decoder layers (speculators' transformer_layer_config.model_type): Llama's, or Qwen3's with

@@ -114,9 +114,8 @@ def summarize(records: Sequence[StepRecord]) -> dict:
 
 def engine_description(engine: "Engine") -> dict:
     build = engine.build
-    return {"model_dir": str(engine.model_dir), "mode": engine.mode,
-            "drafter": engine.drafter.describe() if engine.drafter is not None else None,
-            "num_speculative_tokens": engine.num_speculative_tokens, "build": build.to_dict()}
+    return {"model_dir": str(engine.model_dir), "speculation": engine.speculation.to_dict(),
+            "drafter": engine.drafter.describe() if engine.drafter is not None else None, "build": build.to_dict()}
 
 
 def profile_generation(engine: "Engine", prompts: Sequence[Sequence[int]], params: "SamplingParams",

@@ -35,7 +35,8 @@ class SpeculationConfig:
       drafter passes) or "plain" (no drafter).
     - num_speculative_tokens: K, the drafts per step.
     - lookup_ngram: context lookup (graphs/lookup.py) replaces drafts by tokens copied from earlier in the
-      sequence wherever its last n tokens (backing off to 2) occurred before; 0: the drafter alone.
+      sequence wherever its last n tokens (backing off to 2) occurred before; 0: the drafter alone; unset:
+      DEFAULT_LOOKUP_NGRAM, or 0 in plain mode (which refuses any other value).
     - datastore: with lookup, drafts 2..K may come from the drafter directory's n-gram datastore of the
       target's answers (graphs/datastore_lookup.py); "auto": where the drafter has one.
     - short_draft_tokens: adaptive K (with lookup): steps whose lookup found nothing draft this many
@@ -45,28 +46,30 @@ class SpeculationConfig:
 
     mode: str = "parallel"
     num_speculative_tokens: int = 7
-    lookup_ngram: int = DEFAULT_LOOKUP_NGRAM
+    lookup_ngram: int | None = None  # None: DEFAULT_LOOKUP_NGRAM when speculating, 0 in plain mode
     datastore: bool | str = "auto"
     short_draft_tokens: int | None = None
 
     def __post_init__(self) -> None:
         checks.choice("mode", self.mode, MODES)
+        if self.lookup_ngram is None:
+            object.__setattr__(self, "lookup_ngram", 0 if self.plain else DEFAULT_LOOKUP_NGRAM)
         checks.integer("num_speculative_tokens", self.num_speculative_tokens, minimum=0 if self.plain else 1)
         checks.integer("lookup_ngram", self.lookup_ngram, minimum=0)
+        if self.plain and self.lookup_ngram:
+            raise ConfigError("lookup_ngram needs a speculative mode: plain decoding drafts nothing")
         if self.datastore not in (True, False, "auto") or isinstance(self.datastore, int) and not isinstance(
                 self.datastore, bool):
             raise ConfigError(f"datastore must be True, False or 'auto', got {self.datastore!r}")
         if self.short_draft_tokens is not None:
             checks.integer("short_draft_tokens", self.short_draft_tokens, minimum=0)
-        if self.plain:
-            return
         if self.short_draft_tokens and not self.lookup_ngram:
             raise ConfigError("short_draft_tokens (adaptive K) needs context lookup: it picks K by whether the "
                               "lookup found a copy; set lookup_ngram too")
         if self.datastore is True and not self.lookup_ngram:
             raise ConfigError("datastore needs context lookup (its continuations are drafted by the lookup); "
                               "set lookup_ngram too")
-        if self.short_draft_tokens and not self.short_draft_tokens < self.num_speculative_tokens:
+        if not self.plain and self.short_draft_tokens and not self.short_draft_tokens < self.num_speculative_tokens:
             raise ConfigError(f"short_draft_tokens (adaptive K) must be below num_speculative_tokens "
                               f"{self.num_speculative_tokens}, got {self.short_draft_tokens}")
 
@@ -106,11 +109,7 @@ class SpeculationConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SpeculationConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ConfigError(f"unknown speculation settings: {', '.join(sorted(unknown))}")
-        return cls(**data)
+        return checks.dataclass_from_dict(cls, data, "speculation settings")
 
     @classmethod
     def of(cls, value: "SpeculationConfig | dict[str, Any] | None") -> "SpeculationConfig":

@@ -81,7 +81,7 @@ def test_build_writes_manifest_hlo_and_audit_for_every_graph(built, tiny_llama_d
     assert manifest.versions == {"torch": metadata.version("torch"), "torch-xla": metadata.version("torch-xla")}
     assert manifest.model.files["model.safetensors"] == WeightsInfo.of_dir(tiny_llama_dir).files["model.safetensors"]
     assert manifest.drafter.path is None and manifest.drafter.random_seed == 0  # no trained drafter for it
-    assert (manifest.build.batch_size, manifest.build.prefill_buckets, manifest.num_speculative_tokens) == (2, (16, 32), 3)
+    assert (manifest.build.batch_size, manifest.build.prefill_buckets, manifest.speculation.num_speculative_tokens) == (2, (16, 32), 3)
     assert manifest.build.kernels == "reference"  # the switch, resolved for xla: plain PyTorch
     for graph in manifest.graphs:
         hlo = (built / graph.hlo_file).read_text()

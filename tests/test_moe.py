@@ -23,13 +23,10 @@ PROMPTS = [[5, 9, 13, 40], [7, 300, 11], [900, 901, 902, 903, 904, 905, 906, 907
 NEW_TOKENS = 30  # past the tiny gpt-oss's sliding window of 8: its rings wrap several times
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def moe_model(request, tmp_path_factory):
-    """A tiny random target of each family and transformers' greedy continuations of PROMPTS."""
+def _tiny_moe_model(family: str, root):
     from transformers import AutoModelForCausalLM
 
-    model_dir = save_tiny_model(tmp_path_factory.mktemp(request.param) / "model", request.param, tie=False,
-                                seed=5, num_hidden_layers=4)
+    model_dir = save_tiny_model(root / "model", family, tie=False, seed=5, num_hidden_layers=4)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     want = []
     with torch.no_grad():
@@ -39,6 +36,18 @@ def moe_model(request, tmp_path_factory):
                               do_sample=False, eos_token_id=None, pad_token_id=0)
             want.append(out[0, len(ids):].tolist())
     return model_dir, hf, want
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def moe_model(request, tmp_path_factory):
+    """A tiny random target of each family and transformers' greedy continuations of PROMPTS."""
+    return _tiny_moe_model(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_model(tmp_path_factory):
+    """The tiny gpt-oss alone: every MoE feature at once (sinks, rings, both expert formulations)."""
+    return _tiny_moe_model("gpt_oss", tmp_path_factory.mktemp("gpt_oss_compiled"))
 
 
 def test_configs_read_as_transformers_builds_them(moe_model):
@@ -170,12 +179,14 @@ def test_grouped_blocks_equal_the_per_token_gather(tokens, experts, data):
     torch.testing.assert_close(layer.grouped(x, ids, scores), want, rtol=1e-5, atol=1e-4)
 
 
-def test_inductor_compiles_each_moe_graph_once(moe_model):
+def test_inductor_compiles_each_moe_graph_once(gpt_oss_model):
     """P-EAGLE on the compiled path: prefill and step graphs, greedy and sampling, each compiled once
-    with no graph break (fullgraph), equal to eager, and nothing recompiled by whole generations."""
+    with no graph break (fullgraph), equal to eager, and nothing recompiled by whole generations. On
+    gpt-oss, whose graphs hold every MoE piece (Qwen3-MoE's router differs only in its softmax; both
+    families compile on the xla path too, tests/test_xla.py)."""
     from neuron_peagle.backends.compiled import compiled_graph_count
 
-    model_dir, _, want = moe_model
+    model_dir, _, want = gpt_oss_model
     spec = dict(mode="parallel", num_speculative_tokens=3, batch_size=2, max_length=64, prefill_buckets=(16,))
     compiled = make_engine(model_dir, backend="inductor", **spec)
     before = compiled_graph_count()

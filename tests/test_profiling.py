@@ -47,7 +47,7 @@ def test_eager_session_agrees_with_the_generation_it_profiled(tiny_llama_dir, tm
     parts = summary["part_ms_mean"]
     assert set(parts) == {"draft", "verify", "accept", "host"} and all(v > 0 for v in parts.values())
     assert abs(sum(parts.values()) - summary["step_ms_mean"]) < 1e-6
-    assert session["engine"]["build"]["short_draft_tokens"] == 1
+    assert session["engine"]["speculation"]["short_draft_tokens"] == 1
     assert {"peagle::prefill", "peagle::step", "peagle::draft", "peagle::verify", "peagle::accept"} <= trace_names(
         out / "trace.json")
     assert "aten::" in (out / "ops.txt").read_text()

@@ -349,6 +349,12 @@ def test_outputs_stream_in_input_order_as_they_finish(engine):
     assert order == [(i, out.output_ids) for i, out in enumerate(outputs)]
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """The child starts with SIGINT at its default, as under a terminal: a suite run as a background job
+    of a non-interactive shell has SIGINT ignored, which children inherit (and the CLI then respects)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_stops_a_real_run_exits_130_and_keeps_what_finished(tmp_path, tiny_llama_dir):
     prompts = tmp_path / "p.jsonl"
     # Enough prompts that the run cannot finish before the signal lands, even on a loaded machine.
@@ -357,7 +363,7 @@ def test_sigint_stops_a_real_run_exits_130_and_keeps_what_finished(tmp_path, tin
     process = subprocess.Popen([sys.executable, "-m", "neuron_peagle.cli", "generate", "--prompts-file", str(prompts),
                                 "--model", str(tiny_llama_dir), "--json", *TINY, "--max-new-tokens", "20",
                                 "--ignore-eos"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=_sigint_as_in_a_terminal)
     first = process.stdout.readline()
     process.send_signal(signal.SIGINT)
     rest, err = process.communicate(timeout=300)

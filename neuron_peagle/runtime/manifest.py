@@ -167,14 +167,6 @@ class Manifest:
     # hex; verified before anything loads. Empty in manifests written before it was recorded.
     checksums: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def mode(self) -> str:
-        return self.speculation.mode
-
-    @property
-    def num_speculative_tokens(self) -> int:
-        return self.speculation.num_speculative_tokens
-
     def graph(self, name: str) -> GraphRecord | None:
         return next((g for g in self.graphs if g.name == name), None)
 
