@@ -379,7 +379,7 @@ DRAFTER_LAYER_TYPES = ("llama", "qwen3")
 
 @dataclass(frozen=True)
 class DrafterConfig:
-    """A P-EAGLE (or EAGLE-3) drafter: `fc` over three target feature layers, `num_layers` runner
+    """A P-EAGLE (or EAGLE-3) drafter: `fc` over three target feature layers, `num_layers` decoder
     layers of `layer_type` (layer 0 with a 2H input), final norm and LM head over a (possibly reduced)
     draft vocabulary.
 

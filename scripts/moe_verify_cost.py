@@ -23,7 +23,7 @@ KV_BYTES = BF16_BYTES  # the KV cache stays bf16 whatever the weights are
 
 @dataclass(frozen=True)
 class MoeShape:
-    """Runner shapes of an MoE target, as its config.json and its transformers modeling code define them."""
+    """Shapes of an MoE target, as its config.json and its transformers modeling code define them."""
 
     name: str
     num_layers: int

@@ -1,4 +1,4 @@
-"""Tensor parallelism on the nxd backend (trn1, Neuron 2.31's torch-xla stack): the target's runner
+"""Tensor parallelism on the nxd backend (trn1, Neuron 2.31's torch-xla stack): the target's decoder
 layers on neuronx-distributed's parallel layers, their weights sharded by NxD's own checkpoint sharding.
 
 The layout is the main stack's (neuron_peagle/parallel.py, DTensor on trn2/trn3), in NxD's terms. In

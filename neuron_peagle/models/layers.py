@@ -1,4 +1,4 @@
-"""Building blocks of Llama-style runners, written for fixed-shape tracing.
+"""Building blocks of Llama-style decoders, written for fixed-shape tracing.
 
 Linear and embedding layers are created only through `make_linear` / `make_embedding`. With tensor
 parallelism (neuron_peagle.parallel) a decoder layer's four projections are `nn.Linear` modules built
