@@ -96,7 +96,7 @@ def add_speculation_options(parser: argparse.ArgumentParser) -> None:
                         help="adaptive K: steps whose context lookup found nothing to copy draft only N tokens "
                              f"(a second step graph), the others K (default {DEFAULT_SHORT_DRAFT_TOKENS} when "
                              "lookup is on, K is larger and there is no datastore; 0: every step drafts K)")
-    parser.add_argument("--datastore", type=_datastore_choice, default="auto", metavar="{auto,on,off}",
+    parser.add_argument("--datastore", type=_datastore_choice, default=default.datastore, metavar="{auto,on,off}",
                         help="with context lookup: where neither the sequence nor its lookup after the first "
                              "draft knows what follows, draft from the drafter's n-gram datastore of the "
                              "target's answers (auto, the default: where the drafter directory has one)")

@@ -82,6 +82,14 @@ def write_state_slice(owner: nn.Module, name: str, dim: int, start: int, value: 
     return _rebind(owner, name, torch.slice_scatter(buffer, value.to(buffer.dtype), dim, start, end))
 
 
+def assign_buffer(buffer: Tensor, value: Tensor) -> Tensor:
+    """`assign_state` for a caller that holds the buffer tensor, not its owner (a KV cache layer):
+    := value of the same shape, in place, or rebound to a fresh copy in functional mode."""
+    if not _functional_roots:
+        return buffer.copy_(value)
+    return replace_state(buffer, value.clone(memory_format=torch.contiguous_format))
+
+
 def replace_state(current: Tensor, new: Tensor) -> Tensor:
     """Functional mode only: the buffer that holds `current` (a submodule's of the roots given to
     `functional_state`) now holds `new`, an out-of-place update of it. Returns `new`."""

@@ -197,14 +197,7 @@ def write_ring(ring: Tensor, new: Tensor, window: WindowPlan) -> Tensor:
     batch, heads, slots, dim = ring.shape
     index = window.source.view(batch, 1, slots, 1).expand(batch, heads, slots, dim)
     updated = torch.where(window.take_new.view(batch, 1, slots, 1), new.to(ring.dtype).gather(2, index), ring)
-    return replace_buffer(ring, updated)
-
-
-def replace_buffer(buffer: Tensor, value: Tensor) -> Tensor:
-    """A state buffer := value (same shape): in place, or rebound under `graphs.state.functional_state`."""
-    if state.is_functional():
-        return state.replace_state(buffer, value.clone())
-    return buffer.copy_(value)
+    return state.assign_buffer(ring, updated)
 
 
 class Attention(nn.Module):
