@@ -15,7 +15,7 @@ GIB = 2**30
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    weights: int  # bytes (an untied or tied LM head: both keep a matrix)
+    weights: int  # bytes (a tied LM head is the embedding matrix: counted once)
     kv_cache: int  # bytes: target and drafter caches, every layer, [B, kv_heads, max_length, head_dim]
     checkpoint: int  # bytes of the weight files, read whole while loading
 
@@ -50,7 +50,8 @@ def estimate(model: ModelConfig, build: BuildConfig, drafter: DrafterConfig | No
              checkpoint_bytes: int = 0) -> MemoryEstimate:
     # The models are built in float32 and cast to the build's dtype once loaded: the peak is float32.
     itemsize = 4
-    params = 2 * model.vocab_size * model.hidden_size + model.hidden_size + _target_layer_params(model)
+    heads = 1 if model.tie_word_embeddings else 2  # embedding, and the LM head unless it is the embedding
+    params = heads * model.vocab_size * model.hidden_size + model.hidden_size + _target_layer_params(model)
     slots = build.batch_size * build.max_length
     # Sliding-window layers keep a ring of about the window's size (plus K), not max_length.
     window = model.sliding_window or 0

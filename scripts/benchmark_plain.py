@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from neuron_peagle.models.layers import Linear, RMSNorm
+from neuron_peagle.models.layers import RMSNorm
 from neuron_peagle.runtime.engine import Engine, SamplingParams
 from neuron_peagle.speculation import SpeculationConfig
 
@@ -172,11 +172,11 @@ def run_hf(model, pad_id: int, prompt_ids: list[list[int]], batch: int, new_toke
 # ---- 3. the floor ----------------------------------------------------------------------------------
 
 def streamed_bytes(target, batch: int, max_length: int) -> dict:
-    """Bytes one decode step of our model reads: every Linear weight (the LM head is its own
-    [hidden, vocab] copy; the embedding table is only indexed, one row per token), the norms, and
+    """Bytes one decode step of our model reads: every Linear weight (a tied LM head reads the whole
+    embedding matrix; otherwise the embedding table is only indexed, one row per token), the norms, and
     the whole fixed-length KV cache, which attention reads and masks at every step."""
     linear = sum(m.weight.numel() * m.weight.element_size() + (m.bias.numel() * m.bias.element_size()
-                 if m.bias is not None else 0) for m in target.modules() if isinstance(m, Linear))
+                 if m.bias is not None else 0) for m in target.modules() if isinstance(m, torch.nn.Linear))
     norms = sum(m.weight.numel() * m.weight.element_size() for m in target.modules() if isinstance(m, RMSNorm))
     embed_rows = batch * target.embed_tokens.weight[0].numel() * target.embed_tokens.weight.element_size()
     c = target.config
@@ -208,7 +208,7 @@ def matmul_sweep(weights: list[tuple[str, torch.Tensor]], op, rounds: int) -> di
     for r in range(rounds + 1):  # round 0 warms up
         spent: dict[str, float] = defaultdict(float)
         for kind, w in weights:
-            x = torch.randn(1, w.shape[0] if op is torch.matmul else w.shape[1])
+            x = torch.randn(1, w.shape[1])
             start = time.perf_counter()
             op(x, w)
             spent[kind] += time.perf_counter() - start
@@ -297,7 +297,7 @@ def step_breakdown(engine: Engine, clock: LoopClock, prompt_ids: list[int], step
     t = parts.totals
     n = clock.steps
     layers = len(target.layers)
-    hidden, vocab = target.lm_head.weight.shape
+    vocab, hidden = target.lm_head.weight.shape
     rows = {
         f"linear qkv_proj (x{layers})": t["qkv_proj"],
         f"linear o_proj (x{layers})": t["o_proj"],
@@ -358,12 +358,12 @@ def markdown(result: dict) -> str:
               f"Copy bandwidth (512 MB `dst.copy_(src)`, read + write): {floor['copy_gb_per_s']:.1f} GB/s "
               f"(median of {len(floor['copy_samples_gb_per_s'])}). Bytes per decode step at batch 1: "
               f"{floor['per_batch']['1']['weight_bytes'] / 1e6:.1f} MB of weights (Linear weights incl. the "
-              f"LM head's own [hidden, vocab] copy, norms, one embedding row) + "
+              f"LM head, norms, one embedding row) + "
               f"{floor['per_batch']['1']['kv_cache_bytes'] / 1e6:.1f} MB of KV cache (all {cfg['max_length']} "
               f"slots of every layer, read every step).", "",
               "| decode-shaped matmul, x [1, in] | weight shape | count | MB/token | ms/token | GB/s |",
               "| --- | --- | ---: | ---: | ---: | ---: |"]
-    for label, sweep in (("ours: matmul, [in, out]", result["matmuls"]["ours"]),
+    for label, sweep in (("ours: F.linear, the CPU backend's strides", result["matmuls"]["ours"]),
                          ("transformers: F.linear, [out, in]", result["matmuls"]["transformers"])):
         for kind, k in sweep["kinds"].items():
             lines.append(f"| {label} {kind} | {k['shape']} | {k['count']} | {k['mb_per_token']:.1f} | "
@@ -484,7 +484,7 @@ def main() -> None:
         nbytes = streamed_bytes(target, b, args.max_length)
         floor["per_batch"][str(b)] = {**nbytes, "weights_only_tokens_per_s": b * bw / nbytes["weight_bytes"],
                                       "with_kv_tokens_per_s": b * bw / (nbytes["weight_bytes"] + nbytes["kv_cache_bytes"])}
-    matmuls = {"ours": matmul_sweep(our_linear_weights(target), torch.matmul, args.repeats),
+    matmuls = {"ours": matmul_sweep(our_linear_weights(target), F.linear, args.repeats),
                "transformers": matmul_sweep(hf_linear_weights(hf), F.linear, args.repeats)}
 
     print("timing the parts of a batch-1 step", flush=True)

@@ -33,21 +33,21 @@ def make_params(norm_before_residual: bool, dtype: torch.dtype, g: torch.Generat
         norm = RMSNorm(HIDDEN, eps)
         norm.weight.data = (1 + 0.3 * torch.randn(HIDDEN, generator=g)).to(dtype)
         norms.append(norm)
-    fc = torch.randn(3 * TARGET_HIDDEN, HIDDEN, generator=g) / (3 * TARGET_HIDDEN) ** 0.5
+    fc = torch.randn(HIDDEN, 3 * TARGET_HIDDEN, generator=g) / (3 * TARGET_HIDDEN) ** 0.5
     return DraftInputParams(fc.to(dtype), torch.randn(HIDDEN, generator=g).to(dtype),
                             torch.randn(HIDDEN, generator=g).to(dtype), norms[0], norms[1], norm_before_residual)
 
 
 def make_inputs(dtype: torch.dtype, reduced: bool, norm_before_residual: bool = False, seed: int = 0):
     """Draft-pass inputs: embeds [2, 5, H], features [2, 5, 3H_t], is_mask [2, 5], params, the LM head
-    weight [H, vocab] and the vocabulary map d2t [vocab] (or None)."""
+    weight [vocab, H] and the vocabulary map d2t [vocab] (or None)."""
     g = torch.Generator().manual_seed(seed)
     embeds = torch.randn(*LEAD, HIDDEN, generator=g).to(dtype)
     features = torch.randn(*LEAD, 3 * TARGET_HIDDEN, generator=g).to(dtype)
     is_mask = torch.rand(*LEAD, generator=g) < 0.4
     is_mask[0, 0], is_mask[0, 1] = True, False  # both kinds of slot, whatever the seed
     params = make_params(norm_before_residual, dtype, g)
-    weight = (torch.randn(HIDDEN, VOCAB, generator=g) / HIDDEN ** 0.5).to(dtype)
+    weight = (torch.randn(VOCAB, HIDDEN, generator=g) / HIDDEN ** 0.5).to(dtype)
     d2t = torch.arange(VOCAB) * 3 if reduced else None  # draft id i -> target id 4 i
     return embeds, features, is_mask, params, weight, d2t
 
@@ -223,9 +223,9 @@ def test_nki_implementations_are_registered_for_the_neuron_device_only():
         check_kernel_mode("nki")
         assert registered() == [True, True] and ops._nki_registered
         ops.register_nki_implementations()  # idempotent
-        h, w = torch.randn(3, 8), torch.randn(8, 20)
+        h, w = torch.randn(3, 8), torch.randn(20, 8)
         ids, best = ops.lm_head_argmax(h, w, None)  # CPU still runs the reference
-        assert torch.equal(ids, (h @ w).argmax(-1))
+        assert torch.equal(ids, (h @ w.T).argmax(-1))
         print("ok")
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

@@ -59,7 +59,7 @@ def relative_error(got: np.ndarray, want: torch.Tensor) -> float:
 def check_lm_head(rows: int, hidden: int, vocab: int, reduced: bool, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(rows, hidden, generator=g)
-    weight = torch.randn(hidden, vocab, generator=g) / hidden ** 0.5
+    weight = torch.randn(vocab, hidden, generator=g) / hidden ** 0.5  # [vocab, H], nn.Linear's
     d2t = torch.arange(vocab) * 3 if reduced else None  # draft id i -> target id 4 i
     want_ids, want_best = lm_head_argmax_reference(h, weight, d2t)
     kernel, args = lm_head_argmax_call(h, weight, d2t)
@@ -70,7 +70,7 @@ def check_lm_head(rows: int, hidden: int, vocab: int, reduced: bool, seed: int) 
     if differ.any():  # only where two logits tie up to float32 summation order
         draft_ids = ids // 4 if reduced else ids
         assert ((ids % 4 == 0).all() if reduced else True) and (draft_ids < vocab).all()
-        theirs = (h @ weight).gather(1, draft_ids.unsqueeze(1)).squeeze(1)
+        theirs = (h @ weight.T).gather(1, draft_ids.unsqueeze(1)).squeeze(1)
         gap = (want_best - theirs)[differ]
         assert (gap.abs() <= RTOL * want_best[differ].abs()).all(), f"ids differ beyond a tie: {gap}"
 
@@ -98,9 +98,9 @@ def test_ties_go_to_the_lowest_index_as_in_torch():
     assert int(torch.tensor([1.0, 3.0, 0.5, 3.0, 3.0]).argmax()) == 1
     g = torch.Generator().manual_seed(3)
     h = torch.randint(-2, 3, (6, 64), generator=g).float()
-    weight = torch.randint(-1, 2, (64, 1600), generator=g).float()
+    weight = torch.randint(-1, 2, (1600, 64), generator=g).float()
     for column in (700, 650, 1599, 1100):  # tile 1 (twice), tile 3, tile 2: row 0's maximum
-        weight[:, column] = 3 * h[0].sign()
+        weight[column] = 3 * h[0].sign()
     want, _ = lm_head_argmax_reference(h, weight)
     assert int(want[0]) == 650
     kernel, args = lm_head_argmax_call(h, weight, None)
@@ -118,7 +118,7 @@ def draft_params(hidden: int, target_hidden: int, norm_before_residual: bool, g:
         norm = RMSNorm(hidden, 1e-5)
         norm.weight.data = (1 + 0.3 * torch.randn(hidden, generator=g)).to(dtype)
         norms.append(norm)
-    fc = (torch.randn(3 * target_hidden, hidden, generator=g) / (3 * target_hidden) ** 0.5).to(dtype)
+    fc = (torch.randn(hidden, 3 * target_hidden, generator=g) / (3 * target_hidden) ** 0.5).to(dtype)
     return DraftInputParams(fc, torch.randn(hidden, generator=g).to(dtype), torch.randn(hidden, generator=g).to(dtype),
                             norms[0], norms[1], norm_before_residual)
 
@@ -308,7 +308,7 @@ def test_kernel_source_is_in_the_documented_nki_subset(module):
 def test_the_kernels_own_tiling_keeps_them_within_limits(monkeypatch):
     # With 1024-column vocabulary tiles the LM head kernel would overflow a PSUM bank.
     monkeypatch.setattr(interpreter.tile_size, "gemm_moving_fmax", 1024)
-    kernel, args = lm_head_argmax_call(torch.randn(3, 64), torch.randn(64, 2000), None)
+    kernel, args = lm_head_argmax_call(torch.randn(3, 64), torch.randn(2000, 64), None)
     with pytest.raises(NkiInterpreterError, match="PSUM tile .* more than one 2048-byte bank"):
         interpreter.run(kernel, *args)
 

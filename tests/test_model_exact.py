@@ -49,7 +49,7 @@ def test_qwen3_head_norms_are_loaded_and_head_dim_is_its_own(tmp_path):
     model_dir = save_tiny_model(tmp_path, "qwen3", tie=False, seed=4, head_dim=24)
     model = TargetModel.from_pretrained(model_dir, max_length=64)
     attn = model.layers[0].self_attn
-    assert model.config.head_dim == 24 and attn.qkv_proj.weight.shape == (64, (4 + 2 * 2) * 24)
+    assert model.config.head_dim == 24 and attn.qkv_proj.weight.shape == ((4 + 2 * 2) * 24, 64)
     assert attn.q_norm.weight.shape == (24,) and not torch.equal(attn.q_norm.weight, attn.k_norm.weight)
     assert attn.qkv_proj.bias is None and attn.o_proj.bias is None
     out, ref, _ = _compare(model_dir, seq_len=20)
@@ -88,20 +88,25 @@ def test_incremental_decode_equals_full_forward(tiny_llama_dir):
     assert torch.allclose(incremental, full, atol=1e-4)
 
 
-def test_eager_backend_stores_bf16_linear_weights_column_major(tiny_llama_dir):
-    """The same [in, out] weights, stored [out, in] for oneDNN's faster bf16 matmul; float32 untouched."""
-    from neuron_peagle.models.layers import Linear
-
-    loaded = TargetModel.from_pretrained(tiny_llama_dir, 64, torch.bfloat16)
-    engine = make_engine(tiny_llama_dir, mode="plain", dtype="bfloat16", max_length=64,
-                                    prefill_buckets=(16,))
-    ours = {name: m.weight for name, m in engine.runner.target.named_modules() if isinstance(m, Linear)}
-    assert ours and all(w.stride(0) == 1 and w.shape[1] > 1 for w in ours.values())
-    for name, m in loaded.named_modules():
-        if isinstance(m, Linear):
-            assert m.weight.stride(1) == 1 and torch.equal(m.weight, ours[name]), name
-    fp32 = make_engine(tiny_llama_dir, mode="plain", max_length=64, prefill_buckets=(16,))
-    assert all(m.weight.stride(1) == 1 for m in fp32.runner.target.modules() if isinstance(m, Linear))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_backend_chooses_the_weight_strides_and_the_model_keeps_the_checkpoint_layout(tiny_llama_dir, dtype):
+    """The model holds nn.Linear's [out, in] as loaded (row-major), its tied LM head the embedding itself;
+    the eager backend stores float32 weights column-major (its faster CPU matmul) and bf16 row-major,
+    same shapes and values, the tied head still the embedding."""
+    loaded = TargetModel.from_pretrained(tiny_llama_dir, 64, getattr(torch, dtype))
+    assert loaded.config.tie_word_embeddings and loaded.lm_head.weight is loaded.embed_tokens.weight
+    linears = {name: m.weight for name, m in loaded.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linears and all(w.is_contiguous() for w in linears.values())
+    assert loaded.layers[0].self_attn.o_proj.weight.shape == (loaded.config.hidden_size,
+                                                               loaded.config.num_attention_heads * loaded.config.head_dim)
+    engine = make_engine(tiny_llama_dir, mode="plain", dtype=dtype, max_length=64, prefill_buckets=(16,))
+    target = engine.runner.target
+    assert target.lm_head.weight is target.embed_tokens.weight
+    ours = {name: m.weight for name, m in target.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert ours.keys() == linears.keys()
+    for name, weight in ours.items():
+        assert weight.shape == linears[name].shape and torch.equal(weight, linears[name]), name
+        assert (weight.stride(0) == 1) if dtype == "float32" else weight.is_contiguous(), (name, weight.stride())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -54,8 +54,8 @@ def check_shards(model_dir: Path) -> dict:
             raise SystemExit(f"rank {tp.rank}: {attn.num_heads} heads / {attn.num_kv_heads} KV heads")
     if model.new_cache(1).layer(0)[0].shape[1] != len(kv):
         raise SystemExit(f"rank {tp.rank}: KV cache does not hold {len(kv)} heads")
-    if c.tie_word_embeddings and not torch.equal(model.lm_head.weight, model.embed_tokens.weight.t()):
-        raise SystemExit("the LM head is not whole")
+    if c.tie_word_embeddings and model.lm_head.weight is not model.embed_tokens.weight:
+        raise SystemExit("the LM head is not the whole embedding")
     return {"rank": tp.rank, "kv_heads": list(kv)}
 
 

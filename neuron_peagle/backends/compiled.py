@@ -71,7 +71,7 @@ class CompiledBackend:
     def prepare(self, module: nn.Module) -> nn.Module:
         module = module.to(self.device)
         if self.device.type == "cpu":
-            from neuron_peagle.backends.eager import cpu_weight_layout
+            from neuron_peagle.backends.layout import cpu_weight_layout
 
             cpu_weight_layout(module)
         return module

@@ -115,8 +115,9 @@ def plan_projections(target: nn.Module, tp: TensorParallel) -> list[ProjectionPl
 
 
 def whole_projection(plan: ProjectionPlan, module: nn.Module, config, tp: TensorParallel) -> dict[str, Tensor]:
-    """The whole tensors NxD shards for one of our projections (`Linear`, weight [in, out]): [out, in],
-    a column layer's rows regrouped rank by rank, a row layer's as they are. Keys: "weight", "bias"."""
+    """The whole tensors NxD shards for one of our projections (an nn.Linear, weight [out, in], NxD's
+    layout too): a column layer's rows regrouped rank by rank, a row layer's as they are. Keys:
+    "weight", "bias"."""
     c = config
     q_rows, kv_rows, mlp_rows = rank_rows(tp, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                                           c.intermediate_size)
@@ -124,7 +125,7 @@ def whole_projection(plan: ProjectionPlan, module: nn.Module, config, tp: Tensor
     # A fused column projection: the sizes of its parts (q, k, v or gate, up) and each part's rows per rank.
     groups = {"self_attn.qkv_proj": ([q, kv, kv], [q_rows, kv_rows, kv_rows]),
               "mlp.gate_up_proj": ([c.intermediate_size] * 2, [mlp_rows, mlp_rows])}
-    tensors = {"weight": module.weight.detach().t()}
+    tensors = {"weight": module.weight.detach()}
     if getattr(module, "bias", None) is not None:
         tensors["bias"] = module.bias.detach()
     whole = {}

@@ -64,7 +64,7 @@ def draft_input(embeds: Tensor, features: Tensor, is_mask: Tensor, params: Draft
 
 def lm_head_argmax(hidden: Tensor, weight: Tensor, d2t: Tensor | None = None, mode: str = "reference"
                    ) -> tuple[Tensor, Tensor]:
-    # hidden [..., H] final-normed rows; weight [H, vocab] ([in, out]); d2t [vocab] int64 or None
+    # hidden [..., H] final-normed rows; weight [vocab, H] (nn.Linear's); d2t [vocab] int64 or None
     # -> token ids [...] int64 (mapped through d2t), their logits [...] float32
     if mode == "interpreter" or _on_xla(hidden):
         if mode == "reference":

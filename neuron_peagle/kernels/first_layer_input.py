@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from neuron_peagle.kernels.nki_api import nisa, nl
 from neuron_peagle.kernels.tiles import (chunks, for_each_tile, matmul_columns, rms_norm_rows, select_rows,
@@ -24,7 +25,7 @@ from neuron_peagle.kernels.tiles import (chunks, for_each_tile, matmul_columns, 
 class DraftInputParams(NamedTuple):
     """The drafter weights the fused input reads."""
 
-    fc_weight: Tensor  # [3 * H_t, H] ([in, out])
+    fc_weight: Tensor  # [H, 3 * H_t] (nn.Linear's [out, in]; the kernel reads it transposed, see launch.py)
     fc_mask_row: Tensor  # [H], fc(mask_hidden): the hidden of every mask slot
     mask_embedding: Tensor  # [H]
     input_layernorm: nn.Module  # RMSNorm over the token embeddings
@@ -38,7 +39,7 @@ def draft_input_reference(embeds: Tensor, features: Tensor, is_mask: Tensor, par
     # -> x [..., 2H] = [norm(embedding), norm(hidden)], residual [..., H]
     mask = is_mask.unsqueeze(-1)
     embeds = torch.where(mask, params.mask_embedding.to(embeds.dtype), embeds)
-    hidden = torch.where(mask, params.fc_mask_row, torch.matmul(features, params.fc_weight))
+    hidden = torch.where(mask, params.fc_mask_row, F.linear(features, params.fc_weight))
     normed_hidden = params.hidden_norm(hidden)
     residual = normed_hidden if params.norm_before_residual else hidden
     return torch.cat([params.input_layernorm(embeds), normed_hidden], dim=-1), residual

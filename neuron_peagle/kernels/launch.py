@@ -1,7 +1,10 @@
 """Running a kernel's source on PyTorch tensors: its arguments, its launch, its outputs.
 
 `draft_input_call` / `lm_head_argmax_call` turn the reference functions' arguments into the kernels'
-(slots flattened to rows, vectors as [1, H] rows, a float mask, an int32 vocabulary map);
+(slots flattened to rows, vectors as [1, H] rows, a float mask, an int32 vocabulary map, and each
+weight as the kernel streams it: [in, out], the Tensor Engine's moving operand, a transposed view of
+nn.Linear's [out, in]. On CPU the view costs nothing. On a NeuronCore it is a transpose in the graph
+ahead of the kernel, which the compiler may or may not fold into the weight's layout: never measured);
 `run_draft_input` / `run_lm_head_argmax` launch the kernel, under `nki.jit` ("nki") or on the CPU
 interpreter ("interpreter"), and give its outputs the shapes and dtypes of the reference's, so every
 implementation of a kernel has the same output contract.
@@ -26,7 +29,7 @@ def draft_input_call(embeds: Tensor, features: Tensor, is_mask: Tensor, params: 
                      ) -> tuple[Callable, tuple]:
     """The kernel and its arguments: slots flattened to rows, vectors as [1, H] rows, a float mask."""
     hidden = embeds.shape[-1]
-    weight = params.fc_weight
+    weight = params.fc_weight.t()  # [3H_t, H]: the kernel's [in, out]
 
     def row(t: Tensor) -> Tensor:  # [H] -> [1, H]
         return t.reshape(1, hidden)
@@ -41,9 +44,10 @@ def draft_input_call(embeds: Tensor, features: Tensor, is_mask: Tensor, params: 
 
 def lm_head_argmax_call(hidden: Tensor, weight: Tensor, d2t: Tensor | None) -> tuple[Callable, tuple]:
     """The kernel (with or without the vocabulary map) and its arguments, rows flattened."""
-    if weight.shape[1] >= MAX_VOCAB:
+    if weight.shape[0] >= MAX_VOCAB:
         raise ConfigError(f"the argmax kernel keeps indices exact in float32 up to {MAX_VOCAB} tokens, "
-                          f"got a vocabulary of {weight.shape[1]}")
+                          f"got a vocabulary of {weight.shape[0]}")
+    weight = weight.t()  # [H, vocab]: the kernel's [in, out]
     rows = hidden.reshape(-1, hidden.shape[-1])
     if d2t is None:
         return lm_head_argmax_kernel, (rows, weight)
@@ -59,7 +63,7 @@ def run_draft_input(mode: str, embeds: Tensor, features: Tensor, is_mask: Tensor
 
 
 def run_lm_head_argmax(mode: str, hidden: Tensor, weight: Tensor, d2t: Tensor | None) -> tuple[Tensor, Tensor]:
-    # hidden [..., H]; weight [H, vocab]; d2t [vocab] or None -> ids [...] int64, logits [...] float32
+    # hidden [..., H]; weight [vocab, H]; d2t [vocab] or None -> ids [...] int64, logits [...] float32
     ids, best = launch(mode, *lm_head_argmax_call(hidden, weight, d2t))
     lead = hidden.shape[:-1]
     return ids.reshape(lead).long(), best.reshape(lead).float()

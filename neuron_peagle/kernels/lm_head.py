@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from neuron_peagle.kernels.nki_api import nisa, nl
 from neuron_peagle.kernels.tiles import chunks, for_each_tile, matmul_columns, transpose_into
@@ -25,9 +26,9 @@ MAX_VOCAB = 2**24
 
 
 def lm_head_argmax_reference(hidden: Tensor, weight: Tensor, d2t: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    # hidden [..., H] final-normed rows; weight [H, vocab]; d2t [vocab] int64 or None
+    # hidden [..., H] final-normed rows; weight [vocab, H] (nn.Linear's); d2t [vocab] int64 or None
     # -> token ids [...] int64 (target vocabulary), their logits [...] float32
-    logits = torch.matmul(hidden, weight).float()
+    logits = F.linear(hidden, weight).float()
     ids = logits.argmax(-1)
     best = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     return (ids if d2t is None else ids + d2t[ids]), best

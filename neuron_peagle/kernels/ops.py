@@ -49,14 +49,14 @@ __all__ = ["NEURON_DEVICE", "draft_input", "draft_input_args", "lm_head_argmax",
 
 @torch.library.custom_op("neuron_peagle::lm_head_argmax", mutates_args=())
 def lm_head_argmax(hidden: Tensor, weight: Tensor, d2t: Tensor | None) -> tuple[Tensor, Tensor]:
-    # hidden [..., H] final-normed rows; weight [H, vocab] ([in, out]); d2t [vocab] int or None
+    # hidden [..., H] final-normed rows; weight [vocab, H] (nn.Linear's); d2t [vocab] int or None
     # -> token ids [...] int64 (mapped through d2t), their logits [...] float32
     return lm_head_argmax_reference(hidden, weight, d2t)
 
 
 @lm_head_argmax.register_fake
 def _lm_head_argmax_fake(hidden: Tensor, weight: Tensor, d2t: Tensor | None) -> tuple[Tensor, Tensor]:
-    torch._check(hidden.shape[-1] == weight.shape[0], lambda: f"hidden {hidden.shape} @ weight {weight.shape}")
+    torch._check(hidden.shape[-1] == weight.shape[1], lambda: f"hidden {hidden.shape} @ weight {weight.shape}.T")
     lead = hidden.shape[:-1]
     return hidden.new_empty(lead, dtype=torch.int64), hidden.new_empty(lead, dtype=torch.float32)
 
@@ -102,11 +102,11 @@ def draft_input(embeds: Tensor, features: Tensor, is_mask: Tensor, fc_weight: Te
 def _draft_input_fake(embeds: Tensor, features: Tensor, is_mask: Tensor, fc_weight: Tensor, fc_mask_row: Tensor,
                       mask_embedding: Tensor, input_norm_weight: Tensor, hidden_norm_weight: Tensor,
                       input_eps: float, hidden_eps: float, norm_before_residual: bool) -> tuple[Tensor, Tensor]:
-    torch._check(features.shape[-1] == fc_weight.shape[0], lambda: f"features {features.shape} @ fc {fc_weight.shape}")
+    torch._check(features.shape[-1] == fc_weight.shape[1], lambda: f"features {features.shape} @ fc {fc_weight.shape}.T")
     lead = torch.broadcast_shapes(embeds.shape[:-1], features.shape[:-1], is_mask.shape)
-    hidden_size = fc_weight.shape[1]
+    hidden_size = fc_weight.shape[0]
     # The reference's type promotion: each norm returns weight * x (x in its input's dtype), and the
-    # hidden is torch.where(mask, fc_mask_row, features @ fc_weight).
+    # hidden is torch.where(mask, fc_mask_row, features @ fc_weight.T).
     hidden = torch.promote_types(fc_mask_row.dtype, features.dtype)
     normed_hidden = torch.promote_types(hidden_norm_weight.dtype, hidden)
     normed_embeds = torch.promote_types(input_norm_weight.dtype, embeds.dtype)

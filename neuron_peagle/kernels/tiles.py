@@ -50,7 +50,7 @@ def matmul_columns(acc, lhs_t, weight, rows: int, start, size: int) -> None:
     """acc = lhs @ weight[:, start:start + size], the contraction tiled by 128 and summed in PSUM.
 
     acc: [rows, size <= 512] float32 PSUM; lhs_t: lhs transposed by `transpose_into`;
-    weight: [K, N] in HBM ([in, out], as our Linear layers store it)."""
+    weight: [K, N] in HBM ([in, out]: a Linear weight transposed, see launch.py)."""
     for_each_tile(weight.shape[0], nl.tile_size.pmax, _accumulate, (acc, lhs_t, weight, rows, start, size))
 
 

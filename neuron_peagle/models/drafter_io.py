@@ -34,7 +34,7 @@ from neuron_peagle.files import atomic_path, atomic_write_text
 from neuron_peagle.models.drafter import Drafter, draft_target_ids
 from neuron_peagle.models.speculators_config import SPECULATORS_VERSION, config_from_speculators, config_to_speculators
 from neuron_peagle.models.weights import (check_names_and_shapes, decoder_layer_shapes, export_decoder_layer,
-                                          load_decoder_layer, read_safetensors_dir, to_in_out)
+                                          load_decoder_layer, read_safetensors_dir)
 
 __all__ = ["SPECULATORS_VERSION", "WEIGHTS_FILE", "config_from_speculators", "config_to_speculators", "load_drafter",
            "read_drafter_config", "save_drafter"]
@@ -117,7 +117,7 @@ def load_drafter(drafter_dir: str | Path, target_config: ModelConfig, max_length
 def _load_weights(drafter: Drafter, t: dict[str, torch.Tensor]) -> None:
     """Copy the checkpoint's float32 tensors `t` (names checked) into the drafter's fused layout."""
     config = drafter.config
-    drafter.fc.weight.copy_(to_in_out(t["fc.weight"]))
+    drafter.fc.weight.copy_(t["fc.weight"])
     if "mask_hidden" in t:
         drafter.mask_hidden.copy_(t["mask_hidden"].reshape(-1))
     if drafter.input_norm is not None:
@@ -125,7 +125,7 @@ def _load_weights(drafter: Drafter, t: dict[str, torch.Tensor]) -> None:
     for i, norm in enumerate(drafter.fc_norm or ()):
         norm.weight.copy_(t[f"fc_norm.{i}.weight"])
     drafter.norm.weight.copy_(t["norm.weight"])
-    drafter.lm_head.weight.copy_(to_in_out(t["lm_head.weight"]))
+    drafter.lm_head.weight.copy_(t["lm_head.weight"])
     drafter.layers[0].hidden_norm.weight.copy_(t["layers.0.hidden_norm.weight"])
     for i, layer in enumerate(drafter.layers):
         load_decoder_layer(layer, t, f"layers.{i}.")
@@ -155,12 +155,12 @@ def drafter_state(drafter: Drafter, target_embedding: torch.Tensor | None = None
     """The drafter's tensors under speculators names (what `save_drafter` writes)."""
     c = drafter.config
     state = {
-        "fc.weight": drafter.fc.weight.t(),
+        "fc.weight": drafter.fc.weight,
         **({"input_norm.weight": drafter.input_norm.weight} if drafter.input_norm is not None else {}),
         **{f"fc_norm.{i}.weight": norm.weight for i, norm in enumerate(drafter.fc_norm or ())},
         "mask_hidden": drafter.mask_hidden.reshape(1, 1, -1),
         "norm.weight": drafter.norm.weight,
-        "lm_head.weight": drafter.lm_head.weight.t(),
+        "lm_head.weight": drafter.lm_head.weight,
         "layers.0.hidden_norm.weight": drafter.layers[0].hidden_norm.weight,
     }
     for i, layer in enumerate(drafter.layers):

@@ -1,13 +1,12 @@
 """Building blocks of Llama-style decoders, written for fixed-shape tracing.
 
-Linear and embedding layers are created only through `make_linear` / `make_embedding`. With tensor
-parallelism (neuron_peagle.parallel) a decoder layer's four projections are `nn.Linear` modules built
-whole, rows in rank order, that `TensorParallel.parallelize` shards (attention heads, KV heads, MLP
-width); the attention and MLP code sees only this rank's heads and width.
-
-Linear weights are stored [in_features, out_features] and applied as `x @ weight`: on CPU a matmul
-over that layout streams the weights about twice as fast at one token as `F.linear` over the usual
-[out, in] layout. Loaders transpose Hugging Face tensors once (see `weights.py`).
+Linear and embedding layers are created only through `make_linear` / `make_embedding`. Every linear
+layer is a plain `nn.Linear`: weight [out_features, in_features], the layout of Hugging Face
+checkpoints, of PyTorch's parallel styles and of neuronx-distributed's parallel layers, so loaders
+copy tensors as they are. How a weight sits in memory is the backend's choice, not the model's
+(`backends/layout.py`). With tensor parallelism (neuron_peagle.parallel) a decoder layer's four
+projections are built whole, rows in rank order, and `TensorParallel.parallelize` shards them
+(attention heads, KV heads, MLP width); the attention and MLP code sees only this rank's heads and width.
 """
 
 from __future__ import annotations
@@ -17,27 +16,13 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import skip_init
 
 from neuron_peagle.config import MoeConfig, RopeConfig
 from neuron_peagle.graphs import state
 from neuron_peagle.kv_cache import NO_POSITION
 from neuron_peagle.models.moe import SparseMoe
 from neuron_peagle.parallel import SINGLE, TensorParallel
-
-
-class Linear(nn.Module):
-    """y = x @ weight (+ bias); weight: [in_features, out_features]."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(in_features, out_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-
-    def forward(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
-        y = torch.matmul(x, self.weight)
-        return y if self.bias is None else y + self.bias
 
 
 class Embedding(nn.Module):
@@ -51,15 +36,11 @@ class Embedding(nn.Module):
         return self.weight[ids]
 
 
-def make_linear(in_features: int, out_features: int, bias: bool = False,
-                tp: TensorParallel = SINGLE) -> nn.Module:
-    """A linear layer; with a tensor-parallel degree above 1, a whole `nn.Linear` ([out, in]: the layout
-    PyTorch's parallel styles shard) for `TensorParallel.parallelize` to split across ranks."""
-    if tp.degree > 1:
-        layer = nn.Linear(in_features, out_features, bias=bias)
-        layer.requires_grad_(False)
-        return layer
-    return Linear(in_features, out_features, bias)
+def make_linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
+    """An `nn.Linear` (weight [out, in]) with no gradient, its tensors left for a loader to fill."""
+    layer = skip_init(nn.Linear, in_features, out_features, bias=bias)
+    layer.requires_grad_(False)
+    return layer
 
 
 def make_embedding(vocab_size: int, hidden_size: int) -> Embedding:
@@ -221,8 +202,8 @@ class Attention(nn.Module):
         self.num_kv_heads = len(tp.kv_heads(num_kv_heads))
         self.head_dim = head_dim
         self.qkv_proj = make_linear(hidden_in, tp.degree * (self.num_heads + 2 * self.num_kv_heads) * head_dim,
-                                    qkv_bias, tp)
-        self.o_proj = make_linear(tp.degree * self.num_heads * head_dim, hidden_out, o_bias, tp)
+                                    qkv_bias)
+        self.o_proj = make_linear(tp.degree * self.num_heads * head_dim, hidden_out, o_bias)
         # Qwen3: an RMSNorm over each query and key head (one weight of head_dim for all heads), before rope.
         self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
@@ -299,8 +280,8 @@ class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.intermediate_size = tp.local(intermediate_size, "intermediate size")  # this rank's share
-        self.gate_up_proj = make_linear(hidden_size, 2 * intermediate_size, bias, tp)
-        self.down_proj = make_linear(intermediate_size, hidden_size, bias, tp)
+        self.gate_up_proj = make_linear(hidden_size, 2 * intermediate_size, bias)
+        self.down_proj = make_linear(intermediate_size, hidden_size, bias)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from neuron_peagle.config import MoeConfig
 
@@ -34,19 +35,17 @@ def block_rows(routed_rows: int, num_experts: int) -> int:
 
 
 class Router(nn.Module):
-    """Scores of the k experts each token goes to. weight: [hidden, E] (x @ weight)."""
+    """Scores of the k experts each token goes to. weight: [E, hidden] (nn.Linear's layout)."""
 
     def __init__(self, hidden_size: int, config: MoeConfig) -> None:
         super().__init__()
         self.config = config
-        self.weight = nn.Parameter(torch.empty(hidden_size, config.num_experts), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(config.num_experts), requires_grad=False) if config.router_bias else None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # [N, H] -> scores [N, k] (x.dtype), ids [N, k]
         c = self.config
-        logits = x @ self.weight
-        if self.bias is not None:
-            logits = logits + self.bias
+        logits = F.linear(x, self.weight, self.bias)
         if c.routing == "topk_softmax":  # gpt-oss: softmax over the k largest logits
             top, ids = torch.topk(logits, c.num_experts_per_tok, dim=-1)
             return torch.softmax(top, dim=-1), ids

@@ -40,14 +40,14 @@ def load_moe(moe, t: dict[str, Tensor], prefix: str, architecture: str) -> None:
     """Copy one layer's sparse MLP (a `models.moe.SparseMoe`) from checked tensors `t`."""
     experts = moe.experts
     if architecture == "gpt_oss":
-        moe.router.weight.copy_(t[prefix + "router.weight"].t())
+        moe.router.weight.copy_(t[prefix + "router.weight"])
         moe.router.bias.copy_(t[prefix + "router.bias"])
         experts.gate_up.copy_(_deinterleave(t[prefix + "experts.gate_up_proj"]))
         experts.gate_up_bias.copy_(_deinterleave(t[prefix + "experts.gate_up_proj_bias"]))
         experts.down.copy_(t[prefix + "experts.down_proj"])
         experts.down_bias.copy_(t[prefix + "experts.down_proj_bias"])
         return
-    moe.router.weight.copy_(t[prefix + "gate.weight"].t())
+    moe.router.weight.copy_(t[prefix + "gate.weight"])
     for n in range(moe.config.num_experts):
         base = f"{prefix}experts.{n}."
         experts.gate_up[n].copy_(torch.cat([t[base + "gate_proj.weight"], t[base + "up_proj.weight"]]).t())

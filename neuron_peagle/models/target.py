@@ -24,7 +24,7 @@ from neuron_peagle.models.layers import (DecoderLayer, RMSNorm, RotaryTable, mak
 from neuron_peagle.models.moe import SparseMoe
 from neuron_peagle.models.moe_weights import moe_shapes
 from neuron_peagle.models.weights import (check_names_and_shapes, decoder_layer_shapes, load_decoder_layer,
-                                          read_safetensors_dir, to_in_out)
+                                          read_safetensors_dir)
 from neuron_peagle.parallel import SINGLE, TensorParallel
 
 
@@ -73,9 +73,9 @@ class TargetModel(nn.Module):
             for i in range(c.num_hidden_layers)
         )
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        # Even when tied to the embedding, the head keeps its own [hidden, vocab] copy: the layout
-        # that streams fast (see layers.py), at the price of one more vocab x hidden matrix.
         self.lm_head = make_linear(c.hidden_size, c.vocab_size)
+        if c.tie_word_embeddings:  # one [vocab, hidden] matrix for both, as the checkpoint has it
+            self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryTable(c.rope, c.head_dim, max_length)
 
     def new_cache(self, batch_size: int, step_tokens: int = 1) -> KVCache:
@@ -186,8 +186,8 @@ class TargetModel(nn.Module):
         t = {name: value.float() for name, value in tensors.items()}
         self.embed_tokens.weight.copy_(t["model.embed_tokens.weight"])
         self.norm.weight.copy_(t["model.norm.weight"])
-        head = t["model.embed_tokens.weight"] if self.config.tie_word_embeddings else t["lm_head.weight"]
-        self.lm_head.weight.copy_(to_in_out(head))
+        if not self.config.tie_word_embeddings:
+            self.lm_head.weight.copy_(t["lm_head.weight"])
         for i, layer in enumerate(self.layers):
             load_decoder_layer(layer, t, f"model.layers.{i}.", self.tp,
                                self.config.architecture if isinstance(layer.mlp, SparseMoe) else None)

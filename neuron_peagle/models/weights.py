@@ -1,4 +1,4 @@
-"""Reading safetensors checkpoints by name, with exact checks, into our fused [in, out] layout."""
+"""Reading safetensors checkpoints by name, with exact checks, into our fused projections."""
 
 from __future__ import annotations
 
@@ -86,11 +86,6 @@ def _short(names: list[str], limit: int = 8) -> str:
     return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
 
 
-def to_in_out(*weights: Tensor) -> Tensor:
-    """Hugging Face [out, in] matrices -> one [in, sum(out)] matrix for `x @ w`."""
-    return torch.cat(weights, dim=0).t().contiguous()
-
-
 def decoder_layer_shapes(prefix: str, hidden_in: int, hidden: int, num_heads: int, num_kv_heads: int,
                          head_dim: int, intermediate: int, qkv_bias: bool = False, o_bias: bool = False,
                          mlp_bias: bool = False, qk_norm: bool = False) -> dict[str, tuple[int, ...]]:
@@ -123,9 +118,10 @@ def decoder_layer_shapes(prefix: str, hidden_in: int, hidden: int, num_heads: in
 @torch.no_grad()
 def load_decoder_layer(layer, t: dict[str, Tensor], prefix: str, tp: TensorParallel = SINGLE,
                        moe_architecture: str | None = None) -> None:
-    """Copy one layer's Hugging Face tensors (checked beforehand) into our fused [in, out] layout; with
-    tensor parallelism, into the whole [out, in] projections with their rows in rank order, for
-    `TensorParallel.parallelize` to shard (neuron_peagle.parallel)."""
+    """Copy one layer's Hugging Face tensors (checked beforehand) into its fused projections, [out, in]
+    as they come: q/k/v rows into qkv_proj, gate/up rows into gate_up_proj. With tensor parallelism the
+    rows are grouped rank by rank, whole, for `TensorParallel.parallelize` to shard
+    (neuron_peagle.parallel); at degree 1 the grouping is plain concatenation."""
     attn, mlp = layer.self_attn, layer.mlp
     layer.input_layernorm.weight.copy_(t[prefix + "input_layernorm.weight"])
     layer.post_attention_layernorm.weight.copy_(t[prefix + "post_attention_layernorm.weight"])
@@ -134,28 +130,30 @@ def load_decoder_layer(layer, t: dict[str, Tensor], prefix: str, tp: TensorParal
         attn.k_norm.weight.copy_(t[prefix + "self_attn.k_norm.weight"])
     if getattr(attn, "sinks", None) is not None:
         attn.sinks.copy_(t[prefix + "self_attn.sinks"])
-    if moe_architecture is not None:  # the sparse MLP: models/moe_weights.py; no tensor parallelism
-        load_moe(mlp, t, prefix + "mlp.", moe_architecture)
-        _load_attention(attn, t, prefix)
-        return
-    if tp.degree > 1:
-        _load_sharded_projections(layer, t, prefix, tp)
-        return
-    _load_attention(attn, t, prefix)
-    mlp.gate_up_proj.weight.copy_(to_in_out(t[prefix + "mlp.gate_proj.weight"], t[prefix + "mlp.up_proj.weight"]))
-    mlp.down_proj.weight.copy_(to_in_out(t[prefix + "mlp.down_proj.weight"]))
-    if mlp.gate_up_proj.bias is not None:
-        mlp.gate_up_proj.bias.copy_(torch.cat([t[prefix + "mlp.gate_proj.bias"], t[prefix + "mlp.up_proj.bias"]]))
-        mlp.down_proj.bias.copy_(t[prefix + "mlp.down_proj.bias"])
+    hd, nh = attn.head_dim, attn.num_heads  # this rank's heads
+    num_kv_heads = t[prefix + "self_attn.k_proj.weight"].shape[0] // hd
+    width = getattr(mlp, "intermediate_size", 0)  # this rank's share; a sparse MLP has none
+    q_rows, kv_rows, mlp_rows = rank_rows(tp, nh * tp.degree, num_kv_heads, hd, width * tp.degree)
 
+    def regroup(kind: str, names: list[str], shares: list[list[range]]) -> Tensor:
+        return tp.rank_order([t[f"{prefix}{name}.{kind}"] for name in names], shares)
 
-def _load_attention(attn, t: dict[str, Tensor], prefix: str) -> None:
-    attn.qkv_proj.weight.copy_(to_in_out(*(t[f"{prefix}self_attn.{n}_proj.weight"] for n in "qkv")))
-    attn.o_proj.weight.copy_(to_in_out(t[prefix + "self_attn.o_proj.weight"]))
+    qkv = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    attn.qkv_proj.weight.copy_(regroup("weight", qkv, [q_rows, kv_rows, kv_rows]))
+    attn.o_proj.weight.copy_(t[prefix + "self_attn.o_proj.weight"])  # whole: split by its input later
     if attn.qkv_proj.bias is not None:
-        attn.qkv_proj.bias.copy_(torch.cat([t[f"{prefix}self_attn.{n}_proj.bias"] for n in "qkv"]))
+        attn.qkv_proj.bias.copy_(regroup("bias", qkv, [q_rows, kv_rows, kv_rows]))
     if attn.o_proj.bias is not None:
         attn.o_proj.bias.copy_(t[prefix + "self_attn.o_proj.bias"])
+    if moe_architecture is not None:  # the sparse MLP: models/moe_weights.py; no tensor parallelism
+        load_moe(mlp, t, prefix + "mlp.", moe_architecture)
+        return
+    gate_up = ["mlp.gate_proj", "mlp.up_proj"]
+    mlp.gate_up_proj.weight.copy_(regroup("weight", gate_up, [mlp_rows, mlp_rows]))
+    mlp.down_proj.weight.copy_(t[prefix + "mlp.down_proj.weight"])
+    if mlp.gate_up_proj.bias is not None:
+        mlp.gate_up_proj.bias.copy_(regroup("bias", gate_up, [mlp_rows, mlp_rows]))
+        mlp.down_proj.bias.copy_(t[prefix + "mlp.down_proj.bias"])
 
 
 def rank_rows(tp: TensorParallel, num_heads: int, num_kv_heads: int, head_dim: int, intermediate: int
@@ -171,46 +169,20 @@ def rank_rows(tp: TensorParallel, num_heads: int, num_kv_heads: int, head_dim: i
     return q_rows, kv_rows, mlp_rows
 
 
-def _load_sharded_projections(layer, t: dict[str, Tensor], prefix: str, tp: TensorParallel) -> None:
-    """q/k/v and gate/up rows regrouped rank by rank (each rank's q heads, its KV heads, replicated
-    where it shares one; its slice of gate and of up); o and down whole (split by input later)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    hd, nh, width = attn.head_dim, attn.num_heads, mlp.intermediate_size  # this rank's counts
-    num_kv_heads = t[prefix + "self_attn.k_proj.weight"].shape[0] // hd
-    q_rows, kv_rows, mlp_rows = rank_rows(tp, nh * tp.degree, num_kv_heads, hd, width * tp.degree)
-
-    def regroup(kind: str, names: list[str], shares: list[list[range]]) -> Tensor:
-        return tp.rank_order([t[f"{prefix}{name}.{kind}"] for name in names], shares)
-
-    qkv = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
-    gate_up = ["mlp.gate_proj", "mlp.up_proj"]
-    attn.qkv_proj.weight.copy_(regroup("weight", qkv, [q_rows, kv_rows, kv_rows]))
-    mlp.gate_up_proj.weight.copy_(regroup("weight", gate_up, [mlp_rows, mlp_rows]))
-    attn.o_proj.weight.copy_(t[prefix + "self_attn.o_proj.weight"])
-    mlp.down_proj.weight.copy_(t[prefix + "mlp.down_proj.weight"])
-    if attn.qkv_proj.bias is not None:
-        attn.qkv_proj.bias.copy_(regroup("bias", qkv, [q_rows, kv_rows, kv_rows]))
-    if attn.o_proj.bias is not None:
-        attn.o_proj.bias.copy_(t[prefix + "self_attn.o_proj.bias"])
-    if mlp.gate_up_proj.bias is not None:
-        mlp.gate_up_proj.bias.copy_(regroup("bias", gate_up, [mlp_rows, mlp_rows]))
-        mlp.down_proj.bias.copy_(t[prefix + "mlp.down_proj.bias"])
-
-
 def export_decoder_layer(layer, prefix: str) -> dict[str, Tensor]:
     """The inverse of `load_decoder_layer`: Hugging Face names, [out, in] matrices."""
     attn, mlp = layer.self_attn, layer.mlp
     nh, nkv, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    q, k, v = attn.qkv_proj.weight.t().split([nh * hd, nkv * hd, nkv * hd], dim=0)
-    gate, up = mlp.gate_up_proj.weight.t().split(mlp.intermediate_size, dim=0)
+    q, k, v = attn.qkv_proj.weight.split([nh * hd, nkv * hd, nkv * hd], dim=0)
+    gate, up = mlp.gate_up_proj.weight.split(mlp.intermediate_size, dim=0)
     out = {
         prefix + "input_layernorm.weight": layer.input_layernorm.weight,
         prefix + "post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
         prefix + "self_attn.q_proj.weight": q, prefix + "self_attn.k_proj.weight": k,
         prefix + "self_attn.v_proj.weight": v,
-        prefix + "self_attn.o_proj.weight": attn.o_proj.weight.t(),
+        prefix + "self_attn.o_proj.weight": attn.o_proj.weight,
         prefix + "mlp.gate_proj.weight": gate, prefix + "mlp.up_proj.weight": up,
-        prefix + "mlp.down_proj.weight": mlp.down_proj.weight.t(),
+        prefix + "mlp.down_proj.weight": mlp.down_proj.weight,
     }
     if attn.q_norm is not None:
         out.update({prefix + "self_attn.q_norm.weight": attn.q_norm.weight,

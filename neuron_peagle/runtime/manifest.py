@@ -47,8 +47,9 @@ from neuron_peagle.files import atomic_write_text
 from neuron_peagle.speculation import SpeculationConfig
 
 # 2: backends inductor, neuron (TorchNeuron), xla, nxd (was "neuron"); 3: the speculation settings in their
-# own `speculation` record (neuron_peagle.speculation), out of `build`
-FORMAT_VERSION = 3
+# own `speculation` record (neuron_peagle.speculation), out of `build`; 4: graphs traced with linear
+# weights in nn.Linear's [out, in] and a tied LM head that is the embedding
+FORMAT_VERSION = 4
 MANIFEST_NAME = "manifest.json"
 LOG_NAME = "compile_log.jsonl"
 HLO_DIR = "hlo"

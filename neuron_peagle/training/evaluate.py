@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 
 from neuron_peagle.files import atomic_write_text
 from neuron_peagle.models.drafter import Drafter, draft_target_ids
@@ -83,8 +84,8 @@ def heldout_accuracy(drafter: Drafter, target: TargetModel, heldout_dir: Path, d
     domains = json.loads((heldout_dir / "domains.json").read_text())
     examples = load_shards(sorted(heldout_dir.glob("shard_*.safetensors")))
     draft_ids = draft_target_ids(drafter.d2t)
-    head = target.lm_head.weight  # [H, vocab]
-    in_draft_vocab = torch.zeros(head.shape[1], dtype=torch.bool)  # [vocab]
+    head = target.lm_head.weight  # [vocab, H]
+    in_draft_vocab = torch.zeros(head.shape[0], dtype=torch.bool)  # [vocab]
     in_draft_vocab[draft_ids] = True
     results = []
     for domain in dict.fromkeys(domains):
@@ -97,7 +98,7 @@ def heldout_accuracy(drafter: Drafter, target: TargetModel, heldout_dir: Path, d
                 continue
             ids = example["ids"].long()
             length, response_start = len(ids), int(example["prompt_length"])
-            top = torch.softmax(target.norm(example["hidden"].to(head.dtype)) @ head, dim=-1).max(-1)
+            top = torch.softmax(F.linear(target.norm(example["hidden"].to(head.dtype)), head), dim=-1).max(-1)
             greedy, sure = top.indices, top.values  # [T] the target's token and its probability
             elements = cod_elements(length - 1, depths, length - 1, torch.Generator(), ratio=1.0, ratio_min=1.0)
             drafts = draft_ids[parallel_logits(drafter, target.embed_tokens, ids,

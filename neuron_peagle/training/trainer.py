@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.nn import functional as F
 from tqdm import tqdm
 
 from neuron_peagle.config import DrafterConfig
@@ -26,6 +27,9 @@ from neuron_peagle.training.objective import OBJECTIVES
 
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+# 2: linear weights as nn.Linear holds them, [out, in]. A format-1 checkpoint holds them [in, out], which a
+# square matrix would load without complaint, transposed: it is refused instead.
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass
@@ -84,7 +88,7 @@ def init_drafter(target: TargetModel, config: TrainConfig, draft_ids: torch.Tens
     drafter = random_drafter(drafter_config, max_length, seed=config.seed)
     with torch.no_grad():
         # Start the head where the target's is: the drafter first learns to reproduce its features.
-        drafter.lm_head.weight.copy_(target.lm_head.weight[:, draft_ids])
+        drafter.lm_head.weight.copy_(target.lm_head.weight[draft_ids])
         drafter.norm.weight.copy_(target.norm.weight)
         drafter.d2t.copy_(draft_ids - torch.arange(len(draft_ids)))
         drafter.mask_embedding.copy_(target.embed_tokens.weight.mean(0))
@@ -172,7 +176,7 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
     else:
         draft_ids = build_draft_vocab(examples, target.config.vocab_size, config.draft_vocab_size)
         drafter = init_drafter(target, config, draft_ids, max_length)
-    head = target.lm_head.weight[:, draft_ids].clone()  # [H, draft_vocab]
+    head = target.lm_head.weight[draft_ids].clone()  # [draft_vocab, H]
     loss_fn = OBJECTIVES[config.objective]
     params = [p for p in drafter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
@@ -183,6 +187,10 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
     step, log, used = 0, [], 0.0
     if checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
+        if state.get("format", 1) != CHECKPOINT_FORMAT:
+            raise ConfigError(f"{checkpoint} was written by an earlier version of neuron_peagle (checkpoint format "
+                              f"{state.get('format', 1)}, this version reads {CHECKPOINT_FORMAT}); delete it to "
+                              "start over, or finish that run with the version that wrote it")
         _check_resumable(checkpoint, state.get("config"), config)
         drafter.load_state_dict(state["drafter"])
         optimizer.load_state_dict(state["optimizer"])
@@ -201,7 +209,7 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
 
     def save() -> None:  # whole or not at all: a stop mid-save keeps the previous checkpoint
         with atomic_path(checkpoint) as tmp:
-            torch.save({"drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            torch.save({"format": CHECKPOINT_FORMAT, "drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                         "log": log, "generator": generator.get_state(), "seconds": elapsed(),
                         "total_steps": total_steps, "config": asdict(config)}, tmp)
 
@@ -235,7 +243,7 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
                 order = torch.randperm(len(examples), generator=generator)
             hidden = example["hidden"].float()
             with torch.no_grad():
-                teacher = target.norm(hidden) @ head
+                teacher = F.linear(target.norm(hidden), head)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bfloat16"):
                 loss, stats = loss_fn(drafter, target.embed_tokens, example["ids"].long(),
                                       example["features"].float(), teacher, int(example["prompt_length"]),
