@@ -193,6 +193,9 @@ class ModelConfig:
     layer_types: tuple[str, ...] = ()
     sliding_window: int | None = None
     attention_sinks: bool = False  # gpt-oss: a learned logit per head that takes part in the softmax
+    # How the checkpoint stores the expert matrices: "mxfp4" (gpt-oss as published; dequantized at load)
+    # or None (dense).
+    expert_quantization: str | None = None
 
     @property
     def sliding_layers(self) -> tuple[bool, ...]:
@@ -213,6 +216,11 @@ class ModelConfig:
         if any(self.sliding_layers) and (self.sliding_window is None or self.sliding_window < 1):
             raise ConfigError(f"model config: sliding-window layers need a sliding_window >= 1, "
                               f"got {self.sliding_window}")
+        if self.expert_quantization == "mxfp4" and (
+                self.hidden_size % 32 or self.moe is None or self.moe.expert_intermediate_size % 32):
+            raise ConfigError("model config: mxfp4 experts need a hidden size and an expert width that are "
+                              f"multiples of 32 (its block), got {self.hidden_size} and "
+                              f"{self.moe.expert_intermediate_size if self.moe else None}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"model config: num_attention_heads ({self.num_attention_heads}) is not a multiple "
@@ -237,11 +245,11 @@ class ModelConfig:
         if hf.get("use_sliding_window"):
             raise UnsupportedModelError(f"{source}: sliding-window attention (use_sliding_window) is not supported")
         quantization = hf.get("quantization_config")
-        if quantization:
-            method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        method = (quantization.get("quant_method") if isinstance(quantization, dict) else quantization) or None
+        if method is not None and not (method == "mxfp4" and arch == "gpt_oss"):
             raise UnsupportedModelError(
-                f"{source}: quantized checkpoints ({method}) are not supported; save a dequantized copy first "
-                "(for gpt-oss's mxfp4: load it in transformers with Mxfp4Config(dequantize=True) and save_pretrained)")
+                f"{source}: quantized checkpoints ({method}) are not supported (only gpt-oss's mxfp4 experts, "
+                "dequantized at load); save a dequantized copy first")
         try:
             hidden = int(hf["hidden_size"])
             heads = int(hf["num_attention_heads"])
@@ -270,6 +278,7 @@ class ModelConfig:
                 layer_types=tuple(hf.get("layer_types") or ()) if arch == "gpt_oss" else (),
                 sliding_window=int(hf["sliding_window"]) if arch == "gpt_oss" and hf.get("sliding_window") else None,
                 attention_sinks=arch == "gpt_oss",
+                expert_quantization=method,
             )
         except KeyError as err:
             raise ConfigError(f"{source}: required field {err.args[0]!r} is missing") from None

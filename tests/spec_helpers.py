@@ -41,12 +41,22 @@ class TableProposer(nn.Module):
 
 
 def table_engine(model_dir: Path, k: int, batch_size: int, max_length: int = 256,
-                 buckets: tuple[int, ...] = (64, 128), backend: str = "eager") -> Engine:
+                 buckets: tuple[int, ...] = (64, 128), backend: str = "eager", lookup_ngram: int = 0,
+                 datastore: Path | None = None) -> Engine:
+    """An engine whose drafts come from a table (`fill_table`); with `lookup_ngram`, behind context
+    lookup, and with `datastore` (a datastore file) behind the n-gram datastore too."""
     build = BuildConfig(batch_size=batch_size, max_length=max_length, prefill_buckets=buckets, backend=backend)
     target = TargetModel.from_pretrained(model_dir, max_length)
     proposer = TableProposer(batch_size, max_length)
+    if lookup_ngram:
+        from neuron_peagle.datastore import load_datastore
+        from neuron_peagle.graphs.lookup import LookupProposer
+
+        store = load_datastore(datastore, target.config.vocab_size) if datastore is not None else None
+        proposer = LookupProposer(proposer, batch_size, max_length, k, lookup_ngram, store)
     runner = SpecRunner(target, proposer, build, get_backend(backend), k)
-    speculation = SpeculationConfig(num_speculative_tokens=k, **DRAFTER_ALONE)
+    speculation = SpeculationConfig(num_speculative_tokens=k, **{**DRAFTER_ALONE, "lookup_ngram": lookup_ngram,
+                                                                 "datastore": datastore is not None})
     return Engine(Path(model_dir), target, load_tokenizer(model_dir), build, runner, speculation)
 
 
@@ -54,6 +64,7 @@ def fill_table(engine: Engine, prompts: list[list[int]], continuations: list[lis
                wrong_fraction: float = 0.0, seed: int = 0) -> None:
     """table[b, p] = the reference token at position p; a `wrong_fraction` of entries corrupted."""
     proposer = engine.runner.proposer
+    proposer = getattr(proposer, "inner", proposer)  # the table behind context lookup
     table = torch.zeros_like(proposer.table, device="cpu")
     generator = torch.Generator().manual_seed(seed)
     for row, (prompt, cont) in enumerate(zip(prompts, continuations)):

@@ -25,7 +25,7 @@ import torch
 
 from compile import audit
 from compile.build import BuildRequest, build_artifacts, main as build_main
-from neuron_peagle.runtime.manifest import LOG_NAME, MANIFEST_NAME, Manifest, WeightsInfo
+from neuron_peagle.runtime.manifest import FORMAT_VERSION, LOG_NAME, MANIFEST_NAME, Manifest, WeightsInfo
 from neuron_peagle.runtime.graph_specs import NEURON_COMPILER_FLAGS, neuron_compiler_args, plan_graphs
 from neuron_peagle.backends.nxd import INSTALL_HINT
 from neuron_peagle.cli import main as cli_main
@@ -455,7 +455,7 @@ def test_artifacts_of_the_old_neuron_backend_name_are_refused_with_the_new_name(
     with pytest.raises(ArtifactError, match="now called nxd .* --backend nxd"):
         Manifest.load(tmp_path)
     (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format_version": 1, "backend": "xla"}))
-    with pytest.raises(ArtifactError, match="format version 1, this version reads 3; rebuild"):
+    with pytest.raises(ArtifactError, match=f"format version 1, this version reads {FORMAT_VERSION}; rebuild"):
         Manifest.load(tmp_path)
 
 

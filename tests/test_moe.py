@@ -233,15 +233,93 @@ def test_cli_generates_on_a_tiny_gpt_oss_with_a_speculators_drafter(tmp_path, ca
     assert record["output_ids"] == want and str(drafter_dir) in record["drafter"]
 
 
+def _mxfp4_encode(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An expert matrix [E, in, out] in gpt-oss's MXFP4 (each output row's blocks of 32 inputs share a
+    power-of-two scale; codes the nearest E2M1 values): blocks [E, out, in/32, 16], scales [E, out, in/32]."""
+    from neuron_peagle.models.mxfp4 import FP4_VALUES
+
+    groups = dense.transpose(1, 2).reshape(dense.shape[0], dense.shape[2], -1, 32)  # [E, out, G, 32]
+    exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=2.0 ** -100) / 6.0)).clamp(-127, 127)
+    scaled = groups / torch.exp2(exponent).unsqueeze(-1)
+    codes = (scaled.unsqueeze(-1) - torch.tensor(FP4_VALUES)).abs().argmin(-1)  # [E, out, G, 32]
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8), (exponent + 127).to(torch.uint8)
+
+
+def _mxfp4_copy(model_dir, out, encode_as=torch.uint8):
+    """The model directory with its expert matrices stored as gpt-oss publishes them (MXFP4)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    for path in model_dir.iterdir():
+        if path.name not in ("model.safetensors", "config.json"):
+            shutil.copy(path, out / path.name)
+    tensors = load_file(model_dir / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = _mxfp4_encode(tensors.pop(name))
+        tensors[name + "_blocks"], tensors[name + "_scales"] = blocks.to(encode_as), scales
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (out / "config.json").write_text(json.dumps(config))
+    return out, tensors
+
+
+def test_mxfp4_experts_load_as_transformers_dequantizes_them(gpt_oss_model, tmp_path):
+    """gpt-oss as published stores its experts in MXFP4: they are dequantized at load, bit for bit as
+    transformers does it, and plain and P-EAGLE decoding give transformers' greedy tokens."""
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from neuron_peagle.models.mxfp4 import dequantize
+
+    model_dir, _, dense_want = gpt_oss_model
+    quantized, tensors = _mxfp4_copy(model_dir, tmp_path / "mxfp4")
+    assert ModelConfig.from_dir(quantized).expert_quantization == "mxfp4"
+    for name in [n[:-len("_blocks")] for n in tensors if n.endswith("_blocks")]:
+        blocks, scales = tensors[name + "_blocks"], tensors[name + "_scales"]
+        assert torch.equal(dequantize(blocks, scales, name),
+                           convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)), name
+    hf = AutoModelForCausalLM.from_pretrained(quantized, dtype=torch.float32,
+                                              quantization_config=Mxfp4Config(dequantize=True)).eval()
+    want = []
+    with torch.no_grad():
+        for ids in PROMPTS:
+            ids_t = torch.tensor([ids])
+            out = hf.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=NEW_TOKENS,
+                              do_sample=False, eos_token_id=None, pad_token_id=0)
+            want.append(out[0, len(ids):].tolist())
+    assert want != dense_want  # the 4-bit experts decode otherwise: the test sees the dequantized weights
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    for options in (dict(mode="plain"), dict(mode="parallel", num_speculative_tokens=3)):
+        engine = make_engine(quantized, batch_size=4, max_length=64, prefill_buckets=(16,), **options)
+        assert [o.output_ids for o in engine.generate(PROMPTS, params)] == want, options
+
+
+def test_mxfp4_blocks_of_another_dtype_are_refused_naming_them(gpt_oss_model, tmp_path):
+    from neuron_peagle.errors import WeightsError
+
+    quantized, _ = _mxfp4_copy(gpt_oss_model[0], tmp_path / "mxfp4", encode_as=torch.int16)
+    with pytest.raises(WeightsError, match=r"model.layers.0.mlp.experts.down_proj_blocks is torch.int16, MXFP4"):
+        TargetModel.from_pretrained(quantized, 64)
+
+
 def test_quantized_checkpoints_and_tensor_parallel_moe_are_refused(moe_model, tmp_path):
     from conftest import edited_model_dir
     from neuron_peagle.errors import ConfigError, UnsupportedModelError
     from neuron_peagle.parallel import TensorParallel
 
     model_dir, _, _ = moe_model
-    quantized = edited_model_dir(model_dir, tmp_path / "mxfp4",
-                                 lambda c: {**c, "quantization_config": {"quant_method": "mxfp4"}})
-    with pytest.raises(UnsupportedModelError, match="mxfp4"):
+    quantized = edited_model_dir(model_dir, tmp_path / "fp8",
+                                 lambda c: {**c, "quantization_config": {"quant_method": "fp8"}})
+    with pytest.raises(UnsupportedModelError, match=r"quantized checkpoints \(fp8\) are not supported"):
         ModelConfig.from_dir(quantized)
+    if ModelConfig.from_dir(model_dir).architecture != "gpt_oss":  # mxfp4 is gpt-oss's alone
+        mxfp4 = edited_model_dir(model_dir, tmp_path / "mxfp4",
+                                 lambda c: {**c, "quantization_config": {"quant_method": "mxfp4"}})
+        with pytest.raises(UnsupportedModelError, match=r"quantized checkpoints \(mxfp4\)"):
+            ModelConfig.from_dir(mxfp4)
     with pytest.raises(ConfigError, match="tensor parallelism"):
         TargetModel(ModelConfig.from_dir(model_dir), 64, tp=TensorParallel(2))

@@ -96,6 +96,9 @@ def test_one_weight_dict_holds_every_tensor_of_every_graph_once(tiny_llama_dir):
     # The drafter reads the target's embedding: one tensor under both names, not a copy.
     assert (checkpoint["graph.target.embed_tokens.weight"].data_ptr()
             == checkpoint["graph.proposer.target_embedding.weight"].data_ptr())
+    # So does the tied LM head (the tiny model ties it).
+    assert (checkpoint["graph.target.lm_head.weight"].data_ptr()
+            == checkpoint["graph.target.embed_tokens.weight"].data_ptr())
     # A graph whose weights are other tensors under the same names cannot join the dict.
     stranger = dataclasses.replace(step, name="stranger", module=copy.deepcopy(step.module))
     with pytest.raises(ArtifactError, match=r"graph\.\S+ names two different tensors"):

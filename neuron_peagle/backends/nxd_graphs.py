@@ -116,7 +116,12 @@ def shared_checkpoint(graphs: Sequence[NxdGraph]) -> dict[str, Tensor]:
             if held.setdefault(name, tensor) is not tensor:
                 raise ArtifactError(f"{name} names two different tensors in two graphs of one engine: they cannot "
                                     "share one weight dict")
-    return {name: tensor.detach().contiguous() for name, tensor in held.items()}
+    # Contiguous for NxD, one copy per tensor: aliases (a tied LM head and the embedding) stay one tensor.
+    laid_out: dict[int, Tensor] = {}
+    for tensor in held.values():
+        if id(tensor) not in laid_out:
+            laid_out[id(tensor)] = tensor.detach().contiguous()
+    return {name: laid_out[id(tensor)] for name, tensor in held.items()}
 
 
 @dataclass(frozen=True)

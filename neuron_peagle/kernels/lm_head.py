@@ -12,7 +12,6 @@ the maxima wins, and a later tile replaces the running pair only when strictly g
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torch.nn import functional as F
 

@@ -5,7 +5,8 @@ the Hub's checkpoints use:
   ([out, in]), and the router `mlp.gate.weight` [E, hidden];
 - gpt_oss: the experts fused, `mlp.experts.gate_up_proj` [E, hidden, 2I] with gate and up columns
   interleaved (gate at even, up at odd), `mlp.experts.down_proj` [E, I, hidden], their biases, and
-  `mlp.router.{weight,bias}`.
+  `mlp.router.{weight,bias}`; as published, the two expert matrices are MXFP4 blocks and scales
+  (models/mxfp4.py), dequantized before loading.
 """
 
 from __future__ import annotations
@@ -14,15 +15,24 @@ import torch
 from torch import Tensor
 
 from neuron_peagle.config import MoeConfig
+from neuron_peagle.models.mxfp4 import quantized_shapes
 
 
-def moe_shapes(prefix: str, hidden: int, moe: MoeConfig, architecture: str) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of one layer's sparse MLP tensors; `prefix` ends with "mlp."."""
+def moe_shapes(prefix: str, hidden: int, moe: MoeConfig, architecture: str,
+               quantization: str | None = None) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of one layer's sparse MLP tensors; `prefix` ends with "mlp."; with
+    quantization "mxfp4", the expert matrices' blocks and scales in place of the matrices."""
     e, i = moe.num_experts, moe.expert_intermediate_size
     if architecture == "gpt_oss":
-        return {prefix + "router.weight": (e, hidden), prefix + "router.bias": (e,),
-                prefix + "experts.gate_up_proj": (e, hidden, 2 * i), prefix + "experts.gate_up_proj_bias": (e, 2 * i),
-                prefix + "experts.down_proj": (e, i, hidden), prefix + "experts.down_proj_bias": (e, hidden)}
+        shapes = {prefix + "router.weight": (e, hidden), prefix + "router.bias": (e,),
+                  prefix + "experts.gate_up_proj_bias": (e, 2 * i), prefix + "experts.down_proj_bias": (e, hidden)}
+        if quantization == "mxfp4":
+            shapes.update(quantized_shapes(prefix + "experts.gate_up_proj", e, 2 * i, hidden))
+            shapes.update(quantized_shapes(prefix + "experts.down_proj", e, hidden, i))
+        else:
+            shapes.update({prefix + "experts.gate_up_proj": (e, hidden, 2 * i),
+                           prefix + "experts.down_proj": (e, i, hidden)})
+        return shapes
     shapes = {prefix + "gate.weight": (e, hidden)}
     for n in range(e):
         shapes.update({f"{prefix}experts.{n}.gate_proj.weight": (i, hidden),

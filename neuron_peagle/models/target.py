@@ -23,6 +23,7 @@ from neuron_peagle.models.layers import (DecoderLayer, RMSNorm, RotaryTable, mak
                                          plan_window)
 from neuron_peagle.models.moe import SparseMoe
 from neuron_peagle.models.moe_weights import moe_shapes
+from neuron_peagle.models.mxfp4 import dequantize_experts
 from neuron_peagle.models.weights import (check_names_and_shapes, decoder_layer_shapes, load_decoder_layer,
                                           read_safetensors_dir)
 from neuron_peagle.parallel import SINGLE, TensorParallel
@@ -172,7 +173,8 @@ class TargetModel(nn.Module):
                 c.intermediate_size, c.qkv_bias, c.o_bias, c.mlp_bias, c.qk_norm)
             if isinstance(layer.mlp, SparseMoe):
                 layer_shapes = {name: shape for name, shape in layer_shapes.items() if ".mlp." not in name}
-                layer_shapes.update(moe_shapes(prefix + "mlp.", c.hidden_size, c.moe, c.architecture))
+                layer_shapes.update(moe_shapes(prefix + "mlp.", c.hidden_size, c.moe, c.architecture,
+                                               c.expert_quantization))
             if c.attention_sinks:
                 layer_shapes[prefix + "self_attn.sinks"] = (c.num_attention_heads,)
             shapes.update(layer_shapes)
@@ -183,6 +185,8 @@ class TargetModel(nn.Module):
         """Fill the model from Hugging Face tensor names (checked first, all problems at once)."""
         optional = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
         check_names_and_shapes(tensors, self.expected_hf_shapes(), optional, source)
+        if self.config.expert_quantization == "mxfp4":
+            tensors = dequantize_experts(tensors)
         t = {name: value.float() for name, value in tensors.items()}
         self.embed_tokens.weight.copy_(t["model.embed_tokens.weight"])
         self.norm.weight.copy_(t["model.norm.weight"])

@@ -137,14 +137,6 @@ class Engine:
         self.drafter = drafter
         self.artifacts = None  # runtime.artifacts.LoadReport when loaded by from_compiled
 
-    @property
-    def mode(self) -> str:
-        return self.speculation.mode
-
-    @property
-    def num_speculative_tokens(self) -> int:
-        return self.speculation.num_speculative_tokens
-
     @classmethod
     def from_pretrained(cls, model_dir: str | Path | None = None, drafter_dir: str | Path | None = None,
                         speculation: SpeculationConfig | dict | None = None, *, batch_size: int = 1,
@@ -238,7 +230,7 @@ class Engine:
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams, number: int = 1) -> None:
         """Prompt `number` (counted from 1) and the parameters fit this engine (runtime.requests)."""
-        check_prompt(number, prompt_ids, params.max_new_tokens, self.build, self.num_speculative_tokens,
+        check_prompt(number, prompt_ids, params.max_new_tokens, self.build, self.speculation.num_speculative_tokens,
                      self.target.config.vocab_size)
         check_stop_token_ids(params.stop_token_ids, self.target.config.vocab_size)
 
