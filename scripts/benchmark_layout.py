@@ -1,18 +1,19 @@
-"""Does the CPU backend's weight layout pay? Linear weights in the backend's strides against the other ones.
+"""Which strides should a CPU backend give the linear weights? Row-major against column-major, measured.
 
-    python -m scripts.benchmark_layout --backends inductor --dtypes float32,bfloat16
+    python -m scripts.benchmark_layout --backends inductor,eager --dtypes float32,bfloat16
 
-The models hold nn.Linear's [out, in]; the CPU backends store float32 weights column-major and bf16
-row-major (neuron_peagle/backends/layout.py). This measures, in one run on the same prompts:
+The models hold nn.Linear's [out, in]; the CPU backends choose the strides (neuron_peagle/backends/
+layout.py: column-major float32 where a call multiplies one row, row-major otherwise). This measures, in
+one run on the same prompts:
 
 1. each of the default model's linear shapes (LM head, q/k/v, o, gate/up, down) as a decode-shaped
    `F.linear` (1 and 8 rows: a plain step, a K=7 verify), row-major against column-major, per dtype
    (median of `--matmul-repeats`);
 2. whole engines, plain decoding and P-EAGLE (the default speculation config), per backend and dtype,
-   once with the backend's layout and once with every linear weight restrided to the other one before
-   any graph is compiled; the two take turns prompt group by prompt group (`scripts.benchmark.
-   run_interleaved`), and the ratio is the median over groups of the other layout's decode time over
-   the backend's. Greedy outputs of the two layouts are compared too.
+   once with every linear weight row-major and once column-major (restrided before any graph is
+   compiled); the two take turns prompt group by prompt group (`scripts.benchmark.run_interleaved`), and
+   the ratio is the median over groups of the row-major decode time over the column-major one. Which
+   of the two the backend picks is reported, and whether their greedy outputs are identical.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def matmul_table(model_dir: Path, dtypes: list[str], repeats: int) -> list[dict]
 
 
 def restride(engine, to_column_major: bool) -> int:
-    """Every linear weight of the engine's models in the given strides, in place; how many were moved."""
+    """Every linear weight of the engine's models in the given strides, in place; how many were moved
+    (a weight two modules share, the tied head and the embedding, once)."""
     moved = 0
     seen: set[int] = set()
     for module in (engine.runner.target, getattr(engine.runner, "proposer", None)):
@@ -106,6 +108,7 @@ def restride(engine, to_column_major: bool) -> int:
 
 def main() -> None:
     args = parse_args()
+    from neuron_peagle.backends.layout import column_major_on_cpu
     from neuron_peagle.default_model import require_default_model
     from neuron_peagle.runtime.engine import Engine
     from neuron_peagle.speculation import SpeculationConfig
@@ -121,33 +124,35 @@ def main() -> None:
             for mode in args.modes.split(","):
                 speculation = SpeculationConfig(mode="plain") if mode == "plain" else SpeculationConfig()
                 engines = {}
-                for layout in ("backend", "other"):
+                for layout in ("column-major", "row-major"):
                     engine = Engine.from_pretrained(args.model, None, speculation, batch_size=1, backend=backend,
                                                     max_length=args.max_length, prefill_buckets=buckets, dtype=dtype)
-                    if layout == "other":
-                        moved = restride(engine, to_column_major=dtype != "float32")
-                        print(f"{backend} {dtype} {mode}: {moved} weights restrided", flush=True)
+                    rows = engine.runner.batch_size * engine.runner.tokens_per_step
+                    picked = "column-major" if column_major_on_cpu(getattr(torch, dtype), rows) else "row-major"
+                    moved = restride(engine, to_column_major=layout == "column-major")
+                    print(f"{backend} {dtype} {mode}: {moved} weights restrided to {layout}", flush=True)
                     start = time.perf_counter()
                     engine.warm(greedy=True)
                     print(f"{backend} {dtype} {mode} {layout}: graphs ready in {time.perf_counter() - start:.1f} s",
                           flush=True)
                     engines[layout] = engine
                 for domain in args.domains.split(","):
-                    prompt_ids = [ids for ids in (engines["backend"].encode(t)
+                    prompt_ids = [ids for ids in (engines["row-major"].encode(t)
                                                   for t in heldout_prompts(domain, args.prompts_per_domain))
                                   if len(ids) <= buckets[-1]]
                     summary = run_interleaved(engines, prompt_ids, args.max_new_tokens, args.repeats)
+                    column, row_major = summary["column-major"], summary["row-major"]
                     row = {"backend": backend, "dtype": dtype, "mode": mode, "domain": domain,
-                           "backend_layout_tokens_per_s": summary["backend"]["tokens_per_s"],
-                           "other_layout_tokens_per_s": summary["other"]["tokens_per_s"],
-                           "backend_layout_speedup": statistics.median(
-                               o / b for o, b in zip(summary["other"]["group_time"],
-                                                     summary["backend"]["group_time"])),
-                           "identical_outputs": summary["backend"]["outputs"] == summary["other"]["outputs"]}
+                           "column_major_tokens_per_s": column["tokens_per_s"],
+                           "row_major_tokens_per_s": row_major["tokens_per_s"],
+                           "column_major_speedup": statistics.median(
+                               r / c for r, c in zip(row_major["group_time"], column["group_time"])),
+                           "backend_picks": picked, "identical_outputs": column["outputs"] == row_major["outputs"]}
                     results["engines"].append(row)
-                    print(f"{backend} {dtype} {mode} {domain}: backend layout {row['backend_layout_tokens_per_s']:.1f} "
-                          f"tok/s, other {row['other_layout_tokens_per_s']:.1f} tok/s, "
-                          f"x{row['backend_layout_speedup']:.2f}, identical={row['identical_outputs']}", flush=True)
+                    print(f"{backend} {dtype} {mode} {domain}: column-major {row['column_major_tokens_per_s']:.1f} "
+                          f"tok/s, row-major {row['row_major_tokens_per_s']:.1f} tok/s, column-major "
+                          f"x{row['column_major_speedup']:.2f}, the backend picks {picked}, "
+                          f"identical={row['identical_outputs']}", flush=True)
                 del engines
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -156,13 +161,12 @@ def main() -> None:
     for r in results["matmuls"]:
         print(f"| {r['dtype']} | {r['weight']} {r['shape']} | {r['rows']} | {r['row_major_ms']:.3f} | "
               f"{r['column_major_ms']:.3f} |")
-    print("\n| backend | dtype | mode | domain | backend's layout (tok/s) | the other (tok/s) | backend's speedup | "
-          "identical greedy outputs |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| backend | dtype | mode | domain | column-major tok/s | row-major tok/s | column-major speedup | "
+          "the backend picks | identical greedy outputs |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results["engines"]:
-        other = "row-major" if r["dtype"] == "float32" else "column-major"
-        print(f"| {r['backend']} | {r['dtype']} | {r['mode']} | {r['domain']} | {r['backend_layout_tokens_per_s']:.1f} | "
-              f"{r['other_layout_tokens_per_s']:.1f} ({other}) | {r['backend_layout_speedup']:.2f}x | "
+        print(f"| {r['backend']} | {r['dtype']} | {r['mode']} | {r['domain']} | {r['column_major_tokens_per_s']:.1f} | "
+              f"{r['row_major_tokens_per_s']:.1f} | {r['column_major_speedup']:.2f}x | {r['backend_picks']} | "
               f"{r['identical_outputs']} |")
 
 

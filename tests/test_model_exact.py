@@ -88,25 +88,28 @@ def test_incremental_decode_equals_full_forward(tiny_llama_dir):
     assert torch.allclose(incremental, full, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cpu_backend_chooses_the_weight_strides_and_the_model_keeps_the_checkpoint_layout(tiny_llama_dir, dtype):
+@pytest.mark.parametrize("dtype, mode, column_major", [("float32", "plain", True), ("float32", "parallel", False),
+                                                      ("bfloat16", "plain", False)])
+def test_cpu_backend_chooses_the_weight_strides_and_the_model_keeps_the_checkpoint_layout(tiny_llama_dir, dtype,
+                                                                                        mode, column_major):
     """The model holds nn.Linear's [out, in] as loaded (row-major), its tied LM head the embedding itself;
-    the eager backend stores float32 weights column-major (its faster CPU matmul) and bf16 row-major,
-    same shapes and values, the tied head still the embedding."""
+    the eager backend stores float32 weights column-major where a call multiplies one row (plain decoding
+    at batch 1) and row-major otherwise (a P-EAGLE verify's K+1 rows, and bf16 always), same shapes and
+    values, the tied head still the embedding."""
     loaded = TargetModel.from_pretrained(tiny_llama_dir, 64, getattr(torch, dtype))
     assert loaded.config.tie_word_embeddings and loaded.lm_head.weight is loaded.embed_tokens.weight
     linears = {name: m.weight for name, m in loaded.named_modules() if isinstance(m, torch.nn.Linear)}
     assert linears and all(w.is_contiguous() for w in linears.values())
     assert loaded.layers[0].self_attn.o_proj.weight.shape == (loaded.config.hidden_size,
                                                                loaded.config.num_attention_heads * loaded.config.head_dim)
-    engine = make_engine(tiny_llama_dir, mode="plain", dtype=dtype, max_length=64, prefill_buckets=(16,))
+    engine = make_engine(tiny_llama_dir, mode=mode, dtype=dtype, max_length=64, prefill_buckets=(16,))
     target = engine.runner.target
     assert target.lm_head.weight is target.embed_tokens.weight
     ours = {name: m.weight for name, m in target.named_modules() if isinstance(m, torch.nn.Linear)}
     assert ours.keys() == linears.keys()
     for name, weight in ours.items():
         assert weight.shape == linears[name].shape and torch.equal(weight, linears[name]), name
-        assert (weight.stride(0) == 1) if dtype == "float32" else weight.is_contiguous(), (name, weight.stride())
+        assert (weight.stride(0) == 1 if column_major else weight.is_contiguous()), (name, weight.stride())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

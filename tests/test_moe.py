@@ -28,6 +28,11 @@ def _tiny_moe_model(family: str, root):
 
     model_dir = save_tiny_model(root / "model", family, tie=False, seed=5, num_hidden_layers=4)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model_dir, hf, _hf_greedy(hf)
+
+
+def _hf_greedy(hf) -> list[list[int]]:
+    """transformers' greedy continuations of PROMPTS, one prompt at a time."""
     want = []
     with torch.no_grad():
         for ids in PROMPTS:
@@ -35,7 +40,7 @@ def _tiny_moe_model(family: str, root):
             out = hf.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=NEW_TOKENS,
                               do_sample=False, eos_token_id=None, pad_token_id=0)
             want.append(out[0, len(ids):].tolist())
-    return model_dir, hf, want
+    return want
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -282,15 +287,8 @@ def test_mxfp4_experts_load_as_transformers_dequantizes_them(gpt_oss_model, tmp_
         blocks, scales = tensors[name + "_blocks"], tensors[name + "_scales"]
         assert torch.equal(dequantize(blocks, scales, name),
                            convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)), name
-    hf = AutoModelForCausalLM.from_pretrained(quantized, dtype=torch.float32,
-                                              quantization_config=Mxfp4Config(dequantize=True)).eval()
-    want = []
-    with torch.no_grad():
-        for ids in PROMPTS:
-            ids_t = torch.tensor([ids])
-            out = hf.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=NEW_TOKENS,
-                              do_sample=False, eos_token_id=None, pad_token_id=0)
-            want.append(out[0, len(ids):].tolist())
+    want = _hf_greedy(AutoModelForCausalLM.from_pretrained(quantized, dtype=torch.float32,
+                                                           quantization_config=Mxfp4Config(dequantize=True)).eval())
     assert want != dense_want  # the 4-bit experts decode otherwise: the test sees the dequantized weights
     params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     for options in (dict(mode="plain"), dict(mode="parallel", num_speculative_tokens=3)):

@@ -21,8 +21,10 @@ class Backend(Protocol):
     name: str
     device: torch.device
 
-    def prepare(self, module: nn.Module) -> nn.Module:
-        """Place a module's parameters and buffers (weights, caches) on the device, once."""
+    def prepare(self, module: nn.Module, rows_per_call: int = 1) -> nn.Module:
+        """Place a module's parameters and buffers (weights, caches) on the device, once. rows_per_call:
+        the rows a decode-time matmul of its graphs multiplies (batch x tokens per step), by which a
+        backend may choose how the weights sit in memory (`layout.py`)."""
 
     def run(self, graph: nn.Module, inputs: tuple[Tensor, ...]) -> Outputs:
         """Run one graph on host inputs; return its outputs as host tensors, state updated."""

@@ -68,12 +68,12 @@ class CompiledBackend:
         self.progress = progress
         self._compiled: dict[tuple[int, Shapes], Callable] = {}
 
-    def prepare(self, module: nn.Module) -> nn.Module:
+    def prepare(self, module: nn.Module, rows_per_call: int = 1) -> nn.Module:
         module = module.to(self.device)
         if self.device.type == "cpu":
             from neuron_peagle.backends.layout import cpu_weight_layout
 
-            cpu_weight_layout(module)
+            cpu_weight_layout(module, rows_per_call)
         return module
 
     def run(self, graph: nn.Module, inputs: NamedTuple):

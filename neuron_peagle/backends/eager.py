@@ -10,7 +10,7 @@ class EagerBackend:
     name = "eager"
     device = torch.device("cpu")
 
-    def prepare(self, module: nn.Module) -> nn.Module:
+    def prepare(self, module: nn.Module, rows_per_call: int = 1) -> nn.Module:
         """CPU weight layout (`layout.cpu_weight_layout`), and KV caches that may narrow their reads to the
         live context: eager has no compiled shapes to keep."""
         from neuron_peagle.backends.layout import cpu_weight_layout
@@ -19,7 +19,7 @@ class EagerBackend:
         for layer in module.modules():
             if isinstance(layer, KVCache):
                 layer.narrows = True
-        return cpu_weight_layout(module)
+        return cpu_weight_layout(module, rows_per_call)
 
     def run(self, graph: nn.Module, inputs: tuple[Tensor, ...]):
         with torch.inference_mode():

@@ -4,12 +4,14 @@ The models hold every linear weight in nn.Linear's [out, in] shape (the checkpoi
 tied LM head is the embedding matrix itself. A backend may store a weight with other strides, same
 shape and values, for its own matmuls:
 
-- CPU (eager, and inductor, whose matmuls are the same oneDNN calls): float32 weights go column-major
-  (memory [in, out]), which streams about twice as fast at one row (SmolLM2's 49152 x 576 LM head:
-  10.2 -> 5.0 ms on 2 cores; even at 8 rows), and bfloat16 weights stay row-major, where oneDNN's bf16
-  matmul is faster (3.2 ms against 4.5). A tied head moves with the embedding it shares: gathering
-  rows from the column-major matrix costs about 1 ms per 512-token prefill and nothing measurable
-  per step.
+- CPU (eager, and inductor, whose matmuls are the same oneDNN calls): the fast strides depend on the
+  dtype and on how many rows a decode-time matmul multiplies (`rows_per_call`: batch x tokens per
+  step). float32 weights go column-major (memory [in, out]) only where a call multiplies one row, plain
+  decoding at batch 1; everywhere else, and always in bfloat16, they stay row-major. Measured on 2
+  cores with the default model (BENCHMARKS.md, "Weight layout on CPU"): column-major float32 decodes
+  1.24-1.39x faster at one row, and P-EAGLE's 8-row verify 6-9% slower; row-major bfloat16 is
+  1.08-1.23x faster than column-major in both. A tied head moves with the embedding it shares:
+  gathering rows from a column-major matrix costs about 1 ms per 512-token prefill.
 - XLA (trn1, and torch-xla on CPU) and TorchNeuron: the compiler lays weights out; nothing is moved.
 """
 
@@ -19,15 +21,20 @@ import torch
 from torch import nn
 
 
-def cpu_weight_layout(module: nn.Module) -> nn.Module:
+def column_major_on_cpu(dtype: torch.dtype, rows_per_call: int) -> bool:
+    """Whether the CPU backends store a linear weight of this dtype column-major."""
+    return dtype == torch.float32 and rows_per_call == 1
+
+
+def cpu_weight_layout(module: nn.Module, rows_per_call: int = 1) -> nn.Module:
     """Give every local nn.Linear weight its fast CPU strides, in place (shared weights stay shared)."""
     for layer in module.modules():
         if not isinstance(layer, nn.Linear) or type(layer.weight.data) is not torch.Tensor:  # DTensor shards: as placed
             continue
         weight = layer.weight
-        column_major = weight.dtype == torch.float32
-        if column_major and weight.stride(0) != 1:
-            weight.data = weight.data.t().contiguous().t()
-        elif not column_major and not weight.is_contiguous():
+        if column_major_on_cpu(weight.dtype, rows_per_call):
+            if weight.stride(0) != 1:
+                weight.data = weight.data.t().contiguous().t()
+        elif not weight.is_contiguous():
             weight.data = weight.data.contiguous()
     return module

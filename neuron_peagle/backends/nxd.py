@@ -91,8 +91,9 @@ class NxdBackend:
         self._model = None
         self._bundle: NxdBundle | None = None
 
-    def prepare(self, module: nn.Module) -> nn.Module:
-        """Weights stay on the host: `load` hands them, as one dict, to the NxDModel."""
+    def prepare(self, module: nn.Module, rows_per_call: int = 1) -> nn.Module:
+        """Weights stay on the host: `load` hands them, as one dict, to the NxDModel (whose compiler lays
+        them out)."""
         return module
 
     def load(self, model_path: Path, bundle: NxdBundle, weights: list[dict[str, Tensor]] | None = None) -> None:

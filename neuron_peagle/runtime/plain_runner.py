@@ -22,7 +22,7 @@ class PlainRunner:
         self.batch_size = build.batch_size
         self.backend = backend
         self.cache = target.new_cache(build.batch_size)
-        self.target = backend.prepare(target)
+        self.target = backend.prepare(target, rows_per_call=build.batch_size * self.tokens_per_step)
         self.cache = backend.prepare(self.cache)
         self.graphs = {greedy: (PrefillGraph(self.target, self.cache, greedy), DecodeGraph(self.target, self.cache, greedy))
                        for greedy in (True, False)}

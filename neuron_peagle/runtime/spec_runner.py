@@ -38,11 +38,12 @@ class SpecRunner:
         # The K of each step graph, longest first (the short K only with adaptive K).
         self.step_ks = (num_speculative_tokens,) + ((short_draft_tokens,) if short_draft_tokens else ())
         feature_size = 3 * target.config.hidden_size
-        self.target = backend.prepare(target)
+        rows = build.batch_size * self.tokens_per_step  # a verify's rows; the drafts are as many, or fewer
+        self.target = backend.prepare(target, rows)
         self.cache = backend.prepare(target.new_cache(build.batch_size, step_tokens=num_speculative_tokens + 1))
         self.state = backend.prepare(SpecState(build.batch_size, num_speculative_tokens, feature_size,
                                                target.embed_tokens.weight.dtype))
-        self.proposer = backend.prepare(proposer)
+        self.proposer = backend.prepare(proposer, rows)
         self.graphs = {
             greedy: (SpecPrefillGraph(self.target, self.proposer, self.cache, self.state, greedy),
                      {k: SpecStepGraph(self.target, self.proposer, self.cache, self.state, k, greedy, build.kernels)
