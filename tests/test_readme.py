@@ -37,10 +37,27 @@ def test_readme_is_short():
     assert len(lines) < 260, f"README.md has {len(lines)} lines"
 
 
-def test_readme_and_docs_relative_links_exist():
-    for page in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+def heading_anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a Markdown page's headings (code blocks skipped, repeats numbered)."""
+    anchors, seen, in_code = set(), {}, False
+    for line in page.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        heading = None if in_code else re.match(r"#+ (.*)", line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+            anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+            seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def test_readme_and_docs_relative_links_and_anchors_exist():
+    for page in [README, ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
-            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            if re.match(r"[a-z]+:", target):
                 continue
-            path = (page.parent / target.split("#", 1)[0]).resolve()
-            assert path.exists(), f"{page.name} links to {target}, which does not exist"
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            assert dest.exists(), f"{page.name} links to {target}, which does not exist"
+            if anchor and dest.suffix == ".md":
+                assert anchor in heading_anchors(dest), f"{page.name} links to {target}: no such heading"
