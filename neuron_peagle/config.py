@@ -228,6 +228,11 @@ class ModelConfig:
             )
 
     @property
+    def norm_scale_in_float32(self) -> bool:
+        """gpt-oss's RMSNorms scale by their weight in float32 and then cast; the others cast first."""
+        return self.architecture == "gpt_oss"
+
+    @property
     def num_query_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 

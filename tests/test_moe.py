@@ -321,3 +321,29 @@ def test_quantized_checkpoints_and_tensor_parallel_moe_are_refused(moe_model, tm
             ModelConfig.from_dir(mxfp4)
     with pytest.raises(ConfigError, match="tensor parallelism"):
         TargetModel(ModelConfig.from_dir(model_dir), 64, tp=TensorParallel(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_norms_round_as_each_family_does(gpt_oss_model, dtype):
+    """gpt-oss's RMSNorm scales in float32 and then casts, Llama's casts and then scales: in half
+    precision each of ours equals its family's bit for bit (they differ from each other), and a gpt-oss
+    target's every norm takes its family's order."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from neuron_peagle.models.layers import RMSNorm
+
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 7, 64, generator=generator) * 3).to(dtype)
+    weight = (1 + torch.randn(64, generator=generator)).to(dtype)
+    results = {}
+    for name, theirs, in_float32 in (("gpt_oss", GptOssRMSNorm(64, 1e-5), True), ("llama", LlamaRMSNorm(64, 1e-5), False)):
+        ours = RMSNorm(64, 1e-5, scale_in_float32=in_float32)
+        with torch.no_grad():
+            ours.weight.data, theirs.weight.data = weight.clone(), weight.clone()
+            results[name] = ours(x)
+            assert torch.equal(results[name], theirs(x)), name
+    assert not torch.equal(results["gpt_oss"], results["llama"])
+    model = TargetModel.from_pretrained(gpt_oss_model[0], 64)
+    norms = [m for m in model.modules() if type(m).__name__ == "RMSNorm"]
+    assert len(norms) == 2 * model.config.num_hidden_layers + 1 and all(n.scale_in_float32 for n in norms)

@@ -69,6 +69,7 @@ class _RMSNorm(NamedTuple):
 
     weight: Tensor  # [H]
     eps: float
+    scale_in_float32: bool = False  # the drafter's norms: Llama's order
     __call__ = RMSNorm.forward
 
 

@@ -48,15 +48,21 @@ def make_embedding(vocab_size: int, hidden_size: int) -> Embedding:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    """Statistics in float32 whatever the model dtype. Llama and Qwen cast the normalized values back to the
+    input's dtype and then scale; gpt-oss scales in float32 and then casts (`scale_in_float32`). The two
+    differ only in rounding, below float32."""
+
+    def __init__(self, hidden_size: int, eps: float, scale_in_float32: bool = False) -> None:
         super().__init__()
         self.eps = eps
+        self.scale_in_float32 = scale_in_float32
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:  # [..., hidden]
-        # Statistics in float32 whatever the model dtype, as the reference implementation does.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.scale_in_float32:
+            return (self.weight * x32).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
@@ -294,12 +300,13 @@ class DecoderLayer(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, eps: float, qkv_bias: bool = False, o_bias: bool = False,
                  mlp_bias: bool = False, tp: TensorParallel = SINGLE, qk_norm: bool = False,
-                 moe: MoeConfig | None = None, sliding_window: int | None = None, sinks: bool = False) -> None:
+                 moe: MoeConfig | None = None, sliding_window: int | None = None, sinks: bool = False,
+                 norm_scale_in_float32: bool = False) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.input_layernorm = RMSNorm(hidden_size, eps, norm_scale_in_float32)
         self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, hidden_size,
                                    qkv_bias, o_bias, tp, eps if qk_norm else None, sliding_window, sinks)
-        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps, norm_scale_in_float32)
         self.mlp = SparseMoe(hidden_size, moe) if moe is not None else MLP(hidden_size, intermediate_size, mlp_bias, tp)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor, key_cache: Tensor | None,

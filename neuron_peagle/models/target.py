@@ -70,10 +70,11 @@ class TargetModel(nn.Module):
             DecoderLayer(c.hidden_size, c.intermediate_size, c.num_attention_heads,
                          c.num_key_value_heads, c.head_dim, c.rms_norm_eps, c.qkv_bias, c.o_bias,
                          c.mlp_bias, self.tp, c.qk_norm, c.moe if sparse[i] else None,
-                         c.sliding_window if c.sliding_layers[i] else None, c.attention_sinks)
+                         c.sliding_window if c.sliding_layers[i] else None, c.attention_sinks,
+                         c.norm_scale_in_float32)
             for i in range(c.num_hidden_layers)
         )
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_scale_in_float32)
         self.lm_head = make_linear(c.hidden_size, c.vocab_size)
         if c.tie_word_embeddings:  # one [vocab, hidden] matrix for both, as the checkpoint has it
             self.lm_head.weight = self.embed_tokens.weight
