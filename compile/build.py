@@ -56,7 +56,7 @@ from neuron_peagle.cli_args import Parser, buckets, run
 from neuron_peagle.config import BuildConfig, ModelConfig
 from neuron_peagle.default_model import require_default_model
 from neuron_peagle.errors import ArtifactError, ConfigError
-from neuron_peagle.files import atomic_write_text, temporary_of
+from neuron_peagle.files import atomic_write_text, remove_stale_temporaries, temporary_of
 from neuron_peagle.parallel import TensorParallel
 from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter
 from neuron_peagle.runtime.artifacts import engine_for_build
@@ -218,7 +218,8 @@ def is_own_entry(name: str) -> bool:
 
 def check_out_dir(out: Path) -> None:
     """Refuse an output that is a file, or a directory of someone else's: one that holds no manifest and
-    files that no build writes. A build only ever writes into a new or empty directory, or one it built."""
+    files that no build writes. A build only ever writes into a new or empty directory, or one it built;
+    in one it accepts, the temporaries a killed build left behind are removed."""
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"--out {out} is a file, not an artifact directory")
     if out.is_dir() and not (out / MANIFEST_NAME).is_file():
@@ -228,6 +229,8 @@ def check_out_dir(out: Path) -> None:
                                 f"{', ...' if len(foreign) > 5 else ''}) and no {MANIFEST_NAME}: it is not an artifact "
                                 "directory, and the build writes only into a new or empty directory or one it built "
                                 "before")
+    if out.is_dir():
+        remove_stale_temporaries(out)
 
 
 def engine_for(request: BuildRequest, backend: str) -> Engine:

@@ -31,6 +31,30 @@ def temporary_of(name: str) -> str | None:
     return target if mark and target and pid.isdigit() else None
 
 
+def _process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only the process's existence is checked
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporaries (`.<name>.tmp-<pid>`) under `directory` whose writing process has ended:
+    what a write killed outright (SIGKILL, a power cut) leaves behind. A live process's are kept, and so is
+    every other file. Returns the paths removed."""
+    removed = []
+    for path in sorted(Path(directory).rglob(f".*{TEMPORARY_MARK}*")):
+        if not path.is_file() or temporary_of(path.name) is None:
+            continue
+        if not _process_is_alive(int(path.name.rpartition(TEMPORARY_MARK)[2])):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def _fsync(path: Path) -> None:
     """Flush a file (or a directory's entries) to the disk; best effort for directories, which not every
     platform or file system lets one open."""

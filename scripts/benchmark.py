@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from neuron_peagle.files import atomic_path, atomic_write_text
 from neuron_peagle.speculation import DEFAULT_LOOKUP_NGRAM, DEFAULT_SHORT_DRAFT_TOKENS, SpeculationConfig
 
 
@@ -166,7 +167,8 @@ def plot(results: dict, out: Path) -> None:
     axes[1][0].set_ylabel("speedup over plain decoding")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
+    with atomic_path(out.with_suffix(".png")) as tmp:  # a stopped run never leaves half a figure
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -265,7 +267,7 @@ def main() -> None:
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "torch_threads": torch.get_num_threads(),
                "machine": platform.machine(), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
     plot(results, args.out)
     print(f"\n| domain | batch | backend | mode | K | acceptance length | tokens/s | vs {backends[0]} plain | "
           "vs own plain | identical prompts | graphs ready (s) |")

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from neuron_peagle.files import atomic_write_text
 from scripts.benchmark import heldout_prompts, run_interleaved
 
 
@@ -155,7 +156,7 @@ def main() -> None:
                           f"identical={row['identical_outputs']}", flush=True)
                 del engines
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
     print("\n| dtype | weight [out, in] | rows | row-major ms | column-major ms |")
     print("|---|---|---|---|---|")
     for r in results["matmuls"]:

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from neuron_peagle.files import atomic_path, atomic_write_text
 from neuron_peagle.models.layers import RMSNorm
 from neuron_peagle.runtime.engine import Engine, SamplingParams
 from neuron_peagle.speculation import SpeculationConfig
@@ -405,7 +406,8 @@ def bar_chart(result: dict, path: Path) -> None:
                  f"{result['machine']['torch_threads']} threads")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:  # a stopped run never leaves half a figure
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -513,7 +515,7 @@ def main() -> None:
     print(f"\ngreedy outputs identical to transformers' on {result['greedy_agreement']['identical_prompts']}"
           f"/{len(agreement)} prompts (first differing position per prompt: {agreement})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    atomic_write_text(args.out, json.dumps(result, indent=1))
     png = args.out.with_suffix(".png")
     bar_chart(result, png)
     print(f"wrote {args.out} and {png}")

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from neuron_peagle.files import atomic_write_text
+
 PROMPT = "Write a Python function that checks whether a number is prime."
 
 
@@ -70,8 +72,8 @@ def main() -> None:
         rows.append({"what": "generate --backend eager (nothing to compile)", "seconds": eager})
     for row in rows:
         row["median_s"] = round(statistics.median(row["seconds"]), 1)
-    (args.out / "startup.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                       "rows": rows}, indent=2) + "\n")
+    atomic_write_text(args.out / "startup.json", json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                             "rows": rows}, indent=2) + "\n")
     print("\n| process | wall time, s (median) | runs |")
     print("|---|---|---|")
     for row in rows:

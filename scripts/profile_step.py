@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from neuron_peagle.files import atomic_write_text
 from neuron_peagle.speculation import SpeculationConfig
 
 
@@ -99,8 +100,8 @@ def main() -> None:
                                   f"{result['verify_ms']:.1f})", flush=True)
                             del engine
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                    "torch_threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                            "torch_threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
     print("\n| dtype | mode | K | drafter layers | draft vocab | step ms | draft | verify | accept | host "
           "| break-even AL |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

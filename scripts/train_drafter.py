@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from neuron_peagle.default_model import cache_root
+from neuron_peagle.files import atomic_write_text
 from neuron_peagle.speculation import SpeculationConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -208,7 +209,7 @@ def evaluate(args: argparse.Namespace, model_dir: Path, work: Path) -> None:
                                        {"band": list(band), "share": share, "accuracy": acc}
                                        for band, (share, acc) in zip(CONFIDENCE_BANDS, r.by_confidence)]}
                          for r in results}
-    (work / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(work / "eval.json", json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

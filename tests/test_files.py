@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -66,6 +67,27 @@ def test_temporary_names_are_recognised_by_the_build(tmp_path):
     (out / ".thesis.tex.tmp-123").write_text("mine")
     with pytest.raises(ArtifactError, match=r"holds files of its own \(\.thesis\.tex\.tmp-123\)"):
         check_out_dir(out)
+
+
+def test_a_build_removes_the_temporaries_of_killed_writes_and_nothing_else(tmp_path):
+    """What a SIGKILLed write leaves (`.<name>.tmp-<pid>` of a process that has ended) is removed when a
+    build accepts the directory, in subdirectories too; a live process's temporaries and every other
+    file stay."""
+    import subprocess
+    import sys
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    dead = int(ended.stdout)
+    out = tmp_path / "out"
+    (out / "hlo").mkdir(parents=True)
+    stale = [out / f".manifest.json.tmp-{dead}", out / "hlo" / f".spec_step.hlo.pb.tmp-{dead}"]
+    kept = [out / f".portable_cache.bin.tmp-{os.getpid()}", out / "hlo" / "spec_step.hlo.pb", out / "hlo" / ".notes"]
+    for path in stale + kept:
+        path.write_text("x")
+    check_out_dir(out)
+    assert not any(path.exists() for path in stale)
+    assert all(path.exists() for path in kept)
 
 
 def test_checksum_records_verify_update_and_name_the_changed_file(tmp_path):
