@@ -8,7 +8,6 @@ Integers must be integers: a float or a bool where a count is meant is refused, 
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import numbers
 from collections.abc import Sequence

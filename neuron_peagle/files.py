@@ -22,13 +22,19 @@ def temporary_path(path: str | Path) -> Path:
     return path.with_name(f".{path.name}{TEMPORARY_MARK}{os.getpid()}")
 
 
-def temporary_of(name: str) -> str | None:
-    """The file name a temporary sibling stands for ("manifest.json" for ".manifest.json.tmp-12"), or
-    None when `name` is not one (what a directory listing shows after an interrupted write)."""
+def _parse_temporary(name: str) -> tuple[str, int] | None:
+    """(the file name it stands for, the writer's pid) of a temporary sibling's name, else None."""
     if not name.startswith("."):
         return None
     target, mark, pid = name[1:].rpartition(TEMPORARY_MARK)
-    return target if mark and target and pid.isdigit() else None
+    return (target, int(pid)) if mark and target and pid.isdigit() else None
+
+
+def temporary_of(name: str) -> str | None:
+    """The file name a temporary sibling stands for ("manifest.json" for ".manifest.json.tmp-12"), or
+    None when `name` is not one (what a directory listing shows after an interrupted write)."""
+    parsed = _parse_temporary(name)
+    return parsed[0] if parsed else None
 
 
 def _process_is_alive(pid: int) -> bool:
@@ -47,9 +53,10 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     every other file. Returns the paths removed."""
     removed = []
     for path in sorted(Path(directory).rglob(f".*{TEMPORARY_MARK}*")):
-        if not path.is_file() or temporary_of(path.name) is None:
+        parsed = _parse_temporary(path.name)
+        if parsed is None or not path.is_file():
             continue
-        if not _process_is_alive(int(path.name.rpartition(TEMPORARY_MARK)[2])):
+        if not _process_is_alive(parsed[1]):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

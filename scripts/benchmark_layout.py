@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from neuron_peagle.backends.layout import column_major_on_cpu, strided
 from neuron_peagle.files import atomic_write_text
 from scripts.benchmark import heldout_prompts, run_interleaved
 
@@ -48,10 +49,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=768)
     parser.add_argument("--out", type=Path, default=Path("bench_out/layout.json"))
     return parser.parse_args()
-
-
-def column_major(weight: torch.Tensor) -> torch.Tensor:  # same shape and values, memory [in, out]
-    return weight.t().contiguous().t()
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -78,7 +75,7 @@ def matmul_table(model_dir: Path, dtypes: list[str], repeats: int) -> list[dict]
     for dtype in dtypes:
         for name, weight in shapes.items():
             row_major = weight.detach().to(getattr(torch, dtype)).contiguous()
-            col_major = column_major(row_major)
+            col_major = strided(row_major, column_major=True)
             for tokens in (1, 8):
                 x = torch.randn(tokens, row_major.shape[1]).to(row_major.dtype)
                 row_ms = median_ms(lambda: F.linear(x, row_major), repeats)
@@ -99,17 +96,16 @@ def restride(engine, to_column_major: bool) -> int:
         for layer in (module.modules() if module is not None else ()):
             if isinstance(layer, nn.Linear) and id(layer.weight) not in seen:
                 seen.add(id(layer.weight))
-                is_column_major = layer.weight.stride(0) == 1 and layer.weight.shape[1] > 1
-                if is_column_major != to_column_major:
-                    data = layer.weight.data
-                    layer.weight.data = column_major(data) if to_column_major else data.contiguous()
+                data = layer.weight.data
+                restrided = strided(data, to_column_major)
+                if restrided is not data:
+                    layer.weight.data = restrided
                     moved += 1
     return moved
 
 
 def main() -> None:
     args = parse_args()
-    from neuron_peagle.backends.layout import column_major_on_cpu
     from neuron_peagle.default_model import require_default_model
     from neuron_peagle.runtime.engine import Engine
     from neuron_peagle.speculation import SpeculationConfig

@@ -26,15 +26,18 @@ def column_major_on_cpu(dtype: torch.dtype, rows_per_call: int) -> bool:
     return dtype == torch.float32 and rows_per_call == 1
 
 
+def strided(matrix: torch.Tensor, column_major: bool) -> torch.Tensor:
+    """The same [out, in] matrix stored column-major (memory [in, out]) or row-major; itself if it is."""
+    if column_major:
+        return matrix if matrix.stride(0) == 1 else matrix.t().contiguous().t()
+    return matrix.contiguous()
+
+
 def cpu_weight_layout(module: nn.Module, rows_per_call: int = 1) -> nn.Module:
     """Give every local nn.Linear weight its fast CPU strides, in place (shared weights stay shared)."""
     for layer in module.modules():
         if not isinstance(layer, nn.Linear) or type(layer.weight.data) is not torch.Tensor:  # DTensor shards: as placed
             continue
         weight = layer.weight
-        if column_major_on_cpu(weight.dtype, rows_per_call):
-            if weight.stride(0) != 1:
-                weight.data = weight.data.t().contiguous().t()
-        elif not weight.is_contiguous():
-            weight.data = weight.data.contiguous()
+        weight.data = strided(weight.data, column_major_on_cpu(weight.dtype, rows_per_call))
     return module

@@ -36,8 +36,15 @@ class Embedding(nn.Module):
         return self.weight[ids]
 
 
-def make_linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
-    """An `nn.Linear` (weight [out, in]) with no gradient, its tensors left for a loader to fill."""
+def make_linear(in_features: int, out_features: int, bias: bool = False,
+                weight: nn.Parameter | None = None) -> nn.Linear:
+    """An `nn.Linear` (weight [out, in]) with no gradient, its tensors left for a loader to fill; given
+    `weight` (a tied LM head: the embedding matrix), that parameter, with no matrix of its own allocated."""
+    if weight is not None:
+        assert not bias and weight.shape == (out_features, in_features), (bias, weight.shape)
+        layer = nn.Linear(in_features, out_features, bias=False, device="meta")
+        layer.weight = weight
+        return layer
     layer = skip_init(nn.Linear, in_features, out_features, bias=bias)
     layer.requires_grad_(False)
     return layer

@@ -75,9 +75,9 @@ class TargetModel(nn.Module):
             for i in range(c.num_hidden_layers)
         )
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_scale_in_float32)
-        self.lm_head = make_linear(c.hidden_size, c.vocab_size)
-        if c.tie_word_embeddings:  # one [vocab, hidden] matrix for both, as the checkpoint has it
-            self.lm_head.weight = self.embed_tokens.weight
+        # Tied: one [vocab, hidden] matrix for both, as the checkpoint has it.
+        self.lm_head = make_linear(c.hidden_size, c.vocab_size,
+                                   weight=self.embed_tokens.weight if c.tie_word_embeddings else None)
         self.rotary = RotaryTable(c.rope, c.head_dim, max_length)
 
     def new_cache(self, batch_size: int, step_tokens: int = 1) -> KVCache:

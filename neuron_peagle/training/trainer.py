@@ -209,8 +209,8 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
 
     def save() -> None:  # whole or not at all: a stop mid-save keeps the previous checkpoint
         with atomic_path(checkpoint) as tmp:
-            torch.save({"format": CHECKPOINT_FORMAT, "drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "log": log, "generator": generator.get_state(), "seconds": elapsed(),
+            torch.save({"format": CHECKPOINT_FORMAT, "drafter": drafter.state_dict(),
+                        "optimizer": optimizer.state_dict(), "step": step, "log": log, "generator": generator.get_state(), "seconds": elapsed(),
                         "total_steps": total_steps, "config": asdict(config)}, tmp)
 
     start = time.perf_counter()
