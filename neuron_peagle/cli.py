@@ -17,10 +17,8 @@ import sys
 from pathlib import Path
 
 from neuron_peagle import checks
-from neuron_peagle.backends import BACKEND_HELP, NEURON_BACKENDS
 from neuron_peagle.cli_args import EXIT_INTERRUPTED, Parser, buckets, run
-from neuron_peagle.config import (DEFAULT_BACKEND, KERNEL_MODES,
-                                  BuildConfig, ModelConfig)
+from neuron_peagle.config import BACKENDS, DEFAULT_BACKEND, KERNEL_MODES, BuildConfig, ModelConfig, capabilities_of
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.prompt_files import STDIN, read_prompts_file
 from neuron_peagle.speculation import DEFAULT_SHORT_DRAFT_TOKENS, MODES, SpeculationConfig
@@ -52,25 +50,16 @@ def _add_engine_options(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file)")
     gen.add_argument("--prompts-file", type=Path, help='JSONL file, one {"prompt": ...} per line; - reads '
                      "standard input")
-    gen.add_argument("--model", type=Path, default=None, help="Hugging Face model directory "
-                     "(default: the embedded SmolLM2-135M-Instruct)")
-    gen.add_argument("--drafter", type=Path, default=None, help="speculators-format P-EAGLE drafter "
-                     "directory (default: the project's drafter for the default model)")
+    add_model_options(gen)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--batch-size", type=int, default=1)
-    gen.add_argument("--max-length", type=int, default=1024, help="KV cache length (prompt + output)")
-    gen.add_argument("--prefill-buckets", type=buckets, default=(128, 512), help="prefill buckets, e.g. 128,512")
-    gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    gen.add_argument("--backend", default=None, choices=tuple(BACKEND_HELP), metavar="NAME",
-                     help="; ".join(f"{name}: {text}" for name, text in BACKEND_HELP.items())
+    add_build_options(gen)
+    gen.add_argument("--backend", default=None, choices=tuple(BACKENDS), metavar="NAME",
+                     help="; ".join(f"{name}: {caps.help}" for name, caps in BACKENDS.items())
                      + f" (default: {DEFAULT_BACKEND})")
-    gen.add_argument("--kernels", default="auto", choices=("auto", *KERNEL_MODES),
-                     help="draft-pass kernels (auto: NKI on neuron and nxd, else PyTorch; interpreter: the kernel "
-                          "source on the CPU interpreter, slow, eager only)")
     add_speculation_options(gen)
     gen.add_argument("--artifacts", type=Path, default=None, help="run the graphs compiled into DIR by "
                      "`python -m compile.build`; model, drafter, mode, K and shapes come from its manifest "
@@ -78,6 +67,28 @@ def _add_engine_options(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt text as it is")
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's end-of-sequence tokens "
                      "(always generate --max-new-tokens)")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Which target and drafter: shared by `neuron-peagle` and `python -m compile.build`."""
+    parser.add_argument("--model", type=Path, default=None, help="Hugging Face model directory "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--drafter", type=Path, default=None, help="speculators-format P-EAGLE drafter "
+                        "directory (default: the project's drafter for the default model, else a random-init one)")
+
+
+def add_build_options(parser: argparse.ArgumentParser) -> None:
+    """The graphs' shapes and kernels (BuildConfig's fields but the backend), shared by `neuron-peagle` and
+    `python -m compile.build`."""
+    default = BuildConfig()
+    parser.add_argument("--batch-size", type=int, default=default.batch_size)
+    parser.add_argument("--max-length", type=int, default=default.max_length, help="KV cache length (prompt + output)")
+    parser.add_argument("--prefill-buckets", type=buckets, default=default.prefill_buckets,
+                        help="prefill buckets, e.g. 128,512")
+    parser.add_argument("--dtype", default=default.dtype, choices=("float32", "bfloat16"))
+    parser.add_argument("--kernels", default="auto", choices=("auto", *KERNEL_MODES),
+                        help="draft-pass kernels (auto: NKI on NeuronCores, else PyTorch; interpreter: the kernel "
+                             "source on the CPU interpreter, slow, eager only)")
 
 
 def add_speculation_options(parser: argparse.ArgumentParser) -> None:
@@ -189,13 +200,14 @@ def _limits(args: argparse.Namespace, given: set[str]) -> tuple[Path, BuildConfi
     return model_dir, build, 0 if speculation.plain else speculation.num_speculative_tokens
 
 
-def _encode_checked(args: argparse.Namespace, given: set[str], prompts: list[str], params) -> list[list[int]]:
+def _encode_checked(args: argparse.Namespace, limits: tuple[Path, BuildConfig, int], prompts: list[str],
+                    params) -> list[list[int]]:
     """The prompts as token ids, each checked against the shapes it will run in, before any model loads
     (only the tokenizer and config.json are read)."""
     from neuron_peagle.runtime.requests import check_prompt, check_stop_token_ids
     from neuron_peagle.tokenizer import encode_prompt, load_tokenizer
 
-    model_dir, build, num_speculative_tokens = _limits(args, given)
+    model_dir, build, num_speculative_tokens = limits
     vocab_size = ModelConfig.from_dir(model_dir).vocab_size
     tokenizer = load_tokenizer(model_dir)
     ids = [encode_prompt(tokenizer, p, not args.no_chat_template) if p else [] for p in prompts]
@@ -205,14 +217,12 @@ def _encode_checked(args: argparse.Namespace, given: set[str], prompts: list[str
     return ids
 
 
-def _load_engine(args: argparse.Namespace, given: set[str]):
+def _load_engine(args: argparse.Namespace, given: set[str], build: BuildConfig):
     from neuron_peagle.runtime.engine import Engine
 
     if args.artifacts is not None:
         return Engine.from_compiled(args.artifacts, **_artifact_request(args, given))
-    return Engine.from_pretrained(args.model, args.drafter, speculation_of(args), batch_size=args.batch_size,
-                                  max_length=args.max_length, prefill_buckets=args.prefill_buckets, dtype=args.dtype,
-                                  backend=backend_of(args), kernels=args.kernels, tp_degree=args.tp_degree)
+    return Engine.from_build(args.model, args.drafter, speculation_of(args), build, tp_degree=args.tp_degree)
 
 
 def _engine_and_prompts(args: argparse.Namespace, given: set[str], quiet: bool):
@@ -225,8 +235,9 @@ def _engine_and_prompts(args: argparse.Namespace, given: set[str], quiet: bool):
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
     prompts = _read_prompts(args)
-    ids = _encode_checked(args, given, prompts, params)
-    engine = _load_engine(args, given)
+    limits = _limits(args, given)
+    ids = _encode_checked(args, limits, prompts, params)
+    engine = _load_engine(args, given, limits[1])
     quiet = quiet or engine.target.tp.rank != 0  # under tensor parallelism, rank 0 speaks for all
     if not quiet:
         if engine.artifacts is not None:
@@ -246,18 +257,16 @@ def _describe(engine) -> str:
 
 
 def profile(args: argparse.Namespace, given: set[str]) -> int:
-    from neuron_peagle.profiling import NEURON_PROFILE_DIR, neuron_capture_env, profile_generation
+    from neuron_peagle.profiling import neuron_capture_env, profile_generation
 
     _check_paths(args)
-    if backend_of(args) in NEURON_BACKENDS or args.artifacts is not None:
+    if capabilities_of(backend_of(args)).on_neuron_cores or args.artifacts is not None:
         # Read by the Neuron runtime when it starts, so before the engine loads anything.
         os.environ.update(neuron_capture_env(args.out.resolve()))
     engine, params, _, ids = _engine_and_prompts(args, given, quiet=False)
     _, report = profile_generation(engine, ids, params, args.out.resolve(), warmup=not args.no_warmup,
                                    trace=not args.no_trace)
     print(report.describe(), flush=True)
-    if engine.build.backend in NEURON_BACKENDS:
-        print(f"device profiles: neuron-explorer view -d {args.out / NEURON_PROFILE_DIR}", flush=True)
     return 0
 
 

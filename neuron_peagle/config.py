@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from neuron_peagle import checks
-from neuron_peagle.backends import BACKEND_HELP, NEURON_BACKENDS
 from neuron_peagle.errors import ConfigError, ModelDirError, NeuronPeagleError, UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = {
@@ -30,10 +29,78 @@ SUPPORTED_ARCHITECTURES = {
 }
 MOE_ARCHITECTURES = ("qwen3_moe", "gpt_oss")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BACKENDS = tuple(BACKEND_HELP)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend is and does, as the code outside `backends/` needs to know it (the backend's own
+    code carries the rest). One record per backend in `BACKENDS`; nothing compares a backend's name."""
+
+    help: str  # one line of --help and of the README
+    compiles: bool  # graphs are compiled before they run: warm them before decoding
+    times_step_parts: bool  # a speculative step can be timed part by part from the host (nothing compiled)
+    shards_at_run_time: bool  # DTensor tensor parallelism inside the engine (run under torchrun)
+    shards_ahead_of_time: bool  # compile.build makes tensor-parallel artifacts for it (--tp-degree)
+    needs_artifacts: bool  # graphs come only from artifacts built by compile.build
+    builds_artifacts: bool  # compile.build can build artifacts for it
+    on_neuron_cores: bool  # the Neuron runtime runs it: its device profiles, not torch.profiler
+    default_kernels: str  # what kernels="auto" means: NKI on NeuronCores, plain PyTorch elsewhere
+    interprets_kernels: bool  # can run kernels="interpreter" (the kernel source on CPU tensors, op by op)
+    process_group_device: str  # torch.distributed device type of its ranks
+    packages: tuple[str, ...]  # the packages a compiled graph of it is tied to (recorded in manifests)
+
+    def kernels_for(self, kernels: str) -> str:
+        """The draft-pass kernels a build asking for `kernels` gets on this backend."""
+        if kernels == "auto":
+            return self.default_kernels
+        if kernels == "interpreter" and not self.interprets_kernels:
+            raise ConfigError("kernels='interpreter' runs the kernel source on CPU tensors: only with backend "
+                              + " or ".join(repr(n) for n in backends_that("interprets_kernels")))
+        return kernels
+
+
+_CPU = dict(on_neuron_cores=False, default_kernels="reference", process_group_device="cpu")
+_NEURON = dict(on_neuron_cores=True, default_kernels="nki", interprets_kernels=False, times_step_parts=False,
+               compiles=True, builds_artifacts=True)
+BACKENDS: dict[str, Capabilities] = {
+    # Main environment (torch 2.14, TorchNeuron's PyTorch).
+    "eager": Capabilities(
+        "PyTorch op by op on CPU: the reference", compiles=False, times_step_parts=True, shards_at_run_time=True,
+        shards_ahead_of_time=False, needs_artifacts=False, builds_artifacts=False, interprets_kernels=True,
+        packages=("torch",), **_CPU),
+    "inductor": Capabilities(
+        "torch.compile + inductor on CPU (fullgraph, fixed shapes): the fast CPU path", compiles=True,
+        times_step_parts=False, shards_at_run_time=True, shards_ahead_of_time=False, needs_artifacts=False,
+        builds_artifacts=True, interprets_kernels=False, packages=("torch",), **_CPU),
+    "neuron": Capabilities(
+        "torch.compile + TorchNeuron on trn2/trn3 (torch-neuronx 2.14)", shards_at_run_time=True,
+        shards_ahead_of_time=False, needs_artifacts=False, process_group_device="neuron",
+        packages=("torch", "torch-neuronx", "neuronx-cc", "nki"), **_NEURON),
+    # The torch-xla environment (torch 2.9.1 + torch-xla 2.9.0, Neuron 2.31; `make setup-xla`).
+    "xla": Capabilities(
+        "torch-xla 2.9 lazy HLO (PJRT CPU, or trn1 through torch-neuronx 2.9); torch-xla environment",
+        compiles=True, times_step_parts=False, shards_at_run_time=False, shards_ahead_of_time=False,
+        needs_artifacts=False, builds_artifacts=True, interprets_kernels=False, packages=("torch", "torch-xla"),
+        **_CPU),
+    # neuron and nxd graphs call the NKI kernels (kernels "auto" is nki there), so nki is among their packages.
+    "nxd": Capabilities(
+        "neuronx-distributed NEFFs built ahead of time (trn1/trn2, Neuron 2.31); torch-xla environment",
+        shards_at_run_time=False, shards_ahead_of_time=True, needs_artifacts=True, process_group_device="cpu",
+        packages=("torch", "torch-xla", "torch-neuronx", "neuronx-cc", "neuronx-distributed", "nki"), **_NEURON),
+}
 KERNEL_MODES = ("reference", "nki", "interpreter")  # see neuron_peagle.kernels
 # The command line's backend: the fastest exact path measured on CPU (BENCHMARKS.md, "Compiled graphs").
 DEFAULT_BACKEND = "inductor"
+
+
+def capabilities_of(backend: str) -> Capabilities:
+    """The record of the backend called `backend` (no device stack is imported)."""
+    return BACKENDS[checks.choice("backend", backend, tuple(BACKENDS))]
+
+
+def backends_that(capability: str) -> tuple[str, ...]:
+    """The backends with `capability` (a boolean field of Capabilities), for choices and messages."""
+    return tuple(name for name, caps in BACKENDS.items() if getattr(caps, capability))
 
 
 def read_config_json(directory: str | Path, kind: str) -> tuple[dict[str, Any], str]:
@@ -322,13 +389,6 @@ def _generation_eos_ids(path: Path) -> tuple[int, ...]:
         raise ConfigError(f"{path}: not a valid generation config ({err})") from None
 
 
-def resolve_kernels(kernels: str, backend: str) -> str:
-    """The draft-pass kernels "auto" means on `backend`: NKI on the Neuron backends, plain PyTorch elsewhere."""
-    if kernels == "auto":
-        return "nki" if backend in NEURON_BACKENDS else "reference"
-    return kernels
-
-
 @dataclass(frozen=True)
 class BuildConfig:
     """Every shape the traced graphs are built for, and how they run (dtype, backend, kernels). How an
@@ -340,7 +400,7 @@ class BuildConfig:
     dtype: str = "float32"
     backend: str = "eager"
     # Which implementation of the fused draft-pass kernels the graphs call (neuron_peagle.kernels):
-    # "auto" resolves to "nki" on the Neuron backends (neuron, nxd) and "reference" (plain PyTorch) elsewhere.
+    # "auto" resolves to the backend's default (Capabilities.default_kernels).
     kernels: str = "auto"
 
     def __post_init__(self) -> None:
@@ -348,8 +408,9 @@ class BuildConfig:
             raise ConfigError(f"prefill_buckets must be a sequence of integers, got {self.prefill_buckets!r}")
         buckets = tuple(checks.integer("prefill_buckets", b) for b in self.prefill_buckets)
         object.__setattr__(self, "prefill_buckets", buckets)
-        checks.choice("backend", self.backend, BACKENDS)
-        object.__setattr__(self, "kernels", resolve_kernels(self.kernels, self.backend))
+        if self.kernels not in ("auto", *KERNEL_MODES):
+            raise ConfigError(f"kernels must be 'auto' or one of {KERNEL_MODES}, got {self.kernels!r}")
+        object.__setattr__(self, "kernels", capabilities_of(self.backend).kernels_for(self.kernels))
         checks.integer("batch_size", self.batch_size, minimum=1)
         checks.integer("max_length", self.max_length, minimum=2)
         if not buckets:
@@ -362,10 +423,6 @@ class BuildConfig:
             )
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.kernels not in KERNEL_MODES:
-            raise ConfigError(f"kernels must be 'auto' or one of {KERNEL_MODES}, got {self.kernels!r}")
-        if self.kernels == "interpreter" and self.backend != "eager":
-            raise ConfigError("kernels='interpreter' runs the kernel source on CPU tensors: only with backend 'eager'")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -7,8 +7,8 @@ reads the slots [0, read_length) and masks by position, so a slot past a sequenc
 is never read and needs no clearing. On a device backend the buffers are the graphs' aliased state:
 they stay resident and are updated in place (rebound to out-of-place updates for the nxd trace:
 graphs/state.py), and read_length stays max_length (one shape per graph).
-On eager, where shapes cost nothing, the backend lets the runners narrow read_length to the live
-context (`read_up_to`).
+On eager, where shapes cost nothing, the backend narrows read_length to the live context
+(`rounded_read_length` of the slot the call reaches, which each graph says in `cache_extent`).
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ class KVCache(nn.Module):
         super().__init__()
         self.num_layers = num_layers
         self.shape = (batch_size, num_kv_heads, max_length, head_dim)
-        self.read_length = max_length  # attention reads slots [0, read_length)
-        self.narrows = False  # set by a backend whose graphs may change shape per step (eager)
+        self.read_length = max_length  # attention reads slots [0, read_length); only eager narrows it
         self.sliding = tuple(sliding) or (False,) * num_layers
         ring = (batch_size, num_kv_heads, window_slots, head_dim)
         for i in range(num_layers):
@@ -56,12 +55,7 @@ class KVCache(nn.Module):
     def max_length(self) -> int:
         return self.shape[2]
 
-    def read_up_to(self, last_slot: int) -> None:
-        """Let attention read only slots [0, last_slot] (rounded up), where the backend allows it."""
-        if self.narrows:
-            self.read_length = self.window(last_slot)
-
-    def window(self, last_slot: int) -> int:
+    def rounded_read_length(self, last_slot: int) -> int:
         """A read_length covering slots [0, last_slot]: rounded up to a multiple of WINDOW_STEP."""
         return min(self.max_length, WINDOW_STEP * (last_slot // WINDOW_STEP + 1))
 

@@ -32,9 +32,7 @@ for step times as the benchmark sees them.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import statistics
 from collections import Counter
 from collections.abc import Sequence
@@ -42,33 +40,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
-from neuron_peagle.backends import NEURON_BACKENDS
+from neuron_peagle.backends.profilers import NEURON_PROFILE_DIR, neuron_capture_env
+from neuron_peagle.config import capabilities_of
 from neuron_peagle.errors import ConfigError
+from neuron_peagle.files import atomic_write_text
 from neuron_peagle.runtime.host_loop import StepRecord
 from neuron_peagle.runtime.step_parts import PARTS
 
 if TYPE_CHECKING:
     from neuron_peagle.runtime.engine import Engine, RequestOutput, SamplingParams
 
-NEURON_PROFILE_DIR = "neuron"
-
-
-def neuron_capture_env(out_dir: Path) -> dict[str, str]:
-    """Environment that makes the Neuron runtime capture the whole session (system trace and one device
-    trace of everything it runs) into `out_dir/neuron`; read once, when the runtime starts.
-
-    `NEURON_RT_INSPECT_DEVICE_PROFILE=session`, not `1`: mode 1 records only the first execution of each
-    NEFF, which a profile session spends on its warm-up."""
-    return {"NEURON_RT_INSPECT_ENABLE": "1", "NEURON_RT_INSPECT_DEVICE_PROFILE": "session",
-            "NEURON_RT_INSPECT_OUTPUT_DIR": str(out_dir / NEURON_PROFILE_DIR)}
+__all__ = ["NEURON_PROFILE_DIR", "SessionReport", "neuron_capture_env", "profile_generation", "summarize"]
 
 
 def runs_torch_profiler(backend: str, trace: bool) -> bool:
-    """Whether a session records a torch.profiler trace: when asked, except on the Neuron backends, where
-    the runtime's inspect capture records the session and the Neuron docs say not to combine the two."""
-    return trace and backend not in NEURON_BACKENDS
+    """Whether a session on `backend` records a torch.profiler trace: when asked, except on NeuronCores,
+    where the runtime's inspect capture records the session and the Neuron docs say not to combine the two."""
+    return trace and not capabilities_of(backend).on_neuron_cores
 
 
 @dataclass(frozen=True)
@@ -76,6 +64,7 @@ class SessionReport:
     out_dir: Path
     summary: dict
     files: list[str]  # written into out_dir, relative to it
+    viewer: str | None = None  # how to look at what the backend's own profiler recorded
 
     def describe(self) -> str:
         s = self.summary
@@ -86,6 +75,8 @@ class SessionReport:
         if len(s["steps_per_k"]) > 1:
             lines.append("steps per K: " + ", ".join(f"K={k}: {n}" for k, n in s["steps_per_k"].items()))
         lines.append(f"written to {self.out_dir}: " + ", ".join(self.files))
+        if self.viewer:
+            lines.append(self.viewer)
         return "\n".join(lines)
 
 
@@ -123,51 +114,28 @@ def profile_generation(engine: "Engine", prompts: Sequence[Sequence[int]], param
                        ) -> tuple[list["RequestOutput"], SessionReport]:
     """Generate for `prompts` (token ids, already validated) under the profilers of the engine's
     backend, and write the session into `out_dir` (created; files of an earlier session replaced).
-    `trace=False`: no torch.profiler (no trace.json, ops.txt), so step times carry no overhead; on the
-    Neuron backends it never runs (`runs_torch_profiler`)."""
+    `trace=False`: no torch.profiler (no trace.json, ops.txt), so step times carry no overhead; on
+    NeuronCores it never runs (`runs_torch_profiler`; the backend's `profiler` decides)."""
     from neuron_peagle.runtime.engine import SamplingParams
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if warmup:
         engine.generate(list(prompts[: engine.build.batch_size]), SamplingParams(max_new_tokens=2, ignore_eos=True))
     records: list[StepRecord] = []
-    backend = engine.build.backend
-    traced = runs_torch_profiler(backend, trace)
-    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if traced else None
-    with profiler if profiler is not None else contextlib.nullcontext():
+    profiler = engine.backend.profiler(out_dir, trace)
+    with profiler:
         outputs = engine.generate(list(prompts), params, on_step=records.append)
-    files = []
+    files: list[str] = []
 
     def write(name: str, text: str) -> None:
-        (out_dir / name).write_text(text)
+        atomic_write_text(out_dir / name, text)
         files.append(name)
 
     write("steps.jsonl", "".join(json.dumps(asdict(r)) + "\n" for r in records))
-    if profiler is not None:
-        profiler.export_chrome_trace(str(out_dir / "trace.json"))
-        files.append("trace.json")
-        write("ops.txt", profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40) + "\n")
-    notes = []
-    if trace and not traced:
-        notes.append("no torch.profiler trace on a Neuron backend: the Neuron runtime's session capture "
-                     f"({NEURON_PROFILE_DIR}/) records the session, and the two are not to be combined")
-    if backend == "xla":
-        import torch_xla.debug.metrics as metrics
-
-        write("xla_metrics.txt", metrics.metrics_report())
-    if backend in NEURON_BACKENDS:
-        device_dir = out_dir / NEURON_PROFILE_DIR
-        device_files = sorted(str(p.relative_to(out_dir)) for p in device_dir.rglob("*") if p.is_file()) \
-            if device_dir.is_dir() else []
-        files.extend(device_files)
-        if not device_files:
-            notes.append(f"the Neuron runtime wrote no device profile into {device_dir}: its inspect settings "
-                         f"({', '.join(neuron_capture_env(out_dir))}) must be set before the runtime starts")
-        elif os.environ.get("NEURON_RT_INSPECT_OUTPUT_DIR") != str(device_dir):
-            notes.append("device profiles found, but this process's NEURON_RT_INSPECT_OUTPUT_DIR points elsewhere")
+    notes = profiler.finish(write, files)
     summary = summarize(records)
     session = {"engine": engine_description(engine), "num_prompts": len(prompts),
-               "max_new_tokens": params.max_new_tokens, "temperature": params.temperature, "traced": traced,
+               "max_new_tokens": params.max_new_tokens, "temperature": params.temperature, "traced": profiler.traced,
                "summary": summary, "notes": notes, "files": sorted(files + ["session.json"])}
     write("session.json", json.dumps(session, indent=2) + "\n")
-    return outputs, SessionReport(out_dir, summary, sorted(files))
+    return outputs, SessionReport(out_dir, summary, sorted(files), profiler.viewer)

@@ -107,8 +107,8 @@ def test_datastore_option_is_auto_by_default_and_refused_where_there_is_none(tin
 
 
 def test_backend_is_inductor_by_default_and_help_names_every_backend(capsys):
-    from neuron_peagle.backends import BACKEND_HELP
     from neuron_peagle.cli import build_parser
+    from neuron_peagle.config import BACKENDS
 
     from neuron_peagle.cli import backend_of
 
@@ -117,4 +117,4 @@ def test_backend_is_inductor_by_default_and_help_names_every_backend(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens
-    assert all(f"{name}:{''.join(line.split())}" in text for name, line in BACKEND_HELP.items())
+    assert all(f"{name}:{''.join(caps.help.split())}" in text for name, caps in BACKENDS.items())

@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from compile import audit
+from neuron_peagle.backends import hlo_audit as audit
 from compile.build import BuildRequest, build_artifacts, main as build_main
 from neuron_peagle.runtime.manifest import FORMAT_VERSION, LOG_NAME, MANIFEST_NAME, Manifest, WeightsInfo
-from neuron_peagle.runtime.graph_specs import NEURON_COMPILER_FLAGS, neuron_compiler_args, plan_graphs
+from neuron_peagle.backends.artifacts import NEURON_COMPILER_FLAGS, neuron_compiler_args
+from neuron_peagle.graphs.interface import plan
 from neuron_peagle.backends.nxd import INSTALL_HINT
 from neuron_peagle.cli import main as cli_main
 from neuron_peagle.config import BuildConfig
@@ -173,7 +174,7 @@ def test_cli_generate_from_artifacts_equals_the_eager_cli(built, compiled_engine
 def test_loading_after_other_xla_work_warns_and_compiles_in_process(built, compiled_engine, tmp_path):
     """torch-xla's persistent cache is fixed by now (the compiled_engine fixture set it), so loading
     a copy of the artifacts cannot use the copy's cache: it warns and compiles in the process."""
-    from neuron_peagle.runtime.artifacts import IN_PROCESS
+    from neuron_peagle.backends.xla_artifacts import IN_PROCESS
 
     copy = shutil.copytree(built, tmp_path / "copy")
     with pytest.warns(RuntimeWarning, match="compiled XLA graphs before loading"):
@@ -227,13 +228,12 @@ def test_declared_state_is_every_buffer_a_graph_updates(tiny_llama_dir, mode):
     would silently lose its update there. Checked by running each graph eagerly."""
     speculative = {key: SHAPES[key] if mode != "plain" else 0 for key in ("lookup_ngram", "short_draft_tokens")}
     engine = make_engine(tiny_llama_dir, **{**SHAPES, "mode": mode, **speculative})
-    specs = plan_graphs(engine.runner, neuron_compiler_args("trn2"))
+    specs = plan(engine.runner)
     prefix = "spec_" if mode != "plain" else ""
     steps = ("spec_step", "spec_step_k2") if mode != "plain" else ("decode",)
     assert {s.name for s in specs} == {f"{prefix}prefill_b{b}_{v}" for b in (16, 32) for v in ("greedy", "sampling")} | {
         f"{step}_{v}" for step in steps for v in ("greedy", "sampling")}
     for spec in specs:
-        assert spec.compiler_args[-2:] == ("--target", "trn2")
         for buffer in spec.state_buffers.values():
             buffer.zero_()  # so that every write shows, even of what an earlier graph wrote
         before = {name: b.clone() for name, b in spec.module.named_buffers()}
@@ -319,10 +319,10 @@ def test_nxd_loader_checks_the_plan_interfaces_and_weight_dict(built, tiny_llama
     An nxd manifest is the xla one plus the weight dict's layout, so the xla build stands in for it."""
     from neuron_peagle.runtime.manifest import tensor_infos
     from neuron_peagle.backends.nxd_graphs import NxdBundle
-    from neuron_peagle.runtime.artifacts import check_nxd_plan
+    from neuron_peagle.backends.nxd_artifacts import check_nxd_plan
 
     engine = make_engine(tiny_llama_dir, **SHAPES)
-    specs = plan_graphs(engine.runner, neuron_compiler_args("trn1"))
+    specs = plan(engine.runner)
     checkpoint = NxdBundle.of(specs).checkpoint
     manifest = dataclasses.replace(Manifest.load(built), backend="nxd", neuron_checkpoint=tensor_infos(checkpoint))
     assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest
@@ -357,7 +357,7 @@ def test_nxd_artifacts_generate_the_eager_tokens(tiny_llama_dir, tmp_path):
     generation gives the eager engine's tokens."""
     pytest.importorskip("torch_neuronx")
     pytest.importorskip("neuronx_distributed")
-    from neuron_peagle.runtime.artifacts import ON_NEURON
+    from neuron_peagle.backends.nxd_artifacts import ON_NEURON
 
     cmd = [sys.executable, "-m", "compile.build", "--backend", "nxd", "--model", str(tiny_llama_dir),
            "--out", str(tmp_path), *BUILD_ARGS, "--prefill-buckets", "16,32", "--target", "trn1"]

@@ -14,7 +14,7 @@ from itertools import chain
 import pytest
 import torch
 
-from neuron_peagle.runtime.graph_specs import GRAPH_KINDS, PREFILL_KINDS, neuron_compiler_args, plan_graphs
+from neuron_peagle.graphs.interface import GRAPH_KINDS, PREFILL_KINDS, plan
 from neuron_peagle.backends.nxd_graphs import INPUT_NAMES, GraphRouter, NxdBundle, NxdGraph
 from neuron_peagle.errors import ArtifactError
 from neuron_peagle.graphs.state import functional_state
@@ -34,7 +34,7 @@ LONG = [list(range(20, 45)), list(range(50, 80))]  # bucket 32
 
 def planned(model_dir, mode: str = "parallel"):
     engine = make_engine(model_dir, **{**SHAPES, "mode": mode})
-    return engine, plan_graphs(engine.runner, neuron_compiler_args("trn1"))
+    return engine, plan(engine.runner)
 
 
 def test_the_shared_signature_takes_every_input_of_every_graph_as_an_optional_keyword():
@@ -151,7 +151,7 @@ def test_the_weight_dict_holds_the_read_only_tables_and_no_state(small_model_wit
                                         **SHAPES)
     else:
         engine = make_engine(tiny_llama_dir, **{**SHAPES, "mode": "plain"})
-    specs = plan_graphs(engine.runner, neuron_compiler_args("trn1"))
+    specs = plan(engine.runner)
     checkpoint = NxdBundle.of(specs).checkpoint
     state = {b.untyped_storage().data_ptr(): f"{s.name}: {n}" for s in specs for n, b in s.state_buffers.items()}
     assert not {name: state[t.untyped_storage().data_ptr()] for name, t in checkpoint.items()

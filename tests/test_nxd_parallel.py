@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from compile.build import BuildRequest, build_artifacts
 from neuron_peagle.runtime.manifest import Manifest, tensor_infos
-from neuron_peagle.runtime.graph_specs import neuron_compiler_args, plan_graphs
+from neuron_peagle.graphs.interface import plan
 from conftest import save_tiny_model
 from neuron_peagle.backends.nxd import INSTALL_HINT
 from neuron_peagle.backends.nxd_graphs import NxdBundle
@@ -221,7 +221,7 @@ def sharded_engine(model_dir: Path, degree: int):
     tp = TensorParallel(degree)
     wholes = wholes_of(engine.target, tp)
     swaps = shard_target(engine.target, engine.runner.cache, tp, rank_layers(wholes, degree, 0))
-    specs = plan_graphs(engine.runner, neuron_compiler_args("trn1"))
+    specs = plan(engine.runner)
     return engine, NxdTensorParallel(degree, swaps, engine.target.config), specs, wholes
 
 
@@ -274,7 +274,7 @@ def test_shard_checkpoint_would_drop_a_table_that_is_not_persistent(models):
 def test_the_surgery_on_the_xla_device_traces_a_ranks_graph(models):
     """As the build does it: the engine on the XLA device, layers swapped in place (on that device), the
     HLO then has a rank's shapes: its q/k/v rows and its smaller KV cache."""
-    from neuron_peagle.runtime.graph_specs import trace_hlo
+    from neuron_peagle.backends.xla_artifacts import trace_hlo
 
     degree = 2
     engine = make_engine(models["qwen2"], **{**ENGINE, "backend": "xla"})
@@ -283,7 +283,7 @@ def test_the_surgery_on_the_xla_device_traces_a_ranks_graph(models):
     shard_target(engine.target, engine.runner.cache, tp, rank_layers(wholes, degree, 0))
     assert engine.target.layers[0].self_attn.qkv_proj.weight.device.type == "xla"
     assert engine.runner.cache.key_0.device.type == "xla"
-    spec = next(s for s in plan_graphs(engine.runner, neuron_compiler_args("trn1")) if s.kind == "spec_step")
+    spec = next(s for s in plan(engine.runner) if s.kind == "spec_step")
     hlo, _ = trace_hlo(spec, engine.backend)
     assert f"f32[{(HEADS // degree + 2 * 6 // degree) * HD},96]" in hlo  # a rank's q, k, v rows
     assert f"f32[2,{6 // degree},64,{HD}]" in hlo and f"f32[2,6,64,{HD}]" in hlo  # target cache: a rank's; drafter's: whole

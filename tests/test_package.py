@@ -48,3 +48,132 @@ def test_the_command_line_and_the_build_default_to_the_apis_speculation():
     build = build_tool().parse_args(["--out", "x"])
     assert speculation_of(generate) == SpeculationConfig() == speculation_of(build)
     assert speculation_of(build_parser().parse_args(["generate", "hi", "--mode", "plain"])).plain
+
+
+# ---- one seam per concern ------------------------------------------------------------------------------
+
+SOURCES = ("neuron_peagle", "compile")
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted module name -> file, for the library and the build tool."""
+    modules = {}
+    for package in SOURCES:
+        for path in (REPO / package).rglob("*.py"):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def _runtime_imports(name: str, path: Path, modules: dict[str, Path], text: str | None = None) -> set[str]:
+    """The modules of `modules` that `name` imports, at the top or inside a function (an import done later is
+    still an import), but not under `if TYPE_CHECKING:` (never run). `from package import module` is an import
+    of the module; a package's own __init__ is not counted for its submodules (Python runs it first, but that
+    is the package's layout, not a dependency)."""
+    tree = ast.parse(text if text is not None else path.read_text())
+    skipped = {id(node) for branch in ast.walk(tree) if isinstance(branch, ast.If)
+               and "TYPE_CHECKING" in ast.unparse(branch.test) for stmt in branch.body for node in ast.walk(stmt)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+                base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+            submodules = {f"{base}.{alias.name}" for alias in node.names} & set(modules)
+            found |= submodules
+            if len(submodules) < len(node.names):
+                found.add(base)
+    return (found & set(modules)) - {name}
+
+
+def _import_cycles() -> list[list[str]]:
+    modules = _modules()
+    graph = {name: _runtime_imports(name, path, modules) for name, path in modules.items()}
+    cycles, index, low, stack, on_stack = [], {}, {}, [], set()
+
+    def visit(node: str) -> None:  # Tarjan's strongly connected components
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for other in graph[node]:
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                other = stack.pop()
+                on_stack.discard(other)
+                component.append(other)
+                if other == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_no_import_circles():
+    assert _import_cycles() == []
+    # The check sees a circle where there is one: two modules of a scratch package importing each other.
+    modules = {"pkg.a": REPO / "a.py", "pkg.b": REPO / "b.py"}
+    code = {"pkg.a": "def f():\n    from pkg.b import g\n", "pkg.b": "from pkg import a\n"}
+    assert _runtime_imports("pkg.a", modules["pkg.a"], modules, code["pkg.a"]) == {"pkg.b"}
+    assert _runtime_imports("pkg.b", modules["pkg.b"], modules, code["pkg.b"]) == {"pkg.a"}
+
+
+def test_models_import_nothing_from_graphs():
+    """The model code is what the graphs are made of; it never depends on them."""
+    modules = _modules()
+    offenders = {name: sorted(m for m in _runtime_imports(name, path, modules) if m.startswith("neuron_peagle.graphs"))
+                 for name, path in modules.items() if name.startswith("neuron_peagle.models")}
+    assert {name: mods for name, mods in offenders.items() if mods} == {}
+
+
+BACKEND_CLASSES = {"EagerBackend", "CompiledBackend", "XlaBackend", "NxdBackend"}
+
+
+def _backend_name_uses(path: Path, text: str | None = None) -> list[str]:
+    """Where a file compares something with a backend's name (or a tuple of names), or names a backend class
+    (a downcast, an isinstance, an annotation)."""
+    from neuron_peagle.config import BACKENDS
+
+    def is_name(node: ast.AST) -> bool:
+        if isinstance(node, ast.Constant):
+            return node.value in BACKENDS
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return any(is_name(e) for e in node.elts)
+        return isinstance(node, ast.Name) and node.id.endswith("BACKENDS")
+
+    uses = []
+    for node in ast.walk(ast.parse(text if text is not None else path.read_text())):
+        operands = [node.left, *node.comparators] if isinstance(node, ast.Compare) else []
+        # A torch device type ("xla", "neuron") is torch's name of a device, not the name of a backend.
+        device_type = any(isinstance(n, ast.Attribute) and n.attr == "type" for n in operands)
+        if any(is_name(n) for n in operands) and not device_type:
+            uses.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, (ast.Name, ast.Attribute)) and getattr(node, "id", getattr(node, "attr", "")) \
+                in BACKEND_CLASSES:
+            uses.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)}")
+    return uses
+
+
+def test_backend_differences_live_in_the_backends():
+    """Outside neuron_peagle/backends/ nothing asks which backend it is: it asks the backend (its
+    capabilities and methods). Scripts may name backends to run; the library and the build tool may not."""
+    files = [p for package in SOURCES for p in (REPO / package).rglob("*.py")
+             if (REPO / "neuron_peagle" / "backends") not in p.parents]
+    assert [use for path in files for use in _backend_name_uses(path)] == []
+    # The check sees a comparison, a membership test and a downcast where there are some.
+    text = 'x = b.name == "xla"\ny = name in ("eager", "inductor")\nz: XlaBackend = e.backend\n'
+    assert len(_backend_name_uses(REPO / "scratch.py", text)) == 3

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuron_peagle.backends import NEURON_BACKENDS
+from neuron_peagle.backends.profilers import NeuronCapture
+from neuron_peagle.config import backends_that
 from neuron_peagle.cli import main
 from neuron_peagle.profiling import neuron_capture_env, profile_generation, runs_torch_profiler
 from neuron_peagle.runtime.engine import SamplingParams
@@ -93,15 +94,17 @@ def test_neuron_capture_records_the_session_into_it(tmp_path):
     # torch.profiler where asked, except on the Neuron backends (not to be combined with the inspect capture).
     assert runs_torch_profiler("eager", True) and runs_torch_profiler("xla", True)
     assert not runs_torch_profiler("eager", False)
-    assert not any(runs_torch_profiler(backend, True) for backend in NEURON_BACKENDS)
+    assert not any(runs_torch_profiler(backend, True) for backend in backends_that("on_neuron_cores"))
 
 
-@pytest.mark.parametrize("backend", NEURON_BACKENDS)
+@pytest.mark.parametrize("backend", backends_that("on_neuron_cores"))
 def test_neuron_backend_sessions_start_no_torch_profiler(tiny_llama_dir, tmp_path, monkeypatch, backend):
-    """What a session chooses depends on the engine's backend name only, so an eager engine labelled with
-    a Neuron backend shows it without hardware: torch.profiler is never started, and the session says why."""
+    """What a session records is the backend's choice (`Backend.profiler`), so an eager engine given the
+    Neuron backends' profiler shows it without hardware: torch.profiler is never started, and the session
+    says why."""
     engine = make_engine(tiny_llama_dir, mode="plain", **SHAPES)
     engine.build = dataclasses.replace(engine.build, backend=backend)
+    monkeypatch.setattr(engine.backend, "profiler", lambda out_dir, trace: NeuronCapture(out_dir, trace))
 
     def refuse(*args, **kwargs):
         raise AssertionError("torch.profiler started on a Neuron backend")

@@ -16,24 +16,13 @@ what to install.
 from __future__ import annotations
 
 from neuron_peagle.backends.base import Backend
-from neuron_peagle.errors import ConfigError
-
-# name -> one line of --help and README
-BACKEND_HELP = {
-    "eager": "PyTorch op by op on CPU: the reference",
-    "inductor": "torch.compile + inductor on CPU (fullgraph, fixed shapes): the fast CPU path",
-    "neuron": "torch.compile + TorchNeuron on trn2/trn3 (torch-neuronx 2.14)",
-    "xla": "torch-xla 2.9 lazy HLO (PJRT CPU, or trn1 through torch-neuronx 2.9); torch-xla environment",
-    "nxd": "neuronx-distributed NEFFs built ahead of time (trn1/trn2, Neuron 2.31); torch-xla environment",
-}
-# Backends that turn graphs into compiled code through torch.compile.
-COMPILE_BACKENDS = ("inductor", "neuron")
-# Backends that run on NeuronCores (NKI kernels, the Neuron runtime's device profiles).
-NEURON_BACKENDS = ("neuron", "nxd")
+from neuron_peagle.config import capabilities_of
 
 
-def get_backend(name: str) -> Backend:
-    """The backend called `name` (see BACKEND_HELP)."""
+def get_backend(name: str, tp_degree: int = 1) -> Backend:
+    """The backend called `name` (config.BACKENDS); `tp_degree`: the ranks of a backend that shards ahead
+    of time (nxd) its graphs are for."""
+    capabilities_of(name)  # an unknown name: one message listing the backends
     if name == "eager":
         from neuron_peagle.backends.eager import EagerBackend
 
@@ -50,11 +39,9 @@ def get_backend(name: str) -> Backend:
         from neuron_peagle.backends.xla import XlaBackend
 
         return XlaBackend()
-    if name == "nxd":
-        from neuron_peagle.backends.nxd import NxdBackend
+    from neuron_peagle.backends.nxd import NxdBackend
 
-        return NxdBackend()
-    raise ConfigError(f"unknown backend {name!r} (choose one of {', '.join(BACKEND_HELP)})")
+    return NxdBackend(tp_degree)
 
 
-__all__ = ["BACKEND_HELP", "COMPILE_BACKENDS", "NEURON_BACKENDS", "Backend", "get_backend"]
+__all__ = ["Backend", "get_backend"]

@@ -1,12 +1,27 @@
-"""The backend interface: move a graph's weights and state to a device, run it, count compilations."""
+"""The backend interface: what a backend does with the engine's graphs.
+
+Everything that differs between devices is a backend's: its static facts are its `Capabilities`
+(config.BACKENDS: read by the engine, the runners, the command line and the build without comparing
+names), its behaviour the methods below (placing modules, running a graph, building and loading
+artifacts, profiling a session).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
+
+from neuron_peagle.config import Capabilities
+
+if TYPE_CHECKING:
+    from neuron_peagle.backends.artifacts import ArtifactBuild, BuiltGraphs, LoadReport
+    from neuron_peagle.backends.profilers import ProfilerSession
+    from neuron_peagle.graphs.interface import PlannedGraph
+    from neuron_peagle.runtime.manifest import Manifest
 
 Outputs = TypeVar("Outputs", bound=tuple)
 Shapes = tuple[tuple[int, ...], ...]
@@ -20,14 +35,27 @@ def shapes_of(inputs: Sequence[Tensor]) -> Shapes:
 class Backend(Protocol):
     name: str
     device: torch.device
+    capabilities: Capabilities
 
-    def prepare(self, module: nn.Module, rows_per_call: int = 1) -> nn.Module:
-        """Place a module's parameters and buffers (weights, caches) on the device, once. rows_per_call:
-        the rows a decode-time matmul of its graphs multiplies (batch x tokens per step), by which a
-        backend may choose how the weights sit in memory (`layout.py`)."""
+    def prepare(self, graphs: Sequence[nn.Module]) -> None:
+        """Place every module the graphs hold (weights, caches, state) on the device, once, and make the
+        backend's own choices for them: how weights sit in memory, how state is written."""
 
     def run(self, graph: nn.Module, inputs: tuple[Tensor, ...]) -> Outputs:
         """Run one graph on host inputs; return its outputs as host tensors, state updated."""
 
     def compile_count(self) -> int:
         """Graphs compiled so far in this process (0 for a backend that does not compile)."""
+
+    def use_artifacts(self, directory: Path, writable: bool) -> str:
+        """Point the compiler's caches at an artifact directory, before anything is compiled; says which
+        cache is used (or why none can be). `writable`: a build, which must be able to fill them."""
+
+    def build_artifacts(self, plan: "list[PlannedGraph]", build: "ArtifactBuild") -> "BuiltGraphs":
+        """Compile every planned graph into `build.out`; the manifest's graph records."""
+
+    def load_artifacts(self, directory: Path, plan: "list[PlannedGraph]", manifest: "Manifest") -> "LoadReport":
+        """Check the planned graphs against the artifacts and make each ready to run, warmed."""
+
+    def profiler(self, out_dir: Path, trace: bool) -> "ProfilerSession":
+        """The profilers of one session on this backend, writing into `out_dir`."""

@@ -22,13 +22,17 @@ from __future__ import annotations
 import sys
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from neuron_peagle.backends import compiled_artifacts
 from neuron_peagle.backends.base import Shapes, shapes_of
+from neuron_peagle.backends.compiled_artifacts import INDUCTOR_CACHE, NEURON_CACHE, CompilerCache
+from neuron_peagle.config import BACKENDS
 from neuron_peagle.errors import BackendUnavailableError
 
 NEURON_INSTALL_HINT = (
@@ -37,7 +41,6 @@ NEURON_INSTALL_HINT = (
     "xla/nxd backends in the torch-xla environment (make setup-xla), and on other machines "
     "--backend inductor or eager"
 )
-
 
 
 def _fresh_entry(graph: nn.Module, tag: str) -> Callable:
@@ -50,31 +53,30 @@ def _fresh_entry(graph: nn.Module, tag: str) -> Callable:
                               None, call.__closure__)
 
 
-def compiled_graph_count() -> int:
-    """Graphs dynamo has compiled in this process (its own counter, over every backend)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
 class CompiledBackend:
     """Runs graphs through `torch.compile(..., backend=compiler, fullgraph=True, dynamic=False)`."""
 
-    def __init__(self, name: str, compiler: str, device: torch.device, progress: bool = True) -> None:
+    def __init__(self, name: str, device: torch.device, cache: CompilerCache, progress: bool = True) -> None:
         self.name = name
-        self.compiler = compiler
+        self.capabilities = BACKENDS[name]
         self.device = device
+        self.cache = cache
         # A line on stderr per graph compiled: a compile takes seconds to minutes, never silently.
         self.progress = progress
         self._compiled: dict[tuple[int, Shapes], Callable] = {}
+        self._cache_note = "no artifacts"
 
-    def prepare(self, module: nn.Module, rows_per_call: int = 1) -> nn.Module:
-        module = module.to(self.device)
+    def prepare(self, graphs: Sequence[nn.Module]) -> None:
+        """The modules on the device; on CPU, the weights with their fast strides (`layout.py`; on a
+        NeuronCore the compiler lays them out)."""
+        for graph in graphs:
+            graph.to(self.device)
         if self.device.type == "cpu":
-            from neuron_peagle.backends.layout import cpu_weight_layout
+            from neuron_peagle.backends.layout import cpu_weight_layout, rows_per_call
 
-            cpu_weight_layout(module, rows_per_call)
-        return module
+            rows = rows_per_call(graphs)
+            for graph in graphs:
+                cpu_weight_layout(graph, rows)
 
     def run(self, graph: nn.Module, inputs: NamedTuple):
         key = (id(graph), shapes_of(inputs))
@@ -82,7 +84,7 @@ class CompiledBackend:
         fresh = fn is None
         if fresh:
             tag = f"{type(graph).__name__}_{len(self._compiled)}"
-            fn = torch.compile(_fresh_entry(graph, tag), backend=self.compiler, fullgraph=True, dynamic=False)
+            fn = torch.compile(_fresh_entry(graph, tag), backend=self.name, fullgraph=True, dynamic=False)
             label = f"{type(graph).__name__} for inputs {[list(s) for s in key[1]]}"
             if self.progress:
                 print(f"[{self.name}: compiling {label} (or loading it from the compile cache) ...]", file=sys.stderr, flush=True)
@@ -100,6 +102,21 @@ class CompiledBackend:
         """Graphs this backend has compiled (one per graph and input shapes)."""
         return len(self._compiled)
 
+    def use_artifacts(self, directory: Path, writable: bool) -> str:
+        self._cache_note = compiled_artifacts.use_artifacts(self.cache, directory, writable)
+        return self._cache_note
+
+    def build_artifacts(self, plan, build):
+        return compiled_artifacts.build(self, self.cache, plan, build)
+
+    def load_artifacts(self, directory: Path, plan, manifest):
+        return compiled_artifacts.load(self, self.cache, directory, plan, manifest, self._cache_note)
+
+    def profiler(self, out_dir: Path, trace: bool):
+        from neuron_peagle.backends.profilers import NeuronCapture, TorchProfiler
+
+        return NeuronCapture(out_dir, trace) if self.capabilities.on_neuron_cores else TorchProfiler(out_dir, trace)
+
 
 def _fresh(t: Tensor, device: torch.device) -> Tensor:
     """`t` on `device` with the default strides: dynamo guards on strides, the runners may pass slices
@@ -108,7 +125,7 @@ def _fresh(t: Tensor, device: torch.device) -> Tensor:
 
 
 def inductor_backend() -> CompiledBackend:
-    return CompiledBackend("inductor", "inductor", torch.device("cpu"))
+    return CompiledBackend("inductor", torch.device("cpu"), INDUCTOR_CACHE)
 
 
 def neuron_backend() -> CompiledBackend:
@@ -120,4 +137,4 @@ def neuron_backend() -> CompiledBackend:
     if not hasattr(torch, "neuron") and torch._C._get_privateuse1_backend_name() != "neuron":
         raise BackendUnavailableError(f"torch_neuronx imported but registered no 'neuron' device: the installed "
                                       f"torch-neuronx is not TorchNeuron; {NEURON_INSTALL_HINT}")
-    return CompiledBackend("neuron", "neuron", torch.device("neuron"))
+    return CompiledBackend("neuron", torch.device("neuron"), NEURON_CACHE)

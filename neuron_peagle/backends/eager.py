@@ -2,29 +2,52 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
+
+from neuron_peagle.backends.layout import cpu_weight_layout, rows_per_call
+from neuron_peagle.config import BACKENDS
+from neuron_peagle.errors import ConfigError
+
+NO_ARTIFACTS = "the eager backend compiles nothing, so it has no artifacts: build them for inductor (or xla, neuron, nxd)"
 
 
 class EagerBackend:
     name = "eager"
     device = torch.device("cpu")
+    capabilities = BACKENDS["eager"]
 
-    def prepare(self, module: nn.Module, rows_per_call: int = 1) -> nn.Module:
-        """CPU weight layout (`layout.cpu_weight_layout`), and KV caches that may narrow their reads to the
-        live context: eager has no compiled shapes to keep."""
-        from neuron_peagle.backends.layout import cpu_weight_layout
-        from neuron_peagle.kv_cache import KVCache
-
-        for layer in module.modules():
-            if isinstance(layer, KVCache):
-                layer.narrows = True
-        return cpu_weight_layout(module, rows_per_call)
+    def prepare(self, graphs: Sequence[nn.Module]) -> None:
+        """CPU weight layout (`layout.cpu_weight_layout`); nothing to move."""
+        rows = rows_per_call(graphs)
+        for graph in graphs:
+            cpu_weight_layout(graph, rows)
 
     def run(self, graph: nn.Module, inputs: tuple[Tensor, ...]):
+        # Shapes cost nothing here: attention reads only the cache slots the call can see (rounded up),
+        # not all of max_length as a compiled graph must.
+        cache = getattr(graph, "cache", None)
+        if cache is not None:
+            cache.read_length = cache.rounded_read_length(graph.cache_extent(inputs))
         with torch.inference_mode():
             return graph(*inputs)
 
     def compile_count(self) -> int:
         return 0
 
+    def use_artifacts(self, directory: Path, writable: bool) -> str:
+        raise ConfigError(NO_ARTIFACTS)
+
+    def build_artifacts(self, plan, build):
+        raise ConfigError(NO_ARTIFACTS)
+
+    def load_artifacts(self, directory, plan, manifest):
+        raise ConfigError(NO_ARTIFACTS)
+
+    def profiler(self, out_dir: Path, trace: bool):
+        from neuron_peagle.backends.profilers import TorchProfiler
+
+        return TorchProfiler(out_dir, trace)

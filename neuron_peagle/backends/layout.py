@@ -6,7 +6,7 @@ shape and values, for its own matmuls:
 
 - CPU (eager, and inductor, whose matmuls are the same oneDNN calls): the fast strides depend on the
   dtype and on how many rows a decode-time matmul multiplies (`rows_per_call`: batch x tokens per
-  step). float32 weights go column-major (memory [in, out]) only where a call multiplies one row, plain
+  step, as the step graphs declare it in `rows_per_step`). float32 weights go column-major (memory [in, out]) only where a call multiplies one row, plain
   decoding at batch 1; everywhere else, and always in bfloat16, they stay row-major. Measured on 2
   cores with the default model (BENCHMARKS.md, "Weight layout on CPU"): column-major float32 decodes
   1.24-1.39x faster at one row, and P-EAGLE's 8-row verify 6-9% slower; row-major bfloat16 is
@@ -17,8 +17,16 @@ shape and values, for its own matmuls:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
+
+
+def rows_per_call(graphs: Sequence[nn.Module]) -> int:
+    """The rows a decode-time matmul of these graphs multiplies: the most any per-step graph declares
+    (`rows_per_step`: batch x tokens per step); a prefill graph declares none."""
+    return max((graph.rows_per_step for graph in graphs if getattr(graph, "rows_per_step", None)), default=1)
 
 
 def column_major_on_cpu(dtype: torch.dtype, rows_per_call: int) -> bool:

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from neuron_peagle.backends.nxd import INSTALL_HINT, NxdApi, require_sdk
+from neuron_peagle.backends.nxd_sdk import INSTALL_HINT, NxdApi, require_sdk
 from neuron_peagle.errors import ArtifactError, BackendUnavailableError
 from neuron_peagle.models.weights import rank_rows
 from neuron_peagle.parallel import LAYER_PLAN, TensorParallel
@@ -256,12 +256,11 @@ class NxdTensorParallel:
         self._shard_checkpoint = shard_checkpoint
 
     @classmethod
-    def of(cls, engine, degree: int) -> "NxdTensorParallel":
-        """Swap NxD's parallel layers into the engine's target and shard its KV cache (the runner's)."""
+    def of(cls, target: nn.Module, cache: nn.Module, degree: int) -> "NxdTensorParallel":
+        """Swap NxD's parallel layers into the target and shard its KV cache."""
         layers = require_sdk()
-        swaps = shard_target(engine.target, engine.runner.cache, TensorParallel(degree),
-                             functools.partial(nxd_layer, layers))
-        return cls(degree, swaps, engine.target.config, layers.shard_checkpoint)
+        swaps = shard_target(target, cache, TensorParallel(degree), functools.partial(nxd_layer, layers))
+        return cls(degree, swaps, target.config, layers.shard_checkpoint)
 
     def persist_tables(self, specs: Sequence) -> None:
         persist_tables(specs)

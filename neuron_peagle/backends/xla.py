@@ -7,12 +7,16 @@ its compile counter proves that generation runs on a fixed set of graphs.
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from neuron_peagle.errors import BackendUnavailableError
+from neuron_peagle.config import BACKENDS
+from neuron_peagle.errors import ArtifactError, BackendUnavailableError
+from neuron_peagle.runtime.manifest import XLA_CACHE_DIR
 
 
 def _torch_xla():
@@ -26,15 +30,17 @@ def _torch_xla():
 
 class XlaBackend:
     name = "xla"
+    capabilities = BACKENDS["xla"]
 
     def __init__(self) -> None:
         self._xla, self._metrics = _torch_xla()
         self.device = self._xla.device()
+        self._cache_note = "no artifacts"
 
-    def prepare(self, module: nn.Module, rows_per_call: int = 1) -> nn.Module:
-        module = module.to(self.device)  # the compiler lays the weights out: rows_per_call is not needed
+    def prepare(self, graphs: Sequence[nn.Module]) -> None:
+        for graph in graphs:  # the compiler lays the weights out
+            graph.to(self.device)
         self._xla.sync()
-        return module
 
     def run(self, graph: nn.Module, inputs: tuple[Tensor, ...]):
         outputs = self.trace(graph, inputs)
@@ -58,6 +64,42 @@ class XlaBackend:
     def counter(self, name: str) -> int:
         """A torch-xla metrics counter, e.g. "PersistentCacheHit" (0 until it first counts)."""
         return int(self._metrics.counter_value(name) or 0)
+
+    def hlo_text(self, tensors: list[Tensor]) -> str:
+        return hlo_text(tensors)
+
+    def use_artifacts(self, directory: Path, writable: bool) -> str:
+        """Point torch-xla's persistent cache into the artifact directory: possible only before this process
+        compiles anything. A build refuses a process that has; a load warns and compiles instead (the same
+        graphs, so the same output; only the start-up cost differs)."""
+        cache_dir = directory / XLA_CACHE_DIR
+        if initialize_persistent_cache(cache_dir, readonly=not writable):
+            self._cache_note = f"persistent cache in {cache_dir}"
+        elif writable:
+            raise ArtifactError(
+                f"this process has already compiled XLA graphs, so torch-xla's persistent cache can no longer "
+                f"be pointed at {cache_dir}; run the build in a fresh process (python -m compile.build)")
+        else:
+            warnings.warn(f"this process compiled XLA graphs before loading {directory}, so torch-xla's persistent "
+                          "cache cannot be pointed at its xla_cache: every graph is compiled now instead; load "
+                          "artifacts first thing in a process to skip that", RuntimeWarning, stacklevel=4)
+            self._cache_note = "cache not usable: this process compiled XLA graphs before"
+        return self._cache_note
+
+    def build_artifacts(self, plan, build):
+        from neuron_peagle.backends.xla_artifacts import build_xla
+
+        return build_xla(self, plan, build)
+
+    def load_artifacts(self, directory: Path, plan, manifest):
+        from neuron_peagle.backends.xla_artifacts import load_xla
+
+        return load_xla(self, directory, plan, manifest, self._cache_note)
+
+    def profiler(self, out_dir: Path, trace: bool):
+        from neuron_peagle.backends.profilers import XlaMetrics
+
+        return XlaMetrics(out_dir, trace)
 
 
 def hlo_text(tensors: list[Tensor]) -> str:

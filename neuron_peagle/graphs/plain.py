@@ -66,6 +66,12 @@ class PrefillGraph(nn.Module):
         out = self.target(input_ids, positions, self.cache, (lengths - 1).unsqueeze(-1), valid_lengths=lengths)
         return TokenOutputs(_select(out.logits, self.greedy, temperature, top_k, top_p, sample_uniform))
 
+    rows_per_step = None  # not a per-step graph
+
+    def cache_extent(self, inputs: PrefillInputs) -> int:
+        """The last cache slot this call reads (host side, for a backend that narrows its reads)."""
+        return inputs.input_ids.shape[1] - 1
+
 
 class DecodeGraph(nn.Module):
     """One token per sequence -> its KV entry written, the next token."""
@@ -82,3 +88,12 @@ class DecodeGraph(nn.Module):
         zero = torch.zeros_like(tokens).unsqueeze(-1)
         out = self.target(tokens.unsqueeze(-1), positions.unsqueeze(-1), self.cache, zero)
         return TokenOutputs(_select(out.logits, self.greedy, temperature, top_k, top_p, sample_uniform))
+
+    @property
+    def rows_per_step(self) -> int:
+        """Rows a decode-time matmul multiplies: one token per sequence."""
+        return self.cache.shape[0]
+
+    def cache_extent(self, inputs: DecodeInputs) -> int:
+        """The last cache slot this call reads (host side, for a backend that narrows its reads)."""
+        return int(inputs.positions.max())

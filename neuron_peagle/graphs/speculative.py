@@ -101,6 +101,12 @@ class SpecPrefillGraph(nn.Module):
         assign_state(state, "last_position", lengths)
         return SpecPrefillOutputs(first, self.proposer.commit(state))
 
+    rows_per_step = None  # not a per-step graph
+
+    def cache_extent(self, inputs: SpecPrefillInputs) -> int:
+        """The last cache slot this call reads (host side, for a backend that narrows its reads)."""
+        return inputs.input_ids.shape[1] - 1
+
 
 class SpecStepGraph(nn.Module):
     """One speculative step drafting `num_speculative_tokens` (K) tokens. The state may be sized for a longer
@@ -174,3 +180,16 @@ class SpecStepGraph(nn.Module):
         assign_state(state, "last_position", state.last_position + counts)
         known = self.proposer.commit(state)
         return SpecStepOutputs(tokens, counts, known)
+
+    @property
+    def rows_per_step(self) -> int:
+        """Rows a decode-time matmul multiplies: the verify's K+1 tokens per sequence (the drafts are as
+        many or fewer)."""
+        return self.cache.shape[0] * (self.num_speculative_tokens + 1)
+
+    def cache_extent(self, inputs: SpecStepInputs) -> int:
+        """The last cache slot this call reads (host side, for a backend that narrows its reads): the
+        verify's last position, from the last committed one clamped as `draft` clamps it."""
+        longest_k = self.state.pending_tokens.shape[1] - 1
+        last = self.state.last_position.clamp(max=self.cache.max_length - step_room(longest_k) - 1)
+        return int(last.max()) + self.num_speculative_tokens

@@ -143,8 +143,9 @@ class TargetModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, max_length: int, dtype: torch.dtype = torch.float32,
                         feature_layers: tuple[int, ...] | None = None,
-                        tp: TensorParallel = SINGLE) -> "TargetModel":
-        config = ModelConfig.from_dir(model_dir)
+                        tp: TensorParallel = SINGLE, config: ModelConfig | None = None) -> "TargetModel":
+        """`config`: the directory's ModelConfig, when the caller has read it already."""
+        config = config if config is not None else ModelConfig.from_dir(model_dir)
         if max_length > config.max_position_embeddings:
             raise ConfigError(
                 f"max_length {max_length} exceeds the model's max_position_embeddings "

@@ -79,11 +79,13 @@ def random_drafter(config: DrafterConfig, max_length: int, seed: int = 0) -> Dra
     return drafter
 
 
-def choose_drafter(target_dir: Path, drafter_dir: str | Path | None, is_default_target: bool) -> DrafterChoice:
+def choose_drafter(target_dir: Path, drafter_dir: str | Path | None, is_default_target: bool,
+                   target_config: ModelConfig | None = None) -> DrafterChoice:
+    """`target_config`: the target directory's ModelConfig, when the caller has read it already."""
     if drafter_dir is not None:
         return DrafterChoice(read_drafter_config(drafter_dir), Path(drafter_dir))
     if is_default_target and (DEFAULT_DRAFTER_DIR / "config.json").is_file():
         return choose_drafter(target_dir, DEFAULT_DRAFTER_DIR, False)
-    target_config = ModelConfig.from_dir(target_dir)
+    target_config = target_config if target_config is not None else ModelConfig.from_dir(target_dir)
     config = DrafterConfig.for_target(target_config, default_feature_layers(target_config.num_hidden_layers))
     return DrafterChoice(config, None)

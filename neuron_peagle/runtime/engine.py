@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from neuron_peagle import checks, memory
-from neuron_peagle.backends import get_backend
-from neuron_peagle.config import BuildConfig, ModelConfig
+from neuron_peagle.backends import Backend, get_backend
+from neuron_peagle.config import BuildConfig, ModelConfig, backends_that, capabilities_of
 from neuron_peagle.default_model import require_default_model
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.models.target import TargetModel
@@ -29,8 +29,6 @@ from neuron_peagle.speculation import SpeculationConfig
 from neuron_peagle.tokenizer import encode_prompt, load_tokenizer
 
 PLAIN = SpeculationConfig(mode="plain").resolved(False)
-# Backends whose graphs run sharded models (DTensor; trn1's nxd shards at build time instead).
-TP_BACKENDS = ("eager", "inductor", "neuron")
 
 
 @dataclass(frozen=True)
@@ -135,7 +133,7 @@ class Engine:
         self.backend = runner.backend
         self.speculation = speculation  # resolved: every value concrete
         self.drafter = drafter
-        self.artifacts = None  # runtime.artifacts.LoadReport when loaded by from_compiled
+        self.artifacts = None  # backends.artifacts.LoadReport when loaded by from_compiled
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path | None = None, drafter_dir: str | Path | None = None,
@@ -152,31 +150,42 @@ class Engine:
         `tp_degree=n` shards the target over n processes, one rank each (neuron_peagle.parallel: DTensor;
         eager, inductor and neuron backends; run under `torchrun --nproc-per-node n`): every rank returns
         the same outputs."""
+        build = BuildConfig(batch_size=batch_size, max_length=max_length, prefill_buckets=prefill_buckets, dtype=dtype,
+                            backend=backend, kernels=kernels)
+        return cls.from_build(model_dir, drafter_dir, speculation, build, tp_degree=tp_degree)
+
+    @classmethod
+    def from_build(cls, model_dir: str | Path | None, drafter_dir: str | Path | None,
+                   speculation: SpeculationConfig | dict | None, build: BuildConfig, *, tp_degree: int = 1,
+                   backend: Backend | None = None) -> "Engine":
+        """`from_pretrained` with the shapes as one BuildConfig; on `backend` (default: a new one of
+        `build.backend`), e.g. one whose compiler caches point at artifacts (`from_compiled`, compile.build)."""
         speculation = SpeculationConfig.of(speculation)
         checks.integer("tp_degree", tp_degree, minimum=1)
         path = Path(model_dir) if model_dir is not None else require_default_model()
         model_config = ModelConfig.from_dir(path)
-        choice = None if speculation.plain else choose_drafter(path, drafter_dir, is_default_target=model_dir is None)
+        choice = None if speculation.plain else choose_drafter(path, drafter_dir, is_default_target=model_dir is None,
+                                                               target_config=model_config)
         speculation = speculation.resolved(choice is not None and choice.has_datastore)
-        build = BuildConfig(batch_size=batch_size, max_length=max_length,
-                            prefill_buckets=prefill_buckets, dtype=dtype, backend=backend, kernels=kernels)
+        capabilities = capabilities_of(build.backend)
         if tp_degree != 1:
-            if build.backend not in TP_BACKENDS:
-                raise ConfigError(f"tensor parallelism (tp_degree {tp_degree}) runs on backends {', '.join(TP_BACKENDS)}"
-                                  f", not on {build.backend!r}; on trn1 build sharded graphs with "
-                                  "`python -m compile.build --backend nxd --tp-degree N`")
+            if not capabilities.shards_at_run_time:
+                raise ConfigError(f"tensor parallelism (tp_degree {tp_degree}) runs on backends "
+                                  f"{', '.join(backends_that('shards_at_run_time'))}, not on {build.backend!r}; on "
+                                  "trn1 build sharded graphs with `python -m compile.build --backend "
+                                  f"{' or '.join(backends_that('shards_ahead_of_time'))} --tp-degree N`")
             TensorParallel(tp_degree).check(model_config.num_attention_heads, model_config.num_key_value_heads,
                                             model_config.intermediate_size)
         # Every rank builds the whole model before sharding it: on one host, tp_degree copies at once.
         memory.check_fits(model_config, build, choice.config if choice is not None else None,
                           sum(f.stat().st_size for f in path.glob("*.safetensors")), copies=tp_degree)
-        tp = TensorParallel.from_process_group(tp_degree, "neuron" if build.backend == "neuron" else "cpu")
-        graphs_backend = get_backend(build.backend)
+        tp = TensorParallel.from_process_group(tp_degree, capabilities.process_group_device)
+        graphs_backend = backend if backend is not None else get_backend(build.backend)
         if speculation.plain:
-            target = TargetModel.from_pretrained(path, build.max_length, build.torch_dtype, tp=tp)
+            target = TargetModel.from_pretrained(path, build.max_length, build.torch_dtype, tp=tp, config=model_config)
             return cls(path, target, load_tokenizer(path), build, PlainRunner(target, build, graphs_backend), speculation)
         target = TargetModel.from_pretrained(path, build.max_length, build.torch_dtype,
-                                             feature_layers=choice.config.feature_layers, tp=tp)
+                                             feature_layers=choice.config.feature_layers, tp=tp, config=model_config)
         drafter = choice.load(target, build)
         from neuron_peagle.graphs.proposers import DrafterProposer
 
@@ -200,16 +209,21 @@ class Engine:
         batch_size=4; model_dir / drafter_dir say where the weights are now). Every graph is warmed
         before this returns, so generation compiles nothing; `engine.artifacts` says how each was
         loaded."""
-        from neuron_peagle.runtime.artifacts import ArtifactRequest, load_engine
+        from neuron_peagle.graphs.interface import plan
+        from neuron_peagle.runtime.artifacts import ArtifactRequest, open_artifacts
 
-        return load_engine(cls, Path(artifact_dir), ArtifactRequest(**expected))
+        directory = Path(artifact_dir)
+        manifest, backend, model_dir, drafter_dir = open_artifacts(directory, ArtifactRequest(**expected))
+        engine = cls.from_build(model_dir, drafter_dir, manifest.speculation, manifest.build, backend=backend)
+        engine.artifacts = backend.load_artifacts(directory, plan(engine.runner), manifest)
+        return engine
 
     def warm(self, greedy: bool | None = None, buckets: Sequence[int] | None = None) -> list[str]:
         """Compile, or load from the compile cache, the graphs generation will run, before it runs, so
         that no decode step waits for a compiler (and per-token times measure decoding only). All
         planned graphs by default; `greedy` picks one variant, `buckets` the prefill buckets. Nothing
-        to do on eager. Returns the names of the graphs warmed."""
-        if self.backend.name == "eager":
+        to do where nothing compiles. Returns the names of the graphs warmed."""
+        if not self.backend.capabilities.compiles:
             return []
         from neuron_peagle.graphs.interface import plan
 

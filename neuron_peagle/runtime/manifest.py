@@ -40,7 +40,7 @@ from typing import Any
 from torch import Tensor
 
 from neuron_peagle.checksums import is_relative_name
-from neuron_peagle.config import BuildConfig
+from neuron_peagle.config import BuildConfig, capabilities_of
 from neuron_peagle.default_model import sha256_of
 from neuron_peagle.errors import ArtifactError
 from neuron_peagle.files import atomic_write_text
@@ -56,12 +56,6 @@ HLO_DIR = "hlo"
 XLA_CACHE_DIR = "xla_cache"
 NEURON_DIR = "neuron"
 NEURON_MODEL_FILE = f"{NEURON_DIR}/model.pt"
-# The packages whose versions a compiled graph is tied to, per backend.
-# neuron and nxd graphs call the NKI kernels (`--kernels auto` is nki there), so nki is among them.
-PACKAGES = {"inductor": ("torch",),
-            "neuron": ("torch", "torch-neuronx", "neuronx-cc", "nki"),
-            "xla": ("torch", "torch-xla"),
-            "nxd": ("torch", "torch-xla", "torch-neuronx", "neuronx-cc", "neuronx-distributed", "nki")}
 # inductor / neuron: the compiler's own cache directory, pointed here while building and loading (on
 # CPU it holds the built C++ kernels, so the same machine loads without compiling), and PyTorch's
 # portable cache artifacts (torch.compiler.save_cache_artifacts: graphs and kernel sources, for
@@ -73,7 +67,7 @@ PORTABLE_CACHE_FILE = "portable_cache.bin"
 def installed_versions(backend: str) -> dict[str, str | None]:
     """Installed version of every package the backend's graphs depend on (None: not installed)."""
     versions: dict[str, str | None] = {}
-    for package in PACKAGES[backend]:
+    for package in capabilities_of(backend).packages:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

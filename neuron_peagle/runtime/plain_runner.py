@@ -21,11 +21,11 @@ class PlainRunner:
         self.build = build
         self.batch_size = build.batch_size
         self.backend = backend
+        self.target = target
         self.cache = target.new_cache(build.batch_size)
-        self.target = backend.prepare(target, rows_per_call=build.batch_size * self.tokens_per_step)
-        self.cache = backend.prepare(self.cache)
         self.graphs = {greedy: (PrefillGraph(self.target, self.cache, greedy), DecodeGraph(self.target, self.cache, greedy))
                        for greedy in (True, False)}
+        backend.prepare([graph for graphs in self.graphs.values() for graph in graphs])
         self.timings: dict[str, float] = {}
         self._sampling: BatchSampling | None = None
         self._tokens = torch.zeros(build.batch_size, dtype=torch.int64)
@@ -37,7 +37,6 @@ class PlainRunner:
         ids, lengths = pad_prompts(prompts, self.batch_size, self.build.bucket_for(max(map(len, prompts))))
         s = sampling.tensors
         inputs = PrefillInputs(ids, lengths, s.temperature, s.top_k, s.top_p, sampling.random.uniform(1))
-        self.cache.read_up_to(ids.shape[1] - 1)
         (first,) = self.backend.run(self.graphs[sampling.greedy][0], inputs)
         self._tokens = first.clone()
         self._positions = lengths.clone()
@@ -53,7 +52,6 @@ class PlainRunner:
         s = sampling.tensors
         positions = self._positions.clamp(max=self.build.max_length - 1)
         inputs = DecodeInputs(self._tokens, positions, s.temperature, s.top_k, s.top_p, sampling.random.uniform(1))
-        self.cache.read_up_to(int(positions.max()))
         (next_tokens,) = self.backend.run(self.graphs[sampling.greedy][1], inputs)
         self._tokens = next_tokens
         self._positions = positions + 1

@@ -21,7 +21,6 @@ from neuron_peagle.backends import Backend
 from neuron_peagle.config import BuildConfig
 from neuron_peagle.graphs.spec_state import SpecState
 from neuron_peagle.graphs.speculative import SpecPrefillGraph, SpecPrefillInputs, SpecStepGraph, SpecStepInputs
-from neuron_peagle.kv_cache import step_room
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.runtime.batch import BatchSampling, pad_prompts
 from neuron_peagle.runtime.step_parts import TimedStep
@@ -38,24 +37,22 @@ class SpecRunner:
         # The K of each step graph, longest first (the short K only with adaptive K).
         self.step_ks = (num_speculative_tokens,) + ((short_draft_tokens,) if short_draft_tokens else ())
         feature_size = 3 * target.config.hidden_size
-        rows = build.batch_size * self.tokens_per_step  # a verify's rows; the drafts are as many, or fewer
-        self.target = backend.prepare(target, rows)
-        self.cache = backend.prepare(target.new_cache(build.batch_size, step_tokens=num_speculative_tokens + 1))
-        self.state = backend.prepare(SpecState(build.batch_size, num_speculative_tokens, feature_size,
-                                               target.embed_tokens.weight.dtype))
-        self.proposer = backend.prepare(proposer, rows)
+        self.target, self.proposer = target, proposer
+        self.cache = target.new_cache(build.batch_size, step_tokens=num_speculative_tokens + 1)
+        self.state = SpecState(build.batch_size, num_speculative_tokens, feature_size, target.embed_tokens.weight.dtype)
         self.graphs = {
             greedy: (SpecPrefillGraph(self.target, self.proposer, self.cache, self.state, greedy),
                      {k: SpecStepGraph(self.target, self.proposer, self.cache, self.state, k, greedy, build.kernels)
                       for k in self.step_ks})
             for greedy in (True, False)
         }
+        backend.prepare([graph for prefill, steps in self.graphs.values() for graph in (prefill, *steps.values())])
         self.timings: dict[str, float] = {}
-        # Eager runs each step graph part by part, timed (runtime.step_parts); compiled backends run it whole.
+        # Where nothing is compiled, each step graph runs part by part, timed (runtime.step_parts); compiled
+        # backends run it whole.
         self._timed = ({graph: TimedStep(graph, self.timings) for _, steps in self.graphs.values()
-                        for graph in steps.values()} if backend.name == "eager" else {})
+                        for graph in steps.values()} if backend.capabilities.times_step_parts else {})
         self._sampling: BatchSampling | None = None
-        self._last_position = torch.zeros(build.batch_size, dtype=torch.int64)
         self._known_drafts = torch.zeros(build.batch_size, dtype=torch.int64)
         # Rows whose tokens still matter: only they choose the next step's K.
         self._live = torch.zeros(build.batch_size, dtype=torch.bool)
@@ -66,9 +63,7 @@ class SpecRunner:
         ids, lengths = pad_prompts(prompts, self.batch_size, self.build.bucket_for(max(map(len, prompts))))
         s = sampling.tensors
         inputs = SpecPrefillInputs(ids, lengths, s.temperature, s.top_k, s.top_p, sampling.random.uniform(1))
-        self.cache.read_up_to(ids.shape[1] - 1)
         first, self._known_drafts = self.backend.run(self.graphs[sampling.greedy][0], inputs)
-        self._last_position = lengths.clone()
         self._live = torch.arange(self.batch_size) < len(prompts)  # not the padding rows of a short batch
         return first
 
@@ -87,11 +82,6 @@ class SpecRunner:
         k = self.next_k()
         uniforms = sampling.random.uniform(2 * k + 1)
         inputs = SpecStepInputs(s.temperature, s.top_k, s.top_p, uniforms[:, :k], uniforms[:, k:])
-        # The host's copy of the graph's last_position, clamped as the graph clamps it (for the
-        # longest K): the step writes and reads the cache up to last_position + K.
-        last = self._last_position.clamp(max=self.build.max_length - step_room(self.num_speculative_tokens) - 1)
-        self.cache.read_up_to(int(last.max()) + k)
         graph = self.graphs[sampling.greedy][1][k]
         tokens, counts, self._known_drafts = self.backend.run(self._timed.get(graph, graph), inputs)
-        self._last_position = last + counts
         return tokens, counts

@@ -30,6 +30,8 @@ class TimedStep(nn.Module):
         self.graph = graph
         self.timings = timings
         self.Inputs, self.Outputs = graph.Inputs, graph.Outputs
+        self.cache = graph.cache
+        self.cache_extent = graph.cache_extent
 
     @contextmanager
     def _part(self, name: str) -> Iterator[None]:
