@@ -106,7 +106,7 @@ def test_build_writes_manifest_hlo_and_audit_for_every_graph(built, tiny_llama_d
     prefill = manifest.graph("spec_prefill_b32_sampling")
     assert prefill.inputs[0].shape == (2, 32) and prefill.inputs[0].dtype == "int64"
     notes = " ".join(manifest.audit_notes)
-    assert "argmax over 49152" in notes and "issue 6" in notes and "sort over 49152" in notes
+    assert "argmax over 49152" in notes and "lm-head-argmax kernel" in notes and "sort over 49152" in notes
 
 
 @pytest.mark.xla
@@ -293,7 +293,7 @@ def test_audit_flags_vocabulary_argmax_and_sort_but_not_softmax():
     assert [(f.kind, f.shape, f.size) for f in result.findings] == [("argmax", (2, 3, 1000), 1000)]
     result = audit.audit_hlo(hlo_text([logits.sort(-1, descending=True).values]), [1000])
     assert [(f.kind, f.size) for f in result.findings] == [("sort", 1000)]
-    assert "issue 6" in audit.notes({"g": (audit.Finding("argmax", "reduce.1", (2, 1000), 1000),)})[0]
+    assert "lm-head-argmax kernel" in audit.notes({"g": (audit.Finding("argmax", "reduce.1", (2, 1000), 1000),)})[0]
 
 
 # ---- nxd (neuronx-distributed NEFFs, trn1) --------------------------------------------------------
