@@ -3,7 +3,7 @@
 A drafter directory saved by this library holds `checksums.json` (file name -> sha256 hex of each
 file it wrote, written last): loading it refuses a file that was modified or corrupted since. A
 directory without one (a drafter from another tool) loads unverified. Compiled artifacts keep the
-same kind of record in their manifest (compile/manifest.py `Manifest.checksums`) and verify it with
+same kind of record in their manifest (neuron_peagle/runtime/manifest.py `Manifest.checksums`) and verify it with
 `find_mismatch` too.
 """
 

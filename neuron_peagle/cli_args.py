@@ -59,21 +59,6 @@ def given(build_parser: Callable[[], Parser], argv: Sequence[str]) -> set[str]:
     return set(vars(args)) & {a.dest for a in parser.command_parser(args).options}
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
 def buckets(text: str) -> tuple[int, ...]:
     """An argparse type: comma-separated integers (prefill buckets)."""
     try:

@@ -251,7 +251,6 @@ class ModelConfig:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
-    bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     qk_norm: bool = False  # Qwen3: RMSNorm over every query and key head before rope
     moe: MoeConfig | None = None  # mixture-of-experts MLPs (qwen3_moe, gpt_oss)
@@ -299,10 +298,6 @@ class ModelConfig:
         """gpt-oss's RMSNorms scale by their weight in float32 and then cast; the others cast first."""
         return self.architecture == "gpt_oss"
 
-    @property
-    def num_query_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         archs = hf.get("architectures") or []
@@ -343,7 +338,6 @@ class ModelConfig:
                 qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", arch == "gpt_oss")),
                 o_bias=arch != "qwen2" and bool(hf.get("attention_bias", arch == "gpt_oss")),
                 mlp_bias=bool(hf.get("mlp_bias", False)),
-                bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=eos_ids,
                 qk_norm=arch in ("qwen3", "qwen3_moe"),
                 moe=MoeConfig.from_hf(arch, hf, int(hf["num_hidden_layers"])) if arch in MOE_ARCHITECTURES else None,

@@ -21,11 +21,12 @@ from neuron_peagle import checks
 from neuron_peagle.errors import ConfigError
 
 MODES = ("parallel", "sequential", "plain")
-# Context lookup's longest n-gram: on held-out prompts, 5 backing off to 2 accepted the most
-# (BENCHMARKS.md, round 10).
+# Context lookup's longest n-gram: on held-out prompts, 5 backing off to 2 accepted the most; 8 gained
+# nothing, and single tokens match by chance too often (docs/benchmark-history.md).
 DEFAULT_LOOKUP_NGRAM = 5
-# Adaptive K: steps whose context lookup found nothing to copy draft this many tokens instead of K
-# (BENCHMARKS.md, round 11).
+# Adaptive K: steps whose context lookup found nothing to copy draft this many tokens instead of K: the
+# drafter's own drafts past the third are rarely accepted, while a copied span often is, whole
+# (docs/benchmark-history.md).
 DEFAULT_SHORT_DRAFT_TOKENS = 3
 
 

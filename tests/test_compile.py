@@ -107,7 +107,7 @@ def test_build_writes_manifest_hlo_and_audit_for_every_graph(built, tiny_llama_d
     prefill = manifest.graph("spec_prefill_b32_sampling")
     assert prefill.inputs[0].shape == (2, 32) and prefill.inputs[0].dtype == "int64"
     notes = " ".join(manifest.audit_notes)
-    assert "argmax over 49152" in notes and "issue 6" in notes and "sort over 49152" in notes
+    assert "argmax over 49152" in notes and "lm-head-argmax kernel" in notes and "sort over 49152" in notes
 
 
 @pytest.mark.xla
@@ -293,7 +293,7 @@ def test_audit_flags_vocabulary_argmax_and_sort_but_not_softmax():
     assert [(f.kind, f.shape, f.size) for f in result.findings] == [("argmax", (2, 3, 1000), 1000)]
     result = audit.audit_hlo(hlo_text([logits.sort(-1, descending=True).values]), [1000])
     assert [(f.kind, f.size) for f in result.findings] == [("sort", 1000)]
-    assert "issue 6" in audit.notes({"g": (audit.Finding("argmax", "reduce.1", (2, 1000), 1000),)})[0]
+    assert "lm-head-argmax kernel" in audit.notes({"g": (audit.Finding("argmax", "reduce.1", (2, 1000), 1000),)})[0]
 
 
 # ---- nxd (neuronx-distributed NEFFs, trn1) --------------------------------------------------------
@@ -450,13 +450,13 @@ def test_a_build_refuses_a_directory_of_the_users_and_deletes_nothing(tiny_llama
         build_artifacts(BuildRequest(tiny_llama_dir, None, tmp_path / "file", backend=backend, speculation=PLAIN))
 
 
-def test_artifacts_of_the_old_neuron_backend_name_are_refused_with_the_new_name(tmp_path):
-    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format_version": 1, "backend": "neuron"}))
-    with pytest.raises(ArtifactError, match="now called nxd .* --backend nxd"):
-        Manifest.load(tmp_path)
-    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format_version": 1, "backend": "xla"}))
-    with pytest.raises(ArtifactError, match=f"format version 1, this version reads {FORMAT_VERSION}; rebuild"):
-        Manifest.load(tmp_path)
+def test_a_manifest_of_another_format_is_refused_with_both_formats(tmp_path):
+    for other in (1, FORMAT_VERSION + 1, None):
+        (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format_version": other, "backend": "xla"}))
+        expected = rf"manifest format {other!r}, this version reads format {FORMAT_VERSION}; rebuild the artifacts " \
+                   r"with `python -m compile\.build`"
+        with pytest.raises(ArtifactError, match=expected):
+            Manifest.load(tmp_path)
 
 
 # ---- artifact checksums --------------------------------------------------------------------------
@@ -519,12 +519,13 @@ def test_a_changed_or_missing_artifact_file_is_refused_before_any_model_loads(ti
         Engine.from_compiled(tmp_path)
 
 
-def test_a_manifest_without_checksums_still_reads(tiny_llama_dir, tmp_path):
+def test_a_manifest_without_checksums_or_with_a_path_outside_is_malformed(tiny_llama_dir, tmp_path):
     _hand_made_artifacts(tmp_path, tiny_llama_dir)
     data = json.loads((tmp_path / MANIFEST_NAME).read_text())
-    del data["checksums"]  # written before they were recorded
+    del data["checksums"]
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
-    assert Manifest.load(tmp_path).checksums == {}
+    with pytest.raises(ArtifactError, match="malformed manifest"):
+        Manifest.load(tmp_path)
     data["checksums"] = {"../elsewhere": "0" * 64}
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
     with pytest.raises(ArtifactError, match="malformed manifest"):

@@ -1,4 +1,4 @@
-"""Reliability (issue 22): every bad value is refused, before any model loads, with one line and exit
+"""Reliability: every bad value is refused, before any model loads, with one line and exit
 code 2; an interrupted run keeps every finished record; options given are told apart from defaults."""
 
 from __future__ import annotations

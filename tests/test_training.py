@@ -16,7 +16,7 @@ from neuron_peagle.runtime.engine import SamplingParams
 from neuron_peagle.training.data import compute_features, generate_responses, load_shards
 from neuron_peagle.training.objective import cod_elements, eagle3_loss, peagle_loss
 from neuron_peagle.training.prompt_sets import Prompt
-from neuron_peagle.training.trainer import TrainConfig, train
+from neuron_peagle.training.trainer import CHECKPOINT_FORMAT, TrainConfig, train
 from spec_helpers import make_engine
 
 
@@ -176,6 +176,14 @@ def test_a_wall_clock_budget_ends_training_with_the_learning_rate_decayed(tmp_pa
     log = [json.loads(line) for line in (tmp_path / "train_log_peagle.jsonl").read_text().splitlines()]
     assert log[-1]["seconds"] < 8.0  # the budget, plus at most the steps in flight when it ran out
     assert log[-1]["lr"] < 0.2 * config.lr  # the schedule was fitted to the budget, not to 10k epochs
+    # A checkpoint of another format is refused, not resumed.
+    checkpoint = tmp_path / "checkpoint_peagle.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    torch.save({**state, "format": 1}, checkpoint)
+    with pytest.raises(ConfigError, match=f"checkpoint format 1, this version reads format {CHECKPOINT_FORMAT}; "
+                                          "delete it"):
+        train(tiny_llama_dir, tmp_path, config, None)
+    torch.save(state, checkpoint)
 
     # The checkpoint resumes only its own run: a warm start from the drafter with the same run name is
     # refused with the settings that differ, and goes ahead under another run name.

@@ -35,7 +35,8 @@ _HOST_TARGET = re.compile(r"host|callback", re.IGNORECASE)
 
 NOTES = {
     "argmax": ("full-vocabulary argmax over {size} (greedy choice and greedy verify, drafter proposals, "
-               "greedy rows of a sampled batch): to be replaced by the NKI lm-head-argmax kernel (issue 6)"),
+               "greedy rows of a sampled batch): with --kernels nki (auto on the neuron backends) greedy verify "
+               "and the drafter proposals run it inside the NKI lm-head-argmax kernel instead"),
     "sort": ("full-vocabulary sort over {size} (top-k / top-p sampling works on the sorted "
              "distribution): kept until sampling pre-selects a bounded top-k"),
     "topk": "TopK over {size} (top-k sampling): kept until sampling pre-selects a bounded top-k",

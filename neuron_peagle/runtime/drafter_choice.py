@@ -27,10 +27,6 @@ class DrafterChoice:
     path: Path | None  # None: random init
     seed: int = 0
 
-    @property
-    def is_random(self) -> bool:
-        return self.path is None
-
     def describe(self) -> str:
         if self.path is None:
             return "random-init drafter (untrained: drafts are almost never accepted)"

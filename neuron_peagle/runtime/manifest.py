@@ -46,9 +46,8 @@ from neuron_peagle.errors import ArtifactError
 from neuron_peagle.files import atomic_write_text
 from neuron_peagle.speculation import SpeculationConfig
 
-# 2: backends inductor, neuron (TorchNeuron), xla, nxd (was "neuron"); 3: the speculation settings in their
-# own `speculation` record (neuron_peagle.speculation), out of `build`; 4: graphs traced with linear
-# weights in nn.Linear's [out, in] and a tied LM head that is the embedding
+# Raised whenever the manifest's fields or the way graphs are traced change: a manifest of another format
+# describes graphs this version would not build that way, so it is refused and the artifacts rebuilt.
 FORMAT_VERSION = 4
 MANIFEST_NAME = "manifest.json"
 LOG_NAME = "compile_log.jsonl"
@@ -159,7 +158,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     neuron_checkpoint: tuple[TensorInfo, ...] = ()  # neuron: the weight dict every graph reads; xla: empty
     # sha256 of every file the build wrote that the loader reads (`artifact_checksums`), relative path ->
-    # hex; verified before anything loads. Empty in manifests written before it was recorded.
+    # hex; verified before anything loads.
     checksums: dict[str, str] = field(default_factory=dict)
 
     def graph(self, name: str) -> GraphRecord | None:
@@ -182,8 +181,8 @@ class Manifest:
             "drafter": WeightsInfo(**drafter) if drafter is not None else None,
             "graphs": tuple(GraphRecord.from_dict(g) for g in data["graphs"]),
             "audit_notes": tuple(audit["notes"]),
-            "neuron_checkpoint": tuple(TensorInfo.from_dict(t) for t in data.get("neuron_checkpoint", ())),
-            "checksums": _checksums_from(data.get("checksums", {})),
+            "neuron_checkpoint": tuple(TensorInfo.from_dict(t) for t in data["neuron_checkpoint"]),
+            "checksums": _checksums_from(data["checksums"]),
         })
 
     def save(self, directory: Path) -> None:
@@ -199,12 +198,9 @@ class Manifest:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ArtifactError(f"{path}: not valid JSON ({err})") from None
-        if data.get("format_version") == 1 and data.get("backend") == "neuron":
-            raise ArtifactError(f"{path}: built by an older version for its NxD backend, now called nxd (\"neuron\" is "
-                                "TorchNeuron now); rebuild them with `python -m compile.build --backend nxd`")
         if data.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(f"{path}: format version {data.get('format_version')!r}, this version reads "
-                                f"{FORMAT_VERSION}; rebuild the artifacts")
+            raise ArtifactError(f"{path}: manifest format {data.get('format_version')!r}, this version reads format "
+                                f"{FORMAT_VERSION}; rebuild the artifacts with `python -m compile.build`")
         try:
             return cls.from_dict(data)
         except (KeyError, TypeError, ValueError) as err:

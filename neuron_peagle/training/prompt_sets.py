@@ -3,9 +3,9 @@
 Splits are fixed so that benchmarks never see a training prompt:
 - train: MBPP as a task and as a signature + docstring to complete (code), GSM8K questions 0..999
   and MATH-500 (math), BFCL live-irrelevance user messages 0..699 and the user messages of BFCL's
-  live-simple, live-multiple and irrelevance sets (chat); then, added for round 5: OLMo's basic
-  coding stubs as signature + docstring (code), MBPP tasks in other languages (code), the rest of the
-  MATH test problems (math), the user messages of BFCL's other sets and Natural Questions (chat);
+  live-simple, live-multiple and irrelevance sets (chat); and OLMo's basic coding stubs as signature +
+  docstring (code), MBPP tasks in other languages (code), the rest of the MATH test problems (math), the
+  user messages of BFCL's other sets and Natural Questions (chat);
 - heldout: HumanEval (code), GSM8K questions 1000.. (math), BFCL live-irrelevance 700.. (chat).
 A training prompt whose text equals a held-out one is dropped.
 """

@@ -27,8 +27,8 @@ from neuron_peagle.training.objective import OBJECTIVES
 
 
 PRECISIONS = ("auto", "float32", "bfloat16")
-# 2: linear weights as nn.Linear holds them, [out, in]. A format-1 checkpoint holds them [in, out], which a
-# square matrix would load without complaint, transposed: it is refused instead.
+# Raised whenever what a checkpoint holds changes meaning (the linear weights' [out, in] order, say: a square
+# matrix of another order would load without complaint, transposed): one of another format is refused.
 CHECKPOINT_FORMAT = 2
 
 
@@ -140,10 +140,8 @@ def _plot(log: list[dict], path: Path, depths: int) -> None:
     plt.close(fig)
 
 
-def _check_resumable(checkpoint: Path, saved: dict | None, config: TrainConfig) -> None:
+def _check_resumable(checkpoint: Path, saved: dict, config: TrainConfig) -> None:
     """A checkpoint resumes only the run that wrote it: the same settings, the wall-clock budget aside."""
-    if saved is None:  # written before checkpoints recorded their settings
-        return
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # settings added since it was written
     differ = sorted(k for k, v in asdict(config).items() if k != "seconds" and saved.get(k, defaults[k]) != v)
     if differ:
@@ -187,15 +185,15 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
     step, log, used = 0, [], 0.0
     if checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
-        if state.get("format", 1) != CHECKPOINT_FORMAT:
-            raise ConfigError(f"{checkpoint} was written by an earlier version of neuron_peagle (checkpoint format "
-                              f"{state.get('format', 1)}, this version reads {CHECKPOINT_FORMAT}); delete it to "
-                              "start over, or finish that run with the version that wrote it")
-        _check_resumable(checkpoint, state.get("config"), config)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError(f"{checkpoint}: checkpoint format {state.get('format')!r}, this version reads format "
+                              f"{CHECKPOINT_FORMAT}; delete it to start over, or finish that run with the version "
+                              "that wrote it")
+        _check_resumable(checkpoint, state["config"], config)
         drafter.load_state_dict(state["drafter"])
         optimizer.load_state_dict(state["optimizer"])
-        step, log, used = state["step"], state["log"], state.get("seconds", 0.0)
-        total_steps = state.get("total_steps", total_steps)
+        step, log, used = state["step"], state["log"], state["seconds"]
+        total_steps = state["total_steps"]
         generator.set_state(state["generator"])
 
     def lr_at(s: int) -> float:
