@@ -3,8 +3,9 @@ needs into an artifact directory that `Engine.from_compiled` loads.
 
     python -m compile.build --out artifacts/ --backend inductor --batch-size 1 --prefill-buckets 128,512 -k 7
 
-1. Check the request (backend, tensor-parallel degree, neuronx-cc target) and the output directory (new,
-   empty, or one a build made), and make the backend: a missing device stack is said before any work.
+1. Check the request (backend, tensor-parallel degree, neuronx-cc target), make the backend (a missing
+   device stack is said before any work), and claim the output directory: a new or empty directory, or one
+   a build made (its manifest names this tool), locked for the whole build (neuron_peagle.output_dirs).
 2. Point the backend's compiler caches into the output directory (`Backend.use_artifacts`), then load the
    engine exactly as `Engine.from_pretrained` loads it, on that backend.
 3. The backend builds every planned graph (`Backend.build_artifacts`; each backend's builder is in
@@ -32,17 +33,16 @@ from pathlib import Path
 from neuron_peagle.backends import get_backend
 from neuron_peagle.backends.artifacts import TARGETS, ArtifactBuild, BuildLog, neuron_compiler_args
 from neuron_peagle.cli import add_build_options, add_model_options, add_speculation_options, speculation_of
-from neuron_peagle.cli_args import Parser, run
+from neuron_peagle.cli_args import Parser, output_dir, run
 from neuron_peagle.config import BACKENDS, BuildConfig, ModelConfig, backends_that, capabilities_of
 from neuron_peagle.default_model import require_default_model
 from neuron_peagle.errors import ArtifactError, ConfigError
-from neuron_peagle.files import remove_stale_temporaries, temporary_of
 from neuron_peagle.graphs.interface import plan
+from neuron_peagle.output_dirs import claim_output_dir
 from neuron_peagle.parallel import TensorParallel
 from neuron_peagle.runtime.drafter_choice import DrafterChoice
 from neuron_peagle.runtime.engine import Engine
-from neuron_peagle.runtime.manifest import (COMPILE_CACHE_DIR, HLO_DIR, LOG_NAME, MANIFEST_NAME, NEURON_DIR,
-                                            PORTABLE_CACHE_FILE, XLA_CACHE_DIR, Manifest, WeightsInfo,
+from neuron_peagle.runtime.manifest import (ARTIFACTS, LOG_NAME, MANIFEST_NAME, Manifest, WeightsInfo,
                                             artifact_checksums, installed_versions)
 from neuron_peagle.speculation import SpeculationConfig
 
@@ -109,40 +109,16 @@ def _previous(out: Path, backend: str) -> Manifest | None:
     return manifest if manifest.backend == backend else None
 
 
-# What a build writes into its output directory (and an interrupted build may leave without a manifest),
-# besides the temporary siblings of these files (`.manifest.json.tmp-<pid>`, neuron_peagle.files) that an
-# interrupted write leaves behind.
-OWN_ENTRIES = {MANIFEST_NAME, LOG_NAME, HLO_DIR, XLA_CACHE_DIR, NEURON_DIR, COMPILE_CACHE_DIR, PORTABLE_CACHE_FILE}
-
-
-def is_own_entry(name: str) -> bool:
-    """Whether an entry of an output directory is one a build writes, or the temporary of one."""
-    return name in OWN_ENTRIES or temporary_of(name) in OWN_ENTRIES
-
-
-def check_out_dir(out: Path) -> None:
-    """Refuse an output that is a file, or a directory of someone else's: one that holds no manifest and
-    files that no build writes. A build only ever writes into a new or empty directory, or one it built;
-    in one it accepts, the temporaries a killed build left behind are removed."""
-    if out.exists() and not out.is_dir():
-        raise ArtifactError(f"--out {out} is a file, not an artifact directory")
-    if out.is_dir() and not (out / MANIFEST_NAME).is_file():
-        foreign = sorted(p.name for p in out.iterdir() if not is_own_entry(p.name))
-        if foreign:
-            raise ArtifactError(f"{out} holds files of its own ({', '.join(foreign[:5])}"
-                                f"{', ...' if len(foreign) > 5 else ''}) and no {MANIFEST_NAME}: it is not an artifact "
-                                "directory, and the build writes only into a new or empty directory or one it built "
-                                "before")
-    if out.is_dir():
-        remove_stale_temporaries(out)
-
-
 def build_artifacts(request: BuildRequest) -> BuildReport:
+    """Build the request's artifacts into its output directory, which the build holds locked throughout
+    (neuron_peagle.output_dirs: a new or empty directory, or one a build made)."""
     started = time.perf_counter()
-    out = request.out_dir
     backend = get_backend(request.backend, request.tp_degree)  # a missing device stack: before any work
-    check_out_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with claim_output_dir(request.out_dir, ARTIFACTS) as out:
+        return _build(request, backend, out, started)
+
+
+def _build(request: BuildRequest, backend, out: Path, started: float) -> BuildReport:
     backend.use_artifacts(out, writable=True)
     engine = Engine.from_build(request.model_dir, request.drafter_dir, request.speculation, request.build,
                                backend=backend)
@@ -173,7 +149,7 @@ def build_artifacts(request: BuildRequest) -> BuildReport:
 def build_parser() -> Parser:
     parser = Parser(prog="neuron-peagle-compile", description=(
         "Trace, audit and compile every fixed-shape graph an engine needs into an artifact directory."))
-    parser.add_argument("--out", type=Path, required=True, help="artifact directory (created or updated)")
+    parser.add_argument("--out", type=output_dir, required=True, help="artifact directory (created or updated)")
     add_model_options(parser)
     choices = backends_that("builds_artifacts")
     parser.add_argument("--backend", default="inductor", choices=choices, metavar="NAME",
@@ -193,13 +169,13 @@ def request_from_args(args: argparse.Namespace) -> BuildRequest:
                         args.target)
 
 
-def _build(args: argparse.Namespace, given: set[str]) -> int:
+def _command(args: argparse.Namespace, given: set[str]) -> int:
     build_artifacts(request_from_args(args))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run("neuron-peagle-compile", build_parser, argv, _build)
+    return run("neuron-peagle-compile", build_parser, argv, _command)
 
 
 if __name__ == "__main__":

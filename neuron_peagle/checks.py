@@ -28,6 +28,13 @@ def integer(field: str, value: Any, minimum: int | None = None, maximum: int | N
     return value
 
 
+def flag(field: str, value: Any) -> bool:
+    """`value` as a bool: only True or False ("no", 0 and None are refused, not taken for what they look like)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{field} must be True or False, got {value!r}")
+    return value
+
+
 def real(field: str, value: Any, minimum: float | None = None, maximum: float | None = None,
          above: float | None = None) -> float:
     """`value` as a finite float in range (`above`: strictly greater than); NaN and inf are refused."""

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from neuron_peagle import checks
-from neuron_peagle.cli_args import EXIT_INTERRUPTED, Parser, buckets, run
+from neuron_peagle.cli_args import EXIT_INTERRUPTED, Parser, buckets, output_dir, run
 from neuron_peagle.config import BACKENDS, DEFAULT_BACKEND, KERNEL_MODES, BuildConfig, ModelConfig, capabilities_of
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.prompt_files import STDIN, read_prompts_file
@@ -36,7 +36,7 @@ def build_parser() -> Parser:
     prof = sub.add_parser("profile", help="generate under the backend's profilers and write a profiler session")
     _add_engine_options(prof)
     prof.set_defaults(tp_degree=1)  # a profiler session is one process
-    prof.add_argument("--out", type=Path, required=True, help="session directory (session.json, steps.jsonl, "
+    prof.add_argument("--out", type=output_dir, required=True, help="session directory (session.json, steps.jsonl, "
                       "trace.json, ...; on neuron also the runtime's device profiles in DIR/neuron)")
     prof.add_argument("--no-warmup", action="store_true", help="profile the first generation too (compilation "
                       "and first-call costs included)")
@@ -156,8 +156,11 @@ def _check_paths(args: argparse.Namespace) -> None:
         if not os.access(path, os.R_OK | (os.X_OK if want == "directory" else 0)):
             raise ConfigError(f"{flag} {str(path)!r} is not readable")
     out = getattr(args, "out", None)
-    if out is not None and out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is a file, not a session directory")
+    if out is not None:
+        from neuron_peagle.output_dirs import check_output_dir
+        from neuron_peagle.profiling import SESSION
+
+        check_output_dir(out, SESSION)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -196,6 +199,7 @@ def _limits(args: argparse.Namespace, given: set[str]) -> tuple[Path, BuildConfi
     speculation = speculation_of(args)
     build = BuildConfig(batch_size=args.batch_size, max_length=args.max_length, prefill_buckets=args.prefill_buckets,
                         dtype=args.dtype, backend=backend_of(args), kernels=args.kernels)
+    speculation.check_fits(build.max_length)
     model_dir = args.model if args.model is not None else require_default_model()
     return model_dir, build, 0 if speculation.plain else speculation.num_speculative_tokens
 
@@ -204,17 +208,15 @@ def _encode_checked(args: argparse.Namespace, limits: tuple[Path, BuildConfig, i
                     params) -> list[list[int]]:
     """The prompts as token ids, each checked against the shapes it will run in, before any model loads
     (only the tokenizer and config.json are read)."""
-    from neuron_peagle.runtime.requests import check_prompt, check_stop_token_ids
+    from neuron_peagle.runtime.requests import RequestLimits, check_requests
     from neuron_peagle.tokenizer import encode_prompt, load_tokenizer
 
     model_dir, build, num_speculative_tokens = limits
     vocab_size = ModelConfig.from_dir(model_dir).vocab_size
     tokenizer = load_tokenizer(model_dir)
     ids = [encode_prompt(tokenizer, p, not args.no_chat_template) if p else [] for p in prompts]
-    for number, prompt_ids in enumerate(ids, start=1):
-        check_prompt(number, prompt_ids, params.max_new_tokens, build, num_speculative_tokens, vocab_size)
-    check_stop_token_ids(params.stop_token_ids, vocab_size)
-    return ids
+    return check_requests(ids, params.max_new_tokens, params.stop_token_ids,
+                          RequestLimits(build, num_speculative_tokens, vocab_size))
 
 
 def _load_engine(args: argparse.Namespace, given: set[str], build: BuildConfig):

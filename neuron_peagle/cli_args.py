@@ -9,6 +9,7 @@ import argparse
 import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from neuron_peagle.errors import NeuronPeagleError, UsageError
 
@@ -59,6 +60,13 @@ def given(build_parser: Callable[[], Parser], argv: Sequence[str]) -> set[str]:
     return set(vars(args)) & {a.dest for a in parser.command_parser(args).options}
 
 
+def output_dir(text: str) -> Path:
+    """An argparse type: a directory to write into (an empty string would mean the working directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a directory, got an empty string")
+    return Path(text)
+
+
 def buckets(text: str) -> tuple[int, ...]:
     """An argparse type: comma-separated integers (prefill buckets)."""
     try:
@@ -79,6 +87,19 @@ def with_flags(message: str, flags: dict[str, str]) -> str:
     return message
 
 
+def _dash_hint(message: str, argv: Sequence[str], parser: Parser) -> str:
+    """A hint for text that starts with '-' and was taken for an option: put it after `--`."""
+    known = {flag for sub in [parser, *parser.commands.values()] for action in sub.options
+             for flag in action.option_strings}
+    takes_text = any(not action.option_strings for sub in parser.commands.values() for action in sub.options)
+    taken = [a for a in argv if a.startswith("-") and a != "--" and a.split("=")[0] not in known]
+    if not (takes_text and taken) or "--" in argv or not message.startswith(
+            ("unrecognized arguments", "the following arguments")):
+        return ""
+    return (f" ({taken[0]!r} was read as an option: text that starts with '-' goes after the options and `--`, "
+            f"e.g. {parser.prog} generate --max-new-tokens 32 -- {taken[0]!r})")
+
+
 def run(prog: str, build_parser: Callable[[], Parser], argv: Sequence[str] | None,
         command: Callable[[argparse.Namespace, set[str]], int | None]) -> int:
     """Parse `argv`, run `command(args, given options)`; every refusal is one line on stderr and exit 2,
@@ -91,7 +112,7 @@ def run(prog: str, build_parser: Callable[[], Parser], argv: Sequence[str] | Non
         flags = parser.flags(args)
         return command(args, given(build_parser, argv)) or 0
     except UsageError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}{_dash_hint(str(err), argv, parser)}", file=sys.stderr)
     except NeuronPeagleError as err:
         print(f"{prog}: error: {with_flags(' '.join(str(err).split()), flags)}", file=sys.stderr)
     except KeyboardInterrupt:

@@ -236,7 +236,7 @@ class MoeConfig:
 class ModelConfig:
     """The decoder-only target model: Llama, Qwen2, Qwen3 (dense), Qwen3-MoE or gpt-oss."""
 
-    architecture: str  # "llama" | "qwen2" | "qwen3"
+    architecture: str  # SUPPORTED_ARCHITECTURES values: "llama", "qwen2", "qwen3", "qwen3_moe", "gpt_oss"
     vocab_size: int
     hidden_size: int
     intermediate_size: int

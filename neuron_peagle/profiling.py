@@ -44,13 +44,18 @@ from neuron_peagle.backends.profilers import NEURON_PROFILE_DIR, neuron_capture_
 from neuron_peagle.config import capabilities_of
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.files import atomic_write_text
+from neuron_peagle.output_dirs import OutputKind, claim_output_dir, marker_fields
 from neuron_peagle.runtime.host_loop import StepRecord
 from neuron_peagle.runtime.step_parts import PARTS
 
 if TYPE_CHECKING:
     from neuron_peagle.runtime.engine import Engine, RequestOutput, SamplingParams
 
-__all__ = ["NEURON_PROFILE_DIR", "SessionReport", "neuron_capture_env", "profile_generation", "summarize"]
+__all__ = ["NEURON_PROFILE_DIR", "SESSION", "SessionReport", "neuron_capture_env", "profile_generation", "summarize"]
+
+# A session directory, as neuron_peagle.output_dirs knows it: what a session writes at its top.
+SESSION = OutputKind("profiler session", "session.json", frozenset(
+    {"session.json", "steps.jsonl", "trace.json", "ops.txt", "xla_metrics.txt", NEURON_PROFILE_DIR}))
 
 
 def runs_torch_profiler(backend: str, trace: bool) -> bool:
@@ -85,15 +90,16 @@ def summarize(records: Sequence[StepRecord]) -> dict:
     if not records:
         raise ConfigError("the profiled generation ran no decode step: ask for more than one new token")
     live_rows = sum(sum(c > 0 for c in r.counts) for r in records)
-    committed = sum(sum(r.counts) for r in records)
+    committed = sum(sum(r.counts) for r in records)  # by the graphs: what acceptance is measured on
+    kept = sum(sum(r.kept) for r in records)  # by the requests: their output, as `generate` counts it
     wall = sum(r.wall_s for r in records)
     parts = {name: sum(r.parts_s.get(name, 0.0) for r in records) for name in PARTS}
     timed = any(parts.values())
     return {
         "num_steps": len(records),
-        "decoded_tokens": committed,
+        "decoded_tokens": kept,
         "acceptance_length": committed / live_rows,
-        "tokens_per_s": committed / wall if wall > 0 else 0.0,
+        "tokens_per_s": kept / wall if wall > 0 else 0.0,
         "step_ms_median": 1000 * statistics.median(r.wall_s for r in records),
         "step_ms_mean": 1000 * wall / len(records),
         # Inside the graph (eager only), and the host's share: the step's wall time less its parts.
@@ -113,18 +119,24 @@ def profile_generation(engine: "Engine", prompts: Sequence[Sequence[int]], param
                        out_dir: Path, warmup: bool = True, trace: bool = True
                        ) -> tuple[list["RequestOutput"], SessionReport]:
     """Generate for `prompts` (token ids, already validated) under the profilers of the engine's
-    backend, and write the session into `out_dir` (created; files of an earlier session replaced).
+    backend, and write the session into `out_dir`: a new or empty directory, or an earlier session's (whose
+    files are replaced), locked while the session runs (neuron_peagle.output_dirs).
     `trace=False`: no torch.profiler (no trace.json, ops.txt), so step times carry no overhead; on
     NeuronCores it never runs (`runs_torch_profiler`; the backend's `profiler` decides)."""
+    with claim_output_dir(out_dir, SESSION):
+        return _profile(engine, prompts, params, out_dir, warmup, trace)
+
+
+def _profile(engine: "Engine", prompts: Sequence[Sequence[int]], params: "SamplingParams", out_dir: Path,
+             warmup: bool, trace: bool) -> tuple[list["RequestOutput"], SessionReport]:
     from neuron_peagle.runtime.engine import SamplingParams
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     if warmup:
         engine.generate(list(prompts[: engine.build.batch_size]), SamplingParams(max_new_tokens=2, ignore_eos=True))
     records: list[StepRecord] = []
     profiler = engine.backend.profiler(out_dir, trace)
     with profiler:
-        outputs = engine.generate(list(prompts), params, on_step=records.append)
+        outputs = engine.generate(prompts, params, on_step=records.append)
     files: list[str] = []
 
     def write(name: str, text: str) -> None:
@@ -134,7 +146,7 @@ def profile_generation(engine: "Engine", prompts: Sequence[Sequence[int]], param
     write("steps.jsonl", "".join(json.dumps(asdict(r)) + "\n" for r in records))
     notes = profiler.finish(write, files)
     summary = summarize(records)
-    session = {"engine": engine_description(engine), "num_prompts": len(prompts),
+    session = {**marker_fields(SESSION), "engine": engine_description(engine), "num_prompts": len(prompts),
                "max_new_tokens": params.max_new_tokens, "temperature": params.temperature, "traced": profiler.traced,
                "summary": summary, "notes": notes, "files": sorted(files + ["session.json"])}
     write("session.json", json.dumps(session, indent=2) + "\n")

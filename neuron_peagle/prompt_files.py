@@ -1,26 +1,54 @@
 """Prompts files: JSON lines, one `{"prompt": "..."}` object per line (other fields are ignored), from a
-file or standard input (`-`). Every line is checked before any prompt runs, and an error names the
-file, the line and the prompt's number (prompts are counted from 1, blank lines skipped)."""
+regular file or standard input (`-`), read line by line (a line is at most MAX_LINE_BYTES). Every line is
+checked before any prompt runs, and an error names the file, the line and the prompt's number (prompts
+are counted from 1, blank lines skipped)."""
 
 from __future__ import annotations
 
 import json
+import stat
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from neuron_peagle import checks
 from neuron_peagle.errors import PromptError
 
 STDIN = "-"
+MAX_LINE_BYTES = 16 << 20  # far beyond any prompt a prefill bucket holds
+
+
+def _lines(handle: BinaryIO, name: str) -> Iterator[bytes]:
+    """The file's lines without their ends (and without a UTF-8 byte-order mark), one at a time."""
+    for line_number in range(1, sys.maxsize):
+        line = handle.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE_BYTES:
+            raise PromptError(f"{name}:{line_number}: longer than {MAX_LINE_BYTES >> 20} MiB: not a prompts file")
+        if line_number == 1:
+            line = line.removeprefix(b"\xef\xbb\xbf")
+        yield line.rstrip(b"\n").removesuffix(b"\r")
 
 
 def read_prompts_file(path: Path | str) -> list[str]:
     if str(path) == STDIN:
-        name, raw = "<stdin>", sys.stdin.buffer.read()
-    else:
-        name, raw = str(path), Path(path).read_bytes()
+        return _read(sys.stdin.buffer, "<stdin>")
+    name = str(path)
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError as err:
+        raise PromptError(f"{name}: cannot be read ({err.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise PromptError(f"{name} is not a regular file: give a prompts file, or - for standard input")
+    with open(path, "rb") as handle:
+        return _read(handle, name)
+
+
+def _read(handle: BinaryIO, name: str) -> list[str]:
     prompts: list[str] = []
-    for line_number, line in enumerate(raw.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+    for line_number, line in enumerate(_lines(handle, name), start=1):
         where = f"{name}:{line_number}"
         try:
             text = line.decode("utf-8")

@@ -78,6 +78,18 @@ class SpeculationConfig:
     def plain(self) -> bool:
         return self.mode == "plain"
 
+    def check_fits(self, max_length: int) -> None:
+        """The settings fit a cache of `max_length` slots: a lookup n-gram shorter than the cache, and a
+        step's K+1 slots with room for a prompt."""
+        if self.plain:
+            return
+        if self.lookup_ngram >= max_length:
+            raise ConfigError(f"lookup_ngram {self.lookup_ngram} must be below max_length {max_length}: the n-gram "
+                              "is looked up in the sequence, which the cache holds")
+        if self.num_speculative_tokens + 1 >= max_length:
+            raise ConfigError(f"num_speculative_tokens {self.num_speculative_tokens} leaves no room in max_length "
+                              f"{max_length}: a step writes K+1 cache slots past the sequence")
+
     def resolved(self, drafter_has_datastore: bool) -> "SpeculationConfig":
         """Every value concrete: plain decoding drafts nothing (K 0, no lookup); an "auto" datastore is on
         where lookup is and the drafter has one; an unset short K is the configuration's default."""

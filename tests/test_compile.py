@@ -25,7 +25,7 @@ import torch
 
 from neuron_peagle.backends import hlo_audit as audit
 from compile.build import BuildRequest, build_artifacts, main as build_main
-from neuron_peagle.runtime.manifest import FORMAT_VERSION, LOG_NAME, MANIFEST_NAME, Manifest, WeightsInfo
+from neuron_peagle.runtime.manifest import FORMAT_VERSION, LOG_NAME, MANIFEST_NAME, Manifest, WeightsInfo, sealed
 from neuron_peagle.backends.artifacts import NEURON_COMPILER_FLAGS, neuron_compiler_args
 from neuron_peagle.graphs.interface import plan
 from neuron_peagle.backends.nxd import INSTALL_HINT
@@ -199,7 +199,7 @@ def test_changed_weight_file_is_refused_naming_it(built, tiny_llama_dir, tmp_pat
 def test_version_mismatch_is_refused(built, tmp_path):
     data = json.loads((built / MANIFEST_NAME).read_text())
     data["versions"]["torch-xla"] = "0.0.1"
-    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(sealed(data)))
     installed = metadata.version("torch-xla")
     with pytest.raises(ArtifactError, match=rf"compiled with torch-xla 0\.0\.1 \(installed: {installed}\)"):
         Engine.from_compiled(tmp_path)
@@ -308,7 +308,7 @@ def test_nxd_without_the_sdk_says_what_to_install(built, tiny_llama_dir, tmp_pat
         build_artifacts(request)
     assert str(err.value) == INSTALL_HINT
     data = json.loads((built / MANIFEST_NAME).read_text())
-    (tmp_path / MANIFEST_NAME).write_text(json.dumps({**data, "backend": "nxd"}))
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(sealed({**data, "backend": "nxd"})))
     with pytest.raises(BackendUnavailableError, match="Neuron SDK's own pip repository"):
         Engine.from_compiled(tmp_path)
 
@@ -452,7 +452,7 @@ def test_a_build_refuses_a_directory_of_the_users_and_deletes_nothing(tiny_llama
 
 def test_a_manifest_of_another_format_is_refused_with_both_formats(tmp_path):
     for other in (1, FORMAT_VERSION + 1, None):
-        (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format_version": other, "backend": "xla"}))
+        (tmp_path / MANIFEST_NAME).write_text(json.dumps(sealed({"format_version": other, "backend": "xla"})))
         expected = rf"manifest format {other!r}, this version reads format {FORMAT_VERSION}; rebuild the artifacts " \
                    r"with `python -m compile\.build`"
         with pytest.raises(ArtifactError, match=expected):
@@ -503,8 +503,6 @@ def test_manifest_records_the_sha256_of_every_file_the_loader_reads(tiny_llama_d
 @pytest.mark.parametrize("damage", ["changed", "missing"])
 def test_a_changed_or_missing_artifact_file_is_refused_before_any_model_loads(tiny_llama_dir, tmp_path, damage,
                                                                               monkeypatch):
-    from neuron_peagle.runtime import artifacts
-
     _hand_made_artifacts(tmp_path, tiny_llama_dir)
     hlo = tmp_path / "hlo" / "decode_greedy.hlo.txt"
     if damage == "changed":
@@ -514,7 +512,7 @@ def test_a_changed_or_missing_artifact_file_is_refused_before_any_model_loads(ti
     else:
         hlo.unlink()
         match = r"artifact file .*hlo/decode_greedy\.hlo\.txt is missing \(the build wrote it\); rebuild the artifacts"
-    monkeypatch.setattr(artifacts, "engine_from_manifest", lambda *args: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(Engine, "from_build", lambda *args, **kwargs: pytest.fail("a model was loaded"))
     with pytest.raises(ArtifactError, match=match):
         Engine.from_compiled(tmp_path)
 
@@ -523,10 +521,10 @@ def test_a_manifest_without_checksums_or_with_a_path_outside_is_malformed(tiny_l
     _hand_made_artifacts(tmp_path, tiny_llama_dir)
     data = json.loads((tmp_path / MANIFEST_NAME).read_text())
     del data["checksums"]
-    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(sealed(data)))
     with pytest.raises(ArtifactError, match="malformed manifest"):
         Manifest.load(tmp_path)
     data["checksums"] = {"../elsewhere": "0" * 64}
-    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(sealed(data)))
     with pytest.raises(ArtifactError, match="malformed manifest"):
         Manifest.load(tmp_path)

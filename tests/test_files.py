@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from compile.build import check_out_dir, is_own_entry
+from neuron_peagle.output_dirs import check_output_dir, claim_output_dir, is_own_entry
+from neuron_peagle.runtime.manifest import ARTIFACTS
 from neuron_peagle.checksums import CHECKSUMS_FILE, file_checksums, record_checksums, verify_checksums
 from neuron_peagle.errors import ArtifactError, WeightsError
 from neuron_peagle.files import atomic_path, atomic_write_bytes, atomic_write_text, temporary_of, temporary_path
@@ -57,16 +58,17 @@ def test_temporary_names_are_recognised_by_the_build(tmp_path):
     assert temporary_of(temporary_path(tmp_path / "manifest.json").name) == "manifest.json"
     assert temporary_of("manifest.json") is None and temporary_of(".hidden") is None
     assert temporary_of(".x.tmp-abc") is None
-    assert is_own_entry(temporary_path(tmp_path / "portable_cache.bin").name) and is_own_entry("hlo")
-    assert not is_own_entry(temporary_path(tmp_path / "thesis.tex").name)
+    assert is_own_entry(temporary_path(tmp_path / "portable_cache.bin").name, ARTIFACTS)
+    assert is_own_entry("hlo", ARTIFACTS)
+    assert not is_own_entry(temporary_path(tmp_path / "thesis.tex").name, ARTIFACTS)
     out = tmp_path / "out"
     out.mkdir()
     (out / ".manifest.json.tmp-123").write_text("{")  # an interrupted build's
     (out / "hlo").mkdir()
-    check_out_dir(out)
+    check_output_dir(out, ARTIFACTS)
     (out / ".thesis.tex.tmp-123").write_text("mine")
     with pytest.raises(ArtifactError, match=r"holds files of its own \(\.thesis\.tex\.tmp-123\)"):
-        check_out_dir(out)
+        check_output_dir(out, ARTIFACTS)
 
 
 def test_a_build_removes_the_temporaries_of_killed_writes_and_nothing_else(tmp_path):
@@ -85,7 +87,8 @@ def test_a_build_removes_the_temporaries_of_killed_writes_and_nothing_else(tmp_p
     kept = [out / f".portable_cache.bin.tmp-{os.getpid()}", out / "hlo" / "spec_step.hlo.pb", out / "hlo" / ".notes"]
     for path in stale + kept:
         path.write_text("x")
-    check_out_dir(out)
+    with claim_output_dir(out, ARTIFACTS):
+        pass
     assert not any(path.exists() for path in stale)
     assert all(path.exists() for path in kept)
 

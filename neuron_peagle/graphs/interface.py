@@ -9,7 +9,7 @@ A graph is a module whose class declares its interface:
 `example_inputs` gives inputs of the exact shapes and dtypes the runners feed, for given build
 shapes (values do not matter to a fixed-shape graph), and `plan` lists every graph a runner runs
 with its planned name. Compiled backends warm graphs from this list (`Engine.warm`), the artifact
-build compiles it (compile/plan.py adds compiler arguments), the NxD bundle keys on its names.
+build compiles it (`Backend.build_artifacts`), the NxD bundle keys on its names.
 """
 
 from __future__ import annotations

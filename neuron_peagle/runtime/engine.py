@@ -22,7 +22,7 @@ from neuron_peagle.runtime.batch import BatchSampling
 from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter
 from neuron_peagle.runtime.host_loop import Runner, StepCallback, run_batch
 from neuron_peagle.runtime.plain_runner import PlainRunner
-from neuron_peagle.runtime.requests import check_prompt, check_stop_token_ids, prompt_inputs
+from neuron_peagle.runtime.requests import CheckedPrompts, RequestLimits, check_requests, prompt_inputs
 from neuron_peagle.runtime.spec_runner import SpecRunner
 from neuron_peagle.runtime.stats import RequestStats
 from neuron_peagle.speculation import SpeculationConfig
@@ -45,7 +45,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         checks.integer("max_new_tokens", self.max_new_tokens, minimum=1)
         checks.real("temperature", self.temperature, minimum=0)
-        checks.integer("top_k", self.top_k, minimum=0)
+        checks.integer("top_k", self.top_k, minimum=0, maximum=2**63 - 1)
         checks.real("top_p", self.top_p, above=0, maximum=1)
         if self.seed is not None:
             checks.integer("seed", self.seed, minimum=0, maximum=2**63 - 1)
@@ -55,8 +55,7 @@ class SamplingParams:
                                tuple(checks.integer("stop_token_ids", t, minimum=0) for t in _sequence("stop_token_ids", ids)))
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         object.__setattr__(self, "stop", tuple(_stop_string(s) for s in _sequence("stop", stop)))
-        if not isinstance(self.ignore_eos, bool):
-            raise ConfigError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        checks.flag("ignore_eos", self.ignore_eos)
 
 
 def _sequence(field_name: str, value) -> Sequence:
@@ -161,6 +160,7 @@ class Engine:
         """`from_pretrained` with the shapes as one BuildConfig; on `backend` (default: a new one of
         `build.backend`), e.g. one whose compiler caches point at artifacts (`from_compiled`, compile.build)."""
         speculation = SpeculationConfig.of(speculation)
+        speculation.check_fits(build.max_length)
         checks.integer("tp_degree", tp_degree, minimum=1)
         path = Path(model_dir) if model_dir is not None else require_default_model()
         model_config = ModelConfig.from_dir(path)
@@ -242,11 +242,10 @@ class Engine:
     def encode(self, prompt: str, chat_template: bool = True) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, chat_template)
 
-    def validate(self, prompt_ids: Sequence[int], params: SamplingParams, number: int = 1) -> None:
-        """Prompt `number` (counted from 1) and the parameters fit this engine (runtime.requests)."""
-        check_prompt(number, prompt_ids, params.max_new_tokens, self.build, self.speculation.num_speculative_tokens,
-                     self.target.config.vocab_size)
-        check_stop_token_ids(params.stop_token_ids, self.target.config.vocab_size)
+    @property
+    def limits(self) -> RequestLimits:
+        """What every request must fit (runtime.requests)."""
+        return RequestLimits(self.build, self.speculation.num_speculative_tokens, self.target.config.vocab_size)
 
     def stop_token_ids(self, params: SamplingParams) -> set[int]:
         if params.ignore_eos:
@@ -268,13 +267,19 @@ class Engine:
         output as soon as it and every request before it are finished (input order, counted from 0).
         Interrupted (KeyboardInterrupt, e.g. Ctrl-C), it raises GenerationInterrupted, which holds every
         output finished by then."""
-        params = params or SamplingParams()
+        params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ConfigError(f"params must be a SamplingParams, got {type(params).__name__}")
-        inputs = prompt_inputs(prompts)
+        checks.flag("chat_template", chat_template)
+        for name, callback in (("on_tokens", on_tokens), ("on_step", on_step), ("on_output", on_output)):
+            if callback is not None and not callable(callback):
+                raise ConfigError(f"{name} must be a function or None, got {callback!r}")
+        checked = isinstance(prompts, CheckedPrompts) and prompts.checked_for(self.limits, params.max_new_tokens,
+                                                                              params.stop_token_ids)
+        inputs = prompts if checked else prompt_inputs(prompts)
         all_ids = [(self.encode(p, chat_template) if p else []) if isinstance(p, str) else p for p in inputs]
-        for number, ids in enumerate(all_ids, start=1):
-            self.validate(ids, params, number)
+        if not checked:
+            check_requests(all_ids, params.max_new_tokens, params.stop_token_ids, self.limits)
 
         stop_ids = self.stop_token_ids(params)
         finished = _InOrder(on_output)

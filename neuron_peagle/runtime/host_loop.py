@@ -54,7 +54,8 @@ class StepRecord:
 
     step: int  # index of the step in its batch's decode loop
     num_speculative_tokens: int  # K of the step graph that ran (adaptive K varies it; 0 for plain decoding)
-    counts: list[int]  # tokens the step committed per row; 0 for rows already finished
+    counts: list[int]  # tokens the step's graph committed per row (accepted + 1); 0 for rows already finished
+    kept: list[int]  # of those, the tokens the row kept (fewer where it stopped: a stop token, max_new_tokens)
     wall_s: float  # host wall time of the step, graph call included
     parts_s: dict[str, float]  # draft / verify / accept seconds inside the graph (eager backend only)
 
@@ -94,10 +95,8 @@ def run_batch(runner: Runner, prompts: Sequence[Sequence[int]], max_new_tokens: 
             tokens, counts = runner.step()
         elapsed = time.perf_counter() - start
         spent = {name: runner.timings.get(name, 0.0) - before.get(name, 0.0) for name in runner.timings}
-        if on_step is not None:
-            live_counts = [0 if row.done else int(counts[i]) for i, row in enumerate(rows)]
-            on_step(StepRecord(step, tokens.shape[1] - 1, live_counts, elapsed, spent))
-        step += 1
+        live_counts = [0 if row.done else int(counts[i]) for i, row in enumerate(rows)]
+        kept = [0] * len(rows)
         for i, row in enumerate(rows):
             if row.done:
                 continue
@@ -108,9 +107,13 @@ def run_batch(runner: Runner, prompts: Sequence[Sequence[int]], max_new_tokens: 
             stats.accept_time_s += spent.get("accept", 0.0)
             stats.record_step(int(counts[i]))
             committed = tokens[i, : int(counts[i])].tolist()
-            stats.num_decoded_tokens += _commit(row, i, committed, stop_token_ids, on_commit)
+            kept[i] = _commit(row, i, committed, stop_token_ids, on_commit)
+            stats.num_decoded_tokens += kept[i]
             if row.done:
                 _finish(runner, row, i, on_finish)
+        if on_step is not None:
+            on_step(StepRecord(step, tokens.shape[1] - 1, live_counts, kept, elapsed, spent))
+        step += 1
     return rows
 
 

@@ -44,11 +44,12 @@ from neuron_peagle.config import BuildConfig, capabilities_of
 from neuron_peagle.default_model import sha256_of
 from neuron_peagle.errors import ArtifactError
 from neuron_peagle.files import atomic_write_text
+from neuron_peagle.output_dirs import TOOL, OutputKind, marker_fields
 from neuron_peagle.speculation import SpeculationConfig
 
 # Raised whenever the manifest's fields or the way graphs are traced change: a manifest of another format
 # describes graphs this version would not build that way, so it is refused and the artifacts rebuilt.
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 MANIFEST_NAME = "manifest.json"
 LOG_NAME = "compile_log.jsonl"
 HLO_DIR = "hlo"
@@ -61,6 +62,9 @@ NEURON_MODEL_FILE = f"{NEURON_DIR}/model.pt"
 # another machine with the same versions, which then only rebuilds the C++).
 COMPILE_CACHE_DIR = "compile_cache"
 PORTABLE_CACHE_FILE = "portable_cache.bin"
+# An artifact directory, as neuron_peagle.output_dirs knows it: what a build writes at its top.
+ARTIFACTS = OutputKind("artifact directory", MANIFEST_NAME, frozenset(
+    {MANIFEST_NAME, LOG_NAME, HLO_DIR, XLA_CACHE_DIR, NEURON_DIR, COMPILE_CACHE_DIR, PORTABLE_CACHE_FILE}))
 
 
 def installed_versions(backend: str) -> dict[str, str | None]:
@@ -165,13 +169,15 @@ class Manifest:
         return next((g for g in self.graphs if g.name == name), None)
 
     def to_dict(self) -> dict[str, Any]:
+        """The manifest as written: the marker of a directory this tool owns (neuron_peagle.output_dirs), the
+        fields, and the sha256 of all of that (`content_sha256`), so that an edited manifest is refused."""
         data = dataclasses.asdict(self)
         data["audit"] = {"notes": data.pop("audit_notes")}
-        return data
+        return sealed(data)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":
-        data = dict(data)
+        data = {k: v for k, v in data.items() if k not in (*marker_fields(ARTIFACTS), "content_sha256")}
         drafter, audit = data.pop("drafter"), data.pop("audit")
         return cls(**{
             **data,
@@ -195,16 +201,35 @@ class Manifest:
         if not path.is_file():
             raise ArtifactError(f"{directory} holds no {MANIFEST_NAME}; build it with `python -m compile.build`")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ArtifactError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(data, dict) or data.get("tool") != TOOL or data.get("kind") != ARTIFACTS.what:
+            raise ArtifactError(f"{path} is not a manifest this tool wrote (no \"tool\": \"{TOOL}\" of an "
+                                f"{ARTIFACTS.what}); build artifacts with `python -m compile.build`")
         if data.get("format_version") != FORMAT_VERSION:
             raise ArtifactError(f"{path}: manifest format {data.get('format_version')!r}, this version reads format "
                                 f"{FORMAT_VERSION}; rebuild the artifacts with `python -m compile.build`")
+        if data.get("content_sha256") != _content_sha256(data):
+            raise ArtifactError(f"{path} was edited since the build (its content no longer matches its "
+                                "content_sha256): the artifacts were compiled for what it said then; rebuild them "
+                                "with `python -m compile.build`")
         try:
             return cls.from_dict(data)
         except (KeyError, TypeError, ValueError) as err:
             raise ArtifactError(f"{path}: malformed manifest ({err!r})") from None
+
+
+def sealed(data: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's fields as written: with the marker of a directory this tool owns and `content_sha256`."""
+    data = {**marker_fields(ARTIFACTS), **{k: v for k, v in data.items() if k != "content_sha256"}}
+    return {**data, "content_sha256": _content_sha256(data)}
+
+
+def _content_sha256(data: dict[str, Any]) -> str:
+    """sha256 of a manifest's content, every field but this checksum itself."""
+    content = {k: v for k, v in data.items() if k != "content_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def _checksums_from(data: Any) -> dict[str, str]:

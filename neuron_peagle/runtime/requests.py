@@ -1,5 +1,7 @@
-"""The checks every request passes before any work starts, as functions of the settings alone, so the
-command line runs them before a model is loaded and the engine runs them again on what it is given.
+"""The checks every request passes before any work starts, as functions of the settings alone
+(`RequestLimits`), so the command line can run them before a model is loaded: `check_requests` returns
+the prompts as `CheckedPrompts`, which an engine with the same limits takes as they are, instead of
+checking them a second time.
 
 Prompts are counted from 1 in every message, by the API and the command line alike.
 """
@@ -7,6 +9,7 @@ Prompts are counted from 1 in every message, by the API and the command line ali
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from neuron_peagle import checks
@@ -65,3 +68,34 @@ def check_stop_token_ids(stop_token_ids: Sequence[int] | None, vocab_size: int) 
     outside = [t for t in stop_token_ids or () if t >= vocab_size]
     if outside:
         raise ConfigError(f"stop_token_ids {outside} are outside the vocabulary [0, {vocab_size})")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request must fit: the built shapes, K, and the target's vocabulary."""
+
+    build: BuildConfig
+    num_speculative_tokens: int
+    vocab_size: int
+
+
+class CheckedPrompts(list):
+    """Token-id prompts that passed `check_requests` for `max_new_tokens` and `stop_token_ids` under `limits`."""
+
+    def __init__(self, prompts: Sequence[Sequence[int]], limits: RequestLimits, max_new_tokens: int,
+                 stop_token_ids: Sequence[int] | None) -> None:
+        super().__init__(list(p) for p in prompts)
+        self.limits, self.max_new_tokens, self.stop_token_ids = limits, max_new_tokens, stop_token_ids
+
+    def checked_for(self, limits: RequestLimits, max_new_tokens: int, stop_token_ids: Sequence[int] | None) -> bool:
+        return (self.limits, self.max_new_tokens, self.stop_token_ids) == (limits, max_new_tokens, stop_token_ids)
+
+
+def check_requests(prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_token_ids: Sequence[int] | None,
+                   limits: RequestLimits) -> CheckedPrompts:
+    """Every prompt (token ids, counted from 1) and the stop tokens fit `limits`; the prompts, marked checked."""
+    for number, prompt_ids in enumerate(prompts, start=1):
+        check_prompt(number, prompt_ids, max_new_tokens, limits.build, limits.num_speculative_tokens,
+                     limits.vocab_size)
+    check_stop_token_ids(stop_token_ids, limits.vocab_size)
+    return CheckedPrompts(prompts, limits, max_new_tokens, stop_token_ids)
