@@ -318,29 +318,30 @@ class ModelConfig:
                 f"{source}: quantized checkpoints ({method}) are not supported (only gpt-oss's mxfp4 experts, "
                 "dequantized at load); save a dequantized copy first")
         try:
-            hidden = int(hf["hidden_size"])
-            heads = int(hf["num_attention_heads"])
+            whole = _whole_numbers(hf, source)
+            hidden = whole(hf["hidden_size"], "hidden_size")
+            heads = whole(hf["num_attention_heads"], "num_attention_heads")
             eos = hf.get("eos_token_id")
             eos_ids = tuple(int(e) for e in eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
             return cls(
                 architecture=arch,
-                vocab_size=int(hf["vocab_size"]),
+                vocab_size=whole(hf["vocab_size"], "vocab_size"),
                 hidden_size=hidden,
-                intermediate_size=int(hf["intermediate_size"]),
-                num_hidden_layers=int(hf["num_hidden_layers"]),
+                intermediate_size=whole(hf["intermediate_size"], "intermediate_size"),
+                num_hidden_layers=whole(hf["num_hidden_layers"], "num_hidden_layers"),
                 num_attention_heads=heads,
-                num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
-                head_dim=int(hf.get("head_dim") or hidden // heads),
+                num_key_value_heads=whole(hf.get("num_key_value_heads") or heads, "num_key_value_heads"),
+                head_dim=whole(hf.get("head_dim") or hidden // heads, "head_dim"),
                 rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                 rope=RopeConfig.from_hf(hf),
-                max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+                max_position_embeddings=whole(hf.get("max_position_embeddings", 2048), "max_position_embeddings"),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", arch == "gpt_oss")),
                 o_bias=arch != "qwen2" and bool(hf.get("attention_bias", arch == "gpt_oss")),
                 mlp_bias=bool(hf.get("mlp_bias", False)),
                 eos_token_ids=eos_ids,
                 qk_norm=arch in ("qwen3", "qwen3_moe"),
-                moe=MoeConfig.from_hf(arch, hf, int(hf["num_hidden_layers"])) if arch in MOE_ARCHITECTURES else None,
+                moe=MoeConfig.from_hf(arch, hf, whole(hf["num_hidden_layers"], "num_hidden_layers")) if arch in MOE_ARCHITECTURES else None,
                 layer_types=tuple(hf.get("layer_types") or ()) if arch == "gpt_oss" else (),
                 sliding_window=int(hf["sliding_window"]) if arch == "gpt_oss" and hf.get("sliding_window") else None,
                 attention_sinks=arch == "gpt_oss",
@@ -367,6 +368,17 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _whole_numbers(hf: dict[str, Any], source: str):
+    """A checker of config.json's integer fields: JSON integers only (a string "30" is not read as 30, which
+    the tokenizer's own loader would refuse later with a less clear error)."""
+    def whole(value: Any, name: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {name} must be an integer, got {value!r}")
+        return value
+
+    return whole
 
 
 def _generation_eos_ids(path: Path) -> tuple[int, ...]:

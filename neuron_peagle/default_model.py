@@ -49,6 +49,25 @@ def require_default_model() -> Path:
     return path
 
 
+def is_default_model(model_dir: Path) -> bool:
+    """Whether `model_dir` holds the default model: the fetched directory itself, or a copy of it (the same
+    config.json, and safetensors files of the same names and contents; the contents are hashed only where
+    names and sizes already agree)."""
+    default = default_model_dir()
+    model_dir = Path(model_dir)
+    if not (default / "config.json").is_file() or not (model_dir / "config.json").is_file():
+        return False
+    if model_dir.resolve() == default.resolve():
+        return True
+    if (model_dir / "config.json").read_bytes() != (default / "config.json").read_bytes():
+        return False
+    mine = {p.name: p for p in model_dir.glob("*.safetensors")}
+    theirs = {p.name: p for p in default.glob("*.safetensors")}
+    if set(mine) != set(theirs) or any(mine[n].stat().st_size != theirs[n].stat().st_size for n in mine):
+        return False
+    return all(sha256_of(mine[n]) == sha256_of(theirs[n]) for n in mine)
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

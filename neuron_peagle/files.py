@@ -37,7 +37,7 @@ def temporary_of(name: str) -> str | None:
     return parsed[0] if parsed else None
 
 
-def _process_is_alive(pid: int) -> bool:
+def process_is_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)  # signal 0: nothing is sent, only the process's existence is checked
     except ProcessLookupError:
@@ -56,7 +56,7 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
         parsed = _parse_temporary(path.name)
         if parsed is None or not path.is_file():
             continue
-        if not _process_is_alive(parsed[1]):
+        if not process_is_alive(parsed[1]):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

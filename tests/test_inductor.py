@@ -19,7 +19,7 @@ from torch._dynamo.utils import counters
 
 from neuron_peagle.runtime.manifest import Manifest
 from neuron_peagle.backends import get_backend
-from neuron_peagle.backends.compiled import compiled_graph_count
+from neuron_peagle.backends.compiled_artifacts import compiled_graph_count
 from neuron_peagle.speculation import DEFAULT_LOOKUP_NGRAM
 from neuron_peagle.errors import BackendUnavailableError
 from neuron_peagle.graphs.interface import plan

@@ -189,7 +189,7 @@ def test_inductor_compiles_each_moe_graph_once(gpt_oss_model):
     with no graph break (fullgraph), equal to eager, and nothing recompiled by whole generations. On
     gpt-oss, whose graphs hold every MoE piece (Qwen3-MoE's router differs only in its softmax; both
     families compile on the xla path too, tests/test_xla.py)."""
-    from neuron_peagle.backends.compiled import compiled_graph_count
+    from neuron_peagle.backends.compiled_artifacts import compiled_graph_count
 
     model_dir, _, want = gpt_oss_model
     spec = dict(mode="parallel", num_speculative_tokens=3, batch_size=2, max_length=64, prefill_buckets=(16,))

@@ -5,8 +5,8 @@ anything compiles, every planned graph is compiled by running it once with its e
 as `Engine.warm` and the runners run it), and then PyTorch's portable cache artifacts are written next to
 it (inductor). The manifest records versions, weights, shapes and every graph's interface.
 
-Load: the same cache directory is pointed at again, first thing, and every graph is warmed: dynamo traces
-it again (a compiled graph is a Python callable, so it is never deserialized whole), and the compiler finds
+Load: a view of the same cache (hard links in the user's cache directory, so that loading never writes
+into the artifacts) is pointed at, first thing, and every graph is warmed: dynamo traces it again (a compiled graph is a Python callable, so it is never deserialized whole), and the compiler finds
 its output in the cache (inductor: the FX graph cache and the built C++ kernels; neuron: the NEFF cache)
 instead of compiling. The caches are keyed by the graph's own content, so artifacts built from other graph
 code can only cost time, never give other results.
@@ -14,7 +14,9 @@ code can only cost time, never give other results.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -51,10 +53,10 @@ def compiled_graph_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def point_cache(cache: CompilerCache, out: Path) -> bool:
-    """Point the compiler's cache at `out`'s; False if this process compiled with another one already
+def point_cache(cache: CompilerCache, directory: Path) -> bool:
+    """Point the compiler's cache at `directory`; False if this process compiled with another one already
     (a compiler may keep the path it started with, so the cache could not be trusted to be used)."""
-    path = str((out / COMPILE_CACHE_DIR).resolve())
+    path = str(directory.resolve())
     if os.environ.get(cache.env) == path:
         return True
     if compiled_graph_count() > 0:
@@ -63,8 +65,40 @@ def point_cache(cache: CompilerCache, out: Path) -> bool:
     return True
 
 
+def read_only_view(source: Path) -> Path:
+    """A cache directory holding `source`'s files, for a load to read and the compiler to add to, so that
+    loading never writes into the artifacts: hard links (a copy across file systems) in the user's cache,
+    one per artifact content. The compilers replace cache entries by renaming new files into place, which
+    leaves a linked file's content as it was. One view per loading process; those of ended processes are
+    removed."""
+    from neuron_peagle.default_model import cache_root
+    from neuron_peagle.files import process_is_alive
+
+    key = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:16]
+    views = cache_root() / "artifact-caches"
+    views.mkdir(parents=True, exist_ok=True)
+    for old in views.glob(f"{key}-*"):
+        pid = old.name.rpartition("-")[2]
+        if pid.isdigit() and (int(pid) == os.getpid() or not process_is_alive(int(pid))):
+            shutil.rmtree(old, ignore_errors=True)
+    view = views / f"{key}-{os.getpid()}"
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, view, copy_function=link)
+    return view
+
+
 def use_artifacts(cache: CompilerCache, directory: Path, writable: bool) -> str:
-    if point_cache(cache, directory):
+    compile_cache = directory / COMPILE_CACHE_DIR
+    if not writable and not (compile_cache.is_dir() and any(compile_cache.iterdir())):
+        raise ArtifactError(f"{compile_cache} is missing or empty: the artifacts lost their compiled graphs; rebuild "
+                            "them with `python -m compile.build`")
+    if point_cache(cache, compile_cache if writable else read_only_view(compile_cache)):
         portable = directory / PORTABLE_CACHE_FILE
         if not writable and cache.portable and portable.is_file():
             torch.compiler.load_cache_artifacts(portable.read_bytes())

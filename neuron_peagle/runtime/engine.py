@@ -14,7 +14,7 @@ from pathlib import Path
 from neuron_peagle import checks, memory
 from neuron_peagle.backends import Backend, get_backend
 from neuron_peagle.config import BuildConfig, ModelConfig, backends_that, capabilities_of
-from neuron_peagle.default_model import require_default_model
+from neuron_peagle.default_model import is_default_model, require_default_model
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.models.target import TargetModel
 from neuron_peagle.parallel import TensorParallel
@@ -164,8 +164,8 @@ class Engine:
         checks.integer("tp_degree", tp_degree, minimum=1)
         path = Path(model_dir) if model_dir is not None else require_default_model()
         model_config = ModelConfig.from_dir(path)
-        choice = None if speculation.plain else choose_drafter(path, drafter_dir, is_default_target=model_dir is None,
-                                                               target_config=model_config)
+        choice = None if speculation.plain else choose_drafter(
+            path, drafter_dir, is_default_target=model_dir is None or is_default_model(path), target_config=model_config)
         speculation = speculation.resolved(choice is not None and choice.has_datastore)
         capabilities = capabilities_of(build.backend)
         if tp_degree != 1:
