@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -104,6 +105,7 @@ def run(prog: str, build_parser: Callable[[], Parser], argv: Sequence[str] | Non
         command: Callable[[argparse.Namespace, set[str]], int | None]) -> int:
     """Parse `argv`, run `command(args, given options)`; every refusal is one line on stderr and exit 2,
     an interrupt exits 130 (the command says what it kept), never a traceback for bad input."""
+    as_program = argv is None  # the process is this command (not a caller passing its own arguments)
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     flags: dict[str, str] = {}
@@ -116,6 +118,10 @@ def run(prog: str, build_parser: Callable[[], Parser], argv: Sequence[str] | Non
     except NeuronPeagleError as err:
         print(f"{prog}: error: {with_flags(' '.join(str(err).split()), flags)}", file=sys.stderr)
     except KeyboardInterrupt:
+        if as_program:
+            # A second Ctrl-C while the process winds down (its threads joined at exit) would only print a
+            # traceback of the interpreter's shutdown: the first one has been heard.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_REFUSED
