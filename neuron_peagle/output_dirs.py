@@ -3,7 +3,9 @@
 A command writes only into a new or empty directory, or into one the same kind of command made (its
 marker file, manifest.json or session.json, is a JSON object naming this tool and the kind). Everything
 else is refused before anything is written, with the reason: an output that is a file, lies under a file
-or cannot be written, a directory holding files of its own, a marker file this tool did not write. While a
+or cannot be written, a directory holding files of its own (without a marker, files named as the command's
+are its own too, unless the command's lock shows a run of it was interrupted there), a marker file this tool
+did not write (or anything else by that name). While a
 command writes, it holds an exclusive lock on the directory (`.lock`, `flock`): a second writer is refused
 at once, naming the holder's process id, so two builds never interleave their files. In a directory it
 accepts, the temporaries a killed write left behind are removed (neuron_peagle.files).
@@ -42,8 +44,10 @@ def marker_fields(kind: OutputKind) -> dict[str, str]:
 def _marker_says_ours(directory: Path, kind: OutputKind) -> bool | None:
     """True: the marker file is one this tool wrote for `kind`; False: there is one, and it is not; None: none."""
     path = directory / kind.marker
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return None
+    if not path.is_file():  # a folder of that name, a link to nowhere: not a marker, and not to be written over
+        return False
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -69,7 +73,11 @@ def check_output_dir(out: Path, kind: OutputKind) -> None:
         if ours is False:
             raise ArtifactError(f"{out} holds a {kind.marker} that this tool did not write: it is not a {kind.what} "
                                 f"of neuron_peagle, and nothing in it was changed; choose a new or empty directory")
-        foreign = sorted(p.name for p in out.iterdir() if not is_own_entry(p.name, kind))
+        # Without a marker, a file named as one the command writes is what an interrupted run left only where
+        # its lock is (a command makes the lock before it writes anything); elsewhere it is the user's.
+        ran_here = (out / LOCK_NAME).is_file()
+        foreign = sorted(p.name for p in out.iterdir() if not is_own_entry(p.name, kind)
+                         or (not ran_here and p.name in kind.entries and p.is_file()))
         if ours is None and foreign:
             raise ArtifactError(f"{out} holds files of its own ({', '.join(foreign[:5])}"
                                 f"{', ...' if len(foreign) > 5 else ''}) and no {kind.marker}: it is not a {kind.what}, "
