@@ -38,7 +38,7 @@ from neuron_peagle.config import BACKENDS, BuildConfig, ModelConfig, backends_th
 from neuron_peagle.default_model import require_default_model
 from neuron_peagle.errors import ArtifactError, ConfigError
 from neuron_peagle.graphs.interface import plan
-from neuron_peagle.output_dirs import claim_output_dir
+from neuron_peagle.output_dirs import check_output_dir, claim_output_dir
 from neuron_peagle.parallel import TensorParallel
 from neuron_peagle.runtime.drafter_choice import DrafterChoice
 from neuron_peagle.runtime.engine import Engine
@@ -113,6 +113,7 @@ def build_artifacts(request: BuildRequest) -> BuildReport:
     """Build the request's artifacts into its output directory, which the build holds locked throughout
     (neuron_peagle.output_dirs: a new or empty directory, or one a build made)."""
     started = time.perf_counter()
+    check_output_dir(request.out_dir, ARTIFACTS)  # whose directory it is: before anything else
     backend = get_backend(request.backend, request.tp_degree)  # a missing device stack: before any work
     with claim_output_dir(request.out_dir, ARTIFACTS) as out:
         return _build(request, backend, out, started)

@@ -427,7 +427,7 @@ class BuildConfig:
             raise ConfigError(
                 f"the largest prefill bucket ({buckets[-1]}) exceeds max_length ({self.max_length})"
             )
-        if self.dtype not in DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
     @property

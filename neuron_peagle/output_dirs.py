@@ -92,6 +92,7 @@ def claim_output_dir(out: Path, kind: OutputKind) -> Iterator[Path]:
     """The output directory, checked, created and locked for the block (see the module docstring)."""
     check_output_dir(out, kind)
     try:
+        created = [p for p in [out, *out.parents] if not p.exists()]  # what a refused run leaves as it found
         out.mkdir(parents=True, exist_ok=True)
         handle = open(out / LOCK_NAME, "a+")
     except OSError as err:
@@ -113,4 +114,9 @@ def claim_output_dir(out: Path, kind: OutputKind) -> Iterator[Path]:
             remove_stale_temporaries(out)
             yield out
         finally:
+            if [p.name for p in out.iterdir()] == [LOCK_NAME]:  # nothing written: leave no trace
+                (out / LOCK_NAME).unlink()
+                for directory in created:
+                    if directory.is_dir() and not any(directory.iterdir()):
+                        directory.rmdir()
             fcntl.flock(handle, fcntl.LOCK_UN)

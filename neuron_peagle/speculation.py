@@ -59,8 +59,7 @@ class SpeculationConfig:
         checks.integer("lookup_ngram", self.lookup_ngram, minimum=0)
         if self.plain and self.lookup_ngram:
             raise ConfigError("lookup_ngram needs a speculative mode: plain decoding drafts nothing")
-        if self.datastore not in (True, False, "auto") or isinstance(self.datastore, int) and not isinstance(
-                self.datastore, bool):
+        if not (isinstance(self.datastore, bool) or self.datastore == "auto"):
             raise ConfigError(f"datastore must be True, False or 'auto', got {self.datastore!r}")
         if self.short_draft_tokens is not None:
             checks.integer("short_draft_tokens", self.short_draft_tokens, minimum=0)

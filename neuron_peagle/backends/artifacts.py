@@ -114,6 +114,16 @@ def interface_fingerprint(graph: PlannedGraph, build: ArtifactBuild) -> str:
     return fingerprint(interface, (), build.versions, build.weights)
 
 
+def inside(out: Path, name: str) -> bool:
+    """Whether `name`, a path a manifest records, is a relative path that stays inside `out` (and is not
+    `out` itself), links and `..` resolved."""
+    if not name or Path(name).is_absolute():
+        return False
+    root = out.resolve()
+    path = (out / name).resolve()
+    return path != root and path.is_relative_to(root)
+
+
 def prune(out: Path, previous: Manifest | None, keep: set[str], folders: tuple[str, ...]) -> None:
     """Delete the files the previous build's manifest lists in the build's own `folders` that no planned,
     up-to-date graph owns. Nothing else is deleted: a file no manifest of ours recorded is not the build's
@@ -121,17 +131,12 @@ def prune(out: Path, previous: Manifest | None, keep: set[str], folders: tuple[s
     if previous is None:
         return
     owned = {g.hlo_file for g in previous.graphs if g.hlo_file} | {f for g in previous.graphs for f in g.files}
-    root = out.resolve()
-    doomed = []
-    for name in sorted(owned - keep):
-        path = out / name
-        if Path(name).parts[:1] and Path(name).parts[0] not in folders:
-            continue
-        if not path.resolve().is_relative_to(root) or path.resolve() == root:
-            raise ArtifactError(f"{out / 'manifest.json'} lists {name!r}, which lies outside {out}: it is not a "
-                                "manifest this tool wrote; nothing was deleted")
-        if path.exists():
-            doomed.append(path)
+    outside = sorted(name for name in owned if not inside(out, name))
+    if outside:
+        raise ArtifactError(f"{out / 'manifest.json'} lists {outside[0]!r}, which lies outside {out}: it is not a "
+                            "manifest this tool wrote; nothing was deleted")
+    doomed = [out / name for name in sorted(owned - keep)
+              if Path(name).parts[0] in folders and (out / name).exists()]
     for path in doomed:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from neuron_peagle.backends import hlo_audit
-from neuron_peagle.backends.artifacts import ArtifactBuild, BuiltGraphs, LoadReport, check_plan, graph_record, prune
+from neuron_peagle.backends.artifacts import (ArtifactBuild, BuiltGraphs, LoadReport, check_plan, graph_record, inside,
+                                              prune)
 from neuron_peagle.errors import ArtifactError
 from neuron_peagle.files import atomic_write_text
 from neuron_peagle.graphs.interface import PlannedGraph
@@ -113,7 +114,8 @@ def trace_all(plan: list[PlannedGraph], backend, build: ArtifactBuild) -> tuple[
                       fingerprint(digest, build.compiler_args, build.versions, build.weights), result)
         traced.append(item)
         old = previous.graph(graph.name) if previous else None
-        if old is not None and old.fingerprint == item.fingerprint and all((out / f).is_file() for f in old.files):
+        if old is not None and old.fingerprint == item.fingerprint and all(
+                inside(out, f) and (out / f).is_file() for f in old.files):
             fresh[graph.name] = old
             build.log.write({"event": "graph", "graph": graph.name, "status": "up to date"}, f"{graph.name}: up to date")
     prune(out, previous, {t.hlo_file for t in traced} | {f for record in fresh.values() for f in record.files},
