@@ -156,17 +156,17 @@ def test_eager_attention_window_changes_no_token(tiny_llama_dir, mode, monkeypat
     params = [SamplingParams(max_new_tokens=120, ignore_eos=True),
               SamplingParams(max_new_tokens=120, temperature=0.8, top_k=40, seed=5, ignore_eos=True)]
     seen = []
-    window = KVCache.window
+    rounded = KVCache.rounded_read_length
 
     def spy(self, last_slot):
-        seen.append(window(self, last_slot))
+        seen.append(rounded(self, last_slot))
         return seen[-1]
 
-    monkeypatch.setattr(KVCache, "window", spy)
+    monkeypatch.setattr(KVCache, "rounded_read_length", spy)
     engine = make_engine(tiny_llama_dir, **kwargs)
     narrowed = [[o.output_ids for o in engine.generate(prompts, p)] for p in params]
     assert min(seen) == 128 and 256 in seen and max(seen) == 384  # narrow at first, full cache by the end
-    monkeypatch.setattr(KVCache, "window", lambda self, last_slot: self.max_length)
+    monkeypatch.setattr(KVCache, "rounded_read_length", lambda self, last_slot: self.max_length)
     engine = make_engine(tiny_llama_dir, **kwargs)
     assert narrowed == [[o.output_ids for o in engine.generate(prompts, p)] for p in params]
     assert len(narrowed[0][0]) == 120

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from neuron_peagle.backends.base import Shapes, shapes_of
 from neuron_peagle.errors import BackendUnavailableError
+from neuron_peagle.state_writes import StateWrites, use_state_writes
 
 NEURON_INSTALL_HINT = (
     "the neuron backend is TorchNeuron (torch-neuronx 2.14 with torch 2.14, Neuron SDK 2.33 or newer, "
@@ -70,6 +71,7 @@ class CompiledBackend:
 
     def prepare(self, module: nn.Module, rows_per_call: int = 1) -> nn.Module:
         module = module.to(self.device)
+        use_state_writes(module, StateWrites.IN_PLACE)
         if self.device.type == "cpu":
             from neuron_peagle.backends.layout import cpu_weight_layout
 

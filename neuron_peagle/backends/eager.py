@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from neuron_peagle.state_writes import StateWrites, use_state_writes
+
 
 class EagerBackend:
     name = "eager"
@@ -16,6 +18,7 @@ class EagerBackend:
         from neuron_peagle.backends.layout import cpu_weight_layout
         from neuron_peagle.kv_cache import KVCache
 
+        use_state_writes(module, StateWrites.IN_PLACE_INT16)
         for layer in module.modules():
             if isinstance(layer, KVCache):
                 layer.narrows = True

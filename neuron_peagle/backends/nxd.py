@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from neuron_peagle.backends.nxd_graphs import NxdBundle, NxdGraph, graph_kwargs
 from neuron_peagle.errors import ArtifactError, BackendUnavailableError
 from neuron_peagle.files import atomic_path
-from neuron_peagle.graphs.state import functional_state
+from neuron_peagle.state_writes import StateWrites, use_state_writes
 
 INSTALL_HINT = (
     "the nxd backend needs the Neuron SDK 2.31 torch-xla stack (torch-neuronx 2.9, neuronx-cc 2.26, "
@@ -94,6 +94,7 @@ class NxdBackend:
     def prepare(self, module: nn.Module, rows_per_call: int = 1) -> nn.Module:
         """Weights stay on the host: `load` hands them, as one dict, to the NxDModel (whose compiler lays
         them out)."""
+        use_state_writes(module, StateWrites.REBIND)
         return module
 
     def load(self, model_path: Path, bundle: NxdBundle, weights: list[dict[str, Tensor]] | None = None) -> None:
@@ -131,12 +132,13 @@ class NxdBackend:
 def trace_graph(api: NxdApi, name: str, graph: NxdGraph, kwargs: dict[str, Tensor]):
     """NxD's TraceArtifacts of one graph (module on the CPU; nothing is compiled).
 
-    Traced under `functional_state`: NxD aliases a state buffer to its update (keeps it on the
-    device, written in place) only when the forward rebinds the buffer to an out-of-place result;
-    an in-place update of a buffer is not supported and could be lost on the device."""
+    The graph's state modules are switched to `StateWrites.REBIND` first (the build prepares them on
+    the xla backend, in place): NxD aliases a state buffer to its update (keeps it on the device,
+    written in place) only when the forward rebinds the buffer to an out-of-place result; an in-place
+    update of a buffer is not supported and could be lost on the device."""
+    use_state_writes(graph, StateWrites.REBIND)
     try:
-        with functional_state(graph):
-            return api.trace(graph, kwargs=kwargs)
+        return api.trace(graph, kwargs=kwargs)
     except RuntimeError as err:
         raise ArtifactError(f"neuronx-distributed could not trace graph {name}: {err}") from err
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from neuron_peagle.errors import BackendUnavailableError
+from neuron_peagle.state_writes import StateWrites, use_state_writes
 
 
 def _torch_xla():
@@ -33,6 +34,7 @@ class XlaBackend:
 
     def prepare(self, module: nn.Module, rows_per_call: int = 1) -> nn.Module:
         module = module.to(self.device)  # the compiler lays the weights out: rows_per_call is not needed
+        use_state_writes(module, StateWrites.IN_PLACE)
         self._xla.sync()
         return module
 

@@ -1,9 +1,9 @@
 """The plain-decoding graphs: prefill (one per prompt-length bucket) and single-token decode.
 
 Each graph is a module whose forward takes and returns only fixed-shape tensors, in the order its
-`Inputs` / `Outputs` tuples declare. The KV cache it holds is its state, updated through
-graphs/state.py (aliased input-output buffers on a device). No `.item()`, no branches on tensor
-values, no variable shapes.
+`Inputs` / `Outputs` tuples declare. The KV cache it holds is its state, written through the cache's
+own methods (neuron_peagle.state_writes; aliased input-output buffers on a device). No `.item()`, no
+branches on tensor values, no variable shapes.
 A graph is greedy or sampling by construction (`greedy=True` ignores the sampling inputs).
 """
 

@@ -3,7 +3,7 @@
 One step = draft (the proposer: one P-EAGLE drafter pass, or K sequential passes) + verify (one
 target pass over [y, d_1..d_K]) + accept (greedy prefix rule or lossless rejection sampling), with
 the target KV cache, the drafter KV cache and the pending-feature state all updated (in place, or by
-rebinding for the nxd trace: graphs/state.py).
+rebinding for the nxd trace: neuron_peagle.state_writes).
 Outputs are the committed tokens `[B, K+1]` padded with -1 and their count (1..K+1 per row).
 
 Terms (as in the rejection-sampling literature): the draft tokens d_1..d_K are *accepted* while they
@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from neuron_peagle.graphs.proposers import Proposer
 from neuron_peagle.graphs.spec_state import SpecState
-from neuron_peagle.graphs.state import assign_state
 from neuron_peagle.kernels import check_kernel_mode, lm_head_argmax
 from neuron_peagle.kv_cache import KVCache, step_room
 from neuron_peagle.models.target import TargetModel
@@ -93,12 +92,11 @@ class SpecPrefillGraph(nn.Module):
         features = state.pending_features
         slots = features.shape[1]
         # One pending pair, right-aligned: the last prompt position's features and the first new token.
-        assign_state(state, "pending_features", torch.cat(
-            [features.new_zeros(batch, slots - 1, features.shape[-1]), out.features.gather(1, last)], dim=1))
-        assign_state(state, "pending_tokens", torch.cat(
-            [torch.zeros(batch, slots - 1, dtype=first.dtype, device=first.device), first.unsqueeze(-1)], dim=1))
-        assign_state(state, "pending_count", torch.ones_like(state.pending_count))
-        assign_state(state, "last_position", lengths)
+        pending_features = torch.cat([features.new_zeros(batch, slots - 1, features.shape[-1]),
+                                      out.features.gather(1, last)], dim=1)
+        pending_tokens = torch.cat([torch.zeros(batch, slots - 1, dtype=first.dtype, device=first.device),
+                                    first.unsqueeze(-1)], dim=1)
+        state.hold(pending_features, pending_tokens, torch.ones_like(state.pending_count), lengths)
         return SpecPrefillOutputs(first, self.proposer.commit(state))
 
 
@@ -133,8 +131,7 @@ class SpecStepGraph(nn.Module):
         # Rows past their end (finished, or padding of a short batch) must keep writes in range (for
         # the longest K the state serves, so that every step graph clamps alike).
         longest_k = state.pending_tokens.shape[1] - 1
-        assign_state(state, "last_position",
-                     state.last_position.clamp(max=self.cache.max_length - step_room(longest_k) - 1))
+        state.assign("last_position", state.last_position.clamp(max=self.cache.max_length - step_room(longest_k) - 1))
         return self.proposer.propose(state, self.num_speculative_tokens)
 
     def verify(self, drafts: Tensor) -> Verified:  # drafts [B, K]
@@ -167,10 +164,7 @@ class SpecStepGraph(nn.Module):
         # each with the token committed after it, right-aligned in the S slots, for the next step.
         features = verified.features
         source = (torch.arange(slots, device=drafts.device) - (slots - counts).unsqueeze(-1)).clamp(min=0)  # [B, S]
-        assign_state(state, "pending_features",
-                     features.gather(1, source.unsqueeze(-1).expand(-1, -1, features.shape[-1])))
-        assign_state(state, "pending_tokens", tokens.gather(1, source))
-        assign_state(state, "pending_count", counts)
-        assign_state(state, "last_position", state.last_position + counts)
+        state.hold(features.gather(1, source.unsqueeze(-1).expand(-1, -1, features.shape[-1])),
+                   tokens.gather(1, source), counts, state.last_position + counts)
         known = self.proposer.commit(state)
         return SpecStepOutputs(tokens, counts, known)

@@ -21,8 +21,7 @@ from torch import Tensor, nn
 from neuron_peagle.config import DrafterConfig
 from neuron_peagle.kernels import DraftInputParams
 from neuron_peagle.kv_cache import KVCache
-from neuron_peagle.models.layers import (MLP, Attention, DecoderLayer, RMSNorm, RotaryTable, make_embedding,
-                                         make_linear)
+from neuron_peagle.models.layers import MLP, Attention, DecoderLayer, Embedding, RMSNorm, RotaryTable, make_linear
 
 
 class DrafterFirstLayer(nn.Module):
@@ -47,9 +46,9 @@ class DrafterFirstLayer(nn.Module):
         return torch.cat([self.input_layernorm(embeds), normed_hidden], dim=-1), residual
 
     def forward(self, x: Tensor, residual: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor,
-                key_cache: Tensor | None, value_cache: Tensor | None, visible: Tensor | None = None
+                cache: KVCache | None, visible: Tensor | None = None
                 ) -> Tensor:  # x [B, S, 2H] (from build_input or the fused kernel), residual [B, S, H] -> [B, S, H]
-        h = residual + self.self_attn(x, cos, sin, position_ids, key_cache, value_cache, visible)
+        h = residual + self.self_attn(x, cos, sin, position_ids, cache, 0, visible)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -66,7 +65,7 @@ class Drafter(nn.Module):
                         if c.fc_norm else None)
         self.mask_hidden = nn.Parameter(torch.zeros(3 * c.target_hidden_size), requires_grad=False)
         self.mask_embedding = nn.Parameter(torch.zeros(c.hidden_size), requires_grad=False)
-        self.embed_tokens = None if c.shares_target_embedding else make_embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens = None if c.shares_target_embedding else Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(
             [DrafterFirstLayer(c)]
             + [DecoderLayer(c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
@@ -135,10 +134,9 @@ class Drafter(nn.Module):
         # x [B, S, 2H] layer 0's input, residual [B, S, H]; position_ids [B, S] -> last layer's output
         # [B, S, H] (pre-norm)
         cos, sin = self.rotary(position_ids)
-        kv = (lambda i: cache.layer(i)) if cache is not None else (lambda i: (None, None))
-        h = self.layers[0](x, residual, cos, sin, position_ids, *kv(0), visible)
+        h = self.layers[0](x, residual, cos, sin, position_ids, cache, visible)
         for i, layer in enumerate(self.layers[1:], start=1):
-            h = layer(h, cos, sin, position_ids, *kv(i), visible)
+            h = layer(h, cos, sin, position_ids, cache, i, visible)
         return h
 
 

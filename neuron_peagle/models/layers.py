@@ -1,9 +1,8 @@
 """Building blocks of Llama-style decoders, written for fixed-shape tracing.
 
-Linear and embedding layers are created only through `make_linear` / `make_embedding`. Every linear
-layer is a plain `nn.Linear`: weight [out_features, in_features], the layout of Hugging Face
-checkpoints, of PyTorch's parallel styles and of neuronx-distributed's parallel layers, so loaders
-copy tensors as they are. How a weight sits in memory is the backend's choice, not the model's
+Linear layers are created only through `make_linear`, each a plain `nn.Linear`: weight
+[out_features, in_features], the layout of Hugging Face checkpoints, of PyTorch's parallel styles and
+of neuronx-distributed's parallel layers, so loaders copy tensors as they are. How a weight sits in memory is the backend's choice, not the model's
 (`backends/layout.py`). With tensor parallelism (neuron_peagle.parallel) a decoder layer's four
 projections are built whole, rows in rank order, and `TensorParallel.parallelize` shards them
 (attention heads, KV heads, MLP width); the attention and MLP code sees only this rank's heads and width.
@@ -12,15 +11,13 @@ projections are built whole, rows in rank order, and `TensorParallel.parallelize
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import skip_init
 
 from neuron_peagle.config import MoeConfig, RopeConfig
-from neuron_peagle.graphs import state
-from neuron_peagle.kv_cache import NO_POSITION
+from neuron_peagle.kv_cache import KVCache, WindowPlan
 from neuron_peagle.models.moe import SparseMoe
 from neuron_peagle.parallel import SINGLE, TensorParallel
 
@@ -48,10 +45,6 @@ def make_linear(in_features: int, out_features: int, bias: bool = False,
     layer = skip_init(nn.Linear, in_features, out_features, bias=bias)
     layer.requires_grad_(False)
     return layer
-
-
-def make_embedding(vocab_size: int, hidden_size: int) -> Embedding:
-    return Embedding(vocab_size, hidden_size)
 
 
 class RMSNorm(nn.Module):
@@ -135,71 +128,13 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # x: [B, heads, 
     return (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)
 
 
-def write_slots(cache: Tensor, index: Tensor, new: Tensor) -> Tensor:
-    """The cache [B, kv_heads, max_length, hd] with `new` [B, kv_heads, T, hd] written at slots `index`
-    (`scatter` along dim 2) in the cache's dtype; returns the tensor that now holds the cache.
-
-    In place by default (the same tensor comes back). On CPU, PyTorch's scatter over 16-bit floats
-    copies the whole cache on every call (1.7 ms for a [32, 3, 512, 64] bf16 cache against 0.013 ms
-    in float32), so eager writes the same bits through an int16 view. Compiled graphs (inductor,
-    neuron, xla) keep the plain scatter, which their compilers write in place. Under
-    `graphs.state.functional_state` (the nxd trace) the cache buffer is instead rebound to an
-    out-of-place scatter, the update neuronx-distributed aliases, and that new tensor comes back.
-    """
-    new = new.to(cache.dtype)
-    if state.is_functional():
-        return state.replace_state(cache, torch.scatter(cache, 2, index, new))
-    if cache.device.type == "cpu" and cache.element_size() == 2 and not torch.compiler.is_compiling():
-        cache.view(torch.int16).scatter_(2, index, new.view(torch.int16))
-    else:
-        cache.scatter_(2, index, new)
-    return cache
-
-
-class WindowPlan(NamedTuple):
-    """How one forward updates the rings of the sliding-window layers (all of one window size W).
-
-    A ring has S = W + T_step - 1 slots (T_step: the most tokens a decode or verify call writes); slot s
-    holds the newest position p with p % S == s. S >= W + T_step - 1 keeps every key a later query can
-    see, even after a verify wrote drafts that are then rejected (their positions are rewritten later).
-    The new entries are the T inputs (positions p0..p0+T-1; the first `valid` of them are written: a
-    prefill's prompt, not its padding). Computed once per forward by the target, shared by its layers.
-    """
-
-    old_positions: Tensor  # [B, S] the slots' positions before this call (NO_POSITION where stale or empty)
-    source: Tensor  # [B, S] which new entry (index into T) each slot takes
-    take_new: Tensor  # [B, S] bool: the slot takes that new entry (else it keeps its own)
-    positions: Tensor  # [B, S] the slots' positions after this call
-
-
-def plan_window(ring_positions: Tensor, position_ids: Tensor, valid: Tensor | None) -> WindowPlan:
-    """ring_positions [B, S]; position_ids [B, T] contiguous per row; valid [B] entries written (None: T)."""
-    slots = ring_positions.shape[1]
-    first = position_ids[:, :1]  # [B, 1]
-    last = position_ids[:, -1:] if valid is None else first + valid.unsqueeze(-1) - 1  # newest written position
-    # Entries at or after this call's first position are stale (rejected drafts, an earlier sequence).
-    old = torch.where(ring_positions >= first, torch.full_like(ring_positions, NO_POSITION), ring_positions)
-    slot = torch.arange(slots, device=position_ids.device).unsqueeze(0)  # [1, S]
-    newest = last - torch.remainder(last - slot, slots)  # [B, S] newest position <= last in each slot
-    take_new = newest >= first
-    source = (newest - first).clamp(min=0, max=position_ids.shape[1] - 1)
-    return WindowPlan(old, source, take_new, torch.where(take_new, newest, old))
-
-
-def write_ring(ring: Tensor, new: Tensor, window: WindowPlan) -> Tensor:
-    """The ring [B, nkv, S, hd] with each slot that takes a new entry (`new` [B, nkv, T, hd]) given it."""
-    batch, heads, slots, dim = ring.shape
-    index = window.source.view(batch, 1, slots, 1).expand(batch, heads, slots, dim)
-    updated = torch.where(window.take_new.view(batch, 1, slots, 1), new.to(ring.dtype).gather(2, index), ring)
-    return state.assign_buffer(ring, updated)
-
-
 class Attention(nn.Module):
     """Grouped-query attention over a fixed-length KV cache, masked by position.
 
-    The new keys/values are scattered into the cache at their position ids first; then every query
-    attends to all cache slots whose position is <= its own. Slots beyond a sequence's length hold
-    stale or padding entries and are never read, so rejected speculative entries need no cleanup.
+    The new keys/values are written to the cache at their position ids first (`KVCache.write`, in the
+    way the backend chose: neuron_peagle.state_writes); then every query attends to all cache slots
+    whose position is <= its own. Slots beyond a sequence's length hold stale or padding entries and
+    are never read, so rejected speculative entries need no cleanup.
     """
 
     def __init__(self, hidden_in: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -207,7 +142,7 @@ class Attention(nn.Module):
                  qk_norm_eps: float | None = None, sliding_window: int | None = None, sinks: bool = False) -> None:
         super().__init__()
         # gpt-oss: a sliding-window layer attends to the last `sliding_window` positions, from a ring of
-        # its own (see `WindowPlan`); sinks are one learned logit per head that joins the softmax.
+        # its own (see `kv_cache.WindowPlan`); sinks are one learned logit per head that joins the softmax.
         self.sliding_window = sliding_window
         self.sinks = nn.Parameter(torch.zeros(num_heads), requires_grad=False) if sinks else None
         # This rank's heads (all of them without tensor parallelism); the projections are built whole.
@@ -221,12 +156,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor,
-                key_cache: Tensor | None, value_cache: Tensor | None, visible: Tensor | None = None,
-                read_length: int | None = None, window: "WindowPlan | None" = None) -> Tensor:
-        # x: [B, T, hidden_in]; position_ids: [B, T]; caches: [B, kv_heads, max_length, hd].
-        # Without caches (training) the T inputs attend to each other under `visible` [B, T, T].
-        # With read_length < max_length only the cache slots [0, read_length) are read (eager only).
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor, cache: KVCache | None = None,
+                layer: int = 0, visible: Tensor | None = None, window: WindowPlan | None = None) -> Tensor:
+        # x: [B, T, hidden_in]; position_ids: [B, T]; the new keys and values go to layer `layer` of `cache`.
+        # Without a cache (training) the T inputs attend to each other under `visible` [B, T, T].
         batch, seq, _ = x.shape
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
@@ -241,19 +174,14 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
 
-        if key_cache is None:
+        if cache is None:
             keys, values = k, v
         elif self.sliding_window is not None:
-            keys, values, visible = self._window_keys(key_cache, value_cache, k, v, position_ids, window)
+            keys, values, visible = self._window_keys(cache, layer, k, v, position_ids, window)
         else:
-            index = position_ids.view(batch, 1, seq, 1).expand(batch, nkv, seq, hd)
-            key_cache = write_slots(key_cache, index, k)
-            value_cache = write_slots(value_cache, index, v)
-            keys, values = key_cache, value_cache
-            if read_length is not None and read_length < key_cache.shape[2]:
-                keys, values = key_cache[:, :, :read_length], value_cache[:, :, :read_length]
+            keys, values = cache.write(layer, position_ids, k, v)  # [B, nkv, read_length, hd] each
             slot = torch.arange(keys.shape[2], device=x.device)
-            visible = slot.view(1, 1, -1) <= position_ids.unsqueeze(-1)  # [B, T, max_length]
+            visible = slot.view(1, 1, -1) <= position_ids.unsqueeze(-1)  # [B, T, read_length]
 
         length = keys.shape[2]
         groups = nh // nkv
@@ -272,18 +200,18 @@ class Attention(nn.Module):
         out = out.view(batch, nh, seq, hd).transpose(1, 2).reshape(batch, seq, nh * hd)
         return self.o_proj(out.to(x.dtype))
 
-    def _window_keys(self, key_cache: Tensor, value_cache: Tensor, k: Tensor, v: Tensor, position_ids: Tensor,
-                     window: "WindowPlan") -> tuple[Tensor, Tensor, Tensor]:
+    def _window_keys(self, cache: KVCache, layer: int, k: Tensor, v: Tensor, position_ids: Tensor,
+                     window: WindowPlan) -> tuple[Tensor, Tensor, Tensor]:
         """The ring's entries and the new ones side by side ([B, nkv, S + T, hd] each) with what each
         query sees of them ([B, T, S + T]: positions in (q - sliding_window, q]); the ring then takes
         the newest entry of each of its slots."""
-        keys = torch.cat([key_cache.to(k.dtype), k], dim=2)
-        values = torch.cat([value_cache.to(v.dtype), v], dim=2)
+        key_ring, value_ring = cache.layer(layer)
+        keys = torch.cat([key_ring.to(k.dtype), k], dim=2)
+        values = torch.cat([value_ring.to(v.dtype), v], dim=2)
         key_positions = torch.cat([window.old_positions, position_ids], dim=1).unsqueeze(1)  # [B, 1, S+T]
         query = position_ids.unsqueeze(-1)  # [B, T, 1]
         visible = (key_positions <= query) & (key_positions > query - self.sliding_window)
-        write_ring(key_cache, k, window)
-        write_ring(value_cache, v, window)
+        cache.write_ring(layer, k, v, window)
         return keys, values, visible
 
 
@@ -316,9 +244,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden_size, eps, norm_scale_in_float32)
         self.mlp = SparseMoe(hidden_size, moe) if moe is not None else MLP(hidden_size, intermediate_size, mlp_bias, tp)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor, key_cache: Tensor | None,
-                value_cache: Tensor | None, visible: Tensor | None = None,
-                read_length: int | None = None, window: WindowPlan | None = None) -> Tensor:  # [B, T, H] -> [B, T, H]
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, key_cache, value_cache, visible,
-                               read_length, window)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor, cache: KVCache | None = None,
+                layer: int = 0, visible: Tensor | None = None,
+                window: WindowPlan | None = None) -> Tensor:  # [B, T, H] -> [B, T, H]
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, cache, layer, visible, window)
         return h + self.mlp(self.post_attention_layernorm(h))

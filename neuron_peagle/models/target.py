@@ -18,9 +18,7 @@ from torch import Tensor, nn
 from neuron_peagle.config import ModelConfig
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.kv_cache import KVCache
-from neuron_peagle.graphs.state import assign_state
-from neuron_peagle.models.layers import (DecoderLayer, RMSNorm, RotaryTable, make_embedding, make_linear,
-                                         plan_window)
+from neuron_peagle.models.layers import DecoderLayer, Embedding, RMSNorm, RotaryTable, make_linear
 from neuron_peagle.models.moe import SparseMoe
 from neuron_peagle.models.moe_weights import moe_shapes
 from neuron_peagle.models.mxfp4 import dequantize_experts
@@ -64,7 +62,7 @@ class TargetModel(nn.Module):
             raise ConfigError(f"tensor parallelism of {c.architecture} targets is not implemented yet: "
                               "run them with tp_degree 1")
         tp.check(c.num_attention_heads, c.num_key_value_heads, c.intermediate_size)
-        self.embed_tokens = make_embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
         sparse = c.moe.sparse_layers if c.moe is not None else (False,) * c.num_hidden_layers
         self.layers = nn.ModuleList(
             DecoderLayer(c.hidden_size, c.intermediate_size, c.num_attention_heads,
@@ -99,20 +97,18 @@ class TargetModel(nn.Module):
         # valid_lengths [B]: how many of the T inputs are real (a prefill's prompt); None: all.
         h = self.embed(input_ids)
         cos, sin = self.rotary(position_ids)
-        window = None
-        if cache.window_positions is not None:
-            if input_ids.shape[1] > cache.window_positions.shape[1] - self.config.sliding_window + 1 and (
-                    valid_lengths is None):
-                raise ConfigError(f"a call writing {input_ids.shape[1]} tokens needs a cache made with "
-                                  f"new_cache(step_tokens >= {input_ids.shape[1]})")
-            window = plan_window(cache.window_positions, position_ids, valid_lengths)
+        if cache.window_positions is not None and valid_lengths is None and (
+                input_ids.shape[1] > cache.window_positions.shape[1] - self.config.sliding_window + 1):
+            raise ConfigError(f"a call writing {input_ids.shape[1]} tokens needs a cache made with "
+                              f"new_cache(step_tokens >= {input_ids.shape[1]})")
+        window = cache.plan_window(position_ids, valid_lengths)  # None without sliding-window layers
         entering: dict[int, Tensor] = {}
         for i, layer in enumerate(self.layers):
             if features and i in self.feature_layers:
                 entering[i] = h
-            h = layer(h, cos, sin, position_ids, *cache.layer(i), read_length=cache.read_length, window=window)
+            h = layer(h, cos, sin, position_ids, cache, i, window=window)
         if window is not None:
-            assign_state(cache, "window_positions", window.positions)
+            cache.advance_window(window)
         return h, torch.cat([entering[i] for i in self.feature_layers], dim=-1) if features else None
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache,
