@@ -21,7 +21,17 @@ from torch import Tensor, nn
 from neuron_peagle.config import DrafterConfig
 from neuron_peagle.kernels import DraftInputParams
 from neuron_peagle.kv_cache import KVCache
-from neuron_peagle.models.layers import MLP, Attention, DecoderLayer, Embedding, RMSNorm, RotaryTable, make_linear
+from neuron_peagle.models.layers import (MLP, Attention, DecoderLayer, Embedding, LayerConfig, RMSNorm, RotaryTable,
+                                         make_linear)
+
+
+def drafter_layer_config(config: DrafterConfig, first: bool = False) -> LayerConfig:
+    """The drafter's decoder layers: Llama's or Qwen3's (per-head q/k norms), no biases; layer 0's
+    attention (`first`) reads the 2H-wide [norm(embedding), norm(hidden)]."""
+    c = config
+    return LayerConfig(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                       num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
+                       eps=c.rms_norm_eps, qk_norm=c.qk_norm, input_size=2 * c.hidden_size if first else None)
 
 
 class DrafterFirstLayer(nn.Module):
@@ -29,15 +39,13 @@ class DrafterFirstLayer(nn.Module):
 
     def __init__(self, config: DrafterConfig) -> None:
         super().__init__()
-        c = config
-        self.norm_before_residual = c.norm_before_residual
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = Attention(2 * c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
-                                   c.head_dim, c.hidden_size, qkv_bias=False, o_bias=False,
-                                   qk_norm_eps=c.rms_norm_eps if c.qk_norm else None)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = MLP(c.hidden_size, c.intermediate_size, bias=False)
+        layer = drafter_layer_config(config, first=True)
+        self.norm_before_residual = config.norm_before_residual
+        self.input_layernorm = RMSNorm(layer.hidden_size, layer.eps)
+        self.hidden_norm = RMSNorm(layer.hidden_size, layer.eps)
+        self.self_attn = Attention(layer)
+        self.post_attention_layernorm = RMSNorm(layer.hidden_size, layer.eps)
+        self.mlp = MLP(layer)
 
     def build_input(self, embeds: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
         # embeds, hidden: [B, S, H] -> the attention input [B, S, 2H], the residual [B, S, H]
@@ -68,8 +76,7 @@ class Drafter(nn.Module):
         self.embed_tokens = None if c.shares_target_embedding else Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(
             [DrafterFirstLayer(c)]
-            + [DecoderLayer(c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
-                            c.head_dim, c.rms_norm_eps, qk_norm=c.qk_norm) for _ in range(c.num_layers - 1)]
+            + [DecoderLayer(drafter_layer_config(c)) for _ in range(c.num_layers - 1)]
         )
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = make_linear(c.hidden_size, c.draft_vocab_size)

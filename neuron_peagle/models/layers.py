@@ -2,15 +2,17 @@
 
 Linear layers are created only through `make_linear`, each a plain `nn.Linear`: weight
 [out_features, in_features], the layout of Hugging Face checkpoints, of PyTorch's parallel styles and
-of neuronx-distributed's parallel layers, so loaders copy tensors as they are. How a weight sits in memory is the backend's choice, not the model's
-(`backends/layout.py`). With tensor parallelism (neuron_peagle.parallel) a decoder layer's four
-projections are built whole, rows in rank order, and `TensorParallel.parallelize` shards them
-(attention heads, KV heads, MLP width); the attention and MLP code sees only this rank's heads and width.
+of neuronx-distributed's parallel layers, so loaders copy tensors as they are. How a weight sits in
+memory is the backend's choice, not the model's (`backends/layout.py`). With tensor parallelism
+(neuron_peagle.parallel) a decoder layer's four projections are built whole, rows in rank order, and
+`TensorParallel.parallelize` shards them (attention heads, KV heads, MLP width); the attention and MLP
+code sees only this rank's heads and width. A layer takes one `LayerConfig`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +22,33 @@ from neuron_peagle.config import MoeConfig, RopeConfig
 from neuron_peagle.kv_cache import KVCache, WindowPlan
 from neuron_peagle.models.moe import SparseMoe
 from neuron_peagle.parallel import SINGLE, TensorParallel
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """One decoder layer's shape and options (as gpt-fast's TransformerBlock takes its config): built
+    per layer from the target's ModelConfig (`models.target.target_layer_config`) and from a
+    DrafterConfig (`models.drafter.drafter_layer_config`). Attention and MLP read it too."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float  # of every RMSNorm of the layer
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each query and key head, before rope
+    moe: MoeConfig | None = None  # the MLP is a mixture of experts (models/moe.py)
+    sliding_window: int | None = None  # gpt-oss: attends to the last `sliding_window` positions only
+    sinks: bool = False  # gpt-oss: one learned logit per head joins the softmax
+    norm_scale_in_float32: bool = False  # the layer norms' order of scale and cast (`RMSNorm`)
+    input_size: int | None = None  # attention's input width where it is not hidden_size (drafter layer 0: 2H)
+
+    @property
+    def attention_input_size(self) -> int:
+        return self.input_size if self.input_size is not None else self.hidden_size
 
 
 class Embedding(nn.Module):
@@ -137,24 +166,23 @@ class Attention(nn.Module):
     are never read, so rejected speculative entries need no cleanup.
     """
 
-    def __init__(self, hidden_in: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 hidden_out: int, qkv_bias: bool, o_bias: bool, tp: TensorParallel = SINGLE,
-                 qk_norm_eps: float | None = None, sliding_window: int | None = None, sinks: bool = False) -> None:
+    def __init__(self, config: LayerConfig, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
+        c = config
         # gpt-oss: a sliding-window layer attends to the last `sliding_window` positions, from a ring of
         # its own (see `kv_cache.WindowPlan`); sinks are one learned logit per head that joins the softmax.
-        self.sliding_window = sliding_window
-        self.sinks = nn.Parameter(torch.zeros(num_heads), requires_grad=False) if sinks else None
+        self.sliding_window = c.sliding_window
+        self.sinks = nn.Parameter(torch.zeros(c.num_heads), requires_grad=False) if c.sinks else None
         # This rank's heads (all of them without tensor parallelism); the projections are built whole.
-        self.num_heads = tp.local(num_heads, "attention heads")
-        self.num_kv_heads = len(tp.kv_heads(num_kv_heads))
-        self.head_dim = head_dim
-        self.qkv_proj = make_linear(hidden_in, tp.degree * (self.num_heads + 2 * self.num_kv_heads) * head_dim,
-                                    qkv_bias)
-        self.o_proj = make_linear(tp.degree * self.num_heads * head_dim, hidden_out, o_bias)
+        self.num_heads = tp.local(c.num_heads, "attention heads")
+        self.num_kv_heads = len(tp.kv_heads(c.num_kv_heads))
+        self.head_dim = hd = c.head_dim
+        qkv_rows = tp.degree * (self.num_heads + 2 * self.num_kv_heads) * hd
+        self.qkv_proj = make_linear(c.attention_input_size, qkv_rows, c.qkv_bias)
+        self.o_proj = make_linear(tp.degree * self.num_heads * hd, c.hidden_size, c.o_bias)
         # Qwen3: an RMSNorm over each query and key head (one weight of head_dim for all heads), before rope.
-        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
-        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.q_norm = RMSNorm(hd, c.eps) if c.qk_norm else None
+        self.k_norm = RMSNorm(hd, c.eps) if c.qk_norm else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor, cache: KVCache | None = None,
                 layer: int = 0, visible: Tensor | None = None, window: WindowPlan | None = None) -> Tensor:
@@ -218,11 +246,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU with gate and up projections fused into one matmul."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, tp: TensorParallel = SINGLE) -> None:
+    def __init__(self, config: LayerConfig, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.intermediate_size = tp.local(intermediate_size, "intermediate size")  # this rank's share
-        self.gate_up_proj = make_linear(hidden_size, 2 * intermediate_size, bias)
-        self.down_proj = make_linear(intermediate_size, hidden_size, bias)
+        c = config
+        self.intermediate_size = tp.local(c.intermediate_size, "intermediate size")  # this rank's share
+        self.gate_up_proj = make_linear(c.hidden_size, 2 * c.intermediate_size, c.mlp_bias)
+        self.down_proj = make_linear(c.intermediate_size, c.hidden_size, c.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -230,19 +259,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm Llama block; with `moe`, its MLP is a mixture of experts (models/moe.py)."""
+    """Pre-norm Llama block; with `config.moe`, its MLP is a mixture of experts (models/moe.py)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, num_heads: int, num_kv_heads: int,
-                 head_dim: int, eps: float, qkv_bias: bool = False, o_bias: bool = False,
-                 mlp_bias: bool = False, tp: TensorParallel = SINGLE, qk_norm: bool = False,
-                 moe: MoeConfig | None = None, sliding_window: int | None = None, sinks: bool = False,
-                 norm_scale_in_float32: bool = False) -> None:
+    def __init__(self, config: LayerConfig, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(hidden_size, eps, norm_scale_in_float32)
-        self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, hidden_size,
-                                   qkv_bias, o_bias, tp, eps if qk_norm else None, sliding_window, sinks)
-        self.post_attention_layernorm = RMSNorm(hidden_size, eps, norm_scale_in_float32)
-        self.mlp = SparseMoe(hidden_size, moe) if moe is not None else MLP(hidden_size, intermediate_size, mlp_bias, tp)
+        c = config
+        self.input_layernorm = RMSNorm(c.hidden_size, c.eps, c.norm_scale_in_float32)
+        self.self_attn = Attention(c, tp)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.eps, c.norm_scale_in_float32)
+        self.mlp = SparseMoe(c.hidden_size, c.moe) if c.moe is not None else MLP(c, tp)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor, cache: KVCache | None = None,
                 layer: int = 0, visible: Tensor | None = None,
