@@ -16,7 +16,9 @@ sampling inputs); the engine keeps one of each and uses the one a batch needs.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -26,8 +28,12 @@ from neuron_peagle.graphs.spec_state import SpecState
 from neuron_peagle.kernels import check_kernel_mode, lm_head_argmax
 from neuron_peagle.kv_cache import KVCache, step_room
 from neuron_peagle.models.target import TargetModel
-from neuron_peagle.sampling import (SamplingTensors, greedy_accept, rejection_accept, sample_tokens,
-                                    target_probs)
+from neuron_peagle.sampling import SamplingTensors, greedy_accept, next_tokens, rejection_accept, target_probs
+
+# Given the name of a step part ("draft", "verify", "accept"), a context manager around it: a host-side
+# timer (runtime.step_parts) on eager.
+PartTimer = Callable[[str], AbstractContextManager]
+Result = TypeVar("Result")
 
 
 class SpecPrefillInputs(NamedTuple):
@@ -82,10 +88,7 @@ class SpecPrefillGraph(nn.Module):
         positions = torch.arange(bucket, device=input_ids.device).expand(batch, bucket)
         out = self.target(input_ids, positions, self.cache, (lengths - 1).unsqueeze(-1), return_features=True,
                           valid_lengths=lengths)
-        if self.greedy:
-            first = out.logits[:, 0].argmax(-1)
-        else:
-            first = sample_tokens(out.logits, SamplingTensors(temperature, top_k, top_p), sample_uniform)[:, 0]
+        first = next_tokens(out.logits, self.greedy, SamplingTensors(temperature, top_k, top_p), sample_uniform)
         self.proposer.prefill(out.features, input_ids, lengths)
         last = (lengths - 1).view(batch, 1, 1).expand(batch, 1, out.features.shape[-1])
         state = self.state
@@ -118,13 +121,15 @@ class SpecStepGraph(nn.Module):
 
     def forward(self, temperature: Tensor, top_k: Tensor, top_p: Tensor, accept_uniform: Tensor,
                 sample_uniform: Tensor) -> SpecStepOutputs:
-        drafts = self.draft()
-        verified = self.verify(drafts)
-        return self.accept(drafts, verified, SamplingTensors(temperature, top_k, top_p), accept_uniform,
-                           sample_uniform)
+        return self.run_parts(SpecStepInputs(temperature, top_k, top_p, accept_uniform, sample_uniform))
 
-    # The three parts of a step, each a method so that a host-side timer (runtime.step_parts) can run
-    # them one by one on eager; a compiled graph runs `forward`, whole.
+    def run_parts(self, inputs: SpecStepInputs, timer: PartTimer | None = None) -> SpecStepOutputs:
+        """The step, part by part: draft, verify, accept. With a `timer` (runtime.step_parts on eager)
+        each part runs inside `timer(name)`; a compiled graph runs without one, and tracing takes the
+        `timer is None` path only, so no Python timing enters the graph."""
+        drafts = _in_part(timer, "draft", self.draft)
+        verified = _in_part(timer, "verify", self.verify, drafts)
+        return _in_part(timer, "accept", self.accept, drafts, verified, inputs)
 
     def draft(self) -> Tensor:  # -> drafts [B, K] (target ids)
         state = self.state
@@ -151,15 +156,14 @@ class SpecStepGraph(nn.Module):
         out = self.target(verify_tokens, verify_positions, self.cache, rows, return_features=True)
         return Verified(out.features, None, out.logits)
 
-    def accept(self, drafts: Tensor, verified: Verified, sampling: SamplingTensors, accept_uniform: Tensor,
-               sample_uniform: Tensor) -> SpecStepOutputs:
+    def accept(self, drafts: Tensor, verified: Verified, inputs: SpecStepInputs) -> SpecStepOutputs:
         state = self.state
         slots = state.pending_tokens.shape[1]
         if self.greedy:
             tokens, counts = greedy_accept(drafts, verified.target_tokens)
         else:
-            probs = target_probs(verified.logits, sampling)
-            tokens, counts = rejection_accept(drafts, probs, accept_uniform, sample_uniform)
+            probs = target_probs(verified.logits, SamplingTensors(inputs.temperature, inputs.top_k, inputs.top_p))
+            tokens, counts = rejection_accept(drafts, probs, inputs.accept_uniform, inputs.sample_uniform)
         # The verified positions 0..n (y and the accepted drafts) have exact target features; pair
         # each with the token committed after it, right-aligned in the S slots, for the next step.
         features = verified.features
@@ -168,3 +172,10 @@ class SpecStepGraph(nn.Module):
                    tokens.gather(1, source), counts, state.last_position + counts)
         known = self.proposer.commit(state)
         return SpecStepOutputs(tokens, counts, known)
+
+
+def _in_part(timer: PartTimer | None, name: str, part: Callable[..., Result], *args) -> Result:
+    if timer is None:
+        return part(*args)
+    with timer(name):
+        return part(*args)
