@@ -101,6 +101,14 @@ def sample_tokens(logits: Tensor, sampling: SamplingTensors, uniform: Tensor) ->
     return sample_from_probs(target_probs(logits, sampling), uniform)
 
 
+def next_tokens(logits: Tensor, greedy: bool, sampling: SamplingTensors, uniform: Tensor) -> Tensor:
+    """The token after one position per row, as the prefill and decode graphs pick it: logits [B, 1, V],
+    uniform [B, 1] -> [B] int64, the argmax in a greedy graph (which traces no softmax) or sampled."""
+    if greedy:
+        return logits[:, 0].argmax(-1)
+    return sample_tokens(logits, sampling, uniform)[:, 0]
+
+
 def _commit(draft_tokens: Tensor, accepted: Tensor, final_tokens: Tensor) -> tuple[Tensor, Tensor]:
     """draft_tokens [B, K], accepted [B, K] bool, final_tokens [B, K+1] (the token to emit if the run
     of accepts ends at that position) -> (tokens [B, K+1] int64 padded, counts [B] int64)."""

@@ -114,15 +114,20 @@ def test_cpu_backend_chooses_the_weight_strides_and_the_model_keeps_the_checkpoi
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_kv_writes_put_the_same_bits_where_scatter_puts_them(dtype):
-    from neuron_peagle.models.layers import write_slots
+    """As the eager backend writes a KV cache (16-bit ones through an int16 view)."""
+    from neuron_peagle.kv_cache import KVCache
+    from neuron_peagle.state_writes import StateWrites, use_state_writes
 
     generator = torch.Generator().manual_seed(0)
-    cache = torch.randn(3, 2, 40, 8, generator=generator).to(dtype)
+    kv = KVCache(1, 3, 2, 40, 8, dtype)
+    use_state_writes(kv, StateWrites.IN_PLACE_INT16)
+    cache = kv.key_0
+    cache.copy_(torch.randn(3, 2, 40, 8, generator=generator).to(dtype))
     expected = cache.clone()
     new = torch.randn(3, 2, 4, 8, generator=generator)  # float32 in, cast to the cache's dtype
     positions = torch.stack([torch.randperm(40, generator=generator)[:4] for _ in range(3)])  # [B, T]
     index = positions.view(3, 1, 4, 1).expand(3, 2, 4, 8)
-    write_slots(cache, index, new)
+    kv.write(0, positions, new, new)
     expected.scatter_(2, index, new.to(dtype))
     assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))  # every bit, NaN-safe
     assert torch.equal(cache.gather(2, index), new.to(dtype))

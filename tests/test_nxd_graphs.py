@@ -17,10 +17,10 @@ import torch
 from neuron_peagle.graphs.interface import GRAPH_KINDS, PREFILL_KINDS, plan
 from neuron_peagle.backends.nxd_graphs import INPUT_NAMES, GraphRouter, NxdBundle, NxdGraph
 from neuron_peagle.errors import ArtifactError
-from neuron_peagle.graphs.state import functional_state
 from neuron_peagle.runtime.batch import pad_prompts
 from neuron_peagle.runtime.engine import SamplingParams
 from neuron_peagle.runtime.step_parts import TimedStep
+from neuron_peagle.state_writes import StateWrites, use_state_writes
 from test_datastore import small_model_with_datastore  # noqa: F401  (a fixture)
 from spec_helpers import make_engine
 
@@ -49,9 +49,9 @@ def test_the_shared_signature_takes_every_input_of_every_graph_as_an_optional_ke
 @pytest.mark.parametrize("mode", ["plain", "parallel"])
 def test_the_traced_wrapper_computes_the_graph_and_rebinds_its_updated_state(tiny_llama_dir, mode):
     """Graph by graph in plan order (so each step graph starts from its prefill's state): the graph
-    run as it is and run through NxdGraph from the same state, under functional_state as
-    backends/nxd.py traces it, give the same outputs and the same new state, and the wrapper leaves
-    every state buffer rebound to a new tensor."""
+    run as the eager engine runs it and run through NxdGraph from the same state, its state modules in
+    StateWrites.REBIND as backends/nxd.py traces it, give the same outputs and the same new state, and
+    the wrapper leaves every state buffer rebound to a new tensor."""
     _, specs = planned(tiny_llama_dir, mode)
     bundle = NxdBundle.of(specs)
     for spec in specs:
@@ -64,6 +64,7 @@ def test_the_traced_wrapper_computes_the_graph_and_rebinds_its_updated_state(tin
                 if buffer.is_floating_point():
                     buffer.add_(1.0)
         start = {name: b.clone() for name, b in spec.state_buffers.items()}
+        use_state_writes(spec.module, StateWrites.IN_PLACE_INT16)  # as the eager backend prepared it
         with torch.no_grad():
             want = spec.module(*spec.example_inputs)
         want_state = {name: b.clone() for name, b in spec.state_buffers.items()}
@@ -71,7 +72,8 @@ def test_the_traced_wrapper_computes_the_graph_and_rebinds_its_updated_state(tin
             spec.module.get_buffer(name).copy_(value)
         before = dict(spec.state_buffers)
         graph = bundle.graphs[spec.name]
-        with torch.no_grad(), functional_state(graph):
+        use_state_writes(graph, StateWrites.REBIND)
+        with torch.no_grad():
             got = graph(**bundle.example_inputs[spec.name])
         assert isinstance(got, tuple) and len(got) == len(spec.module.Outputs._fields)
         assert all(torch.equal(g, w) for g, w in zip(got, want)), spec.name

@@ -192,7 +192,7 @@ def test_ranks_on_their_shards_compute_the_whole_layer(models, family, degree):
     positions = torch.tensor([[0, 1, 2, 3, 4], [3, 4, 5, 6, 7]])
     cos, sin = whole.rotary(positions)
     layer = whole.layers[1]
-    want_attn = layer.self_attn(x, cos, sin, positions, *cache.layer(1))
+    want_attn = layer.self_attn(x, cos, sin, positions, cache, 1)
     want_mlp = layer.mlp(x)
 
     got_attn, got_mlp = torch.zeros_like(want_attn), torch.zeros_like(want_mlp)
@@ -205,7 +205,7 @@ def test_ranks_on_their_shards_compute_the_whole_layer(models, family, degree):
         assert (attn.num_heads, attn.num_kv_heads) == (HEADS // degree, len(tp.kv_heads(num_kv)))
         assert rank_cache.shape == (2, len(tp.kv_heads(num_kv)), 32, HD)
         assert all(b.shape == rank_cache.shape and not b.any() for b in rank_cache.buffers())
-        got_attn += attn(x, cos, sin, positions, *rank_cache.layer(1))
+        got_attn += attn(x, cos, sin, positions, rank_cache, 1)
         got_mlp += target.layers[1].mlp(x)
         heads = tp.for_rank(rank).kv_heads(num_kv)
         for got, want in zip(rank_cache.layer(1), cache.layer(1)):

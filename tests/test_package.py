@@ -1,5 +1,6 @@
-"""The package's seams: the library never imports the build tool, the public names import from the top,
-and the speculation settings have one set of defaults wherever they are given."""
+"""The package's seams: the library never imports the build tool, the models never import the graphs,
+the public names import from the top, and the speculation settings have one set of defaults wherever
+they are given."""
 
 from __future__ import annotations
 
@@ -31,6 +32,16 @@ def test_no_module_of_the_library_imports_compile():
     assert {path: mods for path, mods in offenders.items() if mods} == {}
     # The check itself sees imports: the build tool does import the library.
     assert any(m.startswith("neuron_peagle") for m in _imported_modules(REPO / "compile" / "build.py"))
+
+
+def test_the_models_import_nothing_of_the_graphs():
+    """models/ are the networks; graphs/ are built on them (and write their state through
+    neuron_peagle.state_writes, below both), never the other way."""
+    offenders = {str(path.relative_to(REPO)): sorted(m for m in _imported_modules(path)
+                                                     if m.startswith("neuron_peagle.graphs"))
+                 for path in (REPO / "neuron_peagle" / "models").rglob("*.py")}
+    assert {path: mods for path, mods in offenders.items() if mods} == {}
+    assert "neuron_peagle.models.target" in _imported_modules(REPO / "neuron_peagle" / "graphs" / "plain.py")
 
 
 def test_the_public_names_import_from_the_top():

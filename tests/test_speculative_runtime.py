@@ -156,10 +156,10 @@ def test_eager_attention_window_changes_no_token(tiny_llama_dir, mode, monkeypat
     params = [SamplingParams(max_new_tokens=120, ignore_eos=True),
               SamplingParams(max_new_tokens=120, temperature=0.8, top_k=40, seed=5, ignore_eos=True)]
     seen = []
-    window = KVCache.rounded_read_length
+    rounded = KVCache.rounded_read_length
 
     def spy(self, last_slot):
-        seen.append(window(self, last_slot))
+        seen.append(rounded(self, last_slot))
         return seen[-1]
 
     monkeypatch.setattr(KVCache, "rounded_read_length", spy)
@@ -170,3 +170,47 @@ def test_eager_attention_window_changes_no_token(tiny_llama_dir, mode, monkeypat
     engine = make_engine(tiny_llama_dir, **kwargs)
     assert narrowed == [[o.output_ids for o in engine.generate(prompts, p)] for p in params]
     assert len(narrowed[0][0]) == 120
+
+
+def test_the_timed_step_runs_the_step_graphs_parts_with_a_clock_and_changes_nothing(tiny_llama_dir):
+    """Eager times a step through TimedStep (runtime.step_parts), which runs SpecStepGraph.run_parts with
+    a timer, as `forward` runs it without one: the same outputs and new state, each part timed, in order."""
+    from contextlib import contextmanager
+
+    from neuron_peagle.graphs.interface import plan
+    from neuron_peagle.runtime.step_parts import PARTS, TimedStep
+
+    engine = make_engine(tiny_llama_dir, mode="parallel", num_speculative_tokens=3, batch_size=2, max_length=96,
+                         prefill_buckets=(16,))
+    engine.runner.prefill(PROMPTS, BatchSampling.from_params([SamplingParams()], 2))
+    spec = next(s for s in plan(engine.runner) if s.name == "spec_step_sampling")
+    start = {name: b.clone() for name, b in spec.state_buffers.items()}
+    results = []
+    for run in ("forward", "timed", "named"):
+        for name, value in start.items():
+            spec.module.get_buffer(name).copy_(value)
+        timings: dict[str, float] = {}
+        names: list[str] = []
+
+        @contextmanager
+        def record(name):
+            names.append(name)
+            yield
+
+        with torch.inference_mode():
+            if run == "forward":
+                outputs = spec.module(*spec.example_inputs)
+            elif run == "timed":
+                outputs = TimedStep(spec.module, timings)(*spec.example_inputs)
+            else:
+                outputs = spec.module.run_parts(spec.example_inputs, record)
+        results.append((outputs, {name: b.clone() for name, b in spec.state_buffers.items()}))
+        if run == "timed":
+            assert set(timings) == set(PARTS) and all(t > 0 for t in timings.values())
+        if run == "named":
+            assert names == list(PARTS)
+    (want, want_state), *others = results
+    assert any(not torch.equal(want_state[n], start[n]) for n in start)
+    for got, state in others:
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        assert all(torch.equal(state[n], want_state[n]) for n in want_state)

@@ -34,6 +34,7 @@ from neuron_peagle.backends.base import Shapes, shapes_of
 from neuron_peagle.backends.compiled_artifacts import INDUCTOR_CACHE, NEURON_CACHE, CompilerCache
 from neuron_peagle.config import BACKENDS
 from neuron_peagle.errors import BackendUnavailableError
+from neuron_peagle.state_writes import StateWrites, use_state_writes
 
 NEURON_INSTALL_HINT = (
     "the neuron backend is TorchNeuron (torch-neuronx 2.14 with torch 2.14, Neuron SDK 2.33 or newer, "
@@ -71,6 +72,7 @@ class CompiledBackend:
         NeuronCore the compiler lays them out)."""
         for graph in graphs:
             graph.to(self.device)
+            use_state_writes(graph, StateWrites.IN_PLACE)  # functionalized by dynamo, written back in place
         if self.device.type == "cpu":
             from neuron_peagle.backends.layout import cpu_weight_layout, rows_per_call
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from neuron_peagle.backends.layout import cpu_weight_layout, rows_per_call
 from neuron_peagle.config import BACKENDS
 from neuron_peagle.errors import ConfigError
+from neuron_peagle.state_writes import StateWrites, use_state_writes
 
 NO_ARTIFACTS = "the eager backend compiles nothing, so it has no artifacts: build them for inductor (or xla, neuron, nxd)"
 
@@ -21,10 +22,13 @@ class EagerBackend:
     capabilities = BACKENDS["eager"]
 
     def prepare(self, graphs: Sequence[nn.Module]) -> None:
-        """CPU weight layout (`layout.cpu_weight_layout`); nothing to move."""
+        """CPU weight layout (`layout.cpu_weight_layout`); nothing to move. State is written in place, 16-bit
+        caches through an int16 view (neuron_peagle.state_writes: PyTorch's CPU scatter over 16-bit floats
+        copies the whole cache)."""
         rows = rows_per_call(graphs)
         for graph in graphs:
             cpu_weight_layout(graph, rows)
+            use_state_writes(graph, StateWrites.IN_PLACE_INT16)
 
     def run(self, graph: nn.Module, inputs: tuple[Tensor, ...]):
         # Shapes cost nothing here: attention reads only the cache slots the call can see (rounded up),

@@ -27,6 +27,7 @@ from neuron_peagle.backends.nxd_sdk import INSTALL_HINT, require_sdk
 from neuron_peagle.config import BACKENDS
 from neuron_peagle.errors import ArtifactError, BackendUnavailableError
 from neuron_peagle.runtime.manifest import NEURON_MODEL_FILE
+from neuron_peagle.state_writes import StateWrites, use_state_writes
 
 __all__ = ["INSTALL_HINT", "NxdBackend"]
 
@@ -57,6 +58,8 @@ class NxdBackend:
         """Weights stay on the host: `load` hands them, as one dict, to the NxDModel (whose compiler lays
         them out). Sharded: the target (every graph's `target`, with its KV cache `cache`) on NxD's
         parallel layers."""
+        for graph in graphs:  # NxD aliases a buffer to its update only when it is rebound to one
+            use_state_writes(graph, StateWrites.REBIND)
         if self.tp_degree > 1 and self.sharding is None:
             from neuron_peagle.backends.nxd_parallel import NxdTensorParallel
 

@@ -8,8 +8,8 @@ set of state tensors to the device, and passes the same tensors to every graph (
 `to_neuron`); `model(model_name=key, **inputs)` runs one graph. Its keys must share one forward
 signature, and it aliases a buffer only when the forward rebinds the buffer to the result of an
 out-of-place op (ModelBuilderV2's rule: in-place updates of a buffer are not supported), so
-`backends/nxd.py` traces every graph under `graphs.state.functional_state`, where the graphs update
-their state that way. Hence the three pieces:
+`backends/nxd.py` traces every graph with its state modules in `StateWrites.REBIND`
+(neuron_peagle.state_writes), where the graphs update their state that way. Hence the three pieces:
 
 - `NxdGraph`: a planned graph behind the forward signature every key shares (the union of the
   graphs' declared inputs, each an optional keyword); a state buffer the graph leaves alone is
@@ -40,7 +40,7 @@ from neuron_peagle.graphs.interface import PlannedGraph
 class NxdGraph(nn.Module):
     """One planned graph as neuronx-distributed traces it: keyword inputs, outputs as a plain tuple,
     every state buffer rebound to a new tensor (the out-of-place update NxD aliases): by the graph's
-    own updates under `functional_state`, else to a copy at the end."""
+    own updates in `StateWrites.REBIND`, else to a copy at the end."""
 
     def __init__(self, graph: nn.Module, state_names: tuple[str, ...]) -> None:
         super().__init__()

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from neuron_peagle.backends.nxd_graphs import NxdBundle, NxdGraph, graph_kwargs
 from neuron_peagle.errors import ArtifactError, BackendUnavailableError
 from neuron_peagle.files import atomic_path
-from neuron_peagle.graphs.state import functional_state
+from neuron_peagle.state_writes import StateWrites, use_state_writes
 
 INSTALL_HINT = (
     "the nxd backend needs the Neuron SDK 2.31 torch-xla stack (torch-neuronx 2.9, neuronx-cc 2.26, "
@@ -69,12 +69,13 @@ def require_sdk() -> NxdApi:
 def trace_graph(api: NxdApi, name: str, graph: NxdGraph, kwargs: dict[str, Tensor]):
     """NxD's TraceArtifacts of one graph (module on the CPU; nothing is compiled).
 
-    Traced under `functional_state`: NxD aliases a state buffer to its update (keeps it on the
-    device, written in place) only when the forward rebinds the buffer to an out-of-place result;
-    an in-place update of a buffer is not supported and could be lost on the device."""
+    NxD aliases a state buffer to its update (keeps it on the device, written in place) only when the
+    forward rebinds the buffer to an out-of-place result; an in-place update of a buffer is not supported
+    and could be lost on the device. The nxd backend prepares every graph that way (`StateWrites.REBIND`);
+    set again here, for a graph traced from anywhere else."""
+    use_state_writes(graph, StateWrites.REBIND)
     try:
-        with functional_state(graph):
-            return api.trace(graph, kwargs=kwargs)
+        return api.trace(graph, kwargs=kwargs)
     except RuntimeError as err:
         raise ArtifactError(f"neuronx-distributed could not trace graph {name}: {err}") from err
 

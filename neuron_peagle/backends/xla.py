@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from neuron_peagle.config import BACKENDS
 from neuron_peagle.errors import ArtifactError, BackendUnavailableError
 from neuron_peagle.runtime.manifest import XLA_CACHE_DIR
+from neuron_peagle.state_writes import StateWrites, use_state_writes
 
 
 def _torch_xla():
@@ -40,6 +41,7 @@ class XlaBackend:
     def prepare(self, graphs: Sequence[nn.Module]) -> None:
         for graph in graphs:  # the compiler lays the weights out
             graph.to(self.device)
+            use_state_writes(graph, StateWrites.IN_PLACE)  # an in-place update is donated, a rebinding copied
         self._xla.sync()
 
     def run(self, graph: nn.Module, inputs: tuple[Tensor, ...]):

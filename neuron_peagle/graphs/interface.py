@@ -3,9 +3,9 @@
 A graph is a module whose class declares its interface:
 - `Inputs` / `Outputs`: NamedTuples of fixed-shape tensors, in call order (the runners build their
   inputs with `Inputs`, every backend returns `Outputs`);
-- its state: the buffers of the `STATE_MODULES` it reaches (KV caches, speculative state, lookup
-  history), which stay on the device between calls and which it updates only through
-  graphs/state.py (in place, or rebound to out-of-place results while the nxd backend traces it).
+- its state: the buffers of the `StateModule`s it reaches (KV caches, speculative state, lookup
+  history), which stay on the device between calls and which it updates only through their own write
+  methods (neuron_peagle.state_writes: in place, or rebound to out-of-place results for the nxd backend).
 `example_inputs` gives inputs of the exact shapes and dtypes the runners feed, for given build
 shapes (values do not matter to a fixed-shape graph), and `plan` lists every graph a runner runs
 with its planned name. Compiled backends warm graphs from this list (`Engine.warm`), the artifact
@@ -21,14 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from neuron_peagle.config import BuildConfig
-from neuron_peagle.graphs.lookup import LookupProposer
 from neuron_peagle.graphs.plain import DecodeGraph, DecodeInputs, PrefillGraph
-from neuron_peagle.graphs.spec_state import SpecState
 from neuron_peagle.graphs.speculative import SpecPrefillGraph, SpecStepGraph, SpecStepInputs
-from neuron_peagle.kv_cache import KVCache
-
-# Modules whose buffers are a graph's state: on a device these are aliased input -> output.
-STATE_MODULES = (KVCache, SpecState, LookupProposer)
+from neuron_peagle.state_writes import StateModule
 
 GRAPH_KINDS: dict[type, str] = {
     PrefillGraph: "prefill",
@@ -56,7 +51,7 @@ class PlannedGraph:
     greedy: bool
     module: nn.Module
     example_inputs: NamedTuple  # the graph's `Inputs`, host tensors
-    state_names: tuple[str, ...]  # buffers (dotted names in `module`) the graph updates (graphs/state.py)
+    state_names: tuple[str, ...]  # buffers (dotted names in `module`) the graph updates: its state
 
     @property
     def state_buffers(self) -> dict[str, Tensor]:
@@ -65,10 +60,11 @@ class PlannedGraph:
 
 
 def state_names(module: nn.Module) -> tuple[str, ...]:
-    """Dotted names of every KV-cache, speculative-state and lookup-history buffer reachable from `module`."""
+    """Dotted names of every state buffer (KV caches, speculative state, lookup history: the buffers of
+    the `StateModule`s) reachable from `module`; on a device these are aliased input -> output."""
     names = []
     for prefix, sub in module.named_modules():
-        if isinstance(sub, STATE_MODULES):
+        if isinstance(sub, StateModule):
             names.extend(f"{prefix}.{name}" for name, _ in sub.named_buffers(recurse=False))
     return tuple(names)
 

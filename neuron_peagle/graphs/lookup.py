@@ -24,13 +24,13 @@ the last n-gram: `ngram` comparisons of `[B, max_length]`, negligible next to a 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.graphs.datastore_lookup import NgramDatastore
 from neuron_peagle.graphs.proposers import Proposer
 from neuron_peagle.graphs.spec_state import SpecState
-from neuron_peagle.graphs.state import assign_state, scatter_state, write_state_slice
+from neuron_peagle.state_writes import StateModule
 
 
 def context_lookup(history: Tensor, last_position: Tensor, ngram: int, num_speculative_tokens: int,
@@ -72,13 +72,14 @@ def _lookup_one(history: Tensor, last_position: Tensor, ngram: int, num_speculat
 MIN_NGRAM = 2
 
 
-class LookupProposer(nn.Module):
+class LookupProposer(StateModule):
     """`inner`'s drafts, replaced by context-lookup drafts wherever the last `ngram` tokens (or, failing
     that, the last ngram-1, ... down to 2) have an earlier occurrence that reaches that far.
 
     The lookup runs when tokens are committed (`commit`, at the end of prefill and of every step), not
     when drafting: its copies for the next step wait in `copied` ([B, K], -1 where nothing was found),
-    and how many leading drafts they supply is known before that step runs (adaptive K)."""
+    and how many leading drafts they supply is known before that step runs (adaptive K). Both buffers
+    are step-graph state, written through the `StateModule` methods."""
 
     def __init__(self, inner: Proposer, batch_size: int, max_length: int, num_speculative_tokens: int, ngram: int,
                  datastore: NgramDatastore | None = None) -> None:
@@ -101,15 +102,15 @@ class LookupProposer(nn.Module):
     def prefill(self, features: Tensor, input_ids: Tensor, lengths: Tensor) -> None:
         # input_ids [B, bucket]: the prompt; the first new token arrives with the prefill's commit.
         self.inner.prefill(features, input_ids, lengths)
-        write_state_slice(self, "history", 1, 0, input_ids)
+        self.write_slice("history", 1, 0, input_ids)
 
     def commit(self, state: SpecState) -> Tensor:  # -> [B] int64: leading drafts the lookup supplies
         positions, valid = state.pending_positions()  # [B, S]
-        scatter_state(self, "history", 1, torch.where(valid, positions, torch.full_like(positions, self.max_length)),
-                      state.pending_tokens)
+        self.scatter("history", 1, torch.where(valid, positions, torch.full_like(positions, self.max_length)),
+                     state.pending_tokens)
         copied, found = context_lookup(self.history[:, : self.max_length], state.last_position, self.ngram,
                                        self.num_speculative_tokens, self.min_ngram)
-        assign_state(self, "copied", torch.where(found, copied, torch.full_like(copied, -1)))
+        self.assign("copied", torch.where(found, copied, torch.full_like(copied, -1)))
         # `found` is a prefix of the K positions (a match supplies the tokens up to last_position).
         return found.sum(dim=-1)
 

@@ -1,9 +1,9 @@
 """The plain-decoding graphs: prefill (one per prompt-length bucket) and single-token decode.
 
 Each graph is a module whose forward takes and returns only fixed-shape tensors, in the order its
-`Inputs` / `Outputs` tuples declare. The KV cache it holds is its state, updated through
-graphs/state.py (aliased input-output buffers on a device). No `.item()`, no branches on tensor
-values, no variable shapes.
+`Inputs` / `Outputs` tuples declare. The KV cache it holds is its state, written through the cache's
+own methods (neuron_peagle.state_writes; aliased input-output buffers on a device). No `.item()`, no
+branches on tensor values, no variable shapes.
 A graph is greedy or sampling by construction (`greedy=True` ignores the sampling inputs).
 """
 
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from neuron_peagle.kv_cache import KVCache
 from neuron_peagle.models.target import TargetModel
-from neuron_peagle.sampling import SamplingTensors, sample_tokens
+from neuron_peagle.sampling import SamplingTensors, next_tokens
 
 
 class PrefillInputs(NamedTuple):
@@ -41,13 +41,6 @@ class TokenOutputs(NamedTuple):
     next_tokens: Tensor  # [B] int64
 
 
-def _select(logits: Tensor, greedy: bool, temperature: Tensor, top_k: Tensor, top_p: Tensor,
-            sample_uniform: Tensor) -> Tensor:  # logits [B, 1, V] -> [B]
-    if greedy:
-        return logits[:, 0].argmax(-1)
-    return sample_tokens(logits, SamplingTensors(temperature, top_k, top_p), sample_uniform)[:, 0]
-
-
 class PrefillGraph(nn.Module):
     """Prompt bucket -> KV cache filled at positions 0..bucket-1, the token after each prompt."""
 
@@ -64,7 +57,8 @@ class PrefillGraph(nn.Module):
         positions = torch.arange(bucket, device=input_ids.device).expand(batch, bucket)
         # Padding rows past a prompt's end write cache slots that decode overwrites before reading.
         out = self.target(input_ids, positions, self.cache, (lengths - 1).unsqueeze(-1), valid_lengths=lengths)
-        return TokenOutputs(_select(out.logits, self.greedy, temperature, top_k, top_p, sample_uniform))
+        return TokenOutputs(next_tokens(out.logits, self.greedy, SamplingTensors(temperature, top_k, top_p),
+                                        sample_uniform))
 
     rows_per_step = None  # not a per-step graph
 
@@ -87,7 +81,8 @@ class DecodeGraph(nn.Module):
                 sample_uniform: Tensor) -> TokenOutputs:
         zero = torch.zeros_like(tokens).unsqueeze(-1)
         out = self.target(tokens.unsqueeze(-1), positions.unsqueeze(-1), self.cache, zero)
-        return TokenOutputs(_select(out.logits, self.greedy, temperature, top_k, top_p, sample_uniform))
+        return TokenOutputs(next_tokens(out.logits, self.greedy, SamplingTensors(temperature, top_k, top_p),
+                                        sample_uniform))
 
     @property
     def rows_per_step(self) -> int:

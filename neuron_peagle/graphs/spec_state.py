@@ -8,16 +8,19 @@
     last_position    [B]         position of y, the last committed token (its target KV is not
                                  written yet; y = pending_tokens[:, S-1]).
 
-The step graphs (graphs/speculative.py) write it; every proposer (graphs/proposers.py) reads it.
+The step graphs (graphs/speculative.py) write it, through its `StateModule` methods (in the way the
+backend chose: neuron_peagle.state_writes); every proposer (graphs/proposers.py) reads it.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from neuron_peagle.state_writes import StateModule
 
 
-class SpecState(nn.Module):
+class SpecState(StateModule):
     def __init__(self, batch_size: int, num_speculative_tokens: int, feature_size: int, dtype: torch.dtype) -> None:
         super().__init__()
         slots = num_speculative_tokens + 1
@@ -33,3 +36,11 @@ class SpecState(nn.Module):
         slots = self.pending_tokens.shape[1]
         j = torch.arange(slots, device=self.last_position.device)
         return self.last_position.unsqueeze(-1) - (slots - 1) + j, j >= (slots - self.pending_count).unsqueeze(-1)
+
+    def hold(self, features: Tensor, tokens: Tensor, count: Tensor, last_position: Tensor) -> None:
+        """The pending pairs for the next step: features [B, S, 3H] and tokens [B, S], right-aligned,
+        the last `count` [B] of them valid; y (tokens[:, S-1]) at `last_position` [B]."""
+        self.assign("pending_features", features)
+        self.assign("pending_tokens", tokens)
+        self.assign("pending_count", count)
+        self.assign("last_position", last_position)

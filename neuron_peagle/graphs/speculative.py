@@ -3,7 +3,7 @@
 One step = draft (the proposer: one P-EAGLE drafter pass, or K sequential passes) + verify (one
 target pass over [y, d_1..d_K]) + accept (greedy prefix rule or lossless rejection sampling), with
 the target KV cache, the drafter KV cache and the pending-feature state all updated (in place, or by
-rebinding for the nxd trace: graphs/state.py).
+rebinding for the nxd trace: neuron_peagle.state_writes).
 Outputs are the committed tokens `[B, K+1]` padded with -1 and their count (1..K+1 per row).
 
 Terms (as in the rejection-sampling literature): the draft tokens d_1..d_K are *accepted* while they
@@ -16,19 +16,24 @@ sampling inputs); the engine keeps one of each and uses the one a batch needs.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from neuron_peagle.graphs.proposers import Proposer
 from neuron_peagle.graphs.spec_state import SpecState
-from neuron_peagle.graphs.state import assign_state
 from neuron_peagle.kernels import check_kernel_mode, lm_head_argmax
 from neuron_peagle.kv_cache import KVCache, step_room
 from neuron_peagle.models.target import TargetModel
-from neuron_peagle.sampling import (SamplingTensors, greedy_accept, rejection_accept, sample_tokens,
-                                    target_probs)
+from neuron_peagle.sampling import SamplingTensors, greedy_accept, next_tokens, rejection_accept, target_probs
+
+# Given the name of a step part ("draft", "verify", "accept"), a context manager around it: a host-side
+# timer (runtime.step_parts) on eager.
+PartTimer = Callable[[str], AbstractContextManager]
+Result = TypeVar("Result")
 
 
 class SpecPrefillInputs(NamedTuple):
@@ -83,22 +88,18 @@ class SpecPrefillGraph(nn.Module):
         positions = torch.arange(bucket, device=input_ids.device).expand(batch, bucket)
         out = self.target(input_ids, positions, self.cache, (lengths - 1).unsqueeze(-1), return_features=True,
                           valid_lengths=lengths)
-        if self.greedy:
-            first = out.logits[:, 0].argmax(-1)
-        else:
-            first = sample_tokens(out.logits, SamplingTensors(temperature, top_k, top_p), sample_uniform)[:, 0]
+        first = next_tokens(out.logits, self.greedy, SamplingTensors(temperature, top_k, top_p), sample_uniform)
         self.proposer.prefill(out.features, input_ids, lengths)
         last = (lengths - 1).view(batch, 1, 1).expand(batch, 1, out.features.shape[-1])
         state = self.state
         features = state.pending_features
         slots = features.shape[1]
         # One pending pair, right-aligned: the last prompt position's features and the first new token.
-        assign_state(state, "pending_features", torch.cat(
-            [features.new_zeros(batch, slots - 1, features.shape[-1]), out.features.gather(1, last)], dim=1))
-        assign_state(state, "pending_tokens", torch.cat(
-            [torch.zeros(batch, slots - 1, dtype=first.dtype, device=first.device), first.unsqueeze(-1)], dim=1))
-        assign_state(state, "pending_count", torch.ones_like(state.pending_count))
-        assign_state(state, "last_position", lengths)
+        pending_features = torch.cat([features.new_zeros(batch, slots - 1, features.shape[-1]),
+                                      out.features.gather(1, last)], dim=1)
+        pending_tokens = torch.cat([torch.zeros(batch, slots - 1, dtype=first.dtype, device=first.device),
+                                    first.unsqueeze(-1)], dim=1)
+        state.hold(pending_features, pending_tokens, torch.ones_like(state.pending_count), lengths)
         return SpecPrefillOutputs(first, self.proposer.commit(state))
 
     rows_per_step = None  # not a per-step graph
@@ -126,21 +127,22 @@ class SpecStepGraph(nn.Module):
 
     def forward(self, temperature: Tensor, top_k: Tensor, top_p: Tensor, accept_uniform: Tensor,
                 sample_uniform: Tensor) -> SpecStepOutputs:
-        drafts = self.draft()
-        verified = self.verify(drafts)
-        return self.accept(drafts, verified, SamplingTensors(temperature, top_k, top_p), accept_uniform,
-                           sample_uniform)
+        return self.run_parts(SpecStepInputs(temperature, top_k, top_p, accept_uniform, sample_uniform))
 
-    # The three parts of a step, each a method so that a host-side timer (runtime.step_parts) can run
-    # them one by one on eager; a compiled graph runs `forward`, whole.
+    def run_parts(self, inputs: SpecStepInputs, timer: PartTimer | None = None) -> SpecStepOutputs:
+        """The step, part by part: draft, verify, accept. With a `timer` (runtime.step_parts on eager)
+        each part runs inside `timer(name)`; a compiled graph runs without one, and tracing takes the
+        `timer is None` path only, so no Python timing enters the graph."""
+        drafts = _in_part(timer, "draft", self.draft)
+        verified = _in_part(timer, "verify", self.verify, drafts)
+        return _in_part(timer, "accept", self.accept, drafts, verified, inputs)
 
     def draft(self) -> Tensor:  # -> drafts [B, K] (target ids)
         state = self.state
         # Rows past their end (finished, or padding of a short batch) must keep writes in range (for
         # the longest K the state serves, so that every step graph clamps alike).
         longest_k = state.pending_tokens.shape[1] - 1
-        assign_state(state, "last_position",
-                     state.last_position.clamp(max=self.cache.max_length - step_room(longest_k) - 1))
+        state.assign("last_position", state.last_position.clamp(max=self.cache.max_length - step_room(longest_k) - 1))
         return self.proposer.propose(state, self.num_speculative_tokens)
 
     def verify(self, drafts: Tensor) -> Verified:  # drafts [B, K]
@@ -160,24 +162,20 @@ class SpecStepGraph(nn.Module):
         out = self.target(verify_tokens, verify_positions, self.cache, rows, return_features=True)
         return Verified(out.features, None, out.logits)
 
-    def accept(self, drafts: Tensor, verified: Verified, sampling: SamplingTensors, accept_uniform: Tensor,
-               sample_uniform: Tensor) -> SpecStepOutputs:
+    def accept(self, drafts: Tensor, verified: Verified, inputs: SpecStepInputs) -> SpecStepOutputs:
         state = self.state
         slots = state.pending_tokens.shape[1]
         if self.greedy:
             tokens, counts = greedy_accept(drafts, verified.target_tokens)
         else:
-            probs = target_probs(verified.logits, sampling)
-            tokens, counts = rejection_accept(drafts, probs, accept_uniform, sample_uniform)
+            probs = target_probs(verified.logits, SamplingTensors(inputs.temperature, inputs.top_k, inputs.top_p))
+            tokens, counts = rejection_accept(drafts, probs, inputs.accept_uniform, inputs.sample_uniform)
         # The verified positions 0..n (y and the accepted drafts) have exact target features; pair
         # each with the token committed after it, right-aligned in the S slots, for the next step.
         features = verified.features
         source = (torch.arange(slots, device=drafts.device) - (slots - counts).unsqueeze(-1)).clamp(min=0)  # [B, S]
-        assign_state(state, "pending_features",
-                     features.gather(1, source.unsqueeze(-1).expand(-1, -1, features.shape[-1])))
-        assign_state(state, "pending_tokens", tokens.gather(1, source))
-        assign_state(state, "pending_count", counts)
-        assign_state(state, "last_position", state.last_position + counts)
+        state.hold(features.gather(1, source.unsqueeze(-1).expand(-1, -1, features.shape[-1])),
+                   tokens.gather(1, source), counts, state.last_position + counts)
         known = self.proposer.commit(state)
         return SpecStepOutputs(tokens, counts, known)
 
@@ -193,3 +191,10 @@ class SpecStepGraph(nn.Module):
         longest_k = self.state.pending_tokens.shape[1] - 1
         last = self.state.last_position.clamp(max=self.cache.max_length - step_room(longest_k) - 1)
         return int(last.max()) + self.num_speculative_tokens
+
+
+def _in_part(timer: PartTimer | None, name: str, part: Callable[..., Result], *args) -> Result:
+    if timer is None:
+        return part(*args)
+    with timer(name):
+        return part(*args)

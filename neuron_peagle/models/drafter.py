@@ -21,8 +21,17 @@ from torch import Tensor, nn
 from neuron_peagle.config import DrafterConfig
 from neuron_peagle.kernels import DraftInputParams
 from neuron_peagle.kv_cache import KVCache
-from neuron_peagle.models.layers import (MLP, Attention, DecoderLayer, RMSNorm, RotaryTable, make_embedding,
+from neuron_peagle.models.layers import (MLP, Attention, DecoderLayer, Embedding, LayerConfig, RMSNorm, RotaryTable,
                                          make_linear)
+
+
+def drafter_layer_config(config: DrafterConfig, first: bool = False) -> LayerConfig:
+    """The drafter's decoder layers: Llama's or Qwen3's (per-head q/k norms), no biases; layer 0's
+    attention (`first`) reads the 2H-wide [norm(embedding), norm(hidden)]."""
+    c = config
+    return LayerConfig(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                       num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
+                       eps=c.rms_norm_eps, qk_norm=c.qk_norm, input_size=2 * c.hidden_size if first else None)
 
 
 class DrafterFirstLayer(nn.Module):
@@ -30,15 +39,13 @@ class DrafterFirstLayer(nn.Module):
 
     def __init__(self, config: DrafterConfig) -> None:
         super().__init__()
-        c = config
-        self.norm_before_residual = c.norm_before_residual
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = Attention(2 * c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
-                                   c.head_dim, c.hidden_size, qkv_bias=False, o_bias=False,
-                                   qk_norm_eps=c.rms_norm_eps if c.qk_norm else None)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = MLP(c.hidden_size, c.intermediate_size, bias=False)
+        layer = drafter_layer_config(config, first=True)
+        self.norm_before_residual = config.norm_before_residual
+        self.input_layernorm = RMSNorm(layer.hidden_size, layer.eps)
+        self.hidden_norm = RMSNorm(layer.hidden_size, layer.eps)
+        self.self_attn = Attention(layer)
+        self.post_attention_layernorm = RMSNorm(layer.hidden_size, layer.eps)
+        self.mlp = MLP(layer)
 
     def build_input(self, embeds: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
         # embeds, hidden: [B, S, H] -> the attention input [B, S, 2H], the residual [B, S, H]
@@ -47,9 +54,9 @@ class DrafterFirstLayer(nn.Module):
         return torch.cat([self.input_layernorm(embeds), normed_hidden], dim=-1), residual
 
     def forward(self, x: Tensor, residual: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor,
-                key_cache: Tensor | None, value_cache: Tensor | None, visible: Tensor | None = None
+                cache: KVCache | None, visible: Tensor | None = None
                 ) -> Tensor:  # x [B, S, 2H] (from build_input or the fused kernel), residual [B, S, H] -> [B, S, H]
-        h = residual + self.self_attn(x, cos, sin, position_ids, key_cache, value_cache, visible)
+        h = residual + self.self_attn(x, cos, sin, position_ids, cache, 0, visible)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -66,11 +73,10 @@ class Drafter(nn.Module):
                         if c.fc_norm else None)
         self.mask_hidden = nn.Parameter(torch.zeros(3 * c.target_hidden_size), requires_grad=False)
         self.mask_embedding = nn.Parameter(torch.zeros(c.hidden_size), requires_grad=False)
-        self.embed_tokens = None if c.shares_target_embedding else make_embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens = None if c.shares_target_embedding else Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(
             [DrafterFirstLayer(c)]
-            + [DecoderLayer(c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
-                            c.head_dim, c.rms_norm_eps, qk_norm=c.qk_norm) for _ in range(c.num_layers - 1)]
+            + [DecoderLayer(drafter_layer_config(c)) for _ in range(c.num_layers - 1)]
         )
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = make_linear(c.hidden_size, c.draft_vocab_size)
@@ -135,10 +141,9 @@ class Drafter(nn.Module):
         # x [B, S, 2H] layer 0's input, residual [B, S, H]; position_ids [B, S] -> last layer's output
         # [B, S, H] (pre-norm)
         cos, sin = self.rotary(position_ids)
-        kv = (lambda i: cache.layer(i)) if cache is not None else (lambda i: (None, None))
-        h = self.layers[0](x, residual, cos, sin, position_ids, *kv(0), visible)
+        h = self.layers[0](x, residual, cos, sin, position_ids, cache, visible)
         for i, layer in enumerate(self.layers[1:], start=1):
-            h = layer(h, cos, sin, position_ids, *kv(i), visible)
+            h = layer(h, cos, sin, position_ids, cache, i, visible)
         return h
 
 

@@ -30,7 +30,7 @@ from neuron_peagle.config import DrafterConfig, ModelConfig, read_config_json
 from neuron_peagle.datastore import DATASTORE_FILE
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.files import atomic_path, atomic_write_text
-from neuron_peagle.models.drafter import Drafter, draft_target_ids
+from neuron_peagle.models.drafter import Drafter, draft_target_ids, drafter_layer_config
 from neuron_peagle.models.speculators_config import SPECULATORS_VERSION, config_from_speculators, config_to_speculators
 from neuron_peagle.models.weights import (check_names_and_shapes, decoder_layer_shapes, export_decoder_layer,
                                           load_decoder_layer, read_safetensors_dir)
@@ -61,10 +61,7 @@ def _expected_shapes(c: DrafterConfig) -> dict[str, tuple[int, ...]]:
     if c.fc_norm:
         shapes.update({f"fc_norm.{i}.weight": (c.target_hidden_size,) for i in range(3)})
     for i in range(c.num_layers):
-        hidden_in = 2 * c.hidden_size if i == 0 else c.hidden_size
-        shapes.update(decoder_layer_shapes(f"layers.{i}.", hidden_in, c.hidden_size, c.num_attention_heads,
-                                           c.num_key_value_heads, c.head_dim, c.intermediate_size,
-                                           qk_norm=c.qk_norm))
+        shapes.update(decoder_layer_shapes(f"layers.{i}.", drafter_layer_config(c, first=i == 0)))
     if c.shares_target_embedding:
         shapes["mask_embedding"] = (c.hidden_size,)
     else:

@@ -1,28 +1,54 @@
 """Building blocks of Llama-style decoders, written for fixed-shape tracing.
 
-Linear and embedding layers are created only through `make_linear` / `make_embedding`. Every linear
-layer is a plain `nn.Linear`: weight [out_features, in_features], the layout of Hugging Face
-checkpoints, of PyTorch's parallel styles and of neuronx-distributed's parallel layers, so loaders
-copy tensors as they are. How a weight sits in memory is the backend's choice, not the model's
-(`backends/layout.py`). With tensor parallelism (neuron_peagle.parallel) a decoder layer's four
-projections are built whole, rows in rank order, and `TensorParallel.parallelize` shards them
-(attention heads, KV heads, MLP width); the attention and MLP code sees only this rank's heads and width.
+Linear layers are created only through `make_linear`, each a plain `nn.Linear`: weight
+[out_features, in_features], the layout of Hugging Face checkpoints, of PyTorch's parallel styles and
+of neuronx-distributed's parallel layers, so loaders copy tensors as they are. How a weight sits in
+memory is the backend's choice, not the model's (`backends/layout.py`). With tensor parallelism
+(neuron_peagle.parallel) a decoder layer's four projections are built whole, rows in rank order, and
+`TensorParallel.parallelize` shards them (attention heads, KV heads, MLP width); the attention and MLP
+code sees only this rank's heads and width. A layer takes one `LayerConfig`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import skip_init
 
 from neuron_peagle.config import MoeConfig, RopeConfig
-from neuron_peagle.graphs import state
-from neuron_peagle.kv_cache import NO_POSITION
+from neuron_peagle.kv_cache import KVCache, WindowPlan
 from neuron_peagle.models.moe import SparseMoe
 from neuron_peagle.parallel import SINGLE, TensorParallel
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """One decoder layer's shape and options (as gpt-fast's TransformerBlock takes its config): built
+    per layer from the target's ModelConfig (`models.target.target_layer_config`) and from a
+    DrafterConfig (`models.drafter.drafter_layer_config`). Attention and MLP read it too."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float  # of every RMSNorm of the layer
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each query and key head, before rope
+    moe: MoeConfig | None = None  # the MLP is a mixture of experts (models/moe.py)
+    sliding_window: int | None = None  # gpt-oss: attends to the last `sliding_window` positions only
+    sinks: bool = False  # gpt-oss: one learned logit per head joins the softmax
+    norm_scale_in_float32: bool = False  # the layer norms' order of scale and cast (`RMSNorm`)
+    input_size: int | None = None  # attention's input width where it is not hidden_size (drafter layer 0: 2H)
+
+    @property
+    def attention_input_size(self) -> int:
+        return self.input_size if self.input_size is not None else self.hidden_size
 
 
 class Embedding(nn.Module):
@@ -48,10 +74,6 @@ def make_linear(in_features: int, out_features: int, bias: bool = False,
     layer = skip_init(nn.Linear, in_features, out_features, bias=bias)
     layer.requires_grad_(False)
     return layer
-
-
-def make_embedding(vocab_size: int, hidden_size: int) -> Embedding:
-    return Embedding(vocab_size, hidden_size)
 
 
 class RMSNorm(nn.Module):
@@ -135,98 +157,37 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # x: [B, heads, 
     return (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)
 
 
-def write_slots(cache: Tensor, index: Tensor, new: Tensor) -> Tensor:
-    """The cache [B, kv_heads, max_length, hd] with `new` [B, kv_heads, T, hd] written at slots `index`
-    (`scatter` along dim 2) in the cache's dtype; returns the tensor that now holds the cache.
-
-    In place by default (the same tensor comes back). On CPU, PyTorch's scatter over 16-bit floats
-    copies the whole cache on every call (1.7 ms for a [32, 3, 512, 64] bf16 cache against 0.013 ms
-    in float32), so eager writes the same bits through an int16 view. Compiled graphs (inductor,
-    neuron, xla) keep the plain scatter, which their compilers write in place. Under
-    `graphs.state.functional_state` (the nxd trace) the cache buffer is instead rebound to an
-    out-of-place scatter, the update neuronx-distributed aliases, and that new tensor comes back.
-    """
-    new = new.to(cache.dtype)
-    if state.is_functional():
-        return state.replace_state(cache, torch.scatter(cache, 2, index, new))
-    if cache.device.type == "cpu" and cache.element_size() == 2 and not torch.compiler.is_compiling():
-        cache.view(torch.int16).scatter_(2, index, new.view(torch.int16))
-    else:
-        cache.scatter_(2, index, new)
-    return cache
-
-
-class WindowPlan(NamedTuple):
-    """How one forward updates the rings of the sliding-window layers (all of one window size W).
-
-    A ring has S = W + T_step - 1 slots (T_step: the most tokens a decode or verify call writes); slot s
-    holds the newest position p with p % S == s. S >= W + T_step - 1 keeps every key a later query can
-    see, even after a verify wrote drafts that are then rejected (their positions are rewritten later).
-    The new entries are the T inputs (positions p0..p0+T-1; the first `valid` of them are written: a
-    prefill's prompt, not its padding). Computed once per forward by the target, shared by its layers.
-    """
-
-    old_positions: Tensor  # [B, S] the slots' positions before this call (NO_POSITION where stale or empty)
-    source: Tensor  # [B, S] which new entry (index into T) each slot takes
-    take_new: Tensor  # [B, S] bool: the slot takes that new entry (else it keeps its own)
-    positions: Tensor  # [B, S] the slots' positions after this call
-
-
-def plan_window(ring_positions: Tensor, position_ids: Tensor, valid: Tensor | None) -> WindowPlan:
-    """ring_positions [B, S]; position_ids [B, T] contiguous per row; valid [B] entries written (None: T)."""
-    slots = ring_positions.shape[1]
-    first = position_ids[:, :1]  # [B, 1]
-    last = position_ids[:, -1:] if valid is None else first + valid.unsqueeze(-1) - 1  # newest written position
-    # Entries at or after this call's first position are stale (rejected drafts, an earlier sequence).
-    old = torch.where(ring_positions >= first, torch.full_like(ring_positions, NO_POSITION), ring_positions)
-    slot = torch.arange(slots, device=position_ids.device).unsqueeze(0)  # [1, S]
-    newest = last - torch.remainder(last - slot, slots)  # [B, S] newest position <= last in each slot
-    take_new = newest >= first
-    source = (newest - first).clamp(min=0, max=position_ids.shape[1] - 1)
-    return WindowPlan(old, source, take_new, torch.where(take_new, newest, old))
-
-
-def write_ring(ring: Tensor, new: Tensor, window: WindowPlan) -> Tensor:
-    """The ring [B, nkv, S, hd] with each slot that takes a new entry (`new` [B, nkv, T, hd]) given it."""
-    batch, heads, slots, dim = ring.shape
-    index = window.source.view(batch, 1, slots, 1).expand(batch, heads, slots, dim)
-    updated = torch.where(window.take_new.view(batch, 1, slots, 1), new.to(ring.dtype).gather(2, index), ring)
-    return state.assign_buffer(ring, updated)
-
-
 class Attention(nn.Module):
     """Grouped-query attention over a fixed-length KV cache, masked by position.
 
-    The new keys/values are scattered into the cache at their position ids first; then every query
-    attends to all cache slots whose position is <= its own. Slots beyond a sequence's length hold
-    stale or padding entries and are never read, so rejected speculative entries need no cleanup.
+    The new keys/values are written to the cache at their position ids first (`KVCache.write`, in the
+    way the backend chose: neuron_peagle.state_writes); then every query attends to all cache slots
+    whose position is <= its own. Slots beyond a sequence's length hold stale or padding entries and
+    are never read, so rejected speculative entries need no cleanup.
     """
 
-    def __init__(self, hidden_in: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 hidden_out: int, qkv_bias: bool, o_bias: bool, tp: TensorParallel = SINGLE,
-                 qk_norm_eps: float | None = None, sliding_window: int | None = None, sinks: bool = False) -> None:
+    def __init__(self, config: LayerConfig, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
+        c = config
         # gpt-oss: a sliding-window layer attends to the last `sliding_window` positions, from a ring of
-        # its own (see `WindowPlan`); sinks are one learned logit per head that joins the softmax.
-        self.sliding_window = sliding_window
-        self.sinks = nn.Parameter(torch.zeros(num_heads), requires_grad=False) if sinks else None
+        # its own (see `kv_cache.WindowPlan`); sinks are one learned logit per head that joins the softmax.
+        self.sliding_window = c.sliding_window
+        self.sinks = nn.Parameter(torch.zeros(c.num_heads), requires_grad=False) if c.sinks else None
         # This rank's heads (all of them without tensor parallelism); the projections are built whole.
-        self.num_heads = tp.local(num_heads, "attention heads")
-        self.num_kv_heads = len(tp.kv_heads(num_kv_heads))
-        self.head_dim = head_dim
-        self.qkv_proj = make_linear(hidden_in, tp.degree * (self.num_heads + 2 * self.num_kv_heads) * head_dim,
-                                    qkv_bias)
-        self.o_proj = make_linear(tp.degree * self.num_heads * head_dim, hidden_out, o_bias)
+        self.num_heads = tp.local(c.num_heads, "attention heads")
+        self.num_kv_heads = len(tp.kv_heads(c.num_kv_heads))
+        self.head_dim = hd = c.head_dim
+        qkv_rows = tp.degree * (self.num_heads + 2 * self.num_kv_heads) * hd
+        self.qkv_proj = make_linear(c.attention_input_size, qkv_rows, c.qkv_bias)
+        self.o_proj = make_linear(tp.degree * self.num_heads * hd, c.hidden_size, c.o_bias)
         # Qwen3: an RMSNorm over each query and key head (one weight of head_dim for all heads), before rope.
-        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
-        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.q_norm = RMSNorm(hd, c.eps) if c.qk_norm else None
+        self.k_norm = RMSNorm(hd, c.eps) if c.qk_norm else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor,
-                key_cache: Tensor | None, value_cache: Tensor | None, visible: Tensor | None = None,
-                read_length: int | None = None, window: "WindowPlan | None" = None) -> Tensor:
-        # x: [B, T, hidden_in]; position_ids: [B, T]; caches: [B, kv_heads, max_length, hd].
-        # Without caches (training) the T inputs attend to each other under `visible` [B, T, T].
-        # With read_length < max_length only the cache slots [0, read_length) are read (eager only).
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor, cache: KVCache | None = None,
+                layer: int = 0, visible: Tensor | None = None, window: WindowPlan | None = None) -> Tensor:
+        # x: [B, T, hidden_in]; position_ids: [B, T]; the new keys and values go to layer `layer` of `cache`.
+        # Without a cache (training) the T inputs attend to each other under `visible` [B, T, T].
         batch, seq, _ = x.shape
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
@@ -241,19 +202,14 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
 
-        if key_cache is None:
+        if cache is None:
             keys, values = k, v
         elif self.sliding_window is not None:
-            keys, values, visible = self._window_keys(key_cache, value_cache, k, v, position_ids, window)
+            keys, values, visible = self._window_keys(cache, layer, k, v, position_ids, window)
         else:
-            index = position_ids.view(batch, 1, seq, 1).expand(batch, nkv, seq, hd)
-            key_cache = write_slots(key_cache, index, k)
-            value_cache = write_slots(value_cache, index, v)
-            keys, values = key_cache, value_cache
-            if read_length is not None and read_length < key_cache.shape[2]:
-                keys, values = key_cache[:, :, :read_length], value_cache[:, :, :read_length]
+            keys, values = cache.write(layer, position_ids, k, v)  # [B, nkv, read_length, hd] each
             slot = torch.arange(keys.shape[2], device=x.device)
-            visible = slot.view(1, 1, -1) <= position_ids.unsqueeze(-1)  # [B, T, max_length]
+            visible = slot.view(1, 1, -1) <= position_ids.unsqueeze(-1)  # [B, T, read_length]
 
         length = keys.shape[2]
         groups = nh // nkv
@@ -272,29 +228,30 @@ class Attention(nn.Module):
         out = out.view(batch, nh, seq, hd).transpose(1, 2).reshape(batch, seq, nh * hd)
         return self.o_proj(out.to(x.dtype))
 
-    def _window_keys(self, key_cache: Tensor, value_cache: Tensor, k: Tensor, v: Tensor, position_ids: Tensor,
-                     window: "WindowPlan") -> tuple[Tensor, Tensor, Tensor]:
+    def _window_keys(self, cache: KVCache, layer: int, k: Tensor, v: Tensor, position_ids: Tensor,
+                     window: WindowPlan) -> tuple[Tensor, Tensor, Tensor]:
         """The ring's entries and the new ones side by side ([B, nkv, S + T, hd] each) with what each
         query sees of them ([B, T, S + T]: positions in (q - sliding_window, q]); the ring then takes
         the newest entry of each of its slots."""
-        keys = torch.cat([key_cache.to(k.dtype), k], dim=2)
-        values = torch.cat([value_cache.to(v.dtype), v], dim=2)
+        key_ring, value_ring = cache.layer(layer)
+        keys = torch.cat([key_ring.to(k.dtype), k], dim=2)
+        values = torch.cat([value_ring.to(v.dtype), v], dim=2)
         key_positions = torch.cat([window.old_positions, position_ids], dim=1).unsqueeze(1)  # [B, 1, S+T]
         query = position_ids.unsqueeze(-1)  # [B, T, 1]
         visible = (key_positions <= query) & (key_positions > query - self.sliding_window)
-        write_ring(key_cache, k, window)
-        write_ring(value_cache, v, window)
+        cache.write_ring(layer, k, v, window)
         return keys, values, visible
 
 
 class MLP(nn.Module):
     """SwiGLU with gate and up projections fused into one matmul."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, tp: TensorParallel = SINGLE) -> None:
+    def __init__(self, config: LayerConfig, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.intermediate_size = tp.local(intermediate_size, "intermediate size")  # this rank's share
-        self.gate_up_proj = make_linear(hidden_size, 2 * intermediate_size, bias)
-        self.down_proj = make_linear(intermediate_size, hidden_size, bias)
+        c = config
+        self.intermediate_size = tp.local(c.intermediate_size, "intermediate size")  # this rank's share
+        self.gate_up_proj = make_linear(c.hidden_size, 2 * c.intermediate_size, c.mlp_bias)
+        self.down_proj = make_linear(c.intermediate_size, c.hidden_size, c.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -302,23 +259,18 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm Llama block; with `moe`, its MLP is a mixture of experts (models/moe.py)."""
+    """Pre-norm Llama block; with `config.moe`, its MLP is a mixture of experts (models/moe.py)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, num_heads: int, num_kv_heads: int,
-                 head_dim: int, eps: float, qkv_bias: bool = False, o_bias: bool = False,
-                 mlp_bias: bool = False, tp: TensorParallel = SINGLE, qk_norm: bool = False,
-                 moe: MoeConfig | None = None, sliding_window: int | None = None, sinks: bool = False,
-                 norm_scale_in_float32: bool = False) -> None:
+    def __init__(self, config: LayerConfig, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(hidden_size, eps, norm_scale_in_float32)
-        self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, hidden_size,
-                                   qkv_bias, o_bias, tp, eps if qk_norm else None, sliding_window, sinks)
-        self.post_attention_layernorm = RMSNorm(hidden_size, eps, norm_scale_in_float32)
-        self.mlp = SparseMoe(hidden_size, moe) if moe is not None else MLP(hidden_size, intermediate_size, mlp_bias, tp)
+        c = config
+        self.input_layernorm = RMSNorm(c.hidden_size, c.eps, c.norm_scale_in_float32)
+        self.self_attn = Attention(c, tp)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.eps, c.norm_scale_in_float32)
+        self.mlp = SparseMoe(c.hidden_size, c.moe) if c.moe is not None else MLP(c, tp)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor, key_cache: Tensor | None,
-                value_cache: Tensor | None, visible: Tensor | None = None,
-                read_length: int | None = None, window: WindowPlan | None = None) -> Tensor:  # [B, T, H] -> [B, T, H]
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, key_cache, value_cache, visible,
-                               read_length, window)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor, cache: KVCache | None = None,
+                layer: int = 0, visible: Tensor | None = None,
+                window: WindowPlan | None = None) -> Tensor:  # [B, T, H] -> [B, T, H]
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, cache, layer, visible, window)
         return h + self.mlp(self.post_attention_layernorm(h))

@@ -18,9 +18,7 @@ from torch import Tensor, nn
 from neuron_peagle.config import ModelConfig
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.kv_cache import KVCache
-from neuron_peagle.graphs.state import assign_state
-from neuron_peagle.models.layers import (DecoderLayer, RMSNorm, RotaryTable, make_embedding, make_linear,
-                                         plan_window)
+from neuron_peagle.models.layers import DecoderLayer, Embedding, LayerConfig, RMSNorm, RotaryTable, make_linear
 from neuron_peagle.models.moe import SparseMoe
 from neuron_peagle.models.moe_weights import moe_shapes
 from neuron_peagle.models.mxfp4 import dequantize_experts
@@ -34,6 +32,19 @@ def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
     if num_layers >= 6:
         return (2, num_layers // 2, num_layers - 3)
     return (0, num_layers // 2, num_layers - 1)
+
+
+def target_layer_config(config: ModelConfig, i: int) -> LayerConfig:
+    """Decoder layer i of the target: its MLP a mixture of experts where the model's is sparse there,
+    a sliding window where the model slides there."""
+    c = config
+    sparse = c.moe is not None and c.moe.sparse_layers[i]
+    return LayerConfig(
+        hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_heads=c.num_attention_heads,
+        num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, eps=c.rms_norm_eps, qkv_bias=c.qkv_bias,
+        o_bias=c.o_bias, mlp_bias=c.mlp_bias, qk_norm=c.qk_norm, moe=c.moe if sparse else None,
+        sliding_window=c.sliding_window if c.sliding_layers[i] else None, sinks=c.attention_sinks,
+        norm_scale_in_float32=c.norm_scale_in_float32)
 
 
 class TargetOutput(NamedTuple):
@@ -64,16 +75,9 @@ class TargetModel(nn.Module):
             raise ConfigError(f"tensor parallelism of {c.architecture} targets is not implemented yet: "
                               "run them with tp_degree 1")
         tp.check(c.num_attention_heads, c.num_key_value_heads, c.intermediate_size)
-        self.embed_tokens = make_embedding(c.vocab_size, c.hidden_size)
-        sparse = c.moe.sparse_layers if c.moe is not None else (False,) * c.num_hidden_layers
-        self.layers = nn.ModuleList(
-            DecoderLayer(c.hidden_size, c.intermediate_size, c.num_attention_heads,
-                         c.num_key_value_heads, c.head_dim, c.rms_norm_eps, c.qkv_bias, c.o_bias,
-                         c.mlp_bias, self.tp, c.qk_norm, c.moe if sparse[i] else None,
-                         c.sliding_window if c.sliding_layers[i] else None, c.attention_sinks,
-                         c.norm_scale_in_float32)
-            for i in range(c.num_hidden_layers)
-        )
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(target_layer_config(c, i), self.tp)
+                                    for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_scale_in_float32)
         # Tied: one [vocab, hidden] matrix for both, as the checkpoint has it.
         self.lm_head = make_linear(c.hidden_size, c.vocab_size,
@@ -99,20 +103,18 @@ class TargetModel(nn.Module):
         # valid_lengths [B]: how many of the T inputs are real (a prefill's prompt); None: all.
         h = self.embed(input_ids)
         cos, sin = self.rotary(position_ids)
-        window = None
-        if cache.window_positions is not None:
-            if input_ids.shape[1] > cache.window_positions.shape[1] - self.config.sliding_window + 1 and (
-                    valid_lengths is None):
-                raise ConfigError(f"a call writing {input_ids.shape[1]} tokens needs a cache made with "
-                                  f"new_cache(step_tokens >= {input_ids.shape[1]})")
-            window = plan_window(cache.window_positions, position_ids, valid_lengths)
+        if cache.window_positions is not None and valid_lengths is None and (
+                input_ids.shape[1] > cache.window_positions.shape[1] - self.config.sliding_window + 1):
+            raise ConfigError(f"a call writing {input_ids.shape[1]} tokens needs a cache made with "
+                              f"new_cache(step_tokens >= {input_ids.shape[1]})")
+        window = cache.plan_window(position_ids, valid_lengths)  # None without sliding-window layers
         entering: dict[int, Tensor] = {}
         for i, layer in enumerate(self.layers):
             if features and i in self.feature_layers:
                 entering[i] = h
-            h = layer(h, cos, sin, position_ids, *cache.layer(i), read_length=cache.read_length, window=window)
+            h = layer(h, cos, sin, position_ids, cache, i, window=window)
         if window is not None:
-            assign_state(cache, "window_positions", window.positions)
+            cache.advance_window(window)
         return h, torch.cat([entering[i] for i in self.feature_layers], dim=-1) if features else None
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, cache: KVCache,
@@ -170,9 +172,7 @@ class TargetModel(nn.Module):
             shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
         for i, layer in enumerate(self.layers):
             prefix = f"model.layers.{i}."
-            layer_shapes = decoder_layer_shapes(
-                prefix, c.hidden_size, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                c.intermediate_size, c.qkv_bias, c.o_bias, c.mlp_bias, c.qk_norm)
+            layer_shapes = decoder_layer_shapes(prefix, target_layer_config(c, i))
             if isinstance(layer.mlp, SparseMoe):
                 layer_shapes = {name: shape for name, shape in layer_shapes.items() if ".mlp." not in name}
                 layer_shapes.update(moe_shapes(prefix + "mlp.", c.hidden_size, c.moe, c.architecture,

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from neuron_peagle.errors import ModelDirError, WeightsError
+from neuron_peagle.models.layers import LayerConfig
 from neuron_peagle.models.moe_weights import load_moe
 from neuron_peagle.parallel import SINGLE, TensorParallel
 
@@ -86,11 +87,12 @@ def _short(names: list[str], limit: int = 8) -> str:
     return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
 
 
-def decoder_layer_shapes(prefix: str, hidden_in: int, hidden: int, num_heads: int, num_kv_heads: int,
-                         head_dim: int, intermediate: int, qkv_bias: bool = False, o_bias: bool = False,
-                         mlp_bias: bool = False, qk_norm: bool = False) -> dict[str, tuple[int, ...]]:
-    """Hugging Face names and shapes of one Llama-style decoder layer's tensors."""
-    q_out, kv_out = num_heads * head_dim, num_kv_heads * head_dim
+def decoder_layer_shapes(prefix: str, config: LayerConfig) -> dict[str, tuple[int, ...]]:
+    """Hugging Face names and shapes of one Llama-style decoder layer's tensors (a dense MLP's, whatever
+    `config.moe`: the experts' names are the architecture's, models/moe_weights.py)."""
+    c = config
+    hidden, width, hidden_in = c.hidden_size, c.intermediate_size, c.attention_input_size
+    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     shapes: dict[str, tuple[int, ...]] = {
         prefix + "input_layernorm.weight": (hidden,),
         prefix + "post_attention_layernorm.weight": (hidden,),
@@ -98,19 +100,20 @@ def decoder_layer_shapes(prefix: str, hidden_in: int, hidden: int, num_heads: in
         prefix + "self_attn.k_proj.weight": (kv_out, hidden_in),
         prefix + "self_attn.v_proj.weight": (kv_out, hidden_in),
         prefix + "self_attn.o_proj.weight": (hidden, q_out),
-        prefix + "mlp.gate_proj.weight": (intermediate, hidden),
-        prefix + "mlp.up_proj.weight": (intermediate, hidden),
-        prefix + "mlp.down_proj.weight": (hidden, intermediate),
+        prefix + "mlp.gate_proj.weight": (width, hidden),
+        prefix + "mlp.up_proj.weight": (width, hidden),
+        prefix + "mlp.down_proj.weight": (hidden, width),
     }
-    if qkv_bias:
+    if c.qkv_bias:
         shapes.update({prefix + "self_attn.q_proj.bias": (q_out,), prefix + "self_attn.k_proj.bias": (kv_out,),
                        prefix + "self_attn.v_proj.bias": (kv_out,)})
-    if o_bias:
+    if c.o_bias:
         shapes[prefix + "self_attn.o_proj.bias"] = (hidden,)
-    if qk_norm:
-        shapes.update({prefix + "self_attn.q_norm.weight": (head_dim,), prefix + "self_attn.k_norm.weight": (head_dim,)})
-    if mlp_bias:
-        shapes.update({prefix + "mlp.gate_proj.bias": (intermediate,), prefix + "mlp.up_proj.bias": (intermediate,),
+    if c.qk_norm:
+        shapes.update({prefix + "self_attn.q_norm.weight": (c.head_dim,),
+                       prefix + "self_attn.k_norm.weight": (c.head_dim,)})
+    if c.mlp_bias:
+        shapes.update({prefix + "mlp.gate_proj.bias": (width,), prefix + "mlp.up_proj.bias": (width,),
                        prefix + "mlp.down_proj.bias": (hidden,)})
     return shapes
 

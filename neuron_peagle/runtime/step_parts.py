@@ -1,10 +1,11 @@
 """Timing the parts of a speculative step (draft, verify, accept) from the host, on eager only.
 
 A compiled step graph is one call: its parts cannot be timed from inside without breaking the graph
-(a timer is Python, not a tensor op). So the graph exposes its parts as methods (`SpecStepGraph.draft`,
-`.verify`, `.accept`) and runs them in `forward`; on eager, where nothing is compiled, the runner runs
-them through `TimedStep` instead, which does the same calls in the same order with a clock and a
-profiler range (`peagle::<part>`) around each. Compiled backends report the step's wall time only.
+(a timer is Python, not a tensor op). So the step graph runs its parts in one place,
+`SpecStepGraph.run_parts`, which takes an optional part timer: `forward` (what a compiled backend
+traces) passes none; on eager, where nothing is compiled, the runner calls `TimedStep`, which passes a
+clock and a profiler range (`peagle::<part>`) around each part. Compiled backends report the step's
+wall time only.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from neuron_peagle.graphs.speculative import SpecStepGraph, SpecStepOutputs
-from neuron_peagle.sampling import SamplingTensors
+from neuron_peagle.graphs.speculative import SpecStepGraph, SpecStepInputs, SpecStepOutputs
 
-PARTS = ("draft", "verify", "accept")
+PARTS = ("draft", "verify", "accept")  # the part names SpecStepGraph.run_parts gives its timer
 
 
 class TimedStep(nn.Module):
-    """`graph`'s forward, part by part, adding each part's seconds to `timings[part]`."""
+    """`graph`'s step, adding each part's seconds to `timings[part]`."""
 
     def __init__(self, graph: SpecStepGraph, timings: dict[str, float]) -> None:
         super().__init__()
@@ -42,10 +42,5 @@ class TimedStep(nn.Module):
 
     def forward(self, temperature: Tensor, top_k: Tensor, top_p: Tensor, accept_uniform: Tensor,
                 sample_uniform: Tensor) -> SpecStepOutputs:
-        with self._part("draft"):
-            drafts = self.graph.draft()
-        with self._part("verify"):
-            verified = self.graph.verify(drafts)
-        with self._part("accept"):
-            return self.graph.accept(drafts, verified, SamplingTensors(temperature, top_k, top_p), accept_uniform,
-                                     sample_uniform)
+        inputs = SpecStepInputs(temperature, top_k, top_p, accept_uniform, sample_uniform)
+        return self.graph.run_parts(inputs, self._part)
