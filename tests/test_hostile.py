@@ -632,3 +632,39 @@ def test_wrong_types_the_property_found_are_refused_before_the_model_loads(keywo
                                                                           no_model_loads):
     with pytest.raises(ConfigError):
         Engine.from_pretrained(tiny_llama_dir, **{"max_length": 64, "prefill_buckets": (16,), keyword: value})
+
+
+# ---- misleading messages --------------------------------------------------------------------------------
+
+def test_a_config_count_written_as_text_is_named_not_blamed_on_the_tokenizer(tiny_llama_dir, tmp_path, capsys,
+                                                                              no_model_loads):
+    from conftest import edited_model_dir
+
+    model = edited_model_dir(tiny_llama_dir, tmp_path / "model",
+                             lambda config: {**config, "num_hidden_layers": str(config["num_hidden_layers"])})
+    code = main(["generate", "hi", "--model", str(model), "--backend", "eager"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "num_hidden_layers must be an integer, got '4'" in err and "tokenizer" not in err
+
+
+def test_a_copy_of_the_default_model_is_recognised_by_its_content(tiny_llama_dir, tmp_path, monkeypatch):
+    """The default drafter goes with the default model wherever it lies: a copy is recognised by its files'
+    contents, not by its path; a copy with one weight changed is another model."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from neuron_peagle import default_model
+
+    monkeypatch.setattr(default_model, "default_model_dir", lambda: tiny_llama_dir)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_llama_dir, copy)
+    assert default_model.is_default_model(tiny_llama_dir) and default_model.is_default_model(copy)
+    tensors = load_file(copy / "model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] += 1
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    assert not default_model.is_default_model(copy)
+    assert not default_model.is_default_model(tmp_path)  # no config.json: not a model at all

@@ -411,7 +411,7 @@ def test_an_option_given_at_its_default_value_must_match_the_artifacts(option, m
 
 @pytest.mark.parametrize("edit, match", [
     (lambda c: [c], "expected a JSON object"),
-    (lambda c: {**c, "hidden_size": "wide"}, "a field has a value of the wrong type"),
+    (lambda c: {**c, "hidden_size": "wide"}, "hidden_size must be an integer, got 'wide'"),
     (lambda c: {**c, "eos_token_id": "two"}, "a field has a value of the wrong type"),
 ])
 def test_a_malformed_model_config_is_refused_naming_it(edit, match, tmp_path, tiny_llama_dir, capsys, no_model_loads):

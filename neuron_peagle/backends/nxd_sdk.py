@@ -15,12 +15,11 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from neuron_peagle.backends.nxd_graphs import NxdBundle, NxdGraph, graph_kwargs
+from neuron_peagle.backends.nxd_graphs import NxdGraph
 from neuron_peagle.errors import ArtifactError, BackendUnavailableError
 from neuron_peagle.files import atomic_path
 from neuron_peagle.state_writes import StateWrites, use_state_writes
