@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -21,6 +22,21 @@ from neuron_peagle.files import atomic_path
 NEURON_PROFILE_DIR = "neuron"
 # Writes one file of the session (name relative to the session directory, its text).
 Write = Callable[[str, str], None]
+
+
+class ProfilerSession(Protocol):
+    """What `Backend.profiler` returns: a context around the profiled generation, then its files."""
+
+    traced: bool  # a torch.profiler trace was recorded
+    viewer: str | None  # how to look at what the backend's own profiler recorded, beyond the files
+
+    def __enter__(self) -> "ProfilerSession": ...
+
+    def __exit__(self, *exc) -> None: ...
+
+    def finish(self, write: Write, files: list[str]) -> list[str]:
+        """Write what was recorded (`write(name, text)`, or append to `files` a file written another way);
+        the session's notes."""
 
 
 def neuron_capture_env(out_dir: Path) -> dict[str, str]:
