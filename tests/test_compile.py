@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuron_peagle.backends import hlo_audit as audit
+import neuron_peagle.backends.hlo_audit as audit
 from compile.build import BuildRequest, build_artifacts, main as build_main
 from neuron_peagle.runtime.manifest import FORMAT_VERSION, LOG_NAME, MANIFEST_NAME, Manifest, WeightsInfo, sealed
 from neuron_peagle.backends.artifacts import NEURON_COMPILER_FLAGS, neuron_compiler_args

@@ -29,9 +29,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from neuron_peagle.backends import compiled_artifacts
 from neuron_peagle.backends.base import Shapes, shapes_of
-from neuron_peagle.backends.compiled_artifacts import INDUCTOR_CACHE, NEURON_CACHE, CompilerCache
+from neuron_peagle.backends.compiled_artifacts import (INDUCTOR_CACHE, NEURON_CACHE, CompilerCache, build_compiled,
+                                                       load_compiled, use_compiled_artifacts)
 from neuron_peagle.config import BACKENDS
 from neuron_peagle.errors import BackendUnavailableError
 from neuron_peagle.state_writes import StateWrites, use_state_writes
@@ -105,14 +105,14 @@ class CompiledBackend:
         return len(self._compiled)
 
     def use_artifacts(self, directory: Path, writable: bool) -> str:
-        self._cache_note = compiled_artifacts.use_artifacts(self.cache, directory, writable)
+        self._cache_note = use_compiled_artifacts(self.cache, directory, writable)
         return self._cache_note
 
     def build_artifacts(self, plan, build):
-        return compiled_artifacts.build(self, self.cache, plan, build)
+        return build_compiled(self, self.cache, plan, build)
 
     def load_artifacts(self, directory: Path, plan, manifest):
-        return compiled_artifacts.load(self, self.cache, directory, plan, manifest, self._cache_note)
+        return load_compiled(self, self.cache, directory, plan, manifest, self._cache_note)
 
     def profiler(self, out_dir: Path, trace: bool):
         from neuron_peagle.backends.profilers import NeuronCapture, TorchProfiler

@@ -93,7 +93,7 @@ def read_only_view(source: Path) -> Path:
     return view
 
 
-def use_artifacts(cache: CompilerCache, directory: Path, writable: bool) -> str:
+def use_compiled_artifacts(cache: CompilerCache, directory: Path, writable: bool) -> str:
     compile_cache = directory / COMPILE_CACHE_DIR
     if not writable and not (compile_cache.is_dir() and any(compile_cache.iterdir())):
         raise ArtifactError(f"{compile_cache} is missing or empty: the artifacts lost their compiled graphs; rebuild "
@@ -133,7 +133,7 @@ def run_timed(backend, cache: CompilerCache, graph: PlannedGraph) -> tuple[tuple
     return outputs, seconds, "loaded from the compile cache"
 
 
-def build(backend, cache: CompilerCache, plan: list[PlannedGraph], build: ArtifactBuild) -> BuiltGraphs:
+def build_compiled(backend, cache: CompilerCache, plan: list[PlannedGraph], build: ArtifactBuild) -> BuiltGraphs:
     """Compile every planned graph (the compiler's cache already pointed into `build.out`)."""
     from tqdm import tqdm
 
@@ -153,7 +153,7 @@ def build(backend, cache: CompilerCache, plan: list[PlannedGraph], build: Artifa
     return BuiltGraphs(records, compiled)
 
 
-def load(backend, cache: CompilerCache, directory: Path, plan: list[PlannedGraph], manifest: Manifest,
+def load_compiled(backend, cache: CompilerCache, directory: Path, plan: list[PlannedGraph], manifest: Manifest,
          cache_note: str) -> LoadReport:
     """Warm every planned graph from the artifacts' cache."""
     check_plan(plan, manifest)

@@ -100,15 +100,15 @@ class NxdBackend:
         return f"NxDModel {directory / NEURON_MODEL_FILE}"
 
     def build_artifacts(self, plan, build):
-        from neuron_peagle.backends import nxd_artifacts
+        from neuron_peagle.backends.nxd_artifacts import build_nxd
         from neuron_peagle.backends.xla import XlaBackend
 
-        return nxd_artifacts.build(self, XlaBackend(), plan, build)
+        return build_nxd(self, XlaBackend(), plan, build)
 
     def load_artifacts(self, directory: Path, plan, manifest):
-        from neuron_peagle.backends import nxd_artifacts
+        from neuron_peagle.backends.nxd_artifacts import load_nxd
 
-        return nxd_artifacts.load(self, directory, plan, manifest)
+        return load_nxd(self, directory, plan, manifest)
 
     def profiler(self, out_dir: Path, trace: bool):
         from neuron_peagle.backends.profilers import NeuronCapture

@@ -86,7 +86,7 @@ class NxdBuild:
         shutil.rmtree(self.out / COMPILER_WORKDIR, ignore_errors=True)
 
 
-def build(backend, xla, plan: list[PlannedGraph], build: ArtifactBuild) -> BuiltGraphs:
+def build_nxd(backend, xla, plan: list[PlannedGraph], build: ArtifactBuild) -> BuiltGraphs:
     """Trace and audit every graph on the XLA device of `xla` (an XlaBackend: the HLO the NEFFs are compiled
     from), then trace, compile (or reuse) and assemble them into one NxDModel."""
     for graph in plan:
@@ -135,7 +135,7 @@ def check_nxd_plan(plan: list[PlannedGraph], manifest: Manifest, checkpoint: dic
                             "code changed since the build; rebuild the artifacts")
 
 
-def load(backend, directory: Path, plan: list[PlannedGraph], manifest: Manifest) -> LoadReport:
+def load_nxd(backend, directory: Path, plan: list[PlannedGraph], manifest: Manifest) -> LoadReport:
     """The NxDModel with the engine's weights (split per rank when sharded), every graph run once."""
     sharding = backend.sharding
     if sharding is not None:

@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from neuron_peagle.backends import hlo_audit
+from neuron_peagle.backends.hlo_audit import AuditResult, audit_hlo
+from neuron_peagle.backends.hlo_audit import check as check_audit
+from neuron_peagle.backends.hlo_audit import notes as audit_notes_of
 from neuron_peagle.backends.artifacts import (ArtifactBuild, BuiltGraphs, LoadReport, check_plan, graph_record, inside,
                                               prune)
 from neuron_peagle.errors import ArtifactError
@@ -87,7 +89,7 @@ class Traced:
     hlo_file: str
     hlo_sha256: str
     fingerprint: str
-    audit: hlo_audit.AuditResult
+    audit: AuditResult
 
     def record(self, files: tuple[str, ...], seconds: float, compiler_args: tuple[str, ...]) -> GraphRecord:
         return graph_record(self.graph, self.outputs, self.fingerprint, files, seconds, compiler_args, self.hlo_file,
@@ -107,8 +109,8 @@ def trace_all(plan: list[PlannedGraph], backend, build: ArtifactBuild) -> tuple[
         hlo, outputs = trace_hlo(graph, backend)
         hlo_file = f"{HLO_DIR}/{graph.name}.hlo.txt"
         atomic_write_text(out / hlo_file, hlo)
-        result = hlo_audit.audit_hlo(hlo, build.vocab_sizes)
-        hlo_audit.check(graph.name, result, str(out / hlo_file))
+        result = audit_hlo(hlo, build.vocab_sizes)
+        check_audit(graph.name, result, str(out / hlo_file))
         digest = hashlib.sha256(hlo.encode()).hexdigest()
         item = Traced(graph, outputs, hlo_file, digest,
                       fingerprint(digest, build.compiler_args, build.versions, build.weights), result)
@@ -151,7 +153,7 @@ def compile_traced(traced: list[Traced], fresh: dict[str, GraphRecord], build: A
 
 
 def audit_notes(traced: list[Traced]) -> tuple[str, ...]:
-    return tuple(hlo_audit.notes({t.graph.name: t.audit.findings for t in traced}))
+    return tuple(audit_notes_of({t.graph.name: t.audit.findings for t in traced}))
 
 
 def build_xla(backend, plan: list[PlannedGraph], build: ArtifactBuild) -> BuiltGraphs:

@@ -75,9 +75,9 @@ def launch(mode: str, kernel: Callable, args: tuple) -> tuple[Tensor, ...]:
         return tuple(_jit(kernel)(*args))
     if mode != "interpreter":
         raise ConfigError(f"a kernel launches in one of {LAUNCH_MODES}, got {mode!r}")
-    from neuron_peagle.kernels import interpreter
+    from neuron_peagle.kernels.interpreter import run
 
-    return tuple(torch.from_numpy(out) for out in interpreter.run(kernel, *args))
+    return tuple(torch.from_numpy(out) for out in run(kernel, *args))
 
 
 @functools.cache
