@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from neuron_peagle.backends.profilers import NEURON_PROFILE_DIR, neuron_capture_env
+from neuron_peagle.backends.profilers import NEURON_PROFILE_DIR, neuron_capture_env, profiler_for
 from neuron_peagle.config import capabilities_of
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.files import atomic_write_text
@@ -61,7 +61,7 @@ SESSION = OutputKind("profiler session", "session.json", frozenset(
 def runs_torch_profiler(backend: str, trace: bool) -> bool:
     """Whether a session on `backend` records a torch.profiler trace: when asked, except on NeuronCores,
     where the runtime's inspect capture records the session and the Neuron docs say not to combine the two."""
-    return trace and not capabilities_of(backend).on_neuron_cores
+    return profiler_for(capabilities_of(backend).on_neuron_cores, Path(), trace).traced
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,12 @@ Outputs = TypeVar("Outputs", bound=tuple)
 Shapes = tuple[tuple[int, ...], ...]
 
 
+def held_modules(graphs: Sequence[nn.Module]) -> nn.Module:
+    """The graphs as one module, for `prepare`: the graphs share their target, caches and state, and a walk
+    over `modules()` of this one visits each shared module once."""
+    return nn.ModuleList(graphs)
+
+
 def shapes_of(inputs: Sequence[Tensor]) -> Shapes:
     """The shapes of a graph call's inputs: with the graph, what picks its compiled form."""
     return tuple(tuple(t.shape) for t in inputs)

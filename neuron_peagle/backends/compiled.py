@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from neuron_peagle.backends.base import Shapes, shapes_of
+from neuron_peagle.backends.base import Shapes, held_modules, shapes_of
 from neuron_peagle.backends.compiled_artifacts import (INDUCTOR_CACHE, NEURON_CACHE, CompilerCache, build_compiled,
                                                        load_compiled, use_compiled_artifacts)
 from neuron_peagle.config import BACKENDS
@@ -70,15 +70,12 @@ class CompiledBackend:
     def prepare(self, graphs: Sequence[nn.Module]) -> None:
         """The modules on the device; on CPU, the weights with their fast strides (`layout.py`; on a
         NeuronCore the compiler lays them out)."""
-        for graph in graphs:
-            graph.to(self.device)
-            use_state_writes(graph, StateWrites.IN_PLACE)  # functionalized by dynamo, written back in place
+        held = held_modules(graphs).to(self.device)
+        use_state_writes(held, StateWrites.IN_PLACE)  # functionalized by dynamo, written back in place
         if self.device.type == "cpu":
             from neuron_peagle.backends.layout import cpu_weight_layout, rows_per_call
 
-            rows = rows_per_call(graphs)
-            for graph in graphs:
-                cpu_weight_layout(graph, rows)
+            cpu_weight_layout(held, rows_per_call(graphs))
 
     def run(self, graph: nn.Module, inputs: NamedTuple):
         key = (id(graph), shapes_of(inputs))
@@ -115,9 +112,9 @@ class CompiledBackend:
         return load_compiled(self, self.cache, directory, plan, manifest, self._cache_note)
 
     def profiler(self, out_dir: Path, trace: bool):
-        from neuron_peagle.backends.profilers import NeuronCapture, TorchProfiler
+        from neuron_peagle.backends.profilers import profiler_for
 
-        return NeuronCapture(out_dir, trace) if self.capabilities.on_neuron_cores else TorchProfiler(out_dir, trace)
+        return profiler_for(self.capabilities.on_neuron_cores, out_dir, trace)
 
 
 def _fresh(t: Tensor, device: torch.device) -> Tensor:

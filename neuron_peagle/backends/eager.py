@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from neuron_peagle.backends.base import held_modules
 from neuron_peagle.backends.layout import cpu_weight_layout, rows_per_call
 from neuron_peagle.config import BACKENDS
 from neuron_peagle.errors import ConfigError
@@ -25,10 +26,9 @@ class EagerBackend:
         """CPU weight layout (`layout.cpu_weight_layout`); nothing to move. State is written in place, 16-bit
         caches through an int16 view (neuron_peagle.state_writes: PyTorch's CPU scatter over 16-bit floats
         copies the whole cache)."""
-        rows = rows_per_call(graphs)
-        for graph in graphs:
-            cpu_weight_layout(graph, rows)
-            use_state_writes(graph, StateWrites.IN_PLACE_INT16)
+        held = held_modules(graphs)
+        cpu_weight_layout(held, rows_per_call(graphs))
+        use_state_writes(held, StateWrites.IN_PLACE_INT16)
 
     def run(self, graph: nn.Module, inputs: tuple[Tensor, ...]):
         # Shapes cost nothing here: attention reads only the cache slots the call can see (rounded up),
@@ -52,6 +52,6 @@ class EagerBackend:
         raise ConfigError(NO_ARTIFACTS)
 
     def profiler(self, out_dir: Path, trace: bool):
-        from neuron_peagle.backends.profilers import TorchProfiler
+        from neuron_peagle.backends.profilers import profiler_for
 
-        return TorchProfiler(out_dir, trace)
+        return profiler_for(self.capabilities.on_neuron_cores, out_dir, trace)

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from neuron_peagle.backends.base import held_modules
 from neuron_peagle.backends.nxd_graphs import NxdBundle, graph_kwargs
 from neuron_peagle.backends.nxd_sdk import INSTALL_HINT, require_sdk
 from neuron_peagle.config import BACKENDS
@@ -58,8 +59,8 @@ class NxdBackend:
         """Weights stay on the host: `load` hands them, as one dict, to the NxDModel (whose compiler lays
         them out). Sharded: the target (every graph's `target`, with its KV cache `cache`) on NxD's
         parallel layers."""
-        for graph in graphs:  # NxD aliases a buffer to its update only when it is rebound to one
-            use_state_writes(graph, StateWrites.REBIND)
+        # NxD aliases a buffer to its update only when it is rebound to one.
+        use_state_writes(held_modules(graphs), StateWrites.REBIND)
         if self.tp_degree > 1 and self.sharding is None:
             from neuron_peagle.backends.nxd_parallel import NxdTensorParallel
 
@@ -111,6 +112,6 @@ class NxdBackend:
         return load_nxd(self, directory, plan, manifest)
 
     def profiler(self, out_dir: Path, trace: bool):
-        from neuron_peagle.backends.profilers import NeuronCapture
+        from neuron_peagle.backends.profilers import profiler_for
 
-        return NeuronCapture(out_dir, trace)
+        return profiler_for(self.capabilities.on_neuron_cores, out_dir, trace)

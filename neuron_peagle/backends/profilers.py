@@ -39,6 +39,11 @@ class ProfilerSession(Protocol):
         the session's notes."""
 
 
+def profiler_for(on_neuron_cores: bool, out_dir: Path, trace: bool) -> "ProfilerSession":
+    """The one rule: the Neuron runtime's capture on NeuronCores, torch.profiler elsewhere (when asked)."""
+    return NeuronCapture(out_dir, trace) if on_neuron_cores else TorchProfiler(out_dir, trace)
+
+
 def neuron_capture_env(out_dir: Path) -> dict[str, str]:
     """Environment that makes the Neuron runtime capture the whole session (system trace and one device
     trace of everything it runs) into `out_dir/neuron`; read once, when the runtime starts.

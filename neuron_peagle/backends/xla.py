@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from neuron_peagle.backends.base import held_modules
 from neuron_peagle.config import BACKENDS
 from neuron_peagle.errors import ArtifactError, BackendUnavailableError
 from neuron_peagle.runtime.manifest import XLA_CACHE_DIR
@@ -39,9 +40,8 @@ class XlaBackend:
         self._cache_note = "no artifacts"
 
     def prepare(self, graphs: Sequence[nn.Module]) -> None:
-        for graph in graphs:  # the compiler lays the weights out
-            graph.to(self.device)
-            use_state_writes(graph, StateWrites.IN_PLACE)  # an in-place update is donated, a rebinding copied
+        held = held_modules(graphs).to(self.device)  # the compiler lays the weights out
+        use_state_writes(held, StateWrites.IN_PLACE)  # an in-place update is donated, a rebinding copied
         self._xla.sync()
 
     def run(self, graph: nn.Module, inputs: tuple[Tensor, ...]):
