@@ -668,3 +668,25 @@ def test_a_copy_of_the_default_model_is_recognised_by_its_content(tiny_llama_dir
     save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
     assert not default_model.is_default_model(copy)
     assert not default_model.is_default_model(tmp_path)  # no config.json: not a model at all
+
+
+def test_a_second_ctrl_c_while_the_command_winds_down_prints_no_traceback(tmp_path):
+    """After the first Ctrl-C is heard (exit 130), a second one that arrives while the interpreter joins
+    the process's threads at exit is ignored, instead of printing a traceback of the shutdown."""
+    script = (
+        "import os, signal, sys, threading, time\n"
+        "from neuron_peagle import cli_args\n"
+        "def command(args, given):\n"
+        "    raise KeyboardInterrupt\n"
+        "sys.argv = ['prog']\n"
+        "code = cli_args.run('prog', lambda: cli_args.Parser(prog='prog'), None, command)\n"
+        "def second_ctrl_c():\n"
+        "    time.sleep(0.5)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(0.5)\n"
+        "threading.Thread(target=second_ctrl_c).start()  # joined at exit: the signal comes then\n"
+        "sys.exit(code)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip() == "prog: interrupted"
