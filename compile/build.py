@@ -79,8 +79,7 @@ class BuildRequest:
                 f"layers, trn1), not {self.backend!r}; TorchNeuron and the CPU backends shard at run time instead: "
                 "`torchrun --nproc-per-node N -m neuron_peagle.cli generate --tp-degree N`")
         config = ModelConfig.from_dir(self.model_dir if self.model_dir is not None else require_default_model())
-        TensorParallel(self.tp_degree).check(config.num_attention_heads, config.num_key_value_heads,
-                                             config.intermediate_size)
+        TensorParallel(self.tp_degree).check(config)
 
 
 @dataclass

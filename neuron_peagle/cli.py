@@ -240,7 +240,7 @@ def _engine_and_prompts(args: argparse.Namespace, given: set[str], quiet: bool):
     limits = _limits(args, given)
     ids = _encode_checked(args, limits, prompts, params)
     engine = _load_engine(args, given, limits[1])
-    quiet = quiet or engine.target.tp.rank != 0  # under tensor parallelism, rank 0 speaks for all
+    quiet = quiet or engine.rank != 0  # under tensor parallelism, rank 0 speaks for all
     if not quiet:
         if engine.artifacts is not None:
             print(f"[{engine.artifacts.describe()}]", flush=True)
@@ -281,7 +281,7 @@ class _Records:
         self.printed: set[int] = set()
 
     def write(self, index: int, out) -> None:
-        if index in self.printed or self.engine.target.tp.rank != 0:  # rank 0 prints for every rank
+        if index in self.printed or self.engine.rank != 0:  # rank 0 prints for every rank
             return
         with _sigint_held():
             print(self._format(index, out), flush=True)

@@ -1,5 +1,7 @@
-"""What an engine's weights, KV caches and state will take, from the configs alone, against the memory
-this machine has: a request that cannot fit is refused, with the numbers, before anything is loaded."""
+"""What an engine's weights, KV caches and loading take per rank, counted from the models themselves built
+on the meta device with the parallel plan applied (parameters' `numel`, no formula of our own), against
+the memory this machine has: a request that cannot fit is refused, with the numbers, before anything is
+read."""
 
 from __future__ import annotations
 
@@ -7,66 +9,71 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from neuron_peagle.config import BuildConfig, DrafterConfig, ModelConfig
 from neuron_peagle.errors import ConfigError
+from neuron_peagle.models.checkpoint import CHUNK_BYTES
+from neuron_peagle.models.drafter import Drafter
+from neuron_peagle.models.target import TargetModel
+from neuron_peagle.parallel import SINGLE, TensorParallel
 
 GIB = 2**30
+SLIDING_STEP_TOKENS = 16  # the most tokens a step writes (K + 1), for the size of sliding-window rings
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    weights: int  # bytes (a tied LM head is the embedding matrix: counted once)
-    kv_cache: int  # bytes: target and drafter caches, every layer, [B, kv_heads, max_length, head_dim]
-    checkpoint: int  # bytes of the weight files, read whole while loading
+    weights: int  # bytes one rank holds (a tied LM head is the embedding matrix: counted once)
+    kv_cache: int  # bytes: target and drafter caches, every layer, a rank's KV heads
+    loading: int  # bytes held only while loading: the largest layer's tensors being read and fused, a chunk
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.checkpoint
+        return self.weights + self.kv_cache + self.loading
 
     def describe(self) -> str:
         return (f"{self.total / GIB:.2f} GiB (weights {self.weights / GIB:.2f}, KV caches {self.kv_cache / GIB:.2f}, "
-                f"checkpoint being read {self.checkpoint / GIB:.2f})")
+                f"while loading {self.loading / GIB:.2f})")
 
 
-def _layer_params(hidden_in: int, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int) -> int:
-    attention = hidden_in * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden
-    return attention + 3 * hidden * intermediate + 2 * hidden
-
-
-def _target_layer_params(model: ModelConfig) -> int:
-    """Every decoder layer's parameters; a mixture-of-experts layer holds all its experts and router."""
-    m = model
+def parameter_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and persistent buffers, each tensor once (a tied LM head counts once)."""
+    seen: set[int] = set()
     total = 0
-    for i in range(m.num_hidden_layers):
-        sparse = m.moe is not None and m.moe.sparse_layers[i]
-        total += _layer_params(m.hidden_size, m.hidden_size, m.num_attention_heads, m.num_key_value_heads,
-                               m.head_dim, 0 if sparse else m.intermediate_size)
-        if sparse:
-            total += m.moe.num_experts * (3 * m.hidden_size * m.moe.expert_intermediate_size + m.hidden_size)
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
     return total
 
 
+def meta_target(model: ModelConfig, build: BuildConfig, tp: TensorParallel = SINGLE,
+                feature_layers: tuple[int, ...] | None = None) -> nn.Module:
+    """The target as rank `tp.rank` builds it, on the meta device: the parallel plan applied, no storage."""
+    target = TargetModel.on_meta(model, build.max_length, build.torch_dtype, feature_layers)
+    tp.shard(target)
+    return target
+
+
 def estimate(model: ModelConfig, build: BuildConfig, drafter: DrafterConfig | None = None,
-             checkpoint_bytes: int = 0) -> MemoryEstimate:
-    # The models are built in float32 and cast to the build's dtype once loaded: the peak is float32.
-    itemsize = 4
-    heads = 1 if model.tie_word_embeddings else 2  # embedding, and the LM head unless it is the embedding
-    params = heads * model.vocab_size * model.hidden_size + model.hidden_size + _target_layer_params(model)
-    slots = build.batch_size * build.max_length
-    # Sliding-window layers keep a ring of about the window's size (plus K), not max_length.
-    window = model.sliding_window or 0
-    layer_slots = sum(build.batch_size * min(build.max_length, window + 16) if sliding else slots
-                      for sliding in model.sliding_layers)
-    kv = 2 * layer_slots * model.num_key_value_heads * model.head_dim
+             tp: TensorParallel = SINGLE) -> MemoryEstimate:
+    """One rank's bytes (every rank holds the same amount)."""
+    target = meta_target(model, build, tp, drafter.feature_layers if drafter is not None else None)
+    rotary = parameter_bytes(target.rotary)
+    weights = parameter_bytes(target) - rotary + rotary // build.torch_dtype.itemsize * 4  # angles: float32
+    with torch.device("meta"):
+        kv = parameter_bytes(target.new_cache(build.batch_size, SLIDING_STEP_TOKENS))
     if drafter is not None:
-        d = drafter
-        params += (3 * d.target_hidden_size * d.hidden_size + d.draft_vocab_size * d.hidden_size
-                   + d.vocab_size * d.hidden_size * (not d.shares_target_embedding))
-        params += sum(_layer_params(2 * d.hidden_size if i == 0 else d.hidden_size, d.hidden_size,
-                                    d.num_attention_heads, d.num_key_value_heads, d.head_dim, d.intermediate_size)
-                      for i in range(d.num_layers))
-        kv += 2 * d.num_layers * slots * d.num_key_value_heads * d.head_dim
-    return MemoryEstimate(params * itemsize, kv * itemsize, checkpoint_bytes)
+        with torch.device("meta"):
+            draft = Drafter(drafter, build.max_length).to(build.torch_dtype)
+            weights += parameter_bytes(draft)
+            kv += parameter_bytes(draft.new_cache(build.batch_size))
+    # While loading: a decoder layer's tensors as read (its file pages, the pieces, the fused copies: about
+    # three times the layer) and a chunk of a large tensor.
+    largest_layer = max(parameter_bytes(layer) for layer in target.layers)
+    return MemoryEstimate(weights, kv, 3 * largest_layer + CHUNK_BYTES)
 
 
 def available_bytes() -> int | None:
@@ -84,13 +91,14 @@ def available_bytes() -> int | None:
 
 
 def check_fits(model: ModelConfig, build: BuildConfig, drafter: DrafterConfig | None = None,
-               checkpoint_bytes: int = 0, copies: int = 1) -> MemoryEstimate:
-    """Raise ConfigError, naming the numbers and the settings that drive them, if the engine (`copies`
-    of it at once: one per tensor-parallel rank on this host, each loading the whole model) cannot fit."""
-    need = estimate(model, build, drafter, checkpoint_bytes)
+               tp: TensorParallel = SINGLE, ranks_here: int = 1) -> MemoryEstimate:
+    """Raise ConfigError, naming the numbers and the settings that drive them, if `ranks_here` ranks of the
+    engine (the tensor-parallel ranks on this host, each holding its share) cannot fit in this host's memory."""
+    need = estimate(model, build, drafter, tp)
     have = available_bytes()
-    if have is not None and need.total * copies > have:
-        times = f"{copies} x " if copies > 1 else ""
-        raise ConfigError(f"this engine needs about {times}{need.describe()}, more than the {have / GIB:.2f} GiB of memory "
-                          f"available; lower max_length ({build.max_length}) or batch_size ({build.batch_size})")
+    if have is not None and need.total * ranks_here > have:
+        times = f"{ranks_here} ranks x " if ranks_here > 1 else ""
+        raise ConfigError(f"this engine needs about {times}{need.describe()}, more than the {have / GIB:.2f} GiB of "
+                          f"memory available; lower max_length ({build.max_length}) or batch_size "
+                          f"({build.batch_size})" + ("" if tp.degree > 1 else ", or shard it (tp_degree)"))
     return need

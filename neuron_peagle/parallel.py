@@ -1,21 +1,26 @@
-"""Tensor parallelism of the target model with PyTorch's own engine, `torch.distributed.tensor.parallel`.
+"""The parallel plan: how the target is split over ranks, in one place, applied to the model once it is
+built (on the meta device, `TargetModel.on_meta`) and before any weight is read; the model code then
+sees a rank's head counts, widths and experts only, and the loader reads only a rank's slices
+(`LayerShard`).
 
-Megatron-style, as neuronx-distributed lays out Llama: in every decoder layer the fused q/k/v and
-gate/up projections are split by output (`ColwiseParallel`: whole attention heads, whole KV heads, a
-slice of the MLP's width), so attention and the SwiGLU run on a rank's own heads; the o and down
-projections are split by input (`RowwiseParallel`), and their partial outputs are summed across ranks
-(an all-reduce) before the residual. Embedding, norms, LM head and the drafter stay whole on every
-rank, so after each sum every rank holds the same hidden states and computes the same tokens, and
-the host loops stay in step. A rank's KV cache holds only its KV heads. Where there are fewer KV heads
-than ranks (the degree a multiple of them), each KV head is replicated on the ranks whose query heads
-read it.
+Dense layers: the Megatron layout (PyTorch's ColwiseParallel / RowwiseParallel, neuronx-distributed's
+ColumnParallelLinear / RowParallelLinear). The fused q/k/v and gate/up projections are split by output:
+a rank computes whole attention heads, its KV heads and a slice of the MLP's width; the o and down
+projections are split by input, and their partial outputs are summed across ranks before the residual
+(`AllReduce`, in float32). Where there are fewer KV heads than ranks (the degree a multiple of them),
+each KV head is replicated on the ranks whose query heads read it. gpt-oss's sinks follow their heads.
 
-The sharded projections are `nn.Linear` modules ([out, in], the layout the parallel styles shard),
-built whole on every rank with their rows in rank order (rank 0's q, k, v rows, then rank 1's, ...;
-rank 0's gate and up rows, then rank 1's) so that an even split by output gives each rank its own
-heads; `parallelize` then keeps each rank's shard as a DTensor. The same code runs in eager and inside
-torch.compile'd graphs (dynamo traces DTensor into functional collectives), on the gloo process group
-on CPU and the Neuron device's on trn2/trn3: one process per rank, under `torchrun`.
+Mixture-of-experts layers: attention as above; the experts by expert parallelism. Rank r holds experts
+[r * E/N, (r+1) * E/N), whole (both matrices and biases). The router is replicated: every rank scores
+all E and routes every token; a rank computes the routes to its experts (the others keep their slot with
+score 0: no shape depends on the routing, no token moves between ranks) and one all-reduce sums the
+partial outputs. A rank reads E/N of the expert weights, the bulk of an MoE model.
+
+Embedding, norms, LM head and the drafter stay whole on every rank, so after each sum every rank holds
+the same hidden states and computes the same tokens, and the host loops stay in step. One process per
+rank, under `torchrun`; the sums are torch.distributed's functional all-reduce, which eager runs and
+dynamo traces into the compiled graph (gloo on CPU, the Neuron device's process group on trn2/trn3).
+trn1's nxd backend maps the same layout onto NxD's parallel layers (backends/nxd_parallel.py).
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ from typing import NoReturn
 import torch
 from torch import Tensor, nn
 
+from neuron_peagle.config import ModelConfig
 from neuron_peagle.errors import ConfigError
+from neuron_peagle.models.layers import LayerConfig, LayerShard
 
-# Which parallel style each sharded projection of a decoder layer gets.
+# Which parallel style each sharded projection of a dense decoder layer gets.
 LAYER_PLAN = {"self_attn.qkv_proj": "colwise", "mlp.gate_up_proj": "colwise",
               "self_attn.o_proj": "rowwise", "mlp.down_proj": "rowwise"}
 
@@ -39,7 +46,7 @@ LAYER_PLAN = {"self_attn.qkv_proj": "colwise", "mlp.gate_up_proj": "colwise",
 class TensorParallel:
     degree: int = 1
     rank: int = 0
-    device_type: str = "cpu"  # of the device mesh: "cpu" (gloo) or "neuron"
+    device_type: str = "cpu"  # of the process group: "cpu" (gloo) or "neuron"
 
     def __post_init__(self) -> None:
         if isinstance(self.degree, bool) or not isinstance(self.degree, int) or self.degree < 1:
@@ -48,7 +55,7 @@ class TensorParallel:
             raise ConfigError(f"tensor-parallel rank {self.rank} is outside [0, {self.degree})")
 
     def local(self, total: int, what: str) -> int:
-        """This rank's share of `total` (heads, intermediate width); it must divide evenly."""
+        """This rank's share of `total` (heads, intermediate width, experts); it must divide evenly."""
         if total % self.degree:
             raise ConfigError(f"the target's {what} ({total}) is not divisible by tp_degree {self.degree}")
         return total // self.degree
@@ -65,11 +72,18 @@ class TensorParallel:
         raise ConfigError(f"the target's key-value heads ({num_kv_heads}) neither divide by tp_degree {self.degree} "
                           "nor divide it (to be replicated)")
 
-    def check(self, num_heads: int, num_kv_heads: int, intermediate_size: int) -> None:
-        """Every split this degree needs is possible (checked before anything is loaded)."""
-        self.local(num_heads, "attention heads")
-        self.kv_heads(num_kv_heads)
-        self.local(intermediate_size, "intermediate size")
+    def check(self, config: ModelConfig) -> None:
+        """Every split this degree needs is possible for the target (checked before anything is read)."""
+        self.local(config.num_attention_heads, "attention heads")
+        self.kv_heads(config.num_key_value_heads)
+        moe = config.moe
+        if moe is None or not all(moe.sparse_layers):
+            self.local(config.intermediate_size, "intermediate size")
+        if moe is not None:
+            if self.degree > moe.num_experts:
+                raise ConfigError(f"expert parallelism over {self.degree} ranks needs at least one expert per "
+                                  f"rank; the target has {moe.num_experts} experts")
+            self.local(moe.num_experts, "experts")
 
     def rank_order(self, parts: list[Tensor], shares: list[list[range]]) -> Tensor:
         """Rows of `parts` (each [rows, ...]) regrouped rank by rank: for each rank, part i's rows in
@@ -80,17 +94,36 @@ class TensorParallel:
     def for_rank(self, rank: int) -> "TensorParallel":
         return TensorParallel(self.degree, rank, self.device_type)
 
-    def mesh(self):
-        from torch.distributed.device_mesh import init_device_mesh
+    def layer_shard(self, config: LayerConfig) -> LayerShard:
+        """What of a decoder layer's checkpoint tensors this rank holds."""
+        if self.degree == 1:
+            return LayerShard.whole(config)
+        r = self.rank
+        heads = self.local(config.num_heads, "attention heads")
+        width = self.local(config.intermediate_size, "intermediate size") if config.moe is None else 0
+        experts = self.local(config.moe.num_experts, "experts") if config.moe is not None else 0
+        return LayerShard(range(r * heads, (r + 1) * heads), self.kv_heads(config.num_kv_heads),
+                          range(r * width, (r + 1) * width), range(r * experts, (r + 1) * experts),
+                          adds_summed_biases=r == 0)
 
-        return init_device_mesh(self.device_type, (self.degree,))
+    def rank_rows(self, config: LayerConfig) -> tuple[list[range], list[range], list[range]]:
+        """Per rank, the rows of q, of k (and of v) and of gate (and of up) it holds, in each matrix's own
+        rows ([out, in]) (`layer_shard`): what `rank_order` regroups."""
+        shards = [self.for_rank(r).layer_shard(config) for r in range(self.degree)]
+        hd = config.head_dim
+        return ([range(s.heads.start * hd, s.heads.stop * hd) for s in shards],
+                [range(s.kv_heads.start * hd, s.kv_heads.stop * hd) for s in shards], [s.width for s in shards])
 
-    def parallelize(self, layer: nn.Module) -> None:
-        """Shard a decoder layer's projections (built whole, rows in rank order) over the mesh."""
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-        styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
-        parallelize_module(layer, self.mesh(), {name: styles[style]() for name, style in LAYER_PLAN.items()})
+    def shard(self, model: nn.Module) -> None:
+        """Apply the plan to a target built on the meta device (`TargetModel.on_meta`): each decoder layer
+        takes this rank's share (`localize`) and sums its partial outputs across ranks (`AllReduce`)."""
+        if self.degree == 1:
+            return
+        self.check(model.config)
+        for layer in model.layers:
+            localize(layer, self.layer_shard(layer.config))
+            layer.self_attn.sum_ranks = AllReduce()
+            layer.mlp.sum_ranks = AllReduce()
 
     @classmethod
     def from_process_group(cls, degree: int, device_type: str = "cpu") -> "TensorParallel":
@@ -108,7 +141,7 @@ class TensorParallel:
             if "WORLD_SIZE" not in os.environ:
                 raise ConfigError(f"tp_degree {degree} needs one process per rank: run under "
                                   f"`torchrun --nproc-per-node {degree}` or initialize torch.distributed first")
-            dist.init_process_group("gloo" if device_type == "cpu" else None)
+            dist.init_process_group("gloo" if device_type == "cpu" else device_type)
         if dist.get_world_size() != degree:
             raise ConfigError(f"tp_degree {degree} needs a process group of {degree} processes, "
                               f"this one has {dist.get_world_size()}")
@@ -116,6 +149,56 @@ class TensorParallel:
 
 
 SINGLE = TensorParallel()  # no tensor parallelism: one rank holds everything
+
+
+def localize(layer: nn.Module, shard: LayerShard) -> None:
+    """Give a decoder layer built on the meta device (whole) the share `shard` of it: head counts, MLP
+    width, experts, and its projections' shapes; the loader then reads the slices `layer.shard` names."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if not attn.qkv_proj.weight.is_meta:
+        raise ConfigError("the parallel plan applies to a model built on the meta device, before its weights "
+                          "are read (TargetModel.on_meta)")
+    layer.shard = shard
+    attn.num_heads, attn.num_kv_heads = len(shard.heads), len(shard.kv_heads)
+    hd = attn.head_dim
+    _resize(attn.qkv_proj, 0, (attn.num_heads + 2 * attn.num_kv_heads) * hd)
+    _resize(attn.o_proj, 1, attn.num_heads * hd)
+    if attn.sinks is not None:
+        attn.sinks = _meta_like(attn.sinks, (attn.num_heads,))
+    experts = getattr(mlp, "experts", None)
+    if experts is None:
+        mlp.intermediate_size = len(shard.width)
+        _resize(mlp.gate_up_proj, 0, 2 * mlp.intermediate_size)
+        _resize(mlp.down_proj, 1, mlp.intermediate_size)
+        return
+    experts.held = shard.experts
+    for name, param in list(experts.named_parameters(recurse=False)):
+        setattr(experts, name, _meta_like(param, (len(shard.experts), *param.shape[1:])))
+
+
+def _meta_like(param: Tensor, shape: tuple[int, ...]) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=param.dtype, device="meta"), requires_grad=False)
+
+
+def _resize(linear: nn.Linear, dim: int, size: int) -> None:
+    """A linear layer's weight [out, in] with `size` along `dim` (0: outputs, with its bias; 1: inputs)."""
+    shape = list(linear.weight.shape)
+    shape[dim] = size
+    linear.weight = _meta_like(linear.weight, tuple(shape))
+    linear.out_features, linear.in_features = shape
+    if dim == 0 and linear.bias is not None:
+        linear.bias = _meta_like(linear.bias, (size,))
+
+
+class AllReduce(nn.Module):
+    """The sum over the ranks of the default process group, in float32, returned in the input's dtype
+    (one functional all-reduce: a node of the compiled graph)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        import torch.distributed as dist
+        from torch.distributed import _functional_collectives as funcol
+
+        return funcol.all_reduce(x.float(), "sum", dist.group.WORLD).to(x.dtype)
 
 
 def shutdown() -> None:

@@ -304,10 +304,9 @@ def test_mxfp4_blocks_of_another_dtype_are_refused_naming_them(gpt_oss_model, tm
         TargetModel.from_pretrained(quantized, 64)
 
 
-def test_quantized_checkpoints_and_tensor_parallel_moe_are_refused(moe_model, tmp_path):
+def test_quantized_checkpoints_are_refused(moe_model, tmp_path):
     from conftest import edited_model_dir
-    from neuron_peagle.errors import ConfigError, UnsupportedModelError
-    from neuron_peagle.parallel import TensorParallel
+    from neuron_peagle.errors import UnsupportedModelError
 
     model_dir, _, _ = moe_model
     quantized = edited_model_dir(model_dir, tmp_path / "fp8",
@@ -319,8 +318,6 @@ def test_quantized_checkpoints_and_tensor_parallel_moe_are_refused(moe_model, tm
                                  lambda c: {**c, "quantization_config": {"quant_method": "mxfp4"}})
         with pytest.raises(UnsupportedModelError, match=r"quantized checkpoints \(mxfp4\)"):
             ModelConfig.from_dir(mxfp4)
-    with pytest.raises(ConfigError, match="tensor parallelism"):
-        TargetModel(ModelConfig.from_dir(model_dir), 64, tp=TensorParallel(2))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -18,6 +18,11 @@ CASES = {
     "P-EAGLE + lookup + datastore, greedy": (SPEC, GREEDY),
     "P-EAGLE + lookup + datastore, sampled": (SPEC, SAMPLED),
 }
+# Mixture-of-experts targets (expert parallelism): the drafter alone drafts, no lookup.
+MOE_CASES = {
+    "plain greedy": (dict(mode="plain"), GREEDY),
+    "P-EAGLE, greedy": (dict(mode="parallel", num_speculative_tokens=3, lookup_ngram=0), GREEDY),
+}
 
 
 def generate_case(model_dir: Path, drafter_dir: Path, case: tuple[dict, SamplingParams], backend: str,

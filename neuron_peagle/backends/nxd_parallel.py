@@ -1,7 +1,8 @@
 """Tensor parallelism on the nxd backend (trn1, Neuron 2.31's torch-xla stack): the target's decoder
 layers on neuronx-distributed's parallel layers, their weights sharded by NxD's own checkpoint sharding.
 
-The layout is the main stack's (neuron_peagle/parallel.py, DTensor on trn2/trn3), in NxD's terms. In
+The layout is the parallel plan's (neuron_peagle/parallel.py: its LAYER_PLAN and its `rank_rows`), in
+NxD's terms. In
 every decoder layer the fused q/k/v and gate/up projections become `ColumnParallelLinear(gather_output=
 False)` (each rank computes its own attention heads, its KV heads and its slice of the MLP's width) and
 the o and down projections `RowParallelLinear(input_is_parallel=True, reduce_dtype=torch.float32)`
@@ -42,8 +43,8 @@ import torch
 from torch import Tensor, nn
 
 from neuron_peagle.backends.nxd_sdk import INSTALL_HINT, NxdApi, require_sdk
-from neuron_peagle.errors import ArtifactError, BackendUnavailableError
-from neuron_peagle.models.weights import rank_rows
+from neuron_peagle.errors import ArtifactError, BackendUnavailableError, ConfigError
+from neuron_peagle.models.target import target_layer_config
 from neuron_peagle.parallel import LAYER_PLAN, TensorParallel
 
 COLUMN, ROW = "colwise", "rowwise"  # LAYER_PLAN's styles: ColumnParallelLinear, RowParallelLinear
@@ -94,7 +95,11 @@ def plan_projections(target: nn.Module, tp: TensorParallel) -> list[ProjectionPl
     """Every sharded projection of the target's decoder layers, in layer order (refuses a degree that
     does not divide the heads, KV heads or MLP width, before anything changes)."""
     c = target.config
-    tp.check(c.num_attention_heads, c.num_key_value_heads, c.intermediate_size)
+    tp.check(c)
+    if c.moe is not None:
+        raise ConfigError(f"the nxd backend shards dense targets only: mapping {c.architecture}'s expert parallelism "
+                          "onto NxD 0.19 is not written yet; run it with tp_degree 1 on trn1, or sharded on "
+                          "trn2/trn3 (TorchNeuron: --backend neuron under torchrun)")
     hd, hidden = c.head_dim, c.hidden_size
     local_q = tp.local(c.num_attention_heads, "attention heads") * hd
     local_kv = len(tp.kv_heads(c.num_key_value_heads)) * hd
@@ -118,8 +123,7 @@ def whole_projection(plan: ProjectionPlan, module: nn.Module, config, tp: Tensor
     layout too): a column layer's rows regrouped rank by rank, a row layer's as they are. Keys:
     "weight", "bias"."""
     c = config
-    q_rows, kv_rows, mlp_rows = rank_rows(tp, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                                          c.intermediate_size)
+    q_rows, kv_rows, mlp_rows = tp.rank_rows(target_layer_config(c, 0))
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     # A fused column projection: the sizes of its parts (q, k, v or gate, up) and each part's rows per rank.
     groups = {"self_attn.qkv_proj": ([q, kv, kv], [q_rows, kv_rows, kv_rows]),

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from neuron_peagle.config import DrafterConfig
 from neuron_peagle.kernels import DraftInputParams
 from neuron_peagle.kv_cache import KVCache
-from neuron_peagle.models.layers import (MLP, Attention, DecoderLayer, Embedding, LayerConfig, RMSNorm, RotaryTable,
-                                         make_linear)
+from neuron_peagle.models.layers import (MLP, Attention, DecoderLayer, Embedding, LayerConfig, LayerShard, RMSNorm,
+                                         RotaryTable, make_linear)
 
 
 def drafter_layer_config(config: DrafterConfig, first: bool = False) -> LayerConfig:
@@ -40,6 +40,7 @@ class DrafterFirstLayer(nn.Module):
     def __init__(self, config: DrafterConfig) -> None:
         super().__init__()
         layer = drafter_layer_config(config, first=True)
+        self.shard = LayerShard.whole(layer)
         self.norm_before_residual = config.norm_before_residual
         self.input_layernorm = RMSNorm(layer.hidden_size, layer.eps)
         self.hidden_norm = RMSNorm(layer.hidden_size, layer.eps)

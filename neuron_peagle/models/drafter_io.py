@@ -30,6 +30,7 @@ from neuron_peagle.config import DrafterConfig, ModelConfig, read_config_json
 from neuron_peagle.datastore import DATASTORE_FILE
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.files import atomic_path, atomic_write_text
+from neuron_peagle.models.checkpoint import TensorDict
 from neuron_peagle.models.drafter import Drafter, draft_target_ids, drafter_layer_config
 from neuron_peagle.models.speculators_config import SPECULATORS_VERSION, config_from_speculators, config_to_speculators
 from neuron_peagle.models.weights import (check_names_and_shapes, decoder_layer_shapes, export_decoder_layer,
@@ -113,6 +114,7 @@ def load_drafter(drafter_dir: str | Path, target_config: ModelConfig, max_length
 def _load_weights(drafter: Drafter, t: dict[str, torch.Tensor]) -> None:
     """Copy the checkpoint's float32 tensors `t` (names checked) into the drafter's fused layout."""
     config = drafter.config
+    checkpoint = TensorDict(t, "drafter")
     drafter.fc.weight.copy_(t["fc.weight"])
     if "mask_hidden" in t:
         drafter.mask_hidden.copy_(t["mask_hidden"].reshape(-1))
@@ -124,7 +126,7 @@ def _load_weights(drafter: Drafter, t: dict[str, torch.Tensor]) -> None:
     drafter.lm_head.weight.copy_(t["lm_head.weight"])
     drafter.layers[0].hidden_norm.weight.copy_(t["layers.0.hidden_norm.weight"])
     for i, layer in enumerate(drafter.layers):
-        load_decoder_layer(layer, t, f"layers.{i}.")
+        load_decoder_layer(layer, checkpoint, f"layers.{i}.", torch.float32)
     if config.shares_target_embedding:
         drafter.mask_embedding.copy_(t["mask_embedding"])
     else:

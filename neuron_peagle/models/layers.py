@@ -3,10 +3,12 @@
 Linear layers are created only through `make_linear`, each a plain `nn.Linear`: weight
 [out_features, in_features], the layout of Hugging Face checkpoints, of PyTorch's parallel styles and
 of neuronx-distributed's parallel layers, so loaders copy tensors as they are. How a weight sits in
-memory is the backend's choice, not the model's (`backends/layout.py`). With tensor parallelism
-(neuron_peagle.parallel) a decoder layer's four projections are built whole, rows in rank order, and
-`TensorParallel.parallelize` shards them (attention heads, KV heads, MLP width); the attention and MLP
-code sees only this rank's heads and width. A layer takes one `LayerConfig`.
+memory is the backend's choice, not the model's (`backends/layout.py`). A layer takes one `LayerConfig`
+and is built whole; the code reads its head counts and widths from its modules (`num_heads`,
+`num_kv_heads`, `intermediate_size`), so that the parallel plan (neuron_peagle/parallel.py), applied
+after construction, can give a layer one rank's share: it sets those counts, the projections' shapes, the
+checkpoint slices the layer holds (`LayerShard`) and the sums across ranks (`sum_ranks`, an identity
+where nothing is split). Nothing here knows about ranks.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from torch.nn.utils import skip_init
 from neuron_peagle.config import MoeConfig, RopeConfig
 from neuron_peagle.kv_cache import KVCache, WindowPlan
 from neuron_peagle.models.moe import SparseMoe
-from neuron_peagle.parallel import SINGLE, TensorParallel
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,26 @@ class LayerConfig:
         return self.input_size if self.input_size is not None else self.hidden_size
 
 
+@dataclass(frozen=True)
+class LayerShard:
+    """Which part of a decoder layer's checkpoint tensors the layer holds (global indices): query heads,
+    KV heads, columns of the MLP's width, experts; and whether it adds the biases of the projections whose
+    outputs are summed across ranks (o, down: one rank adds them, or the sum would count them N times).
+    `whole`: everything, as built."""
+
+    heads: range
+    kv_heads: range
+    width: range
+    experts: range
+    adds_summed_biases: bool = True
+
+    @classmethod
+    def whole(cls, config: LayerConfig) -> "LayerShard":
+        experts = config.moe.num_experts if config.moe is not None else 0
+        return cls(range(config.num_heads), range(config.num_kv_heads), range(config.intermediate_size),
+                   range(experts))
+
+
 class Embedding(nn.Module):
     """Token embedding table; weight: [vocab_size, hidden_size]."""
 
@@ -64,14 +85,15 @@ class Embedding(nn.Module):
 
 def make_linear(in_features: int, out_features: int, bias: bool = False,
                 weight: nn.Parameter | None = None) -> nn.Linear:
-    """An `nn.Linear` (weight [out, in]) with no gradient, its tensors left for a loader to fill; given
-    `weight` (a tied LM head: the embedding matrix), that parameter, with no matrix of its own allocated."""
+    """An `nn.Linear` (weight [out, in]) with no gradient, its tensors left for a loader to fill (on the
+    meta device when built under `torch.device("meta")`); given `weight` (a tied LM head: the embedding
+    matrix), that parameter, with no matrix of its own allocated."""
     if weight is not None:
         assert not bias and weight.shape == (out_features, in_features), (bias, weight.shape)
         layer = nn.Linear(in_features, out_features, bias=False, device="meta")
         layer.weight = weight
         return layer
-    layer = skip_init(nn.Linear, in_features, out_features, bias=bias)
+    layer = skip_init(nn.Linear, in_features, out_features, bias=bias, device=torch.empty(0).device)
     layer.requires_grad_(False)
     return layer
 
@@ -166,20 +188,20 @@ class Attention(nn.Module):
     are never read, so rejected speculative entries need no cleanup.
     """
 
-    def __init__(self, config: LayerConfig, tp: TensorParallel = SINGLE) -> None:
+    def __init__(self, config: LayerConfig) -> None:
         super().__init__()
         c = config
         # gpt-oss: a sliding-window layer attends to the last `sliding_window` positions, from a ring of
         # its own (see `kv_cache.WindowPlan`); sinks are one learned logit per head that joins the softmax.
         self.sliding_window = c.sliding_window
         self.sinks = nn.Parameter(torch.zeros(c.num_heads), requires_grad=False) if c.sinks else None
-        # This rank's heads (all of them without tensor parallelism); the projections are built whole.
-        self.num_heads = tp.local(c.num_heads, "attention heads")
-        self.num_kv_heads = len(tp.kv_heads(c.num_kv_heads))
+        # The heads this module computes: all of them as built, a rank's once the parallel plan applied.
+        self.num_heads = c.num_heads
+        self.num_kv_heads = c.num_kv_heads
         self.head_dim = hd = c.head_dim
-        qkv_rows = tp.degree * (self.num_heads + 2 * self.num_kv_heads) * hd
-        self.qkv_proj = make_linear(c.attention_input_size, qkv_rows, c.qkv_bias)
-        self.o_proj = make_linear(tp.degree * self.num_heads * hd, c.hidden_size, c.o_bias)
+        self.qkv_proj = make_linear(c.attention_input_size, (self.num_heads + 2 * self.num_kv_heads) * hd, c.qkv_bias)
+        self.o_proj = make_linear(self.num_heads * hd, c.hidden_size, c.o_bias)
+        self.sum_ranks: nn.Module = nn.Identity()  # o_proj's partial sums -> the whole output
         # Qwen3: an RMSNorm over each query and key head (one weight of head_dim for all heads), before rope.
         self.q_norm = RMSNorm(hd, c.eps) if c.qk_norm else None
         self.k_norm = RMSNorm(hd, c.eps) if c.qk_norm else None
@@ -226,7 +248,7 @@ class Attention(nn.Module):
             probs = (exp / (exp.sum(-1, keepdim=True) + torch.exp(sink - top))).to(values.dtype)
         out = torch.matmul(probs.view(batch, nkv, groups * seq, length), values)
         out = out.view(batch, nh, seq, hd).transpose(1, 2).reshape(batch, seq, nh * hd)
-        return self.o_proj(out.to(x.dtype))
+        return self.sum_ranks(self.o_proj(out.to(x.dtype)))
 
     def _window_keys(self, cache: KVCache, layer: int, k: Tensor, v: Tensor, position_ids: Tensor,
                      window: WindowPlan) -> tuple[Tensor, Tensor, Tensor]:
@@ -246,28 +268,31 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU with gate and up projections fused into one matmul."""
 
-    def __init__(self, config: LayerConfig, tp: TensorParallel = SINGLE) -> None:
+    def __init__(self, config: LayerConfig) -> None:
         super().__init__()
         c = config
-        self.intermediate_size = tp.local(c.intermediate_size, "intermediate size")  # this rank's share
+        self.intermediate_size = c.intermediate_size  # the width this module computes
         self.gate_up_proj = make_linear(c.hidden_size, 2 * c.intermediate_size, c.mlp_bias)
         self.down_proj = make_linear(c.intermediate_size, c.hidden_size, c.mlp_bias)
+        self.sum_ranks: nn.Module = nn.Identity()  # down_proj's partial sums -> the whole output
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.sum_ranks(self.down_proj(nn.functional.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm Llama block; with `config.moe`, its MLP is a mixture of experts (models/moe.py)."""
 
-    def __init__(self, config: LayerConfig, tp: TensorParallel = SINGLE) -> None:
+    def __init__(self, config: LayerConfig) -> None:
         super().__init__()
         c = config
+        self.config = config
+        self.shard = LayerShard.whole(config)  # what of the checkpoint the layer holds (the parallel plan's)
         self.input_layernorm = RMSNorm(c.hidden_size, c.eps, c.norm_scale_in_float32)
-        self.self_attn = Attention(c, tp)
+        self.self_attn = Attention(c)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.eps, c.norm_scale_in_float32)
-        self.mlp = SparseMoe(c.hidden_size, c.moe) if c.moe is not None else MLP(c, tp)
+        self.mlp = SparseMoe(c.hidden_size, c.moe) if c.moe is not None else MLP(c)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor, cache: KVCache | None = None,
                 layer: int = 0, visible: Tensor | None = None,

@@ -17,6 +17,10 @@ against the number of experts E:
 
 Both give the same sums as transformers' per-expert loop (which adds experts in index order; we add a
 token's k outputs in routing order: equal up to float rounding).
+
+Expert parallelism (the parallel plan, neuron_peagle/parallel.py) leaves a layer a range of whole experts
+(`Experts.held`): the router still scores all E, a route to an expert held elsewhere keeps its slot with
+score 0 (so no shape depends on the routing), and `sum_ranks` adds the ranks' partial outputs.
 """
 
 from __future__ import annotations
@@ -57,11 +61,13 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts. gate_up: [E, H, 2I] (gate columns, then up), down: [E, I, H]; optional biases."""
+    """SwiGLU experts, the `held` ones of the router's E (all, as built). gate_up: [E_held, H, 2I] (gate
+    columns, then up), down: [E_held, I, H]; optional biases."""
 
     def __init__(self, hidden_size: int, config: MoeConfig) -> None:
         super().__init__()
         self.config = config
+        self.held = range(config.num_experts)
         e, i = config.num_experts, config.expert_intermediate_size
         self.gate_up = nn.Parameter(torch.empty(e, hidden_size, 2 * i), requires_grad=False)
         self.down = nn.Parameter(torch.empty(e, i, hidden_size), requires_grad=False)
@@ -88,7 +94,7 @@ class Experts(nn.Module):
 
     def grouped(self, x: Tensor, ids: Tensor, scores: Tensor) -> Tensor:  # x [N, H], ids/scores [N, k] -> [N, H]
         tokens, k = ids.shape
-        experts = self.config.num_experts
+        experts = len(self.held)
         rows = tokens * k
         size = block_rows(rows, experts)
         blocks = (rows + size - 1) // size + experts  # enough for any routing
@@ -132,6 +138,7 @@ class SparseMoe(nn.Module):
         self.config = config
         self.router = Router(hidden_size, config)
         self.experts = Experts(hidden_size, config)
+        self.sum_ranks: nn.Module = nn.Identity()  # the partial outputs of the experts held -> the whole output
 
     def uses_gather(self, tokens: int) -> bool:
         """The per-token gather for `tokens` tokens (static), else grouped blocks."""
@@ -141,8 +148,13 @@ class SparseMoe(nn.Module):
         batch, seq, hidden = x.shape
         flat = x.reshape(batch * seq, hidden)
         scores, ids = self.router(flat)
+        held = self.experts.held
+        if len(held) < self.config.num_experts:  # routes to experts held elsewhere: score 0, local index 0
+            here = (ids >= held.start) & (ids < held.stop)
+            ids = torch.where(here, ids - held.start, 0)
+            scores = scores.masked_fill(~here, 0)
         if self.uses_gather(batch * seq):
             out = (self.experts.per_token(flat, ids) * scores.unsqueeze(-1)).sum(1)
         else:
             out = self.experts.grouped(flat, ids, scores)
-        return out.to(x.dtype).view(batch, seq, hidden)
+        return self.sum_ranks(out.to(x.dtype)).view(batch, seq, hidden)

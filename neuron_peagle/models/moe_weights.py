@@ -6,16 +6,17 @@ the Hub's checkpoints use:
 - gpt_oss: the experts fused, `mlp.experts.gate_up_proj` [E, hidden, 2I] with gate and up columns
   interleaved (gate at even, up at odd), `mlp.experts.down_proj` [E, I, hidden], their biases, and
   `mlp.router.{weight,bias}`; as published, the two expert matrices are MXFP4 blocks and scales
-  (models/mxfp4.py), dequantized before loading.
+  (models/mxfp4.py), dequantized as they are read.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from neuron_peagle.config import MoeConfig
-from neuron_peagle.models.mxfp4 import quantized_shapes
+from neuron_peagle.models.checkpoint import Checkpoint, put
+from neuron_peagle.models.mxfp4 import dequantize, quantized_shapes
 
 
 def moe_shapes(prefix: str, hidden: int, moe: MoeConfig, architecture: str,
@@ -46,19 +47,35 @@ def _deinterleave(fused: Tensor) -> Tensor:  # [..., 2I] gate/up alternating -> 
 
 
 @torch.no_grad()
-def load_moe(moe, t: dict[str, Tensor], prefix: str, architecture: str) -> None:
-    """Copy one layer's sparse MLP (a `models.moe.SparseMoe`) from checked tensors `t`."""
-    experts = moe.experts
+def load_moe(moe: nn.Module, checkpoint: Checkpoint, prefix: str, architecture: str,
+             dtype: torch.dtype | None = None) -> None:
+    """Read one layer's sparse MLP (a `models.moe.SparseMoe`) from a checked checkpoint: the router whole,
+    the experts `moe.experts.held` only (all of them unless expert parallelism split the layer)."""
+    experts, held = moe.experts, moe.experts.held
+    names = checkpoint.infos()
+
+    def read(name: str, rows: range | None = None) -> Tensor:
+        return checkpoint.read(prefix + name, rows, None, dtype)
+
     if architecture == "gpt_oss":
-        moe.router.weight.copy_(t[prefix + "router.weight"])
-        moe.router.bias.copy_(t[prefix + "router.bias"])
-        experts.gate_up.copy_(_deinterleave(t[prefix + "experts.gate_up_proj"]))
-        experts.gate_up_bias.copy_(_deinterleave(t[prefix + "experts.gate_up_proj_bias"]))
-        experts.down.copy_(t[prefix + "experts.down_proj"])
-        experts.down_bias.copy_(t[prefix + "experts.down_proj_bias"])
+        put(moe.router, "weight", read("router.weight"))
+        put(moe.router, "bias", read("router.bias"))
+        for ours, theirs in (("gate_up", "gate_up_proj"), ("down", "down_proj")):
+            if prefix + f"experts.{theirs}_blocks" in names:
+                blocks, scales = (checkpoint.read(prefix + f"experts.{theirs}_{part}", held)
+                                  for part in ("blocks", "scales"))
+                matrix = dequantize(blocks, scales, prefix + f"experts.{theirs}", dtype or torch.float32)
+            else:
+                matrix = read(f"experts.{theirs}", held)
+            put(experts, ours, _deinterleave(matrix) if ours == "gate_up" else matrix)
+        put(experts, "gate_up_bias", _deinterleave(read("experts.gate_up_proj_bias", held)))
+        put(experts, "down_bias", read("experts.down_proj_bias", held))
         return
-    moe.router.weight.copy_(t[prefix + "gate.weight"])
-    for n in range(moe.config.num_experts):
-        base = f"{prefix}experts.{n}."
-        experts.gate_up[n].copy_(torch.cat([t[base + "gate_proj.weight"], t[base + "up_proj.weight"]]).t())
-        experts.down[n].copy_(t[base + "down_proj.weight"].t())
+    put(moe.router, "weight", read("gate.weight"))
+    gate_up, down = (torch.empty(tuple(p.shape), dtype=dtype or torch.float32) for p in (experts.gate_up, experts.down))
+    for local, n in enumerate(held):  # one expert at a time into the stacked matrices
+        base = f"experts.{n}."
+        gate_up[local] = torch.cat([read(base + "gate_proj.weight"), read(base + "up_proj.weight")]).t()
+        down[local] = read(base + "down_proj.weight").t()
+    put(experts, "gate_up", gate_up)
+    put(experts, "down", down)

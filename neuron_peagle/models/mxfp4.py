@@ -4,7 +4,8 @@ The Hub's gpt-oss checkpoints store each expert matrix in the OCP microscaling f
 row, blocks of 32 input values share one power-of-two scale. `{name}_blocks` [E, out, in/32, 16] uint8
 packs two 4-bit E2M1 codes per byte (the low nibble is the even element), and `{name}_scales`
 [E, out, in/32] uint8 holds each block's exponent, biased by 127. A value is FP4[code] * 2^(scale - 127).
-Dequantized, a matrix is [E, in, out]: the layout of the dense `gate_up_proj` / `down_proj`.
+Dequantized, a matrix is [E, in, out]: the layout of the dense `gate_up_proj` / `down_proj`. Each expert
+dequantizes alone, so a rank reads and dequantizes only the experts it holds.
 """
 
 from __future__ import annotations
@@ -26,25 +27,17 @@ def quantized_shapes(prefix: str, experts: int, rows: int, inputs: int) -> dict[
             prefix + "_scales": (experts, rows, inputs // BLOCK)}
 
 
-def dequantize(blocks: Tensor, scales: Tensor, name: str) -> Tensor:
-    # blocks [E, out, G, 16] uint8; scales [E, out, G] uint8 -> [E, G * 32 (in), out] float32
+def dequantize(blocks: Tensor, scales: Tensor, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
+    # blocks [E, out, G, 16] uint8; scales [E, out, G] uint8 -> [E, G * 32 (in), out] in `dtype`
+    # (every value is computed in float32, then rounded to `dtype` once: what casting the float32 matrix does)
     for part, tensor in (("blocks", blocks), ("scales", scales)):
         if tensor.dtype != torch.uint8:
             raise WeightsError(f"{name}_{part} is {tensor.dtype}, MXFP4 stores uint8")
     table = torch.tensor(FP4_VALUES)
     experts, rows, groups, _ = blocks.shape
-    dense = torch.empty(experts, groups * BLOCK, rows)
+    dense = torch.empty(experts, groups * BLOCK, rows, dtype=dtype)
     for e in range(experts):  # one expert at a time: the int64 codes of a whole tensor would be 8x its size
         codes = torch.stack([blocks[e] & 0x0F, blocks[e] >> 4], dim=-1).flatten(-2).long()  # [out, G, 32]
         exponents = (scales[e].to(torch.int32) - 127).unsqueeze(-1)  # [out, G, 1]
         dense[e] = torch.ldexp(table[codes], exponents).flatten(-2).t()
     return dense
-
-
-def dequantize_experts(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The checkpoint's tensors with every `..._blocks` / `..._scales` pair replaced by its dense matrix."""
-    out = dict(tensors)
-    for name in [n for n in tensors if n.endswith("_blocks")]:
-        base = name[:-len("_blocks")]
-        out[base] = dequantize(out.pop(name), out.pop(base + "_scales"), base)
-    return out

@@ -9,6 +9,7 @@ LM head once per sequence, not 512 times.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,15 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from neuron_peagle.config import ModelConfig
-from neuron_peagle.errors import ConfigError
+from neuron_peagle.errors import ConfigError, WeightsError
 from neuron_peagle.kv_cache import KVCache
+from neuron_peagle.models.checkpoint import Checkpoint, SafetensorsDir, put
 from neuron_peagle.models.layers import DecoderLayer, Embedding, LayerConfig, RMSNorm, RotaryTable, make_linear
-from neuron_peagle.models.moe import SparseMoe
 from neuron_peagle.models.moe_weights import moe_shapes
-from neuron_peagle.models.mxfp4 import dequantize_experts
-from neuron_peagle.models.weights import (check_names_and_shapes, decoder_layer_shapes, load_decoder_layer,
-                                          read_safetensors_dir)
-from neuron_peagle.parallel import SINGLE, TensorParallel
+from neuron_peagle.models.weights import check_names_and_shapes, decoder_layer_shapes, load_decoder_layer
 
 
 def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
@@ -59,25 +57,18 @@ class TargetRows(NamedTuple):
 
 class TargetModel(nn.Module):
     def __init__(self, config: ModelConfig, max_length: int,
-                 feature_layers: tuple[int, ...] | None = None, tp: TensorParallel = SINGLE) -> None:
+                 feature_layers: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.config = config
         self.max_length = max_length
-        # With a degree above 1, every decoder layer is sharded once loaded (neuron_peagle.parallel)
-        self.tp = tp
         self.feature_layers = tuple(feature_layers or default_feature_layers(config.num_hidden_layers))
         if any(not 0 <= i < config.num_hidden_layers for i in self.feature_layers):
             raise ConfigError(
                 f"feature layers {self.feature_layers} must lie in [0, {config.num_hidden_layers})"
             )
         c = config
-        if tp.degree > 1 and (c.moe is not None or c.attention_sinks):
-            raise ConfigError(f"tensor parallelism of {c.architecture} targets is not implemented yet: "
-                              "run them with tp_degree 1")
-        tp.check(c.num_attention_heads, c.num_key_value_heads, c.intermediate_size)
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(target_layer_config(c, i), self.tp)
-                                    for i in range(c.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(target_layer_config(c, i)) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_scale_in_float32)
         # Tied: one [vocab, hidden] matrix for both, as the checkpoint has it.
         self.lm_head = make_linear(c.hidden_size, c.vocab_size,
@@ -89,7 +80,7 @@ class TargetModel(nn.Module):
         tokens per sequence (K+1 for speculative decoding), which sizes the sliding-window rings."""
         c = self.config
         dtype = self.embed_tokens.weight.dtype
-        kv_heads = len(self.tp.kv_heads(c.num_key_value_heads))  # this rank's
+        kv_heads = self.layers[0].self_attn.num_kv_heads  # the KV heads these layers compute (a rank's)
         window = c.sliding_window + step_tokens - 1 if c.sliding_window else 0
         return KVCache(c.num_hidden_layers, batch_size, kv_heads, self.max_length, c.head_dim,
                        dtype, c.sliding_layers, window).to(self.embed_tokens.weight.device)
@@ -143,26 +134,36 @@ class TargetModel(nn.Module):
     # ---- loading -------------------------------------------------------------------------------
 
     @classmethod
+    def on_meta(cls, config: ModelConfig, max_length: int, dtype: torch.dtype = torch.float32,
+                feature_layers: tuple[int, ...] | None = None) -> "TargetModel":
+        """The model's modules with no storage (the meta device): its parameters' shapes and dtypes, for the
+        parallel plan to shard, for memory estimates to count, and for `load` to fill."""
+        with torch.device("meta"):
+            return cls(config, max_length, feature_layers).to(dtype)
+
+    @classmethod
     def from_pretrained(cls, model_dir: str | Path, max_length: int, dtype: torch.dtype = torch.float32,
-                        feature_layers: tuple[int, ...] | None = None,
-                        tp: TensorParallel = SINGLE, config: ModelConfig | None = None) -> "TargetModel":
-        """`config`: the directory's ModelConfig, when the caller has read it already."""
+                        feature_layers: tuple[int, ...] | None = None, config: ModelConfig | None = None,
+                        shard: Callable[["TargetModel"], None] | None = None) -> "TargetModel":
+        """Built on the meta device, split by `shard` (the parallel plan, given a rank: it gives each
+        layer its heads, width and experts, neuron_peagle/parallel.py), checked against the checkpoint's
+        headers, then filled tensor by tensor with only the slices it holds, in `dtype`. `config`: the
+        directory's ModelConfig, when the caller has read it already."""
         config = config if config is not None else ModelConfig.from_dir(model_dir)
         if max_length > config.max_position_embeddings:
             raise ConfigError(
                 f"max_length {max_length} exceeds the model's max_position_embeddings "
                 f"({config.max_position_embeddings})"
             )
-        model = cls(config, max_length, feature_layers, tp)
-        model.load_hf_state(read_safetensors_dir(model_dir), source=str(model_dir))
-        model.to(dtype)
-        model.rotary.float()  # positions' angles stay float32 in every dtype
-        if tp.degree > 1:
-            for layer in model.layers:
-                tp.parallelize(layer)
+        checkpoint = SafetensorsDir.open(model_dir)
+        model = cls.on_meta(config, max_length, dtype, feature_layers)
+        if shard is not None:
+            shard(model)
+        model.load(checkpoint, dtype)
         return model
 
     def expected_hf_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The checkpoint's tensors, whole (what the config says a Hugging Face checkpoint holds)."""
         c = self.config
         shapes: dict[str, tuple[int, ...]] = {
             "model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
@@ -170,10 +171,11 @@ class TargetModel(nn.Module):
         }
         if not c.tie_word_embeddings:
             shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
-        for i, layer in enumerate(self.layers):
+        for i in range(c.num_hidden_layers):
             prefix = f"model.layers.{i}."
-            layer_shapes = decoder_layer_shapes(prefix, target_layer_config(c, i))
-            if isinstance(layer.mlp, SparseMoe):
+            layer = target_layer_config(c, i)
+            layer_shapes = decoder_layer_shapes(prefix, layer)
+            if layer.moe is not None:
                 layer_shapes = {name: shape for name, shape in layer_shapes.items() if ".mlp." not in name}
                 layer_shapes.update(moe_shapes(prefix + "mlp.", c.hidden_size, c.moe, c.architecture,
                                                c.expert_quantization))
@@ -182,18 +184,33 @@ class TargetModel(nn.Module):
             shapes.update(layer_shapes)
         return shapes
 
-    @torch.no_grad()
-    def load_hf_state(self, tensors: dict[str, Tensor], source: str) -> None:
-        """Fill the model from Hugging Face tensor names (checked first, all problems at once)."""
+    def check_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Every tensor the model reads is there with its shape (MXFP4 blocks and scales: uint8), and no
+        other: all problems in one error, before anything is read."""
         optional = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
-        check_names_and_shapes(tensors, self.expected_hf_shapes(), optional, source)
-        if self.config.expert_quantization == "mxfp4":
-            tensors = dequantize_experts(tensors)
-        t = {name: value.float() for name, value in tensors.items()}
-        self.embed_tokens.weight.copy_(t["model.embed_tokens.weight"])
-        self.norm.weight.copy_(t["model.norm.weight"])
-        if not self.config.tie_word_embeddings:
-            self.lm_head.weight.copy_(t["lm_head.weight"])
+        expected = self.expected_hf_shapes()
+        packed = {name: (torch.uint8, "MXFP4") for name in expected if name.endswith(("_blocks", "_scales"))}
+        check_names_and_shapes(checkpoint.infos(), expected, optional, checkpoint.source, packed)
+
+    @torch.no_grad()
+    def load(self, checkpoint: Checkpoint, dtype: torch.dtype) -> None:
+        """Fill the model, built on the meta device (`on_meta`, maybe sharded), from Hugging Face tensor
+        names (checked first, all problems at once), each in `dtype` as it is read. The rotary tables
+        are computed here, in float32."""
+        self.check_checkpoint(checkpoint)
+        c = self.config
+        put(self.embed_tokens, "weight", checkpoint.read("model.embed_tokens.weight", dtype=dtype))
+        put(self.norm, "weight", checkpoint.read("model.norm.weight", dtype=dtype))
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        else:
+            put(self.lm_head, "weight", checkpoint.read("lm_head.weight", dtype=dtype))
+        checkpoint.release()
         for i, layer in enumerate(self.layers):
-            load_decoder_layer(layer, t, f"model.layers.{i}.", self.tp,
-                               self.config.architecture if isinstance(layer.mlp, SparseMoe) else None)
+            load_decoder_layer(layer, checkpoint, f"model.layers.{i}.", dtype,
+                               c.architecture if layer.config.moe is not None else None)
+            checkpoint.release()
+        self.rotary = RotaryTable(c.rope, c.head_dim, self.max_length)  # positions' angles: float32 in every dtype
+        left = [name for name, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        if left:
+            raise WeightsError(f"internal: the loader left {left[:5]} unread")

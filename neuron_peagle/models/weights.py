@@ -1,73 +1,31 @@
-"""Reading safetensors checkpoints by name, with exact checks, into our fused projections."""
+"""Checkpoint tensors by Hugging Face name, checked exactly, into our fused projections."""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
 
-from neuron_peagle.errors import ModelDirError, WeightsError
+from neuron_peagle.errors import WeightsError
+from neuron_peagle.models.checkpoint import Checkpoint, SafetensorsDir, TensorInfo, put
 from neuron_peagle.models.layers import LayerConfig
 from neuron_peagle.models.moe_weights import load_moe
-from neuron_peagle.parallel import SINGLE, TensorParallel
 
 
 def read_safetensors_dir(model_dir: str | Path, exclude: tuple[str, ...] = ()) -> dict[str, Tensor]:
-    """All tensors of a directory's `*.safetensors` files (single file or sharded with an index),
+    """All tensors of a directory's `*.safetensors` files, whole, in their own dtypes (a drafter's: small),
     except the files named in `exclude` (a drafter directory's datastore is not weights)."""
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise ModelDirError(f"model directory {str(path)!r} does not exist")
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as err:
-            raise WeightsError(f"{index}: unreadable shard index ({err})") from None
-        files = [path / name for name in shard_names]
-    else:
-        files = sorted(f for f in path.glob("*.safetensors") if f.name not in exclude)
-    if not files:
-        raise ModelDirError(f"model directory {str(path)!r} has no *.safetensors weight file")
-    tensors: dict[str, Tensor] = {}
-    for file in files:
-        if not file.is_file():
-            raise WeightsError(f"weight shard {file.name} named by the index is missing in {path}")
-        try:
-            loaded = load_file(str(file))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise WeightsError(f"{file}: cannot read safetensors file (truncated or corrupt?): {err}") from None
-        check_finite(loaded, file)
-        tensors.update(loaded)
-    return tensors
+    return SafetensorsDir.open(model_dir, exclude).read_all()
 
 
-def check_finite(tensors: dict[str, Tensor], source: str | Path) -> None:
-    """Refuse a floating tensor holding NaN or inf (a corrupt checkpoint), naming the file and the tensor."""
-    for name in sorted(tensors):
-        if not is_finite(tensors[name]):
-            raise WeightsError(f"{source}: tensor {name} holds NaN or inf values; the checkpoint is corrupt")
-
-
-def is_finite(tensor: Tensor) -> bool:
-    """Whether a tensor holds no NaN or inf (integer and boolean tensors always do). Its least and greatest
-    values are checked: aminmax propagates NaN and reads the tensor once, many times faster than the
-    boolean copy `torch.isfinite` makes (milliseconds for a 135M-parameter model)."""
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return True
-    if tensor.element_size() == 1:  # float8: no aminmax on the CPU
-        tensor = tensor.float()
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
-
-
-def check_names_and_shapes(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]],
-                           optional: set[str], source: str) -> None:
-    """Raise one error listing every missing, unexpected and mis-shaped tensor."""
+def check_names_and_shapes(tensors: Mapping[str, Tensor | TensorInfo], expected: dict[str, tuple[int, ...]],
+                           optional: set[str], source: str,
+                           dtypes: Mapping[str, tuple[torch.dtype, str]] | None = None) -> None:
+    """Raise one error listing every missing, unexpected and mis-shaped tensor (and, for the names in
+    `dtypes`: name -> (dtype, who stores it so), every tensor of another dtype); `tensors` may be headers
+    (`Checkpoint.infos`)."""
     problems = []
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected) - optional)
@@ -78,6 +36,9 @@ def check_names_and_shapes(tensors: dict[str, Tensor], expected: dict[str, tuple
     for name, shape in expected.items():
         if name in tensors and tuple(tensors[name].shape) != tuple(shape):
             problems.append(f"{name} has shape {tuple(tensors[name].shape)}, expected {tuple(shape)}")
+    for name, (dtype, why) in (dtypes or {}).items():
+        if name in tensors and tensors[name].dtype != dtype:
+            problems.append(f"{name} is {tensors[name].dtype}, {why} stores {str(dtype).removeprefix('torch.')}")
     if problems:
         raise WeightsError(f"{source}: " + "; ".join(problems))
 
@@ -118,58 +79,49 @@ def decoder_layer_shapes(prefix: str, config: LayerConfig) -> dict[str, tuple[in
     return shapes
 
 
+def head_rows(heads: range, head_dim: int) -> range:
+    """The rows (of q, k or v; the columns of o) that hold `heads`."""
+    return range(heads.start * head_dim, heads.stop * head_dim)
+
+
 @torch.no_grad()
-def load_decoder_layer(layer, t: dict[str, Tensor], prefix: str, tp: TensorParallel = SINGLE,
+def load_decoder_layer(layer: nn.Module, checkpoint: Checkpoint, prefix: str, dtype: torch.dtype | None = None,
                        moe_architecture: str | None = None) -> None:
-    """Copy one layer's Hugging Face tensors (checked beforehand) into its fused projections, [out, in]
-    as they come: q/k/v rows into qkv_proj, gate/up rows into gate_up_proj. With tensor parallelism the
-    rows are grouped rank by rank, whole, for `TensorParallel.parallelize` to shard
-    (neuron_peagle.parallel); at degree 1 the grouping is plain concatenation."""
-    attn, mlp = layer.self_attn, layer.mlp
-    layer.input_layernorm.weight.copy_(t[prefix + "input_layernorm.weight"])
-    layer.post_attention_layernorm.weight.copy_(t[prefix + "post_attention_layernorm.weight"])
-    if attn.q_norm is not None:  # per head: the same on every rank
-        attn.q_norm.weight.copy_(t[prefix + "self_attn.q_norm.weight"])
-        attn.k_norm.weight.copy_(t[prefix + "self_attn.k_norm.weight"])
+    """Read one layer's Hugging Face tensors (checked beforehand), only the slices `layer.shard` says it
+    holds (a `LayerShard`: all of them unless the parallel plan split the layer), into its fused
+    projections, [out, in] as they come: q/k/v rows into qkv_proj, gate/up rows into gate_up_proj."""
+    shard, attn, mlp = layer.shard, layer.self_attn, layer.mlp
+
+    def read(name: str, rows: range | None = None, cols: range | None = None) -> Tensor:
+        return checkpoint.read(prefix + name, rows, cols, dtype)
+
+    def summed_bias(name: str) -> Tensor:  # a bias added after the sum across ranks: by one rank only
+        bias = read(name)
+        return bias if shard.adds_summed_biases else torch.zeros_like(bias)
+
+    put(layer.input_layernorm, "weight", read("input_layernorm.weight"))
+    put(layer.post_attention_layernorm, "weight", read("post_attention_layernorm.weight"))
+    if attn.q_norm is not None:  # per head: the same for every head
+        put(attn.q_norm, "weight", read("self_attn.q_norm.weight"))
+        put(attn.k_norm, "weight", read("self_attn.k_norm.weight"))
     if getattr(attn, "sinks", None) is not None:
-        attn.sinks.copy_(t[prefix + "self_attn.sinks"])
-    hd, nh = attn.head_dim, attn.num_heads  # this rank's heads
-    num_kv_heads = t[prefix + "self_attn.k_proj.weight"].shape[0] // hd
-    width = getattr(mlp, "intermediate_size", 0)  # this rank's share; a sparse MLP has none
-    q_rows, kv_rows, mlp_rows = rank_rows(tp, nh * tp.degree, num_kv_heads, hd, width * tp.degree)
-
-    def regroup(kind: str, names: list[str], shares: list[list[range]]) -> Tensor:
-        return tp.rank_order([t[f"{prefix}{name}.{kind}"] for name in names], shares)
-
-    qkv = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
-    attn.qkv_proj.weight.copy_(regroup("weight", qkv, [q_rows, kv_rows, kv_rows]))
-    attn.o_proj.weight.copy_(t[prefix + "self_attn.o_proj.weight"])  # whole: split by its input later
-    if attn.qkv_proj.bias is not None:
-        attn.qkv_proj.bias.copy_(regroup("bias", qkv, [q_rows, kv_rows, kv_rows]))
+        put(attn, "sinks", read("self_attn.sinks", shard.heads))
+    q, kv = head_rows(shard.heads, attn.head_dim), head_rows(shard.kv_heads, attn.head_dim)
+    for kind in ("weight", "bias") if attn.qkv_proj.bias is not None else ("weight",):
+        put(attn.qkv_proj, kind, torch.cat([read(f"self_attn.q_proj.{kind}", q), read(f"self_attn.k_proj.{kind}", kv),
+                                            read(f"self_attn.v_proj.{kind}", kv)]))
+    put(attn.o_proj, "weight", read("self_attn.o_proj.weight", cols=q))
     if attn.o_proj.bias is not None:
-        attn.o_proj.bias.copy_(t[prefix + "self_attn.o_proj.bias"])
-    if moe_architecture is not None:  # the sparse MLP: models/moe_weights.py; no tensor parallelism
-        load_moe(mlp, t, prefix + "mlp.", moe_architecture)
+        put(attn.o_proj, "bias", summed_bias("self_attn.o_proj.bias"))
+    if moe_architecture is not None:  # the sparse MLP: models/moe_weights.py
+        load_moe(mlp, checkpoint, prefix + "mlp.", moe_architecture, dtype)
         return
-    gate_up = ["mlp.gate_proj", "mlp.up_proj"]
-    mlp.gate_up_proj.weight.copy_(regroup("weight", gate_up, [mlp_rows, mlp_rows]))
-    mlp.down_proj.weight.copy_(t[prefix + "mlp.down_proj.weight"])
-    if mlp.gate_up_proj.bias is not None:
-        mlp.gate_up_proj.bias.copy_(regroup("bias", gate_up, [mlp_rows, mlp_rows]))
-        mlp.down_proj.bias.copy_(t[prefix + "mlp.down_proj.bias"])
-
-
-def rank_rows(tp: TensorParallel, num_heads: int, num_kv_heads: int, head_dim: int, intermediate: int
-              ) -> tuple[list[range], list[range], list[range]]:
-    """Per rank, the rows of q, of k (and of v) and of gate (and of up) it holds, in each matrix's own
-    rows ([out, in]): whole heads, its KV heads (`TensorParallel.kv_heads`: replicated where there are
-    fewer than ranks), its slice of the MLP's width. What `TensorParallel.rank_order` regroups."""
-    nh, width = tp.local(num_heads, "attention heads"), tp.local(intermediate, "intermediate size")
-    q_rows = [range(r * nh * head_dim, (r + 1) * nh * head_dim) for r in range(tp.degree)]
-    kv = [tp.for_rank(r).kv_heads(num_kv_heads) for r in range(tp.degree)]
-    kv_rows = [range(heads.start * head_dim, heads.stop * head_dim) for heads in kv]
-    mlp_rows = [range(r * width, (r + 1) * width) for r in range(tp.degree)]
-    return q_rows, kv_rows, mlp_rows
+    width = shard.width
+    for kind in ("weight", "bias") if mlp.gate_up_proj.bias is not None else ("weight",):
+        put(mlp.gate_up_proj, kind, torch.cat([read(f"mlp.gate_proj.{kind}", width), read(f"mlp.up_proj.{kind}", width)]))
+    put(mlp.down_proj, "weight", read("mlp.down_proj.weight", cols=width))
+    if mlp.down_proj.bias is not None:
+        put(mlp.down_proj, "bias", summed_bias("mlp.down_proj.bias"))
 
 
 def export_decoder_layer(layer, prefix: str) -> dict[str, Tensor]:

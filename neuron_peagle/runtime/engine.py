@@ -123,8 +123,9 @@ class Engine:
     """
 
     def __init__(self, model_dir: Path, target: TargetModel, tokenizer, build: BuildConfig, runner: Runner,
-                 speculation: SpeculationConfig = PLAIN, drafter: DrafterChoice | None = None) -> None:
+                 speculation: SpeculationConfig = PLAIN, drafter: DrafterChoice | None = None, rank: int = 0) -> None:
         self.model_dir = model_dir
+        self.rank = rank  # under tensor parallelism, this process's rank (every rank returns the same outputs)
         self.target = target
         self.tokenizer = tokenizer
         self.build = build
@@ -174,18 +175,19 @@ class Engine:
                                   f"{', '.join(backends_that('shards_at_run_time'))}, not on {build.backend!r}; on "
                                   "trn1 build sharded graphs with `python -m compile.build --backend "
                                   f"{' or '.join(backends_that('shards_ahead_of_time'))} --tp-degree N`")
-            TensorParallel(tp_degree).check(model_config.num_attention_heads, model_config.num_key_value_heads,
-                                            model_config.intermediate_size)
-        # Every rank builds the whole model before sharding it: on one host, tp_degree copies at once.
-        memory.check_fits(model_config, build, choice.config if choice is not None else None,
-                          sum(f.stat().st_size for f in path.glob("*.safetensors")), copies=tp_degree)
+        plan = TensorParallel(tp_degree, 0, capabilities.process_group_device)
+        plan.check(model_config)
+        # Each rank holds its share; on one host, tp_degree of them at once.
+        memory.check_fits(model_config, build, choice.config if choice is not None else None, plan, ranks_here=tp_degree)
         tp = TensorParallel.from_process_group(tp_degree, capabilities.process_group_device)
         graphs_backend = backend if backend is not None else get_backend(build.backend)
         if speculation.plain:
-            target = TargetModel.from_pretrained(path, build.max_length, build.torch_dtype, tp=tp, config=model_config)
-            return cls(path, target, load_tokenizer(path), build, PlainRunner(target, build, graphs_backend), speculation)
-        target = TargetModel.from_pretrained(path, build.max_length, build.torch_dtype,
-                                             feature_layers=choice.config.feature_layers, tp=tp, config=model_config)
+            target = TargetModel.from_pretrained(path, build.max_length, build.torch_dtype, config=model_config,
+                                                 shard=tp.shard)
+            return cls(path, target, load_tokenizer(path), build, PlainRunner(target, build, graphs_backend), speculation,
+                       rank=tp.rank)
+        target = TargetModel.from_pretrained(path, build.max_length, build.torch_dtype, config=model_config,
+                                             feature_layers=choice.config.feature_layers, shard=tp.shard)
         drafter = choice.load(target, build)
         from neuron_peagle.graphs.proposers import DrafterProposer
 
@@ -198,7 +200,7 @@ class Engine:
             proposer = LookupProposer(proposer, build.batch_size, build.max_length, k, speculation.lookup_ngram,
                                       choice.load_datastore(target) if speculation.datastore else None)
         runner = SpecRunner(target, proposer, build, graphs_backend, k, speculation.short_draft_tokens)
-        return cls(path, target, load_tokenizer(path), build, runner, speculation, choice)
+        return cls(path, target, load_tokenizer(path), build, runner, speculation, choice, rank=tp.rank)
 
     @classmethod
     def from_compiled(cls, artifact_dir: str | Path, **expected) -> "Engine":
