@@ -28,8 +28,8 @@ SHAPE = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num
              num_key_value_heads=2, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
              max_position_embeddings=4096)
 
-# Run in a fresh process (cwd: the tree whose loader is measured); prints one JSON line.
-# argv: model_dir, "new" | "old", tp degree
+# Run in a fresh process (cwd: the tree whose loader is measured); writes one JSON file per rank.
+# argv: model_dir, "new" | "old", tp degree, output directory
 CHILD = r"""
 import json, os, sys, time
 import torch
@@ -58,8 +58,9 @@ after = status()
 params = {id(p): p for p in model.parameters()}.values()
 held = sum(p.numel() * p.element_size() if not hasattr(p, "to_local") else p.to_local().numel() * p.element_size()
            for p in params)
-print(json.dumps({"rank": tp.rank, "before": before["VmRSS"], "peak": after["VmHWM"], "after": after["VmRSS"],
-                  "seconds": seconds, "held": held}), flush=True)
+with open(os.path.join(sys.argv[4], f"rank{tp.rank}.json"), "w") as out:
+    json.dump({"rank": tp.rank, "before": before["VmRSS"], "peak": after["VmHWM"], "after": after["VmRSS"],
+               "seconds": seconds, "held": held}, out)
 if degree > 1:
     from neuron_peagle.parallel import exit_rank, shutdown
     shutdown()
@@ -97,18 +98,18 @@ def make_model(model_dir: Path) -> None:
 
 def measure(tree: Path, model_dir: Path, api: str, ranks: int) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // ranks))}
+    out = Path(tempfile.mkdtemp())
     if ranks == 1:
-        cmd = [sys.executable, "-c", CHILD, str(model_dir), api, "1"]
+        cmd = [sys.executable, "-c", CHILD, str(model_dir), api, "1", str(out)]
     else:
-        script = Path(tempfile.mkdtemp()) / "child.py"
+        script = out / "child.py"
         script.write_text(f"import sys; sys.path.insert(0, {str(tree)!r})\n" + CHILD)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
-               str(script), str(model_dir), api, str(ranks)]
+               str(script), str(model_dir), api, str(ranks), str(out)]
     result = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
         raise SystemExit(f"loading in {tree} ({api}, {ranks} ranks) failed:\n{result.stderr[-3000:]}")
-    return sorted((json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")),
-                  key=lambda r: r["rank"])
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(ranks)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -185,11 +185,11 @@ def shard_target(target: nn.Module, cache: nn.Module, tp: TensorParallel,
         new = make_layer(plan).to(old.weight.device)
         setattr(parent, attr, new)
         swaps.append(Swap(plan, old, new))
-    heads, kv_heads = tp.local(c.num_attention_heads, "attention heads"), len(tp.kv_heads(c.num_key_value_heads))
-    for layer in target.layers:
-        layer.self_attn.num_heads, layer.self_attn.num_kv_heads = heads, kv_heads
-        layer.mlp.intermediate_size = tp.local(c.intermediate_size, "intermediate size")
-    resize_cache(cache, kv_heads)
+    for layer in target.layers:  # the plan's share of a rank (every rank's is the same size: one SPMD trace)
+        shard = tp.layer_shard(layer.config)
+        layer.self_attn.num_heads, layer.self_attn.num_kv_heads = len(shard.heads), len(shard.kv_heads)
+        layer.mlp.intermediate_size = len(shard.width)
+    resize_cache(cache, target.layers[0].self_attn.num_kv_heads)
     return swaps
 
 
