@@ -31,7 +31,8 @@ from conftest import save_tiny_model
 from neuron_peagle.backends.nxd import INSTALL_HINT
 from neuron_peagle.backends.nxd_graphs import NxdBundle
 from neuron_peagle.backends.nxd_parallel import (COLUMN, ROW, NxdTensorParallel, ProjectionPlan, parallel_state,
-                                                 plan_projections, rank_checkpoints, shard_target, whole_projection)
+                                                 plan_projections, rank_checkpoints, shard_target, split_rank_tensors,
+                                                 whole_projection)
 from neuron_peagle.config import BuildConfig
 from neuron_peagle.errors import ArtifactError, BackendUnavailableError, ConfigError
 from neuron_peagle.models.target import TargetModel
@@ -58,7 +59,10 @@ def models(tmp_path_factory):
     one with biases on q/k/v and 6 KV heads (split, not replicated, so a rank's cache is smaller)."""
     root = tmp_path_factory.mktemp("nxd_tp")
     return {"llama": save_tiny_model(root / "llama", "llama", num_key_value_heads=1, **SHAPE),
-            "qwen2": save_tiny_model(root / "qwen2", "qwen2", num_key_value_heads=6, **SHAPE)}
+            "qwen2": save_tiny_model(root / "qwen2", "qwen2", num_key_value_heads=6, **SHAPE),
+            # mixture of experts: 6 experts, sinks, biases, a sliding window on even layers
+            "gpt_oss": save_tiny_model(root / "gpt_oss", "gpt_oss", num_key_value_heads=1, num_local_experts=6,
+                                       **SHAPE)}
 
 
 def nxd_blocks(plan: ProjectionPlan, whole: dict[str, torch.Tensor], degree: int) -> list[dict[str, torch.Tensor]]:
@@ -212,6 +216,70 @@ def test_ranks_on_their_shards_compute_the_whole_layer(models, family, degree):
             torch.testing.assert_close(got, want[:, heads.start:heads.stop], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_attn, want_attn, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got_mlp, want_mlp, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("degree", [2, 3])
+def test_moe_ranks_on_their_heads_sinks_and_experts_compute_the_whole_layer(models, degree):
+    """gpt-oss on the nxd mapping: attention on the parallel layers (its sinks split by head), the experts by
+    expert parallelism (rank r's E/N whole, their first index as data); each rank, given its own tensors,
+    computes partial outputs whose sum over ranks is the whole layer's (what NxD's all-reduce makes)."""
+    torch.manual_seed(0)
+    whole = TargetModel.from_pretrained(models["gpt_oss"], 32)
+    tp = TensorParallel(degree)
+    wholes = wholes_of(whole, tp)
+    assert {p.kind for p in plan_projections(whole, tp)} == {"self_attn.qkv_proj", "self_attn.o_proj"}
+    cache = whole.new_cache(2)
+    x = torch.randn(2, 5, 96)
+    positions = torch.tensor([[0, 1, 2, 3, 4], [3, 4, 5, 6, 7]])
+    cos, sin = whole.rotary(positions)
+    layer = whole.layers[1]  # a full-attention layer
+    want_attn, want_mlp = layer.self_attn(x, cos, sin, positions, cache, 1), layer.mlp(x)
+    got_attn, got_mlp = torch.zeros_like(want_attn), torch.zeros_like(want_mlp)
+    share = 6 // degree
+    for rank in range(degree):
+        target, rank_cache = copy.deepcopy(whole), whole.new_cache(2)
+        shard_target(target, rank_cache, tp, rank_layers(wholes, degree, rank))
+        parts = split_rank_tensors(target, tp, nn.Identity)
+        for part in parts:
+            part.use(rank)
+        experts = target.layers[1].mlp.experts
+        assert experts.gate_up.shape[0] == share and int(experts.first_expert) == rank * share
+        assert torch.equal(experts.down, layer.mlp.experts.down[rank * share:(rank + 1) * share])
+        attn = target.layers[1].self_attn
+        assert torch.equal(attn.sinks, layer.self_attn.sinks[rank * 6 // degree:(rank + 1) * 6 // degree])
+        got_attn += attn(x, cos, sin, positions, rank_cache, 1)
+        got_mlp += target.layers[1].mlp(x)
+    torch.testing.assert_close(got_attn, want_attn, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_mlp, want_mlp, rtol=1e-4, atol=1e-5)
+
+
+def test_each_ranks_weight_dict_holds_its_own_experts_and_sinks(models):
+    degree = 3
+    engine = make_engine(models["gpt_oss"], **ENGINE)
+    whole = copy.deepcopy(engine.target)
+    tp = TensorParallel(degree)
+    wholes = wholes_of(engine.target, tp)
+    swaps = shard_target(engine.target, engine.runner.cache, tp, rank_layers(wholes, degree, 0))
+    parts = split_rank_tensors(engine.target, tp, nn.Identity)
+
+    def same_dict_for_every_rank(checkpoint, model):  # NxD's rule for tensors outside its parallel layers
+        kept = {name: t for name, t in checkpoint.items() if name in model.state_dict()}
+        return [dict(kept) for _ in range(degree)]
+
+    sharding = NxdTensorParallel(degree, swaps, engine.target.config, same_dict_for_every_rank, parts)
+    specs = plan(engine.runner)
+    sharding.persist_tables(specs)
+    bundle = NxdBundle.of(specs)
+    ranks = sharding.rank_checkpoints(bundle, sharding.whole_checkpoint(bundle))
+    for rank, weights in enumerate(ranks):
+        for i, layer in enumerate(whole.layers):
+            prefix = f"graph.target.layers.{i}."
+            experts = slice(rank * 2, (rank + 1) * 2)
+            for name in ("gate_up", "down", "gate_up_bias", "down_bias"):
+                assert torch.equal(weights[prefix + f"mlp.experts.{name}"], getattr(layer.mlp.experts, name)[experts])
+            assert int(weights[prefix + "mlp.experts.first_expert"]) == rank * 2
+            assert torch.equal(weights[prefix + "self_attn.sinks"], layer.self_attn.sinks[rank * 2:(rank + 1) * 2])
+            assert torch.equal(weights[prefix + "mlp.router.weight"], layer.mlp.router.weight)  # whole everywhere
 
 
 # ---- the weight dict of a sharded engine -------------------------------------------------------------

@@ -1,14 +1,20 @@
 """Tensor parallelism on the nxd backend (trn1, Neuron 2.31's torch-xla stack): the target's decoder
 layers on neuronx-distributed's parallel layers, their weights sharded by NxD's own checkpoint sharding.
 
-The layout is the parallel plan's (neuron_peagle/parallel.py: its LAYER_PLAN and its `rank_rows`), in
-NxD's terms. In
-every decoder layer the fused q/k/v and gate/up projections become `ColumnParallelLinear(gather_output=
+The layout is the parallel plan's (neuron_peagle/parallel.py: its LAYER_PLAN, its `rank_rows` and
+`layer_shard`), in NxD's terms. In every decoder layer the fused q/k/v and gate/up projections become `ColumnParallelLinear(gather_output=
 False)` (each rank computes its own attention heads, its KV heads and its slice of the MLP's width) and
 the o and down projections `RowParallelLinear(input_is_parallel=True, reduce_dtype=torch.float32)`
 (partial products summed across ranks in float32 before the residual). Embedding, norms, LM head and
 the drafter stay whole on every rank. The graphs are traced once (SPMD) with each rank's shapes: the
 attention sees `num_heads / N` heads, the target's KV cache holds a rank's KV heads.
+
+Mixture-of-experts layers (Qwen3-MoE, gpt-oss): the attention as above; the experts by the plan's expert
+parallelism, on our own expert code (exact against transformers) rather than NxD's MoE modules: rank r's
+experts [r E/N, (r+1) E/N) whole, the router whole, the partial outputs summed by NxD's
+`reduce_from_tensor_model_parallel_region` (in float32). A rank's experts and gpt-oss's sinks of its heads
+differ per rank but not in shape, so the one SPMD trace holds rank 0's and each rank's weight dict its
+own (`RankTensors`), the experts' first index included (`first_expert`, data, not a constant of the graph).
 
 NxD's layers store [out, in] and `shard_checkpoint` splits a column-parallel tensor into N equal
 blocks of rows (a row-parallel one into N blocks of columns), rank r taking block r. So the whole
@@ -23,7 +29,7 @@ runs `parallel_state.initialize_model_parallel(tensor_model_parallel_size=N)` in
 in AOT mode, as ModelBuilder sets it up):
 1. `plan_projections`: which projection of which layer becomes which parallel layer, at NxD's sizes;
 2. `shard_target`: swap them in (`nxd_layer`: NxD's classes), each rank's head counts and width, the
-   target's KV cache remade with a rank's KV heads;
+   target's KV cache remade with a rank's KV heads; `split_rank_tensors`: the experts and sinks;
 3. `persist_tables`: every read-only buffer (rotary tables, datastore tables, the drafter's masks)
    made persistent, since `shard_checkpoint` drops every name that is not in `state_dict()`;
 4. the weight dict: the bundle's, the swapped projections replaced by their whole tensors
@@ -43,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from neuron_peagle.backends.nxd_sdk import INSTALL_HINT, NxdApi, require_sdk
-from neuron_peagle.errors import ArtifactError, BackendUnavailableError, ConfigError
+from neuron_peagle.errors import ArtifactError, BackendUnavailableError
 from neuron_peagle.models.target import target_layer_config
 from neuron_peagle.parallel import LAYER_PLAN, TensorParallel
 
@@ -96,10 +102,6 @@ def plan_projections(target: nn.Module, tp: TensorParallel) -> list[ProjectionPl
     does not divide the heads, KV heads or MLP width, before anything changes)."""
     c = target.config
     tp.check(c)
-    if c.moe is not None:
-        raise ConfigError(f"the nxd backend shards dense targets only: mapping {c.architecture}'s expert parallelism "
-                          "onto NxD 0.19 is not written yet; run it with tp_degree 1 on trn1, or sharded on "
-                          "trn2/trn3 (TorchNeuron: --backend neuron under torchrun)")
     hd, hidden = c.head_dim, c.hidden_size
     local_q = tp.local(c.num_attention_heads, "attention heads") * hd
     local_kv = len(tp.kv_heads(c.num_key_value_heads)) * hd
@@ -112,6 +114,8 @@ def plan_projections(target: nn.Module, tp: TensorParallel) -> list[ProjectionPl
     plans = []
     for i, layer in enumerate(target.layers):
         for kind, style in LAYER_PLAN.items():
+            if kind.startswith("mlp.") and layer.config.moe is not None:  # experts: `split_rank_tensors`
+                continue
             module = layer.get_submodule(kind)
             plans.append(ProjectionPlan(i, kind, style, *sizes[kind], bias=getattr(module, "bias", None) is not None,
                                         dtype=module.weight.dtype))
@@ -188,7 +192,8 @@ def shard_target(target: nn.Module, cache: nn.Module, tp: TensorParallel,
     for layer in target.layers:  # the plan's share of a rank (every rank's is the same size: one SPMD trace)
         shard = tp.layer_shard(layer.config)
         layer.self_attn.num_heads, layer.self_attn.num_kv_heads = len(shard.heads), len(shard.kv_heads)
-        layer.mlp.intermediate_size = len(shard.width)
+        if layer.config.moe is None:
+            layer.mlp.intermediate_size = len(shard.width)
     resize_cache(cache, target.layers[0].self_attn.num_kv_heads)
     return swaps
 
@@ -196,9 +201,66 @@ def shard_target(target: nn.Module, cache: nn.Module, tp: TensorParallel,
 def resize_cache(cache: nn.Module, num_kv_heads: int) -> None:
     """Remake a KV cache's buffers [B, kv_heads, L, hd], zeroed, with `num_kv_heads` (same dtype, device)."""
     for name, buffer in list(cache.named_buffers(recurse=False)):
+        if buffer.dim() != 4:  # not keys or values (a sliding window's positions)
+            continue
         shape = (buffer.shape[0], num_kv_heads, *buffer.shape[2:])
         cache.register_buffer(name, torch.zeros(shape, dtype=buffer.dtype, device=buffer.device), persistent=False)
     cache.shape = (cache.shape[0], num_kv_heads, *cache.shape[2:])
+
+
+@dataclass
+class RankTensors:
+    """A tensor of the target whose value differs per rank but not its shape: `per_rank[r]` is rank r's (the
+    module holds rank 0's, for the trace)."""
+
+    owner: nn.Module
+    name: str  # the parameter's or buffer's name in `owner`
+    per_rank: list[Tensor]
+
+    def use(self, rank: int) -> None:
+        """Give the module rank `rank`'s value (a copy of its own)."""
+        value = self.per_rank[rank].contiguous().clone()
+        if self.name in self.owner._buffers:
+            self.owner._buffers[self.name] = value
+        else:
+            setattr(self.owner, self.name, nn.Parameter(value, requires_grad=False))
+
+
+def split_rank_tensors(target: nn.Module, tp: TensorParallel, make_reduce: Callable[[], nn.Module]
+                       ) -> list[RankTensors]:
+    """The parts of the (loaded, unsharded) target the plan splits outside NxD's parallel layers: gpt-oss's
+    sinks (by the rank's heads) and every mixture-of-experts layer's experts (the rank's E/N, whole, and
+    their first index), each module left with rank 0's share; a sparse MLP's partial outputs then summed
+    by `make_reduce()`. Returns every such tensor with each rank's value."""
+    out = []
+    shards = [[tp.for_rank(r).layer_shard(layer.config) for r in range(tp.degree)] for layer in target.layers]
+    for layer, per_rank in zip(target.layers, shards):
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.sinks is not None:
+            out.append(RankTensors(attn, "sinks", [attn.sinks[s.heads.start:s.heads.stop] for s in per_rank]))
+        if layer.config.moe is None:
+            continue
+        experts = mlp.experts
+        for name, param in list(experts.named_parameters(recurse=False)):
+            out.append(RankTensors(experts, name, [param[s.experts.start:s.experts.stop] for s in per_rank]))
+        out.append(RankTensors(experts, "first_expert", [torch.tensor(s.experts.start, dtype=torch.int64)
+                                                         for s in per_rank]))
+        experts.held = per_rank[0].experts
+        mlp.sum_ranks = make_reduce()
+    for part in out:
+        part.use(0)
+    return out
+
+
+class NxdReduce(nn.Module):
+    """NxD's all-reduce over the tensor-parallel group, in float32, back in the input's dtype."""
+
+    def __init__(self, reduce: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.reduce = reduce
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.reduce(x.float()).to(x.dtype)
 
 
 def persist_tables(specs: Sequence) -> None:
@@ -213,6 +275,20 @@ def persist_tables(specs: Sequence) -> None:
 
 
 # ---- the weight dict ----------------------------------------------------------------------------------
+
+
+def rank_tensor_names(graphs: dict[str, nn.Module], parts: Sequence[RankTensors]) -> dict[str, RankTensors]:
+    """Every name (in the bundle's weight dict) of a tensor whose value differs per rank (found by its
+    module, which moving the graphs to a device keeps, where a buffer becomes a new tensor)."""
+    owners: dict[int, list[RankTensors]] = {}
+    for part in parts:
+        owners.setdefault(id(part.owner), []).append(part)
+    names = {}
+    for graph in graphs.values():
+        for prefix, module in graph.named_modules(remove_duplicate=False):
+            for part in owners.get(id(module), ()):
+                names[f"{prefix}.{part.name}" if prefix else part.name] = part
+    return names
 
 
 def swapped_names(graphs: dict[str, nn.Module], swaps: Sequence[Swap]) -> dict[str, tuple[Swap, str]]:
@@ -252,19 +328,23 @@ def rank_checkpoints(shard_checkpoint: Callable, graphs: dict[str, nn.Module], c
 class NxdTensorParallel:
     """The target of one engine on NxD's parallel layers (made, and used, under `parallel_state`)."""
 
-    def __init__(self, degree: int, swaps: list[Swap], config, shard_checkpoint: Callable | None = None) -> None:
+    def __init__(self, degree: int, swaps: list[Swap], config, shard_checkpoint: Callable | None = None,
+                 rank_tensors: list[RankTensors] | None = None) -> None:
         self.degree = degree
         self.tp = TensorParallel(degree)
         self.swaps = swaps
         self.config = config
+        self.rank_tensors = rank_tensors or []
         self._shard_checkpoint = shard_checkpoint
 
     @classmethod
     def of(cls, target: nn.Module, cache: nn.Module, degree: int) -> "NxdTensorParallel":
-        """Swap NxD's parallel layers into the target and shard its KV cache."""
+        """Swap NxD's parallel layers into the target, split its experts and sinks, shard its KV cache."""
         layers = require_sdk()
-        swaps = shard_target(target, cache, TensorParallel(degree), functools.partial(nxd_layer, layers))
-        return cls(degree, swaps, target.config, layers.shard_checkpoint)
+        tp = TensorParallel(degree)
+        swaps = shard_target(target, cache, tp, functools.partial(nxd_layer, layers))
+        parts = split_rank_tensors(target, tp, lambda: NxdReduce(layers.reduce_from_tensor_model_parallel_region))
+        return cls(degree, swaps, target.config, layers.shard_checkpoint, parts)
 
     def persist_tables(self, specs: Sequence) -> None:
         persist_tables(specs)
@@ -291,5 +371,9 @@ class NxdTensorParallel:
         """The per-rank weight dicts `NxDModel.set_weights` takes, sharded by NxD (SDK)."""
         if self._shard_checkpoint is None:
             raise BackendUnavailableError(INSTALL_HINT)
-        return rank_checkpoints(self._shard_checkpoint, bundle.graphs, whole, self.degree)
+        ranks = rank_checkpoints(self._shard_checkpoint, bundle.graphs, whole, self.degree)
+        for name, part in rank_tensor_names(bundle.graphs, self.rank_tensors).items():  # each rank its own
+            for rank, weights in enumerate(ranks):
+                weights[name] = part.per_rank[rank].contiguous()
+        return ranks
 

@@ -45,6 +45,9 @@ class NxdApi:
     ColumnParallelLinear: Any  # neuronx_distributed.parallel_layers.layers.ColumnParallelLinear
     RowParallelLinear: Any  # neuronx_distributed.parallel_layers.layers.RowParallelLinear
     shard_checkpoint: Callable  # neuronx_distributed.trace.functions.shard_checkpoint
+    # neuronx_distributed.parallel_layers.mappings: the all-reduce over the tensor-parallel group (the
+    # partial outputs of a rank's experts)
+    reduce_from_tensor_model_parallel_region: Callable
 
 
 def require_sdk() -> NxdApi:
@@ -57,12 +60,13 @@ def require_sdk() -> NxdApi:
         from neuronx_distributed.trace.functions import trace as nxd_trace
         from neuronx_distributed.trace.model_builder_utils import CompilationArtifacts
         from neuronx_distributed.parallel_layers.layers import ColumnParallelLinear, RowParallelLinear
+        from neuronx_distributed.parallel_layers.mappings import reduce_from_tensor_model_parallel_region
         from neuronx_distributed.trace.functions import shard_checkpoint
         from neuronx_distributed.trace.parallel_context import NxDParallelState
     except ImportError:
         raise BackendUnavailableError(INSTALL_HINT) from None
     return NxdApi(NxDModel, nxd_trace, nxd_compile, CompilationArtifacts, NxDParallelState, ColumnParallelLinear,
-                  RowParallelLinear, shard_checkpoint)
+                  RowParallelLinear, shard_checkpoint, reduce_from_tensor_model_parallel_region)
 
 
 def trace_graph(api: NxdApi, name: str, graph: NxdGraph, kwargs: dict[str, Tensor]):

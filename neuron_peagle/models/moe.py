@@ -68,6 +68,9 @@ class Experts(nn.Module):
         super().__init__()
         self.config = config
         self.held = range(config.num_experts)
+        # held.start as data, not a constant of the graph: every rank's graph is the same (one compile, one
+        # SPMD trace), each rank's weights say which experts it holds
+        self.register_buffer("first_expert", torch.tensor(0, dtype=torch.int64))
         e, i = config.num_experts, config.expert_intermediate_size
         self.gate_up = nn.Parameter(torch.empty(e, hidden_size, 2 * i), requires_grad=False)
         self.down = nn.Parameter(torch.empty(e, i, hidden_size), requires_grad=False)
@@ -148,10 +151,11 @@ class SparseMoe(nn.Module):
         batch, seq, hidden = x.shape
         flat = x.reshape(batch * seq, hidden)
         scores, ids = self.router(flat)
-        held = self.experts.held
-        if len(held) < self.config.num_experts:  # routes to experts held elsewhere: score 0, local index 0
-            here = (ids >= held.start) & (ids < held.stop)
-            ids = torch.where(here, ids - held.start, 0)
+        held = len(self.experts.held)
+        if held < self.config.num_experts:  # routes to experts held elsewhere: score 0, local index 0
+            first = self.experts.first_expert
+            here = (ids >= first) & (ids < first + held)
+            ids = torch.where(here, ids - first, 0)
             scores = scores.masked_fill(~here, 0)
         if self.uses_gather(batch * seq):
             out = (self.experts.per_token(flat, ids) * scores.unsqueeze(-1)).sum(1)

@@ -53,6 +53,7 @@ def load_moe(moe: nn.Module, checkpoint: Checkpoint, prefix: str, architecture: 
     the experts `moe.experts.held` only (all of them unless expert parallelism split the layer)."""
     experts, held = moe.experts, moe.experts.held
     names = checkpoint.infos()
+    experts.first_expert = torch.tensor(held.start, dtype=torch.int64)
 
     def read(name: str, rows: range | None = None) -> Tensor:
         return checkpoint.read(prefix + name, rows, None, dtype)
