@@ -92,6 +92,7 @@ def test_a_rank_reads_only_its_slices_and_holds_them(gpt_oss_dir, ranks, monkeyp
         for i, (mine, full) in enumerate(zip(model.layers, whole.layers)):
             attn, mlp = mine.self_attn, mine.mlp
             assert (attn.num_heads, mlp.experts.held) == (heads, range(rank * experts, (rank + 1) * experts))
+            assert int(mlp.experts.first_expert) == rank * experts  # data, so every rank's graph is the same
             q = slice(rank * heads * 16, (rank + 1) * heads * 16)
             assert torch.equal(attn.o_proj.weight, full.self_attn.o_proj.weight[:, q])
             assert torch.equal(attn.qkv_proj.weight[:heads * 16], full.self_attn.qkv_proj.weight[q])
