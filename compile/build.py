@@ -66,8 +66,9 @@ class BuildRequest:
             raise ConfigError(f"tp_degree must be >= 1, got {self.tp_degree}")
         if self.tp_degree > 1:
             self._check_tensor_parallel()
-        neuron_compiler_args(self.target)  # validates the target
-        object.__setattr__(self, "build", dataclasses.replace(self.build, backend=self.backend))
+        if self.build.backend != self.backend:  # the build's backend is this one: what "auto" means is its
+            object.__setattr__(self, "build", dataclasses.replace(self.build, backend=self.backend, lnc="auto"))
+        neuron_compiler_args(self.target, self.build.lnc)  # validates the target and its LNC
 
     def _check_tensor_parallel(self) -> None:
         """Sharded artifacts are NxD's (trn1), for a degree that splits the target's heads, KV heads and
@@ -130,7 +131,7 @@ def _build(request: BuildRequest, backend, out: Path, started: float) -> BuildRe
     planned = plan(engine.runner)
     versions = installed_versions(request.backend)
     built = backend.build_artifacts(planned, ArtifactBuild(
-        out, versions, [model, drafter], vocab_sizes, neuron_compiler_args(request.target), previous, log))
+        out, versions, [model, drafter], vocab_sizes, neuron_compiler_args(request.target, request.build.lnc), previous, log))
     Manifest(backend=request.backend, versions=versions, build=engine.build,
              speculation=engine.speculation, tp_degree=request.tp_degree, target=request.target, model=model,
              drafter=drafter, graphs=tuple(built.records), audit_notes=built.audit_notes,
@@ -164,7 +165,7 @@ def build_parser() -> Parser:
 
 def request_from_args(args: argparse.Namespace) -> BuildRequest:
     build = BuildConfig(batch_size=args.batch_size, max_length=args.max_length, prefill_buckets=args.prefill_buckets,
-                        dtype=args.dtype, backend=args.backend, kernels=args.kernels)
+                        dtype=args.dtype, backend=args.backend, kernels=args.kernels, lnc=args.lnc)
     return BuildRequest(args.model, args.drafter, args.out, args.backend, build, speculation_of(args), args.tp_degree,
                         args.target)
 

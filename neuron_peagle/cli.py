@@ -89,6 +89,20 @@ def add_build_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default="auto", choices=("auto", *KERNEL_MODES),
                         help="draft-pass kernels (auto: NKI on NeuronCores, else PyTorch; interpreter: the kernel "
                              "source on the CPU interpreter, slow, eager only)")
+    parser.add_argument("--lnc", type=lnc_option, default="auto",
+                        help="physical NeuronCores per logical core the graphs and kernels are built for: 1 or 2 "
+                             "(auto: the Neuron runtime's on --backend neuron, NEURON_LOGICAL_NC_CONFIG or 1 on nxd, "
+                             "1 off NeuronCores)")
+
+
+def lnc_option(text: str) -> int | str:
+    """--lnc: "auto", 1 or 2 (checked by BuildConfig)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be auto, 1 or 2, got {text!r}") from None
 
 
 def add_speculation_options(parser: argparse.ArgumentParser) -> None:
@@ -137,7 +151,7 @@ def speculation_of(args: argparse.Namespace) -> SpeculationConfig:
 # generate option -> the ArtifactRequest field it is checked against when running from artifacts
 ARTIFACT_OPTIONS = {"model": "model_dir", "drafter": "drafter_dir", "backend": "backend", "mode": "mode",
                     "num_speculative_tokens": "num_speculative_tokens", "batch_size": "batch_size",
-                    "max_length": "max_length", "prefill_buckets": "prefill_buckets", "dtype": "dtype", "kernels": "kernels",
+                    "max_length": "max_length", "prefill_buckets": "prefill_buckets", "dtype": "dtype", "kernels": "kernels", "lnc": "lnc",
                     "lookup_ngram": "lookup_ngram", "short_draft_tokens": "short_draft_tokens",
                     "datastore": "datastore"}
 
@@ -198,7 +212,7 @@ def _limits(args: argparse.Namespace, given: set[str]) -> tuple[Path, BuildConfi
     checks.integer("tp_degree", args.tp_degree, minimum=1)
     speculation = speculation_of(args)
     build = BuildConfig(batch_size=args.batch_size, max_length=args.max_length, prefill_buckets=args.prefill_buckets,
-                        dtype=args.dtype, backend=backend_of(args), kernels=args.kernels)
+                        dtype=args.dtype, backend=backend_of(args), kernels=args.kernels, lnc=args.lnc)
     speculation.check_fits(build.max_length)
     model_dir = args.model if args.model is not None else require_default_model()
     return model_dir, build, 0 if speculation.plain else speculation.num_speculative_tokens

@@ -19,6 +19,7 @@ import torch
 
 from neuron_peagle import checks
 from neuron_peagle.errors import ConfigError, ModelDirError, NeuronPeagleError, UnsupportedModelError
+from neuron_peagle.lnc import check_lnc, environment_lnc, runtime_lnc
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -48,6 +49,24 @@ class Capabilities:
     interprets_kernels: bool  # can run kernels="interpreter" (the kernel source on CPU tensors, op by op)
     process_group_device: str  # torch.distributed device type of its ranks
     packages: tuple[str, ...]  # the packages a compiled graph of it is tied to (recorded in manifests)
+    # where lnc="auto" comes from: "runtime" (the Neuron runtime of this process: TorchNeuron compiles for
+    # it), "environment" (NEURON_LOGICAL_NC_CONFIG if set, else 1: nxd passes it to the compiler), or
+    # "none" (1: no NeuronCore)
+    lnc_source: str = "none"
+
+    def lnc_for(self, lnc: int | str) -> int:
+        """The logical NeuronCore degree a build asking for `lnc` gets on this backend (neuron_peagle.lnc)."""
+        if lnc != "auto":
+            degree = check_lnc(lnc)
+            if degree != 1 and self.lnc_source == "none":
+                raise ConfigError(f"lnc={degree} needs NeuronCores: only with backend "
+                                  + " or ".join(repr(n) for n in backends_that("on_neuron_cores")))
+            return degree
+        if self.lnc_source == "runtime":
+            return runtime_lnc()
+        if self.lnc_source == "environment":
+            return environment_lnc() or 1
+        return 1
 
     def kernels_for(self, kernels: str) -> str:
         """The draft-pass kernels a build asking for `kernels` gets on this backend."""
@@ -75,7 +94,7 @@ BACKENDS: dict[str, Capabilities] = {
     "neuron": Capabilities(
         "torch.compile + TorchNeuron on trn2/trn3 (torch-neuronx 2.14)", shards_at_run_time=True,
         shards_ahead_of_time=False, needs_artifacts=False, process_group_device="neuron",
-        packages=("torch", "torch-neuronx", "neuronx-cc", "nki"), **_NEURON),
+        packages=("torch", "torch-neuronx", "neuronx-cc", "nki"), lnc_source="runtime", **_NEURON),
     # The torch-xla environment (torch 2.9.1 + torch-xla 2.9.0, Neuron 2.31; `make setup-xla`).
     "xla": Capabilities(
         "torch-xla 2.9 lazy HLO (PJRT CPU, or trn1 through torch-neuronx 2.9); torch-xla environment",
@@ -86,7 +105,8 @@ BACKENDS: dict[str, Capabilities] = {
     "nxd": Capabilities(
         "neuronx-distributed NEFFs built ahead of time (trn1/trn2, Neuron 2.31); torch-xla environment",
         shards_at_run_time=False, shards_ahead_of_time=True, needs_artifacts=True, process_group_device="cpu",
-        packages=("torch", "torch-xla", "torch-neuronx", "neuronx-cc", "neuronx-distributed", "nki"), **_NEURON),
+        packages=("torch", "torch-xla", "torch-neuronx", "neuronx-cc", "neuronx-distributed", "nki"),
+        lnc_source="environment", **_NEURON),
 }
 KERNEL_MODES = ("reference", "nki", "interpreter")  # see neuron_peagle.kernels
 # The command line's backend: the fastest exact path measured on CPU (BENCHMARKS.md, "Compiled graphs").
@@ -408,6 +428,9 @@ class BuildConfig:
     # Which implementation of the fused draft-pass kernels the graphs call (neuron_peagle.kernels):
     # "auto" resolves to the backend's default (Capabilities.default_kernels).
     kernels: str = "auto"
+    # Physical NeuronCores per logical core the graphs and their kernels are built for (neuron_peagle.lnc):
+    # "auto" resolves by the backend (Capabilities.lnc_for): 1 off NeuronCores.
+    lnc: int | str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.prefill_buckets, (str, bytes)) or not isinstance(self.prefill_buckets, Sequence):
@@ -417,6 +440,7 @@ class BuildConfig:
         if self.kernels not in ("auto", *KERNEL_MODES):
             raise ConfigError(f"kernels must be 'auto' or one of {KERNEL_MODES}, got {self.kernels!r}")
         object.__setattr__(self, "kernels", capabilities_of(self.backend).kernels_for(self.kernels))
+        object.__setattr__(self, "lnc", capabilities_of(self.backend).lnc_for(self.lnc))
         checks.integer("batch_size", self.batch_size, minimum=1)
         checks.integer("max_length", self.max_length, minimum=2)
         if not buckets:

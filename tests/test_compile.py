@@ -84,6 +84,7 @@ def test_build_writes_manifest_hlo_and_audit_for_every_graph(built, tiny_llama_d
     assert manifest.drafter.path is None and manifest.drafter.random_seed == 0  # no trained drafter for it
     assert (manifest.build.batch_size, manifest.build.prefill_buckets, manifest.speculation.num_speculative_tokens) == (2, (16, 32), 3)
     assert manifest.build.kernels == "reference"  # the switch, resolved for xla: plain PyTorch
+    assert manifest.build.lnc == 1  # no NeuronCore: one physical core per logical core, recorded
     for graph in manifest.graphs:
         hlo = (built / graph.hlo_file).read_text()
         assert hlo.startswith("HloModule")
@@ -93,7 +94,7 @@ def test_build_writes_manifest_hlo_and_audit_for_every_graph(built, tiny_llama_d
         kinds = {f["kind"] for f in graph.audit["findings"]}
         assert "argmax" in kinds  # greedy choice / verify, drafter proposals
         assert ("sort" in kinds) == (not graph.greedy)  # only top-k / top-p sampling sorts
-        assert list(graph.compiler_args) == [*NEURON_COMPILER_FLAGS, "--target", "trn1"]
+        assert list(graph.compiler_args) == [*NEURON_COMPILER_FLAGS, "--target", "trn1", "--logical-nc-config", "1"]
     step = manifest.graph("spec_step_greedy")
     state = {t.name: t for t in step.state}
     assert state["cache.key_0"].shape == (2, 2, 96, 16) and state["state.pending_features"].shape == (2, 4, 192)
@@ -138,6 +139,29 @@ def test_tensor_parallel_and_unknown_target_are_clear_errors(tiny_llama_dir, tmp
     assert code == 2 and "built for the nxd backend only" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="target must be one of"):
         neuron_compiler_args("trn3")
+
+
+def test_the_lnc_is_set_for_the_compiler_and_refused_where_it_cannot_run(monkeypatch):
+    """The compiler's LNC is explicit (its default is 2 on trn2; NKI kernels must match it); trn1 has LNC 1
+    only; off NeuronCores only 1; on nxd "auto" follows NEURON_LOGICAL_NC_CONFIG."""
+    from neuron_peagle.config import BuildConfig
+
+    assert neuron_compiler_args("trn2", 2)[-2:] == ("--logical-nc-config", "2")
+    with pytest.raises(ConfigError, match=r"trn1 runs one physical NeuronCore per logical core \(LNC 1\), got lnc=2"):
+        neuron_compiler_args("trn1", 2)
+    with pytest.raises(ConfigError, match="lnc=2 needs NeuronCores: only with backend 'neuron' or 'nxd'"):
+        BuildConfig(backend="inductor", lnc=2)
+    with pytest.raises(ConfigError, match=r"lnc must be one of \(1, 2\)"):
+        BuildConfig(backend="neuron", lnc=4)
+    monkeypatch.delenv("NEURON_LOGICAL_NC_CONFIG", raising=False)
+    assert BuildConfig(backend="nxd").lnc == 1 and BuildConfig(backend="neuron").lnc == 2  # trn2's default
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "1")
+    assert BuildConfig(backend="neuron").lnc == 1 and BuildConfig(backend="nxd").lnc == 1
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "2")
+    assert BuildConfig(backend="nxd").lnc == 2 and BuildConfig(backend="inductor").lnc == 1
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "3")
+    with pytest.raises(ConfigError, match="NEURON_LOGICAL_NC_CONFIG must be one of"):
+        BuildConfig(backend="neuron")
 
 
 # ---- loading ------------------------------------------------------------------------------------

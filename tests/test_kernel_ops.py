@@ -6,16 +6,13 @@ kernel source runs on the interpreter; on XLA tensors the functions stay inline.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
 from neuron_peagle import kernels
 from neuron_peagle.errors import BackendUnavailableError, ConfigError
 from neuron_peagle.kernels import DraftInputParams, draft_input_reference, interpreter, launch, ops
+from neuron_peagle.kernels import lm_head as lm_head_module
 from neuron_peagle.kernels.lm_head import lm_head_argmax_reference
 from neuron_peagle.kernels.nki_api import HAVE_NKI
 from neuron_peagle.models.layers import RMSNorm
@@ -171,65 +168,77 @@ def test_inductor_gives_the_eager_outputs(dtype):
 def test_nki_mode_without_nki_is_refused():
     embeds, features, is_mask, params, weight, _ = make_inputs(torch.float32, False)
     with pytest.raises(BackendUnavailableError, match="needs the Neuron SDK's nki package"):
-        ops.register_nki_implementations()
+        kernels.check_kernel_mode("nki")
     with pytest.raises(BackendUnavailableError, match="runs on Neuron tensors"):
         kernels.lm_head_argmax(embeds, weight, None, mode="nki")
     with pytest.raises(BackendUnavailableError, match="runs on Neuron tensors"):
         kernels.draft_input(embeds, features, is_mask, params, mode="nki")
 
 
-def interpreter_jit(kernel):
-    """`nki.jit` stood in for by the CPU interpreter: the kernel's outputs as CPU tensors."""
+class InterpreterJit:
+    """`nki.jit(kernel)` stood in for by the CPU interpreter, `[lnc]` included: the kernel's outputs as CPU
+    tensors, its body run once per physical core."""
 
-    def run(*args):
-        return [torch.from_numpy(out) for out in interpreter.run(kernel, *args)]
+    def __init__(self, kernel, lnc: int = 1) -> None:
+        self.kernel, self.lnc, self.launched = kernel, lnc, []
 
-    return run
+    def __getitem__(self, lnc: int) -> "InterpreterJit":
+        return InterpreterJit(self.kernel, lnc)
+
+    def __call__(self, *args):
+        LAUNCHES.append((self.kernel.__name__, self.lnc))
+        return [torch.from_numpy(out) for out in interpreter.run(self.kernel, *args, lnc=self.lnc)]
 
 
+LAUNCHES: list[tuple[str, int]] = []
+
+
+@pytest.mark.parametrize("lnc", [1, 2])
+@pytest.mark.parametrize("rows", [6, 300])  # one row tile (core 1 idles at LNC 2), three tiles (split 2 + 1)
 @pytest.mark.parametrize("reduced, norm_before_residual", [(False, False), (True, True)])
-def test_nki_implementations_match_the_reference_on_the_interpreter(monkeypatch, reduced, norm_before_residual):
-    # What the neuron device runs, with nki.jit replaced by the interpreter: the op's arguments
-    # reach the kernels and the kernels' outputs come back with the reference's shapes and dtypes.
-    monkeypatch.setattr(launch, "_jit", interpreter_jit)
-    embeds, features, is_mask, params, weight, d2t = make_inputs(torch.float32, reduced, norm_before_residual)
+def test_nki_launches_match_the_reference_at_each_lnc(monkeypatch, reduced, norm_before_residual, rows, lnc):
+    # What the neuron device runs, with nki.jit replaced by the interpreter: the kernels' arguments, the
+    # launch at the build's LNC (each physical core its row tiles of the shared outputs) and the outputs
+    # with the reference's shapes and dtypes.
+    monkeypatch.setattr(launch, "_jit", InterpreterJit)
+    LAUNCHES.clear()
+    _, _, _, params, weight, d2t = make_inputs(torch.float32, reduced, norm_before_residual)
+    g = torch.Generator().manual_seed(rows)
+    embeds, features = torch.randn(rows, HIDDEN, generator=g), torch.randn(rows, 3 * TARGET_HIDDEN, generator=g)
+    is_mask = torch.rand(rows, generator=g) < 0.4
     want_x, want_residual = draft_input_reference(embeds, features, is_mask, params)
-    x, residual = ops._draft_input_nki(embeds, features, is_mask, *ops.draft_input_args(params))
+    x, residual = launch.run_draft_input("nki", embeds, features, is_mask, params, lnc)
     assert (x.shape, x.dtype, residual.shape, residual.dtype) == (want_x.shape, want_x.dtype, want_residual.shape,
                                                                   want_residual.dtype)
     torch.testing.assert_close(x, want_x, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(residual, want_residual, rtol=1e-5, atol=1e-5)
     want_ids, want_best = lm_head_argmax_reference(want_x[..., HIDDEN:], weight, d2t)
-    ids, best = ops._lm_head_argmax_nki(want_x[..., HIDDEN:].contiguous(), weight, d2t)
+    ids, best = launch.run_lm_head_argmax("nki", want_x[..., HIDDEN:].contiguous(), weight, d2t, lnc)
     assert (ids.shape, ids.dtype, best.dtype) == (want_ids.shape, want_ids.dtype, want_best.dtype)
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(best, want_best, rtol=1e-5, atol=1e-5)
+    assert [n for _, n in LAUNCHES] == [lnc, lnc]
 
 
-def test_nki_implementations_are_registered_for_the_neuron_device_only():
-    # Renaming PrivateUse1 cannot be undone, so this runs in a process of its own, with nki stood in.
-    script = textwrap.dedent("""
-        import torch
-        from neuron_peagle.kernels import check_kernel_mode, ops
+def test_at_lnc_2_each_core_writes_its_row_tiles(monkeypatch):
+    """Three row tiles at LNC 2: core 0 writes tiles 0 and 2, core 1 tile 1, of the one shared output."""
+    from neuron_peagle.kernels import tiles
 
-        def registered():
-            return [torch._C._dispatch_has_kernel_for_dispatch_key(name, "PrivateUse1")
-                    for name in ("neuron_peagle::lm_head_argmax", "neuron_peagle::draft_input")]
+    seen = []
+    original = tiles.for_each_row_tile
 
-        ops.HAVE_NKI = True
-        check_kernel_mode("nki")  # the torch-xla stack: no neuron device, nothing to register
-        assert registered() == [False, False] and not ops._nki_registered
-        torch.utils.rename_privateuse1_backend("neuron")  # what TorchNeuron does
-        check_kernel_mode("nki")
-        assert registered() == [True, True] and ops._nki_registered
-        ops.register_nki_implementations()  # idempotent
-        h, w = torch.randn(3, 8), torch.randn(20, 8)
-        ids, best = ops.lm_head_argmax(h, w, None)  # CPU still runs the reference
-        assert torch.equal(ids, (h @ w.T).argmax(-1))
-        print("ok")
-    """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+    def spy(size, body, operands):
+        def recording(operands, index, start, length):
+            seen.append((interpreter.program_id(0), index))
+            body(operands, index, start, length)
+
+        original(size, recording, operands)
+
+    monkeypatch.setattr(lm_head_module, "for_each_row_tile", spy)
+    hidden, weight = torch.randn(300, HIDDEN), torch.randn(40, HIDDEN)
+    ids, _ = launch.launch("interpreter", *launch.lm_head_argmax_call(hidden, weight, None), lnc=2)
+    assert sorted(seen) == [(0, 0), (0, 2), (1, 1)]
+    assert torch.equal(ids.reshape(-1).long(), (hidden @ weight.T).argmax(-1))
 
 
 # ---- XLA tensors stay inline (the torch-xla environment) ---------------------------------------

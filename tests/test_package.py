@@ -186,3 +186,31 @@ def test_backend_differences_live_in_the_backends():
     # The check sees a comparison, a membership test and a downcast where there are some.
     text = 'x = b.name == "xla"\ny = name in ("eager", "inductor")\nz: XlaBackend = e.backend\n'
     assert len(_backend_name_uses(REPO / "scratch.py", text)) == 3
+
+
+def test_the_package_installs_on_3_11_to_3_14_and_the_neuron_extra_only_where_torchneuron_runs():
+    """TorchNeuron (torch-neuronx 2.14) runs on Python 3.12-3.14; the package installs on 3.11 (tested here)
+    to 3.14, and the installed metadata makes the `neuron` extra ask for what only 3.12-3.14 can install."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    meta = importlib.metadata.metadata("neuron_peagle")
+    supported = SpecifierSet(meta["Requires-Python"])
+    assert [v in supported for v in ("3.10", "3.11", "3.12", "3.13", "3.14", "3.15")] == [False, True, True, True, True,
+                                                                                          False]
+    extras: dict[str, list[Requirement]] = {}
+    for line in importlib.metadata.requires("neuron_peagle"):
+        requirement = Requirement(line)
+        for extra in ("neuron", "neuron-trn1"):
+            if requirement.marker is not None and requirement.marker.evaluate(
+                    {"extra": extra, "python_version": "3.13", "python_full_version": "3.13.0"}):
+                extras.setdefault(extra, []).append(requirement)
+    assert {r.name for r in extras["neuron"]} == {"torch-neuronx", "neuronx-cc", "nki"}
+    for requirement in extras["neuron"]:
+        asks = [requirement.marker.evaluate({"extra": "neuron", "python_version": v, "python_full_version": v + ".0"})
+                for v in ("3.11", "3.12", "3.13", "3.14")]
+        assert asks == [False, True, True, True], requirement
+        assert requirement.specifier.contains("2.14.3.0") if requirement.name == "torch-neuronx" else True
+    assert {r.name for r in extras["neuron-trn1"]} == {"torch-neuronx", "neuronx-cc", "neuronx-distributed", "nki"}

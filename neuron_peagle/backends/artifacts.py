@@ -26,12 +26,16 @@ NEURON_COMPILER_FLAGS = ("--enable-saturate-infinity", "--auto-cast=none", "--mo
 TARGETS = ("trn1", "trn2")
 
 
-def neuron_compiler_args(target: str) -> tuple[str, ...]:
-    """neuronx-cc arguments for every graph of a build for `target` (trn1 or trn2): recorded by every traced
-    build (xla: in its fingerprints), passed to neuronx-cc by the nxd build."""
+def neuron_compiler_args(target: str, lnc: int = 1) -> tuple[str, ...]:
+    """neuronx-cc arguments for every graph of a build for `target` (trn1 or trn2) at `lnc` physical cores
+    per logical core, set explicitly (the compiler's default is 2 on trn2, and it must equal the NKI
+    kernels' launch, NCC_EVRF066): recorded by every traced build (xla: in its fingerprints), passed to
+    neuronx-cc by the nxd build."""
     if target not in TARGETS:
         raise ConfigError(f"target must be one of {TARGETS}, got {target!r}")
-    return (*NEURON_COMPILER_FLAGS, "--target", target)
+    if target == "trn1" and lnc != 1:
+        raise ConfigError(f"trn1 runs one physical NeuronCore per logical core (LNC 1), got lnc={lnc}")
+    return (*NEURON_COMPILER_FLAGS, "--target", target, "--logical-nc-config", str(lnc))
 
 
 class BuildLog:

@@ -53,13 +53,14 @@ class DrafterProposer(nn.Module):
     """
 
     def __init__(self, drafter: Drafter, target: TargetModel, batch_size: int, parallel: bool,
-                 kernels: str = "reference") -> None:
+                 kernels: str = "reference", lnc: int = 1) -> None:
         super().__init__()
         self.drafter = drafter
         self.target_embedding = target.embed_tokens
         self.cache = drafter.new_cache(batch_size)
         self.parallel = parallel
         self.kernels = check_kernel_mode(kernels)
+        self.lnc = lnc  # the kernels' launch: physical NeuronCores per logical core (BuildConfig.lnc)
         self.trash = drafter.max_length - 1
         # Every mask slot's hidden is fc(mask_hidden) (after the input norms, where the drafter has them):
         # computed once here, not in every step graph (a proposer serves the drafter's weights as they
@@ -73,11 +74,12 @@ class DrafterProposer(nn.Module):
         d = self.drafter
         embeds = d.token_embeddings(tokens, self.target_embedding)
         features = d.normalize_features(features)  # norm_before_fc / fc_norm; as they are otherwise
-        return draft_input(embeds, features, is_mask, d.draft_input_params(self.fc_mask_row), self.kernels)
+        return draft_input(embeds, features, is_mask, d.draft_input_params(self.fc_mask_row), self.kernels,
+                           self.lnc)
 
     def _greedy(self, h: Tensor) -> Tensor:  # pre-norm hidden [B, R, H] -> drafts [B, R] (target ids)
         d = self.drafter
-        drafts, _ = lm_head_argmax(d.norm(h), d.lm_head.weight, d.d2t, self.kernels)
+        drafts, _ = lm_head_argmax(d.norm(h), d.lm_head.weight, d.d2t, self.kernels, self.lnc)
         return drafts
 
     def prefill(self, features: Tensor, input_ids: Tensor, lengths: Tensor) -> None:

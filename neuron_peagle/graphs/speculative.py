@@ -117,13 +117,15 @@ class SpecStepGraph(nn.Module):
     Outputs = SpecStepOutputs
 
     def __init__(self, target: TargetModel, proposer: Proposer, cache: KVCache, state: SpecState,
-                 num_speculative_tokens: int, greedy: bool, kernels: str = "reference") -> None:
+                 num_speculative_tokens: int, greedy: bool, kernels: str = "reference",
+                 lnc: int = 1) -> None:
         super().__init__()
         self.target, self.proposer, self.cache, self.state = target, proposer, cache, state
         self.num_speculative_tokens = num_speculative_tokens
         self.greedy = greedy
         # Greedy verify takes the target's argmax through `kernels.lm_head_argmax` in this mode.
         self.kernels = check_kernel_mode(kernels)
+        self.lnc = lnc
 
     def forward(self, temperature: Tensor, top_k: Tensor, top_p: Tensor, accept_uniform: Tensor,
                 sample_uniform: Tensor) -> SpecStepOutputs:
@@ -157,7 +159,8 @@ class SpecStepGraph(nn.Module):
             # Only the argmax per row is needed; with the NKI kernel the [B, K+1, vocab] logits never
             # reach HBM.
             out = self.target.normed_rows(verify_tokens, verify_positions, self.cache, rows, return_features=True)
-            target_tokens, _ = lm_head_argmax(out.hidden, self.target.lm_head.weight, None, self.kernels)
+            target_tokens, _ = lm_head_argmax(out.hidden, self.target.lm_head.weight, None, self.kernels,
+                                                self.lnc)
             return Verified(out.features, target_tokens, None)
         out = self.target(verify_tokens, verify_positions, self.cache, rows, return_features=True)
         return Verified(out.features, None, out.logits)

@@ -5,24 +5,28 @@
 - `lm_head_argmax`: LM head + greedy argmax (+ the draft-to-target vocabulary map) without writing
   the [rows, vocab] logits to HBM (`lm_head.py`).
 
-Graphs reach the kernels through two PyTorch custom ops, `neuron_peagle::draft_input` and
-`neuron_peagle::lm_head_argmax` (`ops.py`): a graph compiled with `torch.compile(fullgraph=True,
-dynamic=False)` (inductor on CPU, TorchNeuron's neuron backend on trn2) holds each as one node instead
-of the operations inside, and the device decides what the node runs: the PyTorch reference on CPU,
-the NKI kernel on TorchNeuron's "neuron" device. On XLA tensors (trn1's torch-xla stack) the two
-functions below run inline instead, as ops.py explains.
+How a graph reaches a kernel depends on where its tensors live:
+- CPU (eager, inductor): through two PyTorch custom ops, `neuron_peagle::draft_input` and
+  `neuron_peagle::lm_head_argmax` (`ops.py`), whose implementation is the PyTorch reference: a graph
+  compiled with `torch.compile(fullgraph=True, dynamic=False)` holds each as one node instead of the
+  operations inside (what the kernels replace is visible in every CPU graph).
+- TorchNeuron's "neuron" device (trn2/trn3) and XLA tensors (trn1): inline. In "nki" mode the
+  `nki.jit` kernel is called directly inside the compiled region, TorchNeuron's documented route (the
+  call becomes one `nki_kernel_wrapper` node, lowered to the kernel's custom call in the NEFF; on XLA a
+  custom call of the HLO); in "reference" mode the plain PyTorch code runs inline, no custom op at all
+  (TorchNeuron's lowering knows no `neuron_peagle::` op, and with fallback execution off, its default,
+  such a node would fail the compile).
 
 Which implementation runs is the kernel mode, one of `KERNEL_MODES`:
-- "reference": the plain PyTorch functions, through the ops (inline on XLA tensors); the default
-  everywhere, and what eager, inductor and xla run.
-- "nki": the kernels under `nki.jit` (needs the Neuron SDK's `nki`): on TorchNeuron's device through
-  the ops, whose neuron implementation `check_kernel_mode("nki")` registers; on XLA tensors inside a
-  traced graph, called inline, where they become custom calls in the same NEFF (the nxd backend).
+- "reference": the plain PyTorch functions; the default off NeuronCores.
+- "nki": the kernels under `nki.jit` (needs the Neuron SDK's `nki`), launched at the build's logical
+  NeuronCore degree (`BuildConfig.lnc`, neuron_peagle/lnc.py), on neuron or XLA tensors only.
 - "interpreter": the same kernel source on the CPU interpreter (`interpreter.py`), on CPU tensors in
-  eager graphs, inline: slow, for tests, which so check the kernels inside the real speculative step.
+  eager graphs, inline: slow, for tests, which so check the kernels inside the real speculative step
+  (at LNC 1 or 2: each physical core's share of the rows).
 The mode is one switch, `BuildConfig.kernels` ("auto": "nki" on the neuron backends, else "reference"),
-so the compile manifest records it with the other build settings; the graphs that use kernels keep it as
-their `kernels` attribute (`DrafterProposer.kernels`, `SpecStepGraph.kernels`).
+so the compile manifest records it with the other build settings (and `lnc`); the graphs that use
+kernels keep both (`DrafterProposer.kernels` / `.lnc`, `SpecStepGraph.kernels` / `.lnc`).
 """
 
 from __future__ import annotations
@@ -35,58 +39,55 @@ from neuron_peagle.kernels import ops
 from neuron_peagle.kernels.first_layer_input import DraftInputParams, draft_input_reference
 from neuron_peagle.kernels.launch import draft_input_call, lm_head_argmax_call, run_draft_input, run_lm_head_argmax
 from neuron_peagle.kernels.lm_head import lm_head_argmax_reference
+from neuron_peagle.kernels.nki_api import HAVE_NKI
+
+INLINE_DEVICES = ("neuron", "xla")  # TorchNeuron's device, torch-xla's: kernels inline, never a custom op
+NKI_MISSING = ("kernels='nki' needs the Neuron SDK's nki package (on a trn instance); elsewhere use "
+               "'reference', or 'interpreter' to run the kernel source on CPU")
 
 __all__ = ["KERNEL_MODES", "DraftInputParams", "check_kernel_mode", "draft_input", "draft_input_call",
            "lm_head_argmax", "lm_head_argmax_call"]
 
 
 def check_kernel_mode(mode: str) -> str:
-    """The mode, validated; for "nki", with the ops' neuron implementations registered (see ops.py),
-    which needs to happen before a graph that calls them is compiled."""
+    """The mode, validated; "nki" needs the Neuron SDK's `nki` (checked before a graph is built)."""
     if mode not in KERNEL_MODES:
         raise ConfigError(f"kernels must be one of {KERNEL_MODES}, got {mode!r}")
-    if mode == "nki":
-        ops.register_nki_implementations()
+    if mode == "nki" and not HAVE_NKI:
+        raise BackendUnavailableError(NKI_MISSING)
     return mode
 
 
 def draft_input(embeds: Tensor, features: Tensor, is_mask: Tensor, params: DraftInputParams,
-                mode: str = "reference") -> tuple[Tensor, Tensor]:
+                mode: str = "reference", lnc: int = 1) -> tuple[Tensor, Tensor]:
     # embeds [..., H] token embeddings; features [..., 3H_t]; is_mask [...] bool
     # -> x [..., 2H] (drafter layer 0's input), residual [..., H]
-    if mode == "interpreter" or _on_xla(embeds):
+    if mode == "interpreter" or embeds.device.type in INLINE_DEVICES:
         if mode == "reference":
             return draft_input_reference(embeds, features, is_mask, params)
-        return run_draft_input(mode, embeds, features, is_mask, params)
+        return run_draft_input(mode, embeds, features, is_mask, params, lnc)
     _check_op_mode(mode, embeds)
     return ops.draft_input(embeds, features, is_mask, *ops.draft_input_args(params))
 
 
-def lm_head_argmax(hidden: Tensor, weight: Tensor, d2t: Tensor | None = None, mode: str = "reference"
-                   ) -> tuple[Tensor, Tensor]:
+def lm_head_argmax(hidden: Tensor, weight: Tensor, d2t: Tensor | None = None, mode: str = "reference",
+                   lnc: int = 1) -> tuple[Tensor, Tensor]:
     # hidden [..., H] final-normed rows; weight [vocab, H] (nn.Linear's); d2t [vocab] int64 or None
     # -> token ids [...] int64 (mapped through d2t), their logits [...] float32
-    if mode == "interpreter" or _on_xla(hidden):
+    if mode == "interpreter" or hidden.device.type in INLINE_DEVICES:
         if mode == "reference":
             return lm_head_argmax_reference(hidden, weight, d2t)
-        return run_lm_head_argmax(mode, hidden, weight, d2t)
+        return run_lm_head_argmax(mode, hidden, weight, d2t, lnc)
     _check_op_mode(mode, hidden)
     return ops.lm_head_argmax(hidden, weight, d2t)
 
 
-def _on_xla(t: Tensor) -> bool:
-    return t.device.type == "xla"
-
-
 def _check_op_mode(mode: str, t: Tensor) -> None:
-    """The mode is one the ops serve; in "nki" mode they must find their NKI implementation: on the
-    neuron device, registered."""
+    """The ops (CPU, and other devices without kernels) serve "reference" only."""
     if mode == "reference":
         return
     if mode != "nki":
         raise ConfigError(f"kernels must be one of {KERNEL_MODES}, got {mode!r}")
-    if t.device.type != ops.NEURON_DEVICE:
-        raise BackendUnavailableError(
-            f"kernels='nki' runs on Neuron tensors (TorchNeuron's {ops.NEURON_DEVICE!r} device, or XLA on "
-            f"trn1), got a tensor on {t.device}; use 'reference' or 'interpreter' there")
-    ops.register_nki_implementations()
+    raise BackendUnavailableError(
+        f"kernels='nki' runs on Neuron tensors (TorchNeuron's {INLINE_DEVICES[0]!r} device, or XLA on trn1), got a "
+        f"tensor on {t.device}; use 'reference' or 'interpreter' there")

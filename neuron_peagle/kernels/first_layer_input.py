@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from neuron_peagle.kernels.nki_api import nisa, nl
-from neuron_peagle.kernels.tiles import (chunks, for_each_tile, matmul_columns, rms_norm_rows, select_rows,
-                                        transpose_into)
+from neuron_peagle.kernels.tiles import (chunks, for_each_row_tile, for_each_tile, matmul_columns, rms_norm_rows,
+                                         select_rows, transpose_into)
 
 
 class DraftInputParams(NamedTuple):
@@ -56,7 +56,7 @@ def draft_input_kernel(embeds, features, is_mask, fc_weight, fc_mask_row, mask_e
     inputs = (embeds, features, is_mask)
     weights = (fc_weight, fc_mask_row, mask_embedding, input_norm_weight, hidden_norm_weight)
     options = (input_eps, hidden_eps, norm_before_residual)
-    for_each_tile(n, nl.tile_size.pmax, _slots, (x, residual, inputs, weights, options))
+    for_each_row_tile(n, _slots, (x, residual, inputs, weights, options))
     return x, residual
 
 

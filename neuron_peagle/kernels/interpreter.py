@@ -478,11 +478,50 @@ def scalar_tensor_tensor(dst: Any, data: Any, op0: Op, operand0: Any, op1: Op, o
 # ---- nki.language ----------------------------------------------------------------------------
 
 
+@dataclass
+class _Launch:
+    """The launch a kernel body runs in: which of `programs` physical cores (LNC) it is, and the
+    nl.shared_hbm tensors the cores share (the i-th such allocation of every core is one tensor)."""
+
+    program: int = 0
+    programs: int = 1
+    shared: list = None
+    allocated: int = 0
+
+
+_launch = _Launch()
+
+
+def program_id(axis: int = 0) -> int:
+    """nl.program_id: which physical core of the logical core runs this body (0 at LNC=1)."""
+    if axis != 0:
+        raise NkiInterpreterError(f"nl.program_id({axis}): kernels here launch on one axis (the LNC)")
+    return _launch.program
+
+
+def num_programs(axes: int = 0) -> int:
+    """nl.num_programs: how many physical cores run the kernel (the launch's LNC)."""
+    if axes != 0:
+        raise NkiInterpreterError(f"nl.num_programs({axes}): kernels here launch on one axis (the LNC)")
+    return _launch.programs
+
+
 def ndarray(shape: tuple[int, ...], dtype: DType, buffer: Memory = sbuf, name: str | None = None,
             address: Any = None) -> Tensor:
     if name is None:
         caller = sys._getframe(1)
         name = f"{buffer.name}@{caller.f_code.co_name}:{caller.f_lineno}"
+    if buffer is shared_hbm and _launch.shared is not None:  # one tensor in HBM for every core
+        index = _launch.allocated
+        _launch.allocated += 1
+        if index < len(_launch.shared):
+            tensor = _launch.shared[index]
+            if tensor.shape != tuple(int(s) for s in shape) or tensor.dtype is not dtype:
+                raise NkiInterpreterError(f"core {_launch.program} allocates shared tensor {index} as {shape}, "
+                                          f"core 0 as {tensor.shape}")
+            return tensor
+        _launch.shared.append(Tensor(shape, dtype, buffer, name))
+        return _launch.shared[-1]
     return Tensor(shape, dtype, buffer, name)
 
 
@@ -526,13 +565,23 @@ def _output(tensor: Any) -> np.ndarray:
     return tensor.values.copy()
 
 
-def simulate(kernel: Callable) -> Callable:
-    """Like `nki.simulate(kernel)`: call with numpy arrays (or torch CPU tensors), get numpy arrays."""
+def simulate(kernel: Callable, lnc: int = 1) -> Callable:
+    """Like `nki.simulate(kernel)`: call with numpy arrays (or torch CPU tensors), get numpy arrays. With
+    `lnc` 2 the body runs once per physical core (program 0, then 1), on shared inputs and outputs."""
 
     def launch(*args: Any) -> Any:
+        global _launch
         names = list(inspect.signature(kernel).parameters)
         names += [f"arg{i}" for i in range(len(names), len(args))]
-        outputs = kernel(*(_input(a, n) for a, n in zip(args, names)))
+        inputs = [_input(a, n) for a, n in zip(args, names)]
+        shared: list = []
+        outer = _launch
+        try:
+            for program in range(lnc):
+                _launch = _Launch(program, lnc, shared)
+                outputs = kernel(*inputs)
+        finally:
+            _launch = outer
         if isinstance(outputs, tuple):
             return tuple(_output(t) for t in outputs)
         return _output(outputs)
@@ -559,16 +608,17 @@ def _kernels_see_interpreter() -> Iterator[None]:
             setattr(module, attr, value)
 
 
-def run(kernel: Callable, *args: Any) -> Any:
-    """Run a kernel's own source on this interpreter, even where the real `nki` is installed."""
+def run(kernel: Callable, *args: Any, lnc: int = 1) -> Any:
+    """Run a kernel's own source on this interpreter, even where the real `nki` is installed; `lnc`: on
+    that many physical cores (each running the body as its program id)."""
     with _kernels_see_interpreter():
-        return simulate(kernel)(*args)
+        return simulate(kernel, lnc)(*args)
 
 
 nl = SimpleNamespace(
     ndarray=ndarray, affine_range=deprecated_range, sequential_range=deprecated_range, static_range=deprecated_range,
-    tile_size=tile_size, float32=float32, bfloat16=bfloat16, int32=int32,
-    hbm=hbm, shared_hbm=shared_hbm, sbuf=sbuf, psum=psum,
+    tile_size=tile_size, float32=float32, bfloat16=bfloat16, int32=int32, program_id=program_id,
+    num_programs=num_programs, hbm=hbm, shared_hbm=shared_hbm, sbuf=sbuf, psum=psum,
     add=add, subtract=subtract, multiply=multiply, maximum=maximum, minimum=minimum, greater=greater,
     equal=equal, not_equal=not_equal, copy=copy, square=square, rsqrt=rsqrt, exp=exp,
 )

@@ -6,8 +6,14 @@ weight as the kernel streams it: [in, out], the Tensor Engine's moving operand, 
 nn.Linear's [out, in]. On CPU the view costs nothing. On a NeuronCore it is a transpose in the graph
 ahead of the kernel, which the compiler may or may not fold into the weight's layout: never measured);
 `run_draft_input` / `run_lm_head_argmax` launch the kernel, under `nki.jit` ("nki") or on the CPU
-interpreter ("interpreter"), and give its outputs the shapes and dtypes of the reference's, so every
-implementation of a kernel has the same output contract.
+interpreter ("interpreter"), at the build's logical NeuronCore degree (`lnc`, neuron_peagle/lnc.py:
+`kernel[lnc]`, the kernels split their row tiles between the physical cores), and give its outputs the
+shapes and dtypes of the reference's, so every implementation of a kernel has the same output contract.
+
+Under `torch.compile(backend="neuron")` the `nki.jit` kernel called here, on neuron tensors inside the
+compiled region, is TorchNeuron's documented route: the call becomes one node of the captured graph
+(`torch.ops.higher_order.nki_kernel_wrapper`), which its lowering turns into the kernel's custom call in
+the NEFF. On trn1's XLA tensors the same call becomes a custom call of the traced HLO.
 """
 
 from __future__ import annotations
@@ -54,30 +60,35 @@ def lm_head_argmax_call(hidden: Tensor, weight: Tensor, d2t: Tensor | None) -> t
     return lm_head_argmax_d2t_kernel, (rows, weight, d2t.to(torch.int32).reshape(-1, 1))
 
 
-def run_draft_input(mode: str, embeds: Tensor, features: Tensor, is_mask: Tensor, params: DraftInputParams
-                    ) -> tuple[Tensor, Tensor]:
+def run_draft_input(mode: str, embeds: Tensor, features: Tensor, is_mask: Tensor, params: DraftInputParams,
+                    lnc: int = 1) -> tuple[Tensor, Tensor]:
     # embeds [..., H]; features [..., 3H_t]; is_mask [...] bool -> x [..., 2H], residual [..., H] (embeds' dtype)
     lead, hidden = embeds.shape[:-1], embeds.shape[-1]
-    x, residual = launch(mode, *draft_input_call(embeds, features, is_mask, params))
+    x, residual = launch(mode, *draft_input_call(embeds, features, is_mask, params), lnc=lnc)
     return x.to(embeds.dtype).reshape(*lead, 2 * hidden), residual.to(embeds.dtype).reshape(*lead, hidden)
 
 
-def run_lm_head_argmax(mode: str, hidden: Tensor, weight: Tensor, d2t: Tensor | None) -> tuple[Tensor, Tensor]:
+def run_lm_head_argmax(mode: str, hidden: Tensor, weight: Tensor, d2t: Tensor | None, lnc: int = 1
+                       ) -> tuple[Tensor, Tensor]:
     # hidden [..., H]; weight [vocab, H]; d2t [vocab] or None -> ids [...] int64, logits [...] float32
-    ids, best = launch(mode, *lm_head_argmax_call(hidden, weight, d2t))
+    ids, best = launch(mode, *lm_head_argmax_call(hidden, weight, d2t), lnc=lnc)
     lead = hidden.shape[:-1]
     return ids.reshape(lead).long(), best.reshape(lead).float()
 
 
-def launch(mode: str, kernel: Callable, args: tuple) -> tuple[Tensor, ...]:
-    """The kernel's outputs as tensors: compiled by `nki.jit` ("nki"), or run on the CPU interpreter."""
+def launch(mode: str, kernel: Callable, args: tuple, lnc: int = 1) -> tuple[Tensor, ...]:
+    """The kernel's outputs as tensors: compiled by `nki.jit` ("nki"), or run on the CPU interpreter, on
+    `lnc` physical NeuronCores (the graph's LNC, which the kernel's must equal)."""
     if mode == "nki":
-        return tuple(_jit(kernel)(*args))
+        jitted = _jit(kernel)
+        # kernel[lnc]: NKI's launch at an LNC degree (its default is 1; trn1's NKI 0.5 reads a bracket as an
+        # SPMD grid, so LNC 1 launches without one)
+        return tuple((jitted[lnc] if lnc != 1 else jitted)(*args))
     if mode != "interpreter":
         raise ConfigError(f"a kernel launches in one of {LAUNCH_MODES}, got {mode!r}")
     from neuron_peagle.kernels.interpreter import run
 
-    return tuple(torch.from_numpy(out) for out in run(kernel, *args))
+    return tuple(torch.from_numpy(out) for out in run(kernel, *args, lnc=lnc))
 
 
 @functools.cache

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from neuron_peagle.kernels.nki_api import nisa, nl
-from neuron_peagle.kernels.tiles import chunks, for_each_tile, matmul_columns, transpose_into
+from neuron_peagle.kernels.tiles import chunks, for_each_row_tile, for_each_tile, matmul_columns, transpose_into
 
 FLOAT32_LOWEST = -3.4028234663852886e38  # the running maximum starts below every finite logit
 # Pushes columns that are not at the maximum past every index; indices stay exact in float32 below it.
@@ -36,14 +36,14 @@ def lm_head_argmax_reference(hidden: Tensor, weight: Tensor, d2t: Tensor | None 
 def lm_head_argmax_kernel(hidden, weight):
     # hidden [R, H]; weight [H, V] -> ids [R, 1] int32, logits [R, 1] float32
     ids, best = _outputs(hidden)
-    for_each_tile(hidden.shape[0], nl.tile_size.pmax, _store_rows, (ids, best, hidden, weight))
+    for_each_row_tile(hidden.shape[0], _store_rows, (ids, best, hidden, weight))
     return ids, best
 
 
 def lm_head_argmax_d2t_kernel(hidden, weight, d2t):
     # hidden [R, H]; weight [H, V_draft]; d2t [V_draft, 1] int32 -> target ids [R, 1] int32, logits [R, 1] float32
     ids, best = _outputs(hidden)
-    for_each_tile(hidden.shape[0], nl.tile_size.pmax, _store_mapped_rows, (ids, best, hidden, weight, d2t))
+    for_each_row_tile(hidden.shape[0], _store_mapped_rows, (ids, best, hidden, weight, d2t))
     return ids, best
 
 

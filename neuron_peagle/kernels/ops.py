@@ -1,26 +1,22 @@
-"""The two fused draft-pass kernels as PyTorch custom ops, so a compiled graph keeps each one whole.
+"""The two fused draft-pass kernels as PyTorch custom ops, so a compiled CPU graph keeps each one whole.
 
 `torch.compile(fullgraph=True, dynamic=False)` traces through plain Python; through a custom op it
 does not: the captured graph holds one `neuron_peagle::lm_head_argmax` and one
 `neuron_peagle::draft_input` node, the fake implementations below give the compiler their output
-shapes and dtypes, and what runs is the implementation registered for the tensors' device:
-
-- every device (CPU under `inductor`, and any device without a kernel of its own): the PyTorch
-  reference (`lm_head_argmax_reference`, `draft_input_reference`), unchanged;
-- TorchNeuron's "neuron" device (PyTorch's PrivateUse1 backend, renamed), once
-  `register_nki_implementations()` has run: the kernel under `nki.jit`. The registration is
-  process-wide: from then on the ops run the kernels on every neuron tensor, whatever the kernel mode.
+shapes and dtypes, and what runs is the PyTorch reference (`lm_head_argmax_reference`,
+`draft_input_reference`), unchanged. Only graphs on CPU (and devices without kernels) use the ops:
+TorchNeuron's lowering knows no opaque op, so on its "neuron" device, and on XLA tensors, the kernels
+are called inline instead (`neuron_peagle.kernels`: the `nki.jit` kernel, TorchNeuron's route, or the
+reference's plain code).
 
 Custom-op signatures take tensors, numbers and bools, not the `DraftInputParams` of nn.Modules:
 `draft_input_args` flattens them (each RMSNorm to its weight and eps), and the op rebuilds the norms
 as `_RMSNorm`s that run the model's own RMSNorm code, so the op gives the module's results bit for bit.
 The outputs are fresh tensors, never views of the inputs.
 
-Not on XLA tensors (trn1's torch-xla stack): there `kernels.draft_input` / `kernels.lm_head_argmax`
-call the reference, or launch the NKI kernel, inline. The ops do work on XLA tensors and record the
-same HLO as the inline reference (torch-xla 2.9 on PJRT CPU; tests/test_kernel_ops.py checks it), but
-lazy tracing records whatever the implementation runs, so an opaque op gains nothing there, and the
-trn1 NKI path (`nki.jit` on XLA tensors: a custom call in the same NEFF) stays as it was.
+The ops do work on XLA tensors and record the same HLO as the inline reference (torch-xla 2.9 on PJRT
+CPU; tests/test_kernel_ops.py checks it), but lazy tracing records whatever the implementation runs, so
+an opaque op gains nothing there.
 """
 
 from __future__ import annotations
@@ -30,18 +26,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from neuron_peagle.errors import BackendUnavailableError
 from neuron_peagle.kernels.first_layer_input import DraftInputParams, draft_input_reference
-from neuron_peagle.kernels.launch import run_draft_input, run_lm_head_argmax
 from neuron_peagle.kernels.lm_head import lm_head_argmax_reference
-from neuron_peagle.kernels.nki_api import HAVE_NKI
 from neuron_peagle.models.layers import RMSNorm
 
-NEURON_DEVICE = "neuron"  # TorchNeuron's device type
-NKI_MISSING = ("kernels='nki' needs the Neuron SDK's nki package (on a trn instance); elsewhere use "
-               "'reference', or 'interpreter' to run the kernel source on CPU")
-
-__all__ = ["NEURON_DEVICE", "draft_input", "draft_input_args", "lm_head_argmax", "register_nki_implementations"]
+__all__ = ["draft_input", "draft_input_args", "lm_head_argmax"]
 
 
 # ---- LM head + greedy argmax ------------------------------------------------------------------
@@ -115,48 +104,3 @@ def _draft_input_fake(embeds: Tensor, features: Tensor, is_mask: Tensor, fc_weig
                                                                                             normed_hidden))
     residual = embeds.new_empty((*lead, hidden_size), dtype=normed_hidden if norm_before_residual else hidden)
     return x, residual
-
-
-# ---- the NKI kernels on TorchNeuron's device ---------------------------------------------------
-
-_nki_registered = False
-
-
-def register_nki_implementations() -> None:
-    """Run the ops as the NKI kernels (under `nki.jit`) on TorchNeuron's "neuron" device.
-
-    Idempotent. Raises BackendUnavailableError without the Neuron SDK's `nki`. Where no "neuron"
-    device exists (trn1's torch-xla stack, whose graphs launch the kernels inline on XLA tensors)
-    there is nothing to register. Call it outside compiled code: `kernels.check_kernel_mode("nki")`
-    does, when the graphs that use the kernels are built.
-    """
-    global _nki_registered
-    if _nki_registered:
-        return
-    if not HAVE_NKI:
-        raise BackendUnavailableError(NKI_MISSING)
-    if not _neuron_device_exists():
-        return
-    lm_head_argmax.register_kernel(NEURON_DEVICE)(_lm_head_argmax_nki)
-    draft_input.register_kernel(NEURON_DEVICE)(_draft_input_nki)
-    _nki_registered = True
-
-
-def _neuron_device_exists() -> bool:
-    try:
-        torch.device(NEURON_DEVICE)
-    except RuntimeError:  # torch-neuronx (TorchNeuron) is not imported: the device type is unknown
-        return False
-    return True
-
-
-def _lm_head_argmax_nki(hidden: Tensor, weight: Tensor, d2t: Tensor | None) -> tuple[Tensor, Tensor]:
-    return run_lm_head_argmax("nki", hidden, weight, d2t)
-
-
-def _draft_input_nki(embeds: Tensor, features: Tensor, is_mask: Tensor, fc_weight: Tensor, fc_mask_row: Tensor,
-                     mask_embedding: Tensor, input_norm_weight: Tensor, hidden_norm_weight: Tensor, input_eps: float,
-                     hidden_eps: float, norm_before_residual: bool) -> tuple[Tensor, Tensor]:
-    return run_draft_input("nki", embeds, features, is_mask, _params(
-        fc_weight, fc_mask_row, mask_embedding, input_norm_weight, hidden_norm_weight, input_eps, hidden_eps,
-        norm_before_residual))

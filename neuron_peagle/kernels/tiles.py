@@ -32,6 +32,20 @@ def for_each_tile(size: int, tile: int, body, operands) -> None:
         body(operands, full, full * tile, rest)
 
 
+def for_each_row_tile(size: int, body, operands) -> None:
+    """`for_each_tile` over `size` rows in tiles of 128 partitions, this physical core's tiles only: tile i
+    runs on core i % cores. A kernel launched at LNC=2 so splits its rows between the two cores of the
+    logical core (each writes its own rows of the shared outputs); at LNC=1 one core takes them all. At
+    decode sizes (one tile) the second core has nothing to do."""
+    cores, core = nl.num_programs(0), nl.program_id(0)
+    full, rest = size // nl.tile_size.pmax, size % nl.tile_size.pmax
+    for i in range(full):
+        if i % cores == core:
+            body(operands, i, i * nl.tile_size.pmax, nl.tile_size.pmax)
+    if rest and full % cores == core:
+        body(operands, full, full * nl.tile_size.pmax, rest)
+
+
 def transpose_into(dst, src, rows: int, width: int) -> None:
     """dst[0:kc, k, 0:rows] = src[0:rows, k*128 : k*128 + kc].T for every 128-wide chunk k.
 

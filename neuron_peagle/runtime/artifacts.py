@@ -39,6 +39,7 @@ class ArtifactRequest:
     prefill_buckets: tuple[int, ...] | None = None
     dtype: str | None = None
     kernels: str | None = None  # "auto": what auto means on the artifacts' backend
+    lnc: int | str | None = None  # "auto": what auto means on the artifacts' backend, here
     lookup_ngram: int | None = None
     short_draft_tokens: int | None = None
     datastore: bool | None = None
@@ -57,12 +58,14 @@ def check_request(manifest: Manifest, request: ArtifactRequest) -> None:
     """Every setting the request asks for is the one the artifacts were built with."""
     built = {"backend": manifest.backend, **manifest.speculation.to_dict(), "batch_size": manifest.build.batch_size,
              "max_length": manifest.build.max_length, "prefill_buckets": manifest.build.prefill_buckets,
-             "dtype": manifest.build.dtype, "kernels": manifest.build.kernels}
+             "dtype": manifest.build.dtype, "kernels": manifest.build.kernels, "lnc": manifest.build.lnc}
     wrong = []
     for name, value in built.items():
         asked = getattr(request, name)
         if name == "kernels" and asked is not None:
             asked = capabilities_of(manifest.backend).kernels_for(asked)
+        if name == "lnc" and asked is not None:
+            asked = capabilities_of(manifest.backend).lnc_for(asked)
         if asked is not None and (tuple(asked) if name == "prefill_buckets" else asked) != value:
             wrong.append(f"{name} {value} (requested: {asked})")
     if wrong:

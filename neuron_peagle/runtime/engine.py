@@ -193,7 +193,7 @@ class Engine:
 
         k = speculation.num_speculative_tokens
         proposer = DrafterProposer(drafter, target, build.batch_size, parallel=speculation.mode == "parallel",
-                                   kernels=build.kernels)
+                                   kernels=build.kernels, lnc=build.lnc)
         if speculation.lookup_ngram:
             from neuron_peagle.graphs.lookup import LookupProposer
 

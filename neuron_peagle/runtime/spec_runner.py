@@ -42,7 +42,8 @@ class SpecRunner:
         self.state = SpecState(build.batch_size, num_speculative_tokens, feature_size, target.embed_tokens.weight.dtype)
         self.graphs = {
             greedy: (SpecPrefillGraph(self.target, self.proposer, self.cache, self.state, greedy),
-                     {k: SpecStepGraph(self.target, self.proposer, self.cache, self.state, k, greedy, build.kernels)
+                     {k: SpecStepGraph(self.target, self.proposer, self.cache, self.state, k, greedy, build.kernels,
+                                       build.lnc)
                       for k in self.step_ks})
             for greedy in (True, False)
         }
