@@ -13,7 +13,7 @@ PROMPT ?= Write a Python function that checks whether a number is prime.
 # Compiled graphs of `make run` are kept here, so a second run starts without compiling.
 RUN_ARTIFACTS ?= artifacts/default-inductor
 
-.PHONY: setup setup-xla run test test-main test-xla bench clean-venv
+.PHONY: setup setup-xla run test test-main test-xla bench clean-venv trn-check
 
 export PJRT_DEVICE ?= CPU
 
@@ -55,6 +55,11 @@ test: setup setup-xla
 	stream=$$!; $(PY) -m pytest -q --durations=10 -m "not xla" $(addprefix --ignore=,$(SPLIT)) tests; main=$$?; \
 	wait $$stream; stream=$$?; echo "---- tests marked xla (in $(XLA_VENV)), then $(SPLIT):"; \
 	cat .test-stream.log; test $$main -eq 0 -a $$stream -eq 0
+
+# The first hour on a trn instance: the neuron tests, a short benchmark and a profiler session, one report
+# (scripts/trn_check.py). Elsewhere: one line saying why nothing ran, exit 2. TRN_CHECK_ARGS=--dry-run: the plan.
+trn-check: setup
+	@$(PY) -m scripts.trn_check $(TRN_CHECK_ARGS)
 
 test-main: setup
 	$(PY) -m pytest -q -m "not xla" tests

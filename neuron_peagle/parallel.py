@@ -129,7 +129,7 @@ class TensorParallel:
     def from_process_group(cls, degree: int, device_type: str = "cpu") -> "TensorParallel":
         """The rank of this process in the default process group, which must have `degree` processes.
         Under torchrun (its environment variables set) the group is created here if it is not yet:
-        gloo on CPU, the device's own backend elsewhere."""
+        gloo on CPU, TorchNeuron's "neuron" backend on its device (named, as its docs do)."""
         if degree == 1:
             return SINGLE
         cls(degree)  # checks the degree before any process group is touched
@@ -141,6 +141,12 @@ class TensorParallel:
             if "WORLD_SIZE" not in os.environ:
                 raise ConfigError(f"tp_degree {degree} needs one process per rank: run under "
                                   f"`torchrun --nproc-per-node {degree}` or initialize torch.distributed first")
+            if device_type == "neuron":  # TorchNeuron registers the "neuron" process-group backend on import
+                try:
+                    import torch_neuronx  # noqa: F401
+                except ImportError:
+                    raise ConfigError("tensor parallelism on the neuron device needs TorchNeuron (torch-neuronx) "
+                                      "installed: see docs/trainium.md") from None
             dist.init_process_group("gloo" if device_type == "cpu" else device_type)
         if dist.get_world_size() != degree:
             raise ConfigError(f"tp_degree {degree} needs a process group of {degree} processes, "

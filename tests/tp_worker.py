@@ -95,7 +95,8 @@ def main() -> None:
     else:
         drafter_dir, backend, names = Path(sys.argv[3]), sys.argv[4], sys.argv[5:] or list(CASES)
         degree = int(os.environ["WORLD_SIZE"])
-        result = {name: generate_case(model_dir, drafter_dir, CASES[name], backend, degree) for name in names}
+        cases = {**MOE_CASES, **CASES}  # "plain greedy" is the same case in both
+        result = {name: generate_case(model_dir, drafter_dir, cases[name], backend, degree) for name in names}
     if dist.get_rank() == 0:
         print(json.dumps(result), flush=True)
     shutdown()

@@ -33,7 +33,7 @@ from neuron_peagle.backends.base import Shapes, held_modules, shapes_of
 from neuron_peagle.backends.compiled_artifacts import (INDUCTOR_CACHE, NEURON_CACHE, CompilerCache, build_compiled,
                                                        load_compiled, use_compiled_artifacts)
 from neuron_peagle.config import BACKENDS
-from neuron_peagle.errors import BackendUnavailableError
+from neuron_peagle.errors import BackendUnavailableError, ConfigError
 from neuron_peagle.state_writes import StateWrites, use_state_writes
 
 NEURON_INSTALL_HINT = (
@@ -72,6 +72,8 @@ class CompiledBackend:
         NeuronCore the compiler lays them out)."""
         held = held_modules(graphs).to(self.device)
         use_state_writes(held, StateWrites.IN_PLACE)  # functionalized by dynamo, written back in place
+        if self.capabilities.lnc_source == "runtime":
+            check_kernels_lnc(held)
         if self.device.type == "cpu":
             from neuron_peagle.backends.layout import cpu_weight_layout, rows_per_call
 
@@ -115,6 +117,18 @@ class CompiledBackend:
         from neuron_peagle.backends.profilers import profiler_for
 
         return profiler_for(self.capabilities.on_neuron_cores, out_dir, trace)
+
+
+def check_kernels_lnc(held: nn.Module) -> None:
+    """The kernels launch at the LNC TorchNeuron compiles the graphs for (the runtime's), or the compiler
+    would reject them (NCC_EVRF066): refused before anything compiles."""
+    from neuron_peagle.lnc import LNC_ENV, runtime_lnc
+
+    runtime = runtime_lnc()
+    built = sorted({m.lnc for m in held.modules() if isinstance(getattr(m, "lnc", None), int)})
+    if any(lnc != runtime for lnc in built):
+        raise ConfigError(f"the graphs' kernels are built for lnc {built[0]}, the Neuron runtime here runs LNC "
+                          f"{runtime}: build with --lnc {runtime}, or set {LNC_ENV}={built[0]} before the process starts")
 
 
 def _fresh(t: Tensor, device: torch.device) -> Tensor:
