@@ -13,7 +13,7 @@ PROMPT ?= Write a Python function that checks whether a number is prime.
 # Compiled graphs of `make run` are kept here, so a second run starts without compiling.
 RUN_ARTIFACTS ?= artifacts/default-inductor
 
-.PHONY: setup setup-xla run test test-main test-xla bench clean-venv trn-check
+.PHONY: setup setup-xla setup-neuron run test test-main test-xla bench clean-venv trn-check
 
 export PJRT_DEVICE ?= CPU
 
@@ -58,8 +58,21 @@ test: setup setup-xla
 
 # The first hour on a trn instance: the neuron tests, a short benchmark and a profiler session, one report
 # (scripts/trn_check.py). Elsewhere: one line saying why nothing ran, exit 2. TRN_CHECK_ARGS=--dry-run: the plan.
-trn-check: setup
-	@$(PY) -m scripts.trn_check $(TRN_CHECK_ARGS)
+# It needs no environment of its own (the standard library only); it runs the tests and benchmark in the
+# family's: .venv-neuron on trn2/trn3 (make setup-neuron), .venv-xla on trn1.
+trn-check:
+	@$(PYTHON) -m scripts.trn_check $(TRN_CHECK_ARGS)
+
+# trn2/trn3 only: TorchNeuron's environment, on Python 3.12-3.14 (NEURON_PYTHON), from the Neuron SDK's pip
+# repository, whose address NEURON_PIP_INDEX must give (docs/trainium.md); torch comes as TorchNeuron pins it.
+NEURON_VENV := .venv-neuron
+NEURON_PYTHON ?= python3.12
+setup-neuron:
+	@test -n "$(NEURON_PIP_INDEX)" || { echo "setup-neuron: set NEURON_PIP_INDEX to the Neuron pip repository (docs/trainium.md)"; exit 2; }
+	test -x $(NEURON_VENV)/bin/python || $(NEURON_PYTHON) -m venv $(NEURON_VENV)
+	$(NEURON_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(NEURON_VENV)/bin/python -m pip install --quiet --extra-index-url "$(NEURON_PIP_INDEX)" $(NEURON_PIP_ARGS) -e '.[neuron,dev,fetch]'
+	$(NEURON_VENV)/bin/python -m scripts.fetch_default_model
 
 test-main: setup
 	$(PY) -m pytest -q -m "not xla" tests

@@ -30,7 +30,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,9 +49,9 @@ class Machine:
 
     @property
     def python(self) -> str:
-        """The interpreter of the family's stack: the main environment's (TorchNeuron) or the torch-xla one."""
-        venv = REPO / (".venv-xla" if self.family == "trn1" else ".venv")
-        return str(venv / "bin" / "python") if (venv / "bin" / "python").exists() else sys.executable
+        """The interpreter of the family's stack: TorchNeuron's environment (`make setup-neuron`) on trn2/trn3,
+        the torch-xla one on trn1; this interpreter where that environment does not exist."""
+        return stack_python(self.family)
 
     def refusal(self) -> str | None:
         """Why nothing can run here, in one line; None where it can."""
@@ -62,9 +61,29 @@ class Machine:
         if not self.devices:
             return f"trn-check: {self.instance_type} shows no Neuron device (/dev/neuron*): is the Neuron driver installed?"
         if not self.versions.get("torch-neuronx"):
-            return ("trn-check: torch-neuronx is not installed for this interpreter: see docs/trainium.md "
-                    "(the neuron extra on trn2/trn3, neuron-trn1 on trn1)")
+            return (f"trn-check: torch-neuronx is not installed in {self.python}: see docs/trainium.md "
+                    "(make setup-neuron on trn2/trn3; the neuron-trn1 extra in .venv-xla on trn1)")
         return None
+
+
+STACK_VENVS = {"trn1": ".venv-xla", "trn2": ".venv-neuron", "trn3": ".venv-neuron"}
+VERSIONS = ("import importlib.metadata as m, json, sys\n"
+            "def v(n):\n    try:\n        return m.version(n)\n    except m.PackageNotFoundError:\n        return None\n"
+            "print(json.dumps({n: v(n) for n in sys.argv[1:]}))")
+
+
+def stack_python(family: str | None) -> str:
+    venv = REPO / STACK_VENVS.get(family or "", ".venv-neuron") / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def installed_versions(python: str) -> dict[str, str | None]:
+    """The Neuron packages that interpreter has (asked in a process of its own: this one may be another)."""
+    result = subprocess.run([python, "-c", VERSIONS, *NEURON_PACKAGES], capture_output=True, text=True, timeout=120)
+    try:
+        return json.loads(result.stdout)
+    except json.JSONDecodeError:
+        return {name: None for name in NEURON_PACKAGES}
 
 
 def detect() -> Machine:
@@ -74,12 +93,7 @@ def detect() -> Machine:
         product = "unknown"
     family = next((f for f in ("trn1", "trn2", "trn3") if product.startswith(f)), None)
     devices = sorted(str(p) for p in Path("/dev").glob("neuron[0-9]*"))
-    versions = {}
-    for name in NEURON_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = installed_versions(stack_python(family)) if family else {name: None for name in NEURON_PACKAGES}
     default_lnc = {"trn1": "1", "trn2": "2", "trn3": "2"}.get(family or "", "-")
     return Machine(product, family, devices, versions, os.environ.get("NEURON_LOGICAL_NC_CONFIG", default_lnc))
 

@@ -22,6 +22,12 @@ def test_without_neuron_it_says_why_in_one_line_and_exits_2():
     assert not (REPO / "unused").exists()  # nothing written
 
 
+def test_make_trn_check_here_is_the_same_one_line_and_exit_2():
+    result = subprocess.run(["make", "-s", "trn-check"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2  # make passes the script's 2 on
+    assert result.stdout.splitlines() == [result.stdout.strip()] and "nothing run" in result.stdout
+
+
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-m", "scripts.trn_check", "--dry-run", "--out", str(out)],
