@@ -25,6 +25,7 @@ trn1's nxd backend maps the same layout onto NxD's parallel layers (backends/nxd
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from neuron_peagle.config import ModelConfig
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.models.layers import LayerConfig, LayerShard
 
+# The package that registers a device type's process-group backend (TorchNeuron: the "neuron" backend).
+DEVICE_PACKAGES = {"neuron": "torch_neuronx"}
 # Which parallel style each sharded projection of a dense decoder layer gets.
 LAYER_PLAN = {"self_attn.qkv_proj": "colwise", "mlp.gate_up_proj": "colwise",
               "self_attn.o_proj": "rowwise", "mlp.down_proj": "rowwise"}
@@ -141,12 +144,13 @@ class TensorParallel:
             if "WORLD_SIZE" not in os.environ:
                 raise ConfigError(f"tp_degree {degree} needs one process per rank: run under "
                                   f"`torchrun --nproc-per-node {degree}` or initialize torch.distributed first")
-            if device_type == "neuron":  # TorchNeuron registers the "neuron" process-group backend on import
+            package = DEVICE_PACKAGES.get(device_type)
+            if package is not None:  # it registers the device's process-group backend when imported
                 try:
-                    import torch_neuronx  # noqa: F401
+                    importlib.import_module(package)
                 except ImportError:
-                    raise ConfigError("tensor parallelism on the neuron device needs TorchNeuron (torch-neuronx) "
-                                      "installed: see docs/trainium.md") from None
+                    raise ConfigError(f"tensor parallelism on the {device_type} device needs {package} installed: "
+                                      "see docs/trainium.md") from None
             dist.init_process_group("gloo" if device_type == "cpu" else device_type)
         if dist.get_world_size() != degree:
             raise ConfigError(f"tp_degree {degree} needs a process group of {degree} processes, "

@@ -110,6 +110,7 @@ def _bad_values(paths: dict[str, Path]) -> dict[str, st.SearchStrategy[str]]:
         "--dtype": st.text(max_size=8).filter(lambda t: t not in ("float32", "bfloat16")),
         "--backend": st.text(max_size=8).filter(lambda t: t not in ("eager", "inductor", "neuron", "xla", "nxd")),
         "--kernels": st.text(max_size=8).filter(lambda t: t not in ("auto", "reference", "nki", "interpreter")),
+        "--lnc": st.text(max_size=8).filter(lambda t: t not in ("auto", "1")),  # 2: not off NeuronCores
         "--mode": st.text(max_size=8).filter(lambda t: t not in ("plain", "sequential", "parallel")),
         "--datastore": st.text(max_size=8).filter(lambda t: t not in ("auto", "on", "off")),
         "--model": path("missing", "file", "dir"),
