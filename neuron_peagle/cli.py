@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -19,8 +20,8 @@ from pathlib import Path
 from neuron_peagle import checks
 from neuron_peagle.cli_args import EXIT_INTERRUPTED, Parser, buckets, output_dir, run
 from neuron_peagle.config import BACKENDS, DEFAULT_BACKEND, KERNEL_MODES, BuildConfig, ModelConfig, capabilities_of
-from neuron_peagle.errors import ConfigError
-from neuron_peagle.prompt_files import STDIN, read_prompts_file
+from neuron_peagle.errors import ConfigError, PromptLineError
+from neuron_peagle.prompt_files import STDIN, PromptLine, read_prompt_lines
 from neuron_peagle.speculation import DEFAULT_SHORT_DRAFT_TOKENS, MODES, SpeculationConfig
 
 
@@ -176,14 +177,26 @@ def _check_paths(args: argparse.Namespace) -> None:
         check_output_dir(out, SESSION)
 
 
-def _read_prompts(args: argparse.Namespace) -> list[str]:
+def _read_prompts(args: argparse.Namespace) -> list[PromptLine]:
     if args.prompts_file is None:
         if args.prompt is None:
             raise ConfigError("give a prompt or --prompts-file")
-        return [checks.prompt_text(1, args.prompt)]
+        return [PromptLine(checks.prompt_text(1, args.prompt), "the prompt")]
     if args.prompt is not None:
         raise ConfigError("give either a prompt or --prompts-file, not both")
-    return read_prompts_file(args.prompts_file)
+    return read_prompt_lines(args.prompts_file)
+
+
+def _request_params(base, lines: list[PromptLine]) -> list:
+    """Each prompt's SamplingParams: the command line's, with its line's own settings in their place
+    (checked here, every line before any model loads; an error names the line and the field)."""
+    out = []
+    for line in lines:
+        try:
+            out.append(dataclasses.replace(base, **line.options) if line.options else base)
+        except ConfigError as err:
+            raise PromptLineError(f"{line.where}: {err}") from None
+    return out
 
 
 def _artifact_request(args: argparse.Namespace, given: set[str]) -> dict:
@@ -218,7 +231,7 @@ def _limits(args: argparse.Namespace, given: set[str]) -> tuple[Path, BuildConfi
 
 
 def _encode_checked(args: argparse.Namespace, limits: tuple[Path, BuildConfig, int], prompts: list[str],
-                    params) -> list[list[int]]:
+                    params: list) -> list[list[int]]:
     """The prompts as token ids, each checked against the shapes it will run in, before any model loads
     (only the tokenizer and config.json are read)."""
     from neuron_peagle.runtime.requests import RequestLimits, check_requests
@@ -228,7 +241,7 @@ def _encode_checked(args: argparse.Namespace, limits: tuple[Path, BuildConfig, i
     vocab_size = ModelConfig.from_dir(model_dir).vocab_size
     tokenizer = load_tokenizer(model_dir)
     ids = [encode_prompt(tokenizer, p, not args.no_chat_template) if p else [] for p in prompts]
-    return check_requests(ids, params.max_new_tokens, params.stop_token_ids,
+    return check_requests(ids, [p.max_new_tokens for p in params], [p.stop_token_ids for p in params],
                           RequestLimits(build, num_speculative_tokens, vocab_size))
 
 
@@ -241,15 +254,17 @@ def _load_engine(args: argparse.Namespace, given: set[str], build: BuildConfig):
 
 
 def _engine_and_prompts(args: argparse.Namespace, given: set[str], quiet: bool):
-    """The engine the options describe, the sampling parameters, and the prompts as checked token ids.
+    """The engine the options describe, each prompt's sampling parameters, and the prompts as checked token ids.
     Every option, file and prompt is checked before a model loads, so an error costs nothing and never
     discards finished work."""
     from neuron_peagle.runtime.engine import SamplingParams
 
     _check_paths(args)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
-    prompts = _read_prompts(args)
+    base = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
+    lines = _read_prompts(args)
+    params = _request_params(base, lines)
+    prompts = [line.prompt for line in lines]
     limits = _limits(args, given)
     ids = _encode_checked(args, limits, prompts, params)
     engine = _load_engine(args, given, limits[1])
@@ -260,7 +275,9 @@ def _engine_and_prompts(args: argparse.Namespace, given: set[str], quiet: bool):
         print(f"[{_describe(engine)}]", flush=True)
     if args.artifacts is None:  # from_compiled has warmed every graph already
         # Compile (or load) the graphs these prompts need now, so that no decode step waits on a compiler.
-        engine.warm(greedy=params.temperature == 0, buckets={engine.build.bucket_for(len(p)) for p in ids})
+        greedy = {p.temperature == 0 for p in params}
+        engine.warm(greedy=greedy.pop() if len(greedy) == 1 else None,
+                    buckets={engine.build.bucket_for(len(p)) for p in ids})
     return engine, params, prompts, ids
 
 

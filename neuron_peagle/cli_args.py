@@ -116,7 +116,8 @@ def run(prog: str, build_parser: Callable[[], Parser], argv: Sequence[str] | Non
     except UsageError as err:
         print(f"{prog}: error: {err}{_dash_hint(str(err), argv, parser)}", file=sys.stderr)
     except NeuronPeagleError as err:
-        print(f"{prog}: error: {with_flags(' '.join(str(err).split()), flags)}", file=sys.stderr)
+        message = " ".join(str(err).split())
+        print(f"{prog}: error: {message if err.names_as_written else with_flags(message, flags)}", file=sys.stderr)
     except KeyboardInterrupt:
         if as_program:
             # A second Ctrl-C while the process winds down (its threads joined at exit) would only print a

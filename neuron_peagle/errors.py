@@ -8,6 +8,10 @@ where there is one, what to do about it.
 class NeuronPeagleError(Exception):
     """Base class of the library's own errors."""
 
+    # The message names fields as the user wrote them (a prompts file's JSON keys): the command line
+    # must not rewrite them as its options.
+    names_as_written = False
+
 
 class ModelDirError(NeuronPeagleError):
     """A model or drafter directory is missing, or lacks a file it must have."""
@@ -27,6 +31,12 @@ class ConfigError(NeuronPeagleError, ValueError):
 
 class PromptError(NeuronPeagleError, ValueError):
     """A prompt cannot be served: empty, longer than the largest bucket, or with no room to generate."""
+
+
+class PromptLineError(PromptError):
+    """A prompts file's line asks for a setting that cannot be (its field named as the file names it)."""
+
+    names_as_written = True
 
 
 class DrafterMismatchError(NeuronPeagleError):

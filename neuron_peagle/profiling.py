@@ -115,10 +115,11 @@ def engine_description(engine: "Engine") -> dict:
             "drafter": engine.drafter.describe() if engine.drafter is not None else None, "build": build.to_dict()}
 
 
-def profile_generation(engine: "Engine", prompts: Sequence[Sequence[int]], params: "SamplingParams",
+def profile_generation(engine: "Engine", prompts: Sequence[Sequence[int]], params,
                        out_dir: Path, warmup: bool = True, trace: bool = True
                        ) -> tuple[list["RequestOutput"], SessionReport]:
-    """Generate for `prompts` (token ids, already validated) under the profilers of the engine's
+    """Generate for `prompts` (token ids, already validated; `params`: one SamplingParams, or one per
+    prompt) under the profilers of the engine's
     backend, and write the session into `out_dir`: a new or empty directory, or an earlier session's (whose
     files are replaced), locked while the session runs (neuron_peagle.output_dirs).
     `trace=False`: no torch.profiler (no trace.json, ops.txt), so step times carry no overhead; on
@@ -127,10 +128,16 @@ def profile_generation(engine: "Engine", prompts: Sequence[Sequence[int]], param
         return _profile(engine, prompts, params, out_dir, warmup, trace)
 
 
+def _one_or_each(values: list):
+    """One value where every request has it, else each request's."""
+    return values[0] if len(set(values)) == 1 else values
+
+
 def _profile(engine: "Engine", prompts: Sequence[Sequence[int]], params: "SamplingParams", out_dir: Path,
              warmup: bool, trace: bool) -> tuple[list["RequestOutput"], SessionReport]:
-    from neuron_peagle.runtime.engine import SamplingParams
+    from neuron_peagle.runtime.engine import SamplingParams, per_request
 
+    requests = per_request(params, len(prompts))
     if warmup:
         engine.generate(list(prompts[: engine.build.batch_size]), SamplingParams(max_new_tokens=2, ignore_eos=True))
     records: list[StepRecord] = []
@@ -147,7 +154,8 @@ def _profile(engine: "Engine", prompts: Sequence[Sequence[int]], params: "Sampli
     notes = profiler.finish(write, files)
     summary = summarize(records)
     session = {**marker_fields(SESSION), "engine": engine_description(engine), "num_prompts": len(prompts),
-               "max_new_tokens": params.max_new_tokens, "temperature": params.temperature, "traced": profiler.traced,
+               "max_new_tokens": _one_or_each([p.max_new_tokens for p in requests]),
+               "temperature": _one_or_each([p.temperature for p in requests]), "traced": profiler.traced,
                "summary": summary, "notes": notes, "files": sorted(files + ["session.json"])}
     write("session.json", json.dumps(session, indent=2) + "\n")
     return outputs, SessionReport(out_dir, summary, sorted(files), profiler.viewer)

@@ -1,7 +1,10 @@
-"""Prompts files: JSON lines, one `{"prompt": "..."}` object per line (other fields are ignored), from a
-regular file or standard input (`-`), read line by line (a line is at most MAX_LINE_BYTES). Every line is
-checked before any prompt runs, and an error names the file, the line and the prompt's number (prompts
-are counted from 1, blank lines skipped)."""
+"""Prompts files: JSON lines, one `{"prompt": "..."}` object per line, from a regular file or standard input
+(`-`), read line by line (a line is at most MAX_LINE_BYTES). A line may carry its request's own sampling
+settings (`REQUEST_FIELDS`: max_new_tokens, temperature, top_k, top_p, seed, stop), which replace the
+command line's for that prompt; other fields are ignored. Every line is checked before any prompt runs, and
+an error names the file, the line and the prompt's number (prompts are counted from 1, blank lines
+skipped); the settings' values are checked where they become a request's SamplingParams (the command line),
+with the same names."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import json
 import stat
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -17,6 +21,14 @@ from neuron_peagle.errors import PromptError
 
 STDIN = "-"
 MAX_LINE_BYTES = 16 << 20  # far beyond any prompt a prefill bucket holds
+REQUEST_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+
+
+@dataclass(frozen=True)
+class PromptLine:
+    prompt: str
+    where: str  # "file:line (prompt N)", for messages
+    options: dict = field(default_factory=dict)  # the line's REQUEST_FIELDS, as the JSON gave them
 
 
 def _lines(handle: BinaryIO, name: str) -> Iterator[bytes]:
@@ -33,6 +45,12 @@ def _lines(handle: BinaryIO, name: str) -> Iterator[bytes]:
 
 
 def read_prompts_file(path: Path | str) -> list[str]:
+    """The prompts of a prompts file (its lines' own settings left out)."""
+    return [line.prompt for line in read_prompt_lines(path)]
+
+
+def read_prompt_lines(path: Path | str) -> list[PromptLine]:
+    """Every prompt of a prompts file with its line's own sampling settings."""
     if str(path) == STDIN:
         return _read(sys.stdin.buffer, "<stdin>")
     name = str(path)
@@ -46,8 +64,8 @@ def read_prompts_file(path: Path | str) -> list[str]:
         return _read(handle, name)
 
 
-def _read(handle: BinaryIO, name: str) -> list[str]:
-    prompts: list[str] = []
+def _read(handle: BinaryIO, name: str) -> list[PromptLine]:
+    prompts: list[PromptLine] = []
     for line_number, line in enumerate(_lines(handle, name), start=1):
         where = f"{name}:{line_number}"
         try:
@@ -70,7 +88,8 @@ def _read(handle: BinaryIO, name: str) -> list[str]:
         problem = checks.utf8_problem(record["prompt"])
         if problem:
             raise PromptError(f"{where} (prompt {number}): {problem}")
-        prompts.append(record["prompt"])
+        options = {key: record[key] for key in REQUEST_FIELDS if key in record}
+        prompts.append(PromptLine(record["prompt"], f"{where} (prompt {number})", options))
     if not prompts:
         raise PromptError(f"{name} holds no prompt")
     return prompts

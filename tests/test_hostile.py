@@ -390,7 +390,7 @@ def no_prefill(engine, monkeypatch):
     ("on_tokens", 5, "on_tokens must be a function or None, got 5"),
     ("on_step", "print", "on_step must be a function or None, got 'print'"),
     ("on_output", [print], "on_output must be a function or None"),
-    ("params", {"max_new_tokens": 2}, "params must be a SamplingParams, got dict"),
+    ("params", {"max_new_tokens": 2}, "params must be a SamplingParams or one per prompt, got dict"),
 ])
 def test_generate_refuses_a_keyword_of_the_wrong_type_before_the_prefill(keyword, value, message, engine, no_prefill):
     kwargs = {"params": SamplingParams(max_new_tokens=2), keyword: value}

@@ -58,6 +58,22 @@ class SamplingParams:
         checks.flag("ignore_eos", self.ignore_eos)
 
 
+def per_request(params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:
+    """One SamplingParams per request: `params` for all (default: SamplingParams()), or one each."""
+    if params is None:
+        return [SamplingParams()] * count
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    if isinstance(params, (str, bytes)) or not isinstance(params, Sequence):
+        raise ConfigError(f"params must be a SamplingParams or one per prompt, got {type(params).__name__}")
+    if len(params) != count:
+        raise ConfigError(f"params: one SamplingParams per prompt: {count} prompts, {len(params)} params")
+    for number, p in enumerate(params, start=1):
+        if not isinstance(p, SamplingParams):
+            raise ConfigError(f"params {number} must be a SamplingParams, got {type(p).__name__}")
+    return list(params)
+
+
 def _sequence(field_name: str, value) -> Sequence:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise ConfigError(f"{field_name} must be a list, got {value!r}")
@@ -260,62 +276,64 @@ class Engine:
         return ids
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
-                 params: SamplingParams | None = None, *, chat_template: bool = True,
+                 params: SamplingParams | Sequence[SamplingParams] | None = None, *, chat_template: bool = True,
                  on_tokens: TokenCallback | None = None, on_step: StepCallback | None = None,
                  on_output: OutputCallback | None = None) -> list[RequestOutput]:
-        """Generate for every prompt (text, or token ids used as they are). Every prompt is checked
-        before any work starts. `on_tokens(request, tokens)` streams each request's committed tokens;
-        `on_step(StepRecord)` sees every decode step; `on_output(request, output)` gets each request's
-        output as soon as it and every request before it are finished (input order, counted from 0).
-        Interrupted (KeyboardInterrupt, e.g. Ctrl-C), it raises GenerationInterrupted, which holds every
+        """Generate for every prompt (text, or token ids used as they are), with one SamplingParams for all
+        or one per prompt (its own length, temperature, top-k/p, seed, stop tokens and strings). Every prompt
+        is checked before any work starts. `on_tokens(request, tokens)` streams each request's committed
+        tokens; `on_step(StepRecord)` sees every decode step; `on_output(request, output)` gets each
+        request's output as soon as it and every request before it are finished (input order, counted from
+        0). Interrupted (KeyboardInterrupt, e.g. Ctrl-C), it raises GenerationInterrupted, which holds every
         output finished by then."""
-        params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ConfigError(f"params must be a SamplingParams, got {type(params).__name__}")
         checks.flag("chat_template", chat_template)
         for name, callback in (("on_tokens", on_tokens), ("on_step", on_step), ("on_output", on_output)):
             if callback is not None and not callable(callback):
                 raise ConfigError(f"{name} must be a function or None, got {callback!r}")
-        checked = isinstance(prompts, CheckedPrompts) and prompts.checked_for(self.limits, params.max_new_tokens,
-                                                                              params.stop_token_ids)
-        inputs = prompts if checked else prompt_inputs(prompts)
+        inputs = prompts if isinstance(prompts, CheckedPrompts) else prompt_inputs(prompts)
+        requests = per_request(params, len(inputs))
+        lengths, stops = [p.max_new_tokens for p in requests], [p.stop_token_ids for p in requests]
+        checked = isinstance(prompts, CheckedPrompts) and prompts.checked_for(self.limits, lengths, stops)
         all_ids = [(self.encode(p, chat_template) if p else []) if isinstance(p, str) else p for p in inputs]
         if not checked:
-            check_requests(all_ids, params.max_new_tokens, params.stop_token_ids, self.limits)
+            check_requests(all_ids, lengths, stops, self.limits)
 
-        stop_ids = self.stop_token_ids(params)
         finished = _InOrder(on_output)
         batch = self.build.batch_size
         try:
             for first in range(0, len(all_ids), batch):
-                group = all_ids[first:first + batch]
-                sampling = BatchSampling.from_params([params] * len(group), batch)
+                group, group_params = all_ids[first:first + batch], requests[first:first + batch]
+                sampling = BatchSampling.from_params(group_params, batch)
 
                 def on_finish(row: int, state, first: int = first) -> None:
                     index = first + row
                     text = inputs[index] if isinstance(inputs[index], str) else None
                     finished.add(index, RequestOutput(text, all_ids[index], state.output_ids,
-                                                      self._final_text(state.output_ids, params), state.stats))
+                                                      self._final_text(state.output_ids, requests[index]),
+                                                      state.stats))
 
-                run_batch(self.runner, group, [params.max_new_tokens] * len(group), stop_ids, sampling,
-                          self._commit_callback(first, params, on_tokens), on_step, on_finish)
+                run_batch(self.runner, group, [p.max_new_tokens for p in group_params],
+                          [self.stop_token_ids(p) for p in group_params], sampling,
+                          self._commit_callback(first, group_params, on_tokens), on_step, on_finish)
         except KeyboardInterrupt:
             raise GenerationInterrupted(dict(finished.outputs), len(all_ids)) from None
         return [finished.outputs[i] for i in range(len(all_ids))]
 
     # ---- text ----------------------------------------------------------------------------------
 
-    def _commit_callback(self, first: int, params: SamplingParams, on_tokens: TokenCallback | None):
+    def _commit_callback(self, first: int, params: Sequence[SamplingParams], on_tokens: TokenCallback | None):
+        """Per row of a group: streams its tokens, and says when one of its stop strings has appeared."""
         seen: dict[int, list[int]] = {}
 
         def on_commit(row: int, tokens: list[int]) -> bool:
             if on_tokens is not None:
                 on_tokens(first + row, tokens)
-            if not params.stop:
+            stop = params[row].stop
+            if not stop:
                 return False
             seen.setdefault(row, []).extend(tokens)
             text = self.tokenizer.decode(seen[row], skip_special_tokens=True)
-            return any(s in text for s in params.stop)
+            return any(s in text for s in stop)
 
         return on_commit
 

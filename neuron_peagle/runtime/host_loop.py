@@ -66,11 +66,11 @@ FinishCallback = Callable[[int, "RowState"], None]
 
 
 def run_batch(runner: Runner, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
-              stop_token_ids: set[int], sampling: BatchSampling,
+              stop_token_ids: Sequence[set[int]], sampling: BatchSampling,
               on_commit: CommitCallback | None = None, on_step: StepCallback | None = None,
               on_finish: FinishCallback | None = None) -> list[RowState]:
-    """Generate for one batch of at most `runner.batch_size` prompts (already validated); `on_finish`
-    hears of each row the moment it is finished.
+    """Generate for one batch of at most `runner.batch_size` prompts (already validated), each with its own
+    max_new_tokens and stop tokens; `on_finish` hears of each row the moment it is finished.
     The prefill and every step are named `peagle::prefill` / `peagle::step` for a profiler."""
     rows = [RowState(list(p), n) for p, n in zip(prompts, max_new_tokens)]
     for row in rows:
@@ -83,7 +83,7 @@ def run_batch(runner: Runner, prompts: Sequence[Sequence[int]], max_new_tokens: 
     prefill_time = time.perf_counter() - start
     for i, row in enumerate(rows):
         row.stats.prefill_time_s = prefill_time
-        _commit(row, i, [int(first[i])], stop_token_ids, on_commit)
+        _commit(row, i, [int(first[i])], stop_token_ids[i], on_commit)
         if row.done:
             _finish(runner, row, i, on_finish)
 
@@ -107,7 +107,7 @@ def run_batch(runner: Runner, prompts: Sequence[Sequence[int]], max_new_tokens: 
             stats.accept_time_s += spent.get("accept", 0.0)
             stats.record_step(int(counts[i]))
             committed = tokens[i, : int(counts[i])].tolist()
-            kept[i] = _commit(row, i, committed, stop_token_ids, on_commit)
+            kept[i] = _commit(row, i, committed, stop_token_ids[i], on_commit)
             stats.num_decoded_tokens += kept[i]
             if row.done:
                 _finish(runner, row, i, on_finish)

@@ -80,22 +80,25 @@ class RequestLimits:
 
 
 class CheckedPrompts(list):
-    """Token-id prompts that passed `check_requests` for `max_new_tokens` and `stop_token_ids` under `limits`."""
+    """Token-id prompts that passed `check_requests` under `limits`, each for its own `max_new_tokens` and
+    `stop_token_ids`."""
 
-    def __init__(self, prompts: Sequence[Sequence[int]], limits: RequestLimits, max_new_tokens: int,
-                 stop_token_ids: Sequence[int] | None) -> None:
+    def __init__(self, prompts: Sequence[Sequence[int]], limits: RequestLimits, max_new_tokens: Sequence[int],
+                 stop_token_ids: Sequence[Sequence[int] | None]) -> None:
         super().__init__(list(p) for p in prompts)
-        self.limits, self.max_new_tokens, self.stop_token_ids = limits, max_new_tokens, stop_token_ids
+        self.limits, self.max_new_tokens, self.stop_token_ids = limits, tuple(max_new_tokens), tuple(stop_token_ids)
 
-    def checked_for(self, limits: RequestLimits, max_new_tokens: int, stop_token_ids: Sequence[int] | None) -> bool:
-        return (self.limits, self.max_new_tokens, self.stop_token_ids) == (limits, max_new_tokens, stop_token_ids)
+    def checked_for(self, limits: RequestLimits, max_new_tokens: Sequence[int],
+                    stop_token_ids: Sequence[Sequence[int] | None]) -> bool:
+        return (self.limits, self.max_new_tokens, self.stop_token_ids) == (limits, tuple(max_new_tokens),
+                                                                           tuple(stop_token_ids))
 
 
-def check_requests(prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_token_ids: Sequence[int] | None,
-                   limits: RequestLimits) -> CheckedPrompts:
-    """Every prompt (token ids, counted from 1) and the stop tokens fit `limits`; the prompts, marked checked."""
-    for number, prompt_ids in enumerate(prompts, start=1):
-        check_prompt(number, prompt_ids, max_new_tokens, limits.build, limits.num_speculative_tokens,
-                     limits.vocab_size)
-    check_stop_token_ids(stop_token_ids, limits.vocab_size)
+def check_requests(prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
+                   stop_token_ids: Sequence[Sequence[int] | None], limits: RequestLimits) -> CheckedPrompts:
+    """Every prompt (token ids, counted from 1), with its own max_new_tokens and stop tokens, fits `limits`;
+    the prompts, marked checked."""
+    for number, (prompt_ids, new_tokens, stops) in enumerate(zip(prompts, max_new_tokens, stop_token_ids), start=1):
+        check_prompt(number, prompt_ids, new_tokens, limits.build, limits.num_speculative_tokens, limits.vocab_size)
+        check_stop_token_ids(stops, limits.vocab_size)
     return CheckedPrompts(prompts, limits, max_new_tokens, stop_token_ids)
