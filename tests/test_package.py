@@ -214,3 +214,18 @@ def test_the_package_installs_on_3_11_to_3_14_and_the_neuron_extra_only_where_to
         assert asks == [False, True, True, True], requirement
         assert requirement.specifier.contains("2.14.3.0") if requirement.name == "torch-neuronx" else True
     assert {r.name for r in extras["neuron-trn1"]} == {"torch-neuronx", "neuronx-cc", "neuronx-distributed", "nki"}
+
+
+def test_the_model_code_knows_nothing_of_ranks():
+    """The parallel plan is applied after construction (neuron_peagle/parallel.py): no function or class of
+    models/ takes a `tp` argument, and none imports the plan."""
+    found = []
+    for path in sorted((REPO / "neuron_peagle" / "models").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = [a.arg for a in [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]]
+                found += [f"{path.name}:{node.lineno} {node.name}(tp)" for a in args if a == "tp"]
+            if isinstance(node, ast.ImportFrom) and node.module == "neuron_peagle.parallel":
+                found.append(f"{path.name}:{node.lineno} imports neuron_peagle.parallel")
+    assert found == []
