@@ -32,8 +32,8 @@ def build_parser() -> Parser:
     _add_engine_options(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt per line")
     gen.add_argument("--tp-degree", type=int, default=1, metavar="N",
-                     help="shard the target over N processes (DTensor; eager, inductor and neuron backends; run "
-                          "under `torchrun --nproc-per-node N`; rank 0 prints)")
+                     help="shard the target over N processes (the parallel plan: heads, width, experts; eager, inductor "
+                          "and neuron backends; run under `torchrun --nproc-per-node N`; rank 0 prints)")
     prof = sub.add_parser("profile", help="generate under the backend's profilers and write a profiler session")
     _add_engine_options(prof)
     prof.set_defaults(tp_degree=1)  # a profiler session is one process

@@ -40,7 +40,7 @@ class Capabilities:
     help: str  # one line of --help and of the README
     compiles: bool  # graphs are compiled before they run: warm them before decoding
     times_step_parts: bool  # a speculative step can be timed part by part from the host (nothing compiled)
-    shards_at_run_time: bool  # DTensor tensor parallelism inside the engine (run under torchrun)
+    shards_at_run_time: bool  # the parallel plan applied inside the engine, one process per rank (torchrun)
     shards_ahead_of_time: bool  # compile.build makes tensor-parallel artifacts for it (--tp-degree)
     needs_artifacts: bool  # graphs come only from artifacts built by compile.build
     builds_artifacts: bool  # compile.build can build artifacts for it

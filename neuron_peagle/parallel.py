@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from neuron_peagle.config import ModelConfig
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.models.layers import LayerConfig, LayerShard
+from neuron_peagle.models.weights import head_rows
 
 # The package that registers a device type's process-group backend (TorchNeuron: the "neuron" backend).
 DEVICE_PACKAGES = {"neuron": "torch_neuronx"}
@@ -114,8 +115,8 @@ class TensorParallel:
         rows ([out, in]) (`layer_shard`): what `rank_order` regroups."""
         shards = [self.for_rank(r).layer_shard(config) for r in range(self.degree)]
         hd = config.head_dim
-        return ([range(s.heads.start * hd, s.heads.stop * hd) for s in shards],
-                [range(s.kv_heads.start * hd, s.kv_heads.stop * hd) for s in shards], [s.width for s in shards])
+        return ([head_rows(s.heads, hd) for s in shards], [head_rows(s.kv_heads, hd) for s in shards],
+                [s.width for s in shards])
 
     def shard(self, model: nn.Module) -> None:
         """Apply the plan to a target built on the meta device (`TargetModel.on_meta`): each decoder layer

@@ -94,6 +94,7 @@ def detect() -> Machine:
     family = next((f for f in ("trn1", "trn2", "trn3") if product.startswith(f)), None)
     devices = sorted(str(p) for p in Path("/dev").glob("neuron[0-9]*"))
     versions = installed_versions(stack_python(family)) if family else {name: None for name in NEURON_PACKAGES}
+    # neuron_peagle.lnc.DEFAULT_LNC, not imported: this script runs on an interpreter without torch
     default_lnc = {"trn1": "1", "trn2": "2", "trn3": "2"}.get(family or "", "-")
     return Machine(product, family, devices, versions, os.environ.get("NEURON_LOGICAL_NC_CONFIG", default_lnc))
 

@@ -44,7 +44,7 @@ def strided(matrix: torch.Tensor, column_major: bool) -> torch.Tensor:
 def cpu_weight_layout(module: nn.Module, rows_per_call: int = 1) -> nn.Module:
     """Give every local nn.Linear weight its fast CPU strides, in place (shared weights stay shared)."""
     for layer in module.modules():
-        if not isinstance(layer, nn.Linear) or type(layer.weight.data) is not torch.Tensor:  # DTensor shards: as placed
+        if not isinstance(layer, nn.Linear):
             continue
         weight = layer.weight
         weight.data = strided(weight.data, column_major_on_cpu(weight.dtype, rows_per_call))

@@ -16,6 +16,7 @@ than one chunk.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -44,7 +45,7 @@ class Checkpoint(Protocol):
 
     source: str  # what error messages name: the directory
 
-    def infos(self) -> dict[str, TensorInfo]: ...
+    def infos(self) -> Mapping[str, TensorInfo]: ...
 
     def read(self, name: str, rows: range | None = None, cols: range | None = None,
              dtype: torch.dtype | None = None) -> Tensor:
@@ -99,7 +100,6 @@ class SafetensorsDir:
         self._infos = infos
         self.source = source
         self._open: dict[Path, object] = {}
-        self.bytes_read = 0
 
     @classmethod
     def open(cls, model_dir: str | Path, exclude: tuple[str, ...] = ()) -> "SafetensorsDir":
@@ -137,8 +137,8 @@ class SafetensorsDir:
                 raise WeightsError(f"{file}: cannot read safetensors file (truncated or corrupt?): {err}") from None
         return cls(names, infos, str(path))
 
-    def infos(self) -> dict[str, TensorInfo]:
-        return dict(self._infos)
+    def infos(self) -> Mapping[str, TensorInfo]:
+        return self._infos
 
     def _handle(self, file: Path):
         if file not in self._open:
@@ -178,7 +178,6 @@ class SafetensorsDir:
             raise WeightsError(f"{file}: cannot read tensor {name} (truncated or corrupt?): {err}") from None
         if not is_finite(out):
             raise WeightsError(f"{file}: tensor {name} holds NaN or inf values; the checkpoint is corrupt")
-        self.bytes_read += out.numel() * info.dtype.itemsize
         return out
 
     def release(self) -> None:
@@ -199,7 +198,7 @@ class TensorDict:
         self.tensors = tensors
         self.source = source
 
-    def infos(self) -> dict[str, TensorInfo]:
+    def infos(self) -> Mapping[str, TensorInfo]:
         return {name: TensorInfo(tuple(t.shape), t.dtype) for name, t in self.tensors.items()}
 
     def read(self, name: str, rows: range | None = None, cols: range | None = None,

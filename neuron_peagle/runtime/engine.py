@@ -163,8 +163,8 @@ class Engine:
         command line's defaults) says how to draft: P-EAGLE, sequential or plain, K, context lookup, the
         datastore, adaptive K. The rest are the graphs' shapes and how they run (BuildConfig); `kernels`
         picks the draft-pass kernels' implementation ("auto": NKI on neuron, else PyTorch).
-        `tp_degree=n` shards the target over n processes, one rank each (neuron_peagle.parallel: DTensor;
-        eager, inductor and neuron backends; run under `torchrun --nproc-per-node n`): every rank returns
+        `tp_degree=n` shards the target over n processes, one rank each (neuron_peagle.parallel: heads, width
+        and experts; eager, inductor and neuron backends; run under `torchrun --nproc-per-node n`): every rank returns
         the same outputs."""
         build = BuildConfig(batch_size=batch_size, max_length=max_length, prefill_buckets=prefill_buckets, dtype=dtype,
                             backend=backend, kernels=kernels)
