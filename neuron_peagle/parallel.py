@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -202,14 +203,23 @@ def _resize(linear: nn.Linear, dim: int, size: int) -> None:
 
 
 class AllReduce(nn.Module):
-    """The sum over the ranks of the default process group, in float32, returned in the input's dtype
-    (one functional all-reduce: a node of the compiled graph)."""
+    """The sum over the ranks, in float32, returned in the input's dtype: by default torch.distributed's
+    functional all-reduce over the default process group (one node of the compiled graph); `reduce` puts
+    another collective in its place (NxD's, on trn1: backends/nxd_parallel.py)."""
+
+    def __init__(self, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+        super().__init__()
+        self.reduce = reduce if reduce is not None else _sum_over_world
 
     def forward(self, x: Tensor) -> Tensor:
-        import torch.distributed as dist
-        from torch.distributed import _functional_collectives as funcol
+        return self.reduce(x.float()).to(x.dtype)
 
-        return funcol.all_reduce(x.float(), "sum", dist.group.WORLD).to(x.dtype)
+
+def _sum_over_world(x: Tensor) -> Tensor:
+    import torch.distributed as dist
+    from torch.distributed import _functional_collectives as funcol
+
+    return funcol.all_reduce(x, "sum", dist.group.WORLD)
 
 
 def shutdown() -> None:

@@ -147,6 +147,8 @@ def test_the_lnc_is_set_for_the_compiler_and_refused_where_it_cannot_run(monkeyp
     from neuron_peagle.config import BuildConfig
 
     assert neuron_compiler_args("trn2", 2)[-2:] == ("--logical-nc-config", "2")
+    built = BuildConfig(backend="neuron", lnc=2)  # what a manifest records, and reads back
+    assert built.to_dict()["lnc"] == 2 and BuildConfig.from_dict(built.to_dict()) == built
     with pytest.raises(ConfigError, match=r"trn1 runs one physical NeuronCore per logical core \(LNC 1\), got lnc=2"):
         neuron_compiler_args("trn1", 2)
     with pytest.raises(ConfigError, match="lnc=2 needs NeuronCores: only with backend 'neuron' or 'nxd'"):

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from neuron_peagle.backends.nxd_sdk import INSTALL_HINT, NxdApi, require_sdk
 from neuron_peagle.errors import ArtifactError, BackendUnavailableError
 from neuron_peagle.models.target import target_layer_config
-from neuron_peagle.parallel import LAYER_PLAN, TensorParallel
+from neuron_peagle.parallel import LAYER_PLAN, AllReduce, TensorParallel
 
 COLUMN, ROW = "colwise", "rowwise"  # LAYER_PLAN's styles: ColumnParallelLinear, RowParallelLinear
 KINDS = ("weight", "bias")
@@ -252,17 +252,6 @@ def split_rank_tensors(target: nn.Module, tp: TensorParallel, make_reduce: Calla
     return out
 
 
-class NxdReduce(nn.Module):
-    """NxD's all-reduce over the tensor-parallel group, in float32, back in the input's dtype."""
-
-    def __init__(self, reduce: Callable[[Tensor], Tensor]) -> None:
-        super().__init__()
-        self.reduce = reduce
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.reduce(x.float()).to(x.dtype)
-
-
 def persist_tables(specs: Sequence) -> None:
     """Make every buffer of the planned graphs that is not state (rotary cos/sin, datastore tables,
     masks, d2t) persistent: `shard_checkpoint` keeps only names in the model's `state_dict()`."""
@@ -343,7 +332,7 @@ class NxdTensorParallel:
         layers = require_sdk()
         tp = TensorParallel(degree)
         swaps = shard_target(target, cache, tp, functools.partial(nxd_layer, layers))
-        parts = split_rank_tensors(target, tp, lambda: NxdReduce(layers.reduce_from_tensor_model_parallel_region))
+        parts = split_rank_tensors(target, tp, lambda: AllReduce(layers.reduce_from_tensor_model_parallel_region))
         return cls(degree, swaps, target.config, layers.shard_checkpoint, parts)
 
     def persist_tables(self, specs: Sequence) -> None:

@@ -37,13 +37,13 @@ def for_each_row_tile(size: int, body, operands) -> None:
     runs on core i % cores. A kernel launched at LNC=2 so splits its rows between the two cores of the
     logical core (each writes its own rows of the shared outputs); at LNC=1 one core takes them all. At
     decode sizes (one tile) the second core has nothing to do."""
-    cores, core = nl.num_programs(0), nl.program_id(0)
-    full, rest = size // nl.tile_size.pmax, size % nl.tile_size.pmax
-    for i in range(full):
-        if i % cores == core:
-            body(operands, i, i * nl.tile_size.pmax, nl.tile_size.pmax)
-    if rest and full % cores == core:
-        body(operands, full, full * nl.tile_size.pmax, rest)
+    for_each_tile(size, nl.tile_size.pmax, _on_this_core, (body, operands))
+
+
+def _on_this_core(task, index, start, length: int) -> None:
+    body, operands = task
+    if index % nl.num_programs(0) == nl.program_id(0):
+        body(operands, index, start, length)
 
 
 def transpose_into(dst, src, rows: int, width: int) -> None:
