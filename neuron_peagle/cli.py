@@ -118,10 +118,14 @@ def add_speculation_options(parser: argparse.ArgumentParser) -> None:
                              "earlier in the sequence, draft the tokens that followed them instead of the "
                              "drafter's (default %(default)s; 0: the drafter alone; plain mode: ignored)")
     parser.add_argument("--short-draft-tokens", type=int, default=None, metavar="N",
-                        help="adaptive K: steps whose context lookup found nothing to copy draft only N tokens "
-                             f"(a second step graph), the others K (default {DEFAULT_SHORT_DRAFT_TOKENS} when "
-                             "lookup is on, K is larger and there is no datastore; 0: every step drafts K)")
-    parser.add_argument("--datastore", type=_datastore_choice, default=default.datastore, metavar="{auto,on,off}",
+                        help="a second step graph drafting N tokens; before each step the K (of K, N and 0 with "
+                             "--plain-step) that commits the most tokens per second is chosen, from measured step "
+                             f"times and acceptance (default {DEFAULT_SHORT_DRAFT_TOKENS} where K is larger and "
+                             "either batch size > 1 or lookup is on without a datastore; 0: none)")
+    parser.add_argument("--plain-step", type=_on_off_auto, default=default.plain_step, metavar="{auto,on,off}",
+                        help="a K=0 step graph (plain decoding) the engine may choose where drafting does not pay "
+                             "(auto, the default: at batch sizes above 1)")
+    parser.add_argument("--datastore", type=_on_off_auto, default=default.datastore, metavar="{auto,on,off}",
                         help="with context lookup: where neither the sequence nor its lookup after the first "
                              "draft knows what follows, draft from the drafter's n-gram datastore of the "
                              "target's answers (auto, the default: where the drafter directory has one)")
@@ -132,7 +136,7 @@ def backend_of(args: argparse.Namespace) -> str:
     return args.backend if args.backend is not None else DEFAULT_BACKEND
 
 
-def _datastore_choice(value: str) -> bool | str:
+def _on_off_auto(value: str) -> bool | str:
     choices = {"auto": "auto", "on": True, "off": False}
     if value not in choices:
         raise argparse.ArgumentTypeError(f"expected auto, on or off, got {value!r}")
@@ -145,7 +149,7 @@ def speculation_of(args: argparse.Namespace) -> SpeculationConfig:
         return SpeculationConfig(mode="plain")
     return SpeculationConfig(mode=args.mode, num_speculative_tokens=args.num_speculative_tokens,
                              lookup_ngram=args.lookup_ngram, datastore=args.datastore,
-                             short_draft_tokens=args.short_draft_tokens)
+                             short_draft_tokens=args.short_draft_tokens, plain_step=args.plain_step)
 
 
 # generate option -> the ArtifactRequest field it is checked against when running from artifacts
@@ -153,7 +157,7 @@ ARTIFACT_OPTIONS = {"model": "model_dir", "drafter": "drafter_dir", "backend": "
                     "num_speculative_tokens": "num_speculative_tokens", "batch_size": "batch_size",
                     "max_length": "max_length", "prefill_buckets": "prefill_buckets", "dtype": "dtype", "kernels": "kernels", "lnc": "lnc",
                     "lookup_ngram": "lookup_ngram", "short_draft_tokens": "short_draft_tokens",
-                    "datastore": "datastore"}
+                    "plain_step": "plain_step", "datastore": "datastore"}
 
 
 def _check_paths(args: argparse.Namespace) -> None:

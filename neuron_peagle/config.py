@@ -458,6 +458,12 @@ class BuildConfig:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @property
+    def state_rows(self) -> int:
+        """Rows of every state buffer the graphs hold: the batch's slots, and at batch sizes above 1 the
+        one-row twin a prefill runs on before it enters its slot (graphs/slots.py)."""
+        return self.batch_size + (self.batch_size > 1)
+
     def bucket_for(self, length: int) -> int:
         """The smallest prefill bucket that holds `length` tokens."""
         for bucket in self.prefill_buckets:

@@ -109,6 +109,13 @@ class KVCache(StateModule):
             return key_cache[:, :, :self.read_length], value_cache[:, :, :self.read_length]
         return key_cache, value_cache
 
+    def prefill_extent(self, name: str, bucket: int) -> tuple[int, int] | None:
+        """A full-length layer's row holds the prefill's entries in slots [0, bucket) (later slots are
+        never read before they are written); rings and their positions are taken whole."""
+        if name.startswith(("key_", "value_")) and not self.sliding[int(name.split("_")[1])]:
+            return 2, min(bucket, self.max_length)
+        return None
+
     def plan_window(self, position_ids: Tensor, valid: Tensor | None) -> WindowPlan | None:
         """How this call's entries (positions [B, T], the first `valid` [B] written; None: all T) land in
         the rings; None for a cache without sliding-window layers."""

@@ -64,12 +64,12 @@ def estimate(model: ModelConfig, build: BuildConfig, drafter: DrafterConfig | No
     rotary = parameter_bytes(target.rotary)
     weights = parameter_bytes(target) - rotary + rotary // build.torch_dtype.itemsize * 4  # angles: float32
     with torch.device("meta"):
-        kv = parameter_bytes(target.new_cache(build.batch_size, SLIDING_STEP_TOKENS))
+        kv = parameter_bytes(target.new_cache(build.state_rows, SLIDING_STEP_TOKENS))
     if drafter is not None:
         with torch.device("meta"):
             draft = Drafter(drafter, build.max_length).to(build.torch_dtype)
             weights += parameter_bytes(draft)
-            kv += parameter_bytes(draft.new_cache(build.batch_size))
+            kv += parameter_bytes(draft.new_cache(build.state_rows))
     # While loading: a decoder layer's tensors as read (its file pages, the pieces, the fused copies: about
     # three times the layer) and a chunk of a large tensor.
     largest_layer = max(parameter_bytes(layer) for layer in target.layers)

@@ -163,6 +163,19 @@ class TensorParallel:
 SINGLE = TensorParallel()  # no tensor parallelism: one rank holds everything
 
 
+def agree_on_max(values: list[float], tp: TensorParallel) -> list[float]:
+    """The largest of each value over the ranks (host numbers every rank must decide alike on, such as
+    measured step times: runtime/k_choice.py); the values themselves with one rank."""
+    if tp.degree == 1:
+        return list(values)
+    import torch.distributed as dist
+
+    device = "cpu" if tp.device_type == "cpu" else torch.device(tp.device_type)
+    agreed = torch.tensor(values, dtype=torch.float64 if tp.device_type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    return agreed.cpu().tolist()
+
+
 def localize(layer: nn.Module, shard: LayerShard) -> None:
     """Give a decoder layer built on the meta device (whole) the share `shard` of it: head counts, MLP
     width, experts, and its projections' shapes; the loader then reads the slices `layer.shard` names."""

@@ -79,6 +79,9 @@ class SessionReport:
             lines.append("per step: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in s["part_ms_mean"].items()))
         if len(s["steps_per_k"]) > 1:
             lines.append("steps per K: " + ", ".join(f"K={k}: {n}" for k, n in s["steps_per_k"].items()))
+            lines.append("K chosen per occupied slots: " + "; ".join(
+                f"{occupied}: " + ", ".join(f"K={k} x{n}" for k, n in ks.items())
+                for occupied, ks in s["k_by_occupancy"].items()))
         lines.append(f"written to {self.out_dir}: " + ", ".join(self.files))
         if self.viewer:
             lines.append(self.viewer)
@@ -106,7 +109,20 @@ def summarize(records: Sequence[StepRecord]) -> dict:
         "part_ms_mean": ({**{n: 1000 * t / len(records) for n, t in parts.items()},
                           "host": 1000 * (wall - sum(parts.values())) / len(records)} if timed else {}),
         "steps_per_k": {str(k): n for k, n in sorted(Counter(r.num_speculative_tokens for r in records).items())},
+        # K chosen by measured cost (runtime/k_choice.py): per number of occupied slots, steps per K, and
+        # the step times the choice used.
+        "k_by_occupancy": _k_by_occupancy(records),
+        "step_seconds": next((r.choice["step_seconds"] for r in records if r.choice and r.choice["step_seconds"]), {}),
     }
+
+
+def _k_by_occupancy(records: Sequence[StepRecord]) -> dict[str, dict[str, int]]:
+    table: dict[str, Counter] = {}
+    for r in records:
+        occupied = sum(c > 0 for c in r.counts)
+        table.setdefault(str(occupied), Counter())[str(r.num_speculative_tokens)] += 1
+    return {occupied: dict(sorted(ks.items(), key=lambda item: -int(item[0])))
+            for occupied, ks in sorted(table.items(), key=lambda item: int(item[0]))}
 
 
 def engine_description(engine: "Engine") -> dict:

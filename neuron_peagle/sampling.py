@@ -119,7 +119,7 @@ def _commit(draft_tokens: Tensor, accepted: Tensor, final_tokens: Tensor) -> tup
     n = num_accepted.unsqueeze(1)  # [B, 1]
     position = torch.arange(num_speculative_tokens + 1, device=draft_tokens.device).unsqueeze(0)  # [1, K+1]
     # Position K is never < n, so the value padding the drafts there is never used.
-    drafts = torch.cat([draft_tokens, draft_tokens[:, :1]], dim=1).long()  # [B, K+1]
+    drafts = torch.cat([draft_tokens.long(), final_tokens[:, :1].long()], dim=1)  # [B, K+1] (K may be 0)
     final = final_tokens.long().gather(1, n)  # [B, 1]
     pad = torch.full_like(drafts, PAD_TOKEN)
     tokens = torch.where(position < n, drafts, torch.where(position == n, final, pad))
@@ -183,14 +183,22 @@ class HostRandom:
 
     def __init__(self, seeds: list[int | None]) -> None:
         """One seed per row; None draws a nondeterministic seed for that row."""
-        self.generators: list[torch.Generator] = []
-        for seed in seeds:
-            generator = torch.Generator()
-            if seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(int(seed))
-            self.generators.append(generator)
+        self.generators: list[torch.Generator] = [torch.Generator() for _ in seeds]
+        for row, seed in enumerate(seeds):
+            self.reseed(row, seed)
+
+    def reseed(self, row: int, seed: int | None) -> None:
+        """Row `row` starts a new stream (a request entering that slot), seeded as in __init__."""
+        generator = torch.Generator()
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(int(seed))
+        self.generators[row] = generator
+
+    def uniform_row(self, row: int, count: int) -> Tensor:
+        """-> [1, count] float32 in [0, 1) from row `row`'s generator alone."""
+        return torch.rand(count, generator=self.generators[row], dtype=torch.float32).unsqueeze(0)
 
     def uniform(self, per_row: int) -> Tensor:
         """-> [B, per_row] float32 in [0, 1), row i from generator i."""

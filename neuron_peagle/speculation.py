@@ -2,7 +2,7 @@
 the build (`python -m compile.build`). BuildConfig holds the graphs' shapes; this holds the method.
 
     SpeculationConfig()                                  P-EAGLE, K=7, context lookup, datastore where
-                                                         the drafter has one, adaptive K where it pays
+                                                         the drafter has one, K chosen per step by cost
     SpeculationConfig(mode="sequential")                 EAGLE-style drafting (K drafter passes)
     SpeculationConfig(mode="plain")                      no speculation: the reference
     SpeculationConfig(lookup_ngram=0, datastore=False)   the drafter alone
@@ -24,9 +24,9 @@ MODES = ("parallel", "sequential", "plain")
 # Context lookup's longest n-gram: on held-out prompts, 5 backing off to 2 accepted the most; 8 gained
 # nothing, and single tokens match by chance too often (docs/benchmark-history.md).
 DEFAULT_LOOKUP_NGRAM = 5
-# Adaptive K: steps whose context lookup found nothing to copy draft this many tokens instead of K: the
-# drafter's own drafts past the third are rarely accepted, while a copied span often is, whole
-# (docs/benchmark-history.md).
+# The short K, a second step graph the engine may choose: the drafter's own drafts past the third are
+# rarely accepted, while a copied span often is, whole (docs/benchmark-history.md); and where a step's
+# rows are many, a shorter verify costs much less.
 DEFAULT_SHORT_DRAFT_TOKENS = 3
 
 
@@ -40,9 +40,13 @@ class SpeculationConfig:
       DEFAULT_LOOKUP_NGRAM, or 0 in plain mode (which refuses any other value).
     - datastore: with lookup, drafts 2..K may come from the drafter directory's n-gram datastore of the
       target's answers (graphs/datastore_lookup.py); "auto": where the drafter has one.
-    - short_draft_tokens: adaptive K (with lookup): steps whose lookup found nothing draft this many
-      instead of K, through a second step graph; 0: every step drafts K; None: the default for the
-      configuration (DEFAULT_SHORT_DRAFT_TOKENS where lookup is on, K is longer and there is no datastore).
+    - short_draft_tokens: a second step graph drafting this many; the engine picks, before each step, the
+      K (of K, the short K and K = 0 where compiled) that commits the most tokens per second, from its
+      measured step times and running acceptance (runtime/k_choice.py); 0: none; None: the default for
+      the configuration (DEFAULT_SHORT_DRAFT_TOKENS where K is longer, and either the batch has more than
+      one slot or lookup is on without a datastore).
+    - plain_step: a K = 0 step graph (plain decoding on the speculative state) the engine may choose where
+      drafting does not pay, e.g. a large batch on a compute-bound machine; "auto": at batch sizes above 1.
     """
 
     mode: str = "parallel"
@@ -50,6 +54,7 @@ class SpeculationConfig:
     lookup_ngram: int | None = None  # None: DEFAULT_LOOKUP_NGRAM when speculating, 0 in plain mode
     datastore: bool | str = "auto"
     short_draft_tokens: int | None = None
+    plain_step: bool | str = "auto"
 
     def __post_init__(self) -> None:
         checks.choice("mode", self.mode, MODES)
@@ -63,14 +68,13 @@ class SpeculationConfig:
             raise ConfigError(f"datastore must be True, False or 'auto', got {self.datastore!r}")
         if self.short_draft_tokens is not None:
             checks.integer("short_draft_tokens", self.short_draft_tokens, minimum=0)
-        if self.short_draft_tokens and not self.lookup_ngram:
-            raise ConfigError("short_draft_tokens (adaptive K) needs context lookup: it picks K by whether the "
-                              "lookup found a copy; set lookup_ngram too")
         if self.datastore is True and not self.lookup_ngram:
             raise ConfigError("datastore needs context lookup (its continuations are drafted by the lookup); "
                               "set lookup_ngram too")
+        if not (isinstance(self.plain_step, bool) or self.plain_step == "auto"):
+            raise ConfigError(f"plain_step must be True, False or 'auto', got {self.plain_step!r}")
         if not self.plain and self.short_draft_tokens and not self.short_draft_tokens < self.num_speculative_tokens:
-            raise ConfigError(f"short_draft_tokens (adaptive K) must be below num_speculative_tokens "
+            raise ConfigError(f"short_draft_tokens (a second K) must be below num_speculative_tokens "
                               f"{self.num_speculative_tokens}, got {self.short_draft_tokens}")
 
     @property
@@ -89,19 +93,27 @@ class SpeculationConfig:
             raise ConfigError(f"num_speculative_tokens {self.num_speculative_tokens} leaves no room in max_length "
                               f"{max_length}: a step writes K+1 cache slots past the sequence")
 
-    def resolved(self, drafter_has_datastore: bool) -> "SpeculationConfig":
+    def resolved(self, drafter_has_datastore: bool, batch_size: int = 1) -> "SpeculationConfig":
         """Every value concrete: plain decoding drafts nothing (K 0, no lookup); an "auto" datastore is on
-        where lookup is and the drafter has one; an unset short K is the configuration's default."""
+        where lookup is and the drafter has one; an unset short K and an "auto" plain step are the
+        configuration's defaults for `batch_size` slots."""
         if self.plain:
-            return SpeculationConfig("plain", 0, 0, False, 0)
+            return SpeculationConfig("plain", 0, 0, False, 0, False)
         datastore = self.datastore
         if datastore == "auto":
             datastore = bool(self.lookup_ngram) and drafter_has_datastore
         short = self.short_draft_tokens
         if short is None:
-            short = (DEFAULT_SHORT_DRAFT_TOKENS if self.lookup_ngram and not datastore
-                     and self.num_speculative_tokens > DEFAULT_SHORT_DRAFT_TOKENS else 0)
-        return dataclasses.replace(self, datastore=datastore, short_draft_tokens=short)
+            wanted = batch_size > 1 or (self.lookup_ngram and not datastore)
+            short = DEFAULT_SHORT_DRAFT_TOKENS if wanted and self.num_speculative_tokens > DEFAULT_SHORT_DRAFT_TOKENS else 0
+        plain_step = batch_size > 1 if self.plain_step == "auto" else self.plain_step
+        return dataclasses.replace(self, datastore=datastore, short_draft_tokens=short, plain_step=plain_step)
+
+    @property
+    def step_ks(self) -> tuple[int, ...]:
+        """The K of every step graph (resolved settings), longest first: K, the short K, 0."""
+        return ((self.num_speculative_tokens,) + ((self.short_draft_tokens,) if self.short_draft_tokens else ())
+                + ((0,) if self.plain_step is True else ()))
 
     def describe(self) -> str:
         """One line for people: the method, K and what drafts besides the drafter."""
@@ -110,8 +122,8 @@ class SpeculationConfig:
         text = f"{'P-EAGLE' if self.mode == 'parallel' else 'sequential drafting'}, K={self.num_speculative_tokens}"
         if self.lookup_ngram:
             text += f", context lookup of up to {self.lookup_ngram}-grams"
-        if self.short_draft_tokens:
-            text += f", K={self.short_draft_tokens} where it finds nothing"
+        if self.short_draft_tokens or self.plain_step is True:
+            text += f", K of {{{', '.join(map(str, self.step_ks))}}} chosen per step by cost"
         if self.datastore is True:
             text += ", the drafter's n-gram datastore"
         return text

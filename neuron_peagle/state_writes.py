@@ -2,11 +2,12 @@
 
 A graph's state (KV caches, the speculative state, the lookup history) is the buffers of
 `StateModule`s, and persists between graph calls. A state module writes only its own buffers, and only
-through its three write methods (`assign`, `scatter`, `write_slice`), in the way its `writes` says.
+through its four write methods (`assign`, `scatter`, `write_slice`, `put_rows`), in the way its `writes`
+says.
 The backend picks that way once, when it prepares the modules (`use_state_writes`):
 
 - `IN_PLACE` (the default; inductor, TorchNeuron, xla): the buffer keeps its storage and is written
-  by `copy_`, `scatter_` or a slice's `copy_`. torch.compile functionalizes in-place mutations itself
+  by `copy_`, `scatter_`, a slice's `copy_` or `index_copy_`. torch.compile functionalizes in-place mutations itself
   and writes them back into the same buffers; torch-xla donates a buffer updated in place to its new
   value (an input-output alias), where a rebinding would copy it.
 - `IN_PLACE_INT16` (eager CPU): the same, except that a scatter into a 16-bit buffer writes the same
@@ -14,7 +15,7 @@ The backend picks that way once, when it prepares the modules (`use_state_writes
   every call (1.7 ms for a [32, 3, 512, 64] bf16 KV cache against 0.013 ms in float32); the int16
   scatter does not. Only outside torch.compile: inside it the plain scatter is used.
 - `REBIND` (nxd): the buffer attribute is rebound to the result of an out-of-place op
-  (`torch.scatter`, `torch.slice_scatter`, a fresh copy), of the same shape and dtype.
+  (`torch.scatter`, `torch.slice_scatter`, `torch.index_copy`, a fresh copy), of the same shape and dtype.
   neuronx-distributed's tracer aliases a buffer to its update only in this form and documents
   in-place ops on buffers as not supported.
 
@@ -75,6 +76,36 @@ class StateModule(nn.Module):
             return self._rebind(name, torch.slice_scatter(buffer, value.to(buffer.dtype), dim, start, end))
         buffer.narrow(dim, start, end - start).copy_(value)
         return buffer
+
+    def put_rows(self, name: str, rows: Tensor, value: Tensor, dim: int | None = None, length: int = 0) -> Tensor:
+        """Buffer `name`'s batch rows `rows` [R] := `value` [R, ...]; with `dim`, only positions [0, length)
+        of that dimension (`value` has `length` there), the rest of those rows kept."""
+        buffer = self._state(name)
+        value = value.to(buffer.dtype)
+        part = buffer if dim is None else buffer.narrow(dim, 0, length)
+        if self.writes is StateWrites.REBIND:
+            new = torch.index_copy(part, 0, rows, value)
+            if dim is not None:
+                new = torch.slice_scatter(buffer, new, dim, 0, length)
+            return self._rebind(name, new)
+        part.index_copy_(0, rows, value)
+        return buffer
+
+    def prefill_extent(self, name: str, bucket: int) -> tuple[int, int] | None:
+        """What of buffer `name`'s row a prefill of `bucket` tokens leaves for later calls to read:
+        (dim, length) for positions [0, length) of `dim`, or None for the whole row (the default)."""
+        return None
+
+    def take_rows(self, source: "StateModule", rows: Tensor, bucket: int) -> None:
+        """Rows `rows` [R] of every buffer := what a prefill of `bucket` tokens left in `source`, a module
+        of the same kind with R rows (graphs.slots: a one-sequence prefill entering its slot)."""
+        for name, value in source.named_buffers(recurse=False):
+            extent = self.prefill_extent(name, bucket)
+            if extent is None:
+                self.put_rows(name, rows, value)
+            else:
+                dim, length = extent
+                self.put_rows(name, rows, value.narrow(dim, 0, length), dim, length)
 
     def _state(self, name: str) -> Tensor:
         buffer = self._buffers.get(name)

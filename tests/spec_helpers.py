@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 
 import torch
@@ -47,14 +48,21 @@ def table_engine(model_dir: Path, k: int, batch_size: int, max_length: int = 256
     lookup, and with `datastore` (a datastore file) behind the n-gram datastore too."""
     build = BuildConfig(batch_size=batch_size, max_length=max_length, prefill_buckets=buckets, backend=backend)
     target = TargetModel.from_pretrained(model_dir, max_length)
-    proposer = TableProposer(batch_size, max_length)
-    if lookup_ngram:
+    store = None
+    if lookup_ngram and datastore is not None:
         from neuron_peagle.datastore import load_datastore
-        from neuron_peagle.graphs.lookup import LookupProposer
 
-        store = load_datastore(datastore, target.config.vocab_size) if datastore is not None else None
-        proposer = LookupProposer(proposer, batch_size, max_length, k, lookup_ngram, store)
-    runner = SpecRunner(target, proposer, build, get_backend(backend), k)
+        store = load_datastore(datastore, target.config.vocab_size)
+
+    def make_proposer(rows: int):
+        proposer = TableProposer(rows, max_length)
+        if lookup_ngram:
+            from neuron_peagle.graphs.lookup import LookupProposer
+
+            proposer = LookupProposer(proposer, rows, max_length, k, lookup_ngram, store)
+        return proposer
+
+    runner = SpecRunner(target, make_proposer, build, get_backend(backend), (k,))
     speculation = SpeculationConfig(num_speculative_tokens=k, **{**DRAFTER_ALONE, "lookup_ngram": lookup_ngram,
                                                                  "datastore": datastore is not None})
     return Engine(Path(model_dir), target, load_tokenizer(model_dir), build, runner, speculation)
@@ -76,16 +84,38 @@ def fill_table(engine: Engine, prompts: list[list[int]], continuations: list[lis
 
 
 def record_ks(engine: Engine) -> list[int]:
-    """The K of every step `engine` runs from now on (adaptive K picks one per step)."""
+    """The K of every step `engine` runs from now on (chosen per step: runtime/k_choice.py)."""
     used: list[int] = []
-    next_k = engine.runner.next_k
-    engine.runner.next_k = lambda: used.append(next_k()) or used[-1]
+    step = engine.runner.step
+
+    def recording():
+        tokens, counts = step()
+        used.append(tokens.shape[1] - 1)
+        return tokens, counts
+
+    engine.runner.step = recording
     return used
+
+
+def cycle_ks(engine: Engine, ks: list[int]) -> None:
+    """Make `engine`'s steps run the K of `ks` in turn, whatever the cost model would choose."""
+    from neuron_peagle.runtime.k_choice import KChoice
+
+    chooser = engine.runner.chooser
+    turn = itertools.cycle(ks)
+    chooser.choose = lambda known: KChoice(next(turn), len(known), {}, {})
+    chooser.chooses = True
+    chooser.step_seconds.update({k: 1.0 for k in chooser.ks})  # nothing to calibrate
+
+
+def set_step_seconds(engine: Engine, seconds: dict[int, float]) -> None:
+    """Step times for `engine`'s K choice, as if measured (no calibration runs then)."""
+    engine.runner.chooser.step_seconds.update(seconds)
 
 
 SPECULATION_FIELDS = {f.name for f in dataclasses.fields(SpeculationConfig)}
 # What these tests were written against: the drafter alone (no context lookup, no datastore, every step K).
-DRAFTER_ALONE = {"lookup_ngram": 0, "datastore": False, "short_draft_tokens": 0}
+DRAFTER_ALONE = {"lookup_ngram": 0, "datastore": False, "short_draft_tokens": 0, "plain_step": False}
 
 
 def make_engine(model_dir=None, drafter_dir=None, **options) -> Engine:
@@ -94,3 +124,13 @@ def make_engine(model_dir=None, drafter_dir=None, **options) -> Engine:
     go into `speculation`, the rest are the build's."""
     fields = {name: options.pop(name) for name in list(options) if name in SPECULATION_FIELDS}
     return Engine.from_pretrained(model_dir, drafter_dir, SpeculationConfig(**{**DRAFTER_ALONE, **fields}), **options)
+
+
+def nxd_plan(engine: Engine) -> list:
+    """`engine`'s planned graphs as the nxd backend prepares them: every graph holding every state module
+    (backends.nxd_graphs.hold_every_state)."""
+    from neuron_peagle.backends.nxd_graphs import hold_every_state
+    from neuron_peagle.graphs.interface import plan
+
+    hold_every_state(list({id(s.module): s.module for s in plan(engine.runner)}.values()))
+    return plan(engine.runner)

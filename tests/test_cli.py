@@ -75,7 +75,7 @@ def test_context_lookup_is_on_by_default_in_speculative_modes_and_off_in_plain(t
     assert json.loads(capsys.readouterr().out)["lookup_ngram"] == 0
 
 
-def test_adaptive_k_is_on_by_default_where_lookup_is_and_k_is_longer(tiny_llama_dir, capsys):
+def test_the_short_k_is_on_by_default_where_lookup_is_and_k_is_longer(tiny_llama_dir, capsys):
     from neuron_peagle.speculation import DEFAULT_SHORT_DRAFT_TOKENS
 
     def short_k(*args: str) -> int:
@@ -88,9 +88,9 @@ def test_adaptive_k_is_on_by_default_where_lookup_is_and_k_is_longer(tiny_llama_
     assert short_k("--lookup-ngram", "0") == 0
     assert short_k("--mode", "plain") == 0
     assert short_k("--short-draft-tokens", "2") == 2
-    assert main(["generate", "hi", "--model", str(tiny_llama_dir), "--lookup-ngram", "0",
-                 "--short-draft-tokens", "2", *TINY_ARGS]) == 2
-    assert "needs context lookup" in capsys.readouterr().err
+    assert short_k("--lookup-ngram", "0", "--short-draft-tokens", "2") == 2  # chosen by cost, lookup or not
+    assert main(["generate", "hi", "--model", str(tiny_llama_dir), "--short-draft-tokens", "7", *TINY_ARGS]) == 2
+    assert "(a second K) must be below --num-speculative-tokens 7, got 7" in capsys.readouterr().err
 
 
 def test_datastore_option_is_auto_by_default_and_refused_where_there_is_none(tiny_llama_dir, capsys):

@@ -34,7 +34,7 @@ from neuron_peagle.config import BuildConfig
 from neuron_peagle.errors import ArtifactError, BackendUnavailableError, ConfigError
 from neuron_peagle.runtime.engine import Engine, SamplingParams
 from neuron_peagle.speculation import SpeculationConfig
-from spec_helpers import DRAFTER_ALONE, make_engine, record_ks
+from spec_helpers import DRAFTER_ALONE, cycle_ks, make_engine, record_ks
 
 REPO = Path(__file__).resolve().parent.parent
 PLAIN = SpeculationConfig(mode="plain")
@@ -42,9 +42,9 @@ SHAPES = dict(mode="parallel", num_speculative_tokens=3, batch_size=2, max_lengt
               lookup_ngram=3, short_draft_tokens=2)
 BUILD_ARGS = ["--mode", "parallel", "-k", "3", "--batch-size", "2", "--max-length", "96", "--lookup-ngram", "3",
               "--short-draft-tokens", "2"]
-# Adaptive K: a step graph for K=3 and one for the short K=2.
+# A step graph per K the engine may choose: K=3, the short K=2 and (batch 2) K=0.
 GRAPHS = {f"spec_prefill_b{b}_{v}" for b in (16, 32) for v in ("greedy", "sampling")} | {
-    "spec_step_greedy", "spec_step_sampling", "spec_step_k2_greedy", "spec_step_k2_sampling"}
+    f"spec_step_{k}{v}" for k in ("", "k2_", "k0_") for v in ("greedy", "sampling")}
 SHORT = [[5, 6, 7], [8, 9, 10, 11, 12]]  # bucket 16
 LONG = [list(range(20, 45)), list(range(50, 80))]  # bucket 32
 
@@ -177,10 +177,11 @@ def test_from_compiled_generates_the_eager_tokens_and_compiles_nothing(compiled_
     sampled = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.95, seed=3, ignore_eos=True)
     start = engine.backend.compile_count()
     used_ks = record_ks(engine)  # (the recording stays on the shared engine: it only listens)
+    cycle_ks(engine, [3, 0, 2])
     got = [o.output_ids for o in engine.generate(SHORT + LONG, greedy)]
     engine.generate(SHORT + LONG, sampled)
     assert engine.backend.compile_count() == start
-    assert set(used_ks) == {3, 2}  # both step graphs ran (adaptive K)
+    assert set(used_ks) == {3, 2, 0}  # every step graph ran
     assert got == [o.output_ids for o in eager.generate(SHORT + LONG, greedy)]
 
 

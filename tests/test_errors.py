@@ -43,7 +43,7 @@ def test_max_new_tokens_beyond_max_length(engine):
 
 def test_bad_prompt_in_a_list_is_caught_before_any_work(engine, monkeypatch):
     calls = []
-    monkeypatch.setattr(engine.runner, "prefill", lambda prompts: calls.append(prompts))
+    monkeypatch.setattr(engine.runner, "admit", lambda *args: calls.append(args))
     with pytest.raises(PromptError, match="prompt 3"):
         engine.generate([[5, 6], [7, 8], []], SamplingParams(max_new_tokens=4))
     assert calls == []

@@ -381,7 +381,7 @@ def engine(tiny_llama_dir) -> Engine:
 @pytest.fixture
 def no_prefill(engine, monkeypatch):
     """Make a prefill an error: a refusal must come before it."""
-    monkeypatch.setattr(engine.runner, "prefill", lambda *args: pytest.fail("the prefill ran before the refusal"))
+    monkeypatch.setattr(engine.runner, "admit", lambda *args: pytest.fail("the prefill ran before the refusal"))
 
 
 @pytest.mark.parametrize("keyword, value, message", [

@@ -24,14 +24,14 @@ from neuron_peagle.speculation import DEFAULT_LOOKUP_NGRAM
 from neuron_peagle.errors import BackendUnavailableError
 from neuron_peagle.graphs.interface import plan
 from neuron_peagle.runtime.engine import Engine, SamplingParams
-from spec_helpers import record_ks, make_engine
+from spec_helpers import cycle_ks, make_engine, record_ks
 from test_datastore import small_model_with_datastore  # noqa: F401  (a fixture)
 
 GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
 SAMPLED = SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=0.9, top_k=20, seed=11)
-# Every proposer of a step graph at once: drafter, context lookup, datastore, and adaptive K's second graph.
+# Every proposer of a step graph at once: drafter, context lookup, datastore, and a step graph per K (4, 2, 0).
 SPEC = dict(num_speculative_tokens=4, max_length=96, prefill_buckets=(16,), lookup_ngram=2, datastore=True,
-            short_draft_tokens=2)
+            short_draft_tokens=2, plain_step=True)
 PROMPTS = [[4, 7, 12], [20, 21, 22, 23], [5, 7, 13, 5, 7], [30, 31]]
 
 
@@ -48,11 +48,13 @@ def test_speculative_graphs_compile_once_and_equal_eager(small_model_with_datast
     eager = make_engine(model_dir, drafter_dir, batch_size=batch_size, **SPEC)
     graphs_before = compiled_graph_count()
     warmed = compiled.warm()
-    # prefill, long-K step, short-K step; greedy and sampling: one dynamo graph each (fullgraph: no breaks)
-    assert len(warmed) == 6 and compiled.backend.compile_count() == 6
-    assert compiled_graph_count() - graphs_before == 6
+    # prefill, steps of K 4, 2, 0; greedy and sampling: one dynamo graph each (fullgraph: no breaks)
+    assert len(warmed) == 8 and compiled.backend.compile_count() == 8
+    assert compiled_graph_count() - graphs_before == 8
 
     ks = record_ks(compiled)
+    for engine in (compiled, eager):  # the same K per step in both (the cost model would time each its own)
+        cycle_ks(engine, [4, 0, 2, 0])
     for params in (GREEDY, SAMPLED):
         got = compiled.generate(PROMPTS, params)
         want = eager.generate(PROMPTS, params)
@@ -65,9 +67,9 @@ def test_speculative_graphs_compile_once_and_equal_eager(small_model_with_datast
                 torch.testing.assert_close(state[name], reference[name], rtol=1e-4, atol=1e-4, msg=name)
             else:
                 assert torch.equal(state[name], reference[name]), name
-    assert set(ks) == {4, 2}  # both step graphs ran
+    assert set(ks) == {4, 2, 0}  # every step graph ran
     # Whole generations, greedy and sampled, compiled nothing more.
-    assert compiled.backend.compile_count() == 6 and compiled_graph_count() - graphs_before == 6
+    assert compiled.backend.compile_count() == 8 and compiled_graph_count() - graphs_before == 8
 
 
 def test_plain_graphs_compile_once_per_bucket(tiny_llama_dir):

@@ -72,7 +72,8 @@ CAPTURE = textwrap.dedent("""
     kernels.HAVE_NKI = True  # the mode check only; nothing of nki runs
     launch._jit = StandIn
     build = BuildConfig(batch_size=2, max_length=64, prefill_buckets=(16,), backend="neuron", kernels=mode, lnc=lnc)
-    speculation = SpeculationConfig(mode="parallel", num_speculative_tokens=3, lookup_ngram=0, datastore=False)
+    speculation = SpeculationConfig(mode="parallel", num_speculative_tokens=3, lookup_ngram=0, datastore=False,
+                                    plain_step=False)
     engine = Engine.from_build(model_dir, drafter_dir, speculation, build, backend=get_backend("eager"))
     report = {}
     fake = FakeTensorMode(allow_non_fake_inputs=True)

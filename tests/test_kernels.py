@@ -425,8 +425,9 @@ def run_steps(target, drafter, kernels, unfused, prompts, bucket, k, parallel, s
     zeros, ones = torch.zeros(batch), torch.ones(batch)
     history = []
     with torch.no_grad():
-        prefill(*SpecPrefillInputs(ids, torch.tensor([len(p) for p in prompts]), zeros, zeros.long(), ones,
-                                   torch.rand(batch, 1)))
+        # No one-row twin here: the prefill graph runs on the whole batch's state (slot unused).
+        prefill(*SpecPrefillInputs(ids, torch.tensor([len(p) for p in prompts]), torch.zeros(1, dtype=torch.int64),
+                                   zeros, zeros.long(), ones, torch.rand(batch, 1)))
         for _ in range(steps):
             out = step(*SpecStepInputs(zeros, zeros.long(), ones, torch.rand(batch, k), torch.rand(batch, k + 1)))
             history.append((drafts[-1], out.tokens, out.counts))

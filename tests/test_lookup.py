@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import NEW_TOKENS, save_tiny_model
-from spec_helpers import record_ks, make_engine
+from spec_helpers import make_engine, record_ks, set_step_seconds
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.datastore import datastore_from_entries
 from neuron_peagle.graphs.datastore_lookup import EMPTY
@@ -131,13 +131,12 @@ def test_lookup_needs_a_speculative_mode_and_a_positive_ngram(tiny_llama_dir):
         make_engine(tiny_llama_dir, lookup_ngram=-1, max_length=64, prefill_buckets=(16,))
 
 
-def test_adaptive_k_needs_lookup_and_a_shorter_k(tiny_llama_dir):
+def test_a_second_k_must_be_shorter_and_plain_step_a_flag(tiny_llama_dir):
     shapes = dict(max_length=64, prefill_buckets=(16,))
-    with pytest.raises(ConfigError, match="needs context lookup"):
-        make_engine(tiny_llama_dir, num_speculative_tokens=4, short_draft_tokens=2, **shapes)
     with pytest.raises(ConfigError, match="must be below num_speculative_tokens 4, got 4"):
-        make_engine(tiny_llama_dir, num_speculative_tokens=4, lookup_ngram=2, short_draft_tokens=4,
-                               **shapes)
+        make_engine(tiny_llama_dir, num_speculative_tokens=4, lookup_ngram=2, short_draft_tokens=4, **shapes)
+    with pytest.raises(ConfigError, match="plain_step must be True, False or 'auto', got 'yes'"):
+        make_engine(tiny_llama_dir, plain_step="yes", **shapes)
 
 
 def test_adaptive_k_runs_both_step_graphs_and_changes_no_token(small_vocab_dir):
@@ -147,6 +146,7 @@ def test_adaptive_k_runs_both_step_graphs_and_changes_no_token(small_vocab_dir):
     plain = make_engine(small_vocab_dir, mode="plain", **shapes)
     adaptive = make_engine(small_vocab_dir, num_speculative_tokens=4, lookup_ngram=2,
                                       short_draft_tokens=1, **shapes)
+    set_step_seconds(adaptive, {4: 1.0, 1: 0.6})  # K=4 pays where lookup copies, K=1 elsewhere
     used = record_ks(adaptive)
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     for batch in (REPEATING, REPEATING[1:]):
@@ -159,13 +159,12 @@ def test_adaptive_k_runs_both_step_graphs_and_changes_no_token(small_vocab_dir):
 @pytest.mark.slow
 def test_lookup_with_the_shipped_drafter_is_exact_and_accepts_more(prompt_ids, hf_greedy):
     """Batch 4, twelve prompts: the same tokens as transformers, and copied drafts raise the
-    acceptance length over the drafter alone; with adaptive K, both of its step graphs run; with the
-    shipped n-gram datastore, its drafts change no token either."""
+    acceptance length over the drafter alone (every step K=5: the K choice is tested on its own); with
+    the shipped n-gram datastore, its drafts change no token either."""
     lengths = {}
     prompt_ids, hf_greedy = prompt_ids[:12], hf_greedy[:12]
-    # The drafter alone, and with lookup, adaptive K (whose long-K steps are lookup's own steps) and the
-    # datastore.
-    for ngram, short in ((0, 0), (2, 2)):
+    # The drafter alone, and with lookup and the datastore.
+    for ngram, short in ((0, 0), (2, 0)):
         engine = make_engine(None, num_speculative_tokens=5, batch_size=4, max_length=256,
                                         prefill_buckets=(64, 128), lookup_ngram=ngram, short_draft_tokens=short,
                                         datastore=bool(ngram))
@@ -176,7 +175,7 @@ def test_lookup_with_the_shipped_drafter_is_exact_and_accepts_more(prompt_ids, h
         assert not mismatches, (f"lookup_ngram={ngram}, short K {short}: prompts {mismatches} differ from "
                                 "transformers' greedy output")
         lengths[ngram, short] = sum(o.stats.acceptance_length for o in outputs) / len(outputs)
-    assert lengths[2, 2] > lengths[0, 0] + 0.1, lengths
+    assert lengths[2, 0] > lengths[0, 0] + 0.1, lengths
 
 
 @pytest.mark.xla
@@ -200,20 +199,22 @@ def test_lookup_on_xla_compiles_once_and_equals_eager(tiny_llama_dir):
     assert [o.output_ids for o in both] == [o.output_ids for o in want]
 
 
-def test_adaptive_k_is_chosen_by_live_rows_only(small_vocab_dir):
-    """A padding row of a short batch, or a finished row, never makes the steps long."""
-    from neuron_peagle.runtime.batch import BatchSampling
-
+def test_k_is_chosen_by_the_occupied_slots_only(small_vocab_dir):
+    """A free slot (never filled, or finished) never steers the K choice: its copied drafts do not count."""
     engine = make_engine(small_vocab_dir, num_speculative_tokens=3, lookup_ngram=2, short_draft_tokens=1,
-                                    batch_size=2, max_length=96, prefill_buckets=(32,))
+                         batch_size=2, max_length=96, prefill_buckets=(32,))
+    set_step_seconds(engine, {3: 1.0, 1: 0.7})
     runner = engine.runner
-    runner.prefill([REPEATING[0]], BatchSampling.from_params([PARAMS], 2))  # row 1 pads the batch
-    runner._known_drafts = torch.tensor([0, 2])
-    assert runner.next_k() == 1
-    runner._known_drafts = torch.tensor([2, 0])
-    assert runner.next_k() == 3
+    runner.admit(0, REPEATING[0], PARAMS)  # slot 1 stays free
+    chosen = []
+    choose = runner.chooser.choose
+    runner.chooser.choose = lambda known: chosen.append(known) or choose(known)
+    runner._known_drafts = torch.tensor([0, 3])
+    runner.step()
     runner.retire(0)
-    assert runner.next_k() == 1
+    runner.step()
+    assert chosen == [[0], []]
+    assert choose([3]).k == 3 and choose([0]).k == 1  # what slot 1's copies would have chosen, and slot 0's
 
 
 @pytest.mark.xla
@@ -223,6 +224,7 @@ def test_adaptive_k_on_xla_compiles_one_graph_per_k_and_equals_eager(small_vocab
                   short_draft_tokens=1)
     xla = make_engine(small_vocab_dir, backend="xla", **kwargs)
     eager = make_engine(small_vocab_dir, **kwargs)
+    set_step_seconds(xla, {3: 1.0, 1: 0.6})  # K=3 pays where lookup copies, K=1 elsewhere
     used = record_ks(xla)
     prompts = REPEATING
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from compile.build import BuildRequest, build_artifacts
 from neuron_peagle.runtime.manifest import Manifest, tensor_infos
-from neuron_peagle.graphs.interface import plan
+from neuron_peagle.graphs.interface import plan, target_caches
 from conftest import save_tiny_model
 from neuron_peagle.backends.nxd import INSTALL_HINT
 from neuron_peagle.backends.nxd_graphs import NxdBundle
@@ -40,7 +40,7 @@ from neuron_peagle.models.weights import read_safetensors_dir
 from neuron_peagle.parallel import TensorParallel
 from neuron_peagle.runtime.engine import Engine, SamplingParams
 from neuron_peagle.speculation import SpeculationConfig
-from spec_helpers import DRAFTER_ALONE, make_engine
+from spec_helpers import DRAFTER_ALONE, make_engine, nxd_plan
 
 # The nxd backend (NxD, trn1) lives in the torch-xla environment, and so do its tests.
 pytestmark = pytest.mark.xla
@@ -174,7 +174,7 @@ def test_a_degree_that_does_not_divide_is_refused_before_anything_changes(models
     target = TargetModel.from_pretrained(models["llama"], 32)
     before = {n: t.clone() for n, t in target.state_dict().items()}
     with pytest.raises(ConfigError, match=r"attention heads \(6\) is not divisible by tp_degree 4"):
-        shard_target(target, target.new_cache(1), TensorParallel(4), rank_layers({}, 4, 0))
+        shard_target(target, [target.new_cache(1)], TensorParallel(4), rank_layers({}, 4, 0))
     assert all(torch.equal(before[n], t) for n, t in target.state_dict().items())
     assert type(target.layers[0].self_attn.qkv_proj).__name__ == "Linear"
 
@@ -203,7 +203,7 @@ def test_ranks_on_their_shards_compute_the_whole_layer(models, family, degree):
     num_kv = whole.config.num_key_value_heads
     for rank in range(degree):
         target, rank_cache = copy.deepcopy(whole), whole.new_cache(2)
-        swaps = shard_target(target, rank_cache, tp, rank_layers(wholes, degree, rank))
+        swaps = shard_target(target, [rank_cache], tp, rank_layers(wholes, degree, rank))
         assert [s.plan.name for s in swaps] == [p.name for p in plan_projections(whole, tp)]
         attn = target.layers[1].self_attn
         assert (attn.num_heads, attn.num_kv_heads) == (HEADS // degree, len(tp.kv_heads(num_kv)))
@@ -238,7 +238,7 @@ def test_moe_ranks_on_their_heads_sinks_and_experts_compute_the_whole_layer(mode
     share = 6 // degree
     for rank in range(degree):
         target, rank_cache = copy.deepcopy(whole), whole.new_cache(2)
-        shard_target(target, rank_cache, tp, rank_layers(wholes, degree, rank))
+        shard_target(target, [rank_cache], tp, rank_layers(wholes, degree, rank))
         parts = split_rank_tensors(target, tp, nn.Identity)
         for part in parts:
             part.use(rank)
@@ -259,7 +259,8 @@ def test_each_ranks_weight_dict_holds_its_own_experts_and_sinks(models):
     whole = copy.deepcopy(engine.target)
     tp = TensorParallel(degree)
     wholes = wholes_of(engine.target, tp)
-    swaps = shard_target(engine.target, engine.runner.cache, tp, rank_layers(wholes, degree, 0))
+    caches = target_caches([s.module for s in plan(engine.runner)])
+    swaps = shard_target(engine.target, caches, tp, rank_layers(wholes, degree, 0))
     parts = split_rank_tensors(engine.target, tp, nn.Identity)
 
     def same_dict_for_every_rank(checkpoint, model):  # NxD's rule for tensors outside its parallel layers
@@ -267,7 +268,7 @@ def test_each_ranks_weight_dict_holds_its_own_experts_and_sinks(models):
         return [dict(kept) for _ in range(degree)]
 
     sharding = NxdTensorParallel(degree, swaps, engine.target.config, same_dict_for_every_rank, parts)
-    specs = plan(engine.runner)
+    specs = nxd_plan(engine)
     sharding.persist_tables(specs)
     bundle = NxdBundle.of(specs)
     ranks = sharding.rank_checkpoints(bundle, sharding.whole_checkpoint(bundle))
@@ -288,8 +289,9 @@ def sharded_engine(model_dir: Path, degree: int):
     engine = make_engine(model_dir, **ENGINE)
     tp = TensorParallel(degree)
     wholes = wholes_of(engine.target, tp)
-    swaps = shard_target(engine.target, engine.runner.cache, tp, rank_layers(wholes, degree, 0))
-    specs = plan(engine.runner)
+    caches = target_caches([s.module for s in plan(engine.runner)])
+    swaps = shard_target(engine.target, caches, tp, rank_layers(wholes, degree, 0))
+    specs = nxd_plan(engine)
     return engine, NxdTensorParallel(degree, swaps, engine.target.config), specs, wholes
 
 
@@ -348,7 +350,7 @@ def test_the_surgery_on_the_xla_device_traces_a_ranks_graph(models):
     engine = make_engine(models["qwen2"], **{**ENGINE, "backend": "xla"})
     tp = TensorParallel(degree)
     wholes = {name: {k: t.cpu() for k, t in tensors.items()} for name, tensors in wholes_of(engine.target, tp).items()}
-    shard_target(engine.target, engine.runner.cache, tp, rank_layers(wholes, degree, 0))
+    shard_target(engine.target, target_caches([s.module for s in plan(engine.runner)]), tp, rank_layers(wholes, degree, 0))
     assert engine.target.layers[0].self_attn.qkv_proj.weight.device.type == "xla"
     assert engine.runner.cache.key_0.device.type == "xla"
     spec = next(s for s in plan(engine.runner) if s.kind == "spec_step")

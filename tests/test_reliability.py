@@ -113,6 +113,7 @@ def _bad_values(paths: dict[str, Path]) -> dict[str, st.SearchStrategy[str]]:
         "--lnc": st.text(max_size=8).filter(lambda t: t not in ("auto", "1")),  # 2: not off NeuronCores
         "--mode": st.text(max_size=8).filter(lambda t: t not in ("plain", "sequential", "parallel")),
         "--datastore": st.text(max_size=8).filter(lambda t: t not in ("auto", "on", "off")),
+        "--plain-step": st.text(max_size=8).filter(lambda t: t not in ("auto", "on", "off")),
         "--model": path("missing", "file", "dir"),
         "--drafter": path("missing", "file", "dir"),
         "--artifacts": path("missing", "file", "dir"),
@@ -299,23 +300,29 @@ def _json_run(capsys, model_dir, *args) -> str:
 
 # ---- interrupted runs keep every finished record -----------------------------------------------------
 
-def test_interrupt_keeps_the_finished_records_in_order(monkeypatch, tmp_path, capsys, tiny_llama_dir):
+def _interrupt_at_admission(monkeypatch, number: int) -> None:
+    """Ctrl-C when the `number`-th request (from 1) is about to enter a slot."""
     from neuron_peagle.runtime import host_loop
 
+    admitted = []
+    real_admit = host_loop._admit
+
+    def admit(*args, **kwargs):
+        admitted.append(1)
+        if len(admitted) == number:
+            raise KeyboardInterrupt
+        return real_admit(*args, **kwargs)
+
+    monkeypatch.setattr(host_loop, "_admit", admit)
+
+
+def test_interrupt_keeps_the_finished_records_in_order(monkeypatch, tmp_path, capsys, tiny_llama_dir):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"prompt number {i}"}) + "\n" for i in range(7)))
-    batches = []
-    real_run_batch = host_loop.run_batch
-
-    def run_batch(*args, **kwargs):  # Ctrl-C during the third batch
-        batches.append(1)
-        if len(batches) == 3:
-            raise KeyboardInterrupt
-        return real_run_batch(*args, **kwargs)
-
-    monkeypatch.setattr("neuron_peagle.runtime.engine.run_batch", run_batch)
+    # Two slots, every request 5 tokens: requests 3 and 4 finish together, then request 5 would enter.
+    _interrupt_at_admission(monkeypatch, 5)
     code = main(["generate", "--prompts-file", str(prompts), "--model", str(tiny_llama_dir), "--json",
-                 "--batch-size", "2", *TINY])
+                 "--batch-size", "2", "--ignore-eos", *TINY])
     out, err = capsys.readouterr()
     assert code == 130, err
     records = [json.loads(line) for line in out.splitlines()]
@@ -325,17 +332,8 @@ def test_interrupt_keeps_the_finished_records_in_order(monkeypatch, tmp_path, ca
 
 
 def test_the_api_hands_over_finished_outputs_when_interrupted(engine, monkeypatch):
-    from neuron_peagle.runtime import host_loop
-
     seen = []
-    real = host_loop.run_batch
-
-    def run_batch(runner, prompts, *args, **kwargs):
-        if len(seen) == 2:
-            raise KeyboardInterrupt
-        return real(runner, prompts, *args, **kwargs)
-
-    monkeypatch.setattr("neuron_peagle.runtime.engine.run_batch", run_batch)
+    _interrupt_at_admission(monkeypatch, 3)  # one slot: requests 0 and 1 are finished by then
     with pytest.raises(GenerationInterrupted) as stop:
         engine.generate([[5, 6], [7, 8], [9, 10]], SamplingParams(max_new_tokens=3),
                         on_output=lambda i, out: seen.append(i))

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from conftest import save_tiny_model
-from neuron_peagle.runtime.batch import BatchSampling
 from neuron_peagle.runtime.engine import SamplingParams
 from spec_helpers import fill_table, record_ks, table_engine, make_engine
 
@@ -31,7 +30,8 @@ def test_target_cache_at_committed_positions_equals_plain_decoding(tiny_llama_di
         engine = table_engine(tiny_llama_dir, 3, 2, max_length=96, buckets=(16,))
         fill_table(engine, PROMPTS, reference, wrong_fraction=0.3)
     runner = engine.runner
-    runner.prefill(PROMPTS, BatchSampling.from_params([SamplingParams()], 2))
+    for slot, prompt in enumerate(PROMPTS):
+        runner.admit(slot, prompt, SamplingParams())
     committed = [1, 1]
     for _ in range(12):
         tokens, counts = runner.step()
@@ -182,7 +182,8 @@ def test_the_timed_step_runs_the_step_graphs_parts_with_a_clock_and_changes_noth
 
     engine = make_engine(tiny_llama_dir, mode="parallel", num_speculative_tokens=3, batch_size=2, max_length=96,
                          prefill_buckets=(16,))
-    engine.runner.prefill(PROMPTS, BatchSampling.from_params([SamplingParams()], 2))
+    for slot, prompt in enumerate(PROMPTS):
+        engine.runner.admit(slot, prompt, SamplingParams())
     spec = next(s for s in plan(engine.runner) if s.name == "spec_step_sampling")
     start = {name: b.clone() for name, b in spec.state_buffers.items()}
     results = []

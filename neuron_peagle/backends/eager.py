@@ -33,7 +33,7 @@ class EagerBackend:
     def run(self, graph: nn.Module, inputs: tuple[Tensor, ...]):
         # Shapes cost nothing here: attention reads only the cache slots the call can see (rounded up),
         # not all of max_length as a compiled graph must.
-        cache = getattr(graph, "cache", None)
+        cache = getattr(graph, "target_cache", None)
         if cache is not None:
             cache.read_length = cache.rounded_read_length(graph.cache_extent(inputs))
         with torch.inference_mode():

@@ -23,9 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from neuron_peagle.backends.base import held_modules
-from neuron_peagle.backends.nxd_graphs import NxdBundle, graph_kwargs
+from neuron_peagle.backends.nxd_graphs import NxdBundle, graph_kwargs, hold_every_state
 from neuron_peagle.backends.nxd_sdk import INSTALL_HINT, require_sdk
 from neuron_peagle.config import BACKENDS
+from neuron_peagle.graphs.interface import target_caches
 from neuron_peagle.errors import ArtifactError, BackendUnavailableError
 from neuron_peagle.runtime.manifest import NEURON_MODEL_FILE
 from neuron_peagle.state_writes import StateWrites, use_state_writes
@@ -57,14 +58,15 @@ class NxdBackend:
 
     def prepare(self, graphs: Sequence[nn.Module]) -> None:
         """Weights stay on the host: `load` hands them, as one dict, to the NxDModel (whose compiler lays
-        them out). Sharded: the target (every graph's `target`, with its KV cache `cache`) on NxD's
-        parallel layers."""
+        them out). Sharded: the target (every graph's `target`, with its KV caches) on NxD's parallel
+        layers."""
         # NxD aliases a buffer to its update only when it is rebound to one.
         use_state_writes(held_modules(graphs), StateWrites.REBIND)
+        hold_every_state(graphs)
         if self.tp_degree > 1 and self.sharding is None:
             from neuron_peagle.backends.nxd_parallel import NxdTensorParallel
 
-            self.sharding = NxdTensorParallel.of(graphs[0].target, graphs[0].cache, self.tp_degree)
+            self.sharding = NxdTensorParallel.of(graphs[0].target, target_caches(graphs), self.tp_degree)
 
     def load(self, model_path: Path, bundle: NxdBundle, weights: list[dict[str, Tensor]] | None = None) -> None:
         """Load the saved NxDModel, give it one weight dict per rank (default: the bundle's, for one rank)

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from neuron_peagle.backends.base import Shapes, shapes_of
 from neuron_peagle.errors import ArtifactError
-from neuron_peagle.graphs.interface import PlannedGraph
+from neuron_peagle.graphs.interface import PlannedGraph, state_names
 
 class NxdGraph(nn.Module):
     """One planned graph as neuronx-distributed traces it: keyword inputs, outputs as a plain tuple,
@@ -47,11 +47,11 @@ class NxdGraph(nn.Module):
         self.graph = graph
         self.state_names = state_names
 
-    def forward(self, input_ids: Tensor | None = None, lengths: Tensor | None = None, tokens: Tensor | None = None,
-                positions: Tensor | None = None, temperature: Tensor | None = None, top_k: Tensor | None = None,
-                top_p: Tensor | None = None, accept_uniform: Tensor | None = None,
+    def forward(self, input_ids: Tensor | None = None, lengths: Tensor | None = None, slot: Tensor | None = None,
+                tokens: Tensor | None = None, positions: Tensor | None = None, temperature: Tensor | None = None,
+                top_k: Tensor | None = None, top_p: Tensor | None = None, accept_uniform: Tensor | None = None,
                 sample_uniform: Tensor | None = None) -> tuple[Tensor, ...]:
-        given = {"input_ids": input_ids, "lengths": lengths, "tokens": tokens, "positions": positions,
+        given = {"input_ids": input_ids, "lengths": lengths, "slot": slot, "tokens": tokens, "positions": positions,
                  "temperature": temperature, "top_k": top_k, "top_p": top_p, "accept_uniform": accept_uniform,
                  "sample_uniform": sample_uniform}
         inputs = self.graph.Inputs(**{name: given[name] for name in self.graph.Inputs._fields})
@@ -98,6 +98,22 @@ class GraphRouter:
             raise ArtifactError(f"no compiled graph takes {type(graph).__name__} inputs of shapes "
                                 f"{list(shapes_of(inputs))} (this module's compiled graphs: {known}); the "
                                 "artifacts were built for other shapes") from None
+
+
+def hold_every_state(graphs: Sequence[nn.Module]) -> None:
+    """Give each graph the state modules only others hold, under the same attribute names (a prefill's
+    one-row twin of the state, graphs/slots.py, is held by the prefill graphs alone): one NxDModel has
+    one set of state buffers for all its keys. A graph passes such state through unchanged (NxdGraph
+    aliases it to a copy). Called when the backend prepares the graphs, before they are planned."""
+    owners: dict[str, nn.Module] = {}
+    for graph in graphs:
+        for name, child in graph.named_children():
+            if state_names(child):
+                owners.setdefault(name, child)
+    for graph in graphs:
+        for name, child in owners.items():
+            if not hasattr(graph, name):
+                graph.add_module(name, child)
 
 
 def shared_checkpoint(graphs: Sequence[NxdGraph]) -> dict[str, Tensor]:

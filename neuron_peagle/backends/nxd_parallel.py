@@ -171,16 +171,17 @@ def nxd_layer(layers: NxdApi, plan: ProjectionPlan) -> nn.Module:
     return layer.requires_grad_(False)
 
 
-def shard_target(target: nn.Module, cache: nn.Module, tp: TensorParallel,
+def shard_target(target: nn.Module, caches: Sequence[nn.Module], tp: TensorParallel,
                  make_layer: Callable[[ProjectionPlan], nn.Module]) -> list[Swap]:
     """Swap every planned projection of the (unsharded) target for `make_layer(plan)` on the same device,
-    give attention and MLP a rank's head counts and width, and remake the target's KV cache `cache`
+    give attention and MLP a rank's head counts and width, and remake the target's KV caches `caches`
     (buffers [B, kv_heads, max_length, hd]) with a rank's KV heads, zeroed. Returns the swaps."""
     c = target.config
     plans = plan_projections(target, tp)
-    if cache.shape[1] != c.num_key_value_heads or cache.num_layers != c.num_hidden_layers:
-        raise ArtifactError(f"the cache to shard ({cache.num_layers} layers of {list(cache.shape)}) is not the "
-                            f"target's ({c.num_hidden_layers} layers of {c.num_key_value_heads} KV heads)")
+    for cache in caches:
+        if cache.shape[1] != c.num_key_value_heads or cache.num_layers != c.num_hidden_layers:
+            raise ArtifactError(f"the cache to shard ({cache.num_layers} layers of {list(cache.shape)}) is not "
+                                f"the target's ({c.num_hidden_layers} layers of {c.num_key_value_heads} KV heads)")
     swaps = []
     for plan in plans:
         parent = target.get_submodule(plan.name.rpartition(".")[0])
@@ -194,7 +195,8 @@ def shard_target(target: nn.Module, cache: nn.Module, tp: TensorParallel,
         layer.self_attn.num_heads, layer.self_attn.num_kv_heads = len(shard.heads), len(shard.kv_heads)
         if layer.config.moe is None:
             layer.mlp.intermediate_size = len(shard.width)
-    resize_cache(cache, target.layers[0].self_attn.num_kv_heads)
+    for cache in caches:
+        resize_cache(cache, target.layers[0].self_attn.num_kv_heads)
     return swaps
 
 
@@ -327,11 +329,11 @@ class NxdTensorParallel:
         self._shard_checkpoint = shard_checkpoint
 
     @classmethod
-    def of(cls, target: nn.Module, cache: nn.Module, degree: int) -> "NxdTensorParallel":
-        """Swap NxD's parallel layers into the target, split its experts and sinks, shard its KV cache."""
+    def of(cls, target: nn.Module, caches: Sequence[nn.Module], degree: int) -> "NxdTensorParallel":
+        """Swap NxD's parallel layers into the target, split its experts and sinks, shard its KV caches."""
         layers = require_sdk()
         tp = TensorParallel(degree)
-        swaps = shard_target(target, cache, tp, functools.partial(nxd_layer, layers))
+        swaps = shard_target(target, caches, tp, functools.partial(nxd_layer, layers))
         parts = split_rank_tensors(target, tp, lambda: AllReduce(layers.reduce_from_tensor_model_parallel_region))
         return cls(degree, swaps, target.config, layers.shard_checkpoint, parts)
 

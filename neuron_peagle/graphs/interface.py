@@ -14,6 +14,7 @@ build compiles it (`Backend.build_artifacts`), the NxD bundle keys on its names.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -69,16 +70,25 @@ def state_names(module: nn.Module) -> tuple[str, ...]:
     return tuple(names)
 
 
+def target_caches(graphs: Sequence[nn.Module]) -> list[nn.Module]:
+    """The target's KV caches the graphs hold (the batch's, and a prefill's one-row twin), once each."""
+    caches: dict[int, nn.Module] = {}
+    for graph in graphs:
+        for cache in (graph.cache, getattr(graph, "prefill_cache", graph.cache)):
+            caches.setdefault(id(cache), cache)
+    return list(caches.values())
+
+
 def example_inputs(graph: nn.Module, batch_size: int, bucket: int | None) -> NamedTuple:
     """Host inputs of the shapes and dtypes the runners feed `graph` (bucket: prefill graphs only)."""
     b = batch_size
     temperature = torch.zeros(b) if graph.greedy else torch.ones(b)  # [B] float32
     top_k, top_p = torch.zeros(b, dtype=torch.int64), torch.ones(b)  # [B] int64, [B] float32
     kind = GRAPH_KINDS[type(graph)]
-    if kind in PREFILL_KINDS:
-        ids = torch.zeros(b, bucket, dtype=torch.int64)  # [B, bucket]
-        lengths = torch.ones(b, dtype=torch.int64)  # [B]
-        return graph.Inputs(ids, lengths, temperature, top_k, top_p, torch.rand(b, 1))
+    if kind in PREFILL_KINDS:  # one sequence, into a slot
+        ids = torch.zeros(1, bucket, dtype=torch.int64)  # [1, bucket]
+        one = torch.ones(1, dtype=torch.int64)  # [1] length
+        return graph.Inputs(ids, one, one * (b - 1), temperature[:1], top_k[:1], top_p[:1], torch.rand(1, 1))
     if kind == "decode":
         zeros = torch.zeros(b, dtype=torch.int64)  # [B] tokens and positions
         return DecodeInputs(zeros, zeros.clone(), temperature, top_k, top_p, torch.rand(b, 1))

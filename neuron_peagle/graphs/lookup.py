@@ -104,6 +104,10 @@ class LookupProposer(StateModule):
         self.inner.prefill(features, input_ids, lengths)
         self.write_slice("history", 1, 0, input_ids)
 
+    def prefill_extent(self, name: str, bucket: int) -> tuple[int, int] | None:
+        # The history past a prompt is written by the commits before any lookup reads it.
+        return (1, bucket) if name == "history" else None
+
     def commit(self, state: SpecState) -> Tensor:  # -> [B] int64: leading drafts the lookup supplies
         positions, valid = state.pending_positions()  # [B, S]
         self.scatter("history", 1, torch.where(valid, positions, torch.full_like(positions, self.max_length)),

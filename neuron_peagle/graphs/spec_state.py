@@ -28,7 +28,9 @@ class SpecState(StateModule):
                              persistent=False)
         self.register_buffer("pending_tokens", torch.zeros(batch_size, slots, dtype=torch.int64), persistent=False)
         self.register_buffer("pending_count", torch.ones(batch_size, dtype=torch.int64), persistent=False)
-        self.register_buffer("last_position", torch.zeros(batch_size, dtype=torch.int64), persistent=False)
+        # As after the prefill of a one-token prompt, so a step before any prefill (a warm-up, a timing)
+        # writes in range.
+        self.register_buffer("last_position", torch.ones(batch_size, dtype=torch.int64), persistent=False)
 
     def pending_positions(self) -> tuple[Tensor, Tensor]:
         """Sequence positions of the pending tokens [B, S] (slot S-1 is y, at last_position) and which

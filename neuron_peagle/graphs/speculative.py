@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from neuron_peagle.graphs.proposers import Proposer
+from neuron_peagle.graphs.slots import SlotEntry
 from neuron_peagle.graphs.spec_state import SpecState
 from neuron_peagle.kernels import check_kernel_mode, lm_head_argmax
 from neuron_peagle.kv_cache import KVCache, step_room
@@ -37,12 +38,13 @@ Result = TypeVar("Result")
 
 
 class SpecPrefillInputs(NamedTuple):
-    input_ids: Tensor  # [B, bucket] int64, right-padded
-    lengths: Tensor  # [B] int64
-    temperature: Tensor  # [B] float32 (0 = greedy)
-    top_k: Tensor  # [B] int64
-    top_p: Tensor  # [B] float32
-    sample_uniform: Tensor  # [B, 1] float32, for the first token
+    input_ids: Tensor  # [1, bucket] int64, right-padded
+    lengths: Tensor  # [1] int64
+    slot: Tensor  # [1] int64, the batch row the sequence takes
+    temperature: Tensor  # [1] float32 (0 = greedy)
+    top_k: Tensor  # [1] int64
+    top_p: Tensor  # [1] float32
+    sample_uniform: Tensor  # [1, 1] float32, for the first token
 
 
 class SpecStepInputs(NamedTuple):
@@ -54,8 +56,8 @@ class SpecStepInputs(NamedTuple):
 
 
 class SpecPrefillOutputs(NamedTuple):
-    first_tokens: Tensor  # [B] int64
-    known_drafts: Tensor  # [B] int64: leading drafts of the next step the proposer already knows
+    first_tokens: Tensor  # [1] int64
+    known_drafts: Tensor  # [1] int64: leading drafts of the next step the proposer already knows
 
 
 class SpecStepOutputs(NamedTuple):
@@ -72,26 +74,40 @@ class Verified(NamedTuple):
     logits: Tensor | None  # [B, K+1, V] (sampling graphs)
 
 
+class PrefillState(NamedTuple):
+    """The state modules a one-sequence prefill runs on (graphs/slots.py): the batch's own at batch 1,
+    else one-row twins built like them."""
+
+    cache: KVCache
+    proposer: Proposer
+    state: SpecState
+
+
 class SpecPrefillGraph(nn.Module):
+    """One prompt bucket -> the target's and the proposer's state for slot `slot`, its first token."""
+
     Inputs = SpecPrefillInputs
     Outputs = SpecPrefillOutputs
 
     def __init__(self, target: TargetModel, proposer: Proposer, cache: KVCache, state: SpecState,
-                 greedy: bool) -> None:
+                 greedy: bool, prefill: PrefillState | None = None) -> None:
         super().__init__()
         self.target, self.proposer, self.cache, self.state = target, proposer, cache, state
         self.greedy = greedy
+        prefill = prefill or PrefillState(cache, proposer, state)
+        self.prefill_cache, self.prefill_proposer, self.prefill_state = prefill
+        self.entry = SlotEntry(nn.ModuleList([cache, proposer, state]), nn.ModuleList(list(prefill)))
 
-    def forward(self, input_ids: Tensor, lengths: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
-                sample_uniform: Tensor) -> SpecPrefillOutputs:
+    def forward(self, input_ids: Tensor, lengths: Tensor, slot: Tensor, temperature: Tensor, top_k: Tensor,
+                top_p: Tensor, sample_uniform: Tensor) -> SpecPrefillOutputs:
         batch, bucket = input_ids.shape
         positions = torch.arange(bucket, device=input_ids.device).expand(batch, bucket)
-        out = self.target(input_ids, positions, self.cache, (lengths - 1).unsqueeze(-1), return_features=True,
-                          valid_lengths=lengths)
+        out = self.target(input_ids, positions, self.prefill_cache, (lengths - 1).unsqueeze(-1),
+                          return_features=True, valid_lengths=lengths)
         first = next_tokens(out.logits, self.greedy, SamplingTensors(temperature, top_k, top_p), sample_uniform)
-        self.proposer.prefill(out.features, input_ids, lengths)
+        self.prefill_proposer.prefill(out.features, input_ids, lengths)
         last = (lengths - 1).view(batch, 1, 1).expand(batch, 1, out.features.shape[-1])
-        state = self.state
+        state = self.prefill_state
         features = state.pending_features
         slots = features.shape[1]
         # One pending pair, right-aligned: the last prompt position's features and the first new token.
@@ -100,9 +116,16 @@ class SpecPrefillGraph(nn.Module):
         pending_tokens = torch.cat([torch.zeros(batch, slots - 1, dtype=first.dtype, device=first.device),
                                     first.unsqueeze(-1)], dim=1)
         state.hold(pending_features, pending_tokens, torch.ones_like(state.pending_count), lengths)
-        return SpecPrefillOutputs(first, self.proposer.commit(state))
+        known = self.prefill_proposer.commit(state)
+        self.entry.enter(slot, bucket)
+        return SpecPrefillOutputs(first, known)
 
     rows_per_step = None  # not a per-step graph
+
+    @property
+    def target_cache(self) -> KVCache:
+        """The cache the target's pass reads (the one a backend may narrow)."""
+        return self.prefill_cache
 
     def cache_extent(self, inputs: SpecPrefillInputs) -> int:
         """The last cache slot this call reads (host side, for a backend that narrows its reads)."""
@@ -111,7 +134,12 @@ class SpecPrefillGraph(nn.Module):
 
 class SpecStepGraph(nn.Module):
     """One speculative step drafting `num_speculative_tokens` (K) tokens. The state may be sized for a longer
-    K (S = K_max + 1 pending slots): an engine with an adaptive K keeps a step graph per K on one state."""
+    K (S = K_max + 1 pending slots): an engine that chooses K keeps a step graph per K on one state.
+
+    K = 0 is plain decoding on the speculative state: no drafter pass, the target verifies y alone and
+    commits its own token. The drafter has not seen the pending pairs then, so they are carried: the new
+    pair joins them (up to S; an older one beyond that is dropped from the drafter's context), and the
+    next step that drafts catches its cache up on all of them."""
 
     Inputs = SpecStepInputs
     Outputs = SpecStepOutputs
@@ -145,6 +173,8 @@ class SpecStepGraph(nn.Module):
         # the longest K the state serves, so that every step graph clamps alike).
         longest_k = state.pending_tokens.shape[1] - 1
         state.assign("last_position", state.last_position.clamp(max=self.cache.max_length - step_room(longest_k) - 1))
+        if self.num_speculative_tokens == 0:
+            return state.pending_tokens[:, :0]  # [B, 0]
         return self.proposer.propose(state, self.num_speculative_tokens)
 
     def verify(self, drafts: Tensor) -> Verified:  # drafts [B, K]
@@ -168,14 +198,25 @@ class SpecStepGraph(nn.Module):
     def accept(self, drafts: Tensor, verified: Verified, inputs: SpecStepInputs) -> SpecStepOutputs:
         state = self.state
         slots = state.pending_tokens.shape[1]
+        sampling = SamplingTensors(inputs.temperature, inputs.top_k, inputs.top_p)
+        features = verified.features
+        if self.num_speculative_tokens == 0:
+            # Plain decoding: the target's own token, picked as the decode graph picks it; the drafter did
+            # not run, so its pending pairs are carried (class doc).
+            token = (verified.target_tokens[:, 0] if self.greedy
+                     else next_tokens(verified.logits, False, sampling, inputs.sample_uniform))
+            tokens = token.unsqueeze(-1)  # [B, 1]
+            state.hold(torch.cat([state.pending_features[:, 1:], features.to(state.pending_features.dtype)], 1),
+                       torch.cat([state.pending_tokens[:, 1:], tokens], dim=1),
+                       (state.pending_count + 1).clamp(max=slots), state.last_position + 1)
+            return SpecStepOutputs(tokens, torch.ones_like(token), self.proposer.commit(state))
         if self.greedy:
             tokens, counts = greedy_accept(drafts, verified.target_tokens)
         else:
-            probs = target_probs(verified.logits, SamplingTensors(inputs.temperature, inputs.top_k, inputs.top_p))
-            tokens, counts = rejection_accept(drafts, probs, inputs.accept_uniform, inputs.sample_uniform)
+            tokens, counts = rejection_accept(drafts, target_probs(verified.logits, sampling), inputs.accept_uniform,
+                                              inputs.sample_uniform)
         # The verified positions 0..n (y and the accepted drafts) have exact target features; pair
         # each with the token committed after it, right-aligned in the S slots, for the next step.
-        features = verified.features
         source = (torch.arange(slots, device=drafts.device) - (slots - counts).unsqueeze(-1)).clamp(min=0)  # [B, S]
         state.hold(features.gather(1, source.unsqueeze(-1).expand(-1, -1, features.shape[-1])),
                    tokens.gather(1, source), counts, state.last_position + counts)
@@ -187,6 +228,10 @@ class SpecStepGraph(nn.Module):
         """Rows a decode-time matmul multiplies: the verify's K+1 tokens per sequence (the drafts are as
         many or fewer)."""
         return self.cache.shape[0] * (self.num_speculative_tokens + 1)
+
+    @property
+    def target_cache(self) -> KVCache:
+        return self.cache
 
     def cache_extent(self, inputs: SpecStepInputs) -> int:
         """The last cache slot this call reads (host side, for a backend that narrows its reads): the

@@ -42,6 +42,7 @@ class ArtifactRequest:
     lnc: int | str | None = None  # "auto": what auto means on the artifacts' backend, here
     lookup_ngram: int | None = None
     short_draft_tokens: int | None = None
+    plain_step: bool | None = None
     datastore: bool | None = None
 
 

@@ -1,9 +1,8 @@
-"""Host-side preparation of one fixed-shape batch: padded prompts and per-row sampling inputs."""
+"""Host-side inputs of the slots: a prompt padded to its bucket, and each slot's sampling settings."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -11,32 +10,36 @@ from torch import Tensor
 from neuron_peagle.sampling import HostRandom, SamplingTensors
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], batch_size: int, bucket: int) -> tuple[Tensor, Tensor]:
-    """Right-pad prompts to the bucket -> (ids [B, bucket], lengths [B]); the rows a short batch
-    lacks repeat the first prompt (their output is ignored)."""
-    ids = torch.zeros(batch_size, bucket, dtype=torch.int64)
-    lengths = torch.ones(batch_size, dtype=torch.int64)
-    for i in range(batch_size):
-        prompt = prompts[i] if i < len(prompts) else prompts[0]
-        ids[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.int64)
-        lengths[i] = len(prompt)
-    return ids, lengths
+def pad_prompt(prompt: Sequence[int], bucket: int) -> tuple[Tensor, Tensor]:
+    """Right-pad one prompt to the bucket -> (ids [1, bucket], length [1])."""
+    ids = torch.zeros(1, bucket, dtype=torch.int64)
+    ids[0, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.int64)
+    return ids, torch.tensor([len(prompt)], dtype=torch.int64)
 
 
-@dataclass
-class BatchSampling:
-    """Per-row sampling settings of one batch, and the seeded host RNG that feeds the graphs."""
+class SlotSampling:
+    """The sampling settings of every slot, and the seeded host RNG that feeds the graphs.
 
-    tensors: SamplingTensors
-    greedy: bool  # every row greedy: the greedy graphs serve the batch
-    random: HostRandom
+    A request's settings (temperature, top-k, top-p) and its seeded stream take over its slot when it
+    enters (`enter`); a free slot keeps its last settings (its tokens are ignored)."""
 
-    @classmethod
-    def from_params(cls, params: Sequence, batch_size: int) -> "BatchSampling":
-        rows = [params[i] if i < len(params) else params[0] for i in range(batch_size)]
-        tensors = SamplingTensors(
-            temperature=torch.tensor([p.temperature for p in rows], dtype=torch.float32),
-            top_k=torch.tensor([p.top_k for p in rows], dtype=torch.int64),
-            top_p=torch.tensor([p.top_p for p in rows], dtype=torch.float32),
-        )
-        return cls(tensors, all(p.temperature == 0 for p in rows), HostRandom([p.seed for p in rows]))
+    def __init__(self, batch_size: int) -> None:
+        self.tensors = SamplingTensors(temperature=torch.zeros(batch_size, dtype=torch.float32),
+                                       top_k=torch.zeros(batch_size, dtype=torch.int64),
+                                       top_p=torch.ones(batch_size, dtype=torch.float32))
+        self.random = HostRandom([0] * batch_size)
+
+    def enter(self, slot: int, params) -> None:
+        """params: the request's SamplingParams (temperature, top_k, top_p, seed)."""
+        self.tensors.temperature[slot] = params.temperature
+        self.tensors.top_k[slot] = params.top_k
+        self.tensors.top_p[slot] = params.top_p
+        self.random.reseed(slot, params.seed)
+
+    def row(self, slot: int) -> SamplingTensors:
+        """Slot `slot`'s settings as [1] tensors (a prefill's)."""
+        return SamplingTensors(*(t[slot:slot + 1].clone() for t in self.tensors))
+
+    def greedy(self, slots: Sequence[int]) -> bool:
+        """Every one of `slots` is greedy: the greedy graphs serve them."""
+        return all(float(self.tensors.temperature[s]) == 0 for s in slots)

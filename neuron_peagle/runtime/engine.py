@@ -1,12 +1,13 @@
 """The public Python API: `Engine.from_pretrained(...)` and `engine.generate(prompts, SamplingParams(...))`.
 
 The engine owns the tokenizer, validates every request before any work starts (so a bad prompt in a
-list never costs the others their output), batches requests to the built batch size, and hands each
-batch to the host loop with the runner of the chosen mode.
+list never costs the others their output), and hands the requests to the host loop, which keeps the
+built batch size's slots busy with them, with the runner of the chosen mode.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +18,9 @@ from neuron_peagle.config import BuildConfig, ModelConfig, backends_that, capabi
 from neuron_peagle.default_model import is_default_model, require_default_model
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.models.target import TargetModel
-from neuron_peagle.parallel import TensorParallel
-from neuron_peagle.runtime.batch import BatchSampling
+from neuron_peagle.parallel import TensorParallel, agree_on_max
 from neuron_peagle.runtime.drafter_choice import DrafterChoice, choose_drafter
-from neuron_peagle.runtime.host_loop import Runner, StepCallback, run_batch
+from neuron_peagle.runtime.host_loop import Request, Runner, StepCallback, run_requests
 from neuron_peagle.runtime.plain_runner import PlainRunner
 from neuron_peagle.runtime.requests import CheckedPrompts, RequestLimits, check_requests, prompt_inputs
 from neuron_peagle.runtime.spec_runner import SpecRunner
@@ -183,7 +183,7 @@ class Engine:
         model_config = ModelConfig.from_dir(path)
         choice = None if speculation.plain else choose_drafter(
             path, drafter_dir, is_default_target=model_dir is None or is_default_model(path), target_config=model_config)
-        speculation = speculation.resolved(choice is not None and choice.has_datastore)
+        speculation = speculation.resolved(choice is not None and choice.has_datastore, build.batch_size)
         capabilities = capabilities_of(build.backend)
         if tp_degree != 1:
             if not capabilities.shards_at_run_time:
@@ -208,14 +208,20 @@ class Engine:
         from neuron_peagle.graphs.proposers import DrafterProposer
 
         k = speculation.num_speculative_tokens
-        proposer = DrafterProposer(drafter, target, build.batch_size, parallel=speculation.mode == "parallel",
-                                   kernels=build.kernels, lnc=build.lnc)
-        if speculation.lookup_ngram:
-            from neuron_peagle.graphs.lookup import LookupProposer
+        datastore = choice.load_datastore(target) if speculation.lookup_ngram and speculation.datastore else None
 
-            proposer = LookupProposer(proposer, build.batch_size, build.max_length, k, speculation.lookup_ngram,
-                                      choice.load_datastore(target) if speculation.datastore else None)
-        runner = SpecRunner(target, proposer, build, graphs_backend, k, speculation.short_draft_tokens)
+        def make_proposer(rows: int):
+            """The proposer of `rows` slots (the batch's, and a prefill's one-row twin: graphs/slots.py)."""
+            proposer = DrafterProposer(drafter, target, rows, parallel=speculation.mode == "parallel",
+                                       kernels=build.kernels, lnc=build.lnc)
+            if speculation.lookup_ngram:
+                from neuron_peagle.graphs.lookup import LookupProposer
+
+                proposer = LookupProposer(proposer, rows, build.max_length, k, speculation.lookup_ngram, datastore)
+            return proposer
+
+        runner = SpecRunner(target, make_proposer, build, graphs_backend, speculation.step_ks,
+                            functools.partial(agree_on_max, tp=tp))
         return cls(path, target, load_tokenizer(path), build, runner, speculation, choice, rank=tp.rank)
 
     @classmethod
@@ -299,40 +305,33 @@ class Engine:
             check_requests(all_ids, lengths, stops, self.limits)
 
         finished = _InOrder(on_output)
-        batch = self.build.batch_size
+        batch = [Request(ids, p.max_new_tokens, self.stop_token_ids(p), p) for ids, p in zip(all_ids, requests)]
+
+        def on_finish(index: int, state) -> None:
+            text = inputs[index] if isinstance(inputs[index], str) else None
+            finished.add(index, RequestOutput(text, all_ids[index], state.output_ids,
+                                              self._final_text(state.output_ids, requests[index]), state.stats))
+
         try:
-            for first in range(0, len(all_ids), batch):
-                group, group_params = all_ids[first:first + batch], requests[first:first + batch]
-                sampling = BatchSampling.from_params(group_params, batch)
-
-                def on_finish(row: int, state, first: int = first) -> None:
-                    index = first + row
-                    text = inputs[index] if isinstance(inputs[index], str) else None
-                    finished.add(index, RequestOutput(text, all_ids[index], state.output_ids,
-                                                      self._final_text(state.output_ids, requests[index]),
-                                                      state.stats))
-
-                run_batch(self.runner, group, [p.max_new_tokens for p in group_params],
-                          [self.stop_token_ids(p) for p in group_params], sampling,
-                          self._commit_callback(first, group_params, on_tokens), on_step, on_finish)
+            run_requests(self.runner, batch, self._commit_callback(requests, on_tokens), on_step, on_finish)
         except KeyboardInterrupt:
             raise GenerationInterrupted(dict(finished.outputs), len(all_ids)) from None
         return [finished.outputs[i] for i in range(len(all_ids))]
 
     # ---- text ----------------------------------------------------------------------------------
 
-    def _commit_callback(self, first: int, params: Sequence[SamplingParams], on_tokens: TokenCallback | None):
-        """Per row of a group: streams its tokens, and says when one of its stop strings has appeared."""
+    def _commit_callback(self, params: Sequence[SamplingParams], on_tokens: TokenCallback | None):
+        """Per request: streams its tokens, and says when one of its stop strings has appeared."""
         seen: dict[int, list[int]] = {}
 
-        def on_commit(row: int, tokens: list[int]) -> bool:
+        def on_commit(index: int, tokens: list[int]) -> bool:
             if on_tokens is not None:
-                on_tokens(first + row, tokens)
-            stop = params[row].stop
+                on_tokens(index, tokens)
+            stop = params[index].stop
             if not stop:
                 return False
-            seen.setdefault(row, []).extend(tokens)
-            text = self.tokenizer.decode(seen[row], skip_special_tokens=True)
+            seen.setdefault(index, []).extend(tokens)
+            text = self.tokenizer.decode(seen[index], skip_special_tokens=True)
             return any(s in text for s in stop)
 
         return on_commit

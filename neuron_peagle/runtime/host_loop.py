@@ -1,38 +1,56 @@
-"""The host loop: commits the tokens each graph step produces, row by row, and decides when to stop.
+"""The host loop: keeps the batch's slots busy, commits the tokens each graph step produces, slot by
+slot, and decides when each request stops.
 
-It knows nothing of tokenisation or of how a step makes its tokens: a `Runner` prefills a batch and
-then, each step, returns the tokens it committed per row (`[batch, max_tokens_per_step]`, padded with
--1) and their count. Rows accept different numbers of tokens per step; a finished row (or a padding
-row of an incomplete batch) keeps its place in the fixed-shape batch but is frozen by the runner.
+It knows nothing of tokenisation or of how a step makes its tokens: a `Runner` admits one request
+into a free slot (a one-sequence prefill: graphs/slots.py) and then, each step, returns the tokens it
+committed per slot (`[batch, tokens_per_step]`, padded with -1) and their count. Slots accept
+different numbers of tokens per step. A request leaves its slot the moment it is finished, and the
+next waiting request (in input order) enters it before the next step: continuous batching on
+fixed-shape graphs. A free slot keeps stepping (its tokens are ignored).
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from neuron_peagle.runtime.batch import BatchSampling
+from neuron_peagle.runtime.k_choice import KChoice
 from neuron_peagle.runtime.stats import RequestStats
 
 
 class Runner(Protocol):
     batch_size: int
-    tokens_per_step: int  # M: 1 for plain decoding, K+1 for speculative
-    timings: dict[str, float]  # seconds per step part ("draft", "verify", "accept"), this batch
+    num_speculative_tokens: int  # the longest K a step drafts; 0 for plain decoding
+    timings: dict[str, float]  # seconds per step part ("draft", "verify", "accept"), accumulated
+    last_choice: KChoice | None  # how the last step's K was chosen (None: nothing to choose)
 
-    def prefill(self, prompts: Sequence[Sequence[int]], sampling: BatchSampling) -> Tensor:
-        """Fill the caches for up to batch_size prompts; returns the first new token per row, [B]."""
+    def calibrate(self) -> None:
+        """Measure what choosing K needs (step times), before any slot holds a request."""
+
+    def admit(self, slot: int, prompt: Sequence[int], params: Any) -> int:
+        """Prefill `prompt` into free slot `slot` with its SamplingParams; returns its first new token."""
 
     def step(self) -> tuple[Tensor, Tensor]:
-        """One step for every row: (tokens [B, M] padded with -1, counts [B] in 1..M)."""
+        """One step for every slot: (tokens [B, K+1] padded with -1, counts [B] in 1..K+1)."""
 
-    def retire(self, row: int) -> None:
-        """Row `row` is done: its tokens are ignored from now on (it may stop steering the steps)."""
+    def retire(self, slot: int) -> None:
+        """Slot `slot` is free: its tokens are ignored from now on (it stops steering the steps)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request as the host loop runs it (already validated)."""
+
+    prompt_ids: Sequence[int]
+    max_new_tokens: int
+    stop_token_ids: set[int]
+    params: Any  # its SamplingParams: temperature, top_k, top_p, seed
 
 
 @dataclass
@@ -44,81 +62,100 @@ class RowState:
     done: bool = False
 
 
-# Called with (row index in the batch, newly committed tokens); returns True to stop that row.
+# Called with (request index, newly committed tokens); returns True to stop that request.
 CommitCallback = Callable[[int, list[int]], bool]
 
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One decode step of one batch, as the host loop saw it (for profiler sessions and monitoring)."""
+    """One decode step, as the host loop saw it (for profiler sessions and monitoring)."""
 
-    step: int  # index of the step in its batch's decode loop
-    num_speculative_tokens: int  # K of the step graph that ran (adaptive K varies it; 0 for plain decoding)
-    counts: list[int]  # tokens the step's graph committed per row (accepted + 1); 0 for rows already finished
-    kept: list[int]  # of those, the tokens the row kept (fewer where it stopped: a stop token, max_new_tokens)
+    step: int  # index of the step in the run
+    num_speculative_tokens: int  # K of the step graph that ran (chosen per step; 0 for plain decoding)
+    counts: list[int]  # tokens the step's graph committed per slot (accepted + 1); 0 for free slots
+    kept: list[int]  # of those, the tokens the request kept (fewer where it stopped: a stop token, max_new_tokens)
     wall_s: float  # host wall time of the step, graph call included
     parts_s: dict[str, float]  # draft / verify / accept seconds inside the graph (eager backend only)
+    requests: list[int | None] = field(default_factory=list)  # per slot, the request index it holds
+    choice: dict | None = None  # how K was chosen (runtime.k_choice.KChoice.to_dict), where it was
 
 
 StepCallback = Callable[[StepRecord], None]
-# Called once per row when it is finished, with its final state.
+# Called once per request when it is finished, with its index and final state.
 FinishCallback = Callable[[int, "RowState"], None]
 
 
-def run_batch(runner: Runner, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
-              stop_token_ids: Sequence[set[int]], sampling: BatchSampling,
-              on_commit: CommitCallback | None = None, on_step: StepCallback | None = None,
-              on_finish: FinishCallback | None = None) -> list[RowState]:
-    """Generate for one batch of at most `runner.batch_size` prompts (already validated), each with its own
-    max_new_tokens and stop tokens; `on_finish` hears of each row the moment it is finished.
-    The prefill and every step are named `peagle::prefill` / `peagle::step` for a profiler."""
-    rows = [RowState(list(p), n) for p, n in zip(prompts, max_new_tokens)]
+def run_requests(runner: Runner, requests: Sequence[Request], on_commit: CommitCallback | None = None,
+                 on_step: StepCallback | None = None, on_finish: FinishCallback | None = None,
+                 refill: bool = True) -> list[RowState]:
+    """Generate for every request, `runner.batch_size` at a time, refilling slots as they free up;
+    `on_finish` hears of each request the moment it is finished. Each prefill and step is named
+    `peagle::prefill` / `peagle::step` for a profiler. `refill=False` runs fixed groups instead (the
+    next requests enter only once every slot is free): the baseline continuous batching is measured
+    against (scripts/bench_slots.py)."""
+    rows = [RowState(list(r.prompt_ids), r.max_new_tokens) for r in requests]
     for row in rows:
         row.stats.num_prompt_tokens = len(row.prompt_ids)
-        row.stats.num_speculative_tokens = runner.tokens_per_step - 1
-
-    start = time.perf_counter()
-    with torch.profiler.record_function("peagle::prefill"):
-        first = runner.prefill([r.prompt_ids for r in rows], sampling)
-    prefill_time = time.perf_counter() - start
-    for i, row in enumerate(rows):
-        row.stats.prefill_time_s = prefill_time
-        _commit(row, i, [int(first[i])], stop_token_ids[i], on_commit)
-        if row.done:
-            _finish(runner, row, i, on_finish)
-
+        row.stats.num_speculative_tokens = runner.num_speculative_tokens
+    runner.calibrate()
+    waiting = deque(range(len(requests)))
+    slots: list[int | None] = [None] * runner.batch_size
     step = 0
-    while not all(row.done for row in rows):
+    while True:
+        for slot in range(runner.batch_size if refill or all(i is None for i in slots) else 0):
+            while slots[slot] is None and waiting:
+                index = waiting.popleft()
+                if _admit(runner, slot, index, requests[index], rows[index], on_commit, on_finish):
+                    slots[slot] = index
+        if all(index is None for index in slots):
+            return rows
         before = dict(runner.timings)
         start = time.perf_counter()
         with torch.profiler.record_function("peagle::step"):
             tokens, counts = runner.step()
         elapsed = time.perf_counter() - start
         spent = {name: runner.timings.get(name, 0.0) - before.get(name, 0.0) for name in runner.timings}
-        live_counts = [0 if row.done else int(counts[i]) for i, row in enumerate(rows)]
-        kept = [0] * len(rows)
-        for i, row in enumerate(rows):
-            if row.done:
+        held = list(slots)
+        live_counts = [0 if index is None else int(counts[slot]) for slot, index in enumerate(held)]
+        kept = [0] * len(held)
+        for slot, index in enumerate(held):
+            if index is None:
                 continue
+            row = rows[index]
             stats = row.stats
             stats.decode_time_s += elapsed
             stats.draft_time_s += spent.get("draft", 0.0)
             stats.verify_time_s += spent.get("verify", 0.0)
             stats.accept_time_s += spent.get("accept", 0.0)
-            stats.record_step(int(counts[i]))
-            committed = tokens[i, : int(counts[i])].tolist()
-            kept[i] = _commit(row, i, committed, stop_token_ids[i], on_commit)
-            stats.num_decoded_tokens += kept[i]
+            stats.record_step(live_counts[slot])
+            committed = tokens[slot, : live_counts[slot]].tolist()
+            kept[slot] = _commit(row, index, committed, requests[index].stop_token_ids, on_commit)
+            stats.num_decoded_tokens += kept[slot]
             if row.done:
-                _finish(runner, row, i, on_finish)
+                slots[slot] = None
+                _finish(runner, slot, index, row, on_finish)
         if on_step is not None:
-            on_step(StepRecord(step, tokens.shape[1] - 1, live_counts, kept, elapsed, spent))
+            choice = runner.last_choice
+            on_step(StepRecord(step, tokens.shape[1] - 1, live_counts, kept, elapsed, spent, held,
+                               choice.to_dict() if choice is not None else None))
         step += 1
-    return rows
 
 
-def _finish(runner: Runner, row: RowState, index: int, on_finish: FinishCallback | None) -> None:
-    runner.retire(index)
+def _admit(runner: Runner, slot: int, index: int, request: Request, row: RowState,
+           on_commit: CommitCallback | None, on_finish: FinishCallback | None) -> bool:
+    """Prefill request `index` into `slot` and commit its first token; False if that already ended it."""
+    start = time.perf_counter()
+    with torch.profiler.record_function("peagle::prefill"):
+        first = runner.admit(slot, row.prompt_ids, request.params)
+    row.stats.prefill_time_s = time.perf_counter() - start
+    _commit(row, index, [first], request.stop_token_ids, on_commit)
+    if row.done:
+        _finish(runner, slot, index, row, on_finish)
+    return not row.done
+
+
+def _finish(runner: Runner, slot: int, index: int, row: RowState, on_finish: FinishCallback | None) -> None:
+    runner.retire(slot)
     if on_finish is not None:
         on_finish(index, row)
 

@@ -30,7 +30,7 @@ class TimedStep(nn.Module):
         self.graph = graph
         self.timings = timings
         self.Inputs, self.Outputs = graph.Inputs, graph.Outputs
-        self.cache = graph.cache  # what the eager backend narrows, as for the graph itself
+        self.target_cache = graph.target_cache  # what the eager backend narrows, as for the graph itself
 
     def cache_extent(self, inputs: SpecStepInputs) -> int:
         return self.graph.cache_extent(inputs)
