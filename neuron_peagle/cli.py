@@ -82,7 +82,8 @@ def add_build_options(parser: argparse.ArgumentParser) -> None:
     """The graphs' shapes and kernels (BuildConfig's fields but the backend), shared by `neuron-peagle` and
     `python -m compile.build`."""
     default = BuildConfig()
-    parser.add_argument("--batch-size", type=int, default=default.batch_size)
+    parser.add_argument("--batch-size", type=int, default=default.batch_size,
+                        help="slots: requests decoded at once; a finished one's slot is refilled at once")
     parser.add_argument("--max-length", type=int, default=default.max_length, help="KV cache length (prompt + output)")
     parser.add_argument("--prefill-buckets", type=buckets, default=default.prefill_buckets,
                         help="prefill buckets, e.g. 128,512")

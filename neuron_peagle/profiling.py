@@ -4,7 +4,7 @@
 
 A session directory holds (`session.json` lists what was written):
 
-- `session.json`: the engine (model, drafter, mode, K, adaptive K, lookup, dtype, backend, shapes) and
+- `session.json`: the engine (model, drafter, mode, K, the K it may choose, lookup, dtype, backend, shapes) and
   a summary: decode steps, acceptance length, tokens/s, milliseconds per step (median and mean), per
   part of the step (draft / verify / accept inside the graph, host outside it; eager only, where the
   graph is Python) and how many steps ran each K;

@@ -34,12 +34,12 @@ from neuron_peagle.config import BuildConfig
 from neuron_peagle.errors import ArtifactError, BackendUnavailableError, ConfigError
 from neuron_peagle.runtime.engine import Engine, SamplingParams
 from neuron_peagle.speculation import SpeculationConfig
-from spec_helpers import DRAFTER_ALONE, cycle_ks, make_engine, record_ks
+from spec_helpers import DRAFTER_ALONE, cycle_ks, make_engine, nxd_plan, record_ks
 
 REPO = Path(__file__).resolve().parent.parent
 PLAIN = SpeculationConfig(mode="plain")
 SHAPES = dict(mode="parallel", num_speculative_tokens=3, batch_size=2, max_length=96, prefill_buckets=(16, 32),
-              lookup_ngram=3, short_draft_tokens=2)
+              lookup_ngram=3, short_draft_tokens=2, plain_step=True)
 BUILD_ARGS = ["--mode", "parallel", "-k", "3", "--batch-size", "2", "--max-length", "96", "--lookup-ngram", "3",
               "--short-draft-tokens", "2"]
 # A step graph per K the engine may choose: K=3, the short K=2 and (batch 2) K=0.
@@ -106,7 +106,7 @@ def test_build_writes_manifest_hlo_and_audit_for_every_graph(built, tiny_llama_d
     assert [(t.name, t.shape) for t in short.outputs][0] == ("tokens", (2, 3))
     assert {t.name: t.shape for t in short.state} == {t.name: t.shape for t in step.state}
     prefill = manifest.graph("spec_prefill_b32_sampling")
-    assert prefill.inputs[0].shape == (2, 32) and prefill.inputs[0].dtype == "int64"
+    assert prefill.inputs[0].shape == (1, 32) and prefill.inputs[0].dtype == "int64"  # one sequence, into a slot
     notes = " ".join(manifest.audit_notes)
     assert "argmax over 49152" in notes and "lm-head-argmax kernel" in notes and "sort over 49152" in notes
 
@@ -254,10 +254,10 @@ def test_declared_state_is_every_buffer_a_graph_updates(tiny_llama_dir, mode):
     """On a device only declared state is aliased and kept: a buffer updated but not declared
     would silently lose its update there. Checked by running each graph eagerly."""
     speculative = {key: SHAPES[key] if mode != "plain" else 0 for key in ("lookup_ngram", "short_draft_tokens")}
-    engine = make_engine(tiny_llama_dir, **{**SHAPES, "mode": mode, **speculative})
+    engine = make_engine(tiny_llama_dir, **{**SHAPES, "mode": mode, **speculative, "plain_step": mode != "plain"})
     specs = plan(engine.runner)
     prefix = "spec_" if mode != "plain" else ""
-    steps = ("spec_step", "spec_step_k2") if mode != "plain" else ("decode",)
+    steps = ("spec_step", "spec_step_k2", "spec_step_k0") if mode != "plain" else ("decode",)
     assert {s.name for s in specs} == {f"{prefix}prefill_b{b}_{v}" for b in (16, 32) for v in ("greedy", "sampling")} | {
         f"{step}_{v}" for step in steps for v in ("greedy", "sampling")}
     for spec in specs:
@@ -348,10 +348,17 @@ def test_nxd_loader_checks_the_plan_interfaces_and_weight_dict(built, tiny_llama
     from neuron_peagle.backends.nxd_graphs import NxdBundle
     from neuron_peagle.backends.nxd_artifacts import check_nxd_plan
 
+    from neuron_peagle.runtime.manifest import TensorInfo
+
     engine = make_engine(tiny_llama_dir, **SHAPES)
-    specs = plan(engine.runner)
+    specs = nxd_plan(engine)
     checkpoint = NxdBundle.of(specs).checkpoint
-    manifest = dataclasses.replace(Manifest.load(built), backend="nxd", neuron_checkpoint=tensor_infos(checkpoint))
+    built_manifest = Manifest.load(built)
+    # On nxd every graph holds every state buffer (a prefill's one-row twin too: hold_every_state).
+    state = {s.name: tuple(TensorInfo.of(n, t) for n, t in s.state_buffers.items()) for s in specs}
+    manifest = dataclasses.replace(built_manifest, backend="nxd", neuron_checkpoint=tensor_infos(checkpoint),
+                                   graphs=tuple(dataclasses.replace(g, state=state[g.name])
+                                                for g in built_manifest.graphs))
     assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest
     check_nxd_plan(specs, manifest, checkpoint)  # as built: passes
 
@@ -436,7 +443,8 @@ def test_default_model_artifacts_generate_the_eager_tokens(default_model_dir, tm
     out = tmp_path / "default"
     # One bucket and one step graph (no adaptive K): the tiny model's build above covers several of each.
     cmd = [sys.executable, "-m", "compile.build", "--backend", "xla", "--out", str(out), "--mode", "parallel",
-           "-k", "5", "--batch-size", "2", "--max-length", "160", "--prefill-buckets", "64", "--short-draft-tokens", "0"]
+           "-k", "5", "--batch-size", "2", "--max-length", "160", "--prefill-buckets", "64", "--short-draft-tokens", "0",
+           "--plain-step", "off"]
     env = {**os.environ, "PJRT_DEVICE": "CPU"}
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=1200, env=env)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -6,6 +6,7 @@ recompilation is an error), and gives the tokens and the state that eager gives.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -29,10 +30,12 @@ from test_datastore import small_model_with_datastore  # noqa: F401  (a fixture)
 
 GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
 SAMPLED = SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=0.9, top_k=20, seed=11)
-# Every proposer of a step graph at once: drafter, context lookup, datastore, and a step graph per K (4, 2, 0).
+# Every proposer of a step graph at once: drafter, context lookup, datastore, and a step graph per K (4, 2,
+# and 0 on slots).
 SPEC = dict(num_speculative_tokens=4, max_length=96, prefill_buckets=(16,), lookup_ngram=2, datastore=True,
-            short_draft_tokens=2, plain_step=True)
-PROMPTS = [[4, 7, 12], [20, 21, 22, 23], [5, 7, 13, 5, 7], [30, 31]]
+            short_draft_tokens=2)
+PROMPTS = [[4, 7, 12], [20, 21, 22, 23], [5, 7, 13, 5, 7], [30, 31], [9, 8, 7, 6, 5, 4], [40, 2]]
+LENGTHS = [40, 9, 25, 3, 30, 14]  # mixed: at batch 4, freed slots are refilled mid-run
 
 
 def _state(engine: Engine) -> dict[str, Tensor]:
@@ -44,18 +47,22 @@ def _state(engine: Engine) -> dict[str, Tensor]:
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_speculative_graphs_compile_once_and_equal_eager(small_model_with_datastore, batch_size):
     model_dir, drafter_dir = small_model_with_datastore
-    compiled = make_engine(model_dir, drafter_dir, backend="inductor", batch_size=batch_size, **SPEC)
-    eager = make_engine(model_dir, drafter_dir, batch_size=batch_size, **SPEC)
+    spec = {**SPEC, "plain_step": batch_size > 1}
+    compiled = make_engine(model_dir, drafter_dir, backend="inductor", batch_size=batch_size, **spec)
+    eager = make_engine(model_dir, drafter_dir, batch_size=batch_size, **spec)
+    ks_built = {4, 2, 0} if batch_size > 1 else {4, 2}
+    graphs = 2 * (1 + len(ks_built))
     graphs_before = compiled_graph_count()
     warmed = compiled.warm()
-    # prefill, steps of K 4, 2, 0; greedy and sampling: one dynamo graph each (fullgraph: no breaks)
-    assert len(warmed) == 8 and compiled.backend.compile_count() == 8
-    assert compiled_graph_count() - graphs_before == 8
+    # prefill and a step graph per K; greedy and sampling: one dynamo graph each (fullgraph: no breaks)
+    assert len(warmed) == graphs and compiled.backend.compile_count() == graphs
+    assert compiled_graph_count() - graphs_before == graphs
 
     ks = record_ks(compiled)
     for engine in (compiled, eager):  # the same K per step in both (the cost model would time each its own)
-        cycle_ks(engine, [4, 0, 2, 0])
+        cycle_ks(engine, [4, 0, 2, 0] if batch_size > 1 else [4, 2, 2])
     for params in (GREEDY, SAMPLED):
+        params = [dataclasses.replace(params, max_new_tokens=n) for n in LENGTHS]
         got = compiled.generate(PROMPTS, params)
         want = eager.generate(PROMPTS, params)
         assert [o.output_ids for o in got] == [o.output_ids for o in want]
@@ -67,9 +74,9 @@ def test_speculative_graphs_compile_once_and_equal_eager(small_model_with_datast
                 torch.testing.assert_close(state[name], reference[name], rtol=1e-4, atol=1e-4, msg=name)
             else:
                 assert torch.equal(state[name], reference[name]), name
-    assert set(ks) == {4, 2, 0}  # every step graph ran
+    assert set(ks) == ks_built  # every step graph ran
     # Whole generations, greedy and sampled, compiled nothing more.
-    assert compiled.backend.compile_count() == 8 and compiled_graph_count() - graphs_before == 8
+    assert compiled.backend.compile_count() == graphs and compiled_graph_count() - graphs_before == graphs
 
 
 def test_plain_graphs_compile_once_per_bucket(tiny_llama_dir):

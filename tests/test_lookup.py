@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import NEW_TOKENS, save_tiny_model
-from spec_helpers import make_engine, record_ks, set_step_seconds
+from spec_helpers import cycle_ks, make_engine, record_ks, set_step_seconds
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.datastore import datastore_from_entries
 from neuron_peagle.graphs.datastore_lookup import EMPTY
@@ -224,8 +224,9 @@ def test_adaptive_k_on_xla_compiles_one_graph_per_k_and_equals_eager(small_vocab
                   short_draft_tokens=1)
     xla = make_engine(small_vocab_dir, backend="xla", **kwargs)
     eager = make_engine(small_vocab_dir, **kwargs)
-    set_step_seconds(xla, {3: 1.0, 1: 0.6})  # K=3 pays where lookup copies, K=1 elsewhere
     used = record_ks(xla)
+    for engine in (xla, eager):
+        cycle_ks(engine, [3, 1, 1])
     prompts = REPEATING
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     start = xla.backend.compile_count()

@@ -101,8 +101,8 @@ def plan(runner: GraphRunner) -> list[PlannedGraph]:
     """Every graph `runner` runs: its prefill graph per bucket and its step graph(s), greedy and sampling.
 
     Both variants are planned because a batch picks one at run time (all rows greedy or not). A
-    speculative runner with adaptive K keeps `{K: step graph}` for its two K: the long one is
-    "spec_step_<variant>", the short one "spec_step_k<K>_<variant>".
+    speculative runner keeps `{K: step graph}` for every K it may choose: the longest one is
+    "spec_step_<variant>", the others "spec_step_k<K>_<variant>" (K=0: "spec_step_k0_<variant>").
     """
     build = runner.build
     planned = []

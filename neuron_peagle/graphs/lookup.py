@@ -78,7 +78,7 @@ class LookupProposer(StateModule):
 
     The lookup runs when tokens are committed (`commit`, at the end of prefill and of every step), not
     when drafting: its copies for the next step wait in `copied` ([B, K], -1 where nothing was found),
-    and how many leading drafts they supply is known before that step runs (adaptive K). Both buffers
+    and how many leading drafts they supply is known before that step runs (the K choice counts on copies). Both buffers
     are step-graph state, written through the `StateModule` methods."""
 
     def __init__(self, inner: Proposer, batch_size: int, max_length: int, num_speculative_tokens: int, ngram: int,

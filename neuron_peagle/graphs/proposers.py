@@ -3,7 +3,7 @@
 A proposer is an `nn.Module` (its buffers, such as a drafter's KV cache, are step-graph state) with
 the three methods of `Proposer`. All of them read the same `SpecState` (graphs/spec_state.py), sized
 for the longest K the engine drafts (`S = K + 1` slots). A proposer drafts `num_speculative_tokens` tokens
-per call (`propose(state, k)`, any k <= S-1: an engine with an adaptive K runs step graphs of two
+per call (`propose(state, k)`, any k <= S-1: an engine that chooses K per step runs step graphs of several
 lengths on the same state). After each commit, `commit(state)` says how many leading drafts of the
 next step it already knows (context lookup's copies; 0 for a drafter alone): that count picks the
 next step's K. The proposers: `DrafterProposer` (here) and `LookupProposer` (graphs/lookup.py),

@@ -31,10 +31,6 @@ class SlotEntry:
         self.pairs = [(batch_states[name], prefill_states[name]) for name in batch_states
                       if batch_states[name] is not prefill_states[name]]
 
-    @property
-    def copies(self) -> bool:
-        return bool(self.pairs)
-
     def enter(self, slot: Tensor, bucket: int) -> None:
         """slot [1] int64: the batch row the prefilled sequence takes."""
         for batch_state, prefill_state in self.pairs:

@@ -36,9 +36,14 @@ class SlotSampling:
         self.tensors.top_p[slot] = params.top_p
         self.random.reseed(slot, params.seed)
 
-    def row(self, slot: int) -> SamplingTensors:
-        """Slot `slot`'s settings as [1] tensors (a prefill's)."""
-        return SamplingTensors(*(t[slot:slot + 1].clone() for t in self.tensors))
+    def admission(self, slot: int, prompt: Sequence[int], params, bucket: int) -> tuple[Tensor, ...]:
+        """Slot `slot` takes the request (its SamplingParams `params`); -> a prefill graph's inputs, in the
+        order both prefill graphs declare them: ids [1, bucket], length [1], slot [1], temperature,
+        top_k, top_p [1] and the first token's uniform [1, 1]."""
+        self.enter(slot, params)
+        ids, lengths = pad_prompt(prompt, bucket)
+        row = (t[slot:slot + 1].clone() for t in self.tensors)
+        return (ids, lengths, torch.tensor([slot]), *row, self.random.uniform_row(slot, 1))
 
     def greedy(self, slots: Sequence[int]) -> bool:
         """Every one of `slots` is greedy: the greedy graphs serve them."""

@@ -161,7 +161,7 @@ class Engine:
 
         `speculation` (a SpeculationConfig, or a dict of its fields; default: SpeculationConfig(), the
         command line's defaults) says how to draft: P-EAGLE, sequential or plain, K, context lookup, the
-        datastore, adaptive K. The rest are the graphs' shapes and how they run (BuildConfig); `kernels`
+        datastore, the K it may choose per step. The rest are the graphs' shapes and how they run (BuildConfig); `kernels`
         picks the draft-pass kernels' implementation ("auto": NKI on neuron, else PyTorch).
         `tp_degree=n` shards the target over n processes, one rank each (neuron_peagle.parallel: heads, width
         and experts; eager, inductor and neuron backends; run under `torchrun --nproc-per-node n`): every rank returns
@@ -287,11 +287,12 @@ class Engine:
                  on_output: OutputCallback | None = None) -> list[RequestOutput]:
         """Generate for every prompt (text, or token ids used as they are), with one SamplingParams for all
         or one per prompt (its own length, temperature, top-k/p, seed, stop tokens and strings). Every prompt
-        is checked before any work starts. `on_tokens(request, tokens)` streams each request's committed
-        tokens; `on_step(StepRecord)` sees every decode step; `on_output(request, output)` gets each
-        request's output as soon as it and every request before it are finished (input order, counted from
-        0). Interrupted (KeyboardInterrupt, e.g. Ctrl-C), it raises GenerationInterrupted, which holds every
-        output finished by then."""
+        is checked before any work starts. The requests share the build's `batch_size` slots: each enters
+        one as soon as one is free, in input order (continuous batching). `on_tokens(request, tokens)`
+        streams each request's committed tokens; `on_step(StepRecord)` sees every decode step;
+        `on_output(request, output)` gets each request's output as soon as it and every request before it
+        are finished (input order, counted from 0). Interrupted (KeyboardInterrupt, e.g. Ctrl-C), it raises
+        GenerationInterrupted, which holds every output finished by then."""
         checks.flag("chat_template", chat_template)
         for name, callback in (("on_tokens", on_tokens), ("on_step", on_step), ("on_output", on_output)):
             if callback is not None and not callable(callback):

@@ -12,7 +12,7 @@ from neuron_peagle.backends import Backend
 from neuron_peagle.config import BuildConfig
 from neuron_peagle.graphs.plain import DecodeGraph, DecodeInputs, PrefillGraph, PrefillInputs
 from neuron_peagle.models.target import TargetModel
-from neuron_peagle.runtime.batch import SlotSampling, pad_prompt
+from neuron_peagle.runtime.batch import SlotSampling
 
 
 class PlainRunner:
@@ -43,14 +43,10 @@ class PlainRunner:
 
     def admit(self, slot: int, prompt: Sequence[int], params) -> int:
         """Prefill `prompt` into slot `slot` with its SamplingParams; returns its first new token."""
-        self.sampling.enter(slot, params)
-        ids, lengths = pad_prompt(prompt, self.build.bucket_for(len(prompt)))
-        s = self.sampling.row(slot)
-        inputs = PrefillInputs(ids, lengths, torch.tensor([slot]), s.temperature, s.top_k, s.top_p,
-                               self.sampling.random.uniform_row(slot, 1))
+        inputs = PrefillInputs(*self.sampling.admission(slot, prompt, params, self.build.bucket_for(len(prompt))))
         (first,) = self.backend.run(self.graphs[params.temperature == 0][0], inputs)
         self._tokens[slot] = first[0]
-        self._positions[slot] = lengths[0]
+        self._positions[slot] = len(prompt)
         self._live[slot] = True
         return int(first[0])
 

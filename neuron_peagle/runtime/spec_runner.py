@@ -30,7 +30,7 @@ from neuron_peagle.graphs.spec_state import SpecState
 from neuron_peagle.graphs.speculative import (PrefillState, SpecPrefillGraph, SpecPrefillInputs, SpecStepGraph,
                                               SpecStepInputs)
 from neuron_peagle.models.target import TargetModel
-from neuron_peagle.runtime.batch import SlotSampling, pad_prompt
+from neuron_peagle.runtime.batch import SlotSampling
 from neuron_peagle.runtime.k_choice import KChoice, KChooser
 from neuron_peagle.runtime.step_parts import TimedStep
 
@@ -102,11 +102,8 @@ class SpecRunner:
 
     def admit(self, slot: int, prompt: Sequence[int], params) -> int:
         """Prefill `prompt` into slot `slot` with its SamplingParams; returns its first new token."""
-        self.sampling.enter(slot, params)
-        ids, lengths = pad_prompt(prompt, self.build.bucket_for(len(prompt)))
-        s = self.sampling.row(slot)
-        inputs = SpecPrefillInputs(ids, lengths, torch.tensor([slot]), s.temperature, s.top_k, s.top_p,
-                                   self.sampling.random.uniform_row(slot, 1))
+        inputs = SpecPrefillInputs(*self.sampling.admission(slot, prompt, params,
+                                                            self.build.bucket_for(len(prompt))))
         first, known = self.backend.run(self.graphs[params.temperature == 0][0], inputs)
         self._known_drafts[slot] = known[0]
         self._live[slot] = True
