@@ -82,16 +82,22 @@ def test_each_rank_holds_the_slices_of_its_heads_and_width(tp_model, ranks):
 def test_two_ranks_on_the_command_line_decode_what_one_process_does(tiny_llama_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in TEXT_PROMPTS))
-    argv = ["generate", "--prompts-file", str(prompts), "--model", str(tiny_llama_dir), *SHAPES, "--mode", "parallel",
-            "-k", "3", "--lookup-ngram", "2", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--seed", "4"]
-    # Sharded logits differ from one process's by rounding (up to ~6e-6 here): top-k keeps the random
-    # model's near-uniform distribution from putting a draw within that of a boundary.
-    assert cli_main(argv) == 0
-    want = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    out = _torchrun(2, "-m", "neuron_peagle.cli", *argv, "--tp-degree", "2")
-    got = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert len(got) == len(TEXT_PROMPTS)  # rank 0 alone prints
-    assert [r["output_ids"] for r in got] == [r["output_ids"] for r in want]
+    common = ["generate", "--prompts-file", str(prompts), "--model", str(tiny_llama_dir), *SHAPES, "--mode", "parallel",
+              "-k", "3", "--lookup-ngram", "2"]
+    # Sampled at one fixed K (a K chosen by measured cost would draw its uniforms per the times each run
+    # measured). Sharded logits differ from one process's by rounding (up to ~6e-6 here): top-k keeps the
+    # random model's near-uniform distribution from putting a draw within that of a boundary.
+    sampled = [*common, "--plain-step", "off", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--seed", "4"]
+    # Greedy with K chosen per step among 3 and 0: every rank must run the same step graph each step (the
+    # ranks agree on the measured times), or their all-reduces would not meet.
+    greedy = [*common, "--plain-step", "on"]
+    for argv in (sampled, greedy):
+        assert cli_main(argv) == 0
+        want = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+        out = _torchrun(2, "-m", "neuron_peagle.cli", *argv, "--tp-degree", "2")
+        got = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert len(got) == len(TEXT_PROMPTS)  # rank 0 alone prints
+        assert [r["output_ids"] for r in got] == [r["output_ids"] for r in want]
 
 
 def test_kv_heads_split_or_replicate_by_rank():
