@@ -70,6 +70,28 @@ def decode_run(engine, prompts, new_tokens: int) -> dict:
             "tokens_per_s": tokens / (total - prefill), "tokens_per_step": tokens / len(records)}
 
 
+def op_split(engine, prompt, steps: int) -> list[tuple[str, float]]:
+    """Self time per op name of one decode step (torch.profiler), ms, largest first: a run of `steps` decode
+    steps less a run of its prefill alone, over `steps`."""
+    from neuron_peagle.runtime.engine import SamplingParams
+
+    def profiled(new_tokens: int) -> dict[str, float]:
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        engine.generate([prompt], params)  # every graph warm, every cache page touched
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            engine.generate([prompt], params)
+        totals: dict[str, float] = {}
+        for event in profiler.key_averages():
+            name = "compiled graph (fused kernels)" if event.key.startswith("## Call CompiledFxGraph") else event.key
+            if not name.startswith("peagle::"):
+                totals[name] = totals.get(name, 0.0) + event.self_cpu_time_total / 1000
+        return totals
+
+    run, prefill = profiled(steps + 1), profiled(1)
+    per_step = {name: (ms - prefill.get(name, 0.0)) / steps for name, ms in run.items()}
+    return sorted(per_step.items(), key=lambda item: -item[1])
+
+
 def main() -> None:
     args = parse_args()
     from neuron_peagle.runtime.engine import Engine
@@ -91,7 +113,9 @@ def main() -> None:
     floor_ms = (weights + kv) / bandwidth * 1000
     runs = {"plain": decode_run(plain, prompts, args.max_new_tokens),
             "P-EAGLE": decode_run(peagle, prompts, args.max_new_tokens)}
+    split = op_split(plain, prompts[0], 32)
     report = {"command": {k: str(v) for k, v in vars(args).items()}, "threads": torch.get_num_threads(),
+              "plain_ops_ms_per_step": split,
               "weight_bytes": weights, "kv_bytes": kv, "bandwidth_gb_s": bandwidth / 1e9, "floor_ms": floor_ms,
               "floor_tokens_per_s": args.batch_size * 1000 / floor_ms, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +130,11 @@ def main() -> None:
         print(f"| {name} | {run['graph_call_ms']:.1f} | {run['loop_ms_per_step']:.1f} | {100 * run['host_share']:.1f}% "
               f"| {run['tokens_per_step']:.2f} | {run['tokens_per_s']:.1f} | "
               f"{run['graph_call_ms'] / floor_ms:.2f}x |")
+
+    print("\nplain decode, self time per op in one step (torch.profiler: 32 steps less the prefill), ms:")
+    print("| op | ms per step |\n|---|---|")
+    for name, ms in split[:12]:
+        print(f"| `{name}` | {ms:.2f} |")
 
 
 if __name__ == "__main__":
