@@ -19,7 +19,7 @@ from neuron_peagle.kv_cache import KVCache
 from neuron_peagle.runtime.engine import SamplingParams
 from neuron_peagle.state_writes import StateModule, StateWrites, use_state_writes
 from test_datastore import small_model_with_datastore  # noqa: F401  (a fixture)
-from spec_helpers import make_engine
+from spec_helpers import cycle_ks, make_engine
 
 SHAPES = dict(batch_size=2, max_length=96, prefill_buckets=(16, 32))
 
@@ -131,12 +131,20 @@ def test_generation_with_rebound_updates_equals_in_place(small_model_with_datast
     prompts = [[4, 7, 12], [20, 21, 22, 23, 20, 21]]
     requests = [SamplingParams(max_new_tokens=16, ignore_eos=True),
                 SamplingParams(max_new_tokens=16, temperature=0.8, seed=3, ignore_eos=True)]
-    want = [[o.output_ids for o in engine.generate(prompts, params)] for params in requests]
+
+    def run() -> list:
+        outputs = []
+        for params in requests:
+            cycle_ks(engine, [4, 2, 2])  # the same K per step in both passes (the chooser learns as it goes)
+            outputs.append([o.output_ids for o in engine.generate(prompts, params)])
+        return outputs
+
+    want = run()
     graphs = list({id(spec.module): spec.module for spec in plan(engine.runner)}.values())
     cache = graphs[0].cache.key_0
     for graph in graphs:
         use_state_writes(graph, StateWrites.REBIND)
-    got = [[o.output_ids for o in engine.generate(prompts, params)] for params in requests]
+    got = run()
     assert got == want
     assert graphs[0].cache.key_0 is not cache  # the updates did rebind
 
