@@ -21,7 +21,7 @@ class SlotSampling:
     """The sampling settings of every slot, and the seeded host RNG that feeds the graphs.
 
     A request's settings (temperature, top-k, top-p) and its seeded stream take over its slot when it
-    enters (`enter`); a free slot keeps its last settings (its tokens are ignored)."""
+    enters (`admission`); a free slot keeps its last settings (its tokens are ignored)."""
 
     def __init__(self, batch_size: int) -> None:
         self.tensors = SamplingTensors(temperature=torch.zeros(batch_size, dtype=torch.float32),
@@ -29,18 +29,14 @@ class SlotSampling:
                                        top_p=torch.ones(batch_size, dtype=torch.float32))
         self.random = HostRandom([0] * batch_size)
 
-    def enter(self, slot: int, params) -> None:
-        """params: the request's SamplingParams (temperature, top_k, top_p, seed)."""
-        self.tensors.temperature[slot] = params.temperature
-        self.tensors.top_k[slot] = params.top_k
-        self.tensors.top_p[slot] = params.top_p
-        self.random.reseed(slot, params.seed)
-
     def admission(self, slot: int, prompt: Sequence[int], params, bucket: int) -> tuple[Tensor, ...]:
         """Slot `slot` takes the request (its SamplingParams `params`); -> a prefill graph's inputs, in the
         order both prefill graphs declare them: ids [1, bucket], length [1], slot [1], temperature,
         top_k, top_p [1] and the first token's uniform [1, 1]."""
-        self.enter(slot, params)
+        self.tensors.temperature[slot] = params.temperature
+        self.tensors.top_k[slot] = params.top_k
+        self.tensors.top_p[slot] = params.top_p
+        self.random.reseed(slot, params.seed)
         ids, lengths = pad_prompt(prompt, bucket)
         row = (t[slot:slot + 1].clone() for t in self.tensors)
         return (ids, lengths, torch.tensor([slot]), *row, self.random.uniform_row(slot, 1))
