@@ -75,9 +75,9 @@ class CompiledBackend:
         if self.capabilities.lnc_source == "runtime":
             check_kernels_lnc(held)
         if self.device.type == "cpu":
-            from neuron_peagle.backends.layout import cpu_weight_layout, rows_per_call
+            from neuron_peagle.backends.layout import cpu_weights
 
-            cpu_weight_layout(held, rows_per_call(graphs))
+            cpu_weights(held, graphs)
 
     def run(self, graph: nn.Module, inputs: NamedTuple):
         key = (id(graph), shapes_of(inputs))

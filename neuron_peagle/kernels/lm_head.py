@@ -12,6 +12,8 @@ the maxima wins, and a later tile replaces the running pair only when strictly g
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -24,10 +26,11 @@ NOT_AT_MAXIMUM = float(2**24)
 MAX_VOCAB = 2**24
 
 
-def lm_head_argmax_reference(hidden: Tensor, weight: Tensor, d2t: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def lm_head_argmax_reference(hidden: Tensor, weight: Tensor, d2t: Tensor | None = None,
+                             linear: Callable[[Tensor, Tensor], Tensor] = F.linear) -> tuple[Tensor, Tensor]:
     # hidden [..., H] final-normed rows; weight [vocab, H] (nn.Linear's); d2t [vocab] int64 or None
     # -> token ids [...] int64 (target vocabulary), their logits [...] float32
-    logits = F.linear(hidden, weight).float()
+    logits = linear(hidden, weight).float()
     ids = logits.argmax(-1)
     best = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     return (ids if d2t is None else ids + d2t[ids]), best

@@ -1,0 +1,111 @@
+// The CPU backends' bfloat16 linear for decode-sized calls (1..8 rows: a decode step, a verify of K+1
+// tokens): out[m, n] = sum_k x[m, k] * weight[n, k] (+ bias[n]), weight in nn.Linear's row-major
+// [N, K]. Each weight row is read once, in order, for all rows of x, with AVX512-BF16 dot products
+// (float32 accumulation), and the output columns are split over the ATen (OpenMP) threads.
+//
+// Why: oneDNN's bfloat16 matmul for one row reads a streamed weight at about a third of the bandwidth
+// a plain sum reaches on the same machine (BENCHMARKS.md, "Where a decode step's milliseconds go").
+// Built at first use by neuron_peagle/kernels/cpu_linear.py.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+#include <immintrin.h>
+#include <cstdint>
+
+namespace {
+
+constexpr int64_t kRows = 8;  // input rows per pass over a weight row
+
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+inline __m512bh load_bf16(const uint16_t* p, int64_t left) {
+  if (left >= 32) return (__m512bh)_mm512_loadu_si512(p);
+  return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << left) - 1), p);
+}
+
+// out[m] (floats) = sum_k x[m][k] * w[k] for MB rows against one weight row, read once and in order
+// (one sequential stream: what the hardware prefetcher follows best). Two accumulators per row, over
+// even and odd 32-element chunks. Every row gets the same instruction sequence whatever MB is, so a
+// row's result never depends on the other rows in the call.
+template <int MB>
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+void block(const uint16_t* x, int64_t K, const uint16_t* w, float* out) {
+  __m512 even[MB], odd[MB];
+  for (int m = 0; m < MB; ++m) even[m] = odd[m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
+    for (int m = 0; m < MB; ++m) {
+      even[m] = _mm512_dpbf16_ps(even[m], (__m512bh)_mm512_loadu_si512(x + m * K + k), w0);
+      odd[m] = _mm512_dpbf16_ps(odd[m], (__m512bh)_mm512_loadu_si512(x + m * K + k + 32), w1);
+    }
+  }
+  for (; k < K; k += 32) {
+    const __m512bh w0 = load_bf16(w + k, K - k);
+    for (int m = 0; m < MB; ++m) even[m] = _mm512_dpbf16_ps(even[m], load_bf16(x + m * K + k, K - k), w0);
+  }
+  for (int m = 0; m < MB; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(even[m], odd[m]));
+}
+
+void rows_block(const uint16_t* x, int64_t rows, int64_t K, const uint16_t* w, float* out) {
+  switch (rows) {
+    case 1: block<1>(x, K, w, out); break;
+    case 2: block<2>(x, K, w, out); break;
+    case 3: block<3>(x, K, w, out); break;
+    case 4: block<4>(x, K, w, out); break;
+    case 5: block<5>(x, K, w, out); break;
+    case 6: block<6>(x, K, w, out); break;
+    case 7: block<7>(x, K, w, out); break;
+    default: block<8>(x, K, w, out); break;
+  }
+}
+
+at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
+              "rows_linear: bfloat16 only");
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "rows_linear: CPU tensors only");
+  TORCH_CHECK(weight.dim() == 2 && x.size(-1) == weight.size(1), "rows_linear: x [..., K] and weight [N, K]");
+  const int64_t K = weight.size(1), N = weight.size(0);
+  const at::Tensor xc = x.reshape({-1, K}).contiguous();
+  const at::Tensor wc = weight.contiguous();
+  const int64_t M = xc.size(0);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor out = at::empty({M, N}, x.options());
+  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  const auto* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
+  auto* op = out.data_ptr<at::BFloat16>();
+  const at::BFloat16* bp = nullptr;
+  at::Tensor bc;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->numel() == N, "rows_linear: bias [N] bfloat16");
+    bc = bias->contiguous();
+    bp = bc.data_ptr<at::BFloat16>();
+  }
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    float part[kRows];
+    for (int64_t n = n0; n < n1; ++n) {
+      const float b = bp ? static_cast<float>(bp[n]) : 0.0f;
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+        const int64_t rows = M - m0 < kRows ? M - m0 : kRows;
+        rows_block(xp + m0 * K, rows, K, wp + n * K, part);
+        for (int64_t m = 0; m < rows; ++m) op[(m0 + m) * N + n] = at::BFloat16(part[m] + b);
+      }
+    }
+  });
+  return out.view(shape);
+}
+
+bool supported() { return __builtin_cpu_supports("avx512bf16"); }
+
+}  // namespace
+
+TORCH_LIBRARY(neuron_peagle_cpu, m) {
+  m.def("rows_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("supported() -> bool");
+}
+
+TORCH_LIBRARY_IMPL(neuron_peagle_cpu, CPU, m) { m.impl("rows_linear", &rows_linear); }
+TORCH_LIBRARY_IMPL(neuron_peagle_cpu, CompositeExplicitAutograd, m) { m.impl("supported", &supported); }
