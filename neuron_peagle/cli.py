@@ -31,6 +31,9 @@ def build_parser() -> Parser:
     gen = sub.add_parser("generate", help="generate text for one prompt or a file of prompts")
     _add_engine_options(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt per line")
+    gen.add_argument("--overlap-host", type=_on_off_auto, default="auto", metavar="{auto,on,off}",
+                     help="run each decode step while the host reads the one before (same tokens, one step of lag; "
+                          "auto, the default: where the backend allows it: eager, inductor, neuron)")
     gen.add_argument("--tp-degree", type=int, default=1, metavar="N",
                      help="shard the target over N processes (the parallel plan: heads, width, experts; eager, inductor "
                           "and neuron backends; run under `torchrun --nproc-per-node N`; rank 0 prints)")
@@ -366,7 +369,8 @@ def generate(args: argparse.Namespace, given: set[str]) -> int:
     engine, params, prompts, ids = _engine_and_prompts(args, given, quiet=args.json)
     records = _Records(args, engine, prompts)
     try:
-        engine.generate(ids, params, on_output=records.write)
+        engine.generate(ids, params, on_output=records.write,
+                        overlap_host=None if args.overlap_host == "auto" else args.overlap_host)
     except GenerationInterrupted as stop:
         for index in sorted(stop.outputs):  # finished, but held back for an earlier prompt still running
             records.write(index, stop.outputs[index])

@@ -53,6 +53,10 @@ class Capabilities:
     # it), "environment" (NEURON_LOGICAL_NC_CONFIG if set, else 1: nxd passes it to the compiler), or
     # "none" (1: no NeuronCore)
     lnc_source: str = "none"
+    # the host loop may run each step on a worker thread while it reads the step before (runtime.host_loop,
+    # overlap): where a graph call is an ordinary call any thread can make. Off for torch-xla's lazy
+    # tensors (xla, nxd), whose tracing state is per thread and which nobody here has run that way.
+    overlaps_host: bool = False
 
     def lnc_for(self, lnc: int | str) -> int:
         """The logical NeuronCore degree a build asking for `lnc` gets on this backend (neuron_peagle.lnc)."""
@@ -86,15 +90,16 @@ BACKENDS: dict[str, Capabilities] = {
     "eager": Capabilities(
         "PyTorch op by op on CPU: the reference", compiles=False, times_step_parts=True, shards_at_run_time=True,
         shards_ahead_of_time=False, needs_artifacts=False, builds_artifacts=False, interprets_kernels=True,
-        packages=("torch",), **_CPU),
+        packages=("torch",), overlaps_host=True, **_CPU),
     "inductor": Capabilities(
         "torch.compile + inductor on CPU (fullgraph, fixed shapes): the fast CPU path", compiles=True,
         times_step_parts=False, shards_at_run_time=True, shards_ahead_of_time=False, needs_artifacts=False,
-        builds_artifacts=True, interprets_kernels=False, packages=("torch",), **_CPU),
+        builds_artifacts=True, interprets_kernels=False, packages=("torch",), overlaps_host=True, **_CPU),
     "neuron": Capabilities(
         "torch.compile + TorchNeuron on trn2/trn3 (torch-neuronx 2.14)", shards_at_run_time=True,
         shards_ahead_of_time=False, needs_artifacts=False, process_group_device="neuron",
-        packages=("torch", "torch-neuronx", "neuronx-cc", "nki"), lnc_source="runtime", **_NEURON),
+        packages=("torch", "torch-neuronx", "neuronx-cc", "nki"), lnc_source="runtime", overlaps_host=True,
+        **_NEURON),
     # The torch-xla environment (torch 2.9.1 + torch-xla 2.9.0, Neuron 2.31; `make setup-xla`).
     "xla": Capabilities(
         "torch-xla 2.9 lazy HLO (PJRT CPU, or trn1 through torch-neuronx 2.9); torch-xla environment",

@@ -284,7 +284,7 @@ class Engine:
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None, *, chat_template: bool = True,
                  on_tokens: TokenCallback | None = None, on_step: StepCallback | None = None,
-                 on_output: OutputCallback | None = None) -> list[RequestOutput]:
+                 on_output: OutputCallback | None = None, overlap_host: bool | None = None) -> list[RequestOutput]:
         """Generate for every prompt (text, or token ids used as they are), with one SamplingParams for all
         or one per prompt (its own length, temperature, top-k/p, seed, stop tokens and strings). Every prompt
         is checked before any work starts. The requests share the build's `batch_size` slots: each enters
@@ -292,8 +292,14 @@ class Engine:
         streams each request's committed tokens; `on_step(StepRecord)` sees every decode step;
         `on_output(request, output)` gets each request's output as soon as it and every request before it
         are finished (input order, counted from 0). Interrupted (KeyboardInterrupt, e.g. Ctrl-C), it raises
-        GenerationInterrupted, which holds every output finished by then."""
+        GenerationInterrupted, which holds every output finished by then. `overlap_host`: run step n+1
+        while the host reads step n (runtime.host_loop; same tokens, one step of lag); None: where the
+        backend allows it."""
         checks.flag("chat_template", chat_template)
+        overlap = self.backend.capabilities.overlaps_host if overlap_host is None else checks.flag("overlap_host", overlap_host)
+        if overlap and not self.backend.capabilities.overlaps_host:
+            raise ConfigError(f"overlap_host: backend {self.backend.name!r} runs its graphs on the thread that traced "
+                              "them; only " + ", ".join(repr(n) for n in backends_that("overlaps_host")) + " overlap")
         for name, callback in (("on_tokens", on_tokens), ("on_step", on_step), ("on_output", on_output)):
             if callback is not None and not callable(callback):
                 raise ConfigError(f"{name} must be a function or None, got {callback!r}")
@@ -314,7 +320,8 @@ class Engine:
                                               self._final_text(state.output_ids, requests[index]), state.stats))
 
         try:
-            run_requests(self.runner, batch, self._commit_callback(requests, on_tokens), on_step, on_finish)
+            run_requests(self.runner, batch, self._commit_callback(requests, on_tokens), on_step, on_finish,
+                         overlap=overlap)
         except KeyboardInterrupt:
             raise GenerationInterrupted(dict(finished.outputs), len(all_ids)) from None
         return [finished.outputs[i] for i in range(len(all_ids))]

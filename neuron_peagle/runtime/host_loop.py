@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -76,7 +77,9 @@ class StepRecord:
     kept: list[int]  # of those, the tokens the request kept (fewer where it stopped: a stop token, max_new_tokens)
     wall_s: float  # host wall time of the step, graph call included
     parts_s: dict[str, float]  # draft / verify / accept seconds inside the graph (eager backend only)
-    requests: list[int | None] = field(default_factory=list)  # per slot, the request index it holds
+    # per slot, the request whose tokens the step committed (None: free, or, with overlap, a request that
+    # ended in the step before: its tokens from this step are discarded)
+    requests: list[int | None] = field(default_factory=list)
     choice: dict | None = None  # how K was chosen (runtime.k_choice.KChoice.to_dict), where it was
 
 
@@ -87,12 +90,19 @@ FinishCallback = Callable[[int, "RowState"], None]
 
 def run_requests(runner: Runner, requests: Sequence[Request], on_commit: CommitCallback | None = None,
                  on_step: StepCallback | None = None, on_finish: FinishCallback | None = None,
-                 refill: bool = True) -> list[RowState]:
+                 refill: bool = True, overlap: bool = False) -> list[RowState]:
     """Generate for every request, `runner.batch_size` at a time, refilling slots as they free up;
     `on_finish` hears of each request the moment it is finished. Each prefill and step is named
     `peagle::prefill` / `peagle::step` for a profiler. `refill=False` runs fixed groups instead (the
     next requests enter only once every slot is free): the baseline continuous batching is measured
-    against (scripts/bench_slots.py)."""
+    against (scripts/bench_slots.py).
+
+    `overlap=True` takes the host's work off the critical path: step n+1 runs (on a worker thread; a
+    Neuron device runs asynchronously by itself) while the host commits step n's tokens, checks stops and
+    calls the callbacks. The next step's inputs live in the graphs' state, so nothing waits for the host;
+    the price is one step of lag: a request that finished in step n still holds its slot in step n+1,
+    whose tokens for it are discarded, and its slot is refilled before step n+2. Every request's tokens
+    are the same as without overlap (tests/test_host_overlap.py)."""
     rows = [RowState(list(r.prompt_ids), r.max_new_tokens) for r in requests]
     for row in rows:
         row.stats.num_prompt_tokens = len(row.prompt_ids)
@@ -100,45 +110,113 @@ def run_requests(runner: Runner, requests: Sequence[Request], on_commit: CommitC
     runner.calibrate()
     waiting = deque(range(len(requests)))
     slots: list[int | None] = [None] * runner.batch_size
-    step = 0
-    while True:
-        for slot in range(runner.batch_size if refill or all(i is None for i in slots) else 0):
-            while slots[slot] is None and waiting:
-                index = waiting.popleft()
-                if _admit(runner, slot, index, requests[index], rows[index], on_commit, on_finish):
-                    slots[slot] = index
-        if all(index is None for index in slots):
-            return rows
+    loop = _Loop(runner, requests, rows, slots, on_commit, on_step, on_finish)
+    worker = ThreadPoolExecutor(1, thread_name_prefix="peagle-step") if overlap else None
+    done_step: _Done | None = None  # a step whose tokens the host has not read yet (overlap only)
+    try:
+        while True:
+            for slot in range(runner.batch_size if refill or all(i is None for i in slots) else 0):
+                while slots[slot] is None and waiting:
+                    index = waiting.popleft()
+                    if _admit(runner, slot, index, requests[index], rows[index], on_commit, on_finish):
+                        slots[slot] = index
+            if all(index is None for index in slots):
+                if done_step is not None:  # its rows were all finished by the step before: nothing to read
+                    loop.read(done_step)
+                return rows
+            held = list(slots)
+            if done_step is not None and loop.all_end_in(done_step):
+                loop.read(done_step)  # the step after it would be wasted: read it first
+                loop.retire_finished()
+                done_step = None
+                continue
+            if worker is None:
+                loop.read(loop.run_step(held))
+                loop.retire_finished()
+                continue
+            running = worker.submit(loop.run_step, held)
+            if done_step is not None:
+                loop.read(done_step)  # while the step runs
+            done_step = running.result()
+            loop.retire_finished()  # only between steps: a step reads which slots are live
+    finally:
+        if worker is not None:
+            worker.shutdown(wait=True)  # an error or Ctrl-C while a step runs: let it end first
+
+
+@dataclass
+class _Done:
+    """A step as it came back from the runner, with what the host needs to read it later."""
+
+    step: int
+    held: list[int | None]  # per slot, the request it held when the step ran
+    tokens: Tensor
+    counts: Tensor
+    elapsed: float
+    spent: dict[str, float]
+    choice: KChoice | None
+
+
+class _Loop:
+    """The host's side of the steps: running one, and reading one (commit, stops, callbacks, records)."""
+
+    def __init__(self, runner: Runner, requests: Sequence[Request], rows: list[RowState], slots: list[int | None],
+                 on_commit: CommitCallback | None, on_step: StepCallback | None,
+                 on_finish: FinishCallback | None) -> None:
+        self.runner, self.requests, self.rows, self.slots = runner, requests, rows, slots
+        self.on_commit, self.on_step, self.on_finish = on_commit, on_step, on_finish
+        self.steps = 0
+        self._to_retire: list[tuple[int, int]] = []
+
+    def run_step(self, held: list[int | None]) -> _Done:
+        runner = self.runner
         before = dict(runner.timings)
         start = time.perf_counter()
         with torch.profiler.record_function("peagle::step"):
             tokens, counts = runner.step()
         elapsed = time.perf_counter() - start
         spent = {name: runner.timings.get(name, 0.0) - before.get(name, 0.0) for name in runner.timings}
-        held = list(slots)
-        live_counts = [0 if index is None else int(counts[slot]) for slot, index in enumerate(held)]
+        done = _Done(self.steps, held, tokens, counts, elapsed, spent, runner.last_choice)
+        self.steps += 1
+        return done
+
+    def read(self, done: _Done) -> None:
+        """Commit a step's tokens to the requests it held that are still running; free the slots of those
+        it finished (the runner hears of it in `retire_finished`, between steps)."""
+        held = [index if index is not None and not self.rows[index].done else None for index in done.held]
+        live_counts = [0 if index is None else int(done.counts[slot]) for slot, index in enumerate(held)]
         kept = [0] * len(held)
         for slot, index in enumerate(held):
             if index is None:
                 continue
-            row = rows[index]
+            row = self.rows[index]
             stats = row.stats
-            stats.decode_time_s += elapsed
-            stats.draft_time_s += spent.get("draft", 0.0)
-            stats.verify_time_s += spent.get("verify", 0.0)
-            stats.accept_time_s += spent.get("accept", 0.0)
+            stats.decode_time_s += done.elapsed
+            stats.draft_time_s += done.spent.get("draft", 0.0)
+            stats.verify_time_s += done.spent.get("verify", 0.0)
+            stats.accept_time_s += done.spent.get("accept", 0.0)
             stats.record_step(live_counts[slot])
-            committed = tokens[slot, : live_counts[slot]].tolist()
-            kept[slot] = _commit(row, index, committed, requests[index].stop_token_ids, on_commit)
+            committed = done.tokens[slot, : live_counts[slot]].tolist()
+            kept[slot] = _commit(row, index, committed, self.requests[index].stop_token_ids, self.on_commit)
             stats.num_decoded_tokens += kept[slot]
             if row.done:
-                slots[slot] = None
-                _finish(runner, slot, index, row, on_finish)
-        if on_step is not None:
-            choice = runner.last_choice
-            on_step(StepRecord(step, tokens.shape[1] - 1, live_counts, kept, elapsed, spent, held,
-                               choice.to_dict() if choice is not None else None))
-        step += 1
+                self.slots[slot] = None
+                self._to_retire.append((slot, index))
+        if self.on_step is not None:
+            choice = done.choice
+            self.on_step(StepRecord(done.step, done.tokens.shape[1] - 1, live_counts, kept, done.elapsed, done.spent,
+                                    held, choice.to_dict() if choice is not None else None))
+
+    def all_end_in(self, done: _Done) -> bool:
+        """Whether every request `done` held reaches its max_new_tokens in it (a step commits at least one
+        token per row): then a step after it would only be discarded."""
+        live = [index for index in done.held if index is not None and not self.rows[index].done]
+        return all(self.rows[i].max_new_tokens - len(self.rows[i].output_ids) <= 1 for i in live)
+
+    def retire_finished(self) -> None:
+        for slot, index in self._to_retire:
+            _finish(self.runner, slot, index, self.rows[index], self.on_finish)
+        self._to_retire.clear()
 
 
 def _admit(runner: Runner, slot: int, index: int, request: Request, row: RowState,
