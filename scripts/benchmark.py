@@ -60,6 +60,9 @@ def parse_args() -> argparse.Namespace:
                         help="dtype of target and drafter in every mode, and of the transformers baselines")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    parser.add_argument("--hf-dtypes", default=None,
+                        help="comma-separated dtypes of the transformers baselines (default: --dtype); with several, "
+                             "each speculative row is also compared with the fastest transformers greedy")
     parser.add_argument("--out", type=Path, default=Path("bench_out/spec.json"))
     return parser.parse_args()
 
@@ -256,13 +259,21 @@ def main() -> None:
                       f"({row['identical_prompts']}/{len(prompt_ids)} prompts, "
                       f"{row['common_prefix']:.0%} of tokens before the first difference)", flush=True)
         del engines
+    hf_dtypes = (args.hf_dtypes or args.dtype).split(",")
     for domain, prompt_ids in ({} if args.no_hf else domain_prompts).items():
         plain_rate = next(r["tokens_per_s"] for r in rows if r["domain"] == domain and r["mode"] == "plain"
                           and r["batch_size"] == 1)
-        for name, value in hf_baselines(model_dir, prompt_ids[:4], args.max_new_tokens, args.dtype).items():
-            rows.append({"domain": domain, "batch_size": 1, "backend": "transformers", "mode": name, "k": 0,
-                         "speedup": value["tokens_per_s"] / plain_rate, **value})
-            print(f"{domain} {name}: {value['tokens_per_s']:.1f} tok/s", flush=True)
+        for hf_dtype in hf_dtypes:
+            for name, value in hf_baselines(model_dir, prompt_ids[:4], args.max_new_tokens, hf_dtype).items():
+                rows.append({"domain": domain, "batch_size": 1, "backend": "transformers", "mode": name, "k": 0,
+                             "dtype": hf_dtype, "speedup": value["tokens_per_s"] / plain_rate, **value})
+                print(f"{domain} {name} {hf_dtype}: {value['tokens_per_s']:.1f} tok/s", flush=True)
+        greedy = [r for r in rows if r["domain"] == domain and r["mode"] == "hf_greedy"]
+        fastest = max(greedy, key=lambda r: r["tokens_per_s"])
+        for r in rows:
+            if r["domain"] == domain and r["backend"] != "transformers":
+                r["vs_fastest_hf_greedy"] = r["tokens_per_s"] / fastest["tokens_per_s"]
+                r["fastest_hf_greedy"] = f"{fastest['tokens_per_s']:.1f} tok/s ({fastest['dtype']})"
 
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "torch_threads": torch.get_num_threads(),
                "machine": platform.machine(), "rows": rows}
@@ -278,6 +289,12 @@ def main() -> None:
         print(f"| {r['domain']} | {r['batch_size']} | {r['backend']} | {r['mode']} | {r['k'] or '-'} | {al} | "
               f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {own} | {r.get('identical_prompts', '-')} | "
               f"{r.get('compile_s', '-')} |")
+    if any("vs_fastest_hf_greedy" in r for r in rows):
+        print("\n| domain | batch | backend | mode | K | tokens/s | transformers' faster greedy | vs it |\n|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            if "vs_fastest_hf_greedy" in r:
+                print(f"| {r['domain']} | {r['batch_size']} | {r['backend']} | {r['mode']} | {r['k'] or '-'} | "
+                      f"{r['tokens_per_s']:.1f} | {r['fastest_hf_greedy']} | **{r['vs_fastest_hf_greedy']:.2f}x** |")
 
 
 if __name__ == "__main__":

@@ -107,10 +107,19 @@ def add_markers(target) -> None:
 
 
 def split(stamps: list[tuple[str, float]], start: float, end: float, num_layers: int) -> dict[str, float] | None:
-    """One graph call's stamps -> seconds per part, or None if they are not one target pass."""
+    """One graph call's stamps -> seconds per part, or None if they are not one target pass. A drafter
+    that shares the target's embedding passes its hooks first: the target's pass is the one whose
+    embedding comes last before layer 0."""
+    labels = [label for label, _ in stamps]
+    if "enter:layer:0" not in labels:
+        return None
+    first_layer = labels.index("enter:layer:0")
     times = {}
-    for label, t in stamps:
-        times.setdefault(label, t)  # the first (the drafter never passes the target's hooked modules)
+    for position, (label, t) in enumerate(stamps):
+        if position < first_layer:
+            times[label] = t  # the last before layer 0
+        else:
+            times.setdefault(label, t)
     needed = ["enter:embedding", "exit:embedding", *[f"{e}:{w}:{i}" for i in range(num_layers)
               for e in ("enter", "exit") for w in ("layer", "attention")], "enter:lm_head", "exit:lm_head"]
     if any(n not in times for n in needed):
@@ -131,7 +140,7 @@ def split(stamps: list[tuple[str, float]], start: float, end: float, num_layers:
 def instrument(engine) -> dict[str, list]:
     """Wrap the runner's step and its backend's run with clocks; returns the lists they fill."""
     runner, backend = engine.runner, engine.runner.backend
-    log: dict[str, list] = {"step_s": [], "run_s": [], "parts": []}
+    log: dict[str, list] = {"step_s": [], "run_s": [], "parts": [], "runner_host_s": []}
     run, step = backend.run, runner.step
     layers = len(engine.target.layers)
 
@@ -147,9 +156,12 @@ def instrument(engine) -> dict[str, list]:
         return out
 
     def timed_step():
+        runs = len(log["run_s"])
         start = time.perf_counter()
         out = step()
         log["step_s"].append(time.perf_counter() - start)
+        if len(log["run_s"]) == runs + 1:
+            log["runner_host_s"].append(log["step_s"][-1] - log["run_s"][-1])
         return out
 
     backend.run, runner.step = timed_run, timed_step
@@ -181,7 +193,7 @@ def measure(engine, prompts, new_tokens: int, marked: bool) -> dict:
                 per_part[name].append(seconds * 1000)
         result["parts_ms"] = {name: statistics.median(v) for name, v in per_part.items()}
         result["graph_call_ms"] = statistics.median(log["run_s"]) * 1000
-        result["runner_host_ms"] = step_ms - result["graph_call_ms"]
+        result["runner_host_ms"] = statistics.median(log["runner_host_s"]) * 1000
     return result
 
 

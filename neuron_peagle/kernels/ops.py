@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from neuron_peagle.kernels import cpu_linear
+from neuron_peagle.kernels.cpu_linear import linear as cpu_linear
 from neuron_peagle.kernels.first_layer_input import DraftInputParams, draft_input_reference
 from neuron_peagle.kernels.lm_head import lm_head_argmax_reference
 from neuron_peagle.models.layers import RMSNorm
@@ -41,7 +41,7 @@ __all__ = ["draft_input", "draft_input_args", "lm_head_argmax"]
 def lm_head_argmax(hidden: Tensor, weight: Tensor, d2t: Tensor | None) -> tuple[Tensor, Tensor]:
     # hidden [..., H] final-normed rows; weight [vocab, H] (nn.Linear's); d2t [vocab] int or None
     # -> token ids [...] int64 (mapped through d2t), their logits [...] float32
-    return lm_head_argmax_reference(hidden, weight, d2t, cpu_linear.linear)  # CPU: the decode-sized matmul
+    return lm_head_argmax_reference(hidden, weight, d2t, cpu_linear)  # CPU: the decode-sized matmul
 
 
 @lm_head_argmax.register_fake
