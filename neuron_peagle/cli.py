@@ -32,8 +32,8 @@ def build_parser() -> Parser:
     _add_engine_options(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt per line")
     gen.add_argument("--overlap-host", type=_on_off_auto, default="auto", metavar="{auto,on,off}",
-                     help="run each decode step while the host reads the one before (same tokens, one step of lag; "
-                          "auto, the default: where the backend allows it: eager, inductor, neuron)")
+                     help="read each decode step's tokens on a reader thread while the next step runs (same tokens, "
+                          "one step of lag; auto, the default: on for neuron, off on CPU where it measured no faster)")
     gen.add_argument("--tp-degree", type=int, default=1, metavar="N",
                      help="shard the target over N processes (the parallel plan: heads, width, experts; eager, inductor "
                           "and neuron backends; run under `torchrun --nproc-per-node N`; rank 0 prints)")

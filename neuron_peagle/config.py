@@ -53,10 +53,11 @@ class Capabilities:
     # it), "environment" (NEURON_LOGICAL_NC_CONFIG if set, else 1: nxd passes it to the compiler), or
     # "none" (1: no NeuronCore)
     lnc_source: str = "none"
-    # the host loop may run each step on a worker thread while it reads the step before (runtime.host_loop,
-    # overlap): where a graph call is an ordinary call any thread can make. Off for torch-xla's lazy
-    # tensors (xla, nxd), whose tracing state is per thread and which nobody here has run that way.
-    overlaps_host: bool = False
+    # whether the host loop reads step n on a reader thread while step n+1 runs (runtime.host_loop, overlap):
+    # "on" by default (a NeuronCore runs the step by itself while the host reads), "allowed" (CPU: the reader
+    # shares the cores and the GIL with the step, and a bf16 step's host share is about 1%: measured no
+    # faster, BENCHMARKS.md), "off" (torch-xla's lazy tensors, whose tracing state is per thread: untried)
+    host_overlap: str = "off"
 
     def lnc_for(self, lnc: int | str) -> int:
         """The logical NeuronCore degree a build asking for `lnc` gets on this backend (neuron_peagle.lnc)."""
@@ -90,15 +91,15 @@ BACKENDS: dict[str, Capabilities] = {
     "eager": Capabilities(
         "PyTorch op by op on CPU: the reference", compiles=False, times_step_parts=True, shards_at_run_time=True,
         shards_ahead_of_time=False, needs_artifacts=False, builds_artifacts=False, interprets_kernels=True,
-        packages=("torch",), overlaps_host=True, **_CPU),
+        packages=("torch",), host_overlap="allowed", **_CPU),
     "inductor": Capabilities(
         "torch.compile + inductor on CPU (fullgraph, fixed shapes): the fast CPU path", compiles=True,
         times_step_parts=False, shards_at_run_time=True, shards_ahead_of_time=False, needs_artifacts=False,
-        builds_artifacts=True, interprets_kernels=False, packages=("torch",), overlaps_host=True, **_CPU),
+        builds_artifacts=True, interprets_kernels=False, packages=("torch",), host_overlap="allowed", **_CPU),
     "neuron": Capabilities(
         "torch.compile + TorchNeuron on trn2/trn3 (torch-neuronx 2.14)", shards_at_run_time=True,
         shards_ahead_of_time=False, needs_artifacts=False, process_group_device="neuron",
-        packages=("torch", "torch-neuronx", "neuronx-cc", "nki"), lnc_source="runtime", overlaps_host=True,
+        packages=("torch", "torch-neuronx", "neuronx-cc", "nki"), lnc_source="runtime", host_overlap="on",
         **_NEURON),
     # The torch-xla environment (torch 2.9.1 + torch-xla 2.9.0, Neuron 2.31; `make setup-xla`).
     "xla": Capabilities(

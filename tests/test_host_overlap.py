@@ -61,20 +61,26 @@ def test_overlap_gives_the_synchronous_tokens(model_dir, mode, batch_size):
     assert _outputs(engine, stopping, True, ks) == synchronous
 
 
-def test_the_step_runs_beside_the_host_and_a_finished_slot_waits_one_step(model_dir):
+def test_the_host_reads_beside_the_step_and_a_finished_slot_waits_one_step(model_dir):
     engine = make_engine(model_dir, batch_size=2, mode="plain", **SHAPES)
-    threads, records = set(), []
+    step_threads, read_threads, records = set(), set(), []
     step = engine.runner.step
 
     def watched_step():
-        threads.add(threading.current_thread().name)
+        step_threads.add(threading.current_thread().name)
         return step()
+
+    def on_step(record):
+        read_threads.add(threading.current_thread().name)
+        records.append(record)
 
     engine.runner.step = watched_step
     lengths = [3, 20, 4]
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths]
-    engine.generate(PROMPTS[:3], params, on_step=records.append, overlap_host=True)
-    assert threads and all(name.startswith("peagle-step") for name in threads)
+    engine.generate(PROMPTS[:3], params, on_step=on_step, overlap_host=True)
+    # The steps stay on the calling thread (one OpenMP team); the reads run on the reader.
+    assert step_threads == {threading.current_thread().name}
+    assert read_threads and all(name.startswith("peagle-read") for name in read_threads)
     held = [record.requests for record in records]
     # Request 0 (3 tokens: its prefill's and 2 steps) ends in step 1, read while step 2 runs: step 2's
     # token for it is dropped (the slot shows no request), and request 2 enters before step 3.
@@ -120,10 +126,16 @@ def test_an_error_in_a_callback_waits_for_the_running_step(model_dir):
 def test_overlap_is_refused_where_the_backend_cannot(model_dir):
     engine = make_engine(model_dir, batch_size=1, mode="plain", **SHAPES)
     capabilities = engine.backend.capabilities
+    assert capabilities.host_overlap == "allowed"
     try:
-        object.__setattr__(capabilities, "overlaps_host", False)
+        object.__setattr__(capabilities, "host_overlap", "off")
         with pytest.raises(ConfigError, match="overlap_host"):
             engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=3), overlap_host=True)
         assert engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=3))[0].output_ids  # None: off there
+        object.__setattr__(capabilities, "host_overlap", "on")
+        threads = set()
+        engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=4, ignore_eos=True),
+                        on_step=lambda record: threads.add(threading.current_thread().name))
+        assert threads and all(name.startswith("peagle-read") for name in threads)  # None: on there
     finally:
-        object.__setattr__(capabilities, "overlaps_host", True)
+        object.__setattr__(capabilities, "host_overlap", "allowed")

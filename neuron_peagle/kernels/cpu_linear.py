@@ -14,7 +14,7 @@ Only the CPU backends use it (eager and inductor), only for bfloat16 weights, on
 most `MAX_ROWS` rows (larger calls, prefill, stay with F.linear, whose blocked kernels win there),
 only where the CPU has AVX512-BF16. It is compiled once per machine at first use (a few seconds, into
 PyTorch's extension cache, with ninja); where it cannot be built or the CPU lacks the instructions,
-F.linear runs instead and one line on stderr says why.
+F.linear runs instead and one line on stderr says why. NEURON_PEAGLE_ROWS_LINEAR=off turns it off.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from torch.nn import functional as F
 MAX_ROWS = 8  # measured: above it F.linear is faster (BENCHMARKS.md)
 SOURCE = Path(__file__).with_name("cpu_rows_linear.cpp")
 LIBRARY = "neuron_peagle_cpu"
+SWITCH = "NEURON_PEAGLE_ROWS_LINEAR"  # "off": never use it (F.linear everywhere)
 
 
 _built: dict[str, Callable[[Tensor, Tensor, Tensor | None], Tensor] | None] = {}  # "op": built or None
@@ -46,7 +47,11 @@ def rows_linear_op() -> Callable[[Tensor, Tensor, Tensor | None], Tensor] | None
 
 
 def _build() -> Callable[[Tensor, Tensor, Tensor | None], Tensor] | None:
+    import os
     import platform
+
+    if os.environ.get(SWITCH, "on") == "off":
+        return None  # asked for: F.linear everywhere (the benchmarks' "before")
 
     if platform.machine() not in ("x86_64", "AMD64"):
         return None

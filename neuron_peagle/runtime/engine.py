@@ -14,7 +14,7 @@ from pathlib import Path
 
 from neuron_peagle import checks, memory
 from neuron_peagle.backends import Backend, get_backend
-from neuron_peagle.config import BuildConfig, ModelConfig, backends_that, capabilities_of
+from neuron_peagle.config import BACKENDS, BuildConfig, ModelConfig, backends_that, capabilities_of
 from neuron_peagle.default_model import is_default_model, require_default_model
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.models.target import TargetModel
@@ -292,14 +292,16 @@ class Engine:
         streams each request's committed tokens; `on_step(StepRecord)` sees every decode step;
         `on_output(request, output)` gets each request's output as soon as it and every request before it
         are finished (input order, counted from 0). Interrupted (KeyboardInterrupt, e.g. Ctrl-C), it raises
-        GenerationInterrupted, which holds every output finished by then. `overlap_host`: run step n+1
-        while the host reads step n (runtime.host_loop; same tokens, one step of lag); None: where the
-        backend allows it."""
+        GenerationInterrupted, which holds every output finished by then. `overlap_host`: read step n
+        on a reader thread while step n+1 runs (runtime.host_loop; same tokens, one step of lag); None: the
+        backend's default (on for neuron, off on CPU, where it measured no faster)."""
         checks.flag("chat_template", chat_template)
-        overlap = self.backend.capabilities.overlaps_host if overlap_host is None else checks.flag("overlap_host", overlap_host)
-        if overlap and not self.backend.capabilities.overlaps_host:
-            raise ConfigError(f"overlap_host: backend {self.backend.name!r} runs its graphs on the thread that traced "
-                              "them; only " + ", ".join(repr(n) for n in backends_that("overlaps_host")) + " overlap")
+        host_overlap = self.backend.capabilities.host_overlap
+        overlap = host_overlap == "on" if overlap_host is None else checks.flag("overlap_host", overlap_host)
+        if overlap and host_overlap == "off":
+            raise ConfigError(f"overlap_host: backend {self.backend.name!r} traces its graphs on one thread, untried "
+                              "beside a reader thread; " + ", ".join(
+                                  repr(n) for n, c in BACKENDS.items() if c.host_overlap != "off") + " overlap")
         for name, callback in (("on_tokens", on_tokens), ("on_step", on_step), ("on_output", on_output)):
             if callback is not None and not callable(callback):
                 raise ConfigError(f"{name} must be a function or None, got {callback!r}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -97,12 +97,14 @@ def run_requests(runner: Runner, requests: Sequence[Request], on_commit: CommitC
     next requests enter only once every slot is free): the baseline continuous batching is measured
     against (scripts/bench_slots.py).
 
-    `overlap=True` takes the host's work off the critical path: step n+1 runs (on a worker thread; a
-    Neuron device runs asynchronously by itself) while the host commits step n's tokens, checks stops and
-    calls the callbacks. The next step's inputs live in the graphs' state, so nothing waits for the host;
-    the price is one step of lag: a request that finished in step n still holds its slot in step n+1,
-    whose tokens for it are discarded, and its slot is refilled before step n+2. Every request's tokens
-    are the same as without overlap (tests/test_host_overlap.py)."""
+    `overlap=True` takes the host's reading off the critical path: while step n+1 runs, a reader
+    thread commits step n's tokens, checks stops and calls the callbacks. The next step's inputs live in
+    the graphs' state, so nothing waits for the host; the price is one step of lag: a request that
+    finished in step n still holds its slot in step n+1, whose tokens for it are discarded, and its slot
+    is refilled before step n+2. The steps themselves stay on the calling thread (a second thread of
+    torch work would start a second OpenMP team on the same cores: 2.4x slower steps, measured), and a
+    prefill waits for the read before it (callbacks never run on two threads at once). Every request's
+    tokens are the same as without overlap (tests/test_host_overlap.py)."""
     rows = [RowState(list(r.prompt_ids), r.max_new_tokens) for r in requests]
     for row in rows:
         row.stats.num_prompt_tokens = len(row.prompt_ids)
@@ -111,37 +113,45 @@ def run_requests(runner: Runner, requests: Sequence[Request], on_commit: CommitC
     waiting = deque(range(len(requests)))
     slots: list[int | None] = [None] * runner.batch_size
     loop = _Loop(runner, requests, rows, slots, on_commit, on_step, on_finish)
-    worker = ThreadPoolExecutor(1, thread_name_prefix="peagle-step") if overlap else None
-    done_step: _Done | None = None  # a step whose tokens the host has not read yet (overlap only)
+    reader = ThreadPoolExecutor(1, thread_name_prefix="peagle-read") if overlap else None
+    reading: Future | None = None  # the read of the last step (overlap only)
+    last_ends = False  # every request the step being read holds reaches its length in it
+
+    def read_done() -> None:
+        """Wait for the read under way; its finished requests leave their slots (on this thread)."""
+        nonlocal reading, last_ends
+        if reading is not None:
+            done, reading = reading, None
+            done.result()
+        loop.retire_finished()
+        last_ends = False
+
     try:
         while True:
+            free = [slot for slot, index in enumerate(slots) if index is None]
+            if waiting and (free if refill else len(free) == len(slots)):
+                read_done()  # a prefill's callbacks never run beside a read's; the read may free more slots
             for slot in range(runner.batch_size if refill or all(i is None for i in slots) else 0):
                 while slots[slot] is None and waiting:
                     index = waiting.popleft()
                     if _admit(runner, slot, index, requests[index], rows[index], on_commit, on_finish):
                         slots[slot] = index
-            if all(index is None for index in slots):
-                if done_step is not None:  # its rows were all finished by the step before: nothing to read
-                    loop.read(done_step)
-                return rows
-            held = list(slots)
-            if done_step is not None and loop.all_end_in(done_step):
-                loop.read(done_step)  # the step after it would be wasted: read it first
-                loop.retire_finished()
-                done_step = None
+            if all(index is None for index in slots) or last_ends:
+                if reading is None and all(index is None for index in slots) and not waiting:
+                    return rows
+                read_done()  # nothing left to step until the last step is read
                 continue
-            if worker is None:
-                loop.read(loop.run_step(held))
+            done = loop.run_step(list(slots))  # on this thread, while the reader reads the step before
+            read_done()
+            if reader is None:
+                loop.read(done)
                 loop.retire_finished()
-                continue
-            running = worker.submit(loop.run_step, held)
-            if done_step is not None:
-                loop.read(done_step)  # while the step runs
-            done_step = running.result()
-            loop.retire_finished()  # only between steps: a step reads which slots are live
+            else:
+                last_ends = loop.all_end_in(done)  # before the read starts changing the rows
+                reading = reader.submit(loop.read, done)
     finally:
-        if worker is not None:
-            worker.shutdown(wait=True)  # an error or Ctrl-C while a step runs: let it end first
+        if reader is not None:
+            reader.shutdown(wait=True)  # an error or Ctrl-C: the read under way ends first
 
 
 @dataclass
@@ -181,8 +191,8 @@ class _Loop:
         return done
 
     def read(self, done: _Done) -> None:
-        """Commit a step's tokens to the requests it held that are still running; free the slots of those
-        it finished (the runner hears of it in `retire_finished`, between steps)."""
+        """Commit a step's tokens to the requests it held that are still running; those it finished leave
+        their slots in `retire_finished`, on the loop's thread."""
         held = [index if index is not None and not self.rows[index].done else None for index in done.held]
         live_counts = [0 if index is None else int(done.counts[slot]) for slot, index in enumerate(held)]
         kept = [0] * len(held)
@@ -200,7 +210,6 @@ class _Loop:
             kept[slot] = _commit(row, index, committed, self.requests[index].stop_token_ids, self.on_commit)
             stats.num_decoded_tokens += kept[slot]
             if row.done:
-                self.slots[slot] = None
                 self._to_retire.append((slot, index))
         if self.on_step is not None:
             choice = done.choice
@@ -214,7 +223,9 @@ class _Loop:
         return all(self.rows[i].max_new_tokens - len(self.rows[i].output_ids) <= 1 for i in live)
 
     def retire_finished(self) -> None:
+        """The requests the last read finished leave their slots (the runner hears of it between steps)."""
         for slot, index in self._to_retire:
+            self.slots[slot] = None
             _finish(self.runner, slot, index, self.rows[index], self.on_finish)
         self._to_retire.clear()
 
