@@ -1,4 +1,4 @@
-// The CPU backends' bfloat16 linear for decode-sized calls (1..8 rows: a decode step, a verify of K+1
+// The CPU backends' linear for decode-sized calls (1..8 rows: a decode step, a verify of K+1
 // tokens): out[m, n] = sum_k x[m, k] * weight[n, k] (+ bias[n]), weight in nn.Linear's row-major
 // [N, K]. Each weight row is read once, in order, for all rows of x, with AVX512-BF16 dot products
 // (float32 accumulation), and the output columns are split over the ATen (OpenMP) threads.
@@ -49,7 +49,31 @@ void block(const uint16_t* x, int64_t K, const uint16_t* w, float* out) {
   for (int m = 0; m < MB; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(even[m], odd[m]));
 }
 
-void rows_block(const uint16_t* x, int64_t rows, int64_t K, const uint16_t* w, float* out) {
+// The same for float32: x and w float32, two accumulators per row over even and odd 16-element chunks.
+template <int MB>
+__attribute__((target("avx512f")))
+void block(const float* x, int64_t K, const float* w, float* out) {
+  __m512 even[MB], odd[MB];
+  for (int m = 0; m < MB; ++m) even[m] = odd[m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    const __m512 w0 = _mm512_loadu_ps(w + k);
+    const __m512 w1 = _mm512_loadu_ps(w + k + 16);
+    for (int m = 0; m < MB; ++m) {
+      even[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), w0, even[m]);
+      odd[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k + 16), w1, odd[m]);
+    }
+  }
+  for (; k < K; k += 16) {
+    const __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+    const __m512 w0 = _mm512_maskz_loadu_ps(mask, w + k);
+    for (int m = 0; m < MB; ++m) even[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + m * K + k), w0, even[m]);
+  }
+  for (int m = 0; m < MB; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(even[m], odd[m]));
+}
+
+template <typename T>
+void rows_block(const T* x, int64_t rows, int64_t K, const T* w, float* out) {
   switch (rows) {
     case 1: block<1>(x, K, w, out); break;
     case 2: block<2>(x, K, w, out); break;
@@ -62,9 +86,27 @@ void rows_block(const uint16_t* x, int64_t rows, int64_t K, const uint16_t* w, f
   }
 }
 
+// out [M, N] = x [M, K] @ w [N, K]^T (+ bias [N]); T the storage (uint16_t: bfloat16 bits, or float),
+// O the output element type.
+template <typename T, typename O>
+void rows_linear_into(const T* xp, const T* wp, const O* bp, O* op, int64_t M, int64_t K, int64_t N) {
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    float part[kRows];
+    for (int64_t n = n0; n < n1; ++n) {
+      const float b = bp ? static_cast<float>(bp[n]) : 0.0f;
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+        const int64_t rows = M - m0 < kRows ? M - m0 : kRows;
+        rows_block(xp + m0 * K, rows, K, wp + n * K, part);
+        for (int64_t m = 0; m < rows; ++m) op[(m0 + m) * N + n] = O(part[m] + b);
+      }
+    }
+  });
+}
+
 at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
-              "rows_linear: bfloat16 only");
+  const auto dtype = weight.scalar_type();
+  TORCH_CHECK(x.scalar_type() == dtype && (dtype == at::kBFloat16 || dtype == at::kFloat),
+              "rows_linear: bfloat16 or float32 only, x and weight alike");
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "rows_linear: CPU tensors only");
   TORCH_CHECK(weight.dim() == 2 && x.size(-1) == weight.size(1), "rows_linear: x [..., K] and weight [N, K]");
   const int64_t K = weight.size(1), N = weight.size(0);
@@ -74,27 +116,19 @@ at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& weight, const std:
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   at::Tensor out = at::empty({M, N}, x.options());
-  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
-  const auto* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
-  auto* op = out.data_ptr<at::BFloat16>();
-  const at::BFloat16* bp = nullptr;
   at::Tensor bc;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->numel() == N, "rows_linear: bias [N] bfloat16");
+    TORCH_CHECK(bias->scalar_type() == dtype && bias->numel() == N, "rows_linear: bias [N] of the weight's dtype");
     bc = bias->contiguous();
-    bp = bc.data_ptr<at::BFloat16>();
   }
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    float part[kRows];
-    for (int64_t n = n0; n < n1; ++n) {
-      const float b = bp ? static_cast<float>(bp[n]) : 0.0f;
-      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-        const int64_t rows = M - m0 < kRows ? M - m0 : kRows;
-        rows_block(xp + m0 * K, rows, K, wp + n * K, part);
-        for (int64_t m = 0; m < rows; ++m) op[(m0 + m) * N + n] = at::BFloat16(part[m] + b);
-      }
-    }
-  });
+  if (dtype == at::kBFloat16) {
+    rows_linear_into(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()),
+                     reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>()),
+                     bc.defined() ? bc.data_ptr<at::BFloat16>() : nullptr, out.data_ptr<at::BFloat16>(), M, K, N);
+  } else {
+    rows_linear_into(xc.data_ptr<float>(), wc.data_ptr<float>(), bc.defined() ? bc.data_ptr<float>() : nullptr,
+                     out.data_ptr<float>(), M, K, N);
+  }
   return out.view(shape);
 }
 
