@@ -114,6 +114,7 @@ def _bad_values(paths: dict[str, Path]) -> dict[str, st.SearchStrategy[str]]:
         "--mode": st.text(max_size=8).filter(lambda t: t not in ("plain", "sequential", "parallel")),
         "--datastore": st.text(max_size=8).filter(lambda t: t not in ("auto", "on", "off")),
         "--plain-step": st.text(max_size=8).filter(lambda t: t not in ("auto", "on", "off")),
+        "--overlap-host": st.text(max_size=8).filter(lambda t: t not in ("auto", "on", "off")),
         "--model": path("missing", "file", "dir"),
         "--drafter": path("missing", "file", "dir"),
         "--artifacts": path("missing", "file", "dir"),
@@ -150,7 +151,8 @@ def test_any_bad_value_of_any_option_is_one_line_and_exit_2(data, tiny_llama_dir
     paths = _paths(tmp_path_factory.getbasetemp() / "bad_paths")
     bad = _bad_values(paths)
     command = data.draw(st.sampled_from(["generate", "profile"]))
-    options = sorted(_value_options(build_parser()) - ({"--tp-degree"} if command == "profile" else {"--out"}))
+    generate_only = {"--tp-degree", "--overlap-host"}
+    options = sorted(_value_options(build_parser()) - (generate_only if command == "profile" else {"--out"}))
     option = data.draw(st.sampled_from(options))
     value = data.draw(bad[option])
     args = {"prompt": "hello", "--model": str(tiny_llama_dir), "--max-length": "64", "--prefill-buckets": "16,32",
