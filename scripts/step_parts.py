@@ -168,7 +168,7 @@ def instrument(engine) -> dict[str, list]:
     return log
 
 
-def measure(engine, prompts, new_tokens: int, marked: bool) -> dict:
+def measure(engine, prompts, new_tokens: int, marked: bool, overlap: bool = False) -> dict:
     from neuron_peagle.runtime.engine import SamplingParams
 
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, stop=("\n\n\n\n\n\n",))
@@ -176,7 +176,7 @@ def measure(engine, prompts, new_tokens: int, marked: bool) -> dict:
     log = instrument(engine)
     records, streamed = [], []
     start = time.perf_counter()
-    outputs = engine.generate(prompts, params, on_step=records.append,
+    outputs = engine.generate(prompts, params, on_step=records.append, overlap_host=overlap,
                               on_tokens=lambda index, tokens: streamed.append(len(tokens)))
     total = time.perf_counter() - start
     prefill = sum(o.stats.prefill_time_s for o in outputs)
@@ -223,10 +223,14 @@ def run_config(dtype: str, backend: str, batch: int, args, texts) -> dict:
                 add_markers(engine.target)
             prompts = [engine.encode(t) for t in texts]
             runs[marked] = measure(engine, prompts, args.max_new_tokens, marked)
+            if not marked:
+                runs["overlap"] = measure(engine, prompts, args.max_new_tokens, False, overlap=True)
             if name == "plain" and not marked:
                 target = engine.target
         result[name] = {**runs[True], "unmarked_step_ms": runs[False]["step_ms"],
                         "unmarked_host_loop_ms": runs[False]["host_loop_ms"],
+                        "overlap_step_ms": runs["overlap"]["step_ms"],
+                        "overlap_host_loop_ms": runs["overlap"]["host_loop_ms"],
                         "unmarked_tokens_per_step": runs[False]["tokens_per_step"]}
     weights = tensor_bytes(target) - tensor_bytes(target.rotary)
     cache = target.new_cache(batch)
@@ -249,11 +253,15 @@ def print_table(label: str, result: dict) -> None:
     for key, text in (("graph_call_ms", "graph call, markers in"), ("runner_host_ms", "runner host work (inputs, K choice)"),
                       ("host_loop_ms", "host loop between steps (commit, stops, callbacks)"),
                       ("unmarked_step_ms", "**step without markers**"),
-                      ("unmarked_host_loop_ms", "host loop, without markers")):
+                      ("unmarked_host_loop_ms", "host loop, without markers"),
+                      ("overlap_step_ms", "step, host reading beside it (overlap)"),
+                      ("overlap_host_loop_ms", "host loop outside the steps, overlap")):
         print(f"| {text} | {plain[key]:.2f} | {spec[key]:.2f} |")
     print(f"| tokens per step | {plain['unmarked_tokens_per_step']:.2f} | {spec['unmarked_tokens_per_step']:.2f} |")
     share = lambda r: 100 * r["unmarked_host_loop_ms"] / (r["unmarked_host_loop_ms"] + r["unmarked_step_ms"])
     print(f"| host loop share of a step | {share(plain):.1f}% | {share(spec):.1f}% |")
+    overlapped = lambda r: 100 * r["overlap_host_loop_ms"] / (r["overlap_host_loop_ms"] + r["overlap_step_ms"])
+    print(f"| host loop share, overlap | {overlapped(plain):.1f}% | {overlapped(spec):.1f}% |")
     print(f"| plain step / floor | {plain['unmarked_step_ms'] / floor['floor_ms']:.2f}x | |")
 
 
