@@ -49,7 +49,8 @@ def stream_bandwidth(nbytes: int, dtype: torch.dtype, repeats: int) -> float:
 
 
 def tensor_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    """Bytes of a module's parameters and buffers, a shared tensor (a tied head) counted once."""
+    return sum({t.data_ptr(): t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers())}.values())
 
 
 def decode_run(engine, prompts, new_tokens: int) -> dict:

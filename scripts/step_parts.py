@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from neuron_peagle.files import atomic_write_text
+from scripts.step_floor import stream_bandwidth, tensor_bytes
 
 _stamps: list[tuple[str, float]] = []
 
@@ -60,25 +61,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--out", type=Path, default=Path("bench_out/step_parts.json"))
     return parser.parse_args()
-
-
-def stream_bandwidth(nbytes: int, repeats: int) -> float:
-    """Bytes per second a float32 sum over an `nbytes` buffer reaches (median over repeats)."""
-    buffer = torch.ones(nbytes // 4, dtype=torch.float32)
-    buffer.sum()  # fault the pages in
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        buffer.sum()
-        seconds.append(time.perf_counter() - start)
-    return nbytes / statistics.median(seconds)
-
-
-def tensor_bytes(module: torch.nn.Module) -> int:
-    seen = {}
-    for t in (*module.parameters(), *module.buffers()):
-        seen[t.data_ptr()] = t.numel() * t.element_size()
-    return sum(seen.values())
 
 
 def add_markers(target) -> None:
@@ -235,7 +217,7 @@ def run_config(dtype: str, backend: str, batch: int, args, texts) -> dict:
     weights = tensor_bytes(target) - tensor_bytes(target.rotary)
     cache = target.new_cache(batch)
     kv = sum(t.numel() * t.element_size() for t in cache.buffers())
-    bandwidth = stream_bandwidth(weights, args.repeats)
+    bandwidth = stream_bandwidth(weights, torch.float32, args.repeats)
     result["floor"] = {"weight_bytes": weights, "kv_bytes": kv, "bandwidth_gb_s": bandwidth / 1e9,
                        "floor_ms": (weights + kv) / bandwidth * 1000}
     return result
