@@ -33,7 +33,7 @@ def build_parser() -> Parser:
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt per line")
     gen.add_argument("--overlap-host", type=_on_off_auto, default="auto", metavar="{auto,on,off}",
                      help="read each decode step's tokens on a reader thread while the next step runs (same tokens, "
-                          "one step of lag; auto, the default: on for neuron, off on CPU where it measured no faster)")
+                          "one step of lag; auto, the default: on for neuron, off on CPU where it measured slower)")
     gen.add_argument("--tp-degree", type=int, default=1, metavar="N",
                      help="shard the target over N processes (the parallel plan: heads, width, experts; eager, inductor "
                           "and neuron backends; run under `torchrun --nproc-per-node N`; rank 0 prints)")

@@ -55,8 +55,8 @@ class Capabilities:
     lnc_source: str = "none"
     # whether the host loop reads step n on a reader thread while step n+1 runs (runtime.host_loop, overlap):
     # "on" by default (a NeuronCore runs the step by itself while the host reads), "allowed" (CPU: the reader
-    # shares the cores and the GIL with the step, and a bf16 step's host share is about 1%: measured no
-    # faster, BENCHMARKS.md), "off" (torch-xla's lazy tensors, whose tracing state is per thread: untried)
+    # shares the cores and the GIL with the step, and a bf16 step's host share is 1-2%: measured
+    # slower, BENCHMARKS.md), "off" (torch-xla's lazy tensors, whose tracing state is per thread: untried)
     host_overlap: str = "off"
 
     def lnc_for(self, lnc: int | str) -> int:

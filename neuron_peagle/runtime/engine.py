@@ -294,7 +294,7 @@ class Engine:
         are finished (input order, counted from 0). Interrupted (KeyboardInterrupt, e.g. Ctrl-C), it raises
         GenerationInterrupted, which holds every output finished by then. `overlap_host`: read step n
         on a reader thread while step n+1 runs (runtime.host_loop; same tokens, one step of lag); None: the
-        backend's default (on for neuron, off on CPU, where it measured no faster)."""
+        backend's default (on for neuron, off on CPU, where it measured slower)."""
         checks.flag("chat_template", chat_template)
         host_overlap = self.backend.capabilities.host_overlap
         overlap = host_overlap == "on" if overlap_host is None else checks.flag("overlap_host", overlap_host)
