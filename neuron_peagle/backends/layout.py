@@ -53,7 +53,7 @@ def cpu_weight_layout(module: nn.Module, rows_per_call: int = 1) -> nn.Module:
 
 def cpu_weights(held: nn.Module, graphs: Sequence[nn.Module]) -> None:
     """What the CPU backends (eager and inductor) do to the weights they hold: the fast strides, and the
-    bfloat16 linears through the decode-sized row matmul (`kernels/cpu_linear.py`)."""
+    bfloat16 and float32 linears through the decode-sized row matmul (`kernels/cpu_linear.py`)."""
     from neuron_peagle.kernels.cpu_linear import use_rows_linear
 
     cpu_weight_layout(held, rows_per_call(graphs))

@@ -22,7 +22,6 @@ NEURON_PEAGLE_ROWS_LINEAR=off turns it off.
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -65,24 +64,21 @@ def _build() -> Callable[[Tensor, Tensor, Tensor | None], Tensor] | None:
         load(name="neuron_peagle_cpu_rows_linear", sources=[str(SOURCE)], is_python_module=False,
              extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no ninja, an old compiler: F.linear still works
-        print(f"[neuron_peagle: the CPU bf16 row matmul could not be built ({type(error).__name__}: "
-              f"{str(error).splitlines()[0] if str(error) else ''}); bf16 decode uses F.linear]",
+        print(f"[neuron_peagle: the CPU row matmul could not be built ({type(error).__name__}: "
+              f"{str(error).splitlines()[0] if str(error) else ''}); decode matmuls use F.linear]",
               file=sys.stderr, flush=True)
         return None
     ops = getattr(torch.ops, LIBRARY)
     if not ops.supported():
-        print("[neuron_peagle: this CPU has no AVX512-BF16; bf16 decode uses F.linear]", file=sys.stderr, flush=True)
+        print("[neuron_peagle: this CPU has no AVX512-BF16; decode matmuls use F.linear]", file=sys.stderr, flush=True)
         return None
-    _register_fake()
-    return ops.rows_linear
 
-
-@functools.cache
-def _register_fake() -> None:
-    @torch.library.register_fake(f"{LIBRARY}::rows_linear")
+    @torch.library.register_fake(f"{LIBRARY}::rows_linear")  # once: _build runs once per process
     def _fake(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         torch._check(x.shape[-1] == weight.shape[1], lambda: f"x {x.shape} @ weight {weight.shape}.T")
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    return ops.rows_linear
 
 
 def rows_of(x: Tensor) -> int:
@@ -91,8 +87,7 @@ def rows_of(x: Tensor) -> int:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear, through the row matmul where it applies (CPU, bfloat16 or float32, at most MAX_ROWS rows,
-    a row-major weight) and was
-    built (`rows_linear_op`)."""
+    a row-major weight) and was built (`rows_linear_op`)."""
     op = _built.get("op") if _applies(x, weight) else None  # a dict read: what a traced graph sees
     return F.linear(x, weight, bias) if op is None else op(x, weight, bias)
 
@@ -111,8 +106,8 @@ class RowsLinear(nn.Linear):
 
 
 def use_rows_linear(module: nn.Module) -> int:
-    """Every bfloat16 and float32 nn.Linear of `module` a RowsLinear, in place, where the row matmul runs here;
-    returns how many were."""
+    """Every bfloat16 and float32 nn.Linear of `module` a RowsLinear, in place, where the row matmul runs
+    here; returns how many were."""
     layers = [m for m in module.modules() if type(m) is nn.Linear and m.weight.dtype in DTYPES]
     if not layers or rows_linear_op() is None:
         return 0

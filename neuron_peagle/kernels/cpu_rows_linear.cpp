@@ -1,7 +1,7 @@
 // The CPU backends' linear for decode-sized calls (1..8 rows: a decode step, a verify of K+1
 // tokens): out[m, n] = sum_k x[m, k] * weight[n, k] (+ bias[n]), weight in nn.Linear's row-major
-// [N, K]. Each weight row is read once, in order, for all rows of x, with AVX512-BF16 dot products
-// (float32 accumulation), and the output columns are split over the ATen (OpenMP) threads.
+// [N, K]. Each weight row is read once, in order, for all rows of x (bfloat16: AVX512-BF16 dot products;
+// float32: FMAs; float32 accumulation), and the output columns are split over the ATen (OpenMP) threads.
 //
 // Why: oneDNN's bfloat16 matmul for one row reads a streamed weight at about a third of the bandwidth
 // a plain sum reaches on the same machine (BENCHMARKS.md, "Where a decode step's milliseconds go").
@@ -18,71 +18,76 @@ namespace {
 
 constexpr int64_t kRows = 8;  // input rows per pass over a weight row
 
-__attribute__((target("avx512f,avx512bw,avx512bf16")))
-inline __m512bh load_bf16(const uint16_t* p, int64_t left) {
-  if (left >= 32) return (__m512bh)_mm512_loadu_si512(p);
-  return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << left) - 1), p);
-}
+#define KERNEL __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// What differs between the dtypes: a chunk of elements in one 512-bit register, its loads (whole, and
+// masked for the tail of K) and its multiply-accumulate into 16 float32 lanes.
+struct Bf16 {  // bfloat16 bits; AVX512-BF16 dot products of element pairs
+  using Element = uint16_t;
+  using Vector = __m512bh;
+  static constexpr int64_t kChunk = 32;
+  KERNEL static Vector load(const Element* p) { return (Vector)_mm512_loadu_si512(p); }
+  KERNEL static Vector load(const Element* p, int64_t left) {
+    return left >= kChunk ? load(p) : (Vector)_mm512_maskz_loadu_epi16((__mmask32)((1ull << left) - 1), p);
+  }
+  KERNEL static __m512 dot(__m512 acc, Vector x, Vector w) { return _mm512_dpbf16_ps(acc, x, w); }
+};
+
+struct F32 {  // float32; FMAs
+  using Element = float;
+  using Vector = __m512;
+  static constexpr int64_t kChunk = 16;
+  KERNEL static Vector load(const Element* p) { return _mm512_loadu_ps(p); }
+  KERNEL static Vector load(const Element* p, int64_t left) {
+    return left >= kChunk ? load(p) : _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1), p);
+  }
+  KERNEL static __m512 dot(__m512 acc, Vector x, Vector w) { return _mm512_fmadd_ps(x, w, acc); }
+};
+
+template <typename T>
+struct TypeOf;
+template <>
+struct TypeOf<uint16_t> { using Type = Bf16; };
+template <>
+struct TypeOf<float> { using Type = F32; };
 
 // out[m] (floats) = sum_k x[m][k] * w[k] for MB rows against one weight row, read once and in order
 // (one sequential stream: what the hardware prefetcher follows best). Two accumulators per row, over
-// even and odd 32-element chunks. Every row gets the same instruction sequence whatever MB is, so a
-// row's result never depends on the other rows in the call.
-template <int MB>
-__attribute__((target("avx512f,avx512bw,avx512bf16")))
-void block(const uint16_t* x, int64_t K, const uint16_t* w, float* out) {
+// even and odd chunks. Every row gets the same instruction sequence whatever MB is, so a row's result
+// never depends on the other rows in the call.
+template <int MB, typename D>
+KERNEL void block(const typename D::Element* x, int64_t K, const typename D::Element* w, float* out) {
+  constexpr int64_t C = D::kChunk;
   __m512 even[MB], odd[MB];
   for (int m = 0; m < MB; ++m) even[m] = odd[m] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k);
-    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
+  for (; k + 2 * C <= K; k += 2 * C) {
+    const auto w0 = D::load(w + k);
+    const auto w1 = D::load(w + k + C);
     for (int m = 0; m < MB; ++m) {
-      even[m] = _mm512_dpbf16_ps(even[m], (__m512bh)_mm512_loadu_si512(x + m * K + k), w0);
-      odd[m] = _mm512_dpbf16_ps(odd[m], (__m512bh)_mm512_loadu_si512(x + m * K + k + 32), w1);
+      even[m] = D::dot(even[m], D::load(x + m * K + k), w0);
+      odd[m] = D::dot(odd[m], D::load(x + m * K + k + C), w1);
     }
   }
-  for (; k < K; k += 32) {
-    const __m512bh w0 = load_bf16(w + k, K - k);
-    for (int m = 0; m < MB; ++m) even[m] = _mm512_dpbf16_ps(even[m], load_bf16(x + m * K + k, K - k), w0);
-  }
-  for (int m = 0; m < MB; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(even[m], odd[m]));
-}
-
-// The same for float32: x and w float32, two accumulators per row over even and odd 16-element chunks.
-template <int MB>
-__attribute__((target("avx512f")))
-void block(const float* x, int64_t K, const float* w, float* out) {
-  __m512 even[MB], odd[MB];
-  for (int m = 0; m < MB; ++m) even[m] = odd[m] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    const __m512 w0 = _mm512_loadu_ps(w + k);
-    const __m512 w1 = _mm512_loadu_ps(w + k + 16);
-    for (int m = 0; m < MB; ++m) {
-      even[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), w0, even[m]);
-      odd[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k + 16), w1, odd[m]);
-    }
-  }
-  for (; k < K; k += 16) {
-    const __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-    const __m512 w0 = _mm512_maskz_loadu_ps(mask, w + k);
-    for (int m = 0; m < MB; ++m) even[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + m * K + k), w0, even[m]);
+  for (; k < K; k += C) {
+    const auto w0 = D::load(w + k, K - k);
+    for (int m = 0; m < MB; ++m) even[m] = D::dot(even[m], D::load(x + m * K + k, K - k), w0);
   }
   for (int m = 0; m < MB; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(even[m], odd[m]));
 }
 
 template <typename T>
 void rows_block(const T* x, int64_t rows, int64_t K, const T* w, float* out) {
+  using D = typename TypeOf<T>::Type;
   switch (rows) {
-    case 1: block<1>(x, K, w, out); break;
-    case 2: block<2>(x, K, w, out); break;
-    case 3: block<3>(x, K, w, out); break;
-    case 4: block<4>(x, K, w, out); break;
-    case 5: block<5>(x, K, w, out); break;
-    case 6: block<6>(x, K, w, out); break;
-    case 7: block<7>(x, K, w, out); break;
-    default: block<8>(x, K, w, out); break;
+    case 1: block<1, D>(x, K, w, out); break;
+    case 2: block<2, D>(x, K, w, out); break;
+    case 3: block<3, D>(x, K, w, out); break;
+    case 4: block<4, D>(x, K, w, out); break;
+    case 5: block<5, D>(x, K, w, out); break;
+    case 6: block<6, D>(x, K, w, out); break;
+    case 7: block<7, D>(x, K, w, out); break;
+    default: block<8, D>(x, K, w, out); break;
   }
 }
 
