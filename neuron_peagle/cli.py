@@ -125,10 +125,11 @@ def add_speculation_options(parser: argparse.ArgumentParser) -> None:
                         help="a second step graph drafting N tokens; before each step the K (of K, N and 0 with "
                              "--plain-step) that commits the most tokens per second is chosen, from measured step "
                              f"times and acceptance (default {DEFAULT_SHORT_DRAFT_TOKENS} where K is larger and "
-                             "either batch size > 1 or lookup is on without a datastore; 0: none)")
+                             "K is chosen by cost: on the CPU backends, at batch size > 1 on the others, or where "
+                             "lookup is on without a datastore; 0: none)")
     parser.add_argument("--plain-step", type=_on_off_auto, default=default.plain_step, metavar="{auto,on,off}",
                         help="a K=0 step graph (plain decoding) the engine may choose where drafting does not pay "
-                             "(auto, the default: at batch sizes above 1)")
+                             "(auto, the default: on the CPU backends, and at batch sizes above 1 on the others)")
     parser.add_argument("--datastore", type=_on_off_auto, default=default.datastore, metavar="{auto,on,off}",
                         help="with context lookup: where neither the sequence nor its lookup after the first "
                              "draft knows what follows, draft from the drafter's n-gram datastore of the "

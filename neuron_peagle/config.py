@@ -58,6 +58,11 @@ class Capabilities:
     # shares the cores and the GIL with the step, and a bf16 step's host share is 1-2%: measured
     # slower, BENCHMARKS.md), "off" (torch-xla's lazy tensors, whose tracing state is per thread: untried)
     host_overlap: str = "off"
+    # whether a speculative engine at batch 1 also compiles the short K and K = 0 by default and chooses K per
+    # step by cost, as it does above batch 1: where a step's time grows with its rows even at batch 1 (CPU
+    # cores: in bf16 a K=7 verify costs 1.7x a plain step, BENCHMARKS.md), not where a verify of K+1 rows
+    # reads the same weights as a plain step and costs about as much (NeuronCores, trn1 under torch-xla)
+    k_choice_at_batch_1: bool = False
 
     def lnc_for(self, lnc: int | str) -> int:
         """The logical NeuronCore degree a build asking for `lnc` gets on this backend (neuron_peagle.lnc)."""
@@ -91,11 +96,12 @@ BACKENDS: dict[str, Capabilities] = {
     "eager": Capabilities(
         "PyTorch op by op on CPU: the reference", compiles=False, times_step_parts=True, shards_at_run_time=True,
         shards_ahead_of_time=False, needs_artifacts=False, builds_artifacts=False, interprets_kernels=True,
-        packages=("torch",), host_overlap="allowed", **_CPU),
+        packages=("torch",), host_overlap="allowed", k_choice_at_batch_1=True, **_CPU),
     "inductor": Capabilities(
         "torch.compile + inductor on CPU (fullgraph, fixed shapes): the fast CPU path", compiles=True,
         times_step_parts=False, shards_at_run_time=True, shards_ahead_of_time=False, needs_artifacts=False,
-        builds_artifacts=True, interprets_kernels=False, packages=("torch",), host_overlap="allowed", **_CPU),
+        builds_artifacts=True, interprets_kernels=False, packages=("torch",), host_overlap="allowed",
+        k_choice_at_batch_1=True, **_CPU),
     "neuron": Capabilities(
         "torch.compile + TorchNeuron on trn2/trn3 (torch-neuronx 2.14)", shards_at_run_time=True,
         shards_ahead_of_time=False, needs_artifacts=False, process_group_device="neuron",

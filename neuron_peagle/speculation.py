@@ -43,10 +43,12 @@ class SpeculationConfig:
     - short_draft_tokens: a second step graph drafting this many; the engine picks, before each step, the
       K (of K, the short K and K = 0 where compiled) that commits the most tokens per second, from its
       measured step times and running acceptance (runtime/k_choice.py); 0: none; None: the default for
-      the configuration (DEFAULT_SHORT_DRAFT_TOKENS where K is longer, and either the batch has more than
-      one slot or lookup is on without a datastore).
+      the configuration (DEFAULT_SHORT_DRAFT_TOKENS where K is longer, and K is chosen by cost: at batch
+      sizes above 1, at batch 1 on backends whose step cost grows with its rows (the CPU backends:
+      Capabilities.k_choice_at_batch_1), or where lookup is on without a datastore).
     - plain_step: a K = 0 step graph (plain decoding on the speculative state) the engine may choose where
-      drafting does not pay, e.g. a large batch on a compute-bound machine; "auto": at batch sizes above 1.
+      drafting does not pay, e.g. a large batch on a compute-bound machine; "auto": where K is chosen by
+      cost (above batch 1, and at batch 1 on the CPU backends).
     """
 
     mode: str = "parallel"
@@ -93,20 +95,23 @@ class SpeculationConfig:
             raise ConfigError(f"num_speculative_tokens {self.num_speculative_tokens} leaves no room in max_length "
                               f"{max_length}: a step writes K+1 cache slots past the sequence")
 
-    def resolved(self, drafter_has_datastore: bool, batch_size: int = 1) -> "SpeculationConfig":
+    def resolved(self, drafter_has_datastore: bool, batch_size: int = 1,
+                 k_choice_at_batch_1: bool = False) -> "SpeculationConfig":
         """Every value concrete: plain decoding drafts nothing (K 0, no lookup); an "auto" datastore is on
         where lookup is and the drafter has one; an unset short K and an "auto" plain step are the
-        configuration's defaults for `batch_size` slots."""
+        configuration's defaults for `batch_size` slots on a backend that does or does not choose K at
+        batch 1 (`Capabilities.k_choice_at_batch_1`)."""
         if self.plain:
             return SpeculationConfig("plain", 0, 0, False, 0, False)
         datastore = self.datastore
         if datastore == "auto":
             datastore = bool(self.lookup_ngram) and drafter_has_datastore
+        chooses = batch_size > 1 or k_choice_at_batch_1
         short = self.short_draft_tokens
         if short is None:
-            wanted = batch_size > 1 or (self.lookup_ngram and not datastore)
+            wanted = chooses or (self.lookup_ngram and not datastore)
             short = DEFAULT_SHORT_DRAFT_TOKENS if wanted and self.num_speculative_tokens > DEFAULT_SHORT_DRAFT_TOKENS else 0
-        plain_step = batch_size > 1 if self.plain_step == "auto" else self.plain_step
+        plain_step = chooses if self.plain_step == "auto" else self.plain_step
         return dataclasses.replace(self, datastore=datastore, short_draft_tokens=short, plain_step=plain_step)
 
     @property

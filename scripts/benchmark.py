@@ -42,9 +42,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ks", default="3,5,7")
     parser.add_argument("--modes", default="sequential,parallel",
                         help="speculative modes; a '+lookup' suffix (parallel+lookup) adds context lookup, "
-                             "'+adaptive' adds lookup and adaptive K (the short K where lookup found nothing), "
+                             "'+adaptive' adds lookup and K chosen per step by cost (of K, the short K and K = 0), "
                              "'+datastore' adds lookup and the drafter's n-gram datastore; they combine "
-                             "(parallel+adaptive+datastore)")
+                             "(parallel+adaptive+datastore); without '+adaptive' every step drafts K")
     parser.add_argument("--lookup-ngram", type=int, default=DEFAULT_LOOKUP_NGRAM,
                         help="longest n-gram of the '+lookup' modes (default: the command line's, %(default)s)")
     parser.add_argument("--short-k", type=int, default=DEFAULT_SHORT_DRAFT_TOKENS,
@@ -188,14 +188,14 @@ def agreement(outputs: list[list[int]], reference: list[list[int]]) -> dict:
 def split_mode(mode: str, lookup_ngram: int, short_k: int) -> tuple[str, dict]:
     """mode -> (drafting mode, SpeculationConfig fields): 'parallel' -> ('parallel', drafter alone); '+lookup' adds
     context lookup, '+adaptive' lookup and adaptive K, '+datastore' lookup and the drafter's n-gram
-    datastore (suffixes combine: 'parallel+adaptive+datastore')."""
+    datastore (suffixes combine: 'parallel+adaptive+datastore'). Without '+adaptive' every step drafts K."""
     base, *extras = mode.split("+")
     unknown = set(extras) - {"lookup", "adaptive", "datastore"}
     if unknown:
         raise SystemExit(f"unknown mode suffix {sorted(unknown)} in {mode!r}: '+lookup', '+adaptive', '+datastore'")
     return base, {"lookup_ngram": lookup_ngram if extras else 0,
                   "short_draft_tokens": short_k if "adaptive" in extras else 0,
-                  "datastore": "datastore" in extras}
+                  "plain_step": "adaptive" in extras, "datastore": "datastore" in extras}
 
 
 def main() -> None:

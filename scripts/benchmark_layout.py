@@ -3,8 +3,8 @@
     python -m scripts.benchmark_layout --backends inductor,eager --dtypes float32,bfloat16
 
 The models hold nn.Linear's [out, in]; the CPU backends choose the strides (neuron_peagle/backends/
-layout.py: column-major float32 where a call multiplies one row, row-major otherwise). This measures, in
-one run on the same prompts:
+layout.py: row-major where the row matmul runs, which reads only row-major weights; without it column-major
+float32 where a call multiplies one row). This measures, in one run on the same prompts:
 
 1. each of the default model's linear shapes (LM head, q/k/v, o, gate/up, down) as a decode-shaped
    `F.linear` (1 and 8 rows: a plain step, a K=7 verify), row-major against column-major, per dtype
@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from neuron_peagle.backends.layout import column_major_on_cpu, strided
+from neuron_peagle.kernels.cpu_linear import rows_linear_op
 from neuron_peagle.files import atomic_write_text
 from scripts.benchmark import heldout_prompts, run_interleaved
 
@@ -125,7 +126,9 @@ def main() -> None:
                     engine = Engine.from_pretrained(args.model, None, speculation, batch_size=1, backend=backend,
                                                     max_length=args.max_length, prefill_buckets=buckets, dtype=dtype)
                     rows = engine.runner.batch_size * engine.runner.tokens_per_step
-                    picked = "column-major" if column_major_on_cpu(getattr(torch, dtype), rows) else "row-major"
+                    row_matmul = rows_linear_op() is not None
+                    picked = ("column-major" if column_major_on_cpu(getattr(torch, dtype), rows, row_matmul)
+                              else "row-major")
                     moved = restride(engine, to_column_major=layout == "column-major")
                     print(f"{backend} {dtype} {mode}: {moved} weights restrided to {layout}", flush=True)
                     start = time.perf_counter()

@@ -88,14 +88,23 @@ def test_incremental_decode_equals_full_forward(tiny_llama_dir):
     assert torch.allclose(incremental, full, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype, mode, column_major", [("float32", "plain", True), ("float32", "parallel", False),
-                                                      ("bfloat16", "plain", False)])
-def test_cpu_backend_chooses_the_weight_strides_and_the_model_keeps_the_checkpoint_layout(tiny_llama_dir, dtype,
-                                                                                        mode, column_major):
+@pytest.mark.parametrize("dtype, mode, one_row_float32", [("float32", "plain", True), ("float32", "parallel", False),
+                                                         ("bfloat16", "plain", False)])
+@pytest.mark.parametrize("row_matmul", ["on", "off"])
+def test_cpu_backend_chooses_the_weight_strides_and_the_model_keeps_the_checkpoint_layout(
+        tiny_llama_dir, dtype, mode, one_row_float32, row_matmul, monkeypatch):
     """The model holds nn.Linear's [out, in] as loaded (row-major), its tied LM head the embedding itself;
-    the eager backend stores float32 weights column-major where a call multiplies one row (plain decoding
-    at batch 1) and row-major otherwise (a P-EAGLE verify's K+1 rows, and bf16 always), same shapes and
-    values, the tied head still the embedding."""
+    the eager backend keeps them row-major where the row matmul runs (it reads rows), and without it
+    stores float32 weights column-major where a call multiplies one row (plain decoding at batch 1, MKL's
+    one-row kernel) and row-major otherwise (a P-EAGLE verify's K+1 rows, and bf16 always), same shapes
+    and values, the tied head still the embedding."""
+    from neuron_peagle.kernels import cpu_linear
+
+    if row_matmul == "off":
+        monkeypatch.setitem(cpu_linear._built, "op", None)  # as where it cannot be built
+    elif cpu_linear.rows_linear_op() is None:
+        pytest.skip("the row matmul does not run on this CPU")
+    column_major = one_row_float32 and row_matmul == "off"
     loaded = TargetModel.from_pretrained(tiny_llama_dir, 64, getattr(torch, dtype))
     assert loaded.config.tie_word_embeddings and loaded.lm_head.weight is loaded.embed_tokens.weight
     linears = {name: m.weight for name, m in loaded.named_modules() if isinstance(m, torch.nn.Linear)}

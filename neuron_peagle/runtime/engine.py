@@ -183,8 +183,9 @@ class Engine:
         model_config = ModelConfig.from_dir(path)
         choice = None if speculation.plain else choose_drafter(
             path, drafter_dir, is_default_target=model_dir is None or is_default_model(path), target_config=model_config)
-        speculation = speculation.resolved(choice is not None and choice.has_datastore, build.batch_size)
         capabilities = capabilities_of(build.backend)
+        speculation = speculation.resolved(choice is not None and choice.has_datastore, build.batch_size,
+                                           capabilities.k_choice_at_batch_1)
         if tp_degree != 1:
             if not capabilities.shards_at_run_time:
                 raise ConfigError(f"tensor parallelism (tp_degree {tp_degree}) runs on backends "

@@ -1,8 +1,8 @@
 """K chosen by measured cost: before each step, the K that commits the most tokens per second.
 
 The engine compiles a step graph per K it may run (SpecRunner.step_ks: the long K, the short K, and
-K = 0, plain decoding on the speculative state, at batch sizes above 1). Two measurements drive the
-choice:
+K = 0, plain decoding on the speculative state; by default above batch 1, and at batch 1 on the CPU
+backends). Two measurements drive the choice:
 - the seconds of one step per K, timed on the engine's own graphs before the first request
   (`SpecRunner.calibrate`). A fixed-shape step costs the same whatever its slots hold, so the time
   does not depend on how many slots are occupied; the tokens do.
