@@ -75,18 +75,29 @@ def test_context_lookup_is_on_by_default_in_speculative_modes_and_off_in_plain(t
     assert json.loads(capsys.readouterr().out)["lookup_ngram"] == 0
 
 
-def test_the_short_k_is_on_by_default_where_lookup_is_and_k_is_longer(tiny_llama_dir, capsys):
-    from neuron_peagle.speculation import DEFAULT_SHORT_DRAFT_TOKENS
+def test_the_short_k_and_plain_step_are_on_by_default_on_cpu_and_where_lookup_is_and_k_is_longer(tiny_llama_dir,
+                                                                                                capsys):
+    from neuron_peagle.speculation import DEFAULT_SHORT_DRAFT_TOKENS, SpeculationConfig
+
+    def chosen(*args: str) -> tuple[int, bool]:
+        assert main(["generate", "hello there", "--model", str(tiny_llama_dir), "--json", *args, *TINY_ARGS]) == 0
+        out = json.loads(capsys.readouterr().out)
+        return out["short_draft_tokens"], out["plain_step"]
 
     def short_k(*args: str) -> int:
-        assert main(["generate", "hello there", "--model", str(tiny_llama_dir), "--json", *args, *TINY_ARGS]) == 0
-        return json.loads(capsys.readouterr().out)["short_draft_tokens"]
+        return chosen(*args)[0]
 
     assert 0 < DEFAULT_SHORT_DRAFT_TOKENS < 7
-    assert short_k() == DEFAULT_SHORT_DRAFT_TOKENS  # K=7, lookup on
+    assert chosen() == (DEFAULT_SHORT_DRAFT_TOKENS, True)  # K=7, a CPU backend at batch 1: K chosen by cost
     assert short_k("-k", str(DEFAULT_SHORT_DRAFT_TOKENS)) == 0  # nothing shorter to switch to
-    assert short_k("--lookup-ngram", "0") == 0
+    assert chosen("--lookup-ngram", "0") == (DEFAULT_SHORT_DRAFT_TOKENS, True)  # the drafter alone too, on CPU
+    assert chosen("--plain-step", "off") == (DEFAULT_SHORT_DRAFT_TOKENS, False)
     assert short_k("--mode", "plain") == 0
+    # A backend that does not choose K at batch 1 (NeuronCores): only where lookup is on without a datastore.
+    for lookup, short in ((0, 0), (5, DEFAULT_SHORT_DRAFT_TOKENS)):
+        spec = SpeculationConfig(lookup_ngram=lookup).resolved(False, 1, k_choice_at_batch_1=False)
+        assert (spec.short_draft_tokens, spec.plain_step) == (short, False)
+        assert SpeculationConfig(lookup_ngram=lookup).resolved(False, 2).plain_step  # above batch 1: always
     assert short_k("--short-draft-tokens", "2") == 2
     assert short_k("--lookup-ngram", "0", "--short-draft-tokens", "2") == 2  # chosen by cost, lookup or not
     assert main(["generate", "hi", "--model", str(tiny_llama_dir), "--short-draft-tokens", "7", *TINY_ARGS]) == 2

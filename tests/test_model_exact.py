@@ -98,11 +98,11 @@ def test_cpu_backend_chooses_the_weight_strides_and_the_model_keeps_the_checkpoi
     stores float32 weights column-major where a call multiplies one row (plain decoding at batch 1, MKL's
     one-row kernel) and row-major otherwise (a P-EAGLE verify's K+1 rows, and bf16 always), same shapes
     and values, the tied head still the embedding."""
-    from neuron_peagle.kernels import cpu_linear
+    from neuron_peagle.kernels import cpu_ops
 
     if row_matmul == "off":
-        monkeypatch.setitem(cpu_linear._built, "op", None)  # as where it cannot be built
-    elif cpu_linear.rows_linear_op() is None:
+        monkeypatch.setitem(cpu_ops._built, "ops", None)  # as where it cannot be built
+    elif cpu_ops.cpu_ops() is None:
         pytest.skip("the row matmul does not run on this CPU")
     column_major = one_row_float32 and row_matmul == "off"
     loaded = TargetModel.from_pretrained(tiny_llama_dir, 64, getattr(torch, dtype))

@@ -12,73 +12,29 @@ Each output row's arithmetic is the same whatever the other rows are (a row of a
 bits a one-row decode would), and its results are within float32 accumulation of F.linear's.
 
 Only the CPU backends use it (eager and inductor), only for calls of at most `MAX_ROWS` rows (larger
-calls, prefill, stay with F.linear, whose blocked kernels win there) on a row-major weight (a float32
-weight stored column-major for one-row plain decoding keeps MKL's one-row kernel: layout.py), only where
-the CPU has AVX512-BF16 (the bf16 dot products; one build serves both dtypes). It is compiled once per
-machine at first use (a few seconds, into PyTorch's extension cache, with ninja); where it cannot be
-built or the CPU lacks the instructions, F.linear runs instead and one line on stderr says why.
-NEURON_PEAGLE_ROWS_LINEAR=off turns it off.
+calls, prefill, stay with F.linear, whose blocked kernels win there) on a row-major weight (layout.py
+keeps them so where it runs), only where the CPU kernels run (kernels/cpu_ops.py: built once per machine; elsewhere F.linear runs instead).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from neuron_peagle.kernels.cpu_ops import built_ops, cpu_ops
+
 
 MAX_ROWS = 8  # measured: above it F.linear is faster (BENCHMARKS.md)
-SOURCE = Path(__file__).with_name("cpu_rows_linear.cpp")
-LIBRARY = "neuron_peagle_cpu"
 DTYPES = (torch.bfloat16, torch.float32)
-SWITCH = "NEURON_PEAGLE_ROWS_LINEAR"  # "off": never use it (F.linear everywhere)
-
-
-_built: dict[str, Callable[[Tensor, Tensor, Tensor | None], Tensor] | None] = {}  # "op": built or None
 
 
 def rows_linear_op() -> Callable[[Tensor, Tensor, Tensor | None], Tensor] | None:
-    """The built op, or None (said once on stderr) where it cannot run here. Built on first call (the
-    CPU backends call it while preparing, before anything is traced)."""
-    if "op" not in _built:
-        _built["op"] = _build()
-    return _built["op"]
-
-
-def _build() -> Callable[[Tensor, Tensor, Tensor | None], Tensor] | None:
-    import os
-    import platform
-
-    if os.environ.get(SWITCH, "on") == "off":
-        return None  # asked for: F.linear everywhere (the benchmarks' "before")
-
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        load(name="neuron_peagle_cpu_rows_linear", sources=[str(SOURCE)], is_python_module=False,
-             extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as error:  # no compiler, no ninja, an old compiler: F.linear still works
-        print(f"[neuron_peagle: the CPU row matmul could not be built ({type(error).__name__}: "
-              f"{str(error).splitlines()[0] if str(error) else ''}); decode matmuls use F.linear]",
-              file=sys.stderr, flush=True)
-        return None
-    ops = getattr(torch.ops, LIBRARY)
-    if not ops.supported():
-        print("[neuron_peagle: this CPU has no AVX512-BF16; decode matmuls use F.linear]", file=sys.stderr, flush=True)
-        return None
-
-    @torch.library.register_fake(f"{LIBRARY}::rows_linear")  # once: _build runs once per process
-    def _fake(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        torch._check(x.shape[-1] == weight.shape[1], lambda: f"x {x.shape} @ weight {weight.shape}.T")
-        return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-    return ops.rows_linear
+    """The built op, or None where it cannot run here (built on first call: cpu_ops)."""
+    ops = cpu_ops()
+    return None if ops is None else ops.rows_linear
 
 
 def rows_of(x: Tensor) -> int:
@@ -88,8 +44,8 @@ def rows_of(x: Tensor) -> int:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear, through the row matmul where it applies (CPU, bfloat16 or float32, at most MAX_ROWS rows,
     a row-major weight) and was built (`rows_linear_op`)."""
-    op = _built.get("op") if _applies(x, weight) else None  # a dict read: what a traced graph sees
-    return F.linear(x, weight, bias) if op is None else op(x, weight, bias)
+    ops = built_ops() if _applies(x, weight) else None  # a dict read: what a traced graph sees
+    return F.linear(x, weight, bias) if ops is None else ops.rows_linear(x, weight, bias)
 
 
 def _applies(x: Tensor, weight: Tensor) -> bool:

@@ -221,7 +221,7 @@ class Attention(nn.Module):
         q = q.transpose(1, 2)  # [B, nh, T, hd]
         k = k.transpose(1, 2)  # [B, nkv, T, hd]
         v = v.view(batch, seq, nkv, hd).transpose(1, 2)
-        q = apply_rope(q, cos, sin)
+        q = apply_rope(q, cos, sin).reshape(batch, nkv, nh // nkv * seq, hd)  # query heads of a KV head side by side
         k = apply_rope(k, cos, sin)
 
         if cache is None:
@@ -230,12 +230,25 @@ class Attention(nn.Module):
             keys, values, visible = self._window_keys(cache, layer, k, v, position_ids, window)
         else:
             keys, values = cache.write(layer, position_ids, k, v)  # [B, nkv, read_length, hd] each
+            if self.sinks is None:
+                return self._output(self.attend_cache(q, keys, values, position_ids), x.dtype)
             slot = torch.arange(keys.shape[2], device=x.device)
             visible = slot.view(1, 1, -1) <= position_ids.unsqueeze(-1)  # [B, T, read_length]
+        return self._output(self.attend(q, keys, values, visible), x.dtype)
 
-        length = keys.shape[2]
-        groups = nh // nkv
-        q = q.reshape(batch, nkv, groups * seq, hd)  # query heads of one kv head side by side
+    def attend_cache(self, q: Tensor, keys: Tensor, values: Tensor, position_ids: Tensor) -> Tensor:
+        """Attention over a cache's slots: query row r of KV head h (its query heads side by side, each with
+        the step's T tokens) sees the slots up to its token's position. q [B, nkv, groups*T, hd], keys and
+        values [B, nkv, read_length, hd], position_ids [B, T] -> [B, nkv, groups*T, hd]. The CPU backends
+        swap in a kernel that reads only the slots some row sees (kernels/cpu_attention.py)."""
+        slot = torch.arange(keys.shape[2], device=q.device)
+        return self.attend(q, keys, values, slot.view(1, 1, -1) <= position_ids.unsqueeze(-1))
+
+    def attend(self, q: Tensor, keys: Tensor, values: Tensor, visible: Tensor) -> Tensor:
+        """q [B, nkv, groups*T, hd] over keys and values [B, nkv, S, hd] where `visible` [B, T, S]."""
+        batch, nkv, rows, hd = q.shape
+        seq, length = visible.shape[1], keys.shape[2]
+        groups = rows // seq
         scores = torch.matmul(q, keys.transpose(-1, -2)).float() / math.sqrt(hd)
         scores = scores.view(batch, nkv, groups, seq, length)
         scores = scores.masked_fill(~visible.view(batch, 1, 1, seq, length), float("-inf"))
@@ -246,9 +259,13 @@ class Attention(nn.Module):
             top = torch.maximum(scores.amax(-1, keepdim=True), sink)
             exp = torch.exp(scores - top)
             probs = (exp / (exp.sum(-1, keepdim=True) + torch.exp(sink - top))).to(values.dtype)
-        out = torch.matmul(probs.view(batch, nkv, groups * seq, length), values)
-        out = out.view(batch, nh, seq, hd).transpose(1, 2).reshape(batch, seq, nh * hd)
-        return self.sum_ranks(self.o_proj(out.to(x.dtype)))
+        return torch.matmul(probs.view(batch, nkv, rows, length), values)
+
+    def _output(self, out: Tensor, dtype: torch.dtype) -> Tensor:  # [B, nkv, groups*T, hd] -> [B, T, hidden]
+        batch, nkv, rows, hd = out.shape
+        seq = rows * nkv // self.num_heads
+        out = out.view(batch, self.num_heads, seq, hd).transpose(1, 2).reshape(batch, seq, self.num_heads * hd)
+        return self.sum_ranks(self.o_proj(out.to(dtype)))
 
     def _window_keys(self, cache: KVCache, layer: int, k: Tensor, v: Tensor, position_ids: Tensor,
                      window: WindowPlan) -> tuple[Tensor, Tensor, Tensor]:
