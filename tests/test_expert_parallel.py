@@ -40,9 +40,10 @@ def moe_target(request, tmp_path_factory):
     return family, model_dir, drafter_dir, want
 
 
-@pytest.mark.parametrize("ranks", [2, 3])
-def test_expert_parallel_ranks_decode_what_one_process_does_and_hold_only_their_experts(moe_target, ranks):
+def test_expert_parallel_ranks_decode_what_one_process_does_and_hold_only_their_experts(moe_target):
     family, model_dir, drafter_dir, want = moe_target
+    # 2 and 3 ranks (3 or 2 whole experts each), one family each: each torchrun compiles every rank's graphs.
+    ranks = {"gpt_oss": 3, "qwen3_moe": 2}[family]
     report = json.loads(_torchrun(ranks, str(WORKER), "moe", str(model_dir), str(drafter_dir), "inductor"))
     assert report["tokens"] == want
     assert report["tokens"]["P-EAGLE, greedy"] == want["plain greedy"]  # lossless, sharded too
