@@ -35,7 +35,7 @@ $(XLA_STAMP): pyproject.toml requirements/xla.txt
 	$(XLA_PY) -m pip install --quiet -r requirements/xla.txt -e '.[dev]'
 	touch $@
 
-# The first run compiles the default engine's graphs into $(RUN_ARTIFACTS) (a few minutes on 2 cores);
+# The first run compiles the default engine's graphs into $(RUN_ARTIFACTS) (about 6 minutes on 2 cores);
 # later runs find them up to date (the build compiles only a graph whose interface, weights or versions
 # changed: half a minute when nothing did) and load them from there.
 run: setup
