@@ -75,9 +75,9 @@ class CompiledBackend:
         if self.capabilities.lnc_source == "runtime":
             check_kernels_lnc(held)
         if self.device.type == "cpu":
-            from neuron_peagle.backends.layout import cpu_weights
+            from neuron_peagle.backends.cpu_modules import prepare_cpu_modules
 
-            cpu_weights(held, graphs)
+            prepare_cpu_modules(held, graphs)
 
     def run(self, graph: nn.Module, inputs: NamedTuple):
         key = (id(graph), shapes_of(inputs))

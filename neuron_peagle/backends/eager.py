@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from neuron_peagle.backends.base import held_modules
-from neuron_peagle.backends.layout import cpu_weights
+from neuron_peagle.backends.cpu_modules import prepare_cpu_modules
 from neuron_peagle.config import BACKENDS
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.state_writes import StateWrites, use_state_writes
@@ -23,11 +23,11 @@ class EagerBackend:
     capabilities = BACKENDS["eager"]
 
     def prepare(self, graphs: Sequence[nn.Module]) -> None:
-        """CPU weight layout and matmuls (`layout.cpu_weights`); nothing to move. State is written in place, 16-bit
-        caches through an int16 view (neuron_peagle.state_writes: PyTorch's CPU scatter over 16-bit floats
-        copies the whole cache)."""
+        """CPU weight layout, matmuls and attention (`cpu_modules.prepare_cpu_modules`); nothing to move. State
+        is written in place, 16-bit caches through an int16 view (neuron_peagle.state_writes: PyTorch's CPU
+        scatter over 16-bit floats copies the whole cache)."""
         held = held_modules(graphs)
-        cpu_weights(held, graphs)
+        prepare_cpu_modules(held, graphs)
         use_state_writes(held, StateWrites.IN_PLACE_INT16)
 
     def run(self, graph: nn.Module, inputs: tuple[Tensor, ...]):

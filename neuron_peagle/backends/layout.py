@@ -51,15 +51,3 @@ def cpu_weight_layout(module: nn.Module, rows_per_call: int = 1, row_matmul: boo
         weight = layer.weight
         weight.data = strided(weight.data, column_major_on_cpu(weight.dtype, rows_per_call, row_matmul))
     return module
-
-
-def cpu_weights(held: nn.Module, graphs: Sequence[nn.Module]) -> None:
-    """What the CPU backends (eager and inductor) do to the modules they hold: the fast strides, the
-    bfloat16 and float32 linears through the decode-sized row matmul (`kernels/cpu_linear.py`), and
-    attention over the cache through the kernel that reads only the live slots (`kernels/cpu_attention.py`)."""
-    from neuron_peagle.kernels.cpu_attention import use_cache_attention
-    from neuron_peagle.kernels.cpu_linear import rows_linear_op, use_rows_linear
-
-    cpu_weight_layout(held, rows_per_call(graphs), row_matmul=rows_linear_op() is not None)
-    use_rows_linear(held)
-    use_cache_attention(held)
