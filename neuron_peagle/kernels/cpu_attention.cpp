@@ -87,13 +87,10 @@ NEURON_PEAGLE_KERNEL void softmax_row(float* scores, int64_t n, float root) {
 inline void store(float x, float* out) { *out = x; }
 inline void store(float x, uint16_t* out) { *out = c10::BFloat16(x).x; }
 
-// 16 elements of a value row as float32 lanes.
-NEURON_PEAGLE_KERNEL inline __m512 load16(const float* p, int64_t left) {
-  return left >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1), p);
-}
+// 16 elements of a value row as float32 lanes (the first `left` of them where fewer remain).
+NEURON_PEAGLE_KERNEL inline __m512 load16(const float* p, int64_t left) { return F32::load(p, left); }
 NEURON_PEAGLE_KERNEL inline __m512 load16(const uint16_t* p, int64_t left) {
-  const __m256i bits = left >= 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                                  : _mm256_maskz_loadu_epi16((__mmask16)((1u << left) - 1), p);
+  const __m256i bits = _mm256_maskz_loadu_epi16(tail(left), p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 

@@ -16,15 +16,13 @@ batched matmuls), head dims up to 128, without attention sinks or sliding window
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from neuron_peagle.kernels.cpu_ops import built_ops, cpu_ops
+from neuron_peagle.kernels.cpu_ops import DTYPES, built_ops, cpu_ops
 from neuron_peagle.models.layers import Attention
 
 MAX_ROWS = 64  # query rows per KV head (groups x tokens per step): decode and verify steps, not prefill
 MAX_HEAD_DIM = 128
-DTYPES = (torch.bfloat16, torch.float32)
 
 
 def _applies(q: Tensor, keys: Tensor, values: Tensor) -> bool:

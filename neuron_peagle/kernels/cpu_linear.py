@@ -20,15 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from neuron_peagle.kernels.cpu_ops import built_ops, cpu_ops
+from neuron_peagle.kernels.cpu_ops import DTYPES, built_ops, cpu_ops
 
 
 MAX_ROWS = 8  # measured: above it F.linear is faster (BENCHMARKS.md)
-DTYPES = (torch.bfloat16, torch.float32)
 
 
 def rows_linear_op() -> Callable[[Tensor, Tensor, Tensor | None], Tensor] | None:

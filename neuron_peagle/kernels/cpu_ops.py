@@ -20,6 +20,7 @@ from torch import Tensor
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_rows_linear.cpp", "cpu_attention.cpp")]
 LIBRARY = "neuron_peagle_cpu"
+DTYPES = (torch.bfloat16, torch.float32)  # what both ops take
 SWITCH = "NEURON_PEAGLE_CPU_KERNELS"  # "off": never use them
 OLD_SWITCH = "NEURON_PEAGLE_ROWS_LINEAR"  # the earlier name of the switch, still honoured
 

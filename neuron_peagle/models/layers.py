@@ -230,10 +230,7 @@ class Attention(nn.Module):
             keys, values, visible = self._window_keys(cache, layer, k, v, position_ids, window)
         else:
             keys, values = cache.write(layer, position_ids, k, v)  # [B, nkv, read_length, hd] each
-            if self.sinks is None:
-                return self._output(self.attend_cache(q, keys, values, position_ids), x.dtype)
-            slot = torch.arange(keys.shape[2], device=x.device)
-            visible = slot.view(1, 1, -1) <= position_ids.unsqueeze(-1)  # [B, T, read_length]
+            return self._output(self.attend_cache(q, keys, values, position_ids), x.dtype)
         return self._output(self.attend(q, keys, values, visible), x.dtype)
 
     def attend_cache(self, q: Tensor, keys: Tensor, values: Tensor, position_ids: Tensor) -> Tensor:
