@@ -34,7 +34,8 @@ from neuron_peagle.backends import get_backend
 from neuron_peagle.backends.artifacts import TARGETS, ArtifactBuild, BuildLog, neuron_compiler_args
 from neuron_peagle.cli import add_build_options, add_model_options, add_speculation_options, speculation_of
 from neuron_peagle.cli_args import Parser, output_dir, run
-from neuron_peagle.config import BACKENDS, BuildConfig, ModelConfig, backends_that, capabilities_of
+from neuron_peagle.capabilities import BACKENDS, backends_that, capabilities_of
+from neuron_peagle.config import BuildConfig, ModelConfig
 from neuron_peagle.default_model import require_default_model
 from neuron_peagle.errors import ArtifactError, ConfigError
 from neuron_peagle.graphs.interface import plan

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from neuron_peagle import checks
 from neuron_peagle.cli_args import EXIT_INTERRUPTED, Parser, buckets, output_dir, run
-from neuron_peagle.config import BACKENDS, DEFAULT_BACKEND, KERNEL_MODES, BuildConfig, ModelConfig, capabilities_of
+from neuron_peagle.capabilities import BACKENDS, DEFAULT_BACKEND, KERNEL_MODES, capabilities_of
+from neuron_peagle.config import BuildConfig, ModelConfig
 from neuron_peagle.errors import ConfigError, PromptLineError
 from neuron_peagle.prompt_files import STDIN, PromptLine, read_prompt_lines
 from neuron_peagle.speculation import DEFAULT_SHORT_DRAFT_TOKENS, MODES, SpeculationConfig

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from neuron_peagle.backends.profilers import NEURON_PROFILE_DIR, neuron_capture_env, profiler_for
-from neuron_peagle.config import capabilities_of
+from neuron_peagle.capabilities import capabilities_of
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.files import atomic_write_text
 from neuron_peagle.output_dirs import OutputKind, claim_output_dir, marker_fields

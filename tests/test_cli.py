@@ -119,7 +119,7 @@ def test_datastore_option_is_auto_by_default_and_refused_where_there_is_none(tin
 
 def test_backend_is_inductor_by_default_and_help_names_every_backend(capsys):
     from neuron_peagle.cli import build_parser
-    from neuron_peagle.config import BACKENDS
+    from neuron_peagle.capabilities import BACKENDS
 
     from neuron_peagle.cli import backend_of
 

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from compile.build import main as build_main
 from neuron_peagle.backends.artifacts import prune
 from neuron_peagle.cli import main
-from neuron_peagle.config import BACKENDS, DTYPES, KERNEL_MODES
+from neuron_peagle.capabilities import BACKENDS, KERNEL_MODES
+from neuron_peagle.config import DTYPES
 from neuron_peagle.errors import ArtifactError, ConfigError, NeuronPeagleError
 from neuron_peagle.output_dirs import LOCK_NAME, check_output_dir, claim_output_dir
 from neuron_peagle.profiling import SESSION, profile_generation

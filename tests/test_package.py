@@ -155,7 +155,7 @@ BACKEND_CLASSES = {"EagerBackend", "CompiledBackend", "XlaBackend", "NxdBackend"
 def _backend_name_uses(path: Path, text: str | None = None) -> list[str]:
     """Where a file compares something with a backend's name (or a tuple of names), or names a backend class
     (a downcast, an isinstance, an annotation)."""
-    from neuron_peagle.config import BACKENDS
+    from neuron_peagle.capabilities import BACKENDS
 
     def is_name(node: ast.AST) -> bool:
         if isinstance(node, ast.Constant):

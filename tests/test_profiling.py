@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from neuron_peagle.backends.profilers import NeuronCapture
-from neuron_peagle.config import backends_that
+from neuron_peagle.capabilities import backends_that
 from neuron_peagle.cli import main
 from neuron_peagle.profiling import neuron_capture_env, profile_generation, runs_torch_profiler
 from neuron_peagle.runtime.engine import SamplingParams

@@ -16,11 +16,11 @@ what to install.
 from __future__ import annotations
 
 from neuron_peagle.backends.base import Backend
-from neuron_peagle.config import capabilities_of
+from neuron_peagle.capabilities import capabilities_of
 
 
 def get_backend(name: str, tp_degree: int = 1) -> Backend:
-    """The backend called `name` (config.BACKENDS); `tp_degree`: the ranks of a backend that shards ahead
+    """The backend called `name` (capabilities.BACKENDS); `tp_degree`: the ranks of a backend that shards ahead
     of time (nxd) its graphs are for."""
     capabilities_of(name)  # an unknown name: one message listing the backends
     if name == "eager":

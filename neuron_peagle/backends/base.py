@@ -1,7 +1,7 @@
 """The backend interface: what a backend does with the engine's graphs.
 
 Everything that differs between devices is a backend's: its static facts are its `Capabilities`
-(config.BACKENDS: read by the engine, the runners, the command line and the build without comparing
+(capabilities.BACKENDS: read by the engine, the runners, the command line and the build without comparing
 names), its behaviour the methods below (placing modules, running a graph, building and loading
 artifacts, profiling a session).
 """
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 import torch
 from torch import Tensor, nn
 
-from neuron_peagle.config import Capabilities
+from neuron_peagle.capabilities import Capabilities
 
 if TYPE_CHECKING:
     from neuron_peagle.backends.artifacts import ArtifactBuild, BuiltGraphs, LoadReport

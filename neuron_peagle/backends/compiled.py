@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from neuron_peagle.backends.base import Shapes, held_modules, shapes_of
 from neuron_peagle.backends.compiled_artifacts import (INDUCTOR_CACHE, NEURON_CACHE, CompilerCache, build_compiled,
                                                        load_compiled, use_compiled_artifacts)
-from neuron_peagle.config import BACKENDS
+from neuron_peagle.capabilities import BACKENDS
 from neuron_peagle.errors import BackendUnavailableError, ConfigError
 from neuron_peagle.state_writes import StateWrites, use_state_writes
 

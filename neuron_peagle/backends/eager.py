@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from neuron_peagle.backends.base import held_modules
 from neuron_peagle.backends.cpu_modules import prepare_cpu_modules
-from neuron_peagle.config import BACKENDS
+from neuron_peagle.capabilities import BACKENDS
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.state_writes import StateWrites, use_state_writes
 

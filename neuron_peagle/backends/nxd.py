@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from neuron_peagle.backends.base import held_modules
 from neuron_peagle.backends.nxd_graphs import NxdBundle, graph_kwargs, hold_every_state
 from neuron_peagle.backends.nxd_sdk import INSTALL_HINT, require_sdk
-from neuron_peagle.config import BACKENDS
+from neuron_peagle.capabilities import BACKENDS
 from neuron_peagle.graphs.interface import target_caches
 from neuron_peagle.errors import ArtifactError, BackendUnavailableError
 from neuron_peagle.runtime.manifest import NEURON_MODEL_FILE

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from neuron_peagle.backends.base import held_modules
-from neuron_peagle.config import BACKENDS
+from neuron_peagle.capabilities import BACKENDS
 from neuron_peagle.errors import ArtifactError, BackendUnavailableError
 from neuron_peagle.runtime.manifest import XLA_CACHE_DIR
 from neuron_peagle.state_writes import StateWrites, use_state_writes

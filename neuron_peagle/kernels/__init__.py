@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from neuron_peagle.config import KERNEL_MODES
+from neuron_peagle.capabilities import KERNEL_MODES
 from neuron_peagle.errors import BackendUnavailableError, ConfigError
 from neuron_peagle.kernels import ops
 from neuron_peagle.kernels.first_layer_input import DraftInputParams, draft_input_reference

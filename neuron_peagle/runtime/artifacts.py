@@ -19,7 +19,7 @@ from pathlib import Path
 
 from neuron_peagle.backends import Backend, get_backend
 from neuron_peagle.checksums import find_mismatch
-from neuron_peagle.config import capabilities_of
+from neuron_peagle.capabilities import capabilities_of
 from neuron_peagle.errors import ArtifactError
 from neuron_peagle.runtime.manifest import Manifest, WeightsInfo, installed_versions
 

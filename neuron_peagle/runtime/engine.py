@@ -14,7 +14,8 @@ from pathlib import Path
 
 from neuron_peagle import checks, memory
 from neuron_peagle.backends import Backend, get_backend
-from neuron_peagle.config import BACKENDS, BuildConfig, ModelConfig, backends_that, capabilities_of
+from neuron_peagle.capabilities import BACKENDS, backends_that, capabilities_of
+from neuron_peagle.config import BuildConfig, ModelConfig
 from neuron_peagle.default_model import is_default_model, require_default_model
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.models.target import TargetModel

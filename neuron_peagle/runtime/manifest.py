@@ -40,7 +40,8 @@ from typing import Any
 from torch import Tensor
 
 from neuron_peagle.checksums import is_relative_name
-from neuron_peagle.config import BuildConfig, capabilities_of
+from neuron_peagle.capabilities import capabilities_of
+from neuron_peagle.config import BuildConfig
 from neuron_peagle.default_model import sha256_of
 from neuron_peagle.errors import ArtifactError
 from neuron_peagle.files import atomic_write_text
