@@ -74,6 +74,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-weight", type=float, default=0.0,
                         help="train stage: loss weight of the target's predictions of prompt tokens (response "
                         "tokens weigh 1; 0 learns the response only)")
+    parser.add_argument("--depth-weighting", choices=("depth", "element"), default="depth",
+                        help="train stage: 'depth' averages the loss within each depth and weighs the depths "
+                        "alike (the P-EAGLE paper); 'element' is one mean over every element COD keeps "
+                        "(speculators' P-EAGLE), so the first drafts weigh most")
+    parser.add_argument("--depth-decay", type=float, default=None,
+                        help="train stage: depth d weighted decay**d (default: the objective's, P-EAGLE 1, EAGLE-3 0.8)")
+    parser.add_argument("--ce-weight", type=float, default=0.0,
+                        help="train stage: each element's loss is (1 - w) x KL + w x the cross-entropy of the "
+                        "target's top token (greedy acceptance is a top-1 match)")
+    parser.add_argument("--feature-noise", type=float, default=0.0,
+                        help="train stage: uniform noise on the target features, of half-width this x each feature "
+                        "layer's median |value| (a regulariser: speculators adds noise too)")
+    parser.add_argument("--freeze-head", action="store_true",
+                        help="train stage: keep the drafter's head where it starts (speculators freezes it)")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="train stage: AdamW weight decay of the matrices")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="continue from this drafter directory (keeps its draft vocabulary)")
     parser.add_argument("--run-name", default=None, help="names this run's checkpoint and log in the work dir "
@@ -148,7 +163,9 @@ def main() -> None:
                              lr=args.lr, seconds=args.seconds, seed=args.seed,
                              init_from=str(args.init_from) if args.init_from else None, run_name=args.run_name,
                              feature_sets=tuple(args.feature_sets.split(",")), precision=args.precision,
-                             prompt_weight=args.prompt_weight)
+                             prompt_weight=args.prompt_weight, depth_weighting=args.depth_weighting,
+                             depth_decay=args.depth_decay, ce_weight=args.ce_weight, feature_noise=args.feature_noise,
+                             freeze_head=args.freeze_head, weight_decay=args.weight_decay)
         train(model_dir, work, config, args.out)
     if args.stage == "eval":
         evaluate(args, model_dir, work)

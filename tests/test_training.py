@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from neuron_peagle.errors import ConfigError
 from neuron_peagle.runtime.engine import SamplingParams
 from neuron_peagle.training.data import compute_features, generate_responses, load_shards
-from neuron_peagle.training.objective import cod_elements, eagle3_loss, peagle_loss
+from neuron_peagle.training.objective import LossSettings, cod_elements, eagle3_loss, peagle_loss
 from neuron_peagle.training.prompt_sets import Prompt
 from neuron_peagle.training.trainer import CHECKPOINT_FORMAT, TrainConfig, train
 from spec_helpers import make_engine
@@ -67,7 +67,7 @@ def test_prompt_weight_decides_whether_prompt_predictions_are_learned(tiny_llama
 
     def run(logits, weight):
         return objective(drafter, target.embed_tokens, ids, features, logits, response_start, 3,
-                         torch.Generator().manual_seed(0), prompt_weight=weight)
+                         torch.Generator().manual_seed(0), LossSettings(prompt_weight=weight))
 
     (loss, stats), (loss_other, _) = run(teacher, 0.0), run(other, 0.0)
     assert torch.equal(loss, loss_other)
@@ -77,6 +77,49 @@ def test_prompt_weight_decides_whether_prompt_predictions_are_learned(tiny_llama
     assert torch.equal(stats["depth0"][2], weighted_stats["depth0"][2]) and int(stats["depth0"][2]) == 21
     with pytest.raises(ValueError, match="prompt_weight"):
         TrainConfig(prompt_weight=2.0)
+
+
+def test_the_loss_weighs_elements_and_depths_as_its_settings_say():
+    from neuron_peagle.training.objective import _depth_losses
+
+    torch.manual_seed(0)
+    # Six response elements: four at depth 0, two at depth 1 (response from position 0).
+    anchors, depths_of = torch.tensor([0, 1, 2, 3, 0, 1]), torch.tensor([0, 0, 0, 0, 1, 1])
+    logits, teacher = torch.randn(6, 11), torch.randn(8, 11)
+    target = torch.softmax(teacher[anchors + 1 + depths_of], -1)
+    kl = (target * (target.log() - torch.log_softmax(logits, -1))).sum(-1)
+    ce = torch.nn.functional.cross_entropy(logits, target.argmax(-1), reduction="none")
+
+    def loss(**settings):
+        decay = settings.pop("decay", 1.0)
+        return _depth_losses(logits, anchors, depths_of, teacher, 1, 2, LossSettings(**settings), decay)[0]
+
+    per_depth = (kl[:4].mean(), kl[4:].mean())
+    assert torch.allclose(loss(), (per_depth[0] + per_depth[1]) / 2)
+    assert torch.allclose(loss(decay=0.5), (per_depth[0] + 0.5 * per_depth[1]) / 1.5)
+    assert torch.allclose(loss(weighting="element"), kl.mean())  # depth 0 weighs its four elements
+    assert torch.allclose(loss(weighting="element", decay=0.5), (kl[:4].sum() + 0.5 * kl[4:].sum()) / 5)
+    assert torch.allclose(loss(weighting="element", ce_weight=1.0), ce.mean())
+    assert torch.allclose(loss(weighting="element", ce_weight=0.25), (0.75 * kl + 0.25 * ce).mean())
+    for bad in ({"weighting": "token"}, {"ce_weight": 1.5}, {"decay": 0.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            LossSettings(**bad)
+    with pytest.raises(ValueError, match="weighting"):
+        TrainConfig(depth_weighting="token")
+
+
+def test_feature_noise_is_scaled_to_each_feature_layer():
+    from neuron_peagle.training.trainer import feature_scales, noisy
+
+    scales = torch.tensor([0.5, 2.0, 8.0])
+    examples = [{"features": torch.randn(50, 3 * 16) * scales.repeat_interleave(16)} for _ in range(4)]
+    medians = feature_scales(examples, 3)
+    assert torch.allclose(medians / scales, torch.full((3,), 0.6745), atol=0.08)  # the median |N(0, s)| is 0.6745 s
+    features = examples[0]["features"]
+    noise = (noisy(features, medians * 0.1, torch.Generator().manual_seed(1)) - features).reshape(50, 3, 16)
+    for layer in range(3):
+        bound = float(medians[layer]) * 0.1
+        assert 0.5 * bound < float(noise[:, layer].abs().max()) <= bound * (1 + 1e-6)
 
 
 def test_eagle3_objective_feeds_the_drafters_own_hidden_back(tiny_llama_dir):
@@ -150,6 +193,8 @@ def test_training_lowers_the_loss_and_the_drafter_serves(tmp_path, tiny_llama_di
     config = TrainConfig(objective=objective, num_layers=1, draft_vocab_size=300, depths=3, epochs=12, lr=3e-3,
                          accumulate=2, checkpoint_every=1000, precision=precision)
     out = train(tiny_llama_dir, tmp_path, config, tmp_path / "drafter")
+    if precision == "float32":  # once: the regularisers and the other loss weighting train too, a frozen
+        _train_regularised(tmp_path, tiny_llama_dir, config, out)  # head stays where it started
     log = [json.loads(line) for line in (tmp_path / f"train_log_{objective}.jsonl").read_text().splitlines()]
     assert log[-1]["loss0"] < log[0]["loss0"] * 0.7
     assert (out / "config.json").is_file() and (out / "accuracy.png").is_file()
@@ -162,6 +207,19 @@ def test_training_lowers_the_loss_and_the_drafter_serves(tmp_path, tiny_llama_di
     assert [o.output_ids for o in got] == [o.output_ids for o in engine.generate(ids, params)]
     # Trained on exactly these continuations, the drafter gets accepted.
     assert sum(o.stats.acceptance_length for o in got) / len(got) > min_acceptance
+
+
+def _train_regularised(tmp_path, model_dir, config, trained):
+    from safetensors.torch import load_file
+
+    regularised = dataclasses.replace(config, epochs=1, run_name="regularised", depth_weighting="element",
+                                      ce_weight=0.5, feature_noise=0.1, freeze_head=True, weight_decay=0.1,
+                                      init_from=str(trained))
+    again = train(model_dir, tmp_path, regularised, tmp_path / "again")
+    before, after = (load_file(d / "model.safetensors") for d in (trained, again))
+    head = next(name for name in before if "lm_head" in name)
+    fc = next(name for name in before if "fc." in name)
+    assert torch.equal(before[head], after[head]) and not torch.equal(before[fc], after[fc])
 
 
 def test_a_wall_clock_budget_ends_training_with_the_learning_rate_decayed(tmp_path, tiny_llama_dir):

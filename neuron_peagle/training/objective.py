@@ -11,8 +11,12 @@ elements up to a and its own chain (a, 1..d).
 
 COD sampling (conditional drop-token) bounds the cost: depth d keeps about n * max(r^d, r_min) of
 the anchors, each kept anchor's chain being kept whole below it (anchors of depth d are a subset of
-those of depth d-1). Loss: KL(target || draft) over the draft vocabulary, averaged within each depth,
-depths weighted equally.
+those of depth d-1). Loss per element: KL(target || draft) over the draft vocabulary, optionally mixed
+with the cross-entropy of the target's top token (`LossSettings.ce_weight`: greedy acceptance is a
+top-1 match). How the elements' losses make the loss is `LossSettings.weighting`: "depth" (our
+default) averages within each depth and weighs depth d by decay**d (P-EAGLE's paper: depths equally,
+decay 1); "element" is one mean over all elements (speculators' P-EAGLE code), so a depth weighs as
+many elements as COD keeps of it, and depth 0, the draft every accepted run starts with, weighs most.
 
 What is learned: predictions of response tokens weigh 1, predictions of prompt tokens weigh
 `prompt_weight` (default 0: the prompt is given, not generated; every depth-0 element of the prompt is
@@ -25,9 +29,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 from torch import Tensor
 
 from neuron_peagle.models.drafter import Drafter
+
+
+WEIGHTINGS = ("depth", "element")
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """How the elements' losses make the loss (see the module docstring)."""
+    prompt_weight: float = 0.0  # weight of the target's predictions of prompt tokens (response: 1)
+    weighting: str = "depth"  # "depth": a mean per depth, depth d weighted decay**d; "element": one mean
+    decay: float | None = None  # depth d's weight decay**d; None: the objective's own (P-EAGLE 1, EAGLE-3 0.8)
+    ce_weight: float = 0.0  # element loss (1 - w) * KL + w * cross-entropy of the target's top token
+
+    def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if not 0.0 <= self.prompt_weight <= 1.0:
+            raise ValueError(f"prompt_weight must be in [0, 1], got {self.prompt_weight}")
+        if not 0.0 <= self.ce_weight <= 1.0:
+            raise ValueError(f"ce_weight must be in [0, 1], got {self.ce_weight}")
+        if self.decay is not None and not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {self.decay}")
 
 
 @dataclass
@@ -67,34 +94,44 @@ def cod_elements(num_anchors: int, depths: int, valid_last: int, generator: torc
 
 
 def _depth_losses(logits: Tensor, anchors: Tensor, depths_of: Tensor, teacher_logits: Tensor,
-                  response_start: int, depths: int, decay: float = 1.0, prompt_weight: float = 0.0
+                  response_start: int, depths: int, settings: LossSettings, decay: float
                   ) -> tuple[Tensor, dict[str, Tensor]]:
-    """KL(target || draft) per element, a weighted mean within each depth; depth d weighted decay**d
-    (P-EAGLE weights depths equally; EAGLE-3 uses 0.8**d). logits [E, draft_vocab] for elements
-    (anchors [E], depths_of [E]). Stats per depth (loss, correct, count) cover response tokens only."""
+    """The loss of elements (anchors [E], depths_of [E]) with draft-vocabulary logits [E, draft_vocab], as
+    `settings` says (`decay`: depth d's weight decay**d). Stats per depth (mean KL, correct, count) cover
+    response tokens only, whatever the loss."""
     teacher_at = anchors + 1 + depths_of  # position whose distribution is learned
     teacher = torch.softmax(teacher_logits[teacher_at].float(), dim=-1)
     log_q = torch.log_softmax(logits, dim=-1)
     kl = (teacher * (torch.log(teacher.clamp_min(1e-20)) - log_q)).sum(-1)  # [E]
+    top = teacher.argmax(-1)
+    element_loss = kl
+    if settings.ce_weight > 0:
+        ce = F.nll_loss(log_q.float(), top, reduction="none")
+        element_loss = (1.0 - settings.ce_weight) * kl + settings.ce_weight * ce
     in_response = (teacher_at >= first_response_prediction(response_start)).float()
-    weight = in_response + prompt_weight * (1.0 - in_response)
-    correct = (logits.argmax(-1) == teacher.argmax(-1)).float()
-    loss = logits.new_zeros(())
+    weight = in_response + settings.prompt_weight * (1.0 - in_response)
+    correct = (logits.argmax(-1) == top).float()
+    depth_weight = decay ** depths_of.float()
+    if settings.weighting == "element":
+        weight = weight * depth_weight
+        loss = (element_loss * weight).sum() / weight.sum().clamp_min(1e-9)
+    else:
+        loss = logits.new_zeros(())
+        present = 0.0
+        for d in range(depths):
+            total = ((depths_of == d).float() * weight).sum()
+            if total > 0:
+                loss = loss + decay ** d * (element_loss * (depths_of == d).float() * weight).sum() / total
+                present += decay ** d
+        loss = loss / max(present, 1e-9)
     stats = {}
-    present = 0.0
     for d in range(depths):
-        at = (depths_of == d).float()
-        total = (at * weight).sum()
-        if total > 0:
-            depth_loss = (kl * at * weight).sum() / total
-            loss = loss + decay ** d * depth_loss
-            present += decay ** d
-        scored = at * in_response
+        scored = (depths_of == d).float() * in_response
         count = scored.sum()
         if count > 0:
             response_loss = (kl * scored).sum() / count
             stats[f"depth{d}"] = torch.stack([response_loss.detach(), (correct * scored).sum(), count])
-    return loss / max(present, 1e-9), stats
+    return loss, stats
 
 
 def _elements(length: int, depths: int, response_start: int, prompt_weight: float,
@@ -106,13 +143,14 @@ def _elements(length: int, depths: int, response_start: int, prompt_weight: floa
 
 def peagle_loss(drafter: Drafter, target_embedding: torch.nn.Module, ids: Tensor, features: Tensor,
                 teacher_logits: Tensor, response_start: int, depths: int, generator: torch.Generator,
-                prompt_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+                settings: LossSettings = LossSettings()) -> tuple[Tensor, dict[str, Tensor]]:
     """One sequence. ids [T], features [T, 3H], teacher_logits [T, draft_vocab] (target at each position,
     restricted to the draft vocabulary). Returns the loss and per-depth (loss, correct, count)."""
-    elements = _elements(ids.shape[0], depths, response_start, prompt_weight, generator)
+    elements = _elements(ids.shape[0], depths, response_start, settings.prompt_weight, generator)
     logits = parallel_logits(drafter, target_embedding, ids, features, elements)
+    decay = 1.0 if settings.decay is None else settings.decay
     return _depth_losses(logits, elements.anchors, elements.depths, teacher_logits, response_start, depths,
-                         prompt_weight=prompt_weight)
+                         settings, decay)
 
 
 def parallel_logits(drafter: Drafter, target_embedding: torch.nn.Module, ids: Tensor, features: Tensor,
@@ -131,7 +169,7 @@ def parallel_logits(drafter: Drafter, target_embedding: torch.nn.Module, ids: Te
 
 def eagle3_loss(drafter: Drafter, target_embedding: torch.nn.Module, ids: Tensor, features: Tensor,
                 teacher_logits: Tensor, response_start: int, depths: int, generator: torch.Generator,
-                prompt_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+                settings: LossSettings = LossSettings()) -> tuple[Tensor, dict[str, Tensor]]:
     """EAGLE-3's training-time test, on the same elements and attention pattern as P-EAGLE.
 
     Element (a, d >= 1) is what sequential drafting feeds at pass d + 1: the token t_{a+1+d} (the
@@ -139,10 +177,10 @@ def eagle3_loss(drafter: Drafter, target_embedding: torch.nn.Module, ids: Tensor
     feature, the drafter's own output hidden state of element (a, d-1). So depth d needs the outputs
     of depth d-1: one drafter forward per depth over the elements of depths <= d (the gradient flows
     through the chain), about depths/2 times the cost of the P-EAGLE objective per sequence.
-    Depth d is weighted 0.8**d, as EAGLE-3 trains.
+    Depth d is weighted 0.8**d, as EAGLE-3 trains, unless `settings.decay` says otherwise.
     """
     length = ids.shape[0]
-    elements = _elements(length, depths, response_start, prompt_weight, generator)
+    elements = _elements(length, depths, response_start, settings.prompt_weight, generator)
     tokens = ids[(elements.anchors + 1 + elements.depths).clamp(max=length - 1)]
     no_mask = torch.zeros(1, tokens.numel(), dtype=torch.bool)
     embeds = drafter.embed(tokens.unsqueeze(0), no_mask, target_embedding)[0]  # [E, H]
@@ -168,8 +206,9 @@ def eagle3_loss(drafter: Drafter, target_embedding: torch.nn.Module, ids: Tensor
         computed = subset[rows]
         own_hidden = own_hidden.index_put((computed,), out_hidden[0].float())
         all_logits = all_logits.index_put((computed,), logits[0].float())
+    decay = 0.8 if settings.decay is None else settings.decay
     return _depth_losses(all_logits, elements.anchors, elements.depths, teacher_logits, response_start, depths,
-                         decay=0.8, prompt_weight=prompt_weight)
+                         settings, decay)
 
 
 OBJECTIVES = {"peagle": peagle_loss, "eagle3": eagle3_loss}

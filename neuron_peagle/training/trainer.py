@@ -23,7 +23,7 @@ from neuron_peagle.models.target import TargetModel
 from neuron_peagle.runtime.drafter_choice import random_drafter
 from neuron_peagle.training.data import load_shards
 from neuron_peagle.training.evaluate import HELDOUT_DIR
-from neuron_peagle.training.objective import OBJECTIVES
+from neuron_peagle.training.objective import OBJECTIVES, LossSettings
 
 
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -55,12 +55,26 @@ class TrainConfig:
     # Weight of the target's predictions of prompt tokens in the loss (response tokens weigh 1); with 0
     # the mask depths are sampled only where a response token is learned (see training.objective).
     prompt_weight: float = 0.0
+    # How the elements' losses make the loss (training.objective.LossSettings): "depth" or "element"
+    # weighting, depth d weighted depth_decay**d (None: the objective's own), and the share of
+    # cross-entropy on the target's top token in each element's loss.
+    depth_weighting: str = "depth"
+    depth_decay: float | None = None
+    ce_weight: float = 0.0
+    # Regularisers against memorising the training answers: uniform noise on the target features, of
+    # half-width feature_noise x the median |feature| of each feature layer (the three layers differ
+    # by 10x in scale); the drafter's head frozen where it starts (speculators freezes it); AdamW weight
+    # decay on the matrices.
+    feature_noise: float = 0.0
+    freeze_head: bool = False
+    weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}")
-        if not 0.0 <= self.prompt_weight <= 1.0:
-            raise ValueError(f"prompt_weight must be in [0, 1], got {self.prompt_weight}")
+        self.loss_settings()  # checks them
+        if self.feature_noise < 0 or self.weight_decay < 0:
+            raise ValueError("feature_noise and weight_decay must be >= 0")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.precision == "auto":
@@ -69,6 +83,23 @@ class TrainConfig:
     @property
     def run(self) -> str:
         return self.run_name or self.objective
+
+    def loss_settings(self) -> LossSettings:
+        return LossSettings(prompt_weight=self.prompt_weight, weighting=self.depth_weighting,
+                            decay=self.depth_decay, ce_weight=self.ce_weight)
+
+
+def feature_scales(examples: list[dict], layers: int, sample: int = 64) -> torch.Tensor:
+    """[layers] the median |feature| of each feature layer over the first `sample` examples."""
+    features = torch.cat([e["features"].float() for e in examples[:sample]])  # [T, layers x H]
+    return features.abs().reshape(features.shape[0], layers, -1).transpose(0, 1).reshape(layers, -1).median(-1).values
+
+
+def noisy(features: torch.Tensor, half_widths: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """features [T, L x H] plus uniform noise of half-width half_widths[l] on feature layer l."""
+    layers = half_widths.numel()
+    noise = torch.rand(features.shape, generator=generator) * 2 - 1
+    return features + (noise.reshape(features.shape[0], layers, -1) * half_widths[:, None]).reshape(features.shape)
 
 
 def build_draft_vocab(examples: list[dict], vocab_size: int, size: int) -> torch.Tensor:
@@ -174,10 +205,17 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
     else:
         draft_ids = build_draft_vocab(examples, target.config.vocab_size, config.draft_vocab_size)
         drafter = init_drafter(target, config, draft_ids, max_length)
+    if config.freeze_head:
+        drafter.lm_head.weight.requires_grad_(False)
     head = target.lm_head.weight[draft_ids].clone()  # [draft_vocab, H]
     loss_fn = OBJECTIVES[config.objective]
+    settings = config.loss_settings()
+    layers = len(target.feature_layers)
+    half_widths = feature_scales(examples, layers) * config.feature_noise if config.feature_noise > 0 else None
     params = [p for p in drafter.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=config.lr, betas=(0.9, 0.95))
     total_steps = epoch_steps = max(1, int(config.epochs * len(examples) / config.accumulate))
 
     checkpoint = work / f"checkpoint_{config.run}.pt"
@@ -242,10 +280,12 @@ def train(model_dir: Path, work: Path, config: TrainConfig, out: Path | None) ->
             hidden = example["hidden"].float()
             with torch.no_grad():
                 teacher = F.linear(target.norm(hidden), head)
+            features = example["features"].float()
+            if half_widths is not None:
+                features = noisy(features, half_widths, generator)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bfloat16"):
-                loss, stats = loss_fn(drafter, target.embed_tokens, example["ids"].long(),
-                                      example["features"].float(), teacher, int(example["prompt_length"]),
-                                      config.depths, generator, prompt_weight=config.prompt_weight)
+                loss, stats = loss_fn(drafter, target.embed_tokens, example["ids"].long(), features, teacher,
+                                      int(example["prompt_length"]), config.depths, generator, settings)
             (loss / config.accumulate).backward()
             for name, value in stats.items():  # (loss, correct, count, sequences)
                 sums[name] = sums.get(name, torch.zeros(4)) + torch.cat([value, torch.ones(1)])
