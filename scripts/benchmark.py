@@ -2,6 +2,7 @@
 
     python -m scripts.benchmark --ks 3,5,7 --batch-sizes 1 --prompts-per-domain 8
     python -m scripts.benchmark --backends eager,inductor --modes sequential+datastore,parallel+datastore --ks 7
+    python -m scripts.benchmark --modes parallel --ks 7 --compare-drafter <new drafter dir>   # old and new drafter
 
 For each domain (code, math, chat; prompts the drafter never trained on) and batch size it runs, in
 one process on the same prompts, plain decoding and each mode x K on every backend, taking turns
@@ -18,6 +19,7 @@ PNG plots.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -36,6 +38,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--drafter", type=Path, default=None, help="P-EAGLE drafter (default: the project's)")
     parser.add_argument("--sequential-drafter", type=Path, default=None,
                         help="drafter for sequential mode (default: the same as --drafter)")
+    parser.add_argument("--compare-drafter", type=Path, default=None,
+                        help="a second drafter: every speculative mode also runs with it, in the same interleaved "
+                             "run (its rows are named mode@<its folder name>)")
     parser.add_argument("--domains", default="code,math,chat")
     parser.add_argument("--prompts-per-domain", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -109,6 +114,7 @@ def run_interleaved(engines: dict[str, object], prompt_ids: list[list[int]], new
             "tokens_per_s": statistics.median(n / t for n, t in zip(group_tokens, group_time[name])),
             "speedup": statistics.median(p / t for p, t in zip(group_time[names[0]], group_time[name])),
             "acceptance_length": statistics.mean(s.acceptance_length for s in stats),
+            "acceptance_length_median": statistics.median(s.acceptance_length for s in stats),
             "acceptance_per_position": [statistics.mean(s.acceptance_per_position[j] for s in stats) for j in range(k)],
             "draft_ms_per_step": 1000 * sum(s.draft_time_s for s in stats) / steps,
             "verify_ms_per_step": 1000 * sum(s.verify_time_s for s in stats) / steps,
@@ -215,17 +221,18 @@ def main() -> None:
     configs = [(mode, k) for mode in modes for k in ks
                if k > split_mode(mode, args.lookup_ngram, args.short_k)[1]["short_draft_tokens"]]
     domain_prompts: dict[str, list[list[int]]] = {}
+    drafters = [("", None)] + ([(f"@{args.compare_drafter.name}", args.compare_drafter)] if args.compare_drafter else [])
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         engines, compile_s = {}, {}
         for backend in backends:
             engines[f"{backend} plain"] = Engine.from_pretrained(args.model, None, SpeculationConfig(mode="plain"),
                                                                  batch_size=batch_size, backend=backend, **common)
-            for mode, k in configs:
+            for (mode, k), (tag, other) in itertools.product(configs, drafters):
                 base_mode, options = split_mode(mode, args.lookup_ngram, args.short_k)
-                drafter = (args.sequential_drafter if base_mode == "sequential" and args.sequential_drafter
-                           else args.drafter)
+                drafter = other or (args.sequential_drafter if base_mode == "sequential" and args.sequential_drafter
+                                    else args.drafter)
                 speculation = SpeculationConfig(mode=base_mode, num_speculative_tokens=k, **options)
-                engines[f"{backend} {mode} K={k}"] = Engine.from_pretrained(
+                engines[f"{backend} {mode}{tag} K={k}"] = Engine.from_pretrained(
                     args.model, drafter, speculation, batch_size=batch_size, backend=backend, **common)
         for name, engine in engines.items():
             start = time.perf_counter()
@@ -280,11 +287,12 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
     plot(results, args.out)
-    print(f"\n| domain | batch | backend | mode | K | acceptance length | tokens/s | vs {backends[0]} plain | "
+    print(f"\n| domain | batch | backend | mode | K | acceptance length, mean (median) | tokens/s | vs {backends[0]} plain | "
           "vs own plain | identical prompts | graphs ready (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        al = f"{r['acceptance_length']:.2f}" if "acceptance_length" in r else "-"
+        al = (f"{r['acceptance_length']:.2f} ({r['acceptance_length_median']:.2f})" if "acceptance_length" in r
+              else "-")
         own = f"{r['speedup_vs_own_plain']:.2f}x" if "speedup_vs_own_plain" in r else "-"
         print(f"| {r['domain']} | {r['batch_size']} | {r['backend']} | {r['mode']} | {r['k'] or '-'} | {al} | "
               f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {own} | {r.get('identical_prompts', '-')} | "
