@@ -20,6 +20,7 @@ import torch
 from neuron_peagle.default_model import cache_root
 from neuron_peagle.files import atomic_write_text
 from neuron_peagle.speculation import SpeculationConfig
+from neuron_peagle.training.objective import WEIGHTINGS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ARCHIVE_DIR = Path(__file__).resolve().parents[1] / "training_data"
@@ -74,7 +75,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-weight", type=float, default=0.0,
                         help="train stage: loss weight of the target's predictions of prompt tokens (response "
                         "tokens weigh 1; 0 learns the response only)")
-    parser.add_argument("--depth-weighting", choices=("depth", "element"), default="depth",
+    parser.add_argument("--depth-weighting", choices=WEIGHTINGS, default="depth",
                         help="train stage: 'depth' averages the loss within each depth and weighs the depths "
                         "alike (the P-EAGLE paper); 'element' is one mean over every element COD keeps "
                         "(speculators' P-EAGLE), so the first drafts weigh most")

@@ -91,8 +91,7 @@ def test_the_loss_weighs_elements_and_depths_as_its_settings_say():
     ce = torch.nn.functional.cross_entropy(logits, target.argmax(-1), reduction="none")
 
     def loss(**settings):
-        decay = settings.pop("decay", 1.0)
-        return _depth_losses(logits, anchors, depths_of, teacher, 1, 2, LossSettings(**settings), decay)[0]
+        return _depth_losses(logits, anchors, depths_of, teacher, 1, 2, LossSettings(**settings), 1.0)[0]
 
     per_depth = (kl[:4].mean(), kl[4:].mean())
     assert torch.allclose(loss(), (per_depth[0] + per_depth[1]) / 2)

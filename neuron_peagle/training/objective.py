@@ -94,11 +94,12 @@ def cod_elements(num_anchors: int, depths: int, valid_last: int, generator: torc
 
 
 def _depth_losses(logits: Tensor, anchors: Tensor, depths_of: Tensor, teacher_logits: Tensor,
-                  response_start: int, depths: int, settings: LossSettings, decay: float
+                  response_start: int, depths: int, settings: LossSettings, default_decay: float
                   ) -> tuple[Tensor, dict[str, Tensor]]:
     """The loss of elements (anchors [E], depths_of [E]) with draft-vocabulary logits [E, draft_vocab], as
-    `settings` says (`decay`: depth d's weight decay**d). Stats per depth (mean KL, correct, count) cover
-    response tokens only, whatever the loss."""
+    `settings` says (depth d weighted decay**d, the objective's `default_decay` unless the settings give
+    one). Stats per depth (mean KL, correct, count) cover response tokens only, whatever the loss."""
+    decay = default_decay if settings.decay is None else settings.decay
     teacher_at = anchors + 1 + depths_of  # position whose distribution is learned
     teacher = torch.softmax(teacher_logits[teacher_at].float(), dim=-1)
     log_q = torch.log_softmax(logits, dim=-1)
@@ -111,17 +112,16 @@ def _depth_losses(logits: Tensor, anchors: Tensor, depths_of: Tensor, teacher_lo
     in_response = (teacher_at >= first_response_prediction(response_start)).float()
     weight = in_response + settings.prompt_weight * (1.0 - in_response)
     correct = (logits.argmax(-1) == top).float()
-    depth_weight = decay ** depths_of.float()
     if settings.weighting == "element":
-        weight = weight * depth_weight
+        weight = weight * decay ** depths_of.float()
         loss = (element_loss * weight).sum() / weight.sum().clamp_min(1e-9)
     else:
         loss = logits.new_zeros(())
         present = 0.0
         for d in range(depths):
-            total = ((depths_of == d).float() * weight).sum()
-            if total > 0:
-                loss = loss + decay ** d * (element_loss * (depths_of == d).float() * weight).sum() / total
+            at = (depths_of == d).float() * weight
+            if at.sum() > 0:
+                loss = loss + decay ** d * (element_loss * at).sum() / at.sum()
                 present += decay ** d
         loss = loss / max(present, 1e-9)
     stats = {}
@@ -148,9 +148,8 @@ def peagle_loss(drafter: Drafter, target_embedding: torch.nn.Module, ids: Tensor
     restricted to the draft vocabulary). Returns the loss and per-depth (loss, correct, count)."""
     elements = _elements(ids.shape[0], depths, response_start, settings.prompt_weight, generator)
     logits = parallel_logits(drafter, target_embedding, ids, features, elements)
-    decay = 1.0 if settings.decay is None else settings.decay
     return _depth_losses(logits, elements.anchors, elements.depths, teacher_logits, response_start, depths,
-                         settings, decay)
+                         settings, default_decay=1.0)
 
 
 def parallel_logits(drafter: Drafter, target_embedding: torch.nn.Module, ids: Tensor, features: Tensor,
@@ -206,9 +205,8 @@ def eagle3_loss(drafter: Drafter, target_embedding: torch.nn.Module, ids: Tensor
         computed = subset[rows]
         own_hidden = own_hidden.index_put((computed,), out_hidden[0].float())
         all_logits = all_logits.index_put((computed,), logits[0].float())
-    decay = 0.8 if settings.decay is None else settings.decay
     return _depth_losses(all_logits, elements.anchors, elements.depths, teacher_logits, response_start, depths,
-                         settings, decay)
+                         settings, default_decay=0.8)
 
 
 OBJECTIVES = {"peagle": peagle_loss, "eagle3": eagle3_loss}
