@@ -43,11 +43,12 @@ class TableProposer(nn.Module):
 
 def table_engine(model_dir: Path, k: int, batch_size: int, max_length: int = 256,
                  buckets: tuple[int, ...] = (64, 128), backend: str = "eager", lookup_ngram: int = 0,
-                 datastore: Path | None = None) -> Engine:
+                 datastore: Path | None = None, dtype: str = "float32") -> Engine:
     """An engine whose drafts come from a table (`fill_table`); with `lookup_ngram`, behind context
     lookup, and with `datastore` (a datastore file) behind the n-gram datastore too."""
-    build = BuildConfig(batch_size=batch_size, max_length=max_length, prefill_buckets=buckets, backend=backend)
-    target = TargetModel.from_pretrained(model_dir, max_length)
+    build = BuildConfig(batch_size=batch_size, max_length=max_length, prefill_buckets=buckets, backend=backend,
+                        dtype=dtype)
+    target = TargetModel.from_pretrained(model_dir, max_length, build.torch_dtype)
     store = None
     if lookup_ngram and datastore is not None:
         from neuron_peagle.datastore import load_datastore

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import statistics
 import subprocess
 import sys
 from importlib import metadata
@@ -25,7 +26,8 @@ from neuron_peagle.speculation import DEFAULT_LOOKUP_NGRAM
 from neuron_peagle.errors import BackendUnavailableError
 from neuron_peagle.graphs.interface import plan
 from neuron_peagle.runtime.engine import Engine, SamplingParams
-from spec_helpers import cycle_ks, make_engine, record_ks
+from conftest import save_tiny_model
+from spec_helpers import cycle_ks, fill_table, make_engine, record_ks, table_engine
 from test_datastore import small_model_with_datastore  # noqa: F401  (a fixture)
 
 GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
@@ -91,6 +93,29 @@ def test_plain_graphs_compile_once_per_bucket(tiny_llama_dir):
     assert [o.output_ids for o in got] == [o.output_ids for o in eager.generate(prompts, GREEDY)]
     compiled.generate(prompts[::-1], SamplingParams(max_new_tokens=50, ignore_eos=True))
     assert compiled.backend.compile_count() == 3
+
+
+def test_bf16_speculative_decoding_is_plain_bf16_decoding(tmp_path):
+    """In bf16, inductor fuses a K+1-row verify and a one-row decode step into different kernels; rounding
+    every intermediate where eager rounds it (INDUCTOR_OPTIONS) keeps a verify row's tokens the ones a
+    plain step computes, so speculative greedy output is plain bf16 decoding's token for token. The drafts
+    are plain decoding's own tokens with a tenth corrupted (every verify row commits, and rejections
+    happen). The target: 8 layers of the default model's width, with weights large enough that its
+    logits tie at bf16's precision; without the option 5 of these 6 prompts differ from plain decoding."""
+    model_dir = save_tiny_model(tmp_path / "model", vocab_size=256, seed=5, hidden_size=576, intermediate_size=1536,
+                                num_attention_heads=9, num_key_value_heads=3, head_dim=64, num_hidden_layers=8,
+                                initializer_range=0.3)
+    params = SamplingParams(max_new_tokens=80, ignore_eos=True)
+    plain = make_engine(model_dir, mode="plain", backend="inductor", dtype="bfloat16", max_length=128,
+                        prefill_buckets=(16,))
+    answers = [o.output_ids for o in plain.generate(PROMPTS, params)]
+    spec = table_engine(model_dir, 7, 1, max_length=128, buckets=(16,), backend="inductor", dtype="bfloat16")
+    got = []
+    for prompt, answer in zip(PROMPTS, answers):
+        fill_table(spec, [prompt], [answer], wrong_fraction=0.1, seed=len(prompt))
+        got.append(spec.generate([prompt], params)[0])
+    assert statistics.mean(o.stats.acceptance_length for o in got) > 3  # verify rows beyond the first commit
+    assert [o.output_ids for o in got] == answers
 
 
 class _Outputs(NamedTuple):

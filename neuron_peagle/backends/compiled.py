@@ -57,8 +57,10 @@ def _fresh_entry(graph: nn.Module, tag: str) -> Callable:
 class CompiledBackend:
     """Runs graphs through `torch.compile(..., backend=compiler, fullgraph=True, dynamic=False)`."""
 
-    def __init__(self, name: str, device: torch.device, cache: CompilerCache, progress: bool = True) -> None:
+    def __init__(self, name: str, device: torch.device, cache: CompilerCache, progress: bool = True,
+                 options: dict[str, object] | None = None) -> None:
         self.name = name
+        self.options = dict(options or {})  # the compiler's own options (torch.compile(options=...))
         self.capabilities = BACKENDS[name]
         self.device = device
         self.cache = cache
@@ -85,7 +87,8 @@ class CompiledBackend:
         fresh = fn is None
         if fresh:
             tag = f"{type(graph).__name__}_{len(self._compiled)}"
-            fn = torch.compile(_fresh_entry(graph, tag), backend=self.name, fullgraph=True, dynamic=False)
+            fn = torch.compile(_fresh_entry(graph, tag), backend=self.name, fullgraph=True, dynamic=False,
+                               options=self.options or None)
             label = f"{type(graph).__name__} for inputs {[list(s) for s in key[1]]}"
             if self.progress:
                 print(f"[{self.name}: compiling {label} (or loading it from the compile cache) ...]", file=sys.stderr, flush=True)
@@ -137,8 +140,18 @@ def _fresh(t: Tensor, device: torch.device) -> Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=device).copy_(t)
 
 
-def inductor_backend() -> CompiledBackend:
-    return CompiledBackend("inductor", torch.device("cpu"), INDUCTOR_CACHE)
+# Inductor rounds every bfloat16 intermediate to bfloat16 where eager PyTorch would (not only at the ends of
+# its fused kernels). Without it a fused kernel keeps a float32 intermediate that another graph, fused
+# differently, rounds: a K+1-row verify and a one-row decode step then part on near-tied logits, and bf16
+# P-EAGLE is not plain bf16 decoding. With it they agree (tests/test_inductor_bf16.py; its cost:
+# BENCHMARKS.md, "bf16 on inductor: speculative output equal to plain"). Float32 graphs have no casts to round.
+INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
+
+
+def inductor_backend(options: dict[str, object] | None = None) -> CompiledBackend:
+    """`options`: inductor's (default INDUCTOR_OPTIONS)."""
+    return CompiledBackend("inductor", torch.device("cpu"), INDUCTOR_CACHE,
+                           options=INDUCTOR_OPTIONS if options is None else options)
 
 
 def neuron_backend() -> CompiledBackend:

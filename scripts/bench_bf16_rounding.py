@@ -1,0 +1,77 @@
+"""bf16 on inductor with and without eager's rounding of intermediates, in one interleaved run.
+
+    python -m scripts.bench_bf16_rounding --prompts-per-domain 8 --max-new-tokens 96
+
+Four engines on the same held-out prompts, taking turns (scripts.benchmark.run_interleaved): plain decoding
+and P-EAGLE with the command line's defaults, each compiled by inductor once with its default options
+(`INDUCTOR_OPTIONS`: every bf16 intermediate rounded where eager PyTorch rounds it) and once without them
+(inductor's own fusion: intermediates kept in float32 inside a fused kernel). Reports per domain the
+decode tokens/s of each, P-EAGLE's speedup over its own plain decoding, and on how many prompts P-EAGLE's
+greedy output is token for token its own plain decoding's. Writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from neuron_peagle.files import atomic_write_text
+from neuron_peagle.speculation import SpeculationConfig
+
+VARIANTS = {"eager rounding": None, "fused": {}}  # None: the backend's default options
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--domains", default="code,math,chat")
+    parser.add_argument("--prompts-per-domain", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path("bench_out/bf16_rounding.json"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from neuron_peagle.backends.compiled import inductor_backend
+    from neuron_peagle.config import BuildConfig
+    from neuron_peagle.runtime.engine import Engine
+    from scripts.benchmark import heldout_prompts, run_interleaved
+
+    build = BuildConfig(batch_size=1, max_length=768, prefill_buckets=(128, 512), dtype="bfloat16", backend="inductor")
+    engines = {}
+    for variant, options in VARIANTS.items():
+        for mode, speculation in (("plain", SpeculationConfig(mode="plain")), ("P-EAGLE", SpeculationConfig())):
+            engine = Engine.from_build(None, None, speculation, build, backend=inductor_backend(options))
+            engine.warm(greedy=True)
+            engines[f"{variant} {mode}"] = engine
+    rows = []
+    for domain in args.domains.split(","):
+        reference = engines["eager rounding plain"]
+        prompt_ids = [ids for ids in (reference.encode(t) for t in heldout_prompts(domain, args.prompts_per_domain))
+                      if len(ids) <= build.prefill_buckets[-1]]
+        results = run_interleaved(engines, prompt_ids, args.max_new_tokens, args.repeats)
+        for variant in VARIANTS:
+            plain, spec = results[f"{variant} plain"], results[f"{variant} P-EAGLE"]
+            row = {"domain": domain, "variant": variant, "plain_tokens_per_s": plain["tokens_per_s"],
+                   "peagle_tokens_per_s": spec["tokens_per_s"], "acceptance_length": spec["acceptance_length"],
+                   "speedup_vs_own_plain": statistics.median(p / s for p, s in zip(plain["group_time"], spec["group_time"])),
+                   "identical_prompts": sum(a == b for a, b in zip(spec["outputs"], plain["outputs"])),
+                   "prompts": len(prompt_ids)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                            "torch_threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
+    print("\n| domain | inductor bf16 | plain tokens/s | P-EAGLE tokens/s | acceptance length | P-EAGLE vs own plain | "
+          "P-EAGLE identical to plain |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['domain']} | {r['variant']} | {r['plain_tokens_per_s']:.1f} | {r['peagle_tokens_per_s']:.1f} | "
+              f"{r['acceptance_length']:.2f} | {r['speedup_vs_own_plain']:.2f}x | {r['identical_prompts']}/{r['prompts']} |")
+
+
+if __name__ == "__main__":
+    main()
