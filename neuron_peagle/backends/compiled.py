@@ -143,7 +143,7 @@ def _fresh(t: Tensor, device: torch.device) -> Tensor:
 # Inductor rounds every bfloat16 intermediate to bfloat16 where eager PyTorch would (not only at the ends of
 # its fused kernels). Without it a fused kernel keeps a float32 intermediate that another graph, fused
 # differently, rounds: a K+1-row verify and a one-row decode step then part on near-tied logits, and bf16
-# P-EAGLE is not plain bf16 decoding. With it they agree (tests/test_inductor_bf16.py; its cost:
+# P-EAGLE is not plain bf16 decoding. With it they agree (tests/test_inductor.py; its cost:
 # BENCHMARKS.md, "bf16 on inductor: speculative output equal to plain"). Float32 graphs have no casts to round.
 INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
 
