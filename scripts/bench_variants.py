@@ -50,7 +50,7 @@ def main() -> None:
     from neuron_peagle.backends.compiled import inductor_backend
     from neuron_peagle.config import BuildConfig
     from neuron_peagle.runtime.engine import Engine
-    from scripts.benchmark import heldout_prompts, run_interleaved
+    from scripts.benchmark import agreement, heldout_prompts, run_interleaved
 
     build = BuildConfig(batch_size=1, max_length=768, prefill_buckets=(128, 512), dtype=args.dtype, backend="inductor")
     builds = VARIANTS[args.variant]
@@ -71,7 +71,7 @@ def main() -> None:
             row = {"domain": domain, "build": name, "plain_tokens_per_s": plain["tokens_per_s"],
                    "peagle_tokens_per_s": spec["tokens_per_s"], "acceptance_length": spec["acceptance_length"],
                    "speedup_vs_own_plain": statistics.median(p / s for p, s in zip(plain["group_time"], spec["group_time"])),
-                   "identical_prompts": sum(a == b for a, b in zip(spec["outputs"], plain["outputs"])),
+                   "identical_prompts": agreement(spec["outputs"], plain["outputs"])["identical_prompts"],
                    "prompts": len(prompt_ids)}
             rows.append(row)
             print(json.dumps(row), flush=True)
