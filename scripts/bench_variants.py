@@ -4,9 +4,9 @@
 
 Per variant, two builds (the current default first) of plain decoding and of P-EAGLE with the command
 line's defaults, on the same held-out prompts, taking turns (scripts.benchmark.run_interleaved):
-- bf16-rounding: inductor's default options (`INDUCTOR_OPTIONS`: every bf16 intermediate rounded where
-  eager PyTorch rounds it) against none (inductor's own fusion keeps intermediates in float32 inside a
-  fused kernel).
+- bf16-rounding: inductor's default options (`INDUCTOR_OPTIONS`: none; the model rounds the residual
+  stream entering each norm itself, `models.layers.rounded_float`) against `emulate_precision_casts`
+  (every bf16 intermediate rounded where eager PyTorch rounds it, the default before).
 A variant's builds must differ in what each engine is built or compiled with (its backend, its modules):
 dynamo guards every module global a graph reads, so patching one between builds makes the first build's
 graphs recompile, an error here.
@@ -30,7 +30,7 @@ from neuron_peagle.speculation import SpeculationConfig
 
 # variant -> its builds: (name, inductor options (None: the backend's default))
 VARIANTS = {
-    "bf16-rounding": (("eager rounding", None), ("fused", {})),
+    "bf16-rounding": (("norm input rounded", None), ("every cast emulated", {"emulate_precision_casts": True})),
 }
 
 

@@ -96,12 +96,14 @@ def test_plain_graphs_compile_once_per_bucket(tiny_llama_dir):
 
 
 def test_bf16_speculative_decoding_is_plain_bf16_decoding(tmp_path):
-    """In bf16, inductor fuses a K+1-row verify and a one-row decode step into different kernels; rounding
-    every intermediate where eager rounds it (INDUCTOR_OPTIONS) keeps a verify row's tokens the ones a
-    plain step computes, so speculative greedy output is plain bf16 decoding's token for token. The drafts
-    are plain decoding's own tokens with a tenth corrupted (every verify row commits, and rejections
-    happen). The target: 8 layers of the default model's width, with weights large enough that its
-    logits tie at bf16's precision; without the option 5 of these 6 prompts differ from plain decoding."""
+    """In bf16, inductor fuses a K+1-row verify and a one-row decode step differently: a layer whose output
+    is a drafter feature is stored (rounded) in the speculative step, fused (float32) into the next norm in
+    a plain step. The model rounds each norm's input itself (`models.layers.rounded_float`), so a verify
+    row's tokens are the ones a plain step computes and speculative greedy output is plain bf16 decoding's
+    token for token. The drafts are plain decoding's own tokens with a tenth corrupted (every verify row
+    commits, and rejections happen). The target: 8 layers of the default model's width, with weights large
+    enough that its logits tie at bf16's precision; without the rounding (and without inductor's
+    `emulate_precision_casts`) 5 of these 6 prompts differ from plain decoding."""
     model_dir = save_tiny_model(tmp_path / "model", vocab_size=256, seed=5, hidden_size=576, intermediate_size=1536,
                                 num_attention_heads=9, num_key_value_heads=3, head_dim=64, num_hidden_layers=8,
                                 initializer_range=0.3)

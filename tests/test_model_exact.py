@@ -6,8 +6,11 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import edited_model_dir, save_tiny_model
+from neuron_peagle.models.layers import bf16_rounded, rounded_float
 from neuron_peagle.models.target import TargetModel
 from spec_helpers import make_engine
 
@@ -246,3 +249,20 @@ def test_a_four_layer_qwen3_drafter_in_speculators_format_drives_exact_generatio
                  "--no-chat-template", "-k", "4"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(record["output_ids"]) >= 1 and str(drafter_dir) in record["drafter"]
+
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=64), st.integers(0, 0xFFFF))
+def test_bf16_rounding_by_bits_is_the_cast(values, low_bits):
+    """The norm's input is rounded by bits (a cast no compiler elides): the values a float32 -> bf16 cast
+    gives, every low half included (exact ties go to even, overflow to infinity); no change to values
+    bf16 already holds; float32 models are not rounded."""
+    x = torch.tensor(values, dtype=torch.float32)
+    for low in (low_bits, 0x8000, 0x7FFF):  # 0x8000: an exact tie
+        v = ((x.view(torch.int32) & -65536) | low).view(torch.float32)
+        v = torch.where(v.isfinite(), v, x)
+        assert torch.equal(bf16_rounded(v), v.to(torch.bfloat16).float())
+    as_bf16 = x.to(torch.bfloat16)
+    assert torch.equal(rounded_float(as_bf16), as_bf16.float())
+    assert torch.equal(rounded_float(x), x)

@@ -140,12 +140,11 @@ def _fresh(t: Tensor, device: torch.device) -> Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=device).copy_(t)
 
 
-# Inductor rounds every bfloat16 intermediate to bfloat16 where eager PyTorch would (not only at the ends of
-# its fused kernels). Without it a fused kernel keeps a float32 intermediate that another graph, fused
-# differently, rounds: a K+1-row verify and a one-row decode step then part on near-tied logits, and bf16
-# P-EAGLE is not plain bf16 decoding. With it they agree (tests/test_inductor.py; its cost:
-# BENCHMARKS.md, "bf16 on inductor: speculative output equal to plain"). Float32 graphs have no casts to round.
-INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
+# Inductor's options beyond its defaults: none. bf16 speculative output equals plain bf16 decoding without
+# emulating every cast (`emulate_precision_casts`, 9-11% of a P-EAGLE step): the one value whose rounding
+# depended on how a graph was fused, the residual stream entering a norm, is rounded by the model itself
+# (`models.layers.rounded_float`; tests/test_inductor.py; BENCHMARKS.md, "bf16 on inductor").
+INDUCTOR_OPTIONS: dict[str, object] = {}
 
 
 def inductor_backend(options: dict[str, object] | None = None) -> CompiledBackend:

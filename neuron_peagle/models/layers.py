@@ -99,7 +99,8 @@ def make_linear(in_features: int, out_features: int, bias: bool = False,
 
 
 class RMSNorm(nn.Module):
-    """Statistics in float32 whatever the model dtype. Llama and Qwen cast the normalized values back to the
+    """Statistics in float32 whatever the model dtype, of the input as the model dtype holds it
+    (`rounded_float`). Llama and Qwen cast the normalized values back to the
     input's dtype and then scale; gpt-oss scales in float32 and then casts (`scale_in_float32`). The two
     differ only in rounding, below float32."""
 
@@ -110,11 +111,32 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:  # [..., hidden]
-        x32 = x.float()
+        x32 = rounded_float(x)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.scale_in_float32:
             return (self.weight * x32).to(x.dtype)
         return self.weight * x32.to(x.dtype)
+
+
+def rounded_float(x: Tensor) -> Tensor:
+    """`x.float()` with the value rounded to x's dtype by its bits (`bf16_rounded`).
+
+    Where a bf16 `x` is computed inside the same fused kernel as its consumer (the residual add before
+    a norm), inductor keeps it in float32 unless told to emulate every cast, and whether it is fused
+    depends on the graph: a layer whose output is also a feature for the drafter is stored and
+    reloaded (rounded) in the speculative step and fused (not rounded) in a plain step. Rounding by
+    integer arithmetic is not a cast any compiler elides, so every graph sees the value eager sees (an
+    identity where `x` is already bf16 in memory). float32 and float16: `x.float()`."""
+    x32 = x.float()
+    return bf16_rounded(x32) if x.dtype == torch.bfloat16 else x32
+
+
+def bf16_rounded(x32: Tensor) -> Tensor:
+    """float32 values rounded to the nearest bfloat16 (ties to even, overflow to infinity), still float32:
+    `x32.to(torch.bfloat16).float()` by integer arithmetic on the bits."""
+    bits = x32.view(torch.int32)  # bf16 keeps the high 16 bits
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # -65536 == 0xFFFF0000
+    return bits.view(torch.float32)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:  # [head_dim // 2] float32
