@@ -266,3 +266,6 @@ def test_bf16_rounding_by_bits_is_the_cast(values, low_bits):
     as_bf16 = x.to(torch.bfloat16)
     assert torch.equal(rounded_float(as_bf16), as_bf16.float())
     assert torch.equal(rounded_float(x), x)
+    trained = as_bf16.clone().requires_grad_(True)  # bf16 autocast training: the gradient passes the norm's input
+    rounded_float(trained).sum().backward()
+    assert torch.equal(trained.grad, torch.ones_like(trained))
