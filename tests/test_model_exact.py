@@ -251,7 +251,6 @@ def test_a_four_layer_qwen3_drafter_in_speculators_format_drives_exact_generatio
     assert len(record["output_ids"]) >= 1 and str(drafter_dir) in record["drafter"]
 
 
-
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=64), st.integers(0, 0xFFFF))
 def test_bf16_rounding_by_bits_is_the_cast(values, low_bits):

@@ -126,13 +126,13 @@ def rounded_float(x: Tensor) -> Tensor:
     depends on the graph: a layer whose output is also a feature for the drafter is stored and
     reloaded (rounded) in the speculative step and fused (not rounded) in a plain step. Rounding by
     integer arithmetic is not a cast any compiler elides, so every graph sees the value eager sees (an
-    identity where `x` is already bf16 in memory). float32 and float16: `x.float()`. Where a gradient flows
-    (training, bf16 autocast) it is `x.float()` too: integer arithmetic has no gradient, and eager (the only
-    way training runs) holds `x` in bf16 already."""
+    identity where `x` is already bf16 in memory). So only a graph being compiled rounds; eager (the
+    reference, and training, where integer arithmetic would stop the gradient) holds `x` in bf16 already
+    and takes `x.float()`, as do float32 and float16."""
     x32 = x.float()
-    if x.dtype != torch.bfloat16 or (x.requires_grad and torch.is_grad_enabled()):
-        return x32
-    return bf16_rounded(x32)
+    if x.dtype == torch.bfloat16 and torch.compiler.is_compiling() and not x.requires_grad:
+        return bf16_rounded(x32)
+    return x32
 
 
 def bf16_rounded(x32: Tensor) -> Tensor:
